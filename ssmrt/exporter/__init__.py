@@ -1,0 +1,1 @@
+"""TorchToONNX export with ssmrt::* custom ops (issue 3)."""

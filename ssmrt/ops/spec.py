@@ -1,0 +1,101 @@
+"""One declarative place for the ssmrt::* ops: inputs, outputs, attributes, and the tolerances by dtype.
+
+The exporter, the plugins and the tests read these tables; nothing else restates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DOMAIN = "ssmrt"
+OPSET_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[str, ...]
+    optional: bool = False
+    fp32: bool = False  # kept float32 whatever the activation dtype (A, D, biases, SSM state)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    attributes: dict[str, type] = field(default_factory=dict)
+
+
+CAUSAL_CONV1D = OpSpec(
+    "CausalConv1d",
+    inputs=(
+        TensorSpec("x", ("batch", "seqlen", "dim")),
+        TensorSpec("weight", ("dim", "width")),
+        TensorSpec("bias", ("dim",), optional=True),
+        TensorSpec("conv_state", ("batch", "dim", "width-1")),
+    ),
+    outputs=(
+        TensorSpec("y", ("batch", "seqlen", "dim")),
+        TensorSpec("present_conv_state", ("batch", "dim", "width-1")),
+    ),
+    attributes={"activation": str},
+)
+
+SELECTIVE_SCAN = OpSpec(
+    "SelectiveScan",
+    inputs=(
+        TensorSpec("u", ("batch", "seqlen", "dim")),
+        TensorSpec("delta", ("batch", "seqlen", "dim")),
+        TensorSpec("A", ("dim", "dstate"), fp32=True),
+        TensorSpec("B", ("batch", "seqlen", "ngroups", "dstate")),
+        TensorSpec("C", ("batch", "seqlen", "ngroups", "dstate")),
+        TensorSpec("D", ("dim",), optional=True, fp32=True),
+        TensorSpec("z", ("batch", "seqlen", "dim"), optional=True),
+        TensorSpec("delta_bias", ("dim",), optional=True, fp32=True),
+        TensorSpec("ssm_state", ("batch", "dim", "dstate"), fp32=True),
+    ),
+    outputs=(
+        TensorSpec("y", ("batch", "seqlen", "dim")),
+        TensorSpec("present_ssm_state", ("batch", "dim", "dstate"), fp32=True),
+    ),
+    attributes={"delta_softplus": int},
+)
+
+SSD_SCAN = OpSpec(
+    "SSDScan",
+    inputs=(
+        TensorSpec("x", ("batch", "seqlen", "nheads", "headdim")),
+        TensorSpec("dt", ("batch", "seqlen", "nheads")),
+        TensorSpec("A", ("nheads",), fp32=True),
+        TensorSpec("B", ("batch", "seqlen", "ngroups", "dstate")),
+        TensorSpec("C", ("batch", "seqlen", "ngroups", "dstate")),
+        TensorSpec("D", ("nheads",), optional=True, fp32=True),  # or (nheads, headdim)
+        TensorSpec("dt_bias", ("nheads",), optional=True, fp32=True),
+        TensorSpec("ssm_state", ("batch", "nheads", "headdim", "dstate"), fp32=True),
+    ),
+    outputs=(
+        TensorSpec("y", ("batch", "seqlen", "nheads", "headdim")),
+        TensorSpec("present_ssm_state", ("batch", "nheads", "headdim", "dstate"), fp32=True),
+    ),
+    attributes={"chunk_size": int, "dt_softplus": int, "dt_min": float, "dt_max": float},
+)
+
+OPS = {op.name: op for op in (CAUSAL_CONV1D, SELECTIVE_SCAN, SSD_SCAN)}
+
+# (atol, rtol) for comparing an implementation with its reference, by the dtype of the activations.
+# float64 is the references' own witness; the others are what a kernel or backend must meet.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-10, 1e-10),
+    "float32": (1e-4, 1e-4),
+    "float16": (3e-3, 5e-3),
+    "bfloat16": (3e-2, 5e-2),
+}
+
+
+def tolerance(dtype) -> tuple[float, float]:
+    """(atol, rtol) for a torch dtype or a dtype name."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in TOLERANCES:
+        raise KeyError(f"no tolerance for dtype {name!r}; known: {sorted(TOLERANCES)}")
+    return TOLERANCES[name]

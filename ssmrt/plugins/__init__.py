@@ -1,0 +1,1 @@
+"""TensorRT plugins for the ssmrt::* ops (TensorRT is imported lazily)."""

@@ -1,0 +1,1 @@
+"""Session and backends (torch, onnxruntime, tensorrt) behind one runner interface."""
