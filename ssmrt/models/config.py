@@ -64,8 +64,6 @@ class SSMConfig:
                 raise ValueError(f"ngroups ({self.ngroups}) must divide nheads ({self.nheads})")
             if self.d_ssm > self.d_inner:
                 raise ValueError(f"d_ssm ({self.d_ssm}) cannot exceed d_inner ({self.d_inner})")
-            if (self.d_inner - self.d_ssm) % 2 != 0:
-                raise ValueError(f"d_inner - d_ssm ({self.d_inner - self.d_ssm}) must be even")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -79,7 +77,7 @@ class SSMConfig:
     @property
     def d_mlp(self) -> int:
         """Mamba-2 only: width of the gated MLP that runs beside the SSM when d_ssm < d_inner."""
-        return (self.d_inner - self.d_ssm) // 2
+        return self.d_inner - self.d_ssm
 
     @property
     def conv_dim(self) -> int:

@@ -45,12 +45,12 @@ def selective_scan_ref(
     D, delta_bias: (dim,) or None
     ssm_state: (batch, dim, dstate) or None (zeros)
     returns y: (batch, seqlen, dim) in u.dtype, new_state: (batch, dim, dstate) in ssm_state's dtype
-    (float32 when ssm_state is None)
+    (float32, or float64 for float64 inputs, when ssm_state is None)
     """
     batch, seqlen, dim = u.shape
     dstate = A.shape[-1]
-    state_dtype = ssm_state.dtype if ssm_state is not None else torch.float32
     dtype = acc_dtype(u, delta, A, B, C, D, z, delta_bias, ssm_state)
+    state_dtype = ssm_state.dtype if ssm_state is not None else dtype
 
     # 1. Discretisation step: delta <- softplus(delta + delta_bias)
     dt = delta.to(dtype)

@@ -84,14 +84,15 @@ def ssd_scan_ref(
     D: (nheads,) or (nheads, headdim) or None
     dt_bias: (nheads,) or None
     ssm_state: (batch, nheads, headdim, dstate) or None (zeros)
-    returns y: (batch, seqlen, nheads, headdim) in x.dtype, new_state in ssm_state's dtype (float32 if None)
+    returns y: (batch, seqlen, nheads, headdim) in x.dtype, new_state in ssm_state's dtype (float32,
+    or float64 for float64 inputs, if None)
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     batch, seqlen, nheads, headdim = x.shape
     dstate = B.shape[-1]
-    state_dtype = ssm_state.dtype if ssm_state is not None else torch.float32
     dtype = acc_dtype(x, dt, A, B, C, D, dt_bias, ssm_state)
+    state_dtype = ssm_state.dtype if ssm_state is not None else dtype
 
     # 1. dt after bias, softplus and limit; discretise: X = x * dt, a = A * dt (log of the decay)
     dtf = _dt_processed(dt, dt_bias, dt_softplus, dt_limit, dtype)  # (b, l, h)
@@ -141,8 +142,8 @@ def ssd_scan_recurrent_ref(
     """The same op as a token-by-token recurrence (what a decode step does); chunk_size is ignored."""
     batch, seqlen, nheads, headdim = x.shape
     dstate = B.shape[-1]
-    state_dtype = ssm_state.dtype if ssm_state is not None else torch.float32
     dtype = acc_dtype(x, dt, A, B, C, D, dt_bias, ssm_state)
+    state_dtype = ssm_state.dtype if ssm_state is not None else dtype
     dtf = _dt_processed(dt, dt_bias, dt_softplus, dt_limit, dtype)
     xf = x.to(dtype)
     Bh = expand_groups(B.to(dtype), nheads)

@@ -1,0 +1,127 @@
+"""The main job on any machine: a small model (trained here in about a minute, or one you name) -> generate.
+
+The trained model is a byte-level Mamba-2 over the Python standard library's source, so what it writes
+looks like Python. It is saved as an HF checkpoint directory (config.json + model.safetensors).
+"""
+
+from __future__ import annotations
+
+import random
+import sysconfig
+import time
+from pathlib import Path
+
+BYTE_VOCAB = 256
+
+
+def stdlib_corpus(max_bytes: int = 2_000_000) -> bytes:
+    """Source of the running Python's standard library, in a fixed order, up to max_bytes."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for p in sorted(root.glob("*.py")):
+        data = p.read_bytes()
+        parts.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return b"\n".join(parts)
+
+
+def char_model_config(arch: str = "mamba2"):
+    from .models.config import SSMConfig
+
+    return SSMConfig(
+        arch=arch,
+        d_model=128,
+        n_layer=3,
+        vocab_size=BYTE_VOCAB,
+        d_state=32,
+        headdim=32,
+        chunk_size=64,
+        tie_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        source="ssmrt-demo",
+    )
+
+
+def _init_ssm_params(model, seed: int):
+    """mamba_ssm's initialisation of the SSM parameters (A in [1, 16], dt in [1e-3, 1e-1])."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for layer in model.backbone.layers:
+        mixer = layer.mixer
+        with torch.no_grad():
+            n = mixer.A_log.shape[0]
+            mixer.A_log.copy_(torch.log(torch.empty(mixer.A_log.shape).uniform_(1, 16, generator=g)))
+            dt = torch.exp(torch.rand(n, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            inv_dt = dt + torch.log(-torch.expm1(-dt))
+            bias = mixer.dt_bias if hasattr(mixer, "dt_bias") else mixer.dt_proj.bias
+            bias.copy_(inv_dt)
+
+
+def train_char_model(out_dir, seconds: float = 60.0, arch: str = "mamba2", seed: int = 0, log=print):
+    """Train a byte-level model on the standard library's source for `seconds`, save it to out_dir."""
+    import torch
+
+    from .models.checkpoints import save_model
+    from .models.mamba import MambaLM
+
+    torch.manual_seed(seed)
+    data = torch.frombuffer(bytearray(stdlib_corpus()), dtype=torch.uint8).long()
+    model = MambaLM(char_model_config(arch))
+    _init_ssm_params(model, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = random.Random(seed)
+    seqlen, batch = 128, 16
+    start, step, loss_avg = time.monotonic(), 0, None
+    while time.monotonic() - start < seconds:
+        idx = torch.tensor([rng.randrange(len(data) - seqlen - 1) for _ in range(batch)])
+        chunk = torch.stack([data[i : i + seqlen + 1] for i in idx])
+        logits, _ = model(chunk[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, BYTE_VOCAB), chunk[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        step += 1
+        if step % 50 == 0:
+            log(f"  step {step:4d}  loss {loss_avg:.3f} nats/byte  ({time.monotonic() - start:.0f}s)")
+    log(f"  trained {step} steps in {time.monotonic() - start:.0f}s, final loss {loss_avg:.3f} nats/byte")
+    model.eval()
+    return save_model(model, out_dir, layout="hf")
+
+
+def encode_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def decode_bytes(ids: list[int]) -> str:
+    return bytes(i for i in ids if 0 <= i < BYTE_VOCAB).decode("utf-8", errors="replace")
+
+
+def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             seed: int = 0) -> list[int]:
+    """Prefill the prompt, then one token at a time carrying the state. temperature 0 is greedy."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        logits, state = model(torch.tensor([prompt_ids]))
+        out = []
+        for _ in range(max_new_tokens):
+            last = logits[0, -1, : model.config.vocab_size].float()
+            if temperature <= 0:
+                nxt = int(last.argmax())
+            else:
+                if top_k:
+                    kth = torch.topk(last, min(top_k, last.numel())).values[-1]
+                    last = last.masked_fill(last < kth, -float("inf"))
+                nxt = int(torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=gen))
+            out.append(nxt)
+            logits, state = model(torch.tensor([[nxt]]), state)
+    return out

@@ -1,0 +1,24 @@
+import importlib.util
+
+import pytest
+
+
+def _gpu_reason():
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    return None if torch.cuda.is_available() else "no CUDA GPU on this machine"
+
+
+def _trt_reason():
+    return None if importlib.util.find_spec("tensorrt") is not None else "TensorRT is not installed"
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu, trt = _gpu_reason(), _trt_reason()
+    for item in items:
+        if gpu and "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=gpu))
+        if trt and "trt" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=trt))

@@ -1,0 +1,150 @@
+"""Reference models vs HF transformers, and stepwise decode vs one full forward (logits and states)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import HF_CONFIGS, VOCAB, hf_model, save_hf
+
+import ssmrt
+from ssmrt.models import MambaLM, SSMConfig, save_model
+from ssmrt.testing import assert_close
+
+pytest.importorskip("transformers")
+
+CASES = [pytest.param(fam, kw, id=f"{fam}-{name}") for fam, name, kw in HF_CONFIGS]
+
+
+def random_ids(batch, seqlen, seed=0, vocab=VOCAB):
+    return torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def check_stepwise(model, ids, prefill):
+    """Prefill `prefill` tokens, then one token at a time; compare with one full forward at every position."""
+    with torch.no_grad():
+        full_logits, full_state = model(ids)
+        logits, state = model(ids[:, :prefill])
+        _, prefix_state = model(ids[:, :prefill])
+        steps = [logits]
+        for t in range(prefill, ids.shape[1]):
+            out, state = model(ids[:, t : t + 1], state)
+            steps.append(out)
+    assert_close(torch.cat(steps, 1), full_logits, name=f"stepwise logits (prefill {prefill})")
+    for i, ((c, s), (c_ref, s_ref)) in enumerate(zip(state, full_state)):
+        assert_close(c, c_ref, name=f"layer {i} conv_state")
+        assert_close(s, s_ref, name=f"layer {i} ssm_state")
+    return prefix_state
+
+
+@pytest.mark.parametrize("family,kw", CASES)
+def test_logits_match_hf(family, kw, tmp_path):
+    hf = hf_model(family, **kw)
+    model = ssmrt.load_model(save_hf(hf, tmp_path / "m"))
+    assert isinstance(model, torch.nn.Module)
+    ids = random_ids(2, 23)
+    with torch.no_grad():
+        want = hf(ids).logits
+        got, state = model(ids)
+    assert_close(got, want, atol=1e-4, rtol=1e-4, name=f"{family} logits vs HF")
+    assert len(state) == hf.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("family,kw", CASES)
+@pytest.mark.parametrize("prefill", [1, 6])
+def test_stepwise_decode_matches_full_forward(family, kw, prefill, tmp_path):
+    model = ssmrt.load_model(save_hf(hf_model(family, **kw), tmp_path / "m"))
+    check_stepwise(model, random_ids(2, 19, seed=1), prefill)
+
+
+@pytest.mark.parametrize("family,kw", CASES[::2])
+def test_two_pieces_carry_state(family, kw, tmp_path):
+    """Any split of a sequence, carrying the state, gives the whole sequence's logits and state."""
+    model = ssmrt.load_model(save_hf(hf_model(family, **kw), tmp_path / "m"))
+    ids = random_ids(3, 29, seed=2)
+    with torch.no_grad():
+        whole, whole_state = model(ids)
+        for split in (2, 9, 17):
+            a, st = model(ids[:, :split])
+            b, st = model(ids[:, split:], st)
+            assert_close(torch.cat([a, b], 1), whole, name=f"split at {split}")
+            for (c, s), (c_ref, s_ref) in zip(st, whole_state):
+                assert_close(c, c_ref, name="conv_state")
+                assert_close(s, s_ref, name="ssm_state")
+
+
+MAMBA_SSM_ONLY = {
+    "d_ssm-mlp": dict(d_inner=96, d_ssm=64),
+    "D-per-channel": dict(D_has_hdim=True),
+    "norm-before-gate": dict(norm_before_gate=True),
+    "no-rmsnorm": dict(rmsnorm=False),
+    "padded-vocab-untied": dict(pad_vocab_size_multiple=8, tie_embeddings=False, residual_in_fp32=False),
+}
+
+
+def random_lm(seed=0, **kw):
+    cfg = SSMConfig(**{**dict(arch="mamba2", d_model=48, n_layer=2, vocab_size=VOCAB, d_state=16, headdim=16,
+                              ngroups=2, chunk_size=4), **kw})
+    torch.manual_seed(seed)
+    model = MambaLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "D", "norm.weight", "dt_bias")):
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", list(MAMBA_SSM_ONLY))
+def test_mamba2_variants_stepwise(variant, tmp_path):
+    """Variants that only the mamba_ssm layout expresses: decode == full forward, and they round-trip."""
+    model = random_lm(**MAMBA_SSM_ONLY[variant])
+    check_stepwise(model, random_ids(2, 13, seed=3), 5)
+    loaded = ssmrt.load_model(save_model(model, tmp_path / "m", layout="mamba_ssm"))
+    ids = random_ids(2, 9, seed=4)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], model(ids)[0])
+    assert loaded.config.padded_vocab_size == model.config.padded_vocab_size
+
+
+def test_d_ssm_mlp_prefix_is_used():
+    """With d_ssm < d_inner the [z0, x0] prefix feeds out_proj: changing x0's projection rows changes logits."""
+    model = random_lm(d_inner=96, d_ssm=64)
+    ids = random_ids(1, 5)
+    with torch.no_grad():
+        before = model(ids)[0]
+        d_mlp = model.config.d_mlp
+        model.backbone.layers[0].mixer.in_proj.weight[d_mlp : 2 * d_mlp].mul_(2.0)
+        after = model(ids)[0]
+    assert d_mlp == 32
+    assert (before - after).abs().max() > 1e-3
+
+
+def test_zero_state_equals_none():
+    model = random_lm()
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        a = model(ids)[0]
+        b = model(ids, model.zero_state(2))[0]
+    assert torch.equal(a, b)
+
+
+def test_bad_input_ids():
+    model = random_lm()
+    with pytest.raises(ValueError, match="seqlen >= 1"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="state has 1 layers"):
+        model(random_ids(1, 3), model.zero_state(1)[:1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_model_keeps_fp32_state(dtype, tmp_path):
+    model32 = ssmrt.load_model(save_hf(hf_model("mamba2", **HF_CONFIGS[4][2]), tmp_path / "m"))
+    model = ssmrt.load_model(tmp_path / "m", dtype=dtype)
+    ids = random_ids(1, 11)
+    with torch.no_grad():
+        logits, state = model(ids)
+        want, _ = model32(ids)
+    assert logits.dtype == dtype
+    assert all(s.dtype == torch.float32 and c.dtype == dtype for c, s in state)
+    # low-precision weights and activations drift from fp32; bound the drift relative to the logit scale
+    scale = want.abs().max().item()
+    assert_close(logits.float(), want, atol=0.05 * scale, rtol=0, name=f"{dtype} logits vs fp32")
