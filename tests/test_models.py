@@ -30,7 +30,7 @@ def check_stepwise(model, ids, prefill):
             out, state = model(ids[:, t : t + 1], state)
             steps.append(out)
     assert_close(torch.cat(steps, 1), full_logits, name=f"stepwise logits (prefill {prefill})")
-    for i, ((c, s), (c_ref, s_ref)) in enumerate(zip(state, full_state)):
+    for i, ((c, s), (c_ref, s_ref)) in enumerate(zip(state, full_state, strict=True)):
         assert_close(c, c_ref, name=f"layer {i} conv_state")
         assert_close(s, s_ref, name=f"layer {i} ssm_state")
     return prefix_state
@@ -67,7 +67,7 @@ def test_two_pieces_carry_state(family, kw, tmp_path):
             a, st = model(ids[:, :split])
             b, st = model(ids[:, split:], st)
             assert_close(torch.cat([a, b], 1), whole, name=f"split at {split}")
-            for (c, s), (c_ref, s_ref) in zip(st, whole_state):
+            for (c, s), (c_ref, s_ref) in zip(st, whole_state, strict=True):
                 assert_close(c, c_ref, name="conv_state")
                 assert_close(s, s_ref, name="ssm_state")
 

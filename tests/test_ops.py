@@ -197,7 +197,9 @@ def test_ssd_dt_limit_is_applied():
     free = ssd_scan_ref(**{**kw, "dt_limit": (0.0, math.inf)})
     clamped_dt = softplus(kw["dt"] + kw["dt_bias"]).clamp(lo, hi)
     # feeding the clamped dt with no bias/softplus/limit must agree with the limited run
-    manual = ssd_scan_ref(**{**kw, "dt": clamped_dt, "dt_bias": None, "dt_softplus": False, "dt_limit": (0.0, math.inf)})
+    manual = ssd_scan_ref(
+        **{**kw, "dt": clamped_dt, "dt_bias": None, "dt_softplus": False, "dt_limit": (0.0, math.inf)}
+    )
     check_pair("ssd dt limit", ssd_scan_ref(**kw), manual)
     assert (ssd_scan_ref(**kw)[0] - free[0]).abs().max() > 1e-3  # the limit changes the result here
 

@@ -212,6 +212,10 @@ def _load_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path}: truncated or unreadable safetensors file ({e})") from None
 
 
+def _first_sentence(e: Exception) -> str:
+    return str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+
+
 def _load_torch_bin(path: Path) -> dict:
     import torch
 
@@ -223,9 +227,9 @@ def _load_torch_bin(path: Path) -> dict:
                 f"{path}: refused: this pickle needs code execution to load (only plain tensors are "
                 "accepted; convert it to safetensors)"
             ) from None
-        raise CheckpointError(f"{path}: truncated or unreadable ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: truncated or unreadable ({_first_sentence(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or unreadable ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: truncated or unreadable ({_first_sentence(e)})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -252,8 +256,9 @@ def _load_sharded(index_path: Path, load_one) -> tuple[dict, dict]:
     return tensors, origin
 
 
-def load_weights(model_dir: str | os.PathLike) -> tuple[dict, dict]:
-    """Returns (name -> tensor, name -> file it came from). safetensors first, then pytorch_model.bin."""
+def load_weights(model_dir: str | os.PathLike) -> tuple[dict, dict, Path]:
+    """Returns (name -> tensor, name -> file it came from, the weights file or index read).
+    safetensors first, then pytorch_model.bin."""
     d = Path(model_dir)
     for name in WEIGHT_FILES:
         p = d / name
@@ -264,8 +269,8 @@ def load_weights(model_dir: str | os.PathLike) -> tuple[dict, dict]:
         elif name == "pytorch_model.bin":
             sd = _load_torch_bin(p)
         else:
-            return _load_sharded(p, _load_safetensors if "safetensors" in name else _load_torch_bin)
-        return sd, {k: p for k in sd}
+            return (*_load_sharded(p, _load_safetensors if "safetensors" in name else _load_torch_bin), p)
+        return sd, {k: p for k in sd}, p
     raise CheckpointError(f"{d}: no weights found; expected one of {', '.join(WEIGHT_FILES)}")
 
 
@@ -288,7 +293,7 @@ def load_model(model_dir: str | os.PathLike, dtype=None, device="cpu"):
     from .mamba import MambaLM
 
     config = load_config(model_dir)
-    sd, origin = load_weights(model_dir)
+    sd, origin, source = load_weights(model_dir)
     if config.source == "mamba_ssm":
         sd = _map_mamba_ssm_names(sd)
         origin = _map_mamba_ssm_names(origin)
@@ -312,14 +317,14 @@ def load_model(model_dir: str | os.PathLike, dtype=None, device="cpu"):
                 )
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    where = Path(model_dir)
     if missing:
-        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")
     if unexpected:
         raise CheckpointError(
             f"{origin[unexpected[0]]}: unexpected tensor {unexpected[0]!r}"
-            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-            + f" for a {config.arch} model of this config"
+            f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''} for a {config.arch} model "
+            "of this config"
         )
     for k, t in expected.items():
         if tuple(sd[k].shape) != tuple(t.shape):
