@@ -1,1 +1,5 @@
-"""TorchToONNX export with ssmrt::* custom ops (issue 3)."""
+"""torch -> ONNX export with ssmrt::* custom ops and their portable fallback bodies."""
+
+from .export import MODEL_FILE, export, export_model, state_names
+
+__all__ = ["MODEL_FILE", "export", "export_model", "state_names"]

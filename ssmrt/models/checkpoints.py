@@ -286,7 +286,7 @@ def load_model(model_dir: str | os.PathLike, dtype=None, device="cpu"):
     """Load an HF or mamba_ssm checkpoint directory as an ssmrt MambaLM (eval mode).
 
     model_dir: directory with config.json and model.safetensors / its sharded index / pytorch_model.bin
-    dtype: torch dtype of the weights (default float32); A_log, D, dt_bias are used in float32 regardless
+    dtype: torch dtype of the weights (default float32); A_log, D and the dt biases stay float32
     """
     import torch
 
@@ -334,10 +334,9 @@ def load_model(model_dir: str | os.PathLike, dtype=None, device="cpu"):
         if not sd[k].is_floating_point():
             raise CheckpointError(f"{origin[k]}: tensor {k!r} has dtype {sd[k].dtype}, expected a floating type")
 
-    dtype = dtype or torch.float32
     model = MambaLM(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
-    return model.to(device=device, dtype=dtype).eval()
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    return model.cast(dtype or torch.float32).to(device=device).eval()
 
 
 # ---------------------------------------------------------------------------------------------- saving

@@ -18,6 +18,9 @@ from .config import SSMConfig
 
 LayerState = tuple[torch.Tensor, torch.Tensor]
 
+# Parameters that stay float32 whatever the model's dtype (DESIGN.md: A, D, dt_bias in fp32).
+FP32_PARAMS = ("A_log", "D", "dt_bias", "dt_proj.bias")
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -192,6 +195,14 @@ class MambaLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.backbone.embeddings.weight.dtype
+
+    def cast(self, dtype: torch.dtype) -> MambaLM:
+        """Cast weights to dtype in place, keeping A_log, D and the dt biases in float32."""
+        self.to(dtype)
+        for name, p in self.named_parameters():
+            if name.endswith(FP32_PARAMS):
+                p.data = p.data.float()
+        return self
 
     def zero_state(
         self,

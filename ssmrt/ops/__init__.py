@@ -1,15 +1,11 @@
 """The SSM ops: plain-torch references (`*_ref`, fp32 math, cast back) and their contracts (spec.py)."""
 
 from .causal_conv1d import causal_conv1d_ref, conv_state_from_full_window
+from .dispatch import causal_conv1d, selective_scan, ssd_scan
 from .rmsnorm import gated_rmsnorm_ref, rmsnorm_ref
 from .selective_scan import selective_scan_ref
 from .spec import OPS, TOLERANCES, tolerance
 from .ssd_scan import ssd_minimal_discrete, ssd_scan_recurrent_ref, ssd_scan_ref
-
-# The entry points the models call. Backends (export, GPU kernels) swap what these resolve to.
-causal_conv1d = causal_conv1d_ref
-selective_scan = selective_scan_ref
-ssd_scan = ssd_scan_ref
 
 __all__ = [
     "OPS",

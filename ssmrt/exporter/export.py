@@ -1,0 +1,228 @@
+"""MambaLM -> model.onnx: one graph for prefill and decode, SSM ops as ssmrt::* nodes with fallback bodies.
+
+Graph inputs: input_ids (batch, seqlen) int64, then per layer i conv_state.{i}, ssm_state.{i}.
+Graph outputs: logits (batch, seqlen | 1, vocab), then present_conv_state.{i}, present_ssm_state.{i}.
+The model's config and the state specs go into metadata_props, so a runtime needs only the .onnx file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from ..errors import SsmrtError
+from ..ops.spec import DOMAIN, OPSET_VERSION
+from .functions import MIN_OPSET, all_functions
+
+MODEL_FILE = "model.onnx"
+DTYPES = ("float32", "float16", "bfloat16")
+LOGITS_MODES = ("all", "last")
+DEFAULT_OPSET = 21
+# Above this many bytes of weights the tensors go to an external data file (protobuf stops at 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "generation_config.json")
+META_CONFIG = "ssmrt.config"
+META_STATES = "ssmrt.states"
+META_EXPORT = "ssmrt.export"
+PLUGIN_ATTRS = {"plugin_namespace": DOMAIN, "plugin_version": str(OPSET_VERSION)}
+
+
+def state_names(n_layer: int) -> tuple[list[str], list[str]]:
+    ins, outs = [], []
+    for i in range(n_layer):
+        ins += [f"conv_state.{i}", f"ssm_state.{i}"]
+        outs += [f"present_conv_state.{i}", f"present_ssm_state.{i}"]
+    return ins, outs
+
+
+# ----------------------------------------------------------------------------- symbolic op emission
+
+
+def _symbolic(op_name, inputs, attrs, like):
+    import torch
+
+    return torch.onnx.ops.symbolic_multi_out(
+        f"{DOMAIN}::{op_name}",
+        inputs,
+        {**attrs, **PLUGIN_ATTRS},
+        dtypes=tuple(t.dtype for t in like),
+        shapes=tuple(t.shape for t in like),
+        version=OPSET_VERSION,
+    )
+
+
+def _conv_symbolic(x, weight, bias, conv_state, activation):
+    if bias is None:  # every input is supplied, so the fallback body needs no presence test
+        bias = weight.new_zeros(weight.shape[0])
+    y, s = _symbolic("CausalConv1d", (x, weight, bias, conv_state), {"activation": activation or "none"},
+                     (x, conv_state))
+    return y, s
+
+
+def _selective_symbolic(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state):
+    import torch
+
+    dim = u.shape[-1]
+    D = D if D is not None else torch.zeros(dim, dtype=torch.float32)
+    z = z if z is not None else torch.full_like(u, 30.0)  # silu(30) == 30 * (1 - 1e-13): no gate
+    delta_bias = delta_bias if delta_bias is not None else torch.zeros(dim, dtype=torch.float32)
+    return tuple(_symbolic("SelectiveScan", (u, delta, A, B, C, D, z, delta_bias, ssm_state),
+                           {"delta_softplus": int(bool(delta_softplus))}, (u, ssm_state)))
+
+
+def _ssd_symbolic(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size):
+    import torch
+
+    nheads = x.shape[2]
+    D = D if D is not None else torch.zeros(nheads, dtype=torch.float32)
+    dt_bias = dt_bias if dt_bias is not None else torch.zeros(nheads, dtype=torch.float32)
+    lo, hi = dt_limit
+    attrs = {"chunk_size": int(chunk_size), "dt_softplus": int(bool(dt_softplus)), "dt_min": float(lo),
+             "dt_max": float(hi)}
+    return tuple(_symbolic("SSDScan", (x, dt, A, B, C, D, dt_bias, ssm_state), attrs, (x, ssm_state)))
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def _torch_dtype(name: str, what: str):
+    import torch
+
+    if name not in DTYPES:
+        raise SsmrtError(f"{what} must be one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+class _Wrapper:
+    """forward(input_ids, *flat_states) -> (logits, *flat_new_states), the ONNX graph's signature."""
+
+    def __new__(cls, model, logits):
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, *states):
+                pairs = tuple((states[2 * i], states[2 * i + 1]) for i in range(len(states) // 2))
+                out, new = self.model(input_ids, pairs)
+                if logits == "last":
+                    out = out[:, -1:]
+                return (out, *[t for pair in new for t in pair])
+
+        return Wrapper()
+
+
+def export_model(
+    model,
+    out_dir: str | os.PathLike,
+    dtype: str = "float32",
+    state_dtype: str = "float32",
+    opset: int = DEFAULT_OPSET,
+    logits: str = "all",
+    source_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Export a MambaLM to out_dir/model.onnx (written to a temporary directory, then renamed).
+
+    dtype: weights and activations; A, D, dt biases stay float32.
+    state_dtype: the SSM state's dtype (the conv state follows the activations).
+    logits: "all" positions or only the "last".
+    source_dir: a checkpoint directory whose tokenizer files are copied along.
+    """
+    import copy
+
+    import onnx
+    import torch
+
+    from ..ops import dispatch
+
+    act_dtype = _torch_dtype(dtype, "--dtype")
+    st_dtype = _torch_dtype(state_dtype, "--state-dtype")
+    if logits not in LOGITS_MODES:
+        raise SsmrtError(f"--logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
+    if opset < MIN_OPSET:
+        raise SsmrtError(f"--opset must be {MIN_OPSET} or newer (the fallback bodies need it), got {opset}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MODEL_FILE).exists())):
+        raise SsmrtError(f"{out}: exists and is not an earlier ssmrt export; choose a new or empty directory")
+
+    model = copy.deepcopy(model).cpu().eval().cast(act_dtype)
+    cfg = model.config
+    batch, seqlen = 2, 3  # > 1 so that torch.export keeps both dimensions symbolic
+    ids = torch.zeros(batch, seqlen, dtype=torch.long)
+    states = [t.to(st_dtype) if j == 1 else t
+              for pair in model.zero_state(batch, "cpu", ssm_state_dtype=st_dtype) for j, t in enumerate(pair)]
+    in_states, out_states = state_names(cfg.n_layer)
+    B = torch.export.Dim("batch", min=1)
+    L = torch.export.Dim("seqlen", min=1)
+    dynamic = ({0: B, 1: L}, tuple({0: B} for _ in states))  # forward(input_ids, *states)
+
+    with warnings.catch_warnings(), dispatch.override(
+        causal_conv1d=_conv_symbolic, selective_scan=_selective_symbolic, ssd_scan=_ssd_symbolic
+    ):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                _Wrapper(model, logits), (ids, *states), dynamo=True, opset_version=opset,
+                input_names=["input_ids", *in_states], output_names=["logits", *out_states],
+                dynamic_shapes=dynamic, verbose=False,
+            )
+        except Exception as e:  # the exporter's own errors are long; keep the first line
+            raise SsmrtError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
+    proto = program.model_proto
+    proto.functions.extend(all_functions(opset))
+    if not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
+    proto.producer_name = "ssmrt"
+    from .. import __version__
+
+    proto.producer_version = __version__
+    conv_shape, ssm_shape = cfg.state_shapes("batch")
+    state_specs = []
+    for i in range(cfg.n_layer):
+        state_specs.append({"name": in_states[2 * i], "output": out_states[2 * i], "layer": i, "kind": "conv",
+                            "shape": list(conv_shape), "dtype": dtype})
+        state_specs.append({"name": in_states[2 * i + 1], "output": out_states[2 * i + 1], "layer": i,
+                            "kind": "ssm", "shape": list(ssm_shape), "dtype": state_dtype})
+    meta = {
+        META_CONFIG: json.dumps(cfg.to_dict()),
+        META_STATES: json.dumps(state_specs),
+        META_EXPORT: json.dumps({"dtype": dtype, "state_dtype": state_dtype, "logits": logits, "opset": opset,
+                                 "ssmrt_version": __version__}),
+    }
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+
+    onnx.checker.check_model(proto, full_check=proto.ByteSize() < (1 << 31) - 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        weight_bytes = sum(t.nbytes for t in model.state_dict().values())
+        external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+        onnx.save_model(proto, tmp / MODEL_FILE, save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=MODEL_FILE + ".data", size_threshold=1024)
+        if source_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(source_dir) / name).is_file():
+                    shutil.copy2(Path(source_dir) / name, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export(model_dir, out_dir, **kwargs) -> Path:
+    """Load a checkpoint directory and export it (see export_model for the options)."""
+    from ..models.checkpoints import load_model
+
+    return export_model(load_model(model_dir), out_dir, source_dir=model_dir, **kwargs)

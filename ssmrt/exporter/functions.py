@@ -1,0 +1,328 @@
+"""Portable fallback bodies of the ssmrt::* ops, as ONNX FunctionProtos in standard ops.
+
+ONNX Runtime inlines them, so an exported model runs anywhere with no plugin; TensorRT maps the same nodes
+to plugins instead. The math is the ops/ references', in float32 whatever the activation dtype:
+
+- CausalConv1d: a gather of the K-wide windows, then one MatMul with the weights.
+- SelectiveScan: decode (L == 1) is one recurrence step. Prefill is a Scan over chunks of SCAN_CHUNK tokens
+  whose body computes the chunk's discretisation and unrolls its recurrence, so the (chunk, dim, dstate)
+  working set stays in cache and nothing of size (L, dim, dstate) is ever written.
+- SSDScan: decode is one step; prefill is the chunked matmul form (Mamba-2 paper, listing 1) with a chunk of
+  min(chunk_size, L), the inter-chunk recurrence done as one masked-decay matmul: no Loop or Scan at all.
+
+The exporter always supplies every input (zeros / ones for what a model lacks), so the bodies need no
+presence tests. Attributes are read through Constant nodes with ref_attr_name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..ops.common import SOFTPLUS_THRESHOLD
+from ..ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
+
+# Tokens per Scan iteration in the Mamba-1 prefill body: long enough that the Scan runs L/16 iterations,
+# short enough that a chunk's (16, dim, dstate) decay and input tensors stay in cache.
+SCAN_CHUNK = 16
+PLUGIN_ATTRS = ("plugin_namespace", "plugin_version")
+MIN_OPSET = 19  # Equal on strings (the activation attribute)
+
+
+class Builder:
+    """Collects nodes with fresh value names; `op` returns the output name(s)."""
+
+    def __init__(self, prefix: str = ""):
+        self.nodes: list[onnx.NodeProto] = []
+        self._prefix = prefix
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{self._prefix}{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, hint: str | None = None, **attrs):
+        outs = [self.fresh(hint or op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def const(self, value, dtype=np.float32) -> str:
+        return self.op("Constant", value=numpy_helper.from_array(np.asarray(value, dtype=dtype)), hint="c")
+
+    def ints(self, *values: int) -> str:
+        return self.const(list(values), np.int64)
+
+    def attr(self, name: str, kind: int) -> str:
+        """A Constant holding the value of the function's attribute `name`."""
+        field = {onnx.AttributeProto.INT: "value_int", onnx.AttributeProto.FLOAT: "value_float",
+                 onnx.AttributeProto.STRING: "value_string"}[kind]
+        node = helper.make_node("Constant", [], [self.fresh(name)])
+        a = onnx.AttributeProto(name=field, ref_attr_name=name, type=kind)
+        node.attribute.append(a)
+        self.nodes.append(node)
+        return node.output[0]
+
+    # small helpers ---------------------------------------------------------------------------------
+    def f32(self, x: str) -> str:
+        return self.op("Cast", x, to=TensorProto.FLOAT)
+
+    def dim(self, x: str, axis: int) -> str:
+        """Shape(x)[axis] as a 1-D int64 tensor of one element."""
+        return self.op("Shape", x, start=axis, end=axis + 1)
+
+    def unsqueeze(self, x: str, *axes: int) -> str:
+        return self.op("Unsqueeze", x, self.ints(*axes))
+
+    def squeeze(self, x: str, *axes: int) -> str:
+        return self.op("Squeeze", x, self.ints(*axes))
+
+    def silu(self, x: str) -> str:
+        return self.op("Mul", x, self.op("Sigmoid", x))
+
+    def softplus(self, x: str) -> str:
+        """x <= 20 ? log1p(exp(x)) : x, the kernels' form."""
+        small = self.op("LessOrEqual", x, self.const(SOFTPLUS_THRESHOLD))
+        sp = self.op("Log", self.op("Add", self.op("Exp", x), self.const(1.0)))
+        return self.op("Where", small, sp, x)
+
+    def flag(self, x_if_set: str, x_else: str, flag: str) -> str:
+        """Where(flag != 0, x_if_set, x_else) for an int attribute constant."""
+        return self.op("Where", self.op("Not", self.op("Equal", flag, self.const(0, np.int64))), x_if_set, x_else)
+
+    def concat(self, *dims: str) -> str:
+        return self.op("Concat", *dims, axis=0)
+
+    def graph(self, name: str, outputs: list[tuple[str, int]]) -> onnx.GraphProto:
+        """A subgraph (If branch / Scan body) of the collected nodes; outputs typed float32 of given rank."""
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [f"{name}_{n}_{i}" for i in range(rank)])
+                for n, rank in outputs]
+        return helper.make_graph(self.nodes, name, [], outs)
+
+
+def _function(spec, nodes, inputs, outputs, opset: int) -> onnx.FunctionProto:
+    attrs = list(spec.attributes) + list(PLUGIN_ATTRS)
+    return helper.make_function(
+        DOMAIN, spec.name, inputs, outputs, nodes, [helper.make_opsetid("", opset)], attributes=attrs
+    )
+
+
+# ---------------------------------------------------------------------------------------- CausalConv1d
+
+
+def causal_conv1d_function(opset: int) -> onnx.FunctionProto:
+    b = Builder()
+    x, w, bias, state = (s.name for s in CAUSAL_CONV1D.inputs)
+    xs = b.op("Concat", b.f32(state), b.op("Transpose", b.f32(x), perm=[0, 2, 1]), axis=2)  # (B, C, K-1+L)
+    # windows[b, c, t, k] = xs[b, c, t + k]
+    L, K = b.dim(x, 1), b.dim(w, 1)
+    zero, one = b.const(0, np.int64), b.const(1, np.int64)
+    t = b.op("Range", zero, b.squeeze(L, 0), one)
+    k = b.op("Range", zero, b.squeeze(K, 0), one)
+    idx = b.op("Add", b.unsqueeze(t, 1), b.unsqueeze(k, 0))  # (L, K)
+    windows = b.op("Gather", xs, idx, axis=2)  # (B, C, L, K)
+    y = b.op("MatMul", windows, b.unsqueeze(b.f32(w), 2))  # (C, K, 1) -> (B, C, L, 1)
+    y = b.op("Add", b.squeeze(y, 3), b.unsqueeze(b.f32(bias), 1))
+    is_silu = b.op("Equal", b.attr("activation", onnx.AttributeProto.STRING), b.const("silu", object))
+    y = b.op("Where", is_silu, b.silu(y), y)
+    y_out = b.op("CastLike", b.op("Transpose", y, perm=[0, 2, 1]), x, hint="y")
+    # the new state is the last K-1 inputs
+    start = b.op("Sub", b.dim(xs, 2), b.dim(state, 2))
+    new_state = b.op("Slice", xs, start, b.ints(np.iinfo(np.int64).max), b.ints(2))
+    s_out = b.op("CastLike", new_state, state, hint="present_conv_state")
+    return _function(CAUSAL_CONV1D, b.nodes, [s.name for s in CAUSAL_CONV1D.inputs], [y_out, s_out], opset)
+
+
+# --------------------------------------------------------------------------------------- SelectiveScan
+
+
+def selective_scan_function(opset: int) -> onnx.FunctionProto:
+    b = Builder()
+    u, delta, A, Bm, Cm, D, z, delta_bias, state = (s.name for s in SELECTIVE_SCAN.inputs)
+    # Channel d reads group d // (dim // ngroups): work in (.., ngroups, dim/ngroups, ..) so B, C broadcast.
+    batch, L, dim = b.dim(u, 0), b.dim(u, 1), b.dim(u, 2)
+    G, N = b.dim(Bm, 2), b.dim(Bm, 3)
+    Dg = b.op("Div", dim, G)
+    grouped = b.concat(batch, L, G, Dg)  # (B, L, G, Dg)
+    dt = b.op("Add", b.f32(delta), b.f32(delta_bias))
+    dt = b.flag(b.softplus(dt), dt, b.attr("delta_softplus", onnx.AttributeProto.INT))
+    dt = b.op("Reshape", dt, grouped)
+    uf = b.op("Reshape", b.f32(u), grouped)
+    Ag = b.op("Reshape", b.f32(A), b.concat(G, Dg, N))  # (G, Dg, N)
+    Bf, Cf = b.f32(Bm), b.f32(Cm)  # (B, L, G, N)
+    h0 = b.op("Reshape", b.f32(state), b.concat(batch, G, Dg, N))
+    dtu = b.op("Mul", dt, uf)
+
+    def step(sb: Builder, dt_t, dtu_t, B_t, C_t, h):
+        """One token: dt_t, dtu_t (B, G, Dg); B_t, C_t (B, G, N); h (B, G, Dg, N)."""
+        dA = sb.op("Exp", sb.op("Mul", sb.unsqueeze(dt_t, 3), Ag))
+        h = sb.op("Add", sb.op("Mul", dA, h), sb.op("Mul", sb.unsqueeze(dtu_t, 3), sb.unsqueeze(B_t, 2)))
+        y = sb.op("ReduceSum", sb.op("Mul", h, sb.unsqueeze(C_t, 2)), sb.ints(3), keepdims=0)
+        return y, h
+
+    # decode: L == 1
+    tb = Builder("dec_")
+    y1, h1 = step(tb, *(tb.squeeze(t, 1) for t in (dt, dtu, Bf, Cf)), h0)
+    y1 = tb.op("Identity", tb.unsqueeze(y1, 1), hint="y")
+    h1 = tb.op("Identity", h1, hint="h")
+    then_graph = tb.graph("selective_scan_step", [(y1, 4), (h1, 4)])
+
+    # prefill: pad to whole chunks (dt = 0 there: decay 1, no input), Scan over chunks
+    eb = Builder("pre_")
+    T = eb.ints(SCAN_CHUNK)
+    pad = eb.op("Mod", eb.op("Sub", T, eb.op("Mod", L, T)), T)
+    nc = eb.op("Div", eb.op("Add", L, pad), T)
+
+    def chunked(t, inner):
+        padded = eb.op("Pad", t, eb.op("Concat", eb.ints(0, 0), eb.ints(0), pad, axis=0), "", eb.ints(0, 1))
+        return eb.op("Reshape", padded, eb.concat(batch, nc, T, *inner))
+
+    scan_in = [chunked(dt, (G, Dg)), chunked(dtu, (G, Dg)), chunked(Bf, (G, N)), chunked(Cf, (G, N))]
+
+    body = Builder("body_")
+    h_in = "h_in"
+    ins = ["dt_c", "dtu_c", "B_c", "C_c"]  # (B, T, G, *)
+    parts = [body.op("Split", t, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK) for t in ins]
+    h, ys = h_in, []
+    for j in range(SCAN_CHUNK):
+        y_j, h = step(body, *(body.squeeze(p[j], 1) for p in parts), h)
+        ys.append(body.unsqueeze(y_j, 1))
+    h_out = body.op("Identity", h, hint="h_out")
+    y_chunk = body.op("Concat", *ys, axis=1, hint="y_chunk")  # (B, T, G, Dg)
+    body_graph = helper.make_graph(
+        body.nodes,
+        "selective_scan_chunk",
+        [helper.make_tensor_value_info(h_in, TensorProto.FLOAT, ["b", "g", "dg", "n"])]
+        + [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "t", "g", f"{n}_d"]) for n in ins],
+        [helper.make_tensor_value_info(h_out, TensorProto.FLOAT, ["b", "g", "dg", "n"]),
+         helper.make_tensor_value_info(y_chunk, TensorProto.FLOAT, ["b", "t", "g", "dg"])],
+    )
+    h_fin, y_chunks = eb.op("Scan", h0, *scan_in, outputs=2, body=body_graph, num_scan_inputs=4,
+                            scan_input_axes=[1, 1, 1, 1], scan_output_axes=[1])
+    y_all = eb.op("Reshape", y_chunks, eb.concat(batch, eb.op("Mul", nc, T), G, Dg))
+    y_pre = eb.op("Slice", y_all, eb.ints(0), L, eb.ints(1), hint="y")
+    h_pre = eb.op("Identity", h_fin, hint="h")
+    else_graph = eb.graph("selective_scan_prefill", [(y_pre, 4), (h_pre, 4)])
+
+    is_step = b.squeeze(b.op("Equal", L, b.ints(1)), 0)
+    y, h = b.op("If", is_step, outputs=2, then_branch=then_graph, else_branch=else_graph)
+    y = b.op("Reshape", y, b.concat(batch, L, dim))
+    y = b.op("Add", y, b.op("Mul", b.f32(u), b.f32(D)))
+    y = b.op("Mul", y, b.silu(b.f32(z)))
+    y_out = b.op("CastLike", y, u, hint="y")
+    s_out = b.op("CastLike", b.op("Reshape", h, b.op("Shape", state)), state, hint="present_ssm_state")
+    return _function(SELECTIVE_SCAN, b.nodes, [s.name for s in SELECTIVE_SCAN.inputs], [y_out, s_out], opset)
+
+
+# ------------------------------------------------------------------------------------------- SSDScan
+
+
+def _segsum(b: Builder, a: str, T: str) -> str:
+    """(..., T) -> (..., T, T): out[..., i, j] = sum(a[..., j+1 : i+1]) for j <= i, -inf above.
+
+    A masked cumsum, not a difference of cumsums, which loses precision over long sequences.
+    """
+    rep = b.op("Expand", b.unsqueeze(a, -1), b.op("Concat", b.op("Shape", a), T, axis=0))  # [.., i, j] = a_i
+    ones = b.op("ConstantOfShape", b.concat(T, T), value=numpy_helper.from_array(np.ones(1, np.float32)))
+    strict_lower = b.op("Cast", b.op("Trilu", ones, b.ints(-1), upper=0), to=TensorProto.BOOL)
+    lower = b.op("Cast", b.op("Trilu", ones, upper=0), to=TensorProto.BOOL)
+    cs = b.op("CumSum", b.op("Where", strict_lower, rep, b.const(0.0)), b.const(-2, np.int64))
+    return b.op("Where", lower, cs, b.const(-np.inf))
+
+
+def ssd_scan_function(opset: int) -> onnx.FunctionProto:
+    b = Builder()
+    x, dt_in, A, Bm, Cm, D, dt_bias, state = (s.name for s in SSD_SCAN.inputs)
+    batch, L, H, P = (b.dim(x, i) for i in range(4))
+    G, N = b.dim(Bm, 2), b.dim(Bm, 3)
+    dt = b.op("Add", b.f32(dt_in), b.f32(dt_bias))
+    dt = b.flag(b.softplus(dt), dt, b.attr("dt_softplus", onnx.AttributeProto.INT))
+    dt = b.op("Max", b.op("Min", dt, b.attr("dt_max", onnx.AttributeProto.FLOAT)),
+              b.attr("dt_min", onnx.AttributeProto.FLOAT))  # (B, L, H)
+    xf = b.f32(x)
+    Af = b.f32(A)
+    h0 = b.f32(state)  # (B, H, P, N)
+
+    def heads(t):
+        """(B, L, G, N) -> (B, L, H, N): head h reads group h // (H // G)."""
+        t = b.unsqueeze(b.f32(t), 3)
+        t = b.op("Expand", t, b.concat(batch, L, G, b.op("Div", H, G), N))
+        return b.op("Reshape", t, b.concat(batch, L, H, N))
+
+    Bh, Ch = heads(Bm), heads(Cm)
+    X = b.op("Mul", xf, b.unsqueeze(dt, 3))  # x * dt
+    a = b.op("Mul", dt, Af)  # log decay per step, (B, L, H)
+
+    # decode: L == 1 -> h = exp(a) h + (dt x) B^T ; y = h C
+    tb = Builder("dec_")
+    a1, X1, B1, C1 = (tb.squeeze(t, 1) for t in (a, X, Bh, Ch))  # (B,H), (B,H,P), (B,H,N), (B,H,N)
+    decay = tb.unsqueeze(tb.op("Exp", a1), 2, 3)
+    h1 = tb.op("Add", tb.op("Mul", decay, h0), tb.op("Mul", tb.unsqueeze(X1, 3), tb.unsqueeze(B1, 2)))
+    y1 = tb.unsqueeze(tb.squeeze(tb.op("MatMul", h1, tb.unsqueeze(C1, 3)), 3), 1)  # (B, 1, H, P)
+    then_graph = tb.graph("ssd_step", [(tb.op("Identity", y1, hint="y"), 4), (tb.op("Identity", h1, hint="h"), 4)])
+
+    # prefill: chunks of cs = min(chunk_size, L), the last padded with dt = 0 (decay 1, no input)
+    eb = Builder("pre_")
+    cs = eb.op("Min", eb.unsqueeze(eb.op("Cast", eb.attr("chunk_size", onnx.AttributeProto.INT),
+                                         to=TensorProto.INT64), 0), L)
+    pad = eb.op("Mod", eb.op("Sub", cs, eb.op("Mod", L, cs)), cs)
+    nc = eb.op("Div", eb.op("Add", L, pad), cs)
+
+    def chunked(t, inner):
+        padded = eb.op("Pad", t, eb.op("Concat", eb.ints(0, 0), eb.ints(0), pad, axis=0), "", eb.ints(0, 1))
+        return eb.op("Reshape", padded, eb.concat(batch, nc, cs, *inner))
+
+    Xc = eb.op("Transpose", chunked(X, (H, P)), perm=[0, 1, 3, 2, 4])  # (B, c, H, l, P)
+    Bc = eb.op("Transpose", chunked(Bh, (H, N)), perm=[0, 1, 3, 2, 4])  # (B, c, H, l, N)
+    Cc = eb.op("Transpose", chunked(Ch, (H, N)), perm=[0, 1, 3, 2, 4])
+    ac = eb.op("Transpose", chunked(a, (H,)), perm=[0, 1, 3, 2])  # (B, c, H, l)
+    acum = eb.op("CumSum", ac, eb.const(-1, np.int64))
+
+    # 1. within chunks: Y_diag = (C B^T o exp(segsum(a))) X
+    Lmask = eb.op("Exp", _segsum(eb, ac, cs))  # (B, c, H, l, s)
+    scores = eb.op("MatMul", Cc, eb.op("Transpose", Bc, perm=[0, 1, 2, 4, 3]))
+    Y_diag = eb.op("MatMul", eb.op("Mul", scores, Lmask), Xc)  # (B, c, H, l, P)
+
+    # 2. each chunk's input to its end state: sum_l exp(acum_end - acum_l) B_l^T X_l -> (B, c, H, N, P)
+    last = eb.op("Slice", acum, eb.ints(-1), eb.ints(np.iinfo(np.int64).max), eb.ints(3))  # (B, c, H, 1)
+    to_end = eb.op("Exp", eb.op("Sub", last, acum))
+    Bw = eb.op("Mul", eb.op("Transpose", Bc, perm=[0, 1, 2, 4, 3]), eb.unsqueeze(to_end, 3))
+    chunk_states = eb.op("MatMul", Bw, Xc)  # (B, c, H, N, P)
+
+    # 3. between chunks: states entering each chunk = exp(segsum(chunk decays)) @ [h0, chunk states]
+    h0_np = eb.unsqueeze(eb.op("Transpose", h0, perm=[0, 1, 3, 2]), 1)  # (B, 1, H, N, P)
+    states = eb.op("Concat", h0_np, chunk_states, axis=1)  # (B, c+1, H, N, P)
+    nc1 = eb.op("Add", nc, eb.ints(1))
+    states = eb.op("Reshape", eb.op("Transpose", states, perm=[0, 2, 1, 3, 4]),
+                   eb.concat(batch, H, nc1, eb.op("Mul", N, P)))  # (B, H, c+1, N*P)
+    chunk_a = eb.op("Pad", eb.op("Transpose", eb.squeeze(last, 3), perm=[0, 2, 1]),
+                    eb.ints(0, 0, 1, 0, 0, 0))  # (B, H, c+1), a leading 0 for h0
+    decay_chunk = eb.op("Exp", _segsum(eb, chunk_a, nc1))  # (B, H, c+1, c+1)
+    new_states = eb.op("MatMul", decay_chunk, states)  # (B, H, c+1, N*P)
+    new_states = eb.op("Reshape", new_states, eb.concat(batch, H, nc1, N, P))
+    entering = eb.op("Slice", new_states, eb.ints(0), nc, eb.ints(2))  # (B, H, c, N, P)
+    final = eb.op("Slice", new_states, nc, nc1, eb.ints(2))  # (B, H, 1, N, P)
+    h_pre = eb.op("Transpose", eb.squeeze(final, 2), perm=[0, 1, 3, 2], hint="h")  # (B, H, P, N)
+
+    # 4. the entering state's contribution: Y_off = exp(acum) * (C @ state)
+    Y_off = eb.op("MatMul", Cc, eb.op("Transpose", entering, perm=[0, 2, 1, 3, 4]))  # (B, c, H, l, P)
+    Y_off = eb.op("Mul", Y_off, eb.unsqueeze(eb.op("Exp", acum), 4))
+    Y = eb.op("Transpose", eb.op("Add", Y_diag, Y_off), perm=[0, 1, 3, 2, 4])  # (B, c, l, H, P)
+    Y = eb.op("Reshape", Y, eb.concat(batch, eb.op("Mul", nc, cs), H, P))
+    y_pre = eb.op("Slice", Y, eb.ints(0), L, eb.ints(1), hint="y")
+    else_graph = eb.graph("ssd_prefill", [(y_pre, 4), (h_pre, 4)])
+
+    is_step = b.squeeze(b.op("Equal", L, b.ints(1)), 0)
+    y, h = b.op("If", is_step, outputs=2, then_branch=then_graph, else_branch=else_graph)
+    # D skip: D is (H,) or (H, P); reshaped to (H, 1) or (H, P) it broadcasts over (B, L, H, P)
+    Dr = b.op("Reshape", b.f32(D), b.concat(H, b.ints(-1)))
+    y = b.op("Add", y, b.op("Mul", xf, Dr))
+    y_out = b.op("CastLike", y, x, hint="y")
+    s_out = b.op("CastLike", h, state, hint="present_ssm_state")
+    return _function(SSD_SCAN, b.nodes, [s.name for s in SSD_SCAN.inputs], [y_out, s_out], opset)
+
+
+def all_functions(opset: int) -> list[onnx.FunctionProto]:
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old for the fallback bodies; use {MIN_OPSET} or newer")
+    return [causal_conv1d_function(opset), selective_scan_function(opset), ssd_scan_function(opset)]

@@ -1,0 +1,47 @@
+"""The op entry points the models call. A backend (ONNX export, GPU kernels) overrides what they run.
+
+The models never call a reference or a kernel directly, so one model definition serves the reference
+run, the export (ssmrt::* nodes) and the GPU path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+from .causal_conv1d import causal_conv1d_ref
+from .selective_scan import selective_scan_ref
+from .ssd_scan import ssd_scan_ref
+
+_impls: dict[str, Callable] = {
+    "causal_conv1d": causal_conv1d_ref,
+    "selective_scan": selective_scan_ref,
+    "ssd_scan": ssd_scan_ref,
+}
+
+
+def causal_conv1d(x, weight, bias, conv_state, activation):
+    return _impls["causal_conv1d"](x, weight, bias, conv_state, activation)
+
+
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state):
+    return _impls["selective_scan"](u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state)
+
+
+def ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size):
+    return _impls["ssd_scan"](x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size)
+
+
+@contextmanager
+def override(**impls: Callable):
+    """Within the block, the named ops run the given implementations (same signature as the refs)."""
+    unknown = set(impls) - set(_impls)
+    if unknown:
+        raise KeyError(f"unknown ops {sorted(unknown)}; known: {sorted(_impls)}")
+    saved = dict(_impls)
+    _impls.update(impls)
+    try:
+        yield
+    finally:
+        _impls.clear()
+        _impls.update(saved)

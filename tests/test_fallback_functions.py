@@ -1,0 +1,99 @@
+"""Each ssmrt::* fallback body, alone in a one-node model on ONNX Runtime, against its reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper
+from test_ops import conv_inputs, selective_inputs, ssd_inputs
+
+from ssmrt.exporter.functions import SCAN_CHUNK, all_functions
+from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
+from ssmrt.ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
+from ssmrt.testing import assert_close
+
+OPSET = 21
+ONNX_TYPE = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16}
+
+
+def run_node(spec, inputs: dict, attrs: dict, n_outputs=2):
+    """Build a model with one `spec` node over `inputs` (torch tensors) and run it on ONNX Runtime."""
+    names = [t.name for t in spec.inputs]
+    vis = [helper.make_tensor_value_info(k, ONNX_TYPE[v.dtype], [f"{k}_{i}" for i in range(v.dim())])
+           for k, v in inputs.items()]
+    first, state = inputs[names[0]], inputs[names[-1]]  # y follows the activations, the new state its input
+    outs = [helper.make_tensor_value_info(t.name, ONNX_TYPE[ref.dtype], [f"{t.name}_{i}" for i in range(ref.dim())])
+            for t, ref in zip(spec.outputs[:n_outputs], (first, state), strict=True)]
+    node = helper.make_node(spec.name, [k if k in inputs else "" for k in names], [o.name for o in outs],
+                            domain=DOMAIN, plugin_namespace="ssmrt", plugin_version="1", **attrs)
+    graph = helper.make_graph([node], "g", vis, outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+                              functions=all_functions(OPSET))
+    onnx.checker.check_model(model, full_check=True)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    res = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
+    return [torch.from_numpy(np.asarray(r)) for r in res]
+
+
+@pytest.mark.parametrize("batch,seqlen,dim,width", [(1, 1, 8, 4), (2, 7, 13, 4), (3, 2, 5, 4), (2, 33, 24, 3)])
+@pytest.mark.parametrize("activation", ["silu", "none"])
+def test_causal_conv1d_body(batch, seqlen, dim, width, activation):
+    kw = conv_inputs(batch, seqlen, dim, width)
+    kw["activation"] = activation
+    y, s = run_node(CAUSAL_CONV1D, {k: kw[k] for k in ("x", "weight", "bias", "conv_state")},
+                    {"activation": activation})
+    y_ref, s_ref = causal_conv1d_ref(**kw)
+    assert_close(y, y_ref, name="conv y")
+    assert_close(s, s_ref, name="conv state")
+
+
+@pytest.mark.parametrize("seqlen", [1, 2, 5, SCAN_CHUNK, SCAN_CHUNK + 1, 3 * SCAN_CHUNK - 1])
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_selective_scan_body(seqlen, ngroups):
+    kw = selective_inputs(2, seqlen, 6, 4, ngroups=ngroups)
+    ins = {k: kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "ssm_state")}
+    y, s = run_node(SELECTIVE_SCAN, ins, {"delta_softplus": 1})
+    y_ref, s_ref = selective_scan_ref(**kw)
+    assert_close(y, y_ref, name="selective y")
+    assert_close(s, s_ref, name="selective state")
+
+
+def test_selective_scan_body_no_softplus():
+    kw = selective_inputs(1, 20, 4, 8)
+    kw["delta"] = kw["delta"].abs() * 0.1
+    ins = {k: kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "ssm_state")}
+    ins["delta_bias"] = kw["delta_bias"].abs()
+    kw["delta_bias"], kw["delta_softplus"] = ins["delta_bias"], False
+    y, s = run_node(SELECTIVE_SCAN, ins, {"delta_softplus": 0})
+    y_ref, s_ref = selective_scan_ref(**kw)
+    assert_close(y, y_ref, name="selective y")
+    assert_close(s, s_ref, name="selective state")
+
+
+@pytest.mark.parametrize("seqlen,chunk_size", [(1, 8), (2, 8), (7, 8), (8, 8), (21, 8), (50, 16), (13, 256)])
+@pytest.mark.parametrize("ngroups,D_per_channel", [(1, False), (2, True)])
+@pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.05, 0.3)])
+def test_ssd_scan_body(seqlen, chunk_size, ngroups, D_per_channel, dt_limit):
+    kw = ssd_inputs(2, seqlen, 4, 8, 16, ngroups=ngroups, D_per_channel=D_per_channel, dt_limit=dt_limit,
+                    chunk_size=chunk_size)
+    ins = {k: kw[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias", "ssm_state")}
+    y, s = run_node(SSD_SCAN, ins, {"chunk_size": chunk_size, "dt_softplus": 1, "dt_min": dt_limit[0],
+                                    "dt_max": dt_limit[1]})
+    y_ref, s_ref = ssd_scan_ref(**kw)
+    assert_close(y, y_ref, name="ssd y")
+    assert_close(s, s_ref, name="ssd state")
+
+
+def test_fp16_activations_keep_fp32_state():
+    kw = ssd_inputs(1, 9, 2, 4, 8, dtype=torch.float16, chunk_size=4)
+    ins = {k: kw[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias", "ssm_state")}
+    y, s = run_node(SSD_SCAN, ins, {"chunk_size": 4, "dt_softplus": 1, "dt_min": 0.0, "dt_max": math.inf})
+    assert y.dtype == torch.float16 and s.dtype == torch.float32
+    y_ref, s_ref = ssd_scan_ref(**kw)
+    assert_close(y, y_ref, dtype=torch.float16, name="ssd fp16 y")
+    assert_close(s, s_ref, dtype=torch.float16, name="ssd fp16 state")
