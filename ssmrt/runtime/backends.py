@@ -1,0 +1,210 @@
+"""Runners: one interface over every backend, so Session, generate and compare never branch on it.
+
+A runner maps (input_ids (batch, seqlen) int64, state) -> (logits float32 numpy (batch, seqlen | 1, vocab),
+new_state). A state is a flat list in graph order [conv_state.0, ssm_state.0, conv_state.1, ...] of the
+backend's own arrays; runners also gather, concatenate and copy states, and convert them to numpy.
+
+Loaders follow one naming scheme: TorchRunnerFromCheckpoint, OnnxRuntimeRunnerFromArtifact, and
+`runner_from_path` picks by what the path holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SsmrtError
+from ..models.config import SSMConfig
+
+BACKENDS = ("torch", "onnxruntime")
+ONNX_FILE = "model.onnx"
+
+
+class Runner:
+    """Base class: subclasses set `name`, `config`, `logits_mode` and implement the array operations."""
+
+    name = "base"
+    config: SSMConfig
+    logits_mode = "all"  # "last" when the artifact returns only the last position
+    dtype = "float32"
+
+    def zero_state(self, batch: int) -> list:
+        raise NotImplementedError
+
+    def forward(self, input_ids: np.ndarray, state: list) -> tuple[np.ndarray, list]:
+        raise NotImplementedError
+
+    # state operations; numpy-backed runners share these
+    def take(self, state: list, index: list[int]) -> list:
+        idx = np.asarray(index, dtype=np.int64)
+        return [s[idx] for s in state]
+
+    def concat(self, states: list[list]) -> list:
+        return [np.concatenate(parts, axis=0) for parts in zip(*states, strict=True)]
+
+    def copy(self, state: list) -> list:
+        return [s.copy() for s in state]
+
+    def to_numpy(self, state: list) -> list[np.ndarray]:
+        return [np.asarray(s) for s in state]
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def describe(self) -> str:
+        return self.name
+
+
+class TorchRunner(Runner):
+    """The reference models (ssmrt.models) in PyTorch."""
+
+    name = "torch"
+
+    def __init__(self, model):
+        import torch
+
+        self._torch = torch
+        self.model = model.eval()
+        self.config = model.config
+        self.dtype = str(model.dtype).removeprefix("torch.")
+        self.device = model.backbone.embeddings.weight.device
+
+    def zero_state(self, batch: int) -> list:
+        return [t for pair in self.model.zero_state(batch, self.device) for t in pair]
+
+    def forward(self, input_ids, state):
+        torch = self._torch
+        ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64), device=self.device)
+        pairs = tuple((state[2 * i], state[2 * i + 1]) for i in range(len(state) // 2))
+        with torch.no_grad():
+            logits, new = self.model(ids, pairs)
+        return logits.float().cpu().numpy(), [t for pair in new for t in pair]
+
+    def take(self, state, index):
+        idx = self._torch.as_tensor(index, dtype=self._torch.long, device=self.device)
+        return [s.index_select(0, idx) for s in state]
+
+    def concat(self, states):
+        return [self._torch.cat(parts, 0) for parts in zip(*states, strict=True)]
+
+    def copy(self, state):
+        return [s.clone() for s in state]
+
+    def to_numpy(self, state):
+        return [s.float().cpu().numpy() for s in state]
+
+    def describe(self) -> str:
+        return f"torch ({self.dtype}, {self.device})"
+
+
+def TorchRunnerFromCheckpoint(model_dir, dtype=None, device="cpu") -> TorchRunner:  # noqa: N802
+    from ..models.checkpoints import load_model
+
+    return TorchRunner(load_model(model_dir, dtype=dtype, device=device))
+
+
+class OnnxRuntimeRunner(Runner):
+    """An exported model.onnx on ONNX Runtime: CPU by default, CUDA when asked for and present."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path, provider: str = "auto", threads: int = 0, opt_level: str = "all"):
+        import onnxruntime as ort
+
+        from ..exporter.export import META_CONFIG, META_EXPORT, META_STATES
+
+        self.path = Path(path)
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if opt_level not in levels:
+            raise SsmrtError(f"opt_level must be one of {', '.join(levels)}, got {opt_level!r}")
+        available = ort.get_available_providers()
+        if provider == "auto":
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        elif provider in ("cpu", "cuda"):
+            want = "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
+            if want not in available:
+                raise SsmrtError(f"ONNX Runtime here has no {want} (available: {', '.join(available)})")
+            providers = [want]
+        else:
+            raise SsmrtError(f"provider must be auto, cpu or cuda, got {provider!r}")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = levels[opt_level]
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except Exception as e:
+            raise SsmrtError(f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if META_CONFIG not in meta:
+            raise SsmrtError(f"{self.path}: not an ssmrt export (no '{META_CONFIG}' metadata)")
+        self.config = SSMConfig.from_dict(json.loads(meta[META_CONFIG]))
+        self.state_specs = json.loads(meta[META_STATES])
+        export = json.loads(meta[META_EXPORT])
+        self.logits_mode = export["logits"]
+        self.dtype = export["dtype"]
+        self.providers = self.session.get_providers()
+        self._np_dtypes = {s["name"]: _numpy_dtype(s["dtype"], self.path) for s in self.state_specs}
+        self._out_names = [o.name for o in self.session.get_outputs()]
+
+    def zero_state(self, batch: int) -> list:
+        return [np.zeros([batch if d == "batch" else d for d in s["shape"]], dtype=self._np_dtypes[s["name"]])
+                for s in self.state_specs]
+
+    def forward(self, input_ids, state):
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)}
+        for spec, value in zip(self.state_specs, state, strict=True):
+            feeds[spec["name"]] = value
+        outs = self.session.run(self._out_names, feeds)
+        return outs[0].astype(np.float32, copy=False), outs[1:]
+
+    def describe(self) -> str:
+        return f"onnxruntime ({self.dtype}, {self.providers[0]})"
+
+
+def _numpy_dtype(name: str, path) -> np.dtype:
+    if name == "bfloat16":
+        raise SsmrtError(f"{path}: bfloat16 artifacts cannot be fed from numpy; run them with TensorRT")
+    return np.dtype(name)
+
+
+def OnnxRuntimeRunnerFromArtifact(path, **opts) -> OnnxRuntimeRunner:  # noqa: N802
+    p = Path(path)
+    onnx_path = p / ONNX_FILE if p.is_dir() else p
+    if not onnx_path.is_file():
+        raise SsmrtError(f"{onnx_path}: not found; expected an artifact directory from `ssmrt export`")
+    return OnnxRuntimeRunner(onnx_path, **opts)
+
+
+def is_artifact(path) -> bool:
+    p = Path(path)
+    return (p / ONNX_FILE).is_file() or (p.is_file() and p.suffix == ".onnx")
+
+
+def runner_from_path(path: str | os.PathLike, backend: str | None = None, **opts) -> Runner:
+    """An artifact (model.onnx) runs on onnxruntime by default; a checkpoint directory on torch."""
+    p = Path(path)
+    if not p.exists():
+        raise SsmrtError(f"{p}: no such file or directory")
+    if backend is not None and backend not in BACKENDS:
+        raise SsmrtError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if is_artifact(p):
+        if backend == "torch":
+            raise SsmrtError(f"{p}: is an ONNX artifact; the torch backend runs a checkpoint directory")
+        return OnnxRuntimeRunnerFromArtifact(p, **opts)
+    if backend == "onnxruntime":
+        raise SsmrtError(f"{p}: has no {ONNX_FILE}; export it first (`ssmrt export {p} -o OUT_DIR`)")
+    return TorchRunnerFromCheckpoint(p, **opts)

@@ -1,0 +1,171 @@
+"""Session: stateful decoding over any runner. prefill(prompts) -> step(tokens) -> ...; generate(); stream().
+
+The state lives in the runner's own arrays between calls. Prompts of different lengths are prefilled in
+groups of equal length (an SSM has no attention mask: a pad token would enter the state), then decoded
+together, so each sequence gets exactly what it gets alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import SsmrtError
+from .backends import Runner
+from .sampling import check_sampling, sample
+
+
+@dataclass
+class Snapshot:
+    state: list
+    last_logits: np.ndarray
+    lengths: list[int]
+
+
+def _as_batch(prompt_ids) -> tuple[list[list[int]], bool]:
+    """Accepts one prompt (list of ints) or several (list of lists); returns (prompts, was_single)."""
+    if len(prompt_ids) == 0:
+        raise SsmrtError("prompt is empty: give at least one token id")
+    single = not isinstance(prompt_ids[0], (list, tuple, np.ndarray))
+    prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise SsmrtError(f"prompt {i} is empty: give at least one token id")
+    return prompts, single
+
+
+class Session:
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.config = runner.config
+        self.state: list | None = None
+        self.last_logits: np.ndarray | None = None  # (batch, vocab) at the last position fed
+        self.lengths: list[int] = []
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    def _check_ids(self, ids: list[int]):
+        v = self.config.padded_vocab_size
+        bad = [t for t in ids if not 0 <= int(t) < v]
+        if bad:
+            raise SsmrtError(f"token id {bad[0]} is outside the vocabulary [0, {v})")
+
+    def reset(self):
+        self.state, self.last_logits, self.lengths = None, None, []
+
+    def prefill(self, prompt_ids) -> np.ndarray:
+        """Feed one prompt or a batch of prompts (any lengths) from the empty state.
+
+        Returns the last position's logits, (vocab,) for one prompt or (batch, vocab) for several.
+        """
+        prompts, single = _as_batch(prompt_ids)
+        for p in prompts:
+            self._check_ids(p)
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(i)
+        order, states, logits = [], [], []
+        for length, idx in by_len.items():
+            ids = np.array([prompts[i] for i in idx], dtype=np.int64)
+            out, st = self.runner.forward(ids, self.runner.zero_state(len(idx)))
+            order += idx
+            states.append(st)
+            logits.append(out[:, -1])
+        state = states[0] if len(states) == 1 else self.runner.concat(states)
+        last = np.concatenate(logits, 0)
+        if order != sorted(order):
+            inverse = list(np.argsort(order))
+            state, last = self.runner.take(state, inverse), last[inverse]
+        self.state, self.last_logits, self.lengths = state, last, [len(p) for p in prompts]
+        return last[0] if single else last
+
+    def step(self, tokens) -> np.ndarray:
+        """Feed one token per sequence; returns the new logits, (vocab,) or (batch, vocab)."""
+        if self.state is None:
+            raise SsmrtError("step() before prefill(): feed a prompt first")
+        single = np.ndim(tokens) == 0
+        toks = [int(tokens)] if single else [int(t) for t in tokens]
+        if len(toks) != self.batch_size:
+            raise SsmrtError(f"step() got {len(toks)} tokens for a batch of {self.batch_size}")
+        self._check_ids(toks)
+        out, self.state = self.runner.forward(np.array(toks, dtype=np.int64)[:, None], self.state)
+        self.last_logits = out[:, -1]
+        self.lengths = [n + 1 for n in self.lengths]
+        return self.last_logits[0] if single else self.last_logits
+
+    def snapshot(self) -> Snapshot:
+        if self.state is None:
+            raise SsmrtError("nothing to snapshot: prefill first")
+        return Snapshot(self.runner.copy(self.state), self.last_logits.copy(), list(self.lengths))
+
+    def restore(self, snap: Snapshot, fork: int = 1):
+        """Continue from a snapshot; fork > 1 repeats every sequence that many times (a shared prefix)."""
+        if fork < 1:
+            raise SsmrtError(f"fork must be >= 1, got {fork}")
+        index = [i for i in range(len(snap.lengths)) for _ in range(fork)]
+        self.state = self.runner.take(snap.state, index) if fork > 1 else self.runner.copy(snap.state)
+        self.last_logits = snap.last_logits[index]
+        self.lengths = [snap.lengths[i] for i in index]
+
+    # ------------------------------------------------------------------------------------ generation
+
+    def stream(
+        self,
+        prompt_ids=None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_ids: Sequence[int] = (),
+    ) -> Iterator:
+        """Yield the new tokens one step at a time: an int for one prompt, a list (None once a sequence has
+        stopped) for a batch. prompt_ids=None continues from the current state."""
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens < 0:
+            raise SsmrtError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        single = prompt_ids is not None and not isinstance(prompt_ids[0], (list, tuple, np.ndarray))
+        if prompt_ids is not None:
+            self.prefill(prompt_ids)
+        elif self.state is None:
+            raise SsmrtError("nothing to continue from: give prompt_ids")
+        else:
+            single = self.batch_size == 1
+        vocab = self.config.vocab_size
+        # One generator per sequence, each from the same seed: a sequence samples the same in any batch.
+        rngs = [np.random.default_rng(seed) for _ in range(self.batch_size)]
+        stops = {int(s) for s in stop_ids}
+        done = [False] * self.batch_size
+        last = [0] * self.batch_size
+        for n in range(max_new_tokens):
+            new = []
+            for i in range(self.batch_size):
+                if done[i]:
+                    new.append(None)
+                    continue
+                tok = sample(self.last_logits[i, :vocab], temperature, top_k, top_p, rngs[i])
+                last[i] = tok
+                done[i] = tok in stops
+                new.append(tok)
+            yield new[0] if single else new
+            if all(done) or n == max_new_tokens - 1:
+                break
+            self.step(last)
+
+    def generate(self, prompt_ids=None, max_new_tokens: int = 32, **kwargs):
+        """The new token ids: a list for one prompt, a list of lists for a batch (stop ids included)."""
+        outs: list[list[int]] | None = None
+        for new in self.stream(prompt_ids, max_new_tokens, **kwargs):
+            row = [new] if not isinstance(new, list) else new
+            if outs is None:
+                outs = [[] for _ in row]
+            for o, t in zip(outs, row, strict=True):
+                if t is not None:
+                    o.append(t)
+        outs = outs if outs is not None else [[] for _ in range(self.batch_size)]
+        single = prompt_ids is not None and not isinstance(prompt_ids[0], (list, tuple, np.ndarray))
+        return outs[0] if single or (prompt_ids is None and self.batch_size == 1) else outs
