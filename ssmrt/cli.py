@@ -1,13 +1,17 @@
-"""The `ssmrt` command line. Heavy imports (torch, onnx, tensorrt) happen inside the commands."""
+"""The `ssmrt` command line. Heavy imports (torch, onnx, onnxruntime) happen inside the commands."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import click
 
 from .errors import SsmrtError
+
+EXIT_USER_ERROR = 2
+EXIT_MISMATCH = 1
 
 
 class _Group(click.Group):
@@ -20,7 +24,7 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
             click.echo(f"ssmrt: error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(EXIT_USER_ERROR)
 
 
 @click.group(cls=_Group)
@@ -32,11 +36,245 @@ def main(ctx, verbose):
     ctx.obj = {"verbose": verbose}
 
 
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise SsmrtError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise SsmrtError("--prompt-ids is empty")
+    return ids
+
+
+def _prompt(path, prompt, prompt_ids):
+    """(token ids, tokenizer or None) from --prompt TEXT or --prompt-ids."""
+    from .runtime.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    if prompt is not None and prompt_ids is not None:
+        raise SsmrtError("give --prompt or --prompt-ids, not both")
+    if prompt_ids is not None:
+        return _parse_ids(prompt_ids), tok
+    if prompt is None:
+        raise SsmrtError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if tok is None:
+        raise SsmrtError(f"{path}: has no tokenizer.json, so --prompt TEXT cannot be encoded; use --prompt-ids")
+    ids = tok.encode(prompt)
+    if not ids:
+        raise SsmrtError("--prompt encodes to no tokens")
+    return ids, tok
+
+
+def _runner_options(threads, provider):
+    return {"threads": threads, "provider": provider}
+
+
+# -------------------------------------------------------------------------------------------- export
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Directory for model.onnx (+ external data) and the tokenizer files.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Weights and activations (A, D, dt biases stay float32).")
+@click.option("--state-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="The SSM state's dtype.")
+@click.option("--opset", type=int, default=21, show_default=True)
+@click.option("--logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="Logits for every position, or only the last (smaller prefill output).")
+def export(model_dir, out_dir, dtype, state_dtype, opset, logits):
+    """Export MODEL_DIR (HF or mamba_ssm checkpoint) to ONNX with ssmrt::* ops."""
+    from .exporter import export as do_export
+
+    out = do_export(model_dir, out_dir, dtype=dtype, state_dtype=state_dtype, opset=opset, logits=logits)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    click.echo(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="Text, encoded with the model's tokenizer.json.")
+@click.option("--prompt-ids", default=None, help="Comma-separated token ids.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default=None,
+              help="Default: onnxruntime for an artifact, torch for a checkpoint directory.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 is off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop-ids", default=None, help="Comma-separated ids that end generation (default: eos).")
+@click.option("--stream", is_flag=True, help="Print tokens as they come.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top_k, top_p, seed, stop_ids, stream,
+             as_json, threads, provider):
+    """Generate from an artifact (ssmrt export) or a checkpoint directory."""
+    from .runtime import Session, runner_from_path
+
+    ids, tok = _prompt(path, prompt, prompt_ids)
+    runner = runner_from_path(path, backend, **(_runner_options(threads, provider) if _is_artifact(path) else {}))
+    stops = _parse_ids(stop_ids) if stop_ids else ([runner.config.eos_token_id]
+                                                   if runner.config.eos_token_id is not None else [])
+    session = Session(runner)
+    kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stops)
+    new: list[int] = []
+    if stream and not as_json:
+        shown = ""
+        if tok is not None:
+            click.echo(tok.decode(ids), nl=False)
+        for t in session.stream(ids, max_new_tokens, **kwargs):
+            new.append(t)
+            if tok is None:
+                click.echo(f"{t} ", nl=False)
+                continue
+            text = tok.decode(new)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                click.echo(text[len(shown):], nl=False)
+                shown = text
+        click.echo()
+        return
+    new = session.generate(ids, max_new_tokens, **kwargs)
+    if as_json:
+        out = {"backend": runner.describe(), "prompt_ids": ids, "generated_ids": new}
+        if tok is not None:
+            out["text"] = tok.decode(new)
+            out["prompt"] = tok.decode(ids)
+        click.echo(json.dumps(out))
+    elif tok is not None:
+        click.echo(tok.decode(ids) + tok.decode(new))
+    else:
+        click.echo(" ".join(map(str, new)))
+
+
+def _is_artifact(path) -> bool:
+    from .runtime import is_artifact
+
+    return is_artifact(path)
+
+
+# ------------------------------------------------------------------------------------------- compare
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default=None,
+              help="How to run ARTIFACT (default: onnxruntime for model.onnx).")
+@click.option("--steps", type=int, default=16, show_default=True, help="Teacher-forced decode steps.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Tolerance row to use (default: the artifact's dtype).")
+@click.option("--atol", type=float, default=None)
+@click.option("--rtol", type=float, default=None)
+@click.option("--prompt", default=None)
+@click.option("--prompt-ids", default=None)
+@click.option("--prompt-len", type=int, default=16, show_default=True,
+              help="Length of a random prompt (seed 0) when none is given.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--threads", type=int, default=0)
+def compare(model_dir, artifact, backend, steps, dtype, atol, rtol, prompt, prompt_ids, prompt_len, as_json, threads):
+    """Parity of ARTIFACT against the fp32 reference of MODEL_DIR; exit 1 outside tolerance."""
+    import numpy as np
+
+    from .compare import compare_runners
+    from .runtime import TorchRunnerFromCheckpoint, runner_from_path
+
+    if steps < 0:
+        raise SsmrtError(f"--steps must be >= 0, got {steps}")
+    reference = TorchRunnerFromCheckpoint(model_dir)
+    opts = {"threads": threads} if _is_artifact(artifact) else {}
+    candidate = runner_from_path(artifact, backend, **opts)
+    if candidate.config.to_dict() | {"source": ""} != reference.config.to_dict() | {"source": ""}:
+        raise SsmrtError(f"{artifact}: its config differs from {model_dir}'s; compare an artifact with its own model")
+    if prompt is None and prompt_ids is None:
+        if prompt_len < 1:
+            raise SsmrtError(f"--prompt-len must be >= 1, got {prompt_len}")
+        ids = np.random.default_rng(0).integers(0, reference.config.vocab_size, prompt_len).tolist()
+    else:
+        ids, _ = _prompt(model_dir, prompt, prompt_ids)
+    report = compare_runners(reference, candidate, ids, steps, atol, rtol, dtype)
+    click.echo(json.dumps(report.to_dict()) if as_json else report.format())
+    sys.exit(0 if report.passed else EXIT_MISMATCH)
+
+
+# ------------------------------------------------------------------------------------------- inspect
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(artifact, as_json):
+    """Ops, inputs/outputs, state sizes and config of an exported artifact."""
+    from .inspect import inspect_artifact
+
+    info = inspect_artifact(artifact)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    cfg = info["config"]
+    click.echo(f"{info['path']}: {cfg['arch']}, {cfg['n_layer']} layers, d_model {cfg['d_model']}, "
+               f"vocab {cfg['vocab_size']} ({info['export']['dtype']}, state {info['export']['state_dtype']}, "
+               f"logits {info['export']['logits']}, opset {info['export']['opset']})")
+    click.echo(f"parameters: {info['parameters']:,}  nodes: {info['nodes']}")
+    click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
+    click.echo(f"fallback functions: {', '.join(info['functions'])}")
+    click.echo("inputs:")
+    for t in info["inputs"][:3]:
+        click.echo(f"  {t['name']}: {t['dtype']} {t['shape']}")
+    click.echo("  ..." if len(info["inputs"]) > 3 else "", nl=len(info["inputs"]) > 3)
+    click.echo("outputs:")
+    for t in info["outputs"][:3]:
+        click.echo(f"  {t['name']}: {t['dtype']} {t['shape']}")
+    click.echo("  ..." if len(info["outputs"]) > 3 else "", nl=len(info["outputs"]) > 3)
+    click.echo(f"state per sequence: {info['state_bytes_per_sequence'] / 1024:.1f} KiB "
+               f"({info['state_layers']} layers x conv {info['conv_state_shape']} + ssm {info['ssm_state_shape']})")
+
+
+# --------------------------------------------------------------------------------------------- bench
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default=None)
+@click.option("--prompt-len", type=int, default=512, show_default=True)
+@click.option("--decode-steps", type=int, default=64, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True, help="Prefill runs; the median counts.")
+@click.option("--threads", type=int, default=0)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(path, backend, prompt_len, decode_steps, batch, repeat, threads, provider, as_json):
+    """Prefill tokens/s and decode ms/token of an artifact or checkpoint."""
+    from .bench import bench_runner
+    from .runtime import runner_from_path
+
+    for name, v in (("--prompt-len", prompt_len), ("--decode-steps", decode_steps), ("--batch", batch),
+                    ("--repeat", repeat)):
+        if v < 1:
+            raise SsmrtError(f"{name} must be >= 1, got {v}")
+    opts = _runner_options(threads, provider) if _is_artifact(path) else {}
+    runner = runner_from_path(path, backend, **opts)
+    res = bench_runner(runner, prompt_len, decode_steps, batch, repeat, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"{res['backend']}: prefill {prompt_len} tokens x batch {batch}: "
+                   f"{res['prefill_tokens_per_s']:.1f} tokens/s; decode: {res['decode_ms_per_token']:.2f} ms/token "
+                   f"(median of {decode_steps} steps)")
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="A checkpoint directory to use instead of training the demo model.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
-              help="Where the trained model and artifacts go.")
+              help="Where the trained model and the artifact go.")
 @click.option("--train-seconds", type=float, default=60.0, show_default=True,
               help="How long to train the byte-level demo model (reused if already trained).")
 @click.option("--prompt", default="class Parser:\n    def ", show_default=True)
@@ -45,26 +283,12 @@ def main(ctx, verbose):
 @click.option("--top-k", type=int, default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(model_dir, workdir, train_seconds, prompt, max_new_tokens, temperature, top_k, seed):
-    """Train (or load) a small model and generate from it with the reference model."""
-    from . import load_model
-    from .demo import decode_bytes, encode_bytes, generate, train_char_model
+    """The whole pipeline on CPU: model -> export -> generate on ONNX Runtime -> compare report."""
+    from .demo import run_demo
 
-    if model_dir is None:
-        model_dir = workdir / "char-mamba2"
-        if not (model_dir / "config.json").is_file():
-            click.echo(f"Training a byte-level Mamba-2 on the standard library's source for {train_seconds:.0f}s")
-            train_char_model(model_dir, seconds=train_seconds, log=click.echo)
-    click.echo(f"Loading {model_dir}")
-    model = load_model(model_dir)
-    cfg = model.config
-    byte_level = cfg.vocab_size == 256
-    ids = encode_bytes(prompt) if byte_level else [cfg.bos_token_id or 0]
-    new = generate(model, ids, max_new_tokens, temperature, top_k, seed)
-    how = "greedy" if temperature <= 0 else f"temperature {temperature}, top-k {top_k}, seed {seed}"
-    click.echo(f"{cfg.arch}, {cfg.n_layer} layers, d_model {cfg.d_model}; {how}, {max_new_tokens} new tokens:")
-    click.echo("-" * 60)
-    click.echo(prompt + decode_bytes(new) if byte_level else " ".join(map(str, ids + new)))
-    click.echo("-" * 60)
+    ok = run_demo(model_dir, workdir, train_seconds, prompt, max_new_tokens, temperature, top_k, seed,
+                  log=click.echo)
+    sys.exit(0 if ok else EXIT_MISMATCH)
 
 
 if __name__ == "__main__":

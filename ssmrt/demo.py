@@ -74,6 +74,7 @@ def train_char_model(out_dir, seconds: float = 60.0, arch: str = "mamba2", seed:
     data = torch.frombuffer(bytearray(stdlib_corpus()), dtype=torch.uint8).long()
     model = MambaLM(char_model_config(arch))
     _init_ssm_params(model, seed)
+    torch.nn.init.normal_(model.backbone.embeddings.weight, std=0.02)  # tied: also the output projection
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     rng = random.Random(seed)
     seqlen, batch = 128, 16
@@ -93,35 +94,45 @@ def train_char_model(out_dir, seconds: float = 60.0, arch: str = "mamba2", seed:
             log(f"  step {step:4d}  loss {loss_avg:.3f} nats/byte  ({time.monotonic() - start:.0f}s)")
     log(f"  trained {step} steps in {time.monotonic() - start:.0f}s, final loss {loss_avg:.3f} nats/byte")
     model.eval()
-    return save_model(model, out_dir, layout="hf")
+    from .runtime.tokenizer import TOKENIZER_FILE, byte_level_tokenizer_json
+
+    return save_model(model, out_dir, layout="hf", extra_files={TOKENIZER_FILE: byte_level_tokenizer_json()})
 
 
-def encode_bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
+def run_demo(model_dir, workdir, train_seconds=60.0, prompt="class Parser:\n    def ", max_new_tokens=160,
+             temperature=0.8, top_k=20, seed=0, log=print) -> bool:
+    """Model -> export -> generate on ONNX Runtime -> compare with the reference. Returns the parity verdict."""
+    from pathlib import Path
 
+    from .compare import compare_runners
+    from .exporter import export
+    from .runtime import OnnxRuntimeRunnerFromArtifact, Session, TorchRunnerFromCheckpoint
+    from .runtime.tokenizer import load_tokenizer
 
-def decode_bytes(ids: list[int]) -> str:
-    return bytes(i for i in ids if 0 <= i < BYTE_VOCAB).decode("utf-8", errors="replace")
-
-
-def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             seed: int = 0) -> list[int]:
-    """Prefill the prompt, then one token at a time carrying the state. temperature 0 is greedy."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        logits, state = model(torch.tensor([prompt_ids]))
-        out = []
-        for _ in range(max_new_tokens):
-            last = logits[0, -1, : model.config.vocab_size].float()
-            if temperature <= 0:
-                nxt = int(last.argmax())
-            else:
-                if top_k:
-                    kth = torch.topk(last, min(top_k, last.numel())).values[-1]
-                    last = last.masked_fill(last < kth, -float("inf"))
-                nxt = int(torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=gen))
-            out.append(nxt)
-            logits, state = model(torch.tensor([[nxt]]), state)
-    return out
+    workdir = Path(workdir)
+    if model_dir is None:
+        model_dir = workdir / "char-mamba2"
+        if not (model_dir / "config.json").is_file():
+            log(f"[1/4] training a byte-level Mamba-2 on the standard library's source for {train_seconds:.0f}s")
+            train_char_model(model_dir, seconds=train_seconds, log=log)
+        else:
+            log(f"[1/4] reusing {model_dir}")
+    else:
+        log(f"[1/4] model: {model_dir}")
+    artifact = workdir / "artifact"
+    log(f"[2/4] exporting to {artifact}")
+    export(model_dir, artifact)
+    runner = OnnxRuntimeRunnerFromArtifact(artifact)
+    cfg = runner.config
+    tok = load_tokenizer(artifact)
+    ids = tok.encode(prompt) if tok is not None else [cfg.bos_token_id or 0]
+    how = "greedy" if temperature <= 0 else f"temperature {temperature}, top-k {top_k}, seed {seed}"
+    log(f"[3/4] generating on {runner.describe()}: {cfg.arch}, {cfg.n_layer} layers, d_model {cfg.d_model}; {how}")
+    new = Session(runner).generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    log("-" * 72)
+    log(tok.decode(ids + new) if tok is not None else " ".join(map(str, ids + new)))
+    log("-" * 72)
+    log("[4/4] parity of the artifact against the PyTorch reference (prefill, then teacher-forced steps)")
+    report = compare_runners(TorchRunnerFromCheckpoint(model_dir), runner, ids, steps=16)
+    log(report.format())
+    return report.passed

@@ -22,9 +22,10 @@ class Diff:
                 f"(would pass with atol {self.atol_needed:.3e} at the rtol given, or rtol {self.rtol_needed:.3e})")
 
 
-def diff(actual: torch.Tensor, expected: torch.Tensor, atol: float = 0.0, rtol: float = 0.0) -> Diff:
-    a = actual.detach().double().cpu()
-    e = expected.detach().double().cpu()
+def diff(actual, expected, atol: float = 0.0, rtol: float = 0.0) -> Diff:
+    """actual, expected: torch tensors or numpy arrays of the same shape."""
+    a = torch.as_tensor(actual).detach().double().cpu()
+    e = torch.as_tensor(expected).detach().double().cpu()
     if a.shape != e.shape:
         raise AssertionError(f"shape {tuple(a.shape)} != expected {tuple(e.shape)}")
     if a.numel() == 0:

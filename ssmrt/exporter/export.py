@@ -8,6 +8,7 @@ The model's config and the state specs go into metadata_props, so a runtime need
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -163,6 +164,8 @@ def export_model(
     L = torch.export.Dim("seqlen", min=1)
     dynamic = ({0: B, 1: L}, tuple({0: B} for _ in states))  # forward(input_ids, *states)
 
+    # the exporter logs a warning per torchvision op it cannot register; torchvision is not ours to need
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), dispatch.override(
         causal_conv1d=_conv_symbolic, selective_scan=_selective_symbolic, ssd_scan=_ssd_symbolic
     ):

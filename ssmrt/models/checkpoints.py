@@ -423,9 +423,15 @@ def _mamba_ssm_config(config: SSMConfig) -> dict:
     }
 
 
-def save_model(model, out_dir: str | os.PathLike, layout: str = "hf") -> Path:
+def save_model(
+    model,
+    out_dir: str | os.PathLike,
+    layout: str = "hf",
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write model (a MambaLM) as a checkpoint directory: layout "hf" (config.json + model.safetensors) or
-    "mamba_ssm" (its config.json + pytorch_model.bin). Written to a temporary directory, then renamed."""
+    "mamba_ssm" (its config.json + pytorch_model.bin), plus extra_files (name -> text, e.g. a tokenizer).
+    Written to a temporary directory, then renamed."""
     import torch
     from safetensors.torch import save_file
 
@@ -445,6 +451,8 @@ def save_model(model, out_dir: str | os.PathLike, layout: str = "hf") -> Path:
             save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
             torch.save(_to_mamba_ssm_names(sd), tmp / "pytorch_model.bin")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -83,19 +83,22 @@ SSD_SCAN = OpSpec(
 
 OPS = {op.name: op for op in (CAUSAL_CONV1D, SELECTIVE_SCAN, SSD_SCAN)}
 
-# (atol, rtol) for comparing an implementation with its reference, by the dtype of the activations.
-# float64 is the references' own witness; the others are what a kernel or backend must meet.
-TOLERANCES: dict[str, tuple[float, float]] = {
-    "float64": (1e-10, 1e-10),
-    "float32": (1e-4, 1e-4),
-    "float16": (3e-3, 5e-3),
-    "bfloat16": (3e-2, 5e-2),
+# (atol, rtol) by the dtype of the activations, for two scopes:
+# - "op": one op / kernel against its reference on the same inputs;
+# - "model": a whole model's logits and states (a backend or artifact against the fp32 reference), where
+#   low precision compounds over layers and time steps.
+# float64 is the references' own witness.
+TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
+    "float64": {"op": (1e-10, 1e-10), "model": (1e-8, 1e-8)},
+    "float32": {"op": (1e-4, 1e-4), "model": (1e-4, 1e-4)},
+    "float16": {"op": (3e-3, 5e-3), "model": (5e-2, 5e-2)},
+    "bfloat16": {"op": (3e-2, 5e-2), "model": (2.5e-1, 1e-1)},
 }
 
 
-def tolerance(dtype) -> tuple[float, float]:
-    """(atol, rtol) for a torch dtype or a dtype name."""
+def tolerance(dtype, scope: str = "op") -> tuple[float, float]:
+    """(atol, rtol) for a torch dtype or a dtype name, scope "op" or "model"."""
     name = str(dtype).removeprefix("torch.")
     if name not in TOLERANCES:
         raise KeyError(f"no tolerance for dtype {name!r}; known: {sorted(TOLERANCES)}")
-    return TOLERANCES[name]
+    return TOLERANCES[name][scope]

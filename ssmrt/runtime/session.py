@@ -69,7 +69,7 @@ class Session:
         for i, p in enumerate(prompts):
             by_len.setdefault(len(p), []).append(i)
         order, states, logits = [], [], []
-        for length, idx in by_len.items():
+        for idx in by_len.values():
             ids = np.array([prompts[i] for i in idx], dtype=np.int64)
             out, st = self.runner.forward(ids, self.runner.zero_state(len(idx)))
             order += idx
