@@ -13,7 +13,7 @@ def inspect_artifact(path) -> dict:
     import numpy as np
     import onnx
 
-    from .exporter.export import META_CONFIG, META_EXPORT, META_STATES, MODEL_FILE
+    from .exporter.torch_to_onnx import META_CONFIG, META_EXPORT, META_STATES, MODEL_FILE
 
     p = Path(path)
     f = p / MODEL_FILE if p.is_dir() else p

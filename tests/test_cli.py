@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -37,13 +38,99 @@ def test_help_is_light():
     assert res.exit_code == 0 and "demo" in res.output
 
 
-def test_demo_with_a_given_model(tmp_path):
-    d = save_hf(hf_model("mamba2", **HF_CONFIGS[4][2]), tmp_path / "m")
-    res = CliRunner().invoke(main, ["demo", "--model", str(d), "--max-new-tokens", "5", "--temperature", "0"])
-    print(res.output)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Mamba-2 checkpoint with a byte-level tokenizer, and its artifact (via the CLI)."""
+    from ssmrt.runtime.tokenizer import byte_level_tokenizer_json
+
+    root = tmp_path_factory.mktemp("cli")
+    import transformers
+
+    hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(vocab_size=256, **HF_CONFIGS[4][2])).eval()
+    ckpt = save_hf(hf, root / "ckpt")
+    (ckpt / "tokenizer.json").write_text(byte_level_tokenizer_json())
+    res = run(["export", str(ckpt), "-o", str(root / "art")])
     assert res.exit_code == 0, res.output
-    generated = res.output.split("-" * 60)[1].split()
-    assert len(generated) == 1 + 5 and all(t.isdigit() for t in generated)
+    assert "model.onnx" in res.output and "tokenizer.json" in res.output
+    return ckpt, root / "art"
+
+
+def run(args):
+    res = CliRunner().invoke(main, args)
+    print(res.output)
+    return res
+
+
+def test_generate_text_json_and_ids(tiny):
+    ckpt, art = tiny
+    res = run(["generate", str(art), "--prompt", "def f(", "--max-new-tokens", "8", "--json"])
+    assert res.exit_code == 0
+    out = json.loads(res.output)
+    assert len(out["generated_ids"]) == 8 and all(isinstance(t, int) for t in out["generated_ids"])
+    assert out["text"] == bytes(out["generated_ids"]).decode("utf-8", errors="replace")
+    assert out["prompt_ids"] == list(b"def f(")
+    # the checkpoint on torch gives the same tokens
+    res_t = run(["generate", str(ckpt), "--prompt-ids", ",".join(map(str, b"def f(")), "--max-new-tokens", "8",
+                 "--json"])
+    assert json.loads(res_t.output)["generated_ids"] == out["generated_ids"]
+    res_s = run(["generate", str(art), "--prompt", "def f(", "--max-new-tokens", "8", "--stream"])
+    assert res_s.exit_code == 0 and res_s.output.startswith("def f(")
+    res_p = run(["generate", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--temperature", "0.8",
+                 "--top-k", "10", "--top-p", "0.9", "--seed", "3", "--json"])
+    assert len(json.loads(res_p.output)["generated_ids"]) == 4
+
+
+def test_compare_passes_and_fails(tiny):
+    ckpt, art = tiny
+    res = run(["compare", str(ckpt), str(art), "--steps", "4", "--json"])
+    assert res.exit_code == 0
+    rep = json.loads(res.output)
+    assert rep["passed"] and len(rep["steps"]) == 5 and rep["atol_needed"] < 1e-4
+    res = run(["compare", str(ckpt), str(art), "--steps", "2", "--atol", "1e-12", "--rtol", "0"])
+    assert res.exit_code == 1
+    assert "FAILED" in res.output and "would have passed" in res.output
+
+
+def test_inspect_and_bench(tiny):
+    _, art = tiny
+    res = run(["inspect", str(art), "--json"])
+    info = json.loads(res.output)
+    assert info["ops"]["ssmrt::SSDScan"] == 2 and info["ops"]["ssmrt::CausalConv1d"] == 2
+    assert info["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seqlen"]}
+    assert run(["inspect", str(art)]).exit_code == 0
+    res = run(["bench", str(art), "--prompt-len", "16", "--decode-steps", "4", "--repeat", "1", "--json"])
+    b = json.loads(res.output)
+    assert b["decode_ms_per_token"] > 0 and b["prefill_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["generate", "{tmp}/missing", "--prompt-ids", "1"], "no such file or directory"),
+    (["generate", "{art}", "--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
+    (["generate", "{art}", "--prompt-ids", "1", "--prompt", "a"], "not both"),
+    (["generate", "{art}", "--prompt-ids", "999"], "outside the vocabulary"),
+    (["generate", "{art}", "--prompt-ids", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["generate", "{art}", "--prompt-ids", "1", "--backend", "torch"], "is an ONNX artifact"),
+    (["generate", "{ckpt}", "--prompt-ids", "1", "--backend", "onnxruntime"], "export it first"),
+    (["export", "{ckpt}", "-o", "{ckpt}"], "not an earlier ssmrt export"),
+    (["export", "{tmp}/missing", "-o", "{tmp}/out"], "no such directory"),
+    (["inspect", "{ckpt}"], "model.onnx: not found"),
+    (["compare", "{ckpt}", "{tmp}/missing"], "no such file or directory"),
+    (["bench", "{art}", "--decode-steps", "0"], "--decode-steps must be >= 1"),
+])
+def test_user_errors(tiny, tmp_path, args, fragment):
+    ckpt, art = tiny
+    args = [a.format(tmp=tmp_path, art=art, ckpt=ckpt) for a in args]
+    res = run(args)
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ssmrt: error: ") and fragment in lines[0], lines
+    assert "Traceback" not in res.output
+
+
+def test_generate_text_without_tokenizer(tmp_path):
+    d = save_hf(hf_model("mamba2", **HF_CONFIGS[4][2]), tmp_path / "m")
+    res = run(["generate", str(d), "--prompt", "hello"])
+    assert res.exit_code == 2 and "has no tokenizer.json" in res.output
 
 
 def test_user_error_is_one_line_exit_2(tmp_path):
@@ -64,7 +151,9 @@ def test_readme_demo_command(tmp_path):
                          timeout=600)
     print(res.stdout, res.stderr)
     assert res.returncode == 0
-    assert "trained" in res.stdout and "class Parser:" in res.stdout
+    for fragment in ("trained", "exporting", "onnxruntime", "class Parser:", "PASSED"):
+        assert fragment in res.stdout
     assert (tmp_path / "char-mamba2" / "model.safetensors").is_file()
-    # nothing half-written beside the checkpoint
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["char-mamba2"]
+    assert (tmp_path / "artifact" / "model.onnx").is_file() and (tmp_path / "artifact" / "tokenizer.json").is_file()
+    # nothing half-written beside them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact", "char-mamba2"]

@@ -120,7 +120,7 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, path, provider: str = "auto", threads: int = 0, opt_level: str = "all"):
         import onnxruntime as ort
 
-        from ..exporter.export import META_CONFIG, META_EXPORT, META_STATES
+        from ..exporter.torch_to_onnx import META_CONFIG, META_EXPORT, META_STATES
 
         self.path = Path(path)
         levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -147,7 +147,11 @@ class OnnxRuntimeRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as e:
-            raise SsmrtError(f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+            why = str(e).splitlines()[0]
+            if "Could not find an implementation" in why and _export_info(self.path).get("dtype") == "bfloat16":
+                why = (f"this bfloat16 artifact needs bfloat16 kernels, which {', '.join(providers)} lacks; "
+                       "run it with the CUDA provider or TensorRT, or export float16/float32")
+            raise SsmrtError(f"{self.path}: ONNX Runtime cannot load it ({why})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if META_CONFIG not in meta:
             raise SsmrtError(f"{self.path}: not an ssmrt export (no '{META_CONFIG}' metadata)")
@@ -173,6 +177,15 @@ class OnnxRuntimeRunner(Runner):
 
     def describe(self) -> str:
         return f"onnxruntime ({self.dtype}, {self.providers[0]})"
+
+
+def _export_info(path) -> dict:
+    import onnx
+
+    from ..exporter.torch_to_onnx import META_EXPORT
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return json.loads(meta.get(META_EXPORT, "{}"))
 
 
 def _numpy_dtype(name: str, path) -> np.dtype:

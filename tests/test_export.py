@@ -1,0 +1,275 @@
+"""ONNX export + ONNX Runtime runtime against the reference: parity, structure, determinism, Session."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hf_models import HF_CONFIGS, VOCAB, hf_model, save_hf
+
+import ssmrt
+from ssmrt import SsmrtError
+from ssmrt.compare import compare_runners
+from ssmrt.exporter import export, export_model
+from ssmrt.exporter import torch_to_onnx as export_mod
+from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, Session, TorchRunnerFromCheckpoint
+from ssmrt.testing import assert_close
+
+pytest.importorskip("transformers")
+
+FAMILIES = {
+    "mamba1": HF_CONFIGS[0],
+    "falcon_mamba": HF_CONFIGS[2],
+    "mamba2-g1": HF_CONFIGS[4],
+    "mamba2-g2": HF_CONFIGS[6],
+    "mamba2-g2-limit": HF_CONFIGS[5],
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """family -> (checkpoint dir, artifact dir, hf model), exported once per module."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            fam, _, kw = FAMILIES[family]
+            root = tmp_path_factory.mktemp(family)
+            hf = hf_model(fam, **kw)
+            ckpt = save_hf(hf, root / "ckpt")
+            cache[family] = (ckpt, export(ckpt, root / "artifact"), hf)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prefill_then_32_steps_match_reference(family, exported):
+    ckpt, art, _ = exported(family)
+    ref, cand = TorchRunnerFromCheckpoint(ckpt), OnnxRuntimeRunnerFromArtifact(art)
+    prompt = np.random.default_rng(1).integers(0, VOCAB, 11).tolist()
+    report = compare_runners(ref, cand, prompt, steps=32, atol=1e-4, rtol=1e-4)
+    print(report.format())
+    assert len(report.steps) == 33 and len(report.states) == 2 * ref.config.n_layer
+    assert report.passed
+    assert all(s.top1 == 1.0 for s in report.steps)
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2-g2"])
+def test_batched_prefill_from_a_given_state(family, exported):
+    """One graph serves prefill from zero, prefill from a state (L > 1) and decode (L = 1), any batch."""
+    ckpt, art, _ = exported(family)
+    ref, cand = TorchRunnerFromCheckpoint(ckpt), OnnxRuntimeRunnerFromArtifact(art)
+    ids = np.random.default_rng(2).integers(0, VOCAB, (3, 20))
+    sr, sc = ref.zero_state(3), cand.zero_state(3)
+    for sl in (slice(0, 7), slice(7, 8), slice(8, 20)):
+        lr, sr = ref.forward(ids[:, sl], sr)
+        lc, sc = cand.forward(ids[:, sl], sc)
+        assert_close(lc, lr, atol=1e-4, rtol=1e-4, name=f"logits {sl}")
+        for a, e in zip(cand.to_numpy(sc), ref.to_numpy(sr), strict=True):
+            assert_close(a, e, atol=1e-4, rtol=1e-4, name="state")
+
+
+@pytest.mark.parametrize("family", ["mamba1", "falcon_mamba", "mamba2-g1", "mamba2-g2"])
+def test_greedy_generation_matches_reference_and_hf(family, exported):
+    ckpt, art, hf = exported(family)
+    prompt = np.random.default_rng(3).integers(0, VOCAB, 6).tolist()
+    ours = Session(OnnxRuntimeRunnerFromArtifact(art)).generate(prompt, 24)
+    ref = Session(TorchRunnerFromCheckpoint(ckpt)).generate(prompt, 24)
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    hf_new = out[0, len(prompt):].tolist()
+    print("ours", ours, "\nref ", ref, "\nhf  ", hf_new)
+    assert ours == ref == hf_new
+
+
+def test_graph_structure(exported):
+    ckpt, art, _ = exported("mamba2-g2")
+    m = onnx.load(art / "model.onnx")
+    onnx.checker.check_model(m, full_check=True)
+    cfg = ssmrt.models.load_config(ckpt)
+    custom = [n for n in m.graph.node if n.domain == "ssmrt"]
+    assert sorted(n.op_type for n in custom) == sorted(["CausalConv1d", "SSDScan"] * cfg.n_layer)
+    for n in custom:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["plugin_namespace"] == b"ssmrt" and attrs["plugin_version"] == b"1"
+        if n.op_type == "SSDScan":
+            assert attrs["chunk_size"] == cfg.chunk_size and attrs["dt_softplus"] == 1
+    assert not any(n.op_type in ("Loop", "Scan") for n in m.graph.node)
+    assert {f.name for f in m.functions} == {"CausalConv1d", "SelectiveScan", "SSDScan"}
+    names_in = [i.name for i in m.graph.input]
+    names_out = [o.name for o in m.graph.output]
+    assert names_in[0] == "input_ids" and names_out[0] == "logits"
+    assert names_in[1:3] == ["conv_state.0", "ssm_state.0"]
+    assert names_out[1:3] == ["present_conv_state.0", "present_ssm_state.0"]
+    assert not set(names_in) & set(names_out)
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert ssmrt.models.SSMConfig.from_dict(json.loads(meta["ssmrt.config"])).to_dict() == cfg.to_dict()
+    dims = [d.dim_param for d in m.graph.input[0].type.tensor_type.shape.dim]
+    assert all(dims), f"input_ids dims must be symbolic, got {dims}"
+
+
+def test_export_is_deterministic(exported, tmp_path):
+    ckpt, art, _ = exported("mamba1")
+    again = export(ckpt, tmp_path / "again")
+    assert (again / "model.onnx").read_bytes() == (art / "model.onnx").read_bytes()
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        types[vi.name] = vi.type.tensor_type.elem_type
+    for t in inferred.graph.initializer:
+        types[t.name] = t.data_type
+    return types
+
+
+@pytest.mark.parametrize("dtype,onnx_type", [("float16", onnx.TensorProto.FLOAT16),
+                                             ("bfloat16", onnx.TensorProto.BFLOAT16)])
+@pytest.mark.parametrize("family", ["mamba1", "mamba2-g2"])
+def test_low_precision_export_structure(dtype, onnx_type, family, exported, tmp_path):
+    ckpt, _, _ = exported(family)
+    art = export(ckpt, tmp_path / dtype, dtype=dtype)
+    m = onnx.load(art / "model.onnx")
+    onnx.checker.check_model(m, full_check=True)
+    io = {v.name: v.type.tensor_type.elem_type for v in [*m.graph.input, *m.graph.output]}
+    F32 = onnx.TensorProto.FLOAT
+    for name, t in io.items():
+        want = (onnx.TensorProto.INT64 if name == "input_ids" else F32 if "ssm_state" in name else onnx_type)
+        name_of = onnx.TensorProto.DataType.Name
+        assert t == want, f"{name}: {name_of(t)}, expected {name_of(want)}"
+    types = _value_types(m)
+    for n in (n for n in m.graph.node if n.domain == "ssmrt" and n.op_type != "CausalConv1d"):
+        fp32_inputs = ("A", "D", "delta_bias", "ssm_state") if n.op_type == "SelectiveScan" else (
+            "A", "D", "dt_bias", "ssm_state")
+        spec = ssmrt.ops.OPS[n.op_type]
+        for tspec, name in zip(spec.inputs, n.input, strict=True):
+            if tspec.name in fp32_inputs:
+                assert types[name] == F32, f"{n.op_type}.{tspec.name} ({name}) is not float32"
+            elif tspec.name in ("u", "x", "delta", "dt", "B", "C", "z"):
+                assert types[name] == onnx_type, f"{n.op_type}.{tspec.name} ({name}) is not {dtype}"
+    if dtype == "float16":
+        ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
+    elif "CUDAExecutionProvider" in ort.get_available_providers():
+        ort.InferenceSession(str(art / "model.onnx"), providers=["CUDAExecutionProvider"])
+    else:  # ONNX Runtime's CPU provider has no bfloat16 MatMul: the runner says so in one line
+        with pytest.raises(SsmrtError, match="bfloat16 artifact needs bfloat16 kernels"):
+            OnnxRuntimeRunnerFromArtifact(art, provider="cpu")
+
+
+def test_float16_artifact_runs_within_model_tolerance(exported, tmp_path):
+    ckpt, _, _ = exported("mamba2-g1")
+    art = export(ckpt, tmp_path / "fp16", dtype="float16")
+    report = compare_runners(TorchRunnerFromCheckpoint(ckpt), OnnxRuntimeRunnerFromArtifact(art),
+                             list(range(1, 9)), steps=8)
+    print(report.format())
+    assert report.dtype == "float16" and report.passed
+
+
+def test_logits_last_and_external_data(exported, tmp_path, monkeypatch):
+    ckpt, _, _ = exported("mamba2-g1")
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 0)
+    art = export(ckpt, tmp_path / "last", logits="last")
+    assert (art / "model.onnx.data").is_file()
+    runner = OnnxRuntimeRunnerFromArtifact(art)
+    logits, _ = runner.forward(np.array([[1, 2, 3, 4]]), runner.zero_state(1))
+    ref = TorchRunnerFromCheckpoint(ckpt)
+    full, _ = ref.forward(np.array([[1, 2, 3, 4]]), ref.zero_state(1))
+    assert logits.shape == (1, 1, VOCAB)
+    assert_close(logits[:, 0], full[:, -1], atol=1e-4, rtol=1e-4, name="last logits")
+
+
+def test_tokenizer_files_are_copied(tmp_path):
+    from ssmrt.runtime.tokenizer import byte_level_tokenizer_json, load_tokenizer
+
+    ckpt = save_hf(hf_model("mamba", **HF_CONFIGS[0][2]), tmp_path / "ckpt")
+    (ckpt / "tokenizer.json").write_text(byte_level_tokenizer_json())
+    art = export(ckpt, tmp_path / "art")
+    assert load_tokenizer(art).encode("ab") == [97, 98]
+
+
+def test_export_errors(exported, tmp_path):
+    ckpt, _, _ = exported("mamba1")
+    model = ssmrt.load_model(ckpt)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    with pytest.raises(SsmrtError, match="not an earlier ssmrt export"):
+        export_model(model, tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(SsmrtError, match="--dtype must be one of"):
+        export_model(model, tmp_path / "x", dtype="int8")
+    with pytest.raises(SsmrtError, match="--opset must be 19 or newer"):
+        export_model(model, tmp_path / "x", opset=17)
+    assert not (tmp_path / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # nothing half-written
+
+
+# ------------------------------------------------------------------------------------------- Session
+
+
+def test_mixed_length_batch_equals_each_alone(exported):
+    _, art, _ = exported("mamba2-g2")
+    session = Session(OnnxRuntimeRunnerFromArtifact(art))
+    prompts = [[5, 6, 7, 8, 9], [3], [10, 11, 12], [5, 6, 7, 8, 9, 1, 2]]
+    for kwargs in ({}, {"temperature": 0.9, "top_k": 20, "seed": 7}):
+        batch = session.generate(prompts, 12, **kwargs)
+        alone = [session.generate(p, 12, **kwargs) for p in prompts]
+        print(batch, alone)
+        assert batch == alone
+
+
+def test_snapshot_restore_and_fork(exported):
+    _, art, _ = exported("mamba1")
+    session = Session(OnnxRuntimeRunnerFromArtifact(art))
+    prefix = [4, 8, 15, 16, 23, 42]
+    session.prefill(prefix)
+    snap = session.snapshot()
+    first = session.generate(None, 10)
+    session.restore(snap)
+    assert session.generate(None, 10) == first
+    session.restore(snap, fork=3)
+    forks = session.generate(None, 10, temperature=1.0, seed=0)
+    assert len(forks) == 3 and forks[0] == forks[1] == forks[2]  # same seed per sequence
+    assert session.generate(prefix, 10) == first  # a fresh prefill gives the same continuation
+
+
+def test_sampling_reproducible_with_seed(exported):
+    _, art, _ = exported("mamba2-g1")
+    session = Session(OnnxRuntimeRunnerFromArtifact(art))
+    kw = dict(temperature=1.2, top_k=50, top_p=0.95)
+    a = session.generate([1, 2, 3], 20, seed=123, **kw)
+    b = session.generate([1, 2, 3], 20, seed=123, **kw)
+    c = session.generate([1, 2, 3], 20, seed=124, **kw)
+    assert a == b and a != c
+
+
+def test_stream_and_stop_ids(exported):
+    _, art, _ = exported("mamba2-g1")
+    session = Session(OnnxRuntimeRunnerFromArtifact(art))
+    full = session.generate([1, 2, 3], 15)
+    assert list(session.stream([1, 2, 3], 15)) == full
+    stop = full[4]
+    stopped = session.generate([1, 2, 3], 15, stop_ids=[stop])
+    assert stopped == full[: full.index(stop) + 1]
+
+
+def test_session_errors(exported):
+    _, art, _ = exported("mamba2-g1")
+    session = Session(OnnxRuntimeRunnerFromArtifact(art))
+    with pytest.raises(SsmrtError, match="before prefill"):
+        session.step(1)
+    with pytest.raises(SsmrtError, match="outside the vocabulary"):
+        session.prefill([1, VOCAB + 5])
+    with pytest.raises(SsmrtError, match="empty"):
+        session.prefill([])
+    session.prefill([[1, 2], [3]])
+    with pytest.raises(SsmrtError, match="2 tokens for a batch of 2|got 1 tokens for a batch of 2"):
+        session.step([1])
+    with pytest.raises(SsmrtError, match="--top-p"):
+        session.generate([1], 3, temperature=1.0, top_p=0.0)

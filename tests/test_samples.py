@@ -1,0 +1,18 @@
+"""The samples run as written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_python_api_sample(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "samples" / "python_api.py"), "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    print(res.stdout, res.stderr[-3000:])
+    assert res.returncode == 0
+    for fragment in ("loaded", "exported to", "greedy:", "batch of mixed lengths:", "forked:", "PASSED"):
+        assert fragment in res.stdout
