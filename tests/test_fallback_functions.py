@@ -12,7 +12,7 @@ import torch
 from onnx import helper
 from test_ops import conv_inputs, selective_inputs, ssd_inputs
 
-from ssmrt.exporter.functions import SCAN_CHUNK, all_functions
+from ssmrt.exporter.functions import SCAN_CHUNK, SSD_CHUNK, all_functions
 from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
 from ssmrt.ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
 from ssmrt.testing import assert_close
@@ -21,7 +21,7 @@ OPSET = 21
 ONNX_TYPE = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16}
 
 
-def run_node(spec, inputs: dict, attrs: dict, n_outputs=2):
+def run_node(spec, inputs: dict, attrs: dict, n_outputs=2, conv_width=None):
     """Build a model with one `spec` node over `inputs` (torch tensors) and run it on ONNX Runtime."""
     names = [t.name for t in spec.inputs]
     vis = [helper.make_tensor_value_info(k, ONNX_TYPE[v.dtype], [f"{k}_{i}" for i in range(v.dim())])
@@ -33,7 +33,7 @@ def run_node(spec, inputs: dict, attrs: dict, n_outputs=2):
                             domain=DOMAIN, plugin_namespace="ssmrt", plugin_version="1", **attrs)
     graph = helper.make_graph([node], "g", vis, outs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-                              functions=all_functions(OPSET))
+                              functions=all_functions(OPSET, conv_width))
     onnx.checker.check_model(model, full_check=True)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     res = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
@@ -42,11 +42,12 @@ def run_node(spec, inputs: dict, attrs: dict, n_outputs=2):
 
 @pytest.mark.parametrize("batch,seqlen,dim,width", [(1, 1, 8, 4), (2, 7, 13, 4), (3, 2, 5, 4), (2, 33, 24, 3)])
 @pytest.mark.parametrize("activation", ["silu", "none"])
-def test_causal_conv1d_body(batch, seqlen, dim, width, activation):
+@pytest.mark.parametrize("specialised", [False, True])
+def test_causal_conv1d_body(batch, seqlen, dim, width, activation, specialised):
     kw = conv_inputs(batch, seqlen, dim, width)
     kw["activation"] = activation
     y, s = run_node(CAUSAL_CONV1D, {k: kw[k] for k in ("x", "weight", "bias", "conv_state")},
-                    {"activation": activation})
+                    {"activation": activation}, conv_width=width if specialised else None)
     y_ref, s_ref = causal_conv1d_ref(**kw)
     assert_close(y, y_ref, name="conv y")
     assert_close(s, s_ref, name="conv state")
@@ -75,7 +76,7 @@ def test_selective_scan_body_no_softplus():
     assert_close(s, s_ref, name="selective state")
 
 
-@pytest.mark.parametrize("seqlen,chunk_size", [(1, 8), (2, 8), (7, 8), (8, 8), (21, 8), (50, 16), (13, 256)])
+@pytest.mark.parametrize("seqlen,chunk_size", [(1, 8), (2, 8), (7, 8), (21, 8), (50, 16), (13, 256), (64, 64), (150, 256)])
 @pytest.mark.parametrize("ngroups,D_per_channel", [(1, False), (2, True)])
 @pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.05, 0.3)])
 def test_ssd_scan_body(seqlen, chunk_size, ngroups, D_per_channel, dt_limit):
@@ -87,6 +88,18 @@ def test_ssd_scan_body(seqlen, chunk_size, ngroups, D_per_channel, dt_limit):
     y_ref, s_ref = ssd_scan_ref(**kw)
     assert_close(y, y_ref, name="ssd y")
     assert_close(s, s_ref, name="ssd state")
+
+
+def test_ssd_body_many_chunks_long_sequence():
+    """Several fallback chunks and a partial last one, with large decays: the inter-chunk segsum path."""
+    seqlen = 3 * SSD_CHUNK + 5
+    kw = ssd_inputs(1, seqlen, 4, 8, 16, ngroups=2, chunk_size=256)
+    kw["dt"] = kw["dt"] + 2.0  # dt ~ 2: the state decays strongly across chunks
+    ins = {k: kw[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias", "ssm_state")}
+    y, s = run_node(SSD_SCAN, ins, {"chunk_size": 256, "dt_softplus": 1, "dt_min": 0.0, "dt_max": math.inf})
+    y_ref, s_ref = ssd_scan_ref(**kw)
+    assert_close(y, y_ref, name="ssd long y")
+    assert_close(s, s_ref, name="ssd long state")
 
 
 def test_fp16_activations_keep_fp32_state():

@@ -8,7 +8,7 @@ to plugins instead. The math is the ops/ references', in float32 whatever the ac
   whose body computes the chunk's discretisation and unrolls its recurrence, so the (chunk, dim, dstate)
   working set stays in cache and nothing of size (L, dim, dstate) is ever written.
 - SSDScan: decode is one step; prefill is the chunked matmul form (Mamba-2 paper, listing 1) with a chunk of
-  min(chunk_size, L), the inter-chunk recurrence done as one masked-decay matmul: no Loop or Scan at all.
+  min(SSD_CHUNK, L), the inter-chunk recurrence done as one masked-decay matmul: no Loop or Scan at all.
 
 The exporter always supplies every input (zeros / ones for what a model lacks), so the bodies need no
 presence tests. Attributes are read through Constant nodes with ref_attr_name.
@@ -26,6 +26,9 @@ from ..ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
 # Tokens per Scan iteration in the Mamba-1 prefill body: long enough that the Scan runs L/16 iterations,
 # short enough that a chunk's (16, dim, dstate) decay and input tensors stay in cache.
 SCAN_CHUNK = 16
+# The SSD result does not depend on the chunk length; the fallback picks its own. The (l, l) intra-chunk
+# tensors grow with it, the (chunks, chunks) inter-chunk decay with its inverse: 64 balances them on CPU.
+SSD_CHUNK = 64
 PLUGIN_ATTRS = ("plugin_namespace", "plugin_version")
 MIN_OPSET = 19  # Equal on strings (the activation attribute)
 
@@ -110,26 +113,34 @@ def _function(spec, nodes, inputs, outputs, opset: int) -> onnx.FunctionProto:
 # ---------------------------------------------------------------------------------------- CausalConv1d
 
 
-def causal_conv1d_function(opset: int) -> onnx.FunctionProto:
+def causal_conv1d_function(opset: int, width: int | None = None) -> onnx.FunctionProto:
+    """width: the kernel width when every node of the model shares it (an export knows it); the body then
+    unrolls it into `width` shifted multiply-adds. Without it, one Gather builds the windows."""
     b = Builder()
     x, w, bias, state = (s.name for s in CAUSAL_CONV1D.inputs)
-    xs = b.op("Concat", b.f32(state), b.op("Transpose", b.f32(x), perm=[0, 2, 1]), axis=2)  # (B, C, K-1+L)
-    # windows[b, c, t, k] = xs[b, c, t + k]
-    L, K = b.dim(x, 1), b.dim(w, 1)
-    zero, one = b.const(0, np.int64), b.const(1, np.int64)
-    t = b.op("Range", zero, b.squeeze(L, 0), one)
-    k = b.op("Range", zero, b.squeeze(K, 0), one)
-    idx = b.op("Add", b.unsqueeze(t, 1), b.unsqueeze(k, 0))  # (L, K)
-    windows = b.op("Gather", xs, idx, axis=2)  # (B, C, L, K)
-    y = b.op("MatMul", windows, b.unsqueeze(b.f32(w), 2))  # (C, K, 1) -> (B, C, L, 1)
-    y = b.op("Add", b.squeeze(y, 3), b.unsqueeze(b.f32(bias), 1))
+    xs = b.op("Concat", b.op("Transpose", b.f32(state), perm=[0, 2, 1]), b.f32(x), axis=1)  # (B, K-1+L, C)
+    L = b.dim(x, 1)
+    wt = b.op("Transpose", b.f32(w), perm=[1, 0])  # (K, C)
+    if width is not None:
+        y = None
+        for k in range(width):  # y_t += w[:, k] * x_{t - (K-1) + k}
+            shifted = b.op("Slice", xs, b.ints(k), b.op("Add", L, b.ints(k)), b.ints(1))
+            term = b.op("Mul", shifted, b.op("Gather", wt, b.const(k, np.int64), axis=0))
+            y = term if y is None else b.op("Add", y, term)
+    else:
+        zero, one = b.const(0, np.int64), b.const(1, np.int64)
+        t = b.op("Range", zero, b.squeeze(L, 0), one)
+        k = b.op("Range", zero, b.squeeze(b.dim(w, 1), 0), one)
+        idx = b.op("Add", b.unsqueeze(t, 1), b.unsqueeze(k, 0))  # (L, K): windows[t, k] = xs[t + k]
+        windows = b.op("Gather", xs, idx, axis=1)  # (B, L, K, C)
+        y = b.op("ReduceSum", b.op("Mul", windows, wt), b.ints(2), keepdims=0)
+    y = b.op("Add", y, b.f32(bias))
     is_silu = b.op("Equal", b.attr("activation", onnx.AttributeProto.STRING), b.const("silu", object))
     y = b.op("Where", is_silu, b.silu(y), y)
-    y_out = b.op("CastLike", b.op("Transpose", y, perm=[0, 2, 1]), x, hint="y")
+    y_out = b.op("CastLike", y, x, hint="y")
     # the new state is the last K-1 inputs
-    start = b.op("Sub", b.dim(xs, 2), b.dim(state, 2))
-    new_state = b.op("Slice", xs, start, b.ints(np.iinfo(np.int64).max), b.ints(2))
-    s_out = b.op("CastLike", new_state, state, hint="present_conv_state")
+    tail = b.op("Slice", xs, L, b.ints(np.iinfo(np.int64).max), b.ints(1))
+    s_out = b.op("CastLike", b.op("Transpose", tail, perm=[0, 2, 1]), state, hint="present_conv_state")
     return _function(CAUSAL_CONV1D, b.nodes, [s.name for s in CAUSAL_CONV1D.inputs], [y_out, s_out], opset)
 
 
@@ -150,22 +161,25 @@ def selective_scan_function(opset: int) -> onnx.FunctionProto:
     uf = b.op("Reshape", b.f32(u), grouped)
     Ag = b.op("Reshape", b.f32(A), b.concat(G, Dg, N))  # (G, Dg, N)
     Bf, Cf = b.f32(Bm), b.f32(Cm)  # (B, L, G, N)
-    h0 = b.op("Reshape", b.f32(state), b.concat(batch, G, Dg, N))
+    h0 = b.op("Reshape", b.f32(state), b.concat(batch, b.ints(1), G, Dg, N))  # the time axis kept, size 1
     dtu = b.op("Mul", dt, uf)
 
-    def step(sb: Builder, dt_t, dtu_t, B_t, C_t, h):
-        """One token: dt_t, dtu_t (B, G, Dg); B_t, C_t (B, G, N); h (B, G, Dg, N)."""
-        dA = sb.op("Exp", sb.op("Mul", sb.unsqueeze(dt_t, 3), Ag))
-        h = sb.op("Add", sb.op("Mul", dA, h), sb.op("Mul", sb.unsqueeze(dtu_t, 3), sb.unsqueeze(B_t, 2)))
-        y = sb.op("ReduceSum", sb.op("Mul", h, sb.unsqueeze(C_t, 2)), sb.ints(3), keepdims=0)
-        return y, h
+    def discretise(sb: Builder, dt_, dtu_, B_, C_):
+        """(B, T, G, Dg) x2, (B, T, G, N) x2 -> dA, dBu (B, T, G, Dg, N) and C (B, T, G, 1, N)."""
+        dA = sb.op("Exp", sb.op("Mul", sb.unsqueeze(dt_, 4), Ag))
+        dBu = sb.op("Mul", sb.unsqueeze(dtu_, 4), sb.unsqueeze(B_, 3))
+        return dA, dBu, sb.unsqueeze(C_, 3)
+
+    def step(sb: Builder, dA_t, dBu_t, C_t, h):
+        """One token, all (B, 1, G, Dg, N): h = dA h + dBu ; y = <h, C> (B, 1, G, Dg)."""
+        h = sb.op("Add", sb.op("Mul", dA_t, h), dBu_t)
+        return sb.op("ReduceSum", sb.op("Mul", h, C_t), sb.ints(4), keepdims=0), h
 
     # decode: L == 1
     tb = Builder("dec_")
-    y1, h1 = step(tb, *(tb.squeeze(t, 1) for t in (dt, dtu, Bf, Cf)), h0)
-    y1 = tb.op("Identity", tb.unsqueeze(y1, 1), hint="y")
-    h1 = tb.op("Identity", h1, hint="h")
-    then_graph = tb.graph("selective_scan_step", [(y1, 4), (h1, 4)])
+    y1, h1 = step(tb, *discretise(tb, dt, dtu, Bf, Cf), h0)
+    then_graph = tb.graph("selective_scan_step", [(tb.op("Identity", y1, hint="y"), 4),
+                                                  (tb.op("Identity", h1, hint="h"), 5)])
 
     # prefill: pad to whole chunks (dt = 0 there: decay 1, no input), Scan over chunks
     eb = Builder("pre_")
@@ -173,28 +187,30 @@ def selective_scan_function(opset: int) -> onnx.FunctionProto:
     pad = eb.op("Mod", eb.op("Sub", T, eb.op("Mod", L, T)), T)
     nc = eb.op("Div", eb.op("Add", L, pad), T)
 
-    def chunked(t, inner):
-        padded = eb.op("Pad", t, eb.op("Concat", eb.ints(0, 0), eb.ints(0), pad, axis=0), "", eb.ints(0, 1))
+    def chunked(x, inner):
+        padded = eb.op("Pad", x, eb.op("Concat", eb.ints(0, 0), eb.ints(0), pad, axis=0), "", eb.ints(0, 1))
         return eb.op("Reshape", padded, eb.concat(batch, nc, T, *inner))
 
     scan_in = [chunked(dt, (G, Dg)), chunked(dtu, (G, Dg)), chunked(Bf, (G, N)), chunked(Cf, (G, N))]
 
+    # The body discretises its chunk in bulk, then unrolls the recurrence with four ops per token.
     body = Builder("body_")
     h_in = "h_in"
     ins = ["dt_c", "dtu_c", "B_c", "C_c"]  # (B, T, G, *)
-    parts = [body.op("Split", t, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK) for t in ins]
+    parts = [body.op("Split", t, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK)
+             for t in discretise(body, *ins)]
     h, ys = h_in, []
     for j in range(SCAN_CHUNK):
-        y_j, h = step(body, *(body.squeeze(p[j], 1) for p in parts), h)
-        ys.append(body.unsqueeze(y_j, 1))
+        y_j, h = step(body, parts[0][j], parts[1][j], parts[2][j], h)
+        ys.append(y_j)
     h_out = body.op("Identity", h, hint="h_out")
     y_chunk = body.op("Concat", *ys, axis=1, hint="y_chunk")  # (B, T, G, Dg)
     body_graph = helper.make_graph(
         body.nodes,
         "selective_scan_chunk",
-        [helper.make_tensor_value_info(h_in, TensorProto.FLOAT, ["b", "g", "dg", "n"])]
+        [helper.make_tensor_value_info(h_in, TensorProto.FLOAT, ["b", "one", "g", "dg", "n"])]
         + [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "t", "g", f"{n}_d"]) for n in ins],
-        [helper.make_tensor_value_info(h_out, TensorProto.FLOAT, ["b", "g", "dg", "n"]),
+        [helper.make_tensor_value_info(h_out, TensorProto.FLOAT, ["b", "one", "g", "dg", "n"]),
          helper.make_tensor_value_info(y_chunk, TensorProto.FLOAT, ["b", "t", "g", "dg"])],
     )
     h_fin, y_chunks = eb.op("Scan", h0, *scan_in, outputs=2, body=body_graph, num_scan_inputs=4,
@@ -202,7 +218,7 @@ def selective_scan_function(opset: int) -> onnx.FunctionProto:
     y_all = eb.op("Reshape", y_chunks, eb.concat(batch, eb.op("Mul", nc, T), G, Dg))
     y_pre = eb.op("Slice", y_all, eb.ints(0), L, eb.ints(1), hint="y")
     h_pre = eb.op("Identity", h_fin, hint="h")
-    else_graph = eb.graph("selective_scan_prefill", [(y_pre, 4), (h_pre, 4)])
+    else_graph = eb.graph("selective_scan_prefill", [(y_pre, 4), (h_pre, 5)])
 
     is_step = b.squeeze(b.op("Equal", L, b.ints(1)), 0)
     y, h = b.op("If", is_step, outputs=2, then_branch=then_graph, else_branch=else_graph)
@@ -261,10 +277,9 @@ def ssd_scan_function(opset: int) -> onnx.FunctionProto:
     y1 = tb.unsqueeze(tb.squeeze(tb.op("MatMul", h1, tb.unsqueeze(C1, 3)), 3), 1)  # (B, 1, H, P)
     then_graph = tb.graph("ssd_step", [(tb.op("Identity", y1, hint="y"), 4), (tb.op("Identity", h1, hint="h"), 4)])
 
-    # prefill: chunks of cs = min(chunk_size, L), the last padded with dt = 0 (decay 1, no input)
+    # prefill: chunks of cs = min(SSD_CHUNK, L), the last padded with dt = 0 (decay 1, no input)
     eb = Builder("pre_")
-    cs = eb.op("Min", eb.unsqueeze(eb.op("Cast", eb.attr("chunk_size", onnx.AttributeProto.INT),
-                                         to=TensorProto.INT64), 0), L)
+    cs = eb.op("Min", eb.ints(SSD_CHUNK), L)
     pad = eb.op("Mod", eb.op("Sub", cs, eb.op("Mod", L, cs)), cs)
     nc = eb.op("Div", eb.op("Add", L, pad), cs)
 
@@ -278,8 +293,12 @@ def ssd_scan_function(opset: int) -> onnx.FunctionProto:
     ac = eb.op("Transpose", chunked(a, (H,)), perm=[0, 1, 3, 2])  # (B, c, H, l)
     acum = eb.op("CumSum", ac, eb.const(-1, np.int64))
 
-    # 1. within chunks: Y_diag = (C B^T o exp(segsum(a))) X
-    Lmask = eb.op("Exp", _segsum(eb, ac, cs))  # (B, c, H, l, s)
+    # 1. within chunks: Y_diag = (C B^T o exp(acum_l - acum_s) [s <= l]) X; a difference of cumsums is exact
+    #    enough over one short chunk (the kernels do the same), the masked segsum is kept for the long axis
+    ones = eb.op("ConstantOfShape", eb.concat(cs, cs), value=numpy_helper.from_array(np.ones(1, np.float32)))
+    causal = eb.op("Cast", eb.op("Trilu", ones, upper=0), to=TensorProto.BOOL)
+    diff = eb.op("Sub", eb.unsqueeze(acum, 4), eb.unsqueeze(acum, 3))  # (B, c, H, l, s)
+    Lmask = eb.op("Exp", eb.op("Where", causal, diff, eb.const(-np.inf)))
     scores = eb.op("MatMul", Cc, eb.op("Transpose", Bc, perm=[0, 1, 2, 4, 3]))
     Y_diag = eb.op("MatMul", eb.op("Mul", scores, Lmask), Xc)  # (B, c, H, l, P)
 
@@ -322,7 +341,8 @@ def ssd_scan_function(opset: int) -> onnx.FunctionProto:
     return _function(SSD_SCAN, b.nodes, [s.name for s in SSD_SCAN.inputs], [y_out, s_out], opset)
 
 
-def all_functions(opset: int) -> list[onnx.FunctionProto]:
+def all_functions(opset: int, conv_width: int | None = None) -> list[onnx.FunctionProto]:
+    """The three bodies; conv_width specialises CausalConv1d to the model's kernel width."""
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old for the fallback bodies; use {MIN_OPSET} or newer")
-    return [causal_conv1d_function(opset), selective_scan_function(opset), ssd_scan_function(opset)]
+    return [causal_conv1d_function(opset, conv_width), selective_scan_function(opset), ssd_scan_function(opset)]

@@ -179,7 +179,7 @@ def export_model(
         except Exception as e:  # the exporter's own errors are long; keep the first line
             raise SsmrtError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
     proto = program.model_proto
-    proto.functions.extend(all_functions(opset))
+    proto.functions.extend(all_functions(opset, conv_width=cfg.d_conv))
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
     proto.producer_name = "ssmrt"

@@ -1,0 +1,176 @@
+"""CPU benchmark: ssmrt on ONNX Runtime vs HF transformers eager, with the floors measured in the same run.
+
+    python benchmarks/cpu_onnxruntime.py [--arch mamba1 mamba2] [--prompt-len 512] [--decode-steps 32] [--json OUT]
+
+130M-class configs with random weights (d_model 768, 24 layers, vocab 50280; Mamba-1 d_state 16; Mamba-2
+24 heads of 64, d_state 128), batch 1, float32. Reported:
+- decode ms/token: ssmrt (ONNX Runtime) and HF eager, and the floor = weight bytes / memory bandwidth
+  (a large array copy timed in this run);
+- prefill tokens/s at --prompt-len: both, and the floor = matmul FLOPs / GEMM rate (an fp32 GEMM of the
+  model's own shapes timed in this run).
+Every number is a ratio to something measured in the same process, never a bare time from elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def timed(fn, repeat: int) -> float:
+    """Median wall time of fn() over `repeat` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 29) -> float:
+    """Bytes per second moved (read + write) by a large numpy copy."""
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    t = timed(lambda: np.copyto(dst, src), 5)
+    return 2 * nbytes / t
+
+
+def gemm_rate(m: int, k: int, n: int) -> float:
+    """fp32 FLOP/s of an (m, k) @ (k, n) matmul, the best of torch and numpy."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    t_torch = timed(lambda: torch.mm(a, b), 5)
+    an, bn = a.numpy(), b.numpy()
+    t_np = timed(lambda: an @ bn, 5)
+    return 2 * m * k * n / min(t_torch, t_np)
+
+
+def hf_model(arch: str, layers: int):
+    import transformers
+
+    common = dict(hidden_size=768, num_hidden_layers=layers, vocab_size=50280)
+    if arch == "mamba1":
+        cfg = transformers.MambaConfig(state_size=16, **common)
+        model = transformers.MambaForCausalLM(cfg)
+    else:
+        cfg = transformers.Mamba2Config(state_size=128, num_heads=24, head_dim=64, n_groups=1, chunk_size=256,
+                                        tie_word_embeddings=True, **common)
+        model = transformers.Mamba2ForCausalLM(cfg)
+    return model.eval()
+
+
+def matmul_weight_shapes(model) -> list[tuple[int, int]]:
+    """(in, out) of every Linear the forward runs per token (lm_head included, embedding lookup not)."""
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repeat: int, workdir: Path) -> dict:
+    from ssmrt.exporter import export
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    torch.manual_seed(0)
+    hf = hf_model(arch, layers)
+    ckpt = workdir / f"{arch}-ckpt"
+    hf.save_pretrained(ckpt)
+    artifact = export(ckpt, workdir / f"{arch}-onnx")
+    runner = OnnxRuntimeRunnerFromArtifact(artifact, provider="cpu")
+
+    params = sum(p.numel() for p in hf.parameters())  # tied embeddings counted once
+    weight_bytes = 4 * params
+    shapes = matmul_weight_shapes(hf)
+    matmul_flops_per_token = sum(2 * i * o for i, o in shapes)
+
+    ids = np.random.default_rng(0).integers(0, 50280, (1, prompt_len), dtype=np.int64)
+    ids_t = torch.from_numpy(ids)
+
+    # prefill
+    ort_prefill = timed(lambda: runner.forward(ids, runner.zero_state(1)), repeat)
+    with torch.no_grad():
+        hf_prefill = timed(lambda: hf(ids_t, use_cache=False), repeat)
+
+    # decode, batch 1: ONNX Runtime steps after a short prefill
+    _, state = runner.forward(ids[:, :8], runner.zero_state(1))
+    tok = np.array([[1]], dtype=np.int64)
+    steps = []
+    for _ in range(decode_steps + 2):
+        t0 = time.perf_counter()
+        _, state = runner.forward(tok, state)
+        steps.append(time.perf_counter() - t0)
+    ort_decode = statistics.median(steps[2:])
+
+    # HF eager decode: generate(n + 1 tokens) - generate(1 token), per token
+    hf.generation_config.eos_token_id = None
+    prompt = ids_t[:, :8]
+
+    def gen(n):
+        with torch.no_grad():
+            hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    t1 = timed(lambda: gen(1), max(1, repeat // 2))
+    tn = timed(lambda: gen(decode_steps + 1), max(1, repeat // 2))
+    hf_decode = (tn - t1) / decode_steps
+
+    bw = copy_bandwidth()
+    gemm = gemm_rate(prompt_len, 768, 3072)
+    decode_floor = weight_bytes / bw
+    prefill_floor_s = matmul_flops_per_token * prompt_len / gemm
+    return {
+        "arch": arch,
+        "layers": layers,
+        "params": params,
+        "prompt_len": prompt_len,
+        "decode_ms": {"ssmrt_onnxruntime": 1e3 * ort_decode, "hf_eager": 1e3 * hf_decode,
+                      "floor": 1e3 * decode_floor},
+        "prefill_tokens_per_s": {"ssmrt_onnxruntime": prompt_len / ort_prefill, "hf_eager": prompt_len / hf_prefill,
+                                 "floor": prompt_len / prefill_floor_s},
+        "decode_speedup_vs_hf": hf_decode / ort_decode,
+        "decode_vs_floor": ort_decode / decode_floor,
+        "prefill_vs_floor": ort_prefill / prefill_floor_s,
+        "copy_bandwidth_GBps": bw / 1e9,
+        "gemm_GFLOPps": gemm / 1e9,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", nargs="+", default=["mamba1", "mamba2"], choices=["mamba1", "mamba2"])
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    import onnxruntime
+
+    env = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+           "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "torch_threads": torch.get_num_threads(),
+           "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(env))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.arch:
+            r = bench_arch(arch, args.layers, args.prompt_len, args.decode_steps, args.repeat, Path(tmp))
+            results.append(r)
+            d, p = r["decode_ms"], r["prefill_tokens_per_s"]
+            print(f"{arch}: {r['params'] / 1e6:.0f}M params; copy {r['copy_bandwidth_GBps']:.1f} GB/s, "
+                  f"GEMM {r['gemm_GFLOPps']:.0f} GFLOP/s")
+            print(f"  decode ms/token: ssmrt/ORT {d['ssmrt_onnxruntime']:.2f}, HF eager {d['hf_eager']:.2f}, "
+                  f"floor {d['floor']:.2f} -> {r['decode_speedup_vs_hf']:.2f}x faster than HF, "
+                  f"{r['decode_vs_floor']:.2f}x the floor")
+            print(f"  prefill tok/s at L={args.prompt_len}: ssmrt/ORT {p['ssmrt_onnxruntime']:.0f}, "
+                  f"HF eager {p['hf_eager']:.0f}, floor {p['floor']:.0f} -> {r['prefill_vs_floor']:.2f}x the floor")
+    if args.json:
+        args.json.write_text(json.dumps({"env": env, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
