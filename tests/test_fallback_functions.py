@@ -76,7 +76,8 @@ def test_selective_scan_body_no_softplus():
     assert_close(s, s_ref, name="selective state")
 
 
-@pytest.mark.parametrize("seqlen,chunk_size", [(1, 8), (2, 8), (7, 8), (21, 8), (50, 16), (13, 256), (64, 64), (150, 256)])
+@pytest.mark.parametrize("seqlen,chunk_size",
+                         [(1, 8), (2, 8), (7, 8), (21, 8), (50, 16), (13, 256), (64, 64), (150, 256)])
 @pytest.mark.parametrize("ngroups,D_per_channel", [(1, False), (2, True)])
 @pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.05, 0.3)])
 def test_ssd_scan_body(seqlen, chunk_size, ngroups, D_per_channel, dt_limit):
