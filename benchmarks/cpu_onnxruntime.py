@@ -92,12 +92,8 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
     ids = np.random.default_rng(0).integers(0, 50280, (1, prompt_len), dtype=np.int64)
     ids_t = torch.from_numpy(ids)
 
-    # prefill
+    # ONNX Runtime first: torch's OpenMP threads keep spinning after its own runs and would share the cores
     ort_prefill = timed(lambda: runner.forward(ids, runner.zero_state(1)), repeat)
-    with torch.no_grad():
-        hf_prefill = timed(lambda: hf(ids_t, use_cache=False), repeat)
-
-    # decode, batch 1: ONNX Runtime steps after a short prefill
     _, state = runner.forward(ids[:, :8], runner.zero_state(1))
     tok = np.array([[1]], dtype=np.int64)
     steps = []
@@ -106,6 +102,10 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
         _, state = runner.forward(tok, state)
         steps.append(time.perf_counter() - t0)
     ort_decode = statistics.median(steps[2:])
+    del runner
+
+    with torch.no_grad():
+        hf_prefill = timed(lambda: hf(ids_t, use_cache=False), repeat)
 
     # HF eager decode: generate(n + 1 tokens) - generate(1 token), per token
     hf.generation_config.eos_token_id = None

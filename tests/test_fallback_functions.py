@@ -21,8 +21,11 @@ OPSET = 21
 ONNX_TYPE = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16}
 
 
-def run_node(spec, inputs: dict, attrs: dict, n_outputs=2, conv_width=None):
-    """Build a model with one `spec` node over `inputs` (torch tensors) and run it on ONNX Runtime."""
+def run_node(spec, inputs: dict, attrs: dict, n_outputs=2, static=False):
+    """Build a model with one `spec` node over `inputs` (torch tensors) and run it on ONNX Runtime.
+
+    static: give the bodies every input's shape but batch and seqlen, as an export does.
+    """
     names = [t.name for t in spec.inputs]
     vis = [helper.make_tensor_value_info(k, ONNX_TYPE[v.dtype], [f"{k}_{i}" for i in range(v.dim())])
            for k, v in inputs.items()]
@@ -32,8 +35,14 @@ def run_node(spec, inputs: dict, attrs: dict, n_outputs=2, conv_width=None):
     node = helper.make_node(spec.name, [k if k in inputs else "" for k in names], [o.name for o in outs],
                             domain=DOMAIN, plugin_namespace="ssmrt", plugin_version="1", **attrs)
     graph = helper.make_graph([node], "g", vis, outs)
+    def dynamic(name, tensor, axis):
+        if name in ("conv_state", "ssm_state"):
+            return axis == 0
+        return tensor.dim() >= 3 and axis < 2
+
+    shapes = {k: tuple(None if dynamic(k, v, i) else d for i, d in enumerate(v.shape)) for k, v in inputs.items()}
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-                              functions=all_functions(OPSET, conv_width))
+                              functions=all_functions(OPSET, {spec.name: shapes} if static else None))
     onnx.checker.check_model(model, full_check=True)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     res = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
@@ -47,7 +56,7 @@ def test_causal_conv1d_body(batch, seqlen, dim, width, activation, specialised):
     kw = conv_inputs(batch, seqlen, dim, width)
     kw["activation"] = activation
     y, s = run_node(CAUSAL_CONV1D, {k: kw[k] for k in ("x", "weight", "bias", "conv_state")},
-                    {"activation": activation}, conv_width=width if specialised else None)
+                    {"activation": activation}, static=specialised)
     y_ref, s_ref = causal_conv1d_ref(**kw)
     assert_close(y, y_ref, name="conv y")
     assert_close(s, s_ref, name="conv state")
@@ -55,10 +64,11 @@ def test_causal_conv1d_body(batch, seqlen, dim, width, activation, specialised):
 
 @pytest.mark.parametrize("seqlen", [1, 2, 5, SCAN_CHUNK, SCAN_CHUNK + 1, 3 * SCAN_CHUNK - 1])
 @pytest.mark.parametrize("ngroups", [1, 2])
-def test_selective_scan_body(seqlen, ngroups):
+@pytest.mark.parametrize("static", [False, True])
+def test_selective_scan_body(seqlen, ngroups, static):
     kw = selective_inputs(2, seqlen, 6, 4, ngroups=ngroups)
     ins = {k: kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "ssm_state")}
-    y, s = run_node(SELECTIVE_SCAN, ins, {"delta_softplus": 1})
+    y, s = run_node(SELECTIVE_SCAN, ins, {"delta_softplus": 1}, static=static)
     y_ref, s_ref = selective_scan_ref(**kw)
     assert_close(y, y_ref, name="selective y")
     assert_close(s, s_ref, name="selective state")
@@ -80,12 +90,13 @@ def test_selective_scan_body_no_softplus():
                          [(1, 8), (2, 8), (7, 8), (21, 8), (50, 16), (13, 256), (64, 64), (150, 256)])
 @pytest.mark.parametrize("ngroups,D_per_channel", [(1, False), (2, True)])
 @pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.05, 0.3)])
-def test_ssd_scan_body(seqlen, chunk_size, ngroups, D_per_channel, dt_limit):
+@pytest.mark.parametrize("static", [False, True])
+def test_ssd_scan_body(seqlen, chunk_size, ngroups, D_per_channel, dt_limit, static):
     kw = ssd_inputs(2, seqlen, 4, 8, 16, ngroups=ngroups, D_per_channel=D_per_channel, dt_limit=dt_limit,
                     chunk_size=chunk_size)
     ins = {k: kw[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias", "ssm_state")}
     y, s = run_node(SSD_SCAN, ins, {"chunk_size": chunk_size, "dt_softplus": 1, "dt_min": dt_limit[0],
-                                    "dt_max": dt_limit[1]})
+                                    "dt_max": dt_limit[1]}, static=static)
     y_ref, s_ref = ssd_scan_ref(**kw)
     assert_close(y, y_ref, name="ssd y")
     assert_close(s, s_ref, name="ssd state")

@@ -33,13 +33,21 @@ PLUGIN_ATTRS = ("plugin_namespace", "plugin_version")
 MIN_OPSET = 19  # Equal on strings (the activation attribute)
 
 
-class Builder:
-    """Collects nodes with fresh value names; `op` returns the output name(s)."""
+StaticShapes = dict[str, tuple]  # input name -> shape, None where a dimension is dynamic
 
-    def __init__(self, prefix: str = ""):
+
+class Builder:
+    """Collects nodes with fresh value names; `op` returns the output name(s).
+
+    static: the function inputs' shapes where an export knows them (None for batch / seqlen); `dim` then
+    gives a constant that ONNX Runtime folds, instead of a Shape node evaluated on every call.
+    """
+
+    def __init__(self, prefix: str = "", static: StaticShapes | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self._prefix = prefix
         self._count = 0
+        self.static = static or {}
 
     def fresh(self, hint: str) -> str:
         self._count += 1
@@ -71,7 +79,10 @@ class Builder:
         return self.op("Cast", x, to=TensorProto.FLOAT)
 
     def dim(self, x: str, axis: int) -> str:
-        """Shape(x)[axis] as a 1-D int64 tensor of one element."""
+        """Shape(x)[axis] as a 1-D int64 tensor of one element (a constant when statically known)."""
+        known = self.static.get(x)
+        if known is not None and known[axis] is not None:
+            return self.ints(int(known[axis]))
         return self.op("Shape", x, start=axis, end=axis + 1)
 
     def unsqueeze(self, x: str, *axes: int) -> str:
@@ -113,11 +124,12 @@ def _function(spec, nodes, inputs, outputs, opset: int) -> onnx.FunctionProto:
 # ---------------------------------------------------------------------------------------- CausalConv1d
 
 
-def causal_conv1d_function(opset: int, width: int | None = None) -> onnx.FunctionProto:
-    """width: the kernel width when every node of the model shares it (an export knows it); the body then
-    unrolls it into `width` shifted multiply-adds. Without it, one Gather builds the windows."""
-    b = Builder()
+def causal_conv1d_function(opset: int, static: StaticShapes | None = None) -> onnx.FunctionProto:
+    """With the kernel width known (static["weight"]), the body unrolls it into shifted multiply-adds;
+    without it, one Gather builds the windows."""
+    b = Builder(static=static)
     x, w, bias, state = (s.name for s in CAUSAL_CONV1D.inputs)
+    width = b.static.get(w, (None, None))[1]
     xs = b.op("Concat", b.op("Transpose", b.f32(state), perm=[0, 2, 1]), b.f32(x), axis=1)  # (B, K-1+L, C)
     L = b.dim(x, 1)
     wt = b.op("Transpose", b.f32(w), perm=[1, 0])  # (K, C)
@@ -147,8 +159,8 @@ def causal_conv1d_function(opset: int, width: int | None = None) -> onnx.Functio
 # --------------------------------------------------------------------------------------- SelectiveScan
 
 
-def selective_scan_function(opset: int) -> onnx.FunctionProto:
-    b = Builder()
+def selective_scan_function(opset: int, static: StaticShapes | None = None) -> onnx.FunctionProto:
+    b = Builder(static=static)
     u, delta, A, Bm, Cm, D, z, delta_bias, state = (s.name for s in SELECTIVE_SCAN.inputs)
     # Channel d reads group d // (dim // ngroups): work in (.., ngroups, dim/ngroups, ..) so B, C broadcast.
     batch, L, dim = b.dim(u, 0), b.dim(u, 1), b.dim(u, 2)
@@ -222,11 +234,11 @@ def selective_scan_function(opset: int) -> onnx.FunctionProto:
 
     is_step = b.squeeze(b.op("Equal", L, b.ints(1)), 0)
     y, h = b.op("If", is_step, outputs=2, then_branch=then_graph, else_branch=else_graph)
-    y = b.op("Reshape", y, b.concat(batch, L, dim))
+    y = b.op("Reshape", y, b.ints(0, 0, -1))  # (B, L, G, Dg) -> (B, L, dim)
     y = b.op("Add", y, b.op("Mul", b.f32(u), b.f32(D)))
     y = b.op("Mul", y, b.silu(b.f32(z)))
     y_out = b.op("CastLike", y, u, hint="y")
-    s_out = b.op("CastLike", b.op("Reshape", h, b.op("Shape", state)), state, hint="present_ssm_state")
+    s_out = b.op("CastLike", b.op("Reshape", h, b.concat(batch, dim, N)), state, hint="present_ssm_state")
     return _function(SELECTIVE_SCAN, b.nodes, [s.name for s in SELECTIVE_SCAN.inputs], [y_out, s_out], opset)
 
 
@@ -246,8 +258,8 @@ def _segsum(b: Builder, a: str, T: str) -> str:
     return b.op("Where", lower, cs, b.const(-np.inf))
 
 
-def ssd_scan_function(opset: int) -> onnx.FunctionProto:
-    b = Builder()
+def ssd_scan_function(opset: int, static: StaticShapes | None = None) -> onnx.FunctionProto:
+    b = Builder(static=static)
     x, dt_in, A, Bm, Cm, D, dt_bias, state = (s.name for s in SSD_SCAN.inputs)
     batch, L, H, P = (b.dim(x, i) for i in range(4))
     G, N = b.dim(Bm, 2), b.dim(Bm, 3)
@@ -341,8 +353,14 @@ def ssd_scan_function(opset: int) -> onnx.FunctionProto:
     return _function(SSD_SCAN, b.nodes, [s.name for s in SSD_SCAN.inputs], [y_out, s_out], opset)
 
 
-def all_functions(opset: int, conv_width: int | None = None) -> list[onnx.FunctionProto]:
-    """The three bodies; conv_width specialises CausalConv1d to the model's kernel width."""
+def all_functions(opset: int, static: dict[str, StaticShapes] | None = None) -> list[onnx.FunctionProto]:
+    """The three bodies. static: op name -> its inputs' shapes as an export saw them at every node (None
+    where dynamic), which turns the bodies' shape arithmetic into constants."""
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old for the fallback bodies; use {MIN_OPSET} or newer")
-    return [causal_conv1d_function(opset, conv_width), selective_scan_function(opset), ssd_scan_function(opset)]
+    static = static or {}
+    return [
+        causal_conv1d_function(opset, static.get(CAUSAL_CONV1D.name)),
+        selective_scan_function(opset, static.get(SELECTIVE_SCAN.name)),
+        ssd_scan_function(opset, static.get(SSD_SCAN.name)),
+    ]

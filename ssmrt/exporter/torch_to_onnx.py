@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import SsmrtError
-from ..ops.spec import DOMAIN, OPSET_VERSION
+from ..ops.spec import DOMAIN, OPS, OPSET_VERSION
 from .functions import MIN_OPSET, all_functions
 
 MODEL_FILE = "model.onnx"
@@ -44,9 +44,32 @@ def state_names(n_layer: int) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------- symbolic op emission
 
 
+class _StaticShapes:
+    """Records each op's input shapes across its nodes; a dimension stays static only if it is an int that
+    every node agrees on (batch and seqlen are symbolic during export)."""
+
+    def __init__(self):
+        self.shapes: dict[str, dict[str, tuple]] = {}
+
+    def record(self, op_name: str, inputs):
+        spec = OPS[op_name]
+        seen = self.shapes.setdefault(op_name, {})
+        for tspec, t in zip(spec.inputs, inputs, strict=True):
+            shape = tuple(d if isinstance(d, int) else None for d in t.shape)
+            old = seen.get(tspec.name, shape)
+            if len(old) != len(shape):
+                shape = (None,) * len(shape)
+            seen[tspec.name] = tuple(a if a == b else None for a, b in zip(old, shape, strict=True))
+
+
+_recorder: _StaticShapes | None = None
+
+
 def _symbolic(op_name, inputs, attrs, like):
     import torch
 
+    if _recorder is not None:
+        _recorder.record(op_name, inputs)
     return torch.onnx.ops.symbolic_multi_out(
         f"{DOMAIN}::{op_name}",
         inputs,
@@ -166,6 +189,8 @@ def export_model(
 
     # the exporter logs a warning per torchvision op it cannot register; torchvision is not ours to need
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    global _recorder
+    _recorder = recorder = _StaticShapes()
     with warnings.catch_warnings(), dispatch.override(
         causal_conv1d=_conv_symbolic, selective_scan=_selective_symbolic, ssd_scan=_ssd_symbolic
     ):
@@ -178,8 +203,10 @@ def export_model(
             )
         except Exception as e:  # the exporter's own errors are long; keep the first line
             raise SsmrtError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
+        finally:
+            _recorder = None
     proto = program.model_proto
-    proto.functions.extend(all_functions(opset, conv_width=cfg.d_conv))
+    proto.functions.extend(all_functions(opset, recorder.shapes))
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
     proto.producer_name = "ssmrt"

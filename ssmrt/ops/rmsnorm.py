@@ -15,7 +15,8 @@ def rmsnorm_ref(
     """x: (..., dim); weight: (dim,) or None (FalconMamba's weightless norms). Returns x.dtype."""
     dtype = acc_dtype(x, weight)
     xf = x.to(dtype)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    # x / sqrt(.) rather than x * rsqrt(.): the exported pattern ONNX Runtime fuses into one RMSNorm kernel
+    y = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.to(dtype)
     return y.to(x.dtype)
