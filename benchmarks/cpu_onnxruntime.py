@@ -26,31 +26,32 @@ import numpy as np
 import torch
 
 
-def timed(fn, repeat: int) -> float:
-    """Median wall time of fn() over `repeat` runs, after one warm-up."""
+def timed(fn, repeat: int, best: bool = False) -> float:
+    """Wall time of fn() over `repeat` runs after one warm-up: the median, or the best for a floor (what the
+    machine can do when nothing disturbs it)."""
     fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times) if best else statistics.median(times)
 
 
 def copy_bandwidth(nbytes: int = 1 << 29) -> float:
     """Bytes per second moved (read + write) by a large numpy copy."""
     src = np.ones(nbytes // 4, dtype=np.float32)
     dst = np.empty_like(src)
-    t = timed(lambda: np.copyto(dst, src), 5)
+    t = timed(lambda: np.copyto(dst, src), 10, best=True)
     return 2 * nbytes / t
 
 
 def gemm_rate(m: int, k: int, n: int) -> float:
     """fp32 FLOP/s of an (m, k) @ (k, n) matmul, the best of torch and numpy."""
     a, b = torch.randn(m, k), torch.randn(k, n)
-    t_torch = timed(lambda: torch.mm(a, b), 5)
+    t_torch = timed(lambda: torch.mm(a, b), 10, best=True)
     an, bn = a.numpy(), b.numpy()
-    t_np = timed(lambda: an @ bn, 5)
+    t_np = timed(lambda: an @ bn, 10, best=True)
     return 2 * m * k * n / min(t_torch, t_np)
 
 
@@ -102,7 +103,6 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
         _, state = runner.forward(tok, state)
         steps.append(time.perf_counter() - t0)
     ort_decode = statistics.median(steps[2:])
-    del runner
 
     with torch.no_grad():
         hf_prefill = timed(lambda: hf(ids_t, use_cache=False), repeat)

@@ -20,7 +20,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..ops.common import SOFTPLUS_THRESHOLD
 from ..ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
 
 # Tokens per Scan iteration in the Mamba-1 prefill body: long enough that the Scan runs L/16 iterations,
@@ -95,10 +94,9 @@ class Builder:
         return self.op("Mul", x, self.op("Sigmoid", x))
 
     def softplus(self, x: str) -> str:
-        """x <= 20 ? log1p(exp(x)) : x, the kernels' form."""
-        small = self.op("LessOrEqual", x, self.const(SOFTPLUS_THRESHOLD))
-        sp = self.op("Log", self.op("Add", self.op("Exp", x), self.const(1.0)))
-        return self.op("Where", small, sp, x)
+        """ONNX Softplus, log(exp(x) + 1): one node. It agrees with the kernels' `x <= 20 ? log1p(exp(x)) : x`
+        to float32 rounding (above 20, log1p(exp(-x)) < 3e-9 is below x's last bit)."""
+        return self.op("Softplus", x)
 
     def flag(self, x_if_set: str, x_else: str, flag: str) -> str:
         """Where(flag != 0, x_if_set, x_else) for an int attribute constant."""
@@ -135,8 +133,9 @@ def causal_conv1d_function(opset: int, static: StaticShapes | None = None) -> on
     wt = b.op("Transpose", b.f32(w), perm=[1, 0])  # (K, C)
     if width is not None:
         y = None
-        for k in range(width):  # y_t += w[:, k] * x_{t - (K-1) + k}
-            shifted = b.op("Slice", xs, b.ints(k), b.op("Add", L, b.ints(k)), b.ints(1))
+        for k in range(width):  # y_t += w[:, k] * x_{t - (K-1) + k}: rows k .. k+L of the K-1+L
+            end = k - (width - 1) if k < width - 1 else np.iinfo(np.int64).max
+            shifted = b.op("Slice", xs, b.ints(k), b.ints(end), b.ints(1))
             term = b.op("Mul", shifted, b.op("Gather", wt, b.const(k, np.int64), axis=0))
             y = term if y is None else b.op("Add", y, term)
     else:
