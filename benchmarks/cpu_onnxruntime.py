@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -74,16 +75,31 @@ def matmul_weight_shapes(model) -> list[tuple[int, int]]:
     return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
+def time_onnxruntime(artifact: str, prompt_len: int, decode_steps: int, repeat: int) -> tuple[float, float]:
+    """(median prefill seconds, median decode seconds per token) of an artifact at batch 1."""
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    runner = OnnxRuntimeRunnerFromArtifact(artifact, provider="cpu")
+    ids = np.random.default_rng(0).integers(0, runner.config.vocab_size, (1, prompt_len), dtype=np.int64)
+    prefill = timed(lambda: runner.forward(ids, runner.zero_state(1)), repeat)
+    _, state = runner.forward(ids[:, :8], runner.zero_state(1))
+    tok = np.array([[1]], dtype=np.int64)
+    steps = []
+    for _ in range(decode_steps + 2):
+        t0 = time.perf_counter()
+        _, state = runner.forward(tok, state)
+        steps.append(time.perf_counter() - t0)
+    return prefill, statistics.median(steps[2:])
+
+
 def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repeat: int, workdir: Path) -> dict:
     from ssmrt.exporter import export
-    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
 
     torch.manual_seed(0)
     hf = hf_model(arch, layers)
     ckpt = workdir / f"{arch}-ckpt"
     hf.save_pretrained(ckpt)
     artifact = export(ckpt, workdir / f"{arch}-onnx")
-    runner = OnnxRuntimeRunnerFromArtifact(artifact, provider="cpu")
 
     params = sum(p.numel() for p in hf.parameters())  # tied embeddings counted once
     weight_bytes = 4 * params
@@ -93,16 +109,10 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
     ids = np.random.default_rng(0).integers(0, 50280, (1, prompt_len), dtype=np.int64)
     ids_t = torch.from_numpy(ids)
 
-    # ONNX Runtime first: torch's OpenMP threads keep spinning after its own runs and would share the cores
-    ort_prefill = timed(lambda: runner.forward(ids, runner.zero_state(1)), repeat)
-    _, state = runner.forward(ids[:, :8], runner.zero_state(1))
-    tok = np.array([[1]], dtype=np.int64)
-    steps = []
-    for _ in range(decode_steps + 2):
-        t0 = time.perf_counter()
-        _, state = runner.forward(tok, state)
-        steps.append(time.perf_counter() - t0)
-    ort_decode = statistics.median(steps[2:])
+    # ONNX Runtime in a fresh process, as a deployment runs it: no torch thread pool spinning beside it
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        ort_prefill, ort_decode = pool.apply(time_onnxruntime, (str(artifact), prompt_len, decode_steps, repeat))
 
     with torch.no_grad():
         hf_prefill = timed(lambda: hf(ids_t, use_cache=False), repeat)
@@ -146,7 +156,7 @@ def main():
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     import onnxruntime

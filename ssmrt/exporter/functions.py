@@ -175,11 +175,11 @@ def selective_scan_function(opset: int, static: StaticShapes | None = None) -> o
     h0 = b.op("Reshape", b.f32(state), b.concat(batch, b.ints(1), G, Dg, N))  # the time axis kept, size 1
     dtu = b.op("Mul", dt, uf)
 
-    def discretise(sb: Builder, dt_, dtu_, B_, C_):
-        """(B, T, G, Dg) x2, (B, T, G, N) x2 -> dA, dBu (B, T, G, Dg, N) and C (B, T, G, 1, N)."""
+    def discretise(sb: Builder, dt_, dtu_, B_):
+        """dt, dt*u (B, T, G, Dg), B (B, T, G, N) -> dA = exp(dt A), dBu = dt u B, both (B, T, G, Dg, N)."""
         dA = sb.op("Exp", sb.op("Mul", sb.unsqueeze(dt_, 4), Ag))
         dBu = sb.op("Mul", sb.unsqueeze(dtu_, 4), sb.unsqueeze(B_, 3))
-        return dA, dBu, sb.unsqueeze(C_, 3)
+        return dA, dBu
 
     def step(sb: Builder, dA_t, dBu_t, C_t, h):
         """One token, all (B, 1, G, Dg, N): h = dA h + dBu ; y = <h, C> (B, 1, G, Dg)."""
@@ -188,7 +188,7 @@ def selective_scan_function(opset: int, static: StaticShapes | None = None) -> o
 
     # decode: L == 1
     tb = Builder("dec_")
-    y1, h1 = step(tb, *discretise(tb, dt, dtu, Bf, Cf), h0)
+    y1, h1 = step(tb, *discretise(tb, dt, dtu, Bf), tb.unsqueeze(Cf, 3), h0)
     then_graph = tb.graph("selective_scan_step", [(tb.op("Identity", y1, hint="y"), 4),
                                                   (tb.op("Identity", h1, hint="h"), 5)])
 
@@ -204,18 +204,22 @@ def selective_scan_function(opset: int, static: StaticShapes | None = None) -> o
 
     scan_in = [chunked(dt, (G, Dg)), chunked(dtu, (G, Dg)), chunked(Bf, (G, N)), chunked(Cf, (G, N))]
 
-    # The body discretises its chunk in bulk, then unrolls the recurrence with four ops per token.
+    # The body discretises its chunk in bulk, unrolls the recurrence with two ops per token, and reads all
+    # the chunk's outputs with one batched matmul against C.
     body = Builder("body_")
     h_in = "h_in"
     ins = ["dt_c", "dtu_c", "B_c", "C_c"]  # (B, T, G, *)
-    parts = [body.op("Split", t, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK)
-             for t in discretise(body, *ins)]
-    h, ys = h_in, []
+    dA, dBu = discretise(body, *ins[:3])
+    dA_t = body.op("Split", dA, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK)
+    dBu_t = body.op("Split", dBu, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK)
+    h, hs = h_in, []
     for j in range(SCAN_CHUNK):
-        y_j, h = step(body, parts[0][j], parts[1][j], parts[2][j], h)
-        ys.append(y_j)
+        h = body.op("Add", body.op("Mul", dA_t[j], h), dBu_t[j])  # (B, 1, G, Dg, N)
+        hs.append(h)
     h_out = body.op("Identity", h, hint="h_out")
-    y_chunk = body.op("Concat", *ys, axis=1, hint="y_chunk")  # (B, T, G, Dg)
+    states = body.op("Concat", *hs, axis=1)  # (B, T, G, Dg, N)
+    y_chunk = body.op("Squeeze", body.op("MatMul", states, body.unsqueeze("C_c", 4)), body.ints(4),
+                      hint="y_chunk")  # (B, T, G, Dg, N) @ (B, T, G, N, 1) -> (B, T, G, Dg)
     body_graph = helper.make_graph(
         body.nodes,
         "selective_scan_chunk",
