@@ -142,6 +142,7 @@ def test_user_error_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in res.output
 
 
+@pytest.mark.slow
 def test_readme_demo_command(tmp_path):
     """The README's first command, with a short training run so the suite stays quick."""
     if not (ROOT / ".venv" / "bin" / "ssmrt").exists():

@@ -114,6 +114,7 @@ def test_graph_structure(exported):
     assert all(dims), f"input_ids dims must be symbolic, got {dims}"
 
 
+@pytest.mark.slow
 def test_export_is_deterministic(exported, tmp_path):
     ckpt, art, _ = exported("mamba1")
     again = export(ckpt, tmp_path / "again")
@@ -130,6 +131,7 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,onnx_type", [("float16", onnx.TensorProto.FLOAT16),
                                              ("bfloat16", onnx.TensorProto.BFLOAT16)])
 @pytest.mark.parametrize("family", ["mamba1", "mamba2-g2"])
@@ -163,6 +165,7 @@ def test_low_precision_export_structure(dtype, onnx_type, family, exported, tmp_
             OnnxRuntimeRunnerFromArtifact(art, provider="cpu")
 
 
+@pytest.mark.slow
 def test_float16_artifact_runs_within_model_tolerance(exported, tmp_path):
     ckpt, _, _ = exported("mamba2-g1")
     art = export(ckpt, tmp_path / "fp16", dtype="float16")

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_python_api_sample(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "samples" / "python_api.py"), "--workdir", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)

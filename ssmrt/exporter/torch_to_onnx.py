@@ -11,11 +11,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 from ..errors import SsmrtError
+from ..fsutil import atomic_directory
 from ..ops.spec import DOMAIN, OPS, OPSET_VERSION
 from .functions import MIN_OPSET, all_functions
 
@@ -231,9 +231,7 @@ def export_model(
         proto.metadata_props.add(key=k, value=v)
 
     onnx.checker.check_model(proto, full_check=proto.ByteSize() < (1 << 31) - 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         weight_bytes = sum(t.nbytes for t in model.state_dict().values())
         external = weight_bytes > EXTERNAL_DATA_THRESHOLD
         onnx.save_model(proto, tmp / MODEL_FILE, save_as_external_data=external, all_tensors_to_one_file=True,
@@ -242,12 +240,6 @@ def export_model(
             for name in TOKENIZER_FILES:
                 if (Path(source_dir) / name).is_file():
                     shutil.copy2(Path(source_dir) / name, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

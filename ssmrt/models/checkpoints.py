@@ -10,12 +10,11 @@ import json
 import math
 import os
 import pickle
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..fsutil import atomic_directory
 from .config import SSMConfig
 
 CONFIG_FILE = "config.json"
@@ -442,9 +441,7 @@ def save_model(
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
         if layout == "hf":
@@ -453,10 +450,4 @@ def save_model(
             torch.save(_to_mamba_ssm_names(sd), tmp / "pytorch_model.bin")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
