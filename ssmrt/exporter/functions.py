@@ -280,16 +280,21 @@ def ssd_scan_function(opset: int, static: StaticShapes | None = None) -> onnx.Fu
         t = b.op("Expand", t, b.concat(batch, L, G, b.op("Div", H, G), N))
         return b.op("Reshape", t, b.concat(batch, L, H, N))
 
-    Bh, Ch = heads(Bm), heads(Cm)
+    if b.static.get(Bm, (None,) * 4)[2] == 1:  # one group: B and C broadcast over the heads as they are
+        Bh, Ch, Hb = b.f32(Bm), b.f32(Cm), b.ints(1)
+    else:
+        Bh, Ch, Hb = heads(Bm), heads(Cm), H  # (B, L, Hb, N)
     X = b.op("Mul", xf, b.unsqueeze(dt, 3))  # x * dt
     a = b.op("Mul", dt, Af)  # log decay per step, (B, L, H)
 
     # decode: L == 1 -> h = exp(a) h + (dt x) B^T ; y = h C
     tb = Builder("dec_")
-    a1, X1, B1, C1 = (tb.squeeze(t, 1) for t in (a, X, Bh, Ch))  # (B,H), (B,H,P), (B,H,N), (B,H,N)
-    decay = tb.unsqueeze(tb.op("Exp", a1), 2, 3)
-    h1 = tb.op("Add", tb.op("Mul", decay, h0), tb.op("Mul", tb.unsqueeze(X1, 3), tb.unsqueeze(B1, 2)))
-    y1 = tb.unsqueeze(tb.squeeze(tb.op("MatMul", h1, tb.unsqueeze(C1, 3)), 3), 1)  # (B, 1, H, P)
+    decay = tb.op("Reshape", tb.op("Exp", a), tb.ints(0, -1, 1, 1))  # (B, H, 1, 1)
+    X1 = tb.op("Transpose", X, perm=[0, 2, 3, 1])  # (B, H, P, 1)
+    B1 = tb.op("Transpose", Bh, perm=[0, 2, 1, 3])  # (B, Hb, 1, N)
+    C1 = tb.op("Transpose", Ch, perm=[0, 2, 3, 1])  # (B, Hb, N, 1)
+    h1 = tb.op("Add", tb.op("Mul", decay, h0), tb.op("Mul", X1, B1))
+    y1 = tb.op("Transpose", tb.op("MatMul", h1, C1), perm=[0, 3, 1, 2])  # (B, H, P, 1) -> (B, 1, H, P)
     then_graph = tb.graph("ssd_step", [(tb.op("Identity", y1, hint="y"), 4), (tb.op("Identity", h1, hint="h"), 4)])
 
     # prefill: chunks of cs = min(SSD_CHUNK, L), the last padded with dt = 0 (decay 1, no input)
@@ -303,8 +308,8 @@ def ssd_scan_function(opset: int, static: StaticShapes | None = None) -> onnx.Fu
         return eb.op("Reshape", padded, eb.concat(batch, nc, cs, *inner))
 
     Xc = eb.op("Transpose", chunked(X, (H, P)), perm=[0, 1, 3, 2, 4])  # (B, c, H, l, P)
-    Bc = eb.op("Transpose", chunked(Bh, (H, N)), perm=[0, 1, 3, 2, 4])  # (B, c, H, l, N)
-    Cc = eb.op("Transpose", chunked(Ch, (H, N)), perm=[0, 1, 3, 2, 4])
+    Bc = eb.op("Transpose", chunked(Bh, (Hb, N)), perm=[0, 1, 3, 2, 4])  # (B, c, Hb, l, N)
+    Cc = eb.op("Transpose", chunked(Ch, (Hb, N)), perm=[0, 1, 3, 2, 4])
     ac = eb.op("Transpose", chunked(a, (H,)), perm=[0, 1, 3, 2])  # (B, c, H, l)
     acum = eb.op("CumSum", ac, eb.const(-1, np.int64))
 
