@@ -240,6 +240,10 @@ def test_snapshot_restore_and_fork(exported):
     forks = session.generate(None, 10, temperature=1.0, seed=0)
     assert len(forks) == 3 and forks[0] == forks[1] == forks[2]  # same seed per sequence
     assert session.generate(prefix, 10) == first  # a fresh prefill gives the same continuation
+    # after generate the state covers every emitted token: continuing == generating longer at once
+    session.restore(snap)
+    halves = session.generate(None, 5) + session.generate(None, 5)
+    assert halves == first
 
 
 def test_sampling_reproducible_with_seed(exported):

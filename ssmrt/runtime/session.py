@@ -113,6 +113,39 @@ class Session:
 
     # ------------------------------------------------------------------------------------ generation
 
+    def _rows(self, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids) -> Iterator[list]:
+        """Per step, the new token of every sequence (None once it has stopped). Afterwards the state covers
+        the prompt and every emitted token, so a later call with prompt_ids=None continues the text."""
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens < 0:
+            raise SsmrtError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if prompt_ids is not None:
+            self.prefill(prompt_ids)
+        elif self.state is None:
+            raise SsmrtError("nothing to continue from: give prompt_ids")
+        vocab = self.config.vocab_size
+        # One generator per sequence, each from the same seed: a sequence samples the same in any batch.
+        rngs = [np.random.default_rng(seed) for _ in range(self.batch_size)]
+        stops = {int(s) for s in stop_ids}
+        done = [False] * self.batch_size
+        last = [0] * self.batch_size
+        for _ in range(max_new_tokens):
+            if all(done):
+                break
+            new = []
+            for i in range(self.batch_size):
+                if done[i]:  # a stopped sequence keeps being fed its stop token; its output is ignored
+                    new.append(None)
+                    continue
+                last[i] = sample(self.last_logits[i, :vocab], temperature, top_k, top_p, rngs[i])
+                done[i] = last[i] in stops
+                new.append(last[i])
+            yield new
+            self.step(last)
+
+    def _is_single(self, prompt_ids) -> bool:
+        return self.batch_size == 1 if prompt_ids is None else _as_batch(prompt_ids)[1]
+
     def stream(
         self,
         prompt_ids=None,
@@ -125,47 +158,22 @@ class Session:
     ) -> Iterator:
         """Yield the new tokens one step at a time: an int for one prompt, a list (None once a sequence has
         stopped) for a batch. prompt_ids=None continues from the current state."""
-        check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 0:
-            raise SsmrtError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        single = prompt_ids is not None and not isinstance(prompt_ids[0], (list, tuple, np.ndarray))
-        if prompt_ids is not None:
-            self.prefill(prompt_ids)
-        elif self.state is None:
-            raise SsmrtError("nothing to continue from: give prompt_ids")
-        else:
-            single = self.batch_size == 1
-        vocab = self.config.vocab_size
-        # One generator per sequence, each from the same seed: a sequence samples the same in any batch.
-        rngs = [np.random.default_rng(seed) for _ in range(self.batch_size)]
-        stops = {int(s) for s in stop_ids}
-        done = [False] * self.batch_size
-        last = [0] * self.batch_size
-        for n in range(max_new_tokens):
-            new = []
-            for i in range(self.batch_size):
-                if done[i]:
-                    new.append(None)
-                    continue
-                tok = sample(self.last_logits[i, :vocab], temperature, top_k, top_p, rngs[i])
-                last[i] = tok
-                done[i] = tok in stops
-                new.append(tok)
-            yield new[0] if single else new
-            if all(done) or n == max_new_tokens - 1:
-                break
-            self.step(last)
+        rows = self._rows(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+        single = None
+        for row in rows:
+            single = self._is_single(prompt_ids) if single is None else single
+            yield row[0] if single else row
 
     def generate(self, prompt_ids=None, max_new_tokens: int = 32, **kwargs):
         """The new token ids: a list for one prompt, a list of lists for a batch (stop ids included)."""
-        outs: list[list[int]] | None = None
-        for new in self.stream(prompt_ids, max_new_tokens, **kwargs):
-            row = [new] if not isinstance(new, list) else new
-            if outs is None:
-                outs = [[] for _ in row]
+        outs = None
+        for row in self._rows(prompt_ids, max_new_tokens, **{**_SAMPLING_DEFAULTS, **kwargs}):
+            outs = outs if outs is not None else [[] for _ in row]
             for o, t in zip(outs, row, strict=True):
                 if t is not None:
                     o.append(t)
         outs = outs if outs is not None else [[] for _ in range(self.batch_size)]
-        single = prompt_ids is not None and not isinstance(prompt_ids[0], (list, tuple, np.ndarray))
-        return outs[0] if single or (prompt_ids is None and self.batch_size == 1) else outs
+        return outs[0] if self._is_single(prompt_ids) else outs
+
+
+_SAMPLING_DEFAULTS = dict(temperature=0.0, top_k=0, top_p=1.0, seed=None, stop_ids=())
