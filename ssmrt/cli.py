@@ -65,8 +65,12 @@ def _prompt(path, prompt, prompt_ids):
     return ids, tok
 
 
-def _runner_options(threads, provider):
-    return {"threads": threads, "provider": provider}
+def _runner_options(threads, provider, opt_level):
+    return {"threads": threads, "provider": provider, "opt_level": opt_level}
+
+
+_OPT_LEVEL = click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+                          show_default=True, help="ONNX Runtime graph optimisation level.")
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -111,13 +115,15 @@ def export(model_dir, out_dir, dtype, state_dtype, opset, logits):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default).")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@_OPT_LEVEL
 def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top_k, top_p, seed, stop_ids, stream,
-             as_json, threads, provider):
+             as_json, threads, provider, opt_level):
     """Generate from an artifact (ssmrt export) or a checkpoint directory."""
     from .runtime import Session, runner_from_path
 
     ids, tok = _prompt(path, prompt, prompt_ids)
-    runner = runner_from_path(path, backend, **(_runner_options(threads, provider) if _is_artifact(path) else {}))
+    opts = _runner_options(threads, provider, opt_level) if _is_artifact(path) else {}
+    runner = runner_from_path(path, backend, **opts)
     stops = _parse_ids(stop_ids) if stop_ids else ([runner.config.eos_token_id]
                                                    if runner.config.eos_token_id is not None else [])
     session = Session(runner)
@@ -246,8 +252,9 @@ def inspect(artifact, as_json):
 @click.option("--repeat", type=int, default=3, show_default=True, help="Prefill runs; the median counts.")
 @click.option("--threads", type=int, default=0)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@_OPT_LEVEL
 @click.option("--json", "as_json", is_flag=True)
-def bench(path, backend, prompt_len, decode_steps, batch, repeat, threads, provider, as_json):
+def bench(path, backend, prompt_len, decode_steps, batch, repeat, threads, provider, opt_level, as_json):
     """Prefill tokens/s and decode ms/token of an artifact or checkpoint."""
     from .bench import bench_runner
     from .runtime import runner_from_path
@@ -256,7 +263,7 @@ def bench(path, backend, prompt_len, decode_steps, batch, repeat, threads, provi
                     ("--repeat", repeat)):
         if v < 1:
             raise SsmrtError(f"{name} must be >= 1, got {v}")
-    opts = _runner_options(threads, provider) if _is_artifact(path) else {}
+    opts = _runner_options(threads, provider, opt_level) if _is_artifact(path) else {}
     runner = runner_from_path(path, backend, **opts)
     res = bench_runner(runner, prompt_len, decode_steps, batch, repeat, progress=not as_json)
     if as_json:

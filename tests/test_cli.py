@@ -98,7 +98,8 @@ def test_inspect_and_bench(tiny):
     assert info["ops"]["ssmrt::SSDScan"] == 2 and info["ops"]["ssmrt::CausalConv1d"] == 2
     assert info["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seqlen"]}
     assert run(["inspect", str(art)]).exit_code == 0
-    res = run(["bench", str(art), "--prompt-len", "16", "--decode-steps", "4", "--repeat", "1", "--json"])
+    res = run(["bench", str(art), "--prompt-len", "16", "--decode-steps", "4", "--repeat", "1", "--json",
+               "--threads", "1", "--opt-level", "basic"])
     b = json.loads(res.output)
     assert b["decode_ms_per_token"] > 0 and b["prefill_tokens_per_s"] > 0
 
