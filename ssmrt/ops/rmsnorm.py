@@ -46,9 +46,12 @@ def gated_rmsnorm_ref(
     gate = silu(z.to(dtype)) if z is not None else None
     if gate is not None and not norm_before_gate:
         xf = xf * gate
-    xg = xf.reshape(*xf.shape[:-1], dim // group_size, group_size)
-    xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
-    y = xg.reshape(xf.shape) * weight.to(dtype)
+    if group_size == dim:  # one group: the plain form, which an ONNX Runtime export fuses into one kernel
+        y = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(dtype)
+    else:
+        xg = xf.reshape(*xf.shape[:-1], dim // group_size, group_size)
+        xg = xg / torch.sqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+        y = xg.reshape(xf.shape) * weight.to(dtype)
     if gate is not None and norm_before_gate:
         y = y * gate
     return y.to(x.dtype)
