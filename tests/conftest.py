@@ -1,6 +1,21 @@
 import importlib.util
+import os
 
 import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. Triton reads this when a
+# kernel is decorated, so it is set here, before any test module imports ssmrt.kernels.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _gpu_reason():

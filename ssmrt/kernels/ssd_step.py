@@ -1,0 +1,133 @@
+"""SSDScan decode step (L = 1) as one Triton kernel: Mamba-2's state update h = exp(dt A) h + dt x B^T,
+y = h C + D x. Its reference twin is ssmrt.ops.ssd_scan_ref with seqlen 1 (same signature).
+
+Contract (the AOT-plugin shape: one launch, arguments are tensor pointers and int32 scalars only, float
+attributes as compile-time constants):
+    0 x          (batch, 1, nheads, headdim)    fp32 / fp16 / bf16, contiguous
+    1 dt         (batch, 1, nheads)
+    2 A          (nheads,)                      fp32
+    3 B, 4 C     (batch, 1, ngroups, dstate)
+    5 D          (nheads,) or (nheads, headdim) fp32
+    6 dt_bias    (nheads,)                      fp32
+    7 ssm_state  (batch, nheads, headdim, dstate) fp32 (or fp16 / bf16)
+  ->
+    y (batch, 1, nheads, headdim), present_ssm_state (may be ssm_state itself: each program reads its whole
+    tile before writing it)
+Grid: (cdiv(headdim, BLOCK_P), batch * nheads). No TensorRT types here: plugins wrap this.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.ssd_scan import NO_DT_LIMIT
+
+
+def _ssd_step_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, state_ptr, y_ptr, state_out_ptr,
+    nheads, headdim, dstate, ngroups,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr, DT_MIN: tl.constexpr, DT_MAX: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // nheads
+    h = pid_bh % nheads
+    g = h // (nheads // ngroups)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+
+    # 1. dt after bias, softplus (x <= 20 ? log(1 + exp(x)) : x) and limit
+    dt = tl.load(dt_ptr + pid_bh).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dt_bias_ptr + h)
+    if DT_SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    if DT_CLAMP:
+        dt = tl.minimum(tl.maximum(dt, DT_MIN), DT_MAX)
+    decay = tl.exp(dt * tl.load(A_ptr + h))
+
+    # 2. h = decay h + (dt x) B^T ; y = h C
+    x = tl.load(x_ptr + pid_bh * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + (b * ngroups + g) * dstate + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + (b * ngroups + g) * dstate + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tile = (pid_bh * headdim + offs_p[:, None]) * dstate + offs_n[None, :]
+    mask = mask_p[:, None] & mask_n[None, :]
+    s = tl.load(state_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    s = s * decay + (dt * x)[:, None] * Bv[None, :]
+    y = tl.sum(s * Cv[None, :], axis=1)
+
+    # 3. D skip
+    if HAS_D:
+        if D_HAS_HDIM:
+            y += x * tl.load(D_ptr + h * headdim + offs_p, mask=mask_p, other=0.0)
+        else:
+            y += x * tl.load(D_ptr + h)
+    tl.store(y_ptr + pid_bh * headdim + offs_p, y.to(y_ptr.dtype.element_ty), mask=mask_p)
+    tl.store(state_out_ptr + tile, s.to(state_out_ptr.dtype.element_ty), mask=mask)
+
+
+ssd_step_kernel = triton.jit(_ssd_step_kernel)
+
+
+def constexprs(headdim: int, dstate: int, *, has_D=True, D_has_hdim=False, has_dt_bias=True, dt_softplus=True,
+               dt_limit=NO_DT_LIMIT) -> dict:
+    """The compile-time constants of one specialisation (what an AOT plugin bakes into its kernel)."""
+    lo, hi = dt_limit
+    clamp = lo > 0.0 or hi < math.inf
+    return {
+        "BLOCK_P": min(triton.next_power_of_2(headdim), 64),
+        "BLOCK_N": triton.next_power_of_2(dstate),
+        "HAS_D": bool(has_D),
+        "D_HAS_HDIM": bool(D_has_hdim),
+        "HAS_DT_BIAS": bool(has_dt_bias),
+        "DT_SOFTPLUS": bool(dt_softplus),
+        "DT_CLAMP": clamp,
+        "DT_MIN": float(lo) if clamp else 0.0,
+        "DT_MAX": float(hi) if clamp and hi < math.inf else 3.0e38,
+    }
+
+
+def ssd_step(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
+    ssm_state: torch.Tensor | None = None,
+    chunk_size: int = 256,
+    out: torch.Tensor | None = None,
+    state_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ssd_scan_ref's signature for seqlen == 1 (chunk_size is ignored); out / state_out may be given
+    (state_out may be ssm_state, for an in-place update)."""
+    batch, seqlen, nheads, headdim = x.shape
+    if seqlen != 1:
+        raise ValueError(f"ssd_step is the decode step: seqlen must be 1, got {seqlen}")
+    ngroups, dstate = B.shape[-2], B.shape[-1]
+    if nheads % ngroups:
+        raise ValueError(f"ngroups ({ngroups}) must divide nheads ({nheads})")
+    if ssm_state is None:
+        ssm_state = torch.zeros(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
+    x, dt, B, C, ssm_state = (t.contiguous() for t in (x, dt, B, C, ssm_state))
+    y = out if out is not None else torch.empty_like(x)
+    s_out = state_out if state_out is not None else torch.empty_like(ssm_state)
+    A = A.float().contiguous()
+    Df = D.float().contiguous() if D is not None else A
+    db = dt_bias.float().contiguous() if dt_bias is not None else A
+    meta = constexprs(headdim, dstate, has_D=D is not None, D_has_hdim=D is not None and D.dim() == 2,
+                      has_dt_bias=dt_bias is not None, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    grid = (triton.cdiv(headdim, meta["BLOCK_P"]), batch * nheads)
+    ssd_step_kernel[grid](x, dt, A, B, C, Df, db, ssm_state, y, s_out, nheads, headdim, dstate, ngroups, **meta)
+    return y, s_out
