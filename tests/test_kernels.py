@@ -3,20 +3,23 @@ is one; and compiled ahead of time for Ampere, Jetson Orin and Hopper with no GP
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from test_ops import ssd_inputs
+from test_ops import conv_inputs, selective_inputs, ssd_inputs
 
-from ssmrt.ops import ssd_scan_ref
+from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
 from ssmrt.testing import assert_close
 
 triton = pytest.importorskip("triton")
 
-from ssmrt.kernels import ssd_step as ssd_step_mod  # noqa: E402
+from ssmrt.kernels.causal_conv1d_step import causal_conv1d_step  # noqa: E402
+from ssmrt.kernels.selective_step import selective_step  # noqa: E402
 from ssmrt.kernels.ssd_step import ssd_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,32 +103,91 @@ def test_rejects_a_sequence():
         ssd_step(**kw)
 
 
+# ------------------------------------------------------------------------------------- CausalConv1d
+
+
+@pytest.mark.parametrize("batch,dim,width", [(1, 8, 4), (2, 13, 4), (3, 200, 3), (2, 5, 2), (1, 64, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,activation", [(True, "silu"), (False, "none")])
+def test_conv1d_step_matches_reference(batch, dim, width, dtype, bias, activation):
+    kw = on_device(conv_inputs(batch, 1, dim, width, bias=bias, dtype=dtype))
+    kw["activation"] = activation
+    y_out, s_out = poisoned(kw["x"]), poisoned(kw["conv_state"])
+    y, s = causal_conv1d_step(**kw, out=y_out, state_out=s_out)
+    y_ref, s_ref = causal_conv1d_ref(**kw)
+    assert_close(y, y_ref, dtype=dtype, name=f"conv step y {dtype}")
+    assert_close(s, s_ref, dtype=dtype, name=f"conv step state {dtype}")
+
+
+def test_conv1d_steps_in_place_equal_one_pass():
+    kw = on_device(conv_inputs(2, 9, 24, 4))
+    y_ref, s_ref = causal_conv1d_ref(**kw)
+    state, ys = kw["conv_state"].clone(), []
+    for t in range(9):
+        y, s = causal_conv1d_step(**{**kw, "x": kw["x"][:, t : t + 1], "conv_state": state}, state_out=state)
+        assert s.data_ptr() == state.data_ptr()
+        ys.append(y)
+    assert_close(torch.cat(ys, 1), y_ref, name="conv steps y")
+    assert_close(state, s_ref, name="conv steps state")
+
+
+# ------------------------------------------------------------------------------------ SelectiveScan
+
+
+@pytest.mark.parametrize("batch,dim,dstate,ngroups", [(1, 4, 16, 1), (2, 12, 16, 2), (3, 100, 7, 1), (2, 64, 16, 4)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selective_step_matches_reference(batch, dim, dstate, ngroups, dtype):
+    kw = on_device(selective_inputs(batch, 1, dim, dstate, ngroups=ngroups, dtype=dtype))
+    y_out, s_out = poisoned(kw["u"]), poisoned(kw["ssm_state"])
+    y, s = selective_step(**kw, out=y_out, state_out=s_out)
+    y_ref, s_ref = selective_scan_ref(**kw)
+    assert_close(y, y_ref, dtype=dtype, name=f"selective step y {dtype}")
+    assert_close(s, s_ref, dtype=dtype, name=f"selective step state {dtype}")
+
+
+def test_selective_step_without_optional_inputs():
+    kw = on_device(selective_inputs(2, 1, 12, 16, optional=False))
+    kw["delta"] = kw["delta"].abs()
+    kw["delta_softplus"] = False
+    y, s = selective_step(**kw)
+    y_ref, s_ref = selective_scan_ref(**kw)
+    assert_close(y, y_ref, name="selective step y")
+    assert_close(s, s_ref, name="selective step state")
+
+
+def test_selective_steps_in_place_equal_one_pass():
+    kw = on_device(selective_inputs(2, 9, 12, 8, ngroups=2))
+    y_ref, s_ref = selective_scan_ref(**kw)
+    state, ys = kw["ssm_state"].clone(), []
+    for t in range(9):
+        step = {**kw, **{k: kw[k][:, t : t + 1] for k in ("u", "delta", "B", "C", "z")}, "ssm_state": state}
+        y, _ = selective_step(**step, state_out=state)
+        ys.append(y)
+    assert_close(torch.cat(ys, 1), y_ref, name="selective steps y")
+    assert_close(state, s_ref, name="selective steps state")
+
+
 # ------------------------------------------------------------------------------- ahead-of-time compile
 
-TARGETS = {"sm_80 (A100)": 80, "sm_87 (Jetson Orin)": 87, "sm_90 (H100)": 90}
-SIGNATURE = {
-    "x_ptr": "*fp16", "dt_ptr": "*fp16", "A_ptr": "*fp32", "B_ptr": "*fp16", "C_ptr": "*fp16", "D_ptr": "*fp32",
-    "dt_bias_ptr": "*fp32", "state_ptr": "*fp32", "y_ptr": "*fp16", "state_out_ptr": "*fp32",
-    "nheads": "i32", "headdim": "i32", "dstate": "i32", "ngroups": "i32",
-}
+
+@pytest.fixture(scope="module")
+def aot_results():
+    """Every kernel compiled for sm_80 / sm_87 / sm_90 by `python -m ssmrt.kernels.aot`, in a process without
+    the interpreter (Triton's library cannot be compiled once it is decorated for interpretation)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "ssmrt.kernels.aot"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    print(res.stdout, res.stderr[-3000:])
+    assert res.returncode == 0
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.parametrize("target", list(TARGETS))
-def test_aot_compile_and_ptx_parameters(target, monkeypatch):
-    """The kernel compiles for the target with no GPU, and its PTX entry takes exactly the 10 tensor
-    pointers and 4 int32 scalars of the contract, plus the two scratch pointers Triton (>= 3.3) appends to
+def test_aot_compile_and_ptx_parameters(aot_results):
+    """Each kernel compiles for Ampere, Jetson Orin and Hopper with no GPU, and its PTX entry takes exactly the
+    contract's tensor pointers and int32 scalars, plus the two scratch pointers Triton (>= 3.3) appends to
     every kernel: an AOT plugin must pass those as null."""
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import JITFunction
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # code generation, not interpretation, for this test
-    meta = ssd_step_mod.constexprs(64, 128, dt_limit=(0.0, math.inf))
-    sig = {**SIGNATURE, **{k: "constexpr" for k in meta}}
-    src = triton.compiler.ASTSource(fn=JITFunction(ssd_step_mod._ssd_step_kernel), signature=sig, constexprs=meta)
-    kernel = triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32))
-    ptx = kernel.asm["ptx"]
-    entry = ptx[ptx.index(".visible .entry") : ptx.index(")", ptx.index(".visible .entry"))]
-    params = re.findall(r"\.param \.(u64|u32|f32|b32|u8|s32)", entry)
-    print(target, f"{len(kernel.asm['cubin'])} bytes of cubin; params: {params}")
-    assert params == ["u64"] * 10 + ["u32"] * 4 + ["u64"] * 2
-    assert f".target sm_{TARGETS[target]}" in ptx
+    assert {(r["kernel"], r["sm"]) for r in aot_results} == {
+        (k, sm) for k in ("ssd_step", "causal_conv1d_step", "selective_step") for sm in (80, 87, 90)}
+    for r in aot_results:
+        assert r["params"] == ["u64"] * r["pointers"] + ["u32"] * r["int32"] + ["u64"] * 2, r
+        assert r["ptx_target"] and r["cubin_bytes"] > 0, r
