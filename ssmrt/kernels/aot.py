@@ -17,27 +17,27 @@ TARGETS = (80, 87, 90)
 
 def _table():
     """kernel -> (raw function, runtime-argument signature, constexprs of a typical specialisation)."""
-    from . import causal_conv1d_step, selective_step, ssd_step
+    from . import causal_conv1d, selective_scan, ssd_scan
 
     f16, f32 = "*fp16", "*fp32"
     return {
-        "ssd_step": (
-            ssd_step._ssd_step_kernel,
+        "ssd_scan": (
+            ssd_scan._ssd_scan_kernel,
             {"x_ptr": f16, "dt_ptr": f16, "A_ptr": f32, "B_ptr": f16, "C_ptr": f16, "D_ptr": f32,
              "dt_bias_ptr": f32, "state_ptr": f32, "y_ptr": f16, "state_out_ptr": f32,
-             "nheads": "i32", "headdim": "i32", "dstate": "i32", "ngroups": "i32"},
-            ssd_step.constexprs(64, 128)),
-        "causal_conv1d_step": (
-            causal_conv1d_step._causal_conv1d_step_kernel,
+             "seqlen": "i32", "nheads": "i32", "headdim": "i32", "dstate": "i32", "ngroups": "i32"},
+            ssd_scan.constexprs(64, 128)),
+        "causal_conv1d": (
+            causal_conv1d._causal_conv1d_kernel,
             {"x_ptr": f16, "w_ptr": f16, "bias_ptr": f16, "state_ptr": f16, "y_ptr": f16, "state_out_ptr": f16,
-             "dim": "i32", "width": "i32"},
-            causal_conv1d_step.constexprs(1792, 4)),
-        "selective_step": (
-            selective_step._selective_step_kernel,
+             "seqlen": "i32", "dim": "i32", "width": "i32"},
+            causal_conv1d.constexprs(1792, 4)),
+        "selective_scan": (
+            selective_scan._selective_scan_kernel,
             {"u_ptr": f16, "delta_ptr": f16, "A_ptr": f32, "B_ptr": f16, "C_ptr": f16, "D_ptr": f32, "z_ptr": f16,
              "delta_bias_ptr": f32, "state_ptr": f32, "y_ptr": f16, "state_out_ptr": f32,
-             "dim": "i32", "dstate": "i32", "ngroups": "i32"},
-            selective_step.constexprs(1536, 16)),
+             "seqlen": "i32", "dim": "i32", "dstate": "i32", "ngroups": "i32"},
+            selective_scan.constexprs(1536, 16)),
     }
 
 

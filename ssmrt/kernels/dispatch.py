@@ -1,7 +1,7 @@
-"""Routes the models' ops to the Triton kernels: the decode step (seqlen 1) of every op, on CUDA tensors.
+"""Routes the models' ops to the Triton kernels when the tensors are on CUDA.
 
-Prefill (seqlen > 1) still runs the references until the prefill kernels exist. `use_kernels(force=True)`
-also routes CPU tensors, which run in Triton's interpreter (TRITON_INTERPRET=1): how CI checks the wiring.
+`use_kernels(force=True)` also routes CPU tensors, which then run in Triton's interpreter
+(TRITON_INTERPRET=1): how CI checks the wiring without a GPU.
 """
 
 from __future__ import annotations
@@ -12,24 +12,21 @@ from ..ops import causal_conv1d_ref, dispatch, selective_scan_ref, ssd_scan_ref
 
 
 def _routes(force: bool):
-    from .causal_conv1d_step import causal_conv1d_step
-    from .selective_step import selective_step
-    from .ssd_step import ssd_step
+    from . import causal_conv1d, selective_scan, ssd_scan
 
     def take(t):
-        return t.shape[1] == 1 and (force or t.is_cuda)
+        return force or t.is_cuda
 
     def conv(x, weight, bias, conv_state, activation):
-        if take(x) and weight.shape[-1] >= 2:
-            return causal_conv1d_step(x, weight, bias, conv_state, activation)
-        return causal_conv1d_ref(x, weight, bias, conv_state, activation)
+        fn = causal_conv1d.causal_conv1d if take(x) and weight.shape[-1] >= 2 else causal_conv1d_ref
+        return fn(x, weight, bias, conv_state, activation)
 
     def selective(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state):
-        fn = selective_step if take(u) else selective_scan_ref
+        fn = selective_scan.selective_scan if take(u) else selective_scan_ref
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state)
 
     def ssd(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size):
-        fn = ssd_step if take(x) else ssd_scan_ref
+        fn = ssd_scan.ssd_scan if take(x) else ssd_scan_ref
         return fn(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size)
 
     return {"causal_conv1d": conv, "selective_scan": selective, "ssd_scan": ssd}
@@ -37,6 +34,6 @@ def _routes(force: bool):
 
 @contextmanager
 def use_kernels(force: bool = False):
-    """Within the block, decode steps on CUDA tensors (any tensors with force=True) run the Triton kernels."""
+    """Within the block, the models' ops on CUDA tensors (any tensors with force=True) run the kernels."""
     with dispatch.override(**_routes(force)):
         yield

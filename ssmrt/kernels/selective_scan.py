@@ -1,17 +1,17 @@
-"""SelectiveScan decode step (L = 1) as one Triton kernel: Mamba-1's state update
-h = exp(dt A) h + dt u B, y = (h C + D u) * silu(z). Its reference twin is
-ssmrt.ops.selective_scan_ref with seqlen 1 (same signature).
+"""SelectiveScan as one Triton kernel for any seqlen: Mamba-1's recurrence h = exp(dt A) h + dt u B,
+y = (h C + D u) * silu(z), step by step with the state tile in registers (seqlen 1 is the decode step).
+Its reference twin is ssmrt.ops.selective_scan_ref (same signature).
 
 Contract (one launch; tensor pointers and int32 scalars; flags compile-time constants):
-    0 u, 1 delta  (batch, 1, dim)           contiguous
+    0 u, 1 delta  (batch, seqlen, dim)      contiguous
     2 A           (dim, dstate)             fp32
-    3 B, 4 C      (batch, 1, ngroups, dstate)
+    3 B, 4 C      (batch, seqlen, ngroups, dstate)
     5 D           (dim,)                    fp32, optional
-    6 z           (batch, 1, dim)           optional
+    6 z           (batch, seqlen, dim)      optional
     7 delta_bias  (dim,)                    fp32, optional
     8 ssm_state   (batch, dim, dstate)      fp32
   ->
-    y (batch, 1, dim), present_ssm_state (may be ssm_state itself)
+    y (batch, seqlen, dim), present_ssm_state (may be ssm_state itself)
 Grid: (cdiv(dim, BLOCK_D), batch). Channel d reads group d // (dim // ngroups).
 """
 
@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 
-def _selective_step_kernel(
+def _selective_scan_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, state_ptr, y_ptr, state_out_ptr,
-    dim, dstate, ngroups,
+    seqlen, dim, dstate, ngroups,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
 ):
@@ -37,30 +37,36 @@ def _selective_step_kernel(
     mask = mask_d[:, None] & mask_n[None, :]
     g = offs_d // (dim // ngroups)
 
-    dt = tl.load(delta_ptr + b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_DELTA_BIAS:
-        dt += tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0)
-    if DELTA_SOFTPLUS:
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-    u = tl.load(u_ptr + b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask, other=0.0)
-    grp = (b * ngroups + g[:, None]) * dstate + offs_n[None, :]
-    Bv = tl.load(B_ptr + grp, mask=mask, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + grp, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA_BIAS:
+        delta_bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
     tile = (b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     s = tl.load(state_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    s = s * tl.exp(dt[:, None] * A) + (dt * u)[:, None] * Bv
-    y = tl.sum(s * Cv, axis=1)
-    if HAS_D:
-        y += u * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
-    if HAS_Z:
-        z = tl.load(z_ptr + b * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        y *= z / (1.0 + tl.exp(-z))  # silu(z), spelled out (no Triton library function)
-    tl.store(y_ptr + b * dim + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+    for t in range(seqlen):
+        bt = b * seqlen + t  # row (b, t)
+        dt = tl.load(delta_ptr + bt * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_DELTA_BIAS:
+            dt += delta_bias
+        if DELTA_SOFTPLUS:
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        u = tl.load(u_ptr + bt * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        grp = (bt * ngroups + g[:, None]) * dstate + offs_n[None, :]
+        Bv = tl.load(B_ptr + grp, mask=mask, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + grp, mask=mask, other=0.0).to(tl.float32)
+        s = s * tl.exp(dt[:, None] * A) + (dt * u)[:, None] * Bv
+        y = tl.sum(s * Cv, axis=1)
+        if HAS_D:
+            y += u * Dv
+        if HAS_Z:
+            z = tl.load(z_ptr + bt * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            y *= z / (1.0 + tl.exp(-z))  # silu(z), spelled out (no Triton library function)
+        tl.store(y_ptr + bt * dim + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
     tl.store(state_out_ptr + tile, s.to(state_out_ptr.dtype.element_ty), mask=mask)
 
 
-selective_step_kernel = triton.jit(_selective_step_kernel)
+selective_scan_kernel = triton.jit(_selective_scan_kernel)
 
 
 def constexprs(dim: int, dstate: int, *, has_D=True, has_z=True, has_delta_bias=True, delta_softplus=True) -> dict:
@@ -69,7 +75,7 @@ def constexprs(dim: int, dstate: int, *, has_D=True, has_z=True, has_delta_bias=
             "DELTA_SOFTPLUS": bool(delta_softplus)}
 
 
-def selective_step(
+def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
@@ -83,12 +89,10 @@ def selective_step(
     out: torch.Tensor | None = None,
     state_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """selective_scan_ref's signature for seqlen == 1; out / state_out may be given (state_out may be
-    ssm_state, for an in-place update)."""
+    """selective_scan_ref's signature; out / state_out may be given (state_out may be ssm_state, for an
+    in-place update)."""
     batch, seqlen, dim = u.shape
     ngroups, dstate = B.shape[-2], B.shape[-1]
-    if seqlen != 1:
-        raise ValueError(f"selective_step is the decode step: seqlen must be 1, got {seqlen}")
     if dim % ngroups:
         raise ValueError(f"ngroups ({ngroups}) must divide dim ({dim})")
     if ssm_state is None:
@@ -100,8 +104,8 @@ def selective_step(
     meta = constexprs(dim, dstate, has_D=D is not None, has_z=z is not None, has_delta_bias=delta_bias is not None,
                       delta_softplus=delta_softplus)
     grid = (triton.cdiv(dim, meta["BLOCK_D"]), batch)
-    selective_step_kernel[grid](
+    selective_scan_kernel[grid](
         u, delta, A, B, C, D.float().contiguous() if D is not None else A, z.contiguous() if z is not None else u,
-        delta_bias.float().contiguous() if delta_bias is not None else A, ssm_state, y, s_out, dim, dstate, ngroups,
-        **meta)
+        delta_bias.float().contiguous() if delta_bias is not None else A, ssm_state, y, s_out, seqlen, dim, dstate,
+        ngroups, **meta)
     return y, s_out

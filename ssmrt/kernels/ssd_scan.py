@@ -1,18 +1,20 @@
-"""SSDScan decode step (L = 1) as one Triton kernel: Mamba-2's state update h = exp(dt A) h + dt x B^T,
-y = h C + D x. Its reference twin is ssmrt.ops.ssd_scan_ref with seqlen 1 (same signature).
+"""SSDScan as one Triton kernel for any seqlen: Mamba-2's recurrence h = exp(dt A) h + dt x B^T, y = h C + D x,
+step by step with the state tile held in registers (seqlen 1 is the decode step). Its reference twin is
+ssmrt.ops.ssd_scan_ref (same signature). This is the correct-first form; a chunked tensor-core prefill is
+the planned fast path for long prompts (issue 4).
 
 Contract (the AOT-plugin shape: one launch, arguments are tensor pointers and int32 scalars only, float
 attributes as compile-time constants):
-    0 x          (batch, 1, nheads, headdim)    fp32 / fp16 / bf16, contiguous
-    1 dt         (batch, 1, nheads)
-    2 A          (nheads,)                      fp32
-    3 B, 4 C     (batch, 1, ngroups, dstate)
+    0 x          (batch, seqlen, nheads, headdim)    fp32 / fp16 / bf16, contiguous
+    1 dt         (batch, seqlen, nheads)
+    2 A          (nheads,)                           fp32
+    3 B, 4 C     (batch, seqlen, ngroups, dstate)
     5 D          (nheads,) or (nheads, headdim) fp32
     6 dt_bias    (nheads,)                      fp32
     7 ssm_state  (batch, nheads, headdim, dstate) fp32 (or fp16 / bf16)
   ->
-    y (batch, 1, nheads, headdim), present_ssm_state (may be ssm_state itself: each program reads its whole
-    tile before writing it)
+    y (batch, seqlen, nheads, headdim), present_ssm_state (may be ssm_state itself: each program reads its
+    whole tile before writing it)
 Grid: (cdiv(headdim, BLOCK_P), batch * nheads). No TensorRT types here: plugins wrap this.
 """
 
@@ -27,9 +29,9 @@ import triton.language as tl
 from ..ops.ssd_scan import NO_DT_LIMIT
 
 
-def _ssd_step_kernel(
+def _ssd_scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, state_ptr, y_ptr, state_out_ptr,
-    nheads, headdim, dstate, ngroups,
+    seqlen, nheads, headdim, dstate, ngroups,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr, DT_MIN: tl.constexpr, DT_MAX: tl.constexpr,
@@ -44,37 +46,40 @@ def _ssd_step_kernel(
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
 
-    # 1. dt after bias, softplus (x <= 20 ? log(1 + exp(x)) : x) and limit
-    dt = tl.load(dt_ptr + pid_bh).to(tl.float32)
-    if HAS_DT_BIAS:
-        dt += tl.load(dt_bias_ptr + h)
-    if DT_SOFTPLUS:
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-    if DT_CLAMP:
-        dt = tl.minimum(tl.maximum(dt, DT_MIN), DT_MAX)
-    decay = tl.exp(dt * tl.load(A_ptr + h))
-
-    # 2. h = decay h + (dt x) B^T ; y = h C
-    x = tl.load(x_ptr + pid_bh * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    Bv = tl.load(B_ptr + (b * ngroups + g) * dstate + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + (b * ngroups + g) * dstate + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tile = (pid_bh * headdim + offs_p[:, None]) * dstate + offs_n[None, :]
     mask = mask_p[:, None] & mask_n[None, :]
     s = tl.load(state_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    s = s * decay + (dt * x)[:, None] * Bv[None, :]
-    y = tl.sum(s * Cv[None, :], axis=1)
-
-    # 3. D skip
+    A = tl.load(A_ptr + h)
+    if HAS_DT_BIAS:
+        dt_bias = tl.load(dt_bias_ptr + h)
     if HAS_D:
         if D_HAS_HDIM:
-            y += x * tl.load(D_ptr + h * headdim + offs_p, mask=mask_p, other=0.0)
+            Dv = tl.load(D_ptr + h * headdim + offs_p, mask=mask_p, other=0.0)
         else:
-            y += x * tl.load(D_ptr + h)
-    tl.store(y_ptr + pid_bh * headdim + offs_p, y.to(y_ptr.dtype.element_ty), mask=mask_p)
+            Dv = tl.load(D_ptr + h)
+    for t in range(seqlen):
+        bt = b * seqlen + t  # row (b, t)
+        # 1. dt after bias, softplus (x <= 20 ? log(1 + exp(x)) : x) and limit
+        dt = tl.load(dt_ptr + bt * nheads + h).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt += dt_bias
+        if DT_SOFTPLUS:
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        if DT_CLAMP:
+            dt = tl.minimum(tl.maximum(dt, DT_MIN), DT_MAX)
+        # 2. h = exp(dt A) h + (dt x) B^T ; y = h C (+ D x)
+        x = tl.load(x_ptr + (bt * nheads + h) * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + (bt * ngroups + g) * dstate + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + (bt * ngroups + g) * dstate + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+        y = tl.sum(s * Cv[None, :], axis=1)
+        if HAS_D:
+            y += x * Dv
+        tl.store(y_ptr + (bt * nheads + h) * headdim + offs_p, y.to(y_ptr.dtype.element_ty), mask=mask_p)
     tl.store(state_out_ptr + tile, s.to(state_out_ptr.dtype.element_ty), mask=mask)
 
 
-ssd_step_kernel = triton.jit(_ssd_step_kernel)
+ssd_scan_kernel = triton.jit(_ssd_scan_kernel)
 
 
 def constexprs(headdim: int, dstate: int, *, has_D=True, D_has_hdim=False, has_dt_bias=True, dt_softplus=True,
@@ -95,7 +100,7 @@ def constexprs(headdim: int, dstate: int, *, has_D=True, D_has_hdim=False, has_d
     }
 
 
-def ssd_step(
+def ssd_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -110,11 +115,9 @@ def ssd_step(
     out: torch.Tensor | None = None,
     state_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ssd_scan_ref's signature for seqlen == 1 (chunk_size is ignored); out / state_out may be given
-    (state_out may be ssm_state, for an in-place update)."""
+    """ssd_scan_ref's signature (chunk_size is ignored); out / state_out may be given (state_out may be
+    ssm_state, for an in-place update)."""
     batch, seqlen, nheads, headdim = x.shape
-    if seqlen != 1:
-        raise ValueError(f"ssd_step is the decode step: seqlen must be 1, got {seqlen}")
     ngroups, dstate = B.shape[-2], B.shape[-1]
     if nheads % ngroups:
         raise ValueError(f"ngroups ({ngroups}) must divide nheads ({nheads})")
@@ -129,5 +132,6 @@ def ssd_step(
     meta = constexprs(headdim, dstate, has_D=D is not None, D_has_hdim=D is not None and D.dim() == 2,
                       has_dt_bias=dt_bias is not None, dt_softplus=dt_softplus, dt_limit=dt_limit)
     grid = (triton.cdiv(headdim, meta["BLOCK_P"]), batch * nheads)
-    ssd_step_kernel[grid](x, dt, A, B, C, Df, db, ssm_state, y, s_out, nheads, headdim, dstate, ngroups, **meta)
+    ssd_scan_kernel[grid](x, dt, A, B, C, Df, db, ssm_state, y, s_out, seqlen, nheads, headdim, dstate, ngroups,
+                          **meta)
     return y, s_out
