@@ -280,3 +280,14 @@ def test_session_errors(exported):
         session.step([1])
     with pytest.raises(SsmrtError, match="--top-p"):
         session.generate([1], 3, temperature=1.0, top_p=0.0)
+
+
+def test_selective_scan_without_gate_is_refused():
+    """No z has silu(z) == 1 exactly, so the fallback body cannot express 'no gate': export refuses it."""
+    from ssmrt.exporter.torch_to_onnx import _StaticShapes, _SymbolicOps
+
+    ops = _SymbolicOps(_StaticShapes())
+    u = torch.zeros(1, 2, 4)
+    with pytest.raises(SsmrtError, match="without a z gate"):
+        ops.selective_scan(u, u, torch.zeros(4, 8), torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), None, None,
+                           None, True, torch.zeros(1, 4, 8))

@@ -62,53 +62,56 @@ class _StaticShapes:
             seen[tspec.name] = tuple(a if a == b else None for a, b in zip(old, shape, strict=True))
 
 
-_recorder: _StaticShapes | None = None
+class _SymbolicOps:
+    """The ops as ssmrt::* nodes (what ops.dispatch runs during export), recording their static shapes.
 
+    Every input is supplied, so the fallback bodies need no presence test: a missing conv bias, D or bias
+    becomes zeros. A missing z cannot be expressed (no z has silu(z) == 1 exactly) and is refused.
+    """
 
-def _symbolic(op_name, inputs, attrs, like):
-    import torch
+    def __init__(self, recorder: _StaticShapes):
+        self.recorder = recorder
 
-    if _recorder is not None:
-        _recorder.record(op_name, inputs)
-    return torch.onnx.ops.symbolic_multi_out(
-        f"{DOMAIN}::{op_name}",
-        inputs,
-        {**attrs, **PLUGIN_ATTRS},
-        dtypes=tuple(t.dtype for t in like),
-        shapes=tuple(t.shape for t in like),
-        version=OPSET_VERSION,
-    )
+    def _emit(self, op_name, inputs, attrs, like):
+        import torch
 
+        self.recorder.record(op_name, inputs)
+        return tuple(torch.onnx.ops.symbolic_multi_out(
+            f"{DOMAIN}::{op_name}",
+            inputs,
+            {**attrs, **PLUGIN_ATTRS},
+            dtypes=tuple(t.dtype for t in like),
+            shapes=tuple(t.shape for t in like),
+            version=OPSET_VERSION,
+        ))
 
-def _conv_symbolic(x, weight, bias, conv_state, activation):
-    if bias is None:  # every input is supplied, so the fallback body needs no presence test
-        bias = weight.new_zeros(weight.shape[0])
-    y, s = _symbolic("CausalConv1d", (x, weight, bias, conv_state), {"activation": activation or "none"},
-                     (x, conv_state))
-    return y, s
+    def causal_conv1d(self, x, weight, bias, conv_state, activation):
+        if bias is None:
+            bias = weight.new_zeros(weight.shape[0])
+        return self._emit("CausalConv1d", (x, weight, bias, conv_state), {"activation": activation or "none"},
+                          (x, conv_state))
 
+    def selective_scan(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state):
+        import torch
 
-def _selective_symbolic(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state):
-    import torch
+        if z is None:
+            raise SsmrtError("SelectiveScan without a z gate cannot be exported (every Mamba-1 model has one)")
+        dim = u.shape[-1]
+        D = D if D is not None else torch.zeros(dim, dtype=torch.float32)
+        delta_bias = delta_bias if delta_bias is not None else torch.zeros(dim, dtype=torch.float32)
+        return self._emit("SelectiveScan", (u, delta, A, B, C, D, z, delta_bias, ssm_state),
+                          {"delta_softplus": int(bool(delta_softplus))}, (u, ssm_state))
 
-    dim = u.shape[-1]
-    D = D if D is not None else torch.zeros(dim, dtype=torch.float32)
-    z = z if z is not None else torch.full_like(u, 30.0)  # silu(30) == 30 * (1 - 1e-13): no gate
-    delta_bias = delta_bias if delta_bias is not None else torch.zeros(dim, dtype=torch.float32)
-    return tuple(_symbolic("SelectiveScan", (u, delta, A, B, C, D, z, delta_bias, ssm_state),
-                           {"delta_softplus": int(bool(delta_softplus))}, (u, ssm_state)))
+    def ssd_scan(self, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size):
+        import torch
 
-
-def _ssd_symbolic(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size):
-    import torch
-
-    nheads = x.shape[2]
-    D = D if D is not None else torch.zeros(nheads, dtype=torch.float32)
-    dt_bias = dt_bias if dt_bias is not None else torch.zeros(nheads, dtype=torch.float32)
-    lo, hi = dt_limit
-    attrs = {"chunk_size": int(chunk_size), "dt_softplus": int(bool(dt_softplus)), "dt_min": float(lo),
-             "dt_max": float(hi)}
-    return tuple(_symbolic("SSDScan", (x, dt, A, B, C, D, dt_bias, ssm_state), attrs, (x, ssm_state)))
+        nheads = x.shape[2]
+        D = D if D is not None else torch.zeros(nheads, dtype=torch.float32)
+        dt_bias = dt_bias if dt_bias is not None else torch.zeros(nheads, dtype=torch.float32)
+        lo, hi = dt_limit
+        attrs = {"chunk_size": int(chunk_size), "dt_softplus": int(bool(dt_softplus)), "dt_min": float(lo),
+                 "dt_max": float(hi)}
+        return self._emit("SSDScan", (x, dt, A, B, C, D, dt_bias, ssm_state), attrs, (x, ssm_state))
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -189,10 +192,10 @@ def export_model(
 
     # the exporter logs a warning per torchvision op it cannot register; torchvision is not ours to need
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    global _recorder
-    _recorder = recorder = _StaticShapes()
+    recorder = _StaticShapes()
+    symbolic = _SymbolicOps(recorder)
     with warnings.catch_warnings(), dispatch.override(
-        causal_conv1d=_conv_symbolic, selective_scan=_selective_symbolic, ssd_scan=_ssd_symbolic
+        causal_conv1d=symbolic.causal_conv1d, selective_scan=symbolic.selective_scan, ssd_scan=symbolic.ssd_scan
     ):
         warnings.simplefilter("ignore")
         try:
@@ -203,8 +206,6 @@ def export_model(
             )
         except Exception as e:  # the exporter's own errors are long; keep the first line
             raise SsmrtError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
-        finally:
-            _recorder = None
     proto = program.model_proto
     proto.functions.extend(all_functions(opset, recorder.shapes))
     if not any(o.domain == DOMAIN for o in proto.opset_import):
