@@ -1,0 +1,27 @@
+"""The GPU benchmark script runs (its --smoke mode: tiny shapes in Triton's interpreter), so a GPU session
+can spend its minutes measuring, not debugging the script. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_kernel_benchmark_smoke(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "gpu.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--smoke", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    print(res.stdout, res.stderr[-3000:])
+    assert res.returncode == 0
+    report = json.loads(out.read_text())
+    assert report["env"]["smoke"] is True
+    assert {r["case"] for r in report["results"]} == {"ssd decode step", "selective_scan prefill",
+                                                      "ssd_scan prefill"}
