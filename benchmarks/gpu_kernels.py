@@ -75,11 +75,8 @@ def main():
     def rand(*shape, dtype=torch.float32):
         return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
 
-    rows = []
-
-    # 1. decode state update, Mamba-2 2.7B shape
-    H, P, N = (4, 8, 16) if args.smoke else (80, 64, 128)
-    for batch in ((1, 2) if args.smoke else (1, 64)):
+    def decode_case(batch, H, P, N):
+        """Mamba-2 decode state update, in place."""
         x, dt = rand(batch, 1, H, P, dtype=torch.float16), rand(batch, 1, H, dtype=torch.float16)
         A, D, dt_bias = -torch.rand(H, device=device) - 0.5, rand(H), rand(H)
         B, C = rand(batch, 1, 1, N, dtype=torch.float16), rand(batch, 1, 1, N, dtype=torch.float16)
@@ -98,28 +95,25 @@ def main():
                 st2, xe, dte, Ae, B[:, 0], C[:, 0], D[:, None].expand(H, P), z=None,
                 dt_bias=dt_bias[:, None].expand(H, P), dt_softplus=True))
             row["mamba_ssm_us"] = t_peer * 1e6
-        rows.append(row)
+        return row
 
-    # 2. SelectiveScan prefill (Mamba-1)
-    for dim, L in (((16, 32),) if args.smoke else ((1536, 2048), (5120, 2048), (1536, 8192))):
-        Nm = 16
+    def selective_case(dim, L, Nm=16):
+        """Mamba-1 SelectiveScan prefill from zero state."""
         u, delta, z = (rand(1, L, dim, dtype=torch.float16) for _ in range(3))
         A, Dv, db = -torch.rand(dim, Nm, device=device) - 0.5, rand(dim), rand(dim)
         B, C = rand(1, L, 1, Nm, dtype=torch.float16), rand(1, L, 1, Nm, dtype=torch.float16)
         state = torch.zeros(1, dim, Nm, device=device)
         t = timed(lambda: selective_scan(u, delta, A, B, C, Dv, z, db, True, state))
         moved = 4 * L * dim * 2 + 2 * L * Nm * 2 + 2 * dim * Nm * 4  # u, delta, z, y; B, C; state in/out
-        rows.append({"case": "selective_scan prefill", "dim": dim, "L": L, "ms": t * 1e3,
-                     "GBps": moved / t / 1e9, "of_copy_bw": moved / t / copy_bw})
+        return {"case": "selective_scan prefill", "dim": dim, "L": L, "ms": t * 1e3,
+                "GBps": moved / t / 1e9, "of_copy_bw": moved / t / copy_bw}
 
-    # 3. SSDScan prefill (Mamba-2), bf16 (fp16 in the smoke run: the interpreter has no bf16)
-    act = torch.float16 if args.smoke else torch.bfloat16
-    Hs, Ps, Ns = (2, 8, 16) if args.smoke else (24, 64, 128)
-    for batch, L in (((1, 16),) if args.smoke else ((1, 2048), (1, 8192), (8, 2048))):
-        x, dt = rand(batch, L, Hs, Ps, dtype=act), rand(batch, L, Hs, dtype=act)
-        A, Dv, db = -torch.rand(Hs, device=device) - 0.5, rand(Hs), rand(Hs)
-        B, C = rand(batch, L, 1, Ns, dtype=act), rand(batch, L, 1, Ns, dtype=act)
-        state = torch.zeros(batch, Hs, Ps, Ns, device=device)
+    def ssd_case(batch, L, H, P, N, act):
+        """Mamba-2 SSDScan prefill from zero state, against mamba_chunk_scan_combined when present."""
+        x, dt = rand(batch, L, H, P, dtype=act), rand(batch, L, H, dtype=act)
+        A, Dv, db = -torch.rand(H, device=device) - 0.5, rand(H), rand(H)
+        B, C = rand(batch, L, 1, N, dtype=act), rand(batch, L, 1, N, dtype=act)
+        state = torch.zeros(batch, H, P, N, device=device)
         t = timed(lambda: ssd_scan(x, dt, A, B, C, Dv, db, True, (0.0, float("inf")), state))
         row = {"case": "ssd_scan prefill", "batch": batch, "L": L, "ms": t * 1e3, "tokens_per_s": batch * L / t}
         if mamba_chunk_scan_combined is not None:
@@ -127,7 +121,19 @@ def main():
                                                              dt_softplus=True))
             row["mamba_ssm_tokens_per_s"] = batch * L / t_peer
             row["vs_mamba_ssm"] = t_peer / t
-        rows.append(row)
+        return row
+
+    rows = []
+    # 1. decode state update, Mamba-2 2.7B shape (80 heads x 64 x 128)
+    for batch in ((1, 2) if args.smoke else (1, 64)):
+        rows.append(decode_case(batch, *((4, 8, 16) if args.smoke else (80, 64, 128))))
+    # 2. SelectiveScan prefill (Mamba-1), d_state 16
+    for dim, L in (((16, 32),) if args.smoke else ((1536, 2048), (5120, 2048), (1536, 8192))):
+        rows.append(selective_case(dim, L))
+    # 3. SSDScan prefill (Mamba-2), bf16 (fp16 in the smoke run: the interpreter has no bf16)
+    act = torch.float16 if args.smoke else torch.bfloat16
+    for batch, L in (((1, 16),) if args.smoke else ((1, 2048), (1, 8192), (8, 2048))):
+        rows.append(ssd_case(batch, L, *((2, 8, 16) if args.smoke else (24, 64, 128)), act))
 
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
            "torch": torch.__version__, "triton": __import__("triton").__version__,
