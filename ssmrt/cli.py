@@ -65,8 +65,12 @@ def _prompt(path, prompt, prompt_ids):
     return ids, tok
 
 
-def _runner_options(threads, provider, opt_level):
-    return {"threads": threads, "provider": provider, "opt_level": opt_level}
+def _runner(path, backend, threads=0, provider="auto", opt_level="all"):
+    """A runner for PATH; the ONNX Runtime options apply to an artifact (a checkpoint runs on torch)."""
+    from .runtime import is_artifact, runner_from_path
+
+    opts = {"threads": threads, "provider": provider, "opt_level": opt_level} if is_artifact(path) else {}
+    return runner_from_path(path, backend, **opts)
 
 
 _OPT_LEVEL = click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
@@ -119,11 +123,10 @@ def export(model_dir, out_dir, dtype, state_dtype, opset, logits):
 def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top_k, top_p, seed, stop_ids, stream,
              as_json, threads, provider, opt_level):
     """Generate from an artifact (ssmrt export) or a checkpoint directory."""
-    from .runtime import Session, runner_from_path
+    from .runtime import Session
 
     ids, tok = _prompt(path, prompt, prompt_ids)
-    opts = _runner_options(threads, provider, opt_level) if _is_artifact(path) else {}
-    runner = runner_from_path(path, backend, **opts)
+    runner = _runner(path, backend, threads, provider, opt_level)
     stops = _parse_ids(stop_ids) if stop_ids else ([runner.config.eos_token_id]
                                                    if runner.config.eos_token_id is not None else [])
     session = Session(runner)
@@ -157,12 +160,6 @@ def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top
         click.echo(" ".join(map(str, new)))
 
 
-def _is_artifact(path) -> bool:
-    from .runtime import is_artifact
-
-    return is_artifact(path)
-
-
 # ------------------------------------------------------------------------------------------- compare
 
 
@@ -181,19 +178,21 @@ def _is_artifact(path) -> bool:
 @click.option("--prompt-len", type=int, default=16, show_default=True,
               help="Length of a random prompt (seed 0) when none is given.")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--threads", type=int, default=0)
-def compare(model_dir, artifact, backend, steps, dtype, atol, rtol, prompt, prompt_ids, prompt_len, as_json, threads):
+@click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default).")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@_OPT_LEVEL
+def compare(model_dir, artifact, backend, steps, dtype, atol, rtol, prompt, prompt_ids, prompt_len, as_json, threads,
+            provider, opt_level):
     """Parity of ARTIFACT against the fp32 reference of MODEL_DIR; exit 1 outside tolerance."""
     import numpy as np
 
     from .compare import compare_runners
-    from .runtime import TorchRunnerFromCheckpoint, runner_from_path
+    from .runtime import TorchRunnerFromCheckpoint
 
     if steps < 0:
         raise SsmrtError(f"--steps must be >= 0, got {steps}")
     reference = TorchRunnerFromCheckpoint(model_dir)
-    opts = {"threads": threads} if _is_artifact(artifact) else {}
-    candidate = runner_from_path(artifact, backend, **opts)
+    candidate = _runner(artifact, backend, threads, provider, opt_level)
     if candidate.config.to_dict() | {"source": ""} != reference.config.to_dict() | {"source": ""}:
         raise SsmrtError(f"{artifact}: its config differs from {model_dir}'s; compare an artifact with its own model")
     if prompt is None and prompt_ids is None:
@@ -257,14 +256,12 @@ def inspect(artifact, as_json):
 def bench(path, backend, prompt_len, decode_steps, batch, repeat, threads, provider, opt_level, as_json):
     """Prefill tokens/s and decode ms/token of an artifact or checkpoint."""
     from .bench import bench_runner
-    from .runtime import runner_from_path
 
     for name, v in (("--prompt-len", prompt_len), ("--decode-steps", decode_steps), ("--batch", batch),
                     ("--repeat", repeat)):
         if v < 1:
             raise SsmrtError(f"{name} must be >= 1, got {v}")
-    opts = _runner_options(threads, provider, opt_level) if _is_artifact(path) else {}
-    runner = runner_from_path(path, backend, **opts)
+    runner = _runner(path, backend, threads, provider, opt_level)
     res = bench_runner(runner, prompt_len, decode_steps, batch, repeat, progress=not as_json)
     if as_json:
         click.echo(json.dumps(res))

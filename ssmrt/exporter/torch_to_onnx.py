@@ -125,25 +125,23 @@ def _torch_dtype(name: str, what: str):
     return getattr(torch, name)
 
 
-class _Wrapper:
-    """forward(input_ids, *flat_states) -> (logits, *flat_new_states), the ONNX graph's signature."""
+def _graph_module(model, logits: str):
+    """The module torch.onnx.export traces: forward(input_ids, *flat_states) -> (logits, *flat_new_states)."""
+    import torch
 
-    def __new__(cls, model, logits):
-        import torch
+    class GraphModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
+        def forward(self, input_ids, *states):
+            pairs = tuple((states[2 * i], states[2 * i + 1]) for i in range(len(states) // 2))
+            out, new = self.model(input_ids, pairs)
+            if logits == "last":
+                out = out[:, -1:]
+            return (out, *[t for pair in new for t in pair])
 
-            def forward(self, input_ids, *states):
-                pairs = tuple((states[2 * i], states[2 * i + 1]) for i in range(len(states) // 2))
-                out, new = self.model(input_ids, pairs)
-                if logits == "last":
-                    out = out[:, -1:]
-                return (out, *[t for pair in new for t in pair])
-
-        return Wrapper()
+    return GraphModule()
 
 
 def export_model(
@@ -200,7 +198,7 @@ def export_model(
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                _Wrapper(model, logits), (ids, *states), dynamo=True, opset_version=opset,
+                _graph_module(model, logits), (ids, *states), dynamo=True, opset_version=opset,
                 input_names=["input_ids", *in_states], output_names=["logits", *out_states],
                 dynamic_shapes=dynamic, verbose=False,
             )
