@@ -76,23 +76,14 @@ def matmul_weight_shapes(model) -> list[tuple[int, int]]:
 
 
 def time_onnxruntime(artifact: str, prompt_len: int, decode_steps: int, repeat: int) -> tuple[float, float, float]:
-    """(median prefill s, median and best decode s/token over `repeat` blocks) of an artifact at batch 1."""
+    """(median prefill s, median and best decode s/token over `repeat` blocks) of an artifact at batch 1, by
+    the same timer as `ssmrt bench`."""
+    from ssmrt.bench import bench_runner
     from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
 
-    runner = OnnxRuntimeRunnerFromArtifact(artifact, provider="cpu")
-    ids = np.random.default_rng(0).integers(0, runner.config.vocab_size, (1, prompt_len), dtype=np.int64)
-    prefill = timed(lambda: runner.forward(ids, runner.zero_state(1)), repeat)
-    _, state = runner.forward(ids[:, :8], runner.zero_state(1))
-    tok = np.array([[1]], dtype=np.int64)
-    blocks = []
-    for _ in range(repeat):  # blocks of decode_steps tokens: the median step of each block
-        steps = []
-        for _ in range(decode_steps):
-            t0 = time.perf_counter()
-            _, state = runner.forward(tok, state)
-            steps.append(time.perf_counter() - t0)
-        blocks.append(statistics.median(steps))
-    return prefill, statistics.median(blocks), min(blocks)
+    r = bench_runner(OnnxRuntimeRunnerFromArtifact(artifact, provider="cpu"), prompt_len, decode_steps, batch=1,
+                     repeat=repeat, progress=False, decode_blocks=repeat)
+    return r["prefill_s"], r["decode_ms_per_token"] / 1e3, r["decode_ms_best_block"] / 1e3
 
 
 def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repeat: int, workdir: Path) -> dict:
