@@ -128,6 +128,16 @@ def test_user_errors(tiny, tmp_path, args, fragment):
     assert "Traceback" not in res.output
 
 
+def test_verbose_shows_the_traceback(tmp_path):
+    """-v lets the error through with its traceback instead of the one-line message."""
+    from ssmrt import SsmrtError
+
+    res = CliRunner().invoke(main, ["-v", "generate", str(tmp_path / "missing"), "--prompt-ids", "1"])
+    assert res.exit_code != 0 and isinstance(res.exception, SsmrtError)
+    assert "no such file or directory" in str(res.exception)
+    assert "ssmrt: error:" not in res.output
+
+
 def test_generate_text_without_tokenizer(tmp_path):
     d = save_hf(hf_model("mamba2", **HF_CONFIGS[4][2]), tmp_path / "m")
     res = run(["generate", str(d), "--prompt", "hello"])

@@ -94,7 +94,9 @@ def test_ssd_prefill_then_steps_in_place_equal_one_pass():
     assert_close(torch.cat(ys, 1), y_ref, name="ssd pieces y")
     assert_close(state, s_ref, name="ssd pieces state")
     y0, s0 = ssd_scan(**{**kw, "ssm_state": None})
-    assert_close(s0, ssd_scan_ref(**{**kw, "ssm_state": None})[1], name="ssd state from zero")
+    y0_ref, s0_ref = ssd_scan_ref(**{**kw, "ssm_state": None})
+    assert_close(y0, y0_ref, name="ssd y from zero")
+    assert_close(s0, s0_ref, name="ssd state from zero")
 
 
 # ------------------------------------------------------------------------------------- CausalConv1d
