@@ -266,6 +266,16 @@ def test_stream_and_stop_ids(exported):
     assert stopped == full[: full.index(stop) + 1]
 
 
+def test_reset_forgets_the_state(exported):
+    _, art, _ = exported("mamba2-g1")
+    session = Session(OnnxRuntimeRunnerFromArtifact(art))
+    session.prefill([[1, 2], [3]])
+    session.reset()
+    assert session.batch_size == 0 and session.state is None
+    with pytest.raises(SsmrtError, match="before prefill"):
+        session.step(1)
+
+
 def test_session_errors(exported):
     _, art, _ = exported("mamba2-g1")
     session = Session(OnnxRuntimeRunnerFromArtifact(art))

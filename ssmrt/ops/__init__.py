@@ -1,6 +1,6 @@
 """The SSM ops: plain-torch references (`*_ref`, fp32 math, cast back) and their contracts (spec.py)."""
 
-from .causal_conv1d import causal_conv1d_ref, conv_state_from_full_window
+from .causal_conv1d import causal_conv1d_ref
 from .dispatch import causal_conv1d, selective_scan, ssd_scan
 from .rmsnorm import gated_rmsnorm_ref, rmsnorm_ref
 from .selective_scan import selective_scan_ref
@@ -12,7 +12,6 @@ __all__ = [
     "TOLERANCES",
     "causal_conv1d",
     "causal_conv1d_ref",
-    "conv_state_from_full_window",
     "gated_rmsnorm_ref",
     "rmsnorm_ref",
     "selective_scan",

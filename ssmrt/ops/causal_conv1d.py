@@ -63,7 +63,3 @@ def causal_conv1d_ref(
     new_state = xs[:, :, xs.shape[-1] - (width - 1) :]
     return y.transpose(1, 2).to(x.dtype), new_state.to(state_dtype)
 
-
-def conv_state_from_full_window(conv_state: torch.Tensor) -> torch.Tensor:
-    """mamba_ssm / HF keep `width` columns (the oldest is never read); ssmrt keeps the last width-1."""
-    return conv_state[..., 1:]

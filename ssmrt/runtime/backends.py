@@ -51,15 +51,6 @@ class Runner:
     def to_numpy(self, state: list) -> list[np.ndarray]:
         return [np.asarray(s) for s in state]
 
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def describe(self) -> str:
         return self.name
 
