@@ -188,6 +188,16 @@ def test_logits_last_and_external_data(exported, tmp_path, monkeypatch):
     assert_close(logits[:, 0], full[:, -1], atol=1e-4, rtol=1e-4, name="last logits")
 
 
+def test_export_leaves_the_callers_model_alone(exported, tmp_path):
+    ckpt, _, _ = exported("mamba2-g1")
+    model = ssmrt.load_model(ckpt)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_model(model, tmp_path / "fp16", dtype="float16")
+    assert model.training and model.dtype == torch.float32
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_tokenizer_files_are_copied(tmp_path):
     from ssmrt.runtime.tokenizer import byte_level_tokenizer_json, load_tokenizer
 
