@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from test_ops import conv_inputs, selective_inputs, ssd_inputs
+from test_ops import conv_inputs, selective_inputs, ssd_inputs, to64
 
 from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
 from ssmrt.testing import assert_close
@@ -20,7 +20,8 @@ triton = pytest.importorskip("triton")
 
 from ssmrt.kernels.causal_conv1d import causal_conv1d  # noqa: E402
 from ssmrt.kernels.selective_scan import selective_scan  # noqa: E402
-from ssmrt.kernels.ssd_scan import ssd_scan  # noqa: E402
+from ssmrt.kernels.ssd_chunked import ssd_scan_chunked  # noqa: E402
+from ssmrt.kernels.ssd_scan import ssd_scan, ssd_scan_recurrent  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter computes in numpy, which has no bfloat16: bf16 is checked on a GPU only.
@@ -53,50 +54,97 @@ SSD_SHAPES = [
 ]
 
 
+# The one-kernel recurrence (decode, short inputs) and the chunked chain (long prompts) both stand for the op;
+# the chain runs with 16-token chunks here so that short inputs span several chunks, the last one partial.
+SSD_IMPLS = {"recurrent": ssd_scan_recurrent, "chunked": ssd_scan_chunked}
+SSD_SEQLENS = {"recurrent": SEQLENS, "chunked": [1, 16, 37] + ([300, 1000] if DEVICE == "cuda" else [])}
+SSD_CASES = [(impl, seqlen) for impl in SSD_IMPLS for seqlen in SSD_SEQLENS[impl]]
+
+
 @pytest.mark.parametrize("batch,nheads,headdim,dstate,ngroups", SSD_SHAPES)
-@pytest.mark.parametrize("seqlen", SEQLENS)
+@pytest.mark.parametrize("impl,seqlen", SSD_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ssd_scan_matches_reference(batch, nheads, headdim, dstate, ngroups, seqlen, dtype):
-    kw = on_device(ssd_inputs(batch, seqlen, nheads, headdim, dstate, ngroups, dtype=dtype, chunk_size=8))
+def test_ssd_scan_matches_reference(batch, nheads, headdim, dstate, ngroups, impl, seqlen, dtype):
+    kw = on_device(ssd_inputs(batch, seqlen, nheads, headdim, dstate, ngroups, dtype=dtype, chunk_size=16))
     y_out, s_out = poisoned(kw["x"]), poisoned(kw["ssm_state"])
-    y, s = ssd_scan(**kw, out=y_out, state_out=s_out)
+    y, s = SSD_IMPLS[impl](**kw, out=y_out, state_out=s_out)
     assert y.data_ptr() == y_out.data_ptr() and s.data_ptr() == s_out.data_ptr()
-    y_ref, s_ref = ssd_scan_ref(**kw)
-    assert_close(y, y_ref, dtype=dtype, name=f"ssd y {dtype}")
-    assert_close(s, s_ref, dtype=dtype, name=f"ssd state {dtype}")
+    y_ref, s_ref = ssd_scan_ref(**to64(kw))  # the truth: fp32 chunked sums of 256 differ from each other by ~1e-4
+    assert_close(y, y_ref.to(y.dtype), dtype=dtype, name=f"ssd {impl} y {dtype}")
+    assert_close(s, s_ref.to(s.dtype), dtype=dtype, name=f"ssd {impl} state {dtype}")
 
 
+@pytest.mark.parametrize("impl", SSD_IMPLS)
 @pytest.mark.parametrize("D_per_channel", [False, True])
 @pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.05, 0.3)])
 @pytest.mark.parametrize("optional", [True, False])
-def test_ssd_scan_options(D_per_channel, dt_limit, optional):
-    kw = on_device(ssd_inputs(2, 5, 4, 8, 16, 2, D_per_channel=D_per_channel, dt_limit=dt_limit))
+def test_ssd_scan_options(impl, D_per_channel, dt_limit, optional):
+    kw = on_device(ssd_inputs(2, 21, 4, 8, 16, 2, D_per_channel=D_per_channel, dt_limit=dt_limit, chunk_size=16))
     if not optional:
         kw.update(D=None, dt_bias=None, dt_softplus=False)
         kw["dt"] = kw["dt"].abs()
-    y, s = ssd_scan(**kw)
+    y, s = SSD_IMPLS[impl](**kw)
     y_ref, s_ref = ssd_scan_ref(**kw)
-    assert_close(y, y_ref, name="ssd y")
-    assert_close(s, s_ref, name="ssd state")
+    assert_close(y, y_ref, name=f"ssd {impl} y")
+    assert_close(s, s_ref, name=f"ssd {impl} state")
 
 
-def test_ssd_prefill_then_steps_in_place_equal_one_pass():
-    kw = on_device(ssd_inputs(2, 12, 4, 8, 16, 2, chunk_size=4))
+@pytest.mark.parametrize("chunk_size", [1, 16, 32, 64, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ssd_chunked_any_chunk_size(chunk_size, dtype):
+    """The result does not depend on the chunk (rounded to a power of two in [16, 256]), up to the model's
+    own 256, at the model's sizes (headdim 64, dstate 128)."""
+    kw = on_device(ssd_inputs(1, 300, 2, 64, 128, 1, dtype=dtype, chunk_size=chunk_size))
+    y, s = ssd_scan_chunked(**kw)
+    y_ref, s_ref = ssd_scan_ref(**to64(kw))
+    assert_close(y, y_ref.to(dtype), dtype=dtype, name=f"ssd chunked y, chunk {chunk_size}, {dtype}")
+    assert_close(s, s_ref.float(), dtype=dtype, name=f"ssd chunked state, chunk {chunk_size}, {dtype}")
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("impl", SSD_IMPLS)
+def test_ssd_low_precision_state(impl, state_dtype):
+    kw = on_device(ssd_inputs(2, 20, 4, 8, 16, 2, chunk_size=16))
+    kw["ssm_state"] = kw["ssm_state"].to(state_dtype)
+    y, s = SSD_IMPLS[impl](**kw)
+    y_ref, s_ref = ssd_scan_ref(**kw)
+    assert s.dtype == state_dtype
+    assert_close(y, y_ref, dtype=state_dtype, name=f"ssd {impl} y, {state_dtype} state")
+    assert_close(s, s_ref, dtype=state_dtype, name=f"ssd {impl} state, {state_dtype} state")
+
+
+def test_ssd_scan_picks_by_seqlen(monkeypatch):
+    from ssmrt.kernels import ssd_chunked
+    from ssmrt.kernels import ssd_scan as ssd_mod
+
+    picked = []
+    monkeypatch.setattr(ssd_chunked, "ssd_scan_chunked", lambda *a: picked.append("chunked") or a)
+    monkeypatch.setattr(ssd_mod, "ssd_scan_recurrent", lambda *a: picked.append("recurrent") or a)
+    for seqlen in (1, ssd_mod.CHUNKED_MIN_SEQLEN - 1, ssd_mod.CHUNKED_MIN_SEQLEN):
+        kw = ssd_inputs(1, seqlen, 2, 4, 16, 1)
+        ssd_scan(**kw)
+    assert picked == ["recurrent", "recurrent", "chunked"]
+
+
+@pytest.mark.parametrize("impl", SSD_IMPLS)
+def test_ssd_prefill_then_steps_in_place_equal_one_pass(impl):
+    kw = on_device(ssd_inputs(2, 40, 4, 8, 16, 2, chunk_size=16))
     y_ref, s_ref = ssd_scan_ref(**kw)
     state = kw["ssm_state"].clone()
     keys = ("x", "dt", "B", "C")
-    y, _ = ssd_scan(**pieces({**kw, "ssm_state": state}, keys, slice(0, 5)), state_out=state)
+    prefill = SSD_IMPLS[impl]
+    y, _ = prefill(**pieces({**kw, "ssm_state": state}, keys, slice(0, 33)), state_out=state)
     ys = [y]
-    for t in range(5, 12):
-        y, s = ssd_scan(**pieces({**kw, "ssm_state": state}, keys, slice(t, t + 1)), state_out=state)
+    for t in range(33, 40):
+        y, s = ssd_scan_recurrent(**pieces({**kw, "ssm_state": state}, keys, slice(t, t + 1)), state_out=state)
         assert s.data_ptr() == state.data_ptr()
         ys.append(y)
-    assert_close(torch.cat(ys, 1), y_ref, name="ssd pieces y")
-    assert_close(state, s_ref, name="ssd pieces state")
-    y0, s0 = ssd_scan(**{**kw, "ssm_state": None})
+    assert_close(torch.cat(ys, 1), y_ref, name=f"ssd {impl} prefill + steps y")
+    assert_close(state, s_ref, name=f"ssd {impl} prefill + steps state")
+    y0, s0 = prefill(**{**kw, "ssm_state": None})
     y0_ref, s0_ref = ssd_scan_ref(**{**kw, "ssm_state": None})
-    assert_close(y0, y0_ref, name="ssd y from zero")
-    assert_close(s0, s0_ref, name="ssd state from zero")
+    assert_close(y0, y0_ref, name=f"ssd {impl} y from zero")
+    assert_close(s0, s0_ref, name=f"ssd {impl} state from zero")
 
 
 # ------------------------------------------------------------------------------------- CausalConv1d
@@ -173,9 +221,10 @@ def test_selective_prefill_then_steps_in_place_equal_one_pass():
 # ------------------------------------------------------------------------------------ model dispatch
 
 
-@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
-def test_model_through_kernels(arch, monkeypatch):
-    """A model's prefill-then-steps with every op on the kernels == the reference's one pass."""
+@pytest.mark.parametrize("arch,prefill", [("mamba1", 4), ("mamba2", 4), ("mamba2", 40)])
+def test_model_through_kernels(arch, prefill, monkeypatch):
+    """A model's prefill-then-steps with every op on the kernels == the reference's one pass (a 40-token
+    Mamba-2 prefill takes the chunked chain)."""
     from test_models import random_lm
 
     from ssmrt.kernels import causal_conv1d as conv_mod
@@ -195,13 +244,14 @@ def test_model_through_kernels(arch, monkeypatch):
         monkeypatch.setattr(mod, name, counting(getattr(mod, name), name))
 
     model = random_lm(arch=arch, d_model=32, n_layer=2, d_state=8, headdim=8).to(DEVICE)
-    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    total = prefill + 5
+    ids = torch.randint(0, 97, (2, total), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.no_grad():
         full, full_state = model(ids)
         with use_kernels(force=True):
-            logits, state = model(ids[:, :4])
+            logits, state = model(ids[:, :prefill])
             steps = [logits]
-            for t in range(4, 9):
+            for t in range(prefill, total):
                 out, state = model(ids[:, t : t + 1], state)
                 steps.append(out)
     scan = "selective_scan" if arch == "mamba1" else "ssd_scan"
@@ -232,7 +282,15 @@ def test_aot_compile_and_ptx_parameters(aot_results):
     contract's tensor pointers and int32 scalars, plus the two scratch pointers Triton (>= 3.3) appends to
     every kernel: an AOT plugin must pass those as null."""
     assert {(r["kernel"], r["sm"]) for r in aot_results} == {
-        (k, sm) for k in ("ssd_scan", "causal_conv1d", "selective_scan") for sm in (80, 87, 90)}
+        (k, sm) for k in ("ssd_scan", "causal_conv1d", "selective_scan", "ssd_chunk_state", "ssd_state_passing",
+                          "ssd_chunk_scan") for sm in (80, 87, 90)}
     for r in aot_results:
         assert r["params"] == ["u64"] * r["pointers"] + ["u32"] * r["int32"] + ["u64"] * 2, r
         assert r["ptx_target"] and r["cubin_bytes"] > 0, r
+
+
+def test_aot_no_register_spills(aot_results):
+    """No kernel spills registers to local memory on any target (a spill is a silent slowdown)."""
+    for r in aot_results:
+        print(r["kernel"], r["sm"], r["registers"], "registers", r["spill_bytes"], "spill bytes")
+    assert [(r["kernel"], r["sm"]) for r in aot_results if r["spill_bytes"]] == []

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the kernels for a GPU target with no GPU present: the PTX / CUBIN a TensorRT
 AOT plugin embeds. `python -m ssmrt.kernels.aot` compiles every kernel for sm_80, sm_87 (Jetson Orin) and
-sm_90 and prints each PTX entry's parameter list as JSON lines.
+sm_90 and prints, as JSON lines, each PTX entry's parameter list and, from ptxas, registers and spill bytes.
 
 Run it in a process without TRITON_INTERPRET: under the interpreter Triton's own library is decorated for
 interpretation and cannot be compiled.
@@ -13,13 +13,18 @@ import re
 import sys
 
 TARGETS = (80, 87, 90)
+LAUNCH_OPTIONS = ("num_warps", "num_stages")  # in a kernel's meta, but compile options, not constexprs
 
 
 def _table():
     """kernel -> (raw function, runtime-argument signature, constexprs of a typical specialisation)."""
-    from . import causal_conv1d, selective_scan, ssd_scan
+    import torch
+
+    from . import causal_conv1d, selective_scan, ssd_chunked, ssd_scan
 
     f16, f32 = "*fp16", "*fp32"
+    chain = ssd_chunked.constexprs(64, 128, torch.float16, 256)
+    dims = {"seqlen": "i32", "nheads": "i32", "headdim": "i32", "dstate": "i32"}
     return {
         "ssd_scan": (
             ssd_scan._ssd_scan_kernel,
@@ -38,6 +43,20 @@ def _table():
              "delta_bias_ptr": f32, "state_ptr": f32, "y_ptr": f16, "state_out_ptr": f32,
              "seqlen": "i32", "dim": "i32", "dstate": "i32", "ngroups": "i32"},
             selective_scan.constexprs(1536, 16)),
+        "ssd_chunk_state": (
+            ssd_chunked._ssd_chunk_state_kernel,
+            {"x_ptr": f16, "dt_ptr": f16, "A_ptr": f32, "B_ptr": f16, "dt_bias_ptr": f32, "dt_out_ptr": f32,
+             "dA_cumsum_ptr": f32, "states_ptr": f32, **dims, "ngroups": "i32"},
+            chain["ssd_chunk_state"]),
+        "ssd_state_passing": (
+            ssd_chunked._ssd_state_passing_kernel,
+            {"states_ptr": f32, "dA_cumsum_ptr": f32, "state_ptr": f32, "state_out_ptr": f32, **dims},
+            chain["ssd_state_passing"]),
+        "ssd_chunk_scan": (
+            ssd_chunked._ssd_chunk_scan_kernel,
+            {"x_ptr": f16, "B_ptr": f16, "C_ptr": f16, "D_ptr": f32, "dt_out_ptr": f32, "dA_cumsum_ptr": f32,
+             "states_ptr": f32, "y_ptr": f16, **dims, "ngroups": "i32"},
+            chain["ssd_chunk_scan"]),
     }
 
 
@@ -48,9 +67,30 @@ def compile_kernel(name: str, cc: int):
     from triton.runtime.jit import JITFunction
 
     fn, signature, meta = _table()[name]
+    options = {k: meta[k] for k in LAUNCH_OPTIONS if k in meta}
+    meta = {k: v for k, v in meta.items() if k not in LAUNCH_OPTIONS}
     src = triton.compiler.ASTSource(fn=JITFunction(fn), signature={**signature, **dict.fromkeys(meta, "constexpr")},
                                     constexprs=meta)
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32))
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+
+
+def ptxas_usage(ptx: str, cc: int) -> dict:
+    """Registers per thread and spill bytes (stores + loads) of the kernel, from the ptxas Triton uses for cc."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/kernel.ptx"
+        with open(src, "w") as f:
+            f.write(ptx)
+        arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+        res = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={arch}", src, "-o", f"{tmp}/kernel.cubin"],
+                             capture_output=True, text=True, check=True)
+    log = res.stdout + res.stderr
+    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+            "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))}
 
 
 def ptx_params(ptx: str) -> list[str]:
@@ -66,7 +106,7 @@ def main() -> int:
             print(json.dumps({
                 "kernel": name, "sm": cc, "params": ptx_params(k.asm["ptx"]),
                 "pointers": sum(t.startswith("*") for t in signature.values()),
-                "int32": sum(t == "i32" for t in signature.values()),
+                "int32": sum(t == "i32" for t in signature.values()), **ptxas_usage(k.asm["ptx"], cc),
                 "cubin_bytes": len(k.asm["cubin"]), "ptx_target": f".target sm_{cc}" in k.asm["ptx"],
             }))
     return 0

@@ -1,7 +1,7 @@
 """SSDScan as one Triton kernel for any seqlen: Mamba-2's recurrence h = exp(dt A) h + dt x B^T, y = h C + D x,
 step by step with the state tile held in registers (seqlen 1 is the decode step). Its reference twin is
-ssmrt.ops.ssd_scan_ref (same signature). This is the correct-first form; a chunked tensor-core prefill is
-the planned fast path for long prompts (issue 4).
+ssmrt.ops.ssd_scan_ref (same signature). Long prompts go to the chunked tensor-core chain instead
+(ssd_chunked.py): `ssd_scan` picks one by seqlen.
 
 Contract (the AOT-plugin shape: one launch, arguments are tensor pointers and int32 scalars only, float
 attributes as compile-time constants):
@@ -88,7 +88,9 @@ def constexprs(headdim: int, dstate: int, *, has_D=True, D_has_hdim=False, has_d
     lo, hi = dt_limit
     clamp = lo > 0.0 or hi < math.inf
     return {
-        "BLOCK_P": min(triton.next_power_of_2(headdim), 64),
+        # 16 rows of the state a program: 4x the programs of 64 at batch 1 (80 heads fill only 80 SMs of an
+        # H100 otherwise) and ~100 registers instead of 255
+        "BLOCK_P": min(triton.next_power_of_2(headdim), 16),
         "BLOCK_N": triton.next_power_of_2(dstate),
         "HAS_D": bool(has_D),
         "D_HAS_HDIM": bool(D_has_hdim),
@@ -100,7 +102,7 @@ def constexprs(headdim: int, dstate: int, *, has_D=True, D_has_hdim=False, has_d
     }
 
 
-def ssd_scan(
+def ssd_scan_recurrent(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -135,3 +137,31 @@ def ssd_scan(
     ssd_scan_kernel[grid](x, dt, A, B, C, Df, db, ssm_state, y, s_out, seqlen, nheads, headdim, dstate, ngroups,
                           **meta)
     return y, s_out
+
+
+# From this many tokens on, the chunked chain (three launches, tensor cores) replaces the one-kernel
+# recurrence (serial over time). benchmarks/gpu_kernels.py measures both at the crossover.
+CHUNKED_MIN_SEQLEN = 32
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
+    ssm_state: torch.Tensor | None = None,
+    chunk_size: int = 256,
+    out: torch.Tensor | None = None,
+    state_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ssd_scan_ref's signature (+ out / state_out): the recurrence for short inputs (decode), the chunked
+    chain from CHUNKED_MIN_SEQLEN tokens on."""
+    from .ssd_chunked import ssd_scan_chunked
+
+    fn = ssd_scan_chunked if x.shape[1] >= CHUNKED_MIN_SEQLEN else ssd_scan_recurrent
+    return fn(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size, out, state_out)
