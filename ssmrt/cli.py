@@ -65,16 +65,37 @@ def _prompt(path, prompt, prompt_ids):
     return ids, tok
 
 
-def _runner(path, backend, threads=0, provider="auto", opt_level="all"):
-    """A runner for PATH; the ONNX Runtime options apply to an artifact (a checkpoint runs on torch)."""
+def _runner(path, backend, threads=0, provider="auto", opt_level="all", device=None, decode=None, dtype=None):
+    """A runner for PATH: the ONNX Runtime options apply to an artifact, device / decode / dtype to a
+    checkpoint directory on the torch backend."""
     from .runtime import is_artifact, runner_from_path
 
-    opts = {"threads": threads, "provider": provider, "opt_level": opt_level} if is_artifact(path) else {}
-    return runner_from_path(path, backend, **opts)
+    if is_artifact(path):
+        for name, value in (("--device", device), ("--decode", decode)):
+            if value is not None:
+                raise SsmrtError(f"{name} applies to the torch backend (a checkpoint directory); "
+                                 f"{path} is an artifact: choose its device with --provider")
+        return runner_from_path(path, backend, threads=threads, provider=provider, opt_level=opt_level)
+    return runner_from_path(path, backend, device=device or "cpu", decode=decode, dtype=dtype)
 
 
-_OPT_LEVEL = click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
-                          show_default=True, help="ONNX Runtime graph optimisation level.")
+def _runner_options(f):
+    """The options of every command that runs a model: ONNX Runtime's and the torch backend's."""
+    options = [
+        click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)."),
+        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="ONNX Runtime execution provider."),
+        click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+                     show_default=True, help="ONNX Runtime graph optimisation level."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+                     help="Torch backend: where the model runs (cuda: the Triton kernels). [default: cpu]"),
+        click.option("--decode", type=click.Choice(["eager", "static", "cuda_graph"]), default=None,
+                     help="Torch backend: a one-token step eager, from static buffers, or as a replayed CUDA "
+                          "graph. [default: cuda_graph on cuda, else eager]"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -117,16 +138,16 @@ def export(model_dir, out_dir, dtype, state_dtype, opset, logits):
 @click.option("--stop-ids", default=None, help="Comma-separated ids that end generation (default: eos).")
 @click.option("--stream", is_flag=True, help="Print tokens as they come.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default).")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@_OPT_LEVEL
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Torch backend: the model's dtype. [default: float32]")
+@_runner_options
 def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top_k, top_p, seed, stop_ids, stream,
-             as_json, threads, provider, opt_level):
+             as_json, dtype, **runner_opts):
     """Generate from an artifact (ssmrt export) or a checkpoint directory."""
     from .runtime import Session
 
     ids, tok = _prompt(path, prompt, prompt_ids)
-    runner = _runner(path, backend, threads, provider, opt_level)
+    runner = _runner(path, backend, dtype=dtype, **runner_opts)
     stops = _parse_ids(stop_ids) if stop_ids else ([runner.config.eos_token_id]
                                                    if runner.config.eos_token_id is not None else [])
     session = Session(runner)
@@ -170,7 +191,7 @@ def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top
               help="How to run ARTIFACT (default: onnxruntime for model.onnx).")
 @click.option("--steps", type=int, default=16, show_default=True, help="Teacher-forced decode steps.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Tolerance row to use (default: the artifact's dtype).")
+              help="Tolerance row to use (default: the candidate's dtype); also the torch backend's dtype.")
 @click.option("--atol", type=float, default=None)
 @click.option("--rtol", type=float, default=None)
 @click.option("--prompt", default=None)
@@ -178,12 +199,12 @@ def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top
 @click.option("--prompt-len", type=int, default=16, show_default=True,
               help="Length of a random prompt (seed 0) when none is given.")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default).")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@_OPT_LEVEL
-def compare(model_dir, artifact, backend, steps, dtype, atol, rtol, prompt, prompt_ids, prompt_len, as_json, threads,
-            provider, opt_level):
-    """Parity of ARTIFACT against the fp32 reference of MODEL_DIR; exit 1 outside tolerance."""
+@_runner_options
+def compare(model_dir, artifact, backend, steps, dtype, atol, rtol, prompt, prompt_ids, prompt_len, as_json,
+            **runner_opts):
+    """Parity of ARTIFACT against the fp32 CPU reference of MODEL_DIR; exit 1 outside tolerance.
+
+    ARTIFACT may be MODEL_DIR itself, to check the torch backend (e.g. --device cuda --dtype float16)."""
     import numpy as np
 
     from .compare import compare_runners
@@ -192,7 +213,7 @@ def compare(model_dir, artifact, backend, steps, dtype, atol, rtol, prompt, prom
     if steps < 0:
         raise SsmrtError(f"--steps must be >= 0, got {steps}")
     reference = TorchRunnerFromCheckpoint(model_dir)
-    candidate = _runner(artifact, backend, threads, provider, opt_level)
+    candidate = _runner(artifact, backend, dtype=dtype, **runner_opts)
     if candidate.config.to_dict() | {"source": ""} != reference.config.to_dict() | {"source": ""}:
         raise SsmrtError(f"{artifact}: its config differs from {model_dir}'s; compare an artifact with its own model")
     if prompt is None and prompt_ids is None:
@@ -249,11 +270,11 @@ def inspect(artifact, as_json):
 @click.option("--decode-steps", type=int, default=64, show_default=True)
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--repeat", type=int, default=3, show_default=True, help="Prefill runs; the median counts.")
-@click.option("--threads", type=int, default=0)
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@_OPT_LEVEL
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Torch backend: the model's dtype. [default: float32]")
+@_runner_options
 @click.option("--json", "as_json", is_flag=True)
-def bench(path, backend, prompt_len, decode_steps, batch, repeat, threads, provider, opt_level, as_json):
+def bench(path, backend, prompt_len, decode_steps, batch, repeat, dtype, as_json, **runner_opts):
     """Prefill tokens/s and decode ms/token of an artifact or checkpoint."""
     from .bench import bench_runner
 
@@ -261,7 +282,7 @@ def bench(path, backend, prompt_len, decode_steps, batch, repeat, threads, provi
                     ("--repeat", repeat)):
         if v < 1:
             raise SsmrtError(f"{name} must be >= 1, got {v}")
-    runner = _runner(path, backend, threads, provider, opt_level)
+    runner = _runner(path, backend, dtype=dtype, **runner_opts)
     res = bench_runner(runner, prompt_len, decode_steps, batch, repeat, progress=not as_json)
     if as_json:
         click.echo(json.dumps(res))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from hf_models import HF_CONFIGS, hf_model, save_hf
 
@@ -91,6 +92,25 @@ def test_compare_passes_and_fails(tiny):
     assert "FAILED" in res.output and "would have passed" in res.output
 
 
+def test_compare_torch_backend_on_static_decode(tiny):
+    """compare MODEL_DIR MODEL_DIR checks the torch backend itself (on a GPU: --device cuda, the CUDA graph)."""
+    ckpt, _ = tiny
+    res = run(["compare", str(ckpt), str(ckpt), "--decode", "static", "--steps", "3", "--json"])
+    assert res.exit_code == 0
+    rep = json.loads(res.output)
+    assert rep["passed"] and "decode static" in rep["candidate"], rep
+    res = run(["bench", str(ckpt), "--dtype", "bfloat16", "--prompt-len", "8", "--decode-steps", "2",
+               "--repeat", "1", "--json"])
+    assert json.loads(res.output)["backend"] == "torch (bfloat16, cpu)"
+
+
+@pytest.mark.gpu
+def test_compare_torch_backend_on_cuda_graph(tiny):
+    ckpt, _ = tiny
+    res = run(["compare", str(ckpt), str(ckpt), "--device", "cuda", "--dtype", "float16", "--steps", "8"])
+    assert res.exit_code == 0 and "decode cuda_graph" in res.output
+
+
 def test_inspect_and_bench(tiny):
     _, art = tiny
     res = run(["inspect", str(art), "--json"])
@@ -117,7 +137,11 @@ def test_inspect_and_bench(tiny):
     (["inspect", "{ckpt}"], "model.onnx: not found"),
     (["compare", "{ckpt}", "{tmp}/missing"], "no such file or directory"),
     (["bench", "{art}", "--decode-steps", "0"], "--decode-steps must be >= 1"),
-])
+    (["compare", "{ckpt}", "{art}", "--device", "cuda"], "--device applies to the torch backend"),
+    (["generate", "{ckpt}", "--prompt-ids", "1", "--decode", "cuda_graph"], "needs the model on a CUDA device"),
+] + ([] if torch.cuda.is_available() else [
+    (["bench", "{ckpt}", "--device", "cuda"], "sees no CUDA device"),
+]))
 def test_user_errors(tiny, tmp_path, args, fragment):
     ckpt, art = tiny
     args = [a.format(tmp=tmp_path, art=art, ckpt=ckpt) for a in args]

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_outputs
+
 
 @triton.jit
 def _window(x_ptr, state_ptr, b, j, offs_c, mask_c, valid, seqlen, dim, nstate):
@@ -81,6 +83,7 @@ def causal_conv1d(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """causal_conv1d_ref's signature; out / state_out may be given (state_out may be conv_state, for an
     in-place update)."""
+    check_outputs(out=out, state_out=state_out)
     batch, seqlen, dim = x.shape
     width = weight.shape[-1]
     if width < 2:

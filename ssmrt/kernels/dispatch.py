@@ -1,7 +1,9 @@
 """Routes the models' ops to the Triton kernels when the tensors are on CUDA.
 
 `use_kernels(force=True)` also routes CPU tensors, which then run in Triton's interpreter
-(TRITON_INTERPRET=1): how CI checks the wiring without a GPU.
+(TRITON_INTERPRET=1): how CI checks the wiring without a GPU. With `inplace_state=True` the kernels write the
+new state over the state they are given (the op returns that same tensor): what a CUDA-graph decode step
+with static state buffers needs.
 """
 
 from __future__ import annotations
@@ -11,29 +13,36 @@ from contextlib import contextmanager
 from ..ops import causal_conv1d_ref, dispatch, selective_scan_ref, ssd_scan_ref
 
 
-def _routes(force: bool):
+def _routes(force: bool, inplace_state: bool):
     from . import causal_conv1d, selective_scan, ssd_scan
 
     def take(t):
         return force or t.is_cuda
 
     def conv(x, weight, bias, conv_state, activation):
-        fn = causal_conv1d.causal_conv1d if take(x) and weight.shape[-1] >= 2 else causal_conv1d_ref
-        return fn(x, weight, bias, conv_state, activation)
+        if not (take(x) and weight.shape[-1] >= 2):
+            return causal_conv1d_ref(x, weight, bias, conv_state, activation)
+        return causal_conv1d.causal_conv1d(x, weight, bias, conv_state, activation,
+                                           state_out=conv_state if inplace_state else None)
 
     def selective(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state):
-        fn = selective_scan.selective_scan if take(u) else selective_scan_ref
-        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state)
+        if not take(u):
+            return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state)
+        return selective_scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state,
+                                             state_out=ssm_state if inplace_state else None)
 
     def ssd(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size):
-        fn = ssd_scan.ssd_scan if take(x) else ssd_scan_ref
-        return fn(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size)
+        if not take(x):
+            return ssd_scan_ref(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size)
+        return ssd_scan.ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size,
+                                 state_out=ssm_state if inplace_state else None)
 
     return {"causal_conv1d": conv, "selective_scan": selective, "ssd_scan": ssd}
 
 
 @contextmanager
-def use_kernels(force: bool = False):
-    """Within the block, the models' ops on CUDA tensors (any tensors with force=True) run the kernels."""
-    with dispatch.override(**_routes(force)):
+def use_kernels(force: bool = False, inplace_state: bool = False):
+    """Within the block, the models' ops on CUDA tensors (any tensors with force=True) run the kernels;
+    with inplace_state=True they update the given states in place (a state of None is still allocated)."""
+    with dispatch.override(**_routes(force, inplace_state)):
         yield

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_outputs
+
 
 def _selective_scan_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, state_ptr, y_ptr, state_out_ptr,
@@ -91,6 +93,7 @@ def selective_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """selective_scan_ref's signature; out / state_out may be given (state_out may be ssm_state, for an
     in-place update)."""
+    check_outputs(out=out, state_out=state_out)
     batch, seqlen, dim = u.shape
     ngroups, dstate = B.shape[-2], B.shape[-1]
     if dim % ngroups:

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ..ops.ssd_scan import NO_DT_LIMIT
+from ._checks import check_outputs
 
 
 @triton.jit
@@ -275,6 +276,7 @@ def ssd_scan_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ssd_scan_ref's signature, as the three-kernel chain; out / state_out may be given (state_out may be
     ssm_state). chunk_size is rounded by chunk_of()."""
+    check_outputs(out=out, state_out=state_out)
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2], B.shape[-1]
     if nheads % ngroups:

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..ops.ssd_scan import NO_DT_LIMIT
+from ._checks import check_outputs
 
 
 def _ssd_scan_kernel(
@@ -119,6 +120,7 @@ def ssd_scan_recurrent(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ssd_scan_ref's signature (chunk_size is ignored); out / state_out may be given (state_out may be
     ssm_state, for an in-place update)."""
+    check_outputs(out=out, state_out=state_out)
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2], B.shape[-1]
     if nheads % ngroups:

@@ -56,18 +56,43 @@ class Runner:
 
 
 class TorchRunner(Runner):
-    """The reference models (ssmrt.models) in PyTorch."""
+    """The reference models (ssmrt.models) in PyTorch.
+
+    kernels: run the ops on the Triton kernels (default: on CUDA; on the CPU they run in Triton's
+    interpreter). decode: how a one-token step runs: "eager"; "cuda_graph" (the default on CUDA): captured
+    once per batch size and replayed, the state in static buffers updated in place (see decode_graph);
+    "static": the same buffers without the capture.
+    """
 
     name = "torch"
 
-    def __init__(self, model):
+    def __init__(self, model, kernels: bool | None = None, decode: str | None = None):
         import torch
+
+        from .decode_graph import MODES
 
         self._torch = torch
         self.model = model.eval()
         self.config = model.config
         self.dtype = str(model.dtype).removeprefix("torch.")
         self.device = model.backbone.embeddings.weight.device
+        on_cuda = self.device.type == "cuda"
+        self.kernels = on_cuda if kernels is None else bool(kernels)
+        self.decode = decode or ("cuda_graph" if on_cuda else "eager")
+        if self.decode not in MODES:
+            raise SsmrtError(f"decode must be one of {', '.join(MODES)}, got {self.decode!r}")
+        if self.decode == "cuda_graph" and not on_cuda:
+            raise SsmrtError(f"decode 'cuda_graph' needs the model on a CUDA device, it is on {self.device}")
+        self._graphs = {}
+
+    def _routes(self, inplace_state: bool = False):
+        from contextlib import nullcontext
+
+        if not self.kernels:
+            return nullcontext()
+        from ..kernels.dispatch import use_kernels
+
+        return use_kernels(force=True, inplace_state=inplace_state)
 
     def zero_state(self, batch: int) -> list:
         return [t for pair in self.model.zero_state(batch, self.device) for t in pair]
@@ -75,8 +100,17 @@ class TorchRunner(Runner):
     def forward(self, input_ids, state):
         torch = self._torch
         ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64), device=self.device)
+        if ids.shape[1] == 1 and self.decode != "eager":
+            from .decode_graph import StepGraph
+
+            batch = ids.shape[0]
+            if batch not in self._graphs:
+                self._graphs[batch] = StepGraph(self.model, batch, self.device, self.decode,
+                                                lambda: self._routes(inplace_state=True))
+            logits, new = self._graphs[batch](ids, state)
+            return logits.float().cpu().numpy(), new
         pairs = tuple((state[2 * i], state[2 * i + 1]) for i in range(len(state) // 2))
-        with torch.no_grad():
+        with torch.no_grad(), self._routes():
             logits, new = self.model(ids, pairs)
         return logits.float().cpu().numpy(), [t for pair in new for t in pair]
 
@@ -94,13 +128,20 @@ class TorchRunner(Runner):
         return [s.float().cpu().numpy() for s in state]
 
     def describe(self) -> str:
-        return f"torch ({self.dtype}, {self.device})"
+        extra = (", kernels" if self.kernels else "") + (f", decode {self.decode}" if self.decode != "eager" else "")
+        return f"torch ({self.dtype}, {self.device}{extra})"
 
 
-def TorchRunnerFromCheckpoint(model_dir, dtype=None, device="cpu") -> TorchRunner:  # noqa: N802
+def TorchRunnerFromCheckpoint(model_dir, dtype=None, device="cpu", kernels=None, decode=None) -> TorchRunner:  # noqa: N802
+    import torch
+
     from ..models.checkpoints import load_model
 
-    return TorchRunner(load_model(model_dir, dtype=dtype, device=device))
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise SsmrtError(f"device {device!r}: this PyTorch sees no CUDA device")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return TorchRunner(load_model(model_dir, dtype=dtype, device=device), kernels=kernels, decode=decode)
 
 
 class OnnxRuntimeRunner(Runner):
