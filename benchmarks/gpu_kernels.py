@@ -1,24 +1,32 @@
-"""GPU kernel benchmark (issue 4): the ssmrt Triton kernels against the device's copy bandwidth and, when
-mamba_ssm is importable, its Triton kernels, all measured in this run.
+"""GPU benchmark (issue 4): one run builds, checks and times the ssmrt kernels and the torch backend's
+CUDA-graph decode, against the device's copy bandwidth and, when mamba_ssm is importable, its Triton
+kernels, all measured in this run.
 
     python benchmarks/gpu_kernels.py [--json OUT]      # on a GPU (pip install mamba-ssm with
                                                          MAMBA_SKIP_CUDA_BUILD=TRUE for the peers)
     python benchmarks/gpu_kernels.py --smoke           # tiny shapes on the CPU (Triton's interpreter):
                                                          checks this script, measures nothing meaningful
 
-Cases (the issue's targets):
+Every case first checks its result against the reference (max abs error, and whether it is within the
+per-dtype op / model tolerance), then times it. Cases (the issue's targets):
 - decode state update, Mamba-2 2.7B shape (80 heads x 64 x 128, fp32 state), batch 1 and 64: GB/s of the
-  state read + write against copy bandwidth (target >= 75% at batch 64; under 10 us at batch 1);
+  state read + write against copy bandwidth (target >= 75% at batch 64; under 10 us at batch 1), timed as a
+  CUDA graph of 20 launches so that launch overhead does not count;
 - SelectiveScan prefill, d_inner 1536 and 5120, d_state 16, L 2048 and 8192: GB/s of the bytes it must
   move (target >= 50% of copy bandwidth);
-- SSDScan prefill, bf16, d_state 128, headdim 64, 24 heads, L 2048 and 8192, batch 1 and 8: tokens/s
-  against mamba_ssm's mamba_chunk_scan_combined (target: at least its throughput).
+- SSDScan prefill, bf16, d_state 128, headdim 64, 24 heads: the recurrence and the chunked chain at short L
+  (where ssd_scan switches, CHUNKED_MIN_SEQLEN), then L 2K-16K, batch 1 and 8, against mamba_ssm's
+  mamba_chunk_scan_combined (target: at least its throughput);
+- end-to-end decode of a 130M-class Mamba-2 (random weights) in fp16 at batch 1 on the torch backend: the
+  replayed CUDA graph and the whole runner step, against the weight-read floor (weight bytes / copy
+  bandwidth; target within 2x) and against the same model's eager step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -33,15 +41,20 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+    import numpy as np
     import torch
 
     from ssmrt.kernels.selective_scan import selective_scan
-    from ssmrt.kernels.ssd_scan import ssd_scan
+    from ssmrt.kernels.ssd_chunked import ssd_scan_chunked
+    from ssmrt.kernels.ssd_scan import CHUNKED_MIN_SEQLEN, ssd_scan, ssd_scan_recurrent
+    from ssmrt.ops import selective_scan_ref, ssd_scan_ref, tolerance
+    from ssmrt.testing import diff
 
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU, or pass --smoke to check the script on the CPU")
     repeat = 2 if args.smoke else args.repeat
+    smoke = args.smoke
 
     def timed(fn) -> float:
         """Median seconds of fn() after a warm-up (CUDA events on the GPU)."""
@@ -61,7 +74,28 @@ def main():
                 times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    nbytes = (1 << 20) if args.smoke else (1 << 30)
+    def timed_launches(fn, n: int = 20) -> float:
+        """Seconds per call of fn, n calls captured in one CUDA graph (no launch overhead); plain on the CPU."""
+        if device != "cuda":
+            return timed(fn)
+        fn()  # compiles
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                fn()
+        return timed(graph.replay) / n
+
+    def check(name, got, want, dtype, scope="op"):
+        atol, rtol = tolerance(dtype, scope)
+        d = diff(got, want, atol, rtol)
+        return {f"{name}_max_abs_err": d.max_abs, f"{name}_ok": d.atol_needed <= atol}
+
+    nbytes = (1 << 20) if smoke else (1 << 30)
     src = torch.empty(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     copy_bw = 2 * nbytes / timed(lambda: dst.copy_(src))
@@ -72,29 +106,36 @@ def main():
         selective_state_update = mamba_chunk_scan_combined = None
     g = torch.Generator(device=device).manual_seed(0)
 
-    def rand(*shape, dtype=torch.float32):
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+    def rand(*shape, dtype=torch.float32, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, device=device, dtype=torch.float32)).to(dtype)
+
+    def ssd_inputs(batch, L, H, P, N, act):
+        return dict(x=rand(batch, L, H, P, dtype=act), dt=rand(batch, L, H, dtype=act, scale=0.5),
+                    A=-torch.rand(H, device=device) - 0.5, B=rand(batch, L, 1, N, dtype=act),
+                    C=rand(batch, L, 1, N, dtype=act), D=rand(H), dt_bias=rand(H, scale=0.1) - 1.0,
+                    dt_softplus=True, dt_limit=(0.0, math.inf), chunk_size=256)
 
     def decode_case(batch, H, P, N):
-        """Mamba-2 decode state update, in place."""
-        x, dt = rand(batch, 1, H, P, dtype=torch.float16), rand(batch, 1, H, dtype=torch.float16)
-        A, D, dt_bias = -torch.rand(H, device=device) - 0.5, rand(H), rand(H)
-        B, C = rand(batch, 1, 1, N, dtype=torch.float16), rand(batch, 1, 1, N, dtype=torch.float16)
+        """Mamba-2 decode state update (the recurrence at L = 1), in place."""
+        kw = ssd_inputs(batch, 1, H, P, N, torch.float16)
         state = rand(batch, H, P, N)
-        y = torch.empty_like(x)
-        t = timed(lambda: ssd_scan(x, dt, A, B, C, D, dt_bias, True, (0.0, float("inf")), state, out=y,
-                                   state_out=state))
+        y_ref, s_ref = ssd_scan_ref(**kw, ssm_state=state)
+        y = torch.empty_like(kw["x"])
+        row = {"case": "ssd decode step", "batch": batch, "shape": [H, P, N]}
+        s = state.clone()
+        ssd_scan(**kw, ssm_state=s, out=y, state_out=s)
+        row.update(check("y", y, y_ref, torch.float16) | check("state", s, s_ref, torch.float16))
+        t = timed_launches(lambda: ssd_scan(**kw, ssm_state=s, out=y, state_out=s))
         moved = 2 * state.numel() * 4
-        row = {"case": "ssd decode step", "batch": batch, "shape": [H, P, N], "us": t * 1e6,
-               "GBps": moved / t / 1e9, "of_copy_bw": moved / t / copy_bw}
+        row.update({"us": t * 1e6, "GBps": moved / t / 1e9, "of_copy_bw": moved / t / copy_bw})
         if selective_state_update is not None:
             st2 = state.clone()
-            xe, dte = x[:, 0], dt[:, 0, :, None].expand(batch, H, P)
-            Ae = A[:, None, None].expand(H, P, N).float()
-            t_peer = timed(lambda: selective_state_update(
-                st2, xe, dte, Ae, B[:, 0], C[:, 0], D[:, None].expand(H, P), z=None,
-                dt_bias=dt_bias[:, None].expand(H, P), dt_softplus=True))
-            row["mamba_ssm_us"] = t_peer * 1e6
+            x, dt, A, B, C = kw["x"][:, 0], kw["dt"][:, 0], kw["A"], kw["B"][:, 0], kw["C"][:, 0]
+            t_peer = timed_launches(lambda: selective_state_update(
+                st2, x, dt[..., None].expand(batch, H, P), A[:, None, None].expand(H, P, N), B, C,
+                kw["D"][:, None].expand(H, P), z=None, dt_bias=kw["dt_bias"][:, None].expand(H, P),
+                dt_softplus=True))
+            row.update({"mamba_ssm_us": t_peer * 1e6, "vs_mamba_ssm": t_peer / t})
         return row
 
     def selective_case(dim, L, Nm=16):
@@ -103,41 +144,103 @@ def main():
         A, Dv, db = -torch.rand(dim, Nm, device=device) - 0.5, rand(dim), rand(dim)
         B, C = rand(1, L, 1, Nm, dtype=torch.float16), rand(1, L, 1, Nm, dtype=torch.float16)
         state = torch.zeros(1, dim, Nm, device=device)
-        t = timed(lambda: selective_scan(u, delta, A, B, C, Dv, z, db, True, state))
+        args_ = (u, delta, A, B, C, Dv, z, db, True, state)
+        y, s = selective_scan(*args_)
+        y_ref, s_ref = selective_scan_ref(*args_)
+        row = {"case": "selective_scan prefill", "dim": dim, "L": L}
+        row.update(check("y", y, y_ref, torch.float16) | check("state", s, s_ref, torch.float16))
+        t = timed(lambda: selective_scan(*args_))
         moved = 4 * L * dim * 2 + 2 * L * Nm * 2 + 2 * dim * Nm * 4  # u, delta, z, y; B, C; state in/out
-        return {"case": "selective_scan prefill", "dim": dim, "L": L, "ms": t * 1e3,
-                "GBps": moved / t / 1e9, "of_copy_bw": moved / t / copy_bw}
+        row.update({"ms": t * 1e3, "GBps": moved / t / 1e9, "of_copy_bw": moved / t / copy_bw})
+        return row
 
-    def ssd_case(batch, L, H, P, N, act):
-        """Mamba-2 SSDScan prefill from zero state, against mamba_chunk_scan_combined when present."""
-        x, dt = rand(batch, L, H, P, dtype=act), rand(batch, L, H, dtype=act)
-        A, Dv, db = -torch.rand(H, device=device) - 0.5, rand(H), rand(H)
-        B, C = rand(batch, L, 1, N, dtype=act), rand(batch, L, 1, N, dtype=act)
+    def ssd_case(batch, L, H, P, N, act, impls):
+        """Mamba-2 SSDScan prefill from zero state: each implementation named, against the fp32 reference and,
+        for the dispatcher's choice, mamba_chunk_scan_combined when present."""
+        kw = ssd_inputs(batch, L, H, P, N, act)
         state = torch.zeros(batch, H, P, N, device=device)
-        t = timed(lambda: ssd_scan(x, dt, A, B, C, Dv, db, True, (0.0, float("inf")), state))
-        row = {"case": "ssd_scan prefill", "batch": batch, "L": L, "ms": t * 1e3, "tokens_per_s": batch * L / t}
-        if mamba_chunk_scan_combined is not None:
-            t_peer = timed(lambda: mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size=256, D=Dv, dt_bias=db,
-                                                             dt_softplus=True))
+        y_ref, s_ref = ssd_scan_ref(**kw, ssm_state=state)
+        row = {"case": "ssd_scan prefill", "batch": batch, "L": L, "dtype": str(act).removeprefix("torch.")}
+        for name, fn in impls.items():
+            y, s = fn(**kw, ssm_state=state)
+            row.update(check(f"{name}_y", y, y_ref, act) | check(f"{name}_state", s, s_ref, act))
+            t = timed(lambda fn=fn: fn(**kw, ssm_state=state))
+            row[f"{name}_tokens_per_s"] = batch * L / t
+        if mamba_chunk_scan_combined is not None and "ssd_scan" in impls:
+            t_peer = timed(lambda: mamba_chunk_scan_combined(
+                kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], chunk_size=256, D=kw["D"], dt_bias=kw["dt_bias"],
+                dt_softplus=True, return_final_states=True))
             row["mamba_ssm_tokens_per_s"] = batch * L / t_peer
-            row["vs_mamba_ssm"] = t_peer / t
+            row["vs_mamba_ssm"] = row["ssd_scan_tokens_per_s"] / row["mamba_ssm_tokens_per_s"]
+        return row
+
+    def e2e_decode_case(dtype):
+        """130M-class Mamba-2 decode on the torch backend: parity with the fp32 CPU reference, then the
+        replayed graph alone, the whole runner step (ids in, logits out to numpy), and the eager step."""
+        from ssmrt.bench import bench_runner
+        from ssmrt.compare import compare_runners
+        from ssmrt.models import MambaLM, SSMConfig
+        from ssmrt.runtime import TorchRunner
+
+        sizes = (dict(d_model=32, n_layer=2, vocab_size=256, headdim=8, d_state=16) if smoke else
+                 dict(d_model=768, n_layer=24, vocab_size=50280, headdim=64, d_state=128))
+        cfg = SSMConfig(arch="mamba2", pad_vocab_size_multiple=16, **sizes)
+        torch.manual_seed(0)
+        ref_model = MambaLM(cfg).eval()
+        with torch.no_grad():
+            for name, p in ref_model.named_parameters():
+                if name.endswith(("A_log", "dt_bias")):
+                    p.copy_(torch.rand_like(p) * 2.0 - 1.0)
+        model = MambaLM(cfg).eval()
+        model.load_state_dict(ref_model.state_dict())
+        model.cast(dtype).to(device)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        decode = "static" if smoke else "cuda_graph"
+        runner = TorchRunner(model, kernels=True, decode=decode)
+        prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 16).tolist()
+        report = compare_runners(TorchRunner(ref_model), runner, prompt, steps=8)
+        row = {"case": "e2e decode", "model": "mamba2-130m-class" if not smoke else "tiny",
+               "dtype": str(dtype).removeprefix("torch."), "decode": decode, "weight_MB": weight_bytes / 1e6,
+               "parity_ok": report.passed, "parity_atol_needed": report.atol_needed}
+        graph = runner._graphs[1]
+        t_graph = timed(graph._run)
+        steps = 4 if smoke else 64
+        whole = bench_runner(runner, prompt_len=32 if smoke else 512, decode_steps=steps, repeat=1,
+                             progress=False, decode_blocks=3)["decode_ms_per_token"] / 1e3
+        eager = bench_runner(TorchRunner(model, kernels=True, decode="eager"), prompt_len=32 if smoke else 512,
+                             decode_steps=steps, repeat=1, progress=False, decode_blocks=3)["decode_ms_per_token"] / 1e3
+        floor = weight_bytes / copy_bw
+        row.update({"floor_us": floor * 1e6, "graph_us": t_graph * 1e6, "graph_vs_floor": t_graph / floor,
+                    "step_us": whole * 1e6, "step_vs_floor": whole / floor, "eager_step_us": eager * 1e6,
+                    "eager_vs_graph_step": eager / whole})
         return row
 
     rows = []
     # 1. decode state update, Mamba-2 2.7B shape (80 heads x 64 x 128)
-    for batch in ((1, 2) if args.smoke else (1, 64)):
-        rows.append(decode_case(batch, *((4, 8, 16) if args.smoke else (80, 64, 128))))
+    for batch in ((1, 2) if smoke else (1, 64)):
+        rows.append(decode_case(batch, *((4, 8, 16) if smoke else (80, 64, 128))))
     # 2. SelectiveScan prefill (Mamba-1), d_state 16
-    for dim, L in (((16, 32),) if args.smoke else ((1536, 2048), (5120, 2048), (1536, 8192))):
+    for dim, L in (((16, 32),) if smoke else ((1536, 2048), (5120, 2048), (1536, 8192))):
         rows.append(selective_case(dim, L))
     # 3. SSDScan prefill (Mamba-2), bf16 (fp16 in the smoke run: the interpreter has no bf16)
-    act = torch.float16 if args.smoke else torch.bfloat16
-    for batch, L in (((1, 16),) if args.smoke else ((1, 2048), (1, 8192), (8, 2048))):
-        rows.append(ssd_case(batch, L, *((2, 8, 16) if args.smoke else (24, 64, 128)), act))
+    act = torch.float16 if smoke else torch.bfloat16
+    shape = (2, 16, 16) if smoke else (24, 64, 128)
+    both = {"recurrent": ssd_scan_recurrent, "chunked": ssd_scan_chunked}
+    for L in ((8, 40) if smoke else (16, 32, 64, 128, 256)):
+        rows.append(ssd_case(1, L, *shape, act, both))
+    for batch, L in (((1, 64),) if smoke else ((1, 2048), (1, 8192), (1, 16384), (8, 2048), (8, 8192))):
+        rows.append(ssd_case(batch, L, *shape, act, {"ssd_scan": ssd_scan}))
+    # 4. end-to-end decode, fp16, batch 1
+    rows.append(e2e_decode_case(torch.float16))
 
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
            "torch": torch.__version__, "triton": __import__("triton").__version__,
-           "copy_GBps": copy_bw / 1e9, "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke}
+           "mamba_ssm": getattr(sys.modules.get("mamba_ssm"), "__version__", None),
+           "copy_GBps": copy_bw / 1e9, "chunked_min_seqlen": CHUNKED_MIN_SEQLEN,
+           "date": time.strftime("%Y-%m-%d"), "smoke": smoke}
+    if device == "cuda":
+        env["driver"] = torch.cuda.get_device_properties(0).name
+        env["cuda"] = torch.version.cuda
     print(json.dumps(env))
     for r in rows:
         print(json.dumps(r))
