@@ -278,14 +278,15 @@ def aot_results():
 
 
 def test_aot_compile_and_ptx_parameters(aot_results):
-    """Each kernel compiles for Ampere, Jetson Orin and Hopper with no GPU, and its PTX entry takes exactly the
-    contract's tensor pointers and int32 scalars, plus the two scratch pointers Triton (>= 3.3) appends to
-    every kernel: an AOT plugin must pass those as null."""
+    """Each kernel compiles for Ampere, Jetson Orin and Hopper with no GPU; the PTX a plugin embeds takes exactly
+    the contract's tensor pointers and int32 scalars, nothing hidden, and assembles. (Triton >= 3.3 appends
+    two scratch pointers to every kernel; contract_ptx removes them, since no kernel uses scratch memory.)"""
     assert {(r["kernel"], r["sm"]) for r in aot_results} == {
         (k, sm) for k in ("ssd_scan", "causal_conv1d", "selective_scan", "ssd_chunk_state", "ssd_state_passing",
                           "ssd_chunk_scan") for sm in (80, 87, 90)}
     for r in aot_results:
-        assert r["params"] == ["u64"] * r["pointers"] + ["u32"] * r["int32"] + ["u64"] * 2, r
+        assert r["params"] == ["u64"] * r["pointers"] + ["u32"] * r["int32"], r
+        assert r["triton_params"] == r["params"] + ["u64"] * 2, r
         assert r["ptx_target"] and r["cubin_bytes"] > 0, r
 
 
@@ -294,3 +295,22 @@ def test_aot_no_register_spills(aot_results):
     for r in aot_results:
         print(r["kernel"], r["sm"], r["registers"], "registers", r["spill_bytes"], "spill bytes")
     assert [(r["kernel"], r["sm"]) for r in aot_results if r["spill_bytes"]] == []
+
+
+def test_contract_ptx_refuses_scratch_and_read_hidden_parameters():
+    from types import SimpleNamespace
+
+    from ssmrt.kernels.aot import contract_ptx, ptx_params
+
+    entry = (".visible .entry k(\n\t.param .u64 .ptr .global .align 1 k_param_0,\n\t.param .u32 k_param_1,\n"
+             "\t.param .u64 .ptr .global .align 1 k_param_2\n)\n{\n\tld.param.u64 %rd1, [k_param_0];\n")
+
+    def compiled(body="", scratch=0):
+        md = SimpleNamespace(name="k", global_scratch_size=scratch, profile_scratch_size=0)
+        return SimpleNamespace(metadata=md, asm={"ptx": entry + body + "}\n"})
+
+    assert ptx_params(contract_ptx(compiled(), 2)) == ["u64", "u32"]
+    with pytest.raises(ValueError, match="k_param_2 is read"):
+        contract_ptx(compiled("\tld.param.u64 %rd2, [k_param_2];\n"), 2)
+    with pytest.raises(ValueError, match="scratch memory"):
+        contract_ptx(compiled(scratch=256), 2)

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of the kernels for a GPU target with no GPU present: the PTX / CUBIN a TensorRT
 AOT plugin embeds. `python -m ssmrt.kernels.aot` compiles every kernel for sm_80, sm_87 (Jetson Orin) and
-sm_90 and prints, as JSON lines, each PTX entry's parameter list and, from ptxas, registers and spill bytes.
+sm_90 and prints, as JSON lines, each kernel's PTX entry parameters as a plugin gets them (Triton's hidden
+scratch pointers removed, see contract_ptx) and, from assembling that PTX with ptxas, registers and spills.
 
 Run it in a process without TRITON_INTERPRET: under the interpreter Triton's own library is decorated for
 interpretation and cannot be compiled.
@@ -9,6 +10,7 @@ interpretation and cannot be compiled.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -75,7 +77,8 @@ def compile_kernel(name: str, cc: int):
 
 
 def ptxas_usage(ptx: str, cc: int) -> dict:
-    """Registers per thread and spill bytes (stores + loads) of the kernel, from the ptxas Triton uses for cc."""
+    """Assembles the PTX with the ptxas Triton uses for cc: the CUBIN's size, registers per thread and spill
+    bytes (stores + loads)."""
     import subprocess
     import tempfile
 
@@ -88,9 +91,32 @@ def ptxas_usage(ptx: str, cc: int) -> dict:
         arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
         res = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={arch}", src, "-o", f"{tmp}/kernel.cubin"],
                              capture_output=True, text=True, check=True)
+        cubin_bytes = os.path.getsize(f"{tmp}/kernel.cubin")
     log = res.stdout + res.stderr
-    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+    return {"cubin_bytes": cubin_bytes, "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
             "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))}
+
+
+def contract_ptx(compiled, n_params: int) -> str:
+    """Triton's PTX with the entry cut down to the contract's n_params parameters.
+
+    Triton (>= 3.3) appends hidden global / profile scratch pointers to every kernel entry, which its own
+    launcher fills. A TensorRT AOT plugin passes only the contract's tensor pointers and int32 scalars, so
+    the hidden ones are removed; refused (ValueError) when the kernel uses scratch memory or reads them.
+    """
+    md = compiled.metadata
+    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
+        raise ValueError(f"{md.name}: uses Triton scratch memory, which an AOT plugin cannot provide")
+    ptx = compiled.asm["ptx"]
+    start = ptx.index(".visible .entry")
+    end = ptx.index(")", start)
+    head, *params = [line for line in ptx[start:end].split("\n") if line.strip()]
+    for line in params[n_params:]:
+        name = line.strip().rstrip(",").split()[-1]
+        if ptx.count(name) != 1:
+            raise ValueError(f"{md.name}: the hidden parameter {name} is read by the kernel")
+    kept = [line.rstrip(",") for line in params[:n_params]]
+    return ptx[:start] + head + "\n" + ",\n".join(kept) + "\n" + ptx[end:]
 
 
 def ptx_params(ptx: str) -> list[str]:
@@ -103,11 +129,13 @@ def main() -> int:
     for name, (_, signature, _) in _table().items():
         for cc in TARGETS:
             k = compile_kernel(name, cc)
+            ptx = contract_ptx(k, len(signature))
             print(json.dumps({
-                "kernel": name, "sm": cc, "params": ptx_params(k.asm["ptx"]),
+                "kernel": name, "sm": cc, "params": ptx_params(ptx),
+                "triton_params": ptx_params(k.asm["ptx"]),
                 "pointers": sum(t.startswith("*") for t in signature.values()),
-                "int32": sum(t == "i32" for t in signature.values()), **ptxas_usage(k.asm["ptx"], cc),
-                "cubin_bytes": len(k.asm["cubin"]), "ptx_target": f".target sm_{cc}" in k.asm["ptx"],
+                "int32": sum(t == "i32" for t in signature.values()), **ptxas_usage(ptx, cc),
+                "ptx_target": f".target sm_{cc}" in ptx,
             }))
     return 0
 
