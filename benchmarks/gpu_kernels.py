@@ -12,8 +12,9 @@ per-dtype op / model tolerance), then times it. Cases (the issue's targets):
 - decode state update, Mamba-2 2.7B shape (80 heads x 64 x 128, fp32 state), batch 1 and 64: GB/s of the
   state read + write against copy bandwidth (target >= 75% at batch 64; under 10 us at batch 1), timed as a
   CUDA graph of 20 launches so that launch overhead does not count;
-- SelectiveScan prefill, d_inner 1536 and 5120, d_state 16, L 2048 and 8192: GB/s of the bytes it must
-  move (target >= 50% of copy bandwidth);
+- SelectiveScan prefill, d_state 16: the recurrence and the chain split over time at short L (where
+  selective_scan switches), then d_inner 1536 and 5120, L 2048 and 8192: GB/s of the bytes it must move
+  (target >= 50% of copy bandwidth);
 - SSDScan prefill, bf16, d_state 128, headdim 64, 24 heads: the recurrence and the chunked chain at short L
   (where ssd_scan switches, CHUNKED_MIN_SEQLEN), then L 2K-16K, batch 1 and 8, against mamba_ssm's
   mamba_chunk_scan_combined (target: at least its throughput);
@@ -44,7 +45,9 @@ def main():
     import numpy as np
     import torch
 
-    from ssmrt.kernels.selective_scan import selective_scan
+    from ssmrt.kernels.selective_chunked import selective_scan_chunked
+    from ssmrt.kernels.selective_scan import CHUNKED_MIN_SEQLEN as SELECTIVE_CHUNKED_MIN_SEQLEN
+    from ssmrt.kernels.selective_scan import selective_scan, selective_scan_recurrent
     from ssmrt.kernels.ssd_chunked import ssd_scan_chunked
     from ssmrt.kernels.ssd_scan import CHUNKED_MIN_SEQLEN, ssd_scan, ssd_scan_recurrent
     from ssmrt.ops import selective_scan_ref, ssd_scan_ref, tolerance
@@ -138,20 +141,22 @@ def main():
             row.update({"mamba_ssm_us": t_peer * 1e6, "vs_mamba_ssm": t_peer / t})
         return row
 
-    def selective_case(dim, L, Nm=16):
-        """Mamba-1 SelectiveScan prefill from zero state."""
+    def selective_case(dim, L, impls, Nm=16):
+        """Mamba-1 SelectiveScan prefill from zero state, each implementation named."""
         u, delta, z = (rand(1, L, dim, dtype=torch.float16) for _ in range(3))
         A, Dv, db = -torch.rand(dim, Nm, device=device) - 0.5, rand(dim), rand(dim)
         B, C = rand(1, L, 1, Nm, dtype=torch.float16), rand(1, L, 1, Nm, dtype=torch.float16)
         state = torch.zeros(1, dim, Nm, device=device)
         args_ = (u, delta, A, B, C, Dv, z, db, True, state)
-        y, s = selective_scan(*args_)
         y_ref, s_ref = selective_scan_ref(*args_)
-        row = {"case": "selective_scan prefill", "dim": dim, "L": L}
-        row.update(check("y", y, y_ref, torch.float16) | check("state", s, s_ref, torch.float16))
-        t = timed(lambda: selective_scan(*args_))
         moved = 4 * L * dim * 2 + 2 * L * Nm * 2 + 2 * dim * Nm * 4  # u, delta, z, y; B, C; state in/out
-        row.update({"ms": t * 1e3, "GBps": moved / t / 1e9, "of_copy_bw": moved / t / copy_bw})
+        row = {"case": "selective_scan prefill", "dim": dim, "L": L}
+        for name, fn in impls.items():
+            y, s = fn(*args_)
+            row.update(check(f"{name}_y", y, y_ref, torch.float16) | check(f"{name}_state", s, s_ref, torch.float16))
+            t = timed(lambda fn=fn: fn(*args_))
+            row.update({f"{name}_ms": t * 1e3, f"{name}_GBps": moved / t / 1e9,
+                        f"{name}_of_copy_bw": moved / t / copy_bw})
         return row
 
     def ssd_case(batch, L, H, P, N, act, impls):
@@ -219,9 +224,12 @@ def main():
     # 1. decode state update, Mamba-2 2.7B shape (80 heads x 64 x 128)
     for batch in ((1, 2) if smoke else (1, 64)):
         rows.append(decode_case(batch, *((4, 8, 16) if smoke else (80, 64, 128))))
-    # 2. SelectiveScan prefill (Mamba-1), d_state 16
-    for dim, L in (((16, 32),) if smoke else ((1536, 2048), (5120, 2048), (1536, 8192))):
-        rows.append(selective_case(dim, L))
+    # 2. SelectiveScan prefill (Mamba-1), d_state 16: the recurrence and the chain at short L, then long L
+    sel_both = {"recurrent": selective_scan_recurrent, "chunked": selective_scan_chunked}
+    for L in ((8, 40) if smoke else (16, 32, 64, 128, 256)):
+        rows.append(selective_case(16 if smoke else 1536, L, sel_both))
+    for dim, L in (((16, 64),) if smoke else ((1536, 2048), (5120, 2048), (1536, 8192))):
+        rows.append(selective_case(dim, L, {"selective_scan": selective_scan}))
     # 3. SSDScan prefill (Mamba-2), bf16 (fp16 in the smoke run: the interpreter has no bf16)
     act = torch.float16 if smoke else torch.bfloat16
     shape = (2, 16, 16) if smoke else (24, 64, 128)
@@ -237,6 +245,7 @@ def main():
            "torch": torch.__version__, "triton": __import__("triton").__version__,
            "mamba_ssm": getattr(sys.modules.get("mamba_ssm"), "__version__", None),
            "copy_GBps": copy_bw / 1e9, "chunked_min_seqlen": CHUNKED_MIN_SEQLEN,
+           "selective_chunked_min_seqlen": SELECTIVE_CHUNKED_MIN_SEQLEN,
            "date": time.strftime("%Y-%m-%d"), "smoke": smoke}
     if device == "cuda":
         env["driver"] = torch.cuda.get_device_properties(0).name

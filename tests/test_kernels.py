@@ -19,7 +19,8 @@ from ssmrt.testing import assert_close
 triton = pytest.importorskip("triton")
 
 from ssmrt.kernels.causal_conv1d import causal_conv1d  # noqa: E402
-from ssmrt.kernels.selective_scan import selective_scan  # noqa: E402
+from ssmrt.kernels.selective_chunked import selective_scan_chunked  # noqa: E402
+from ssmrt.kernels.selective_scan import selective_scan, selective_scan_recurrent  # noqa: E402
 from ssmrt.kernels.ssd_chunked import ssd_scan_chunked  # noqa: E402
 from ssmrt.kernels.ssd_scan import ssd_scan, ssd_scan_recurrent  # noqa: E402
 
@@ -182,49 +183,85 @@ def test_conv1d_pieces_in_place_equal_one_pass(split):
 # ------------------------------------------------------------------------------------ SelectiveScan
 
 
-@pytest.mark.parametrize("batch,dim,dstate,ngroups", [(1, 4, 16, 1), (2, 12, 16, 2), (3, 100, 7, 1), (2, 64, 16, 4)])
-@pytest.mark.parametrize("seqlen", SEQLENS)
+# The one-kernel recurrence (decode, short inputs) and the chain split over time (long prompts); the chain runs
+# with 16-token chunks here so that short inputs span several chunks, the last one partial. Its scan tiles are
+# slow in the interpreter, so CI gives it fewer and smaller shapes.
+SELECTIVE_IMPLS = {"recurrent": selective_scan_recurrent,
+                   "chunked": lambda *a, **kw: selective_scan_chunked(*a, **kw, chunk=16)}
+SELECTIVE_SHAPES = [(1, 4, 16, 1), (2, 12, 16, 2), (3, 100, 7, 1), (2, 64, 16, 4)]
+SELECTIVE_CASES = [("recurrent", shape, seqlen) for shape in SELECTIVE_SHAPES for seqlen in SEQLENS] + [
+    ("chunked", shape, seqlen) for shape in (SELECTIVE_SHAPES if DEVICE == "cuda" else SELECTIVE_SHAPES[:2])
+    for seqlen in [1, 37] + ([300, 1000] if DEVICE == "cuda" else [])]
+
+
+@pytest.mark.parametrize("impl,shape,seqlen", SELECTIVE_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_selective_scan_matches_reference(batch, dim, dstate, ngroups, seqlen, dtype):
+def test_selective_scan_matches_reference(impl, shape, seqlen, dtype):
+    batch, dim, dstate, ngroups = shape
     kw = on_device(selective_inputs(batch, seqlen, dim, dstate, ngroups=ngroups, dtype=dtype))
     y_out, s_out = poisoned(kw["u"]), poisoned(kw["ssm_state"])
-    y, s = selective_scan(**kw, out=y_out, state_out=s_out)
-    y_ref, s_ref = selective_scan_ref(**kw)
-    assert_close(y, y_ref, dtype=dtype, name=f"selective y {dtype}")
-    assert_close(s, s_ref, dtype=dtype, name=f"selective state {dtype}")
+    y, s = SELECTIVE_IMPLS[impl](**kw, out=y_out, state_out=s_out)
+    assert y.data_ptr() == y_out.data_ptr() and s.data_ptr() == s_out.data_ptr()
+    y_ref, s_ref = selective_scan_ref(**to64(kw))
+    assert_close(y, y_ref.to(dtype), dtype=dtype, name=f"selective {impl} y {dtype}")
+    assert_close(s, s_ref.to(s.dtype), dtype=dtype, name=f"selective {impl} state {dtype}")
 
 
-def test_selective_scan_without_optional_inputs():
-    kw = on_device(selective_inputs(2, 5, 12, 16, optional=False))
+@pytest.mark.parametrize("impl", SELECTIVE_IMPLS)
+def test_selective_scan_without_optional_inputs(impl):
+    kw = on_device(selective_inputs(2, 21, 12, 16, optional=False))
     kw["delta"] = kw["delta"].abs()
     kw["delta_softplus"] = False
-    y, s = selective_scan(**kw)
+    y, s = SELECTIVE_IMPLS[impl](**kw)
     y_ref, s_ref = selective_scan_ref(**kw)
-    assert_close(y, y_ref, name="selective y")
-    assert_close(s, s_ref, name="selective state")
+    assert_close(y, y_ref, name=f"selective {impl} y")
+    assert_close(s, s_ref, name=f"selective {impl} state")
 
 
-def test_selective_prefill_then_steps_in_place_equal_one_pass():
-    kw = on_device(selective_inputs(2, 9, 12, 8, ngroups=2))
+@pytest.mark.parametrize("dstate", [7, 64] + ([256] if DEVICE == "cuda" else []))
+def test_selective_chunked_larger_states(dstate):
+    """The chain's tiles shrink for larger states (fewer channels and tokens a tile)."""
+    kw = on_device(selective_inputs(1, 20, 6, dstate, ngroups=2))
+    y, s = SELECTIVE_IMPLS["chunked"](**kw)
+    y_ref, s_ref = selective_scan_ref(**to64(kw))
+    assert_close(y, y_ref.float(), name=f"selective chunked y, dstate {dstate}")
+    assert_close(s, s_ref.float(), name=f"selective chunked state, dstate {dstate}")
+
+
+def test_selective_scan_picks_by_seqlen(monkeypatch):
+    from ssmrt.kernels import selective_chunked
+    from ssmrt.kernels import selective_scan as sel_mod
+
+    picked = []
+    monkeypatch.setattr(selective_chunked, "selective_scan_chunked", lambda *a: picked.append("chunked") or a)
+    monkeypatch.setattr(sel_mod, "selective_scan_recurrent", lambda *a: picked.append("recurrent") or a)
+    for seqlen in (1, sel_mod.CHUNKED_MIN_SEQLEN - 1, sel_mod.CHUNKED_MIN_SEQLEN):
+        selective_scan(**selective_inputs(1, seqlen, 4, 16))
+    assert picked == ["recurrent", "recurrent", "chunked"]
+
+
+@pytest.mark.parametrize("impl", SELECTIVE_IMPLS)
+def test_selective_prefill_then_steps_in_place_equal_one_pass(impl):
+    kw = on_device(selective_inputs(2, 40, 12, 8, ngroups=2))
     y_ref, s_ref = selective_scan_ref(**kw)
     state = kw["ssm_state"].clone()
     keys = ("u", "delta", "B", "C", "z")
-    y, _ = selective_scan(**pieces({**kw, "ssm_state": state}, keys, slice(0, 4)), state_out=state)
+    y, _ = SELECTIVE_IMPLS[impl](**pieces({**kw, "ssm_state": state}, keys, slice(0, 35)), state_out=state)
     ys = [y]
-    for t in range(4, 9):
-        y, _ = selective_scan(**pieces({**kw, "ssm_state": state}, keys, slice(t, t + 1)), state_out=state)
+    for t in range(35, 40):
+        y, _ = selective_scan_recurrent(**pieces({**kw, "ssm_state": state}, keys, slice(t, t + 1)), state_out=state)
         ys.append(y)
-    assert_close(torch.cat(ys, 1), y_ref, name="selective pieces y")
-    assert_close(state, s_ref, name="selective pieces state")
+    assert_close(torch.cat(ys, 1), y_ref, name=f"selective {impl} pieces y")
+    assert_close(state, s_ref, name=f"selective {impl} pieces state")
 
 
 # ------------------------------------------------------------------------------------ model dispatch
 
 
-@pytest.mark.parametrize("arch,prefill", [("mamba1", 4), ("mamba2", 4), ("mamba2", 40)])
+@pytest.mark.parametrize("arch,prefill", [("mamba1", 4), ("mamba1", 40), ("mamba2", 4), ("mamba2", 40)])
 def test_model_through_kernels(arch, prefill, monkeypatch):
     """A model's prefill-then-steps with every op on the kernels == the reference's one pass (a 40-token
-    Mamba-2 prefill takes the chunked chain)."""
+    prefill takes the chunked chains)."""
     from test_models import random_lm
 
     from ssmrt.kernels import causal_conv1d as conv_mod
@@ -283,7 +320,8 @@ def test_aot_compile_and_ptx_parameters(aot_results):
     two scratch pointers to every kernel; contract_ptx removes them, since no kernel uses scratch memory.)"""
     assert {(r["kernel"], r["sm"]) for r in aot_results} == {
         (k, sm) for k in ("ssd_scan", "causal_conv1d", "selective_scan", "ssd_chunk_state", "ssd_state_passing",
-                          "ssd_chunk_scan") for sm in (80, 87, 90)}
+                          "ssd_chunk_scan", "selective_chunk_state", "selective_state_passing",
+                          "selective_chunk_scan") for sm in (80, 87, 90)}
     for r in aot_results:
         assert r["params"] == ["u64"] * r["pointers"] + ["u32"] * r["int32"], r
         assert r["triton_params"] == r["params"] + ["u64"] * 2, r

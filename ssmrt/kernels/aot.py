@@ -22,10 +22,11 @@ def _table():
     """kernel -> (raw function, runtime-argument signature, constexprs of a typical specialisation)."""
     import torch
 
-    from . import causal_conv1d, selective_scan, ssd_chunked, ssd_scan
+    from . import causal_conv1d, selective_chunked, selective_scan, ssd_chunked, ssd_scan
 
     f16, f32 = "*fp16", "*fp32"
     chain = ssd_chunked.constexprs(64, 128, torch.float16, 256)
+    sel = selective_chunked.constexprs(1536, 16)
     dims = {"seqlen": "i32", "nheads": "i32", "headdim": "i32", "dstate": "i32"}
     return {
         "ssd_scan": (
@@ -59,6 +60,22 @@ def _table():
             {"x_ptr": f16, "B_ptr": f16, "C_ptr": f16, "D_ptr": f32, "dt_out_ptr": f32, "dA_cumsum_ptr": f32,
              "states_ptr": f32, "y_ptr": f16, **dims, "ngroups": "i32"},
             chain["ssd_chunk_scan"]),
+        "selective_chunk_state": (
+            selective_chunked._selective_chunk_state_kernel,
+            {"u_ptr": f16, "delta_ptr": f16, "A_ptr": f32, "B_ptr": f16, "delta_bias_ptr": f32, "states_ptr": f32,
+             "delta_sum_ptr": f32, "seqlen": "i32", "dim": "i32", "dstate": "i32", "ngroups": "i32"},
+            sel["selective_chunk_state"]),
+        "selective_state_passing": (
+            selective_chunked._selective_state_passing_kernel,
+            {"states_ptr": f32, "delta_sum_ptr": f32, "A_ptr": f32, "state_ptr": f32, "state_out_ptr": f32,
+             "seqlen": "i32", "dim": "i32", "dstate": "i32"},
+            sel["selective_state_passing"]),
+        "selective_chunk_scan": (
+            selective_chunked._selective_chunk_scan_kernel,
+            {"u_ptr": f16, "delta_ptr": f16, "A_ptr": f32, "B_ptr": f16, "C_ptr": f16, "D_ptr": f32, "z_ptr": f16,
+             "delta_bias_ptr": f32, "states_ptr": f32, "y_ptr": f16,
+             "seqlen": "i32", "dim": "i32", "dstate": "i32", "ngroups": "i32"},
+            sel["selective_chunk_scan"]),
     }
 
 

@@ -1,6 +1,7 @@
 """SelectiveScan as one Triton kernel for any seqlen: Mamba-1's recurrence h = exp(dt A) h + dt u B,
 y = (h C + D u) * silu(z), step by step with the state tile in registers (seqlen 1 is the decode step).
-Its reference twin is ssmrt.ops.selective_scan_ref (same signature).
+Its reference twin is ssmrt.ops.selective_scan_ref (same signature). Long prompts go to the chain split over
+time instead (selective_chunked.py): `selective_scan` picks one by seqlen.
 
 Contract (one launch; tensor pointers and int32 scalars; flags compile-time constants):
     0 u, 1 delta  (batch, seqlen, dim)      contiguous
@@ -72,12 +73,13 @@ selective_scan_kernel = triton.jit(_selective_scan_kernel)
 
 
 def constexprs(dim: int, dstate: int, *, has_D=True, has_z=True, has_delta_bias=True, delta_softplus=True) -> dict:
-    return {"BLOCK_D": min(triton.next_power_of_2(dim), 64), "BLOCK_N": triton.next_power_of_2(dstate),
+    # 16 channels a program (32 bytes of fp16): at batch 1 a 1536-wide layer gets 96 programs, not 24
+    return {"BLOCK_D": min(triton.next_power_of_2(dim), 16), "BLOCK_N": triton.next_power_of_2(dstate),
             "HAS_D": bool(has_D), "HAS_Z": bool(has_z), "HAS_DELTA_BIAS": bool(has_delta_bias),
             "DELTA_SOFTPLUS": bool(delta_softplus)}
 
 
-def selective_scan(
+def selective_scan_recurrent(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
@@ -112,3 +114,30 @@ def selective_scan(
         delta_bias.float().contiguous() if delta_bias is not None else A, ssm_state, y, s_out, seqlen, dim, dstate,
         ngroups, **meta)
     return y, s_out
+
+
+# From this many tokens on, the chain split over time replaces the one-kernel recurrence (which walks the
+# sequence token by token). benchmarks/gpu_kernels.py measures both at the crossover.
+CHUNKED_MIN_SEQLEN = 32
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    ssm_state: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    state_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """selective_scan_ref's signature (+ out / state_out): the recurrence for short inputs (decode), the chain
+    split over time from CHUNKED_MIN_SEQLEN tokens on."""
+    from .selective_chunked import selective_scan_chunked
+
+    fn = selective_scan_chunked if u.shape[1] >= CHUNKED_MIN_SEQLEN else selective_scan_recurrent
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state, out, state_out)
