@@ -304,9 +304,9 @@ def test_session_errors(exported):
 
 def test_selective_scan_without_gate_is_refused():
     """No z has silu(z) == 1 exactly, so the fallback body cannot express 'no gate': export refuses it."""
-    from ssmrt.exporter.torch_to_onnx import _StaticShapes, _SymbolicOps
+    from ssmrt.exporter.torch_to_onnx import _StaticInfo, _SymbolicOps
 
-    ops = _SymbolicOps(_StaticShapes())
+    ops = _SymbolicOps(_StaticInfo())
     u = torch.zeros(1, 2, 4)
     with pytest.raises(SsmrtError, match="without a z gate"):
         ops.selective_scan(u, u, torch.zeros(4, 8), torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), None, None,

@@ -12,7 +12,7 @@ import torch
 from onnx import helper
 from test_ops import conv_inputs, selective_inputs, ssd_inputs
 
-from ssmrt.exporter.functions import SCAN_CHUNK, SSD_CHUNK, all_functions
+from ssmrt.exporter.functions import SCAN_CHUNK, SSD_CHUNK, Static, all_functions
 from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
 from ssmrt.ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
 from ssmrt.testing import assert_close
@@ -24,7 +24,8 @@ ONNX_TYPE = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorPr
 def run_node(spec, inputs: dict, attrs: dict, n_outputs=2, static=False):
     """Build a model with one `spec` node over `inputs` (torch tensors) and run it on ONNX Runtime.
 
-    static: give the bodies every input's shape but batch and seqlen, as an export does.
+    static: give the bodies what an export knows: every input's shape but batch and seqlen, the dtypes and the
+    attribute values (the bodies then drop casts, flag tests and a no-op dt limit).
     """
     names = [t.name for t in spec.inputs]
     vis = [helper.make_tensor_value_info(k, ONNX_TYPE[v.dtype], [f"{k}_{i}" for i in range(v.dim())])
@@ -40,9 +41,12 @@ def run_node(spec, inputs: dict, attrs: dict, n_outputs=2, static=False):
             return axis == 0
         return tensor.dim() >= 3 and axis < 2
 
-    shapes = {k: tuple(None if dynamic(k, v, i) else d for i, d in enumerate(v.shape)) for k, v in inputs.items()}
+    known = Static(
+        shapes={k: tuple(None if dynamic(k, v, i) else d for i, d in enumerate(v.shape)) for k, v in inputs.items()},
+        dtypes={k: str(v.dtype).removeprefix("torch.") for k, v in inputs.items()},
+        attrs=dict(attrs))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-                              functions=all_functions(OPSET, {spec.name: shapes} if static else None))
+                              functions=all_functions(OPSET, {spec.name: known} if static else None))
     onnx.checker.check_model(model, full_check=True)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     res = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
@@ -74,13 +78,14 @@ def test_selective_scan_body(seqlen, ngroups, static):
     assert_close(s, s_ref, name="selective state")
 
 
-def test_selective_scan_body_no_softplus():
+@pytest.mark.parametrize("static", [False, True])
+def test_selective_scan_body_no_softplus(static):
     kw = selective_inputs(1, 20, 4, 8)
     kw["delta"] = kw["delta"].abs() * 0.1
     ins = {k: kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "ssm_state")}
     ins["delta_bias"] = kw["delta_bias"].abs()
     kw["delta_bias"], kw["delta_softplus"] = ins["delta_bias"], False
-    y, s = run_node(SELECTIVE_SCAN, ins, {"delta_softplus": 0})
+    y, s = run_node(SELECTIVE_SCAN, ins, {"delta_softplus": 0}, static=static)
     y_ref, s_ref = selective_scan_ref(**kw)
     assert_close(y, y_ref, name="selective y")
     assert_close(s, s_ref, name="selective state")
@@ -114,10 +119,13 @@ def test_ssd_body_many_chunks_long_sequence():
     assert_close(s, s_ref, name="ssd long state")
 
 
-def test_fp16_activations_keep_fp32_state():
-    kw = ssd_inputs(1, 9, 2, 4, 8, dtype=torch.float16, chunk_size=4)
+@pytest.mark.parametrize("seqlen", [1, 9])
+@pytest.mark.parametrize("static", [False, True])
+def test_fp16_activations_keep_fp32_state(seqlen, static):
+    kw = ssd_inputs(1, seqlen, 2, 4, 8, dtype=torch.float16, chunk_size=4)
     ins = {k: kw[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias", "ssm_state")}
-    y, s = run_node(SSD_SCAN, ins, {"chunk_size": 4, "dt_softplus": 1, "dt_min": 0.0, "dt_max": math.inf})
+    y, s = run_node(SSD_SCAN, ins, {"chunk_size": 4, "dt_softplus": 1, "dt_min": 0.0, "dt_max": math.inf},
+                    static=static)
     assert y.dtype == torch.float16 and s.dtype == torch.float32
     y_ref, s_ref = ssd_scan_ref(**kw)
     assert_close(y, y_ref, dtype=torch.float16, name="ssd fp16 y")

@@ -11,10 +11,14 @@ to plugins instead. The math is the ops/ references', in float32 whatever the ac
   min(SSD_CHUNK, L), the inter-chunk recurrence done as one masked-decay matmul: no Loop or Scan at all.
 
 The exporter always supplies every input (zeros / ones for what a model lacks), so the bodies need no
-presence tests. Attributes are read through Constant nodes with ref_attr_name.
+presence tests. Attributes are read through Constant nodes with ref_attr_name, unless the export saw the same
+value at every node of the op (Static): then the body is specialised to it, as it is to the static shapes and
+dtypes (no Cast of what is float32 already, no test of a flag whose value is known).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -32,21 +36,33 @@ PLUGIN_ATTRS = ("plugin_namespace", "plugin_version")
 MIN_OPSET = 19  # Equal on strings (the activation attribute)
 
 
-StaticShapes = dict[str, tuple]  # input name -> shape, None where a dimension is dynamic
+@dataclass
+class Static:
+    """What an export knows of one op, the same at all its nodes.
+
+    shapes: input name -> shape, None where a dimension is dynamic (batch, seqlen);
+    dtypes: input name -> dtype name ("float32", ...); attrs: attribute name -> value. A name is absent where
+    the nodes disagree.
+    """
+
+    shapes: dict[str, tuple] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
+    attrs: dict[str, object] = field(default_factory=dict)
 
 
 class Builder:
     """Collects nodes with fresh value names; `op` returns the output name(s).
 
-    static: the function inputs' shapes where an export knows them (None for batch / seqlen); `dim` then
-    gives a constant that ONNX Runtime folds, instead of a Shape node evaluated on every call.
+    static: what the export knows of the function's inputs and attributes. `dim` then gives a constant that
+    ONNX Runtime folds instead of a Shape node evaluated on every call; `f32` / `cast_like` skip casts that
+    would not change the type; `known` gives an attribute's value.
     """
 
-    def __init__(self, prefix: str = "", static: StaticShapes | None = None):
+    def __init__(self, prefix: str = "", static: Static | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self._prefix = prefix
         self._count = 0
-        self.static = static or {}
+        self.static = static or Static()
 
     def fresh(self, hint: str) -> str:
         self._count += 1
@@ -74,12 +90,24 @@ class Builder:
         return node.output[0]
 
     # small helpers ---------------------------------------------------------------------------------
+    def known(self, name: str):
+        """The attribute's value when the export saw one value at every node, else None."""
+        return self.static.attrs.get(name)
+
     def f32(self, x: str) -> str:
+        if self.static.dtypes.get(x) == "float32":
+            return x
         return self.op("Cast", x, to=TensorProto.FLOAT)
+
+    def cast_like(self, y: str, like: str, hint: str) -> str:
+        """y (float32) in the type of `like`."""
+        if self.static.dtypes.get(like) == "float32":
+            return y
+        return self.op("CastLike", y, like, hint=hint)
 
     def dim(self, x: str, axis: int) -> str:
         """Shape(x)[axis] as a 1-D int64 tensor of one element (a constant when statically known)."""
-        known = self.static.get(x)
+        known = self.static.shapes.get(x)
         if known is not None and known[axis] is not None:
             return self.ints(int(known[axis]))
         return self.op("Shape", x, start=axis, end=axis + 1)
@@ -98,9 +126,14 @@ class Builder:
         to float32 rounding (above 20, log1p(exp(-x)) < 3e-9 is below x's last bit)."""
         return self.op("Softplus", x)
 
-    def flag(self, x_if_set: str, x_else: str, flag: str) -> str:
-        """Where(flag != 0, x_if_set, x_else) for an int attribute constant."""
-        return self.op("Where", self.op("Not", self.op("Equal", flag, self.const(0, np.int64))), x_if_set, x_else)
+    def flag(self, name: str, if_set, x_else: str) -> str:
+        """if_set() where the int attribute `name` is non-zero, else x_else: decided here when the value is
+        known, else a Where at run time."""
+        value = self.known(name)
+        if value is not None:
+            return if_set() if value else x_else
+        flag = self.attr(name, onnx.AttributeProto.INT)
+        return self.op("Where", self.op("Not", self.op("Equal", flag, self.const(0, np.int64))), if_set(), x_else)
 
     def concat(self, *dims: str) -> str:
         return self.op("Concat", *dims, axis=0)
@@ -122,12 +155,12 @@ def _function(spec, nodes, inputs, outputs, opset: int) -> onnx.FunctionProto:
 # ---------------------------------------------------------------------------------------- CausalConv1d
 
 
-def causal_conv1d_function(opset: int, static: StaticShapes | None = None) -> onnx.FunctionProto:
+def causal_conv1d_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
     """With the kernel width known (static["weight"]), the body unrolls it into shifted multiply-adds;
     without it, one Gather builds the windows."""
     b = Builder(static=static)
     x, w, bias, state = (s.name for s in CAUSAL_CONV1D.inputs)
-    width = b.static.get(w, (None, None))[1]
+    width = b.static.shapes.get(w, (None, None))[1]
     xs = b.op("Concat", b.op("Transpose", b.f32(state), perm=[0, 2, 1]), b.f32(x), axis=1)  # (B, K-1+L, C)
     L = b.dim(x, 1)
     wt = b.op("Transpose", b.f32(w), perm=[1, 0])  # (K, C)
@@ -146,19 +179,23 @@ def causal_conv1d_function(opset: int, static: StaticShapes | None = None) -> on
         windows = b.op("Gather", xs, idx, axis=1)  # (B, L, K, C)
         y = b.op("ReduceSum", b.op("Mul", windows, wt), b.ints(2), keepdims=0)
     y = b.op("Add", y, b.f32(bias))
-    is_silu = b.op("Equal", b.attr("activation", onnx.AttributeProto.STRING), b.const("silu", object))
-    y = b.op("Where", is_silu, b.silu(y), y)
-    y_out = b.op("CastLike", y, x, hint="y")
+    activation = b.known("activation")
+    if activation is None:
+        is_silu = b.op("Equal", b.attr("activation", onnx.AttributeProto.STRING), b.const("silu", object))
+        y = b.op("Where", is_silu, b.silu(y), y)
+    elif activation == "silu":
+        y = b.silu(y)
+    y_out = b.cast_like(y, x, hint="y")
     # the new state is the last K-1 inputs
     tail = b.op("Slice", xs, L, b.ints(np.iinfo(np.int64).max), b.ints(1))
-    s_out = b.op("CastLike", b.op("Transpose", tail, perm=[0, 2, 1]), state, hint="present_conv_state")
+    s_out = b.cast_like(b.op("Transpose", tail, perm=[0, 2, 1]), state, hint="present_conv_state")
     return _function(CAUSAL_CONV1D, b.nodes, [s.name for s in CAUSAL_CONV1D.inputs], [y_out, s_out], opset)
 
 
 # --------------------------------------------------------------------------------------- SelectiveScan
 
 
-def selective_scan_function(opset: int, static: StaticShapes | None = None) -> onnx.FunctionProto:
+def selective_scan_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
     b = Builder(static=static)
     u, delta, A, Bm, Cm, D, z, delta_bias, state = (s.name for s in SELECTIVE_SCAN.inputs)
     # Channel d reads group d // (dim // ngroups): work in (.., ngroups, dim/ngroups, ..) so B, C broadcast.
@@ -167,7 +204,7 @@ def selective_scan_function(opset: int, static: StaticShapes | None = None) -> o
     Dg = b.op("Div", dim, G)
     grouped = b.concat(batch, L, G, Dg)  # (B, L, G, Dg)
     dt = b.op("Add", b.f32(delta), b.f32(delta_bias))
-    dt = b.flag(b.softplus(dt), dt, b.attr("delta_softplus", onnx.AttributeProto.INT))
+    dt = b.flag("delta_softplus", lambda: b.softplus(dt), dt)
     dt = b.op("Reshape", dt, grouped)
     uf = b.op("Reshape", b.f32(u), grouped)
     Ag = b.op("Reshape", b.f32(A), b.concat(G, Dg, N))  # (G, Dg, N)
@@ -189,8 +226,7 @@ def selective_scan_function(opset: int, static: StaticShapes | None = None) -> o
     # decode: L == 1
     tb = Builder("dec_")
     y1, h1 = step(tb, *discretise(tb, dt, dtu, Bf), tb.unsqueeze(Cf, 3), h0)
-    then_graph = tb.graph("selective_scan_step", [(tb.op("Identity", y1, hint="y"), 4),
-                                                  (tb.op("Identity", h1, hint="h"), 5)])
+    then_graph = tb.graph("selective_scan_step", [(y1, 4), (h1, 5)])
 
     # prefill: pad to whole chunks (dt = 0 there: decay 1, no input), Scan over chunks
     eb = Builder("pre_")
@@ -240,8 +276,8 @@ def selective_scan_function(opset: int, static: StaticShapes | None = None) -> o
     y = b.op("Reshape", y, b.ints(0, 0, -1))  # (B, L, G, Dg) -> (B, L, dim)
     y = b.op("Add", y, b.op("Mul", b.f32(u), b.f32(D)))
     y = b.op("Mul", y, b.silu(b.f32(z)))
-    y_out = b.op("CastLike", y, u, hint="y")
-    s_out = b.op("CastLike", b.op("Reshape", h, b.concat(batch, dim, N)), state, hint="present_ssm_state")
+    y_out = b.cast_like(y, u, hint="y")
+    s_out = b.cast_like(b.op("Reshape", h, b.concat(batch, dim, N)), state, hint="present_ssm_state")
     return _function(SELECTIVE_SCAN, b.nodes, [s.name for s in SELECTIVE_SCAN.inputs], [y_out, s_out], opset)
 
 
@@ -261,15 +297,17 @@ def _segsum(b: Builder, a: str, T: str) -> str:
     return b.op("Where", lower, cs, b.const(-np.inf))
 
 
-def ssd_scan_function(opset: int, static: StaticShapes | None = None) -> onnx.FunctionProto:
+def ssd_scan_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
     b = Builder(static=static)
     x, dt_in, A, Bm, Cm, D, dt_bias, state = (s.name for s in SSD_SCAN.inputs)
     batch, L, H, P = (b.dim(x, i) for i in range(4))
     G, N = b.dim(Bm, 2), b.dim(Bm, 3)
     dt = b.op("Add", b.f32(dt_in), b.f32(dt_bias))
-    dt = b.flag(b.softplus(dt), dt, b.attr("dt_softplus", onnx.AttributeProto.INT))
-    dt = b.op("Max", b.op("Min", dt, b.attr("dt_max", onnx.AttributeProto.FLOAT)),
-              b.attr("dt_min", onnx.AttributeProto.FLOAT))  # (B, L, H)
+    dt = b.flag("dt_softplus", lambda: b.softplus(dt), dt)
+    lo, hi = b.known("dt_min"), b.known("dt_max")
+    if lo is None or hi is None or lo > 0.0 or hi < np.inf:  # the limit, unless known to be none
+        dt = b.op("Max", b.op("Min", dt, b.attr("dt_max", onnx.AttributeProto.FLOAT)),
+                  b.attr("dt_min", onnx.AttributeProto.FLOAT))  # (B, L, H)
     xf = b.f32(x)
     Af = b.f32(A)
     h0 = b.f32(state)  # (B, H, P, N)
@@ -280,22 +318,24 @@ def ssd_scan_function(opset: int, static: StaticShapes | None = None) -> onnx.Fu
         t = b.op("Expand", t, b.concat(batch, L, G, b.op("Div", H, G), N))
         return b.op("Reshape", t, b.concat(batch, L, H, N))
 
-    if b.static.get(Bm, (None,) * 4)[2] == 1:  # one group: B and C broadcast over the heads as they are
+    if b.static.shapes.get(Bm, (None,) * 4)[2] == 1:  # one group: B and C broadcast over the heads as they are
         Bh, Ch, Hb = b.f32(Bm), b.f32(Cm), b.ints(1)
     else:
         Bh, Ch, Hb = heads(Bm), heads(Cm), H  # (B, L, Hb, N)
     X = b.op("Mul", xf, b.unsqueeze(dt, 3))  # x * dt
     a = b.op("Mul", dt, Af)  # log decay per step, (B, L, H)
 
-    # decode: L == 1 -> h = exp(a) h + (dt x) B^T ; y = h C
+    # decode: L == 1 -> h = exp(a) h + (dt x) B^T ; y = h C. With L == 1, moving the time axis is a Reshape
+    # (no copy), not a Transpose.
     tb = Builder("dec_")
+    keep, one = b.ints(0), b.ints(1)
     decay = tb.op("Reshape", tb.op("Exp", a), tb.ints(0, -1, 1, 1))  # (B, H, 1, 1)
-    X1 = tb.op("Transpose", X, perm=[0, 2, 3, 1])  # (B, H, P, 1)
-    B1 = tb.op("Transpose", Bh, perm=[0, 2, 1, 3])  # (B, Hb, 1, N)
-    C1 = tb.op("Transpose", Ch, perm=[0, 2, 3, 1])  # (B, Hb, N, 1)
+    X1 = tb.op("Reshape", X, b.concat(keep, H, P, one))  # (B, H, P, 1)
+    B1 = tb.op("Reshape", Bh, b.concat(keep, Hb, one, N))  # (B, Hb, 1, N)
+    C1 = tb.op("Reshape", Ch, b.concat(keep, Hb, N, one))  # (B, Hb, N, 1)
     h1 = tb.op("Add", tb.op("Mul", decay, h0), tb.op("Mul", X1, B1))
-    y1 = tb.op("Transpose", tb.op("MatMul", h1, C1), perm=[0, 3, 1, 2])  # (B, H, P, 1) -> (B, 1, H, P)
-    then_graph = tb.graph("ssd_step", [(tb.op("Identity", y1, hint="y"), 4), (tb.op("Identity", h1, hint="h"), 4)])
+    y1 = tb.op("Reshape", tb.op("MatMul", h1, C1), b.concat(keep, one, H, P))  # (B, H, P, 1) -> (B, 1, H, P)
+    then_graph = tb.graph("ssd_step", [(y1, 4), (h1, 4)])
 
     # prefill: chunks of cs = min(SSD_CHUNK, L), the last padded with dt = 0 (decay 1, no input)
     eb = Builder("pre_")
@@ -356,14 +396,14 @@ def ssd_scan_function(opset: int, static: StaticShapes | None = None) -> onnx.Fu
     # D skip: D is (H,) or (H, P); reshaped to (H, 1) or (H, P) it broadcasts over (B, L, H, P)
     Dr = b.op("Reshape", b.f32(D), b.concat(H, b.ints(-1)))
     y = b.op("Add", y, b.op("Mul", xf, Dr))
-    y_out = b.op("CastLike", y, x, hint="y")
-    s_out = b.op("CastLike", h, state, hint="present_ssm_state")
+    y_out = b.cast_like(y, x, hint="y")
+    s_out = b.cast_like(h, state, hint="present_ssm_state")
     return _function(SSD_SCAN, b.nodes, [s.name for s in SSD_SCAN.inputs], [y_out, s_out], opset)
 
 
-def all_functions(opset: int, static: dict[str, StaticShapes] | None = None) -> list[onnx.FunctionProto]:
-    """The three bodies. static: op name -> its inputs' shapes as an export saw them at every node (None
-    where dynamic), which turns the bodies' shape arithmetic into constants."""
+def all_functions(opset: int, static: dict[str, Static] | None = None) -> list[onnx.FunctionProto]:
+    """The three bodies. static: op name -> what the export saw at every node of it (shapes, dtypes, attribute
+    values), which turns the bodies' shape arithmetic into constants and drops casts and tests it decides."""
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old for the fallback bodies; use {MIN_OPSET} or newer")
     static = static or {}

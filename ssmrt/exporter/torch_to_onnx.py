@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import SsmrtError
 from ..fsutil import atomic_directory
 from ..ops.spec import DOMAIN, OPS, OPSET_VERSION
-from .functions import MIN_OPSET, all_functions
+from .functions import MIN_OPSET, Static, all_functions
 
 MODEL_FILE = "model.onnx"
 DTYPES = ("float32", "float16", "bfloat16")
@@ -44,38 +44,50 @@ def state_names(n_layer: int) -> tuple[list[str], list[str]]:
 # ----------------------------------------------------------------------------- symbolic op emission
 
 
-class _StaticShapes:
-    """Records each op's input shapes across its nodes; a dimension stays static only if it is an int that
-    every node agrees on (batch and seqlen are symbolic during export)."""
+class _StaticInfo:
+    """Records what every node of each op agrees on, for the fallback bodies (functions.Static): input
+    dimensions that are ints at every node (batch and seqlen are symbolic during export), input dtypes, and
+    attribute values."""
 
     def __init__(self):
-        self.shapes: dict[str, dict[str, tuple]] = {}
+        self.static: dict[str, Static] = {}
 
-    def record(self, op_name: str, inputs):
+    def record(self, op_name: str, inputs, attrs: dict):
         spec = OPS[op_name]
-        seen = self.shapes.setdefault(op_name, {})
+        first = op_name not in self.static
+        seen = self.static.setdefault(op_name, Static())
         for tspec, t in zip(spec.inputs, inputs, strict=True):
             shape = tuple(d if isinstance(d, int) else None for d in t.shape)
-            old = seen.get(tspec.name, shape)
+            old = seen.shapes.get(tspec.name, shape)
             if len(old) != len(shape):
                 shape = (None,) * len(shape)
-            seen[tspec.name] = tuple(a if a == b else None for a, b in zip(old, shape, strict=True))
+            seen.shapes[tspec.name] = tuple(a if a == b else None for a, b in zip(old, shape, strict=True))
+            dtype = str(t.dtype).removeprefix("torch.")
+            if first:
+                seen.dtypes[tspec.name] = dtype
+            elif seen.dtypes.get(tspec.name) != dtype:
+                seen.dtypes.pop(tspec.name, None)
+        for name, value in attrs.items():
+            if first:
+                seen.attrs[name] = value
+            elif seen.attrs.get(name) != value:
+                seen.attrs.pop(name, None)
 
 
 class _SymbolicOps:
-    """The ops as ssmrt::* nodes (what ops.dispatch runs during export), recording their static shapes.
+    """The ops as ssmrt::* nodes (what ops.dispatch runs during export), recording what is static.
 
     Every input is supplied, so the fallback bodies need no presence test: a missing conv bias, D or bias
     becomes zeros. A missing z cannot be expressed (no z has silu(z) == 1 exactly) and is refused.
     """
 
-    def __init__(self, recorder: _StaticShapes):
+    def __init__(self, recorder: _StaticInfo):
         self.recorder = recorder
 
     def _emit(self, op_name, inputs, attrs, like):
         import torch
 
-        self.recorder.record(op_name, inputs)
+        self.recorder.record(op_name, inputs, attrs)
         return tuple(torch.onnx.ops.symbolic_multi_out(
             f"{DOMAIN}::{op_name}",
             inputs,
@@ -194,7 +206,7 @@ def export_model(
 
     # the exporter logs a warning per torchvision op it cannot register; torchvision is not ours to need
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    recorder = _StaticShapes()
+    recorder = _StaticInfo()
     symbolic = _SymbolicOps(recorder)
     with warnings.catch_warnings(), dispatch.override(
         causal_conv1d=symbolic.causal_conv1d, selective_scan=symbolic.selective_scan, ssd_scan=symbolic.ssd_scan
@@ -209,7 +221,7 @@ def export_model(
         except Exception as e:  # the exporter's own errors are long; keep the first line
             raise SsmrtError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
     proto = program.model_proto
-    proto.functions.extend(all_functions(opset, recorder.shapes))
+    proto.functions.extend(all_functions(opset, recorder.static))
     if not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
     proto.producer_name = "ssmrt"
