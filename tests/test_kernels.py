@@ -265,6 +265,7 @@ def test_model_through_kernels(arch, prefill, monkeypatch):
     from test_models import random_lm
 
     from ssmrt.kernels import causal_conv1d as conv_mod
+    from ssmrt.kernels import rmsnorm as norm_mod
     from ssmrt.kernels import selective_scan as sel_mod
     from ssmrt.kernels import ssd_scan as ssd_mod
     from ssmrt.kernels.dispatch import use_kernels
@@ -277,7 +278,8 @@ def test_model_through_kernels(arch, prefill, monkeypatch):
             return fn(*args, **kw)
         return counted
 
-    for mod, name in ((conv_mod, "causal_conv1d"), (sel_mod, "selective_scan"), (ssd_mod, "ssd_scan")):
+    for mod, name in ((conv_mod, "causal_conv1d"), (sel_mod, "selective_scan"), (ssd_mod, "ssd_scan"),
+                      (norm_mod, "add_rmsnorm"), (norm_mod, "gated_rmsnorm")):
         monkeypatch.setattr(mod, name, counting(getattr(mod, name), name))
 
     model = random_lm(arch=arch, d_model=32, n_layer=2, d_state=8, headdim=8).to(DEVICE)
@@ -292,7 +294,10 @@ def test_model_through_kernels(arch, prefill, monkeypatch):
                 out, state = model(ids[:, t : t + 1], state)
                 steps.append(out)
     scan = "selective_scan" if arch == "mamba1" else "ssd_scan"
-    assert calls == {"causal_conv1d": 6 * 2, scan: 6 * 2}, calls  # prefill + 5 steps, 2 layers
+    want = {"causal_conv1d": 6 * 2, scan: 6 * 2, "add_rmsnorm": 6 * 3}  # prefill + 5 steps, 2 layers + norm_f
+    if arch == "mamba2":
+        want["gated_rmsnorm"] = 6 * 2
+    assert calls == want, calls
     assert_close(torch.cat(steps, 1), full, name=f"{arch} logits on the kernels")
     for (c, s), (c_ref, s_ref) in zip(state, full_state, strict=True):
         assert_close(c, c_ref, name="conv_state")
@@ -321,7 +326,7 @@ def test_aot_compile_and_ptx_parameters(aot_results):
     assert {(r["kernel"], r["sm"]) for r in aot_results} == {
         (k, sm) for k in ("ssd_scan", "causal_conv1d", "selective_scan", "ssd_chunk_state", "ssd_state_passing",
                           "ssd_chunk_scan", "selective_chunk_state", "selective_state_passing",
-                          "selective_chunk_scan") for sm in (80, 87, 90)}
+                          "selective_chunk_scan", "add_rmsnorm", "gated_rmsnorm") for sm in (80, 87, 90)}
     for r in aot_results:
         assert r["params"] == ["u64"] * r["pointers"] + ["u32"] * r["int32"], r
         assert r["triton_params"] == r["params"] + ["u64"] * 2, r
@@ -352,3 +357,44 @@ def test_contract_ptx_refuses_scratch_and_read_hidden_parameters():
         contract_ptx(compiled("\tld.param.u64 %rd2, [k_param_2];\n"), 2)
     with pytest.raises(ValueError, match="scratch memory"):
         contract_ptx(compiled(scratch=256), 2)
+
+
+# ------------------------------------------------------------------------------------------------ norms
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 768), (3, 100), (5, 33)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("first,residual_in_fp32", [(True, True), (False, True), (False, False)])
+def test_add_rmsnorm_matches_reference(rows, dim, dtype, first, residual_in_fp32):
+    from ssmrt.kernels.rmsnorm import add_rmsnorm
+    from ssmrt.ops import add_rmsnorm_ref
+
+    g = torch.Generator().manual_seed(rows * dim)
+    x = torch.randn(rows, 1, dim, generator=g).to(dtype).to(DEVICE)
+    residual = None if first else torch.randn(rows, 1, dim, generator=g).to(
+        torch.float32 if residual_in_fp32 else dtype).to(DEVICE)
+    weight = (1 + 0.3 * torch.randn(dim, generator=g)).to(dtype).to(DEVICE)
+    out, res_out = poisoned(x.to(dtype)), poisoned(x.float() if residual_in_fp32 else x)
+    y, r = add_rmsnorm(x, residual, weight, 1e-5, residual_in_fp32, out=out, residual_out=res_out)
+    y_ref, r_ref = add_rmsnorm_ref(x, residual, weight, 1e-5, residual_in_fp32)
+    assert y.dtype == y_ref.dtype and r.dtype == r_ref.dtype and y.shape == y_ref.shape
+    assert_close(y, y_ref, dtype=dtype, name=f"add_rmsnorm out {dtype}")
+    assert_close(r, r_ref, dtype=dtype, name=f"add_rmsnorm residual {dtype}")
+
+
+@pytest.mark.parametrize("dim,group_size", [(64, 64), (96, 32), (40, 20)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_before_gate,has_z", [(False, True), (True, True), (False, False)])
+def test_gated_rmsnorm_matches_reference(dim, group_size, dtype, norm_before_gate, has_z):
+    """z is a slice of a wider tensor, as in_proj's output gives it (a row stride, no copy)."""
+    from ssmrt.kernels.rmsnorm import gated_rmsnorm
+    from ssmrt.ops import gated_rmsnorm_ref
+
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(2, 3, dim, generator=g).to(dtype).to(DEVICE)
+    wide = torch.randn(2, 3, 3 * dim, generator=g).to(dtype).to(DEVICE)
+    z = wide[..., dim : 2 * dim] if has_z else None
+    weight = (1 + 0.3 * torch.randn(dim, generator=g)).to(dtype).to(DEVICE)
+    y = gated_rmsnorm(x, weight, z, 1e-5, group_size, norm_before_gate, out=poisoned(x))
+    y_ref = gated_rmsnorm_ref(x, weight, z, 1e-5, group_size, norm_before_gate)
+    assert_close(y, y_ref, dtype=dtype, name=f"gated_rmsnorm {dtype}")

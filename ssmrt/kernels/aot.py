@@ -22,7 +22,7 @@ def _table():
     """kernel -> (raw function, runtime-argument signature, constexprs of a typical specialisation)."""
     import torch
 
-    from . import causal_conv1d, selective_chunked, selective_scan, ssd_chunked, ssd_scan
+    from . import causal_conv1d, rmsnorm, selective_chunked, selective_scan, ssd_chunked, ssd_scan
 
     f16, f32 = "*fp16", "*fp32"
     chain = ssd_chunked.constexprs(64, 128, torch.float16, 256)
@@ -76,6 +76,15 @@ def _table():
              "delta_bias_ptr": f32, "states_ptr": f32, "y_ptr": f16,
              "seqlen": "i32", "dim": "i32", "dstate": "i32", "ngroups": "i32"},
             sel["selective_chunk_scan"]),
+        "add_rmsnorm": (
+            rmsnorm._add_rmsnorm_kernel,
+            {"x_ptr": f16, "residual_ptr": f32, "w_ptr": f16, "out_ptr": f16, "residual_out_ptr": f32, "dim": "i32"},
+            rmsnorm.add_constexprs(768, 1e-5)),
+        "gated_rmsnorm": (
+            rmsnorm._gated_rmsnorm_kernel,
+            {"x_ptr": f16, "z_ptr": f16, "w_ptr": f16, "y_ptr": f16,
+             "dim": "i32", "stride_x": "i32", "stride_z": "i32"},
+            rmsnorm.gated_constexprs(1536, 1e-5)),
     }
 
 

@@ -1,4 +1,5 @@
-"""Routes the models' ops to the Triton kernels when the tensors are on CUDA.
+"""Routes the models' ops (the SSM ops and the two fused norms) to the Triton kernels when the tensors are
+on CUDA.
 
 `use_kernels(force=True)` also routes CPU tensors, which then run in Triton's interpreter
 (TRITON_INTERPRET=1): how CI checks the wiring without a GPU. With `inplace_state=True` the kernels write the
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from ..ops import causal_conv1d_ref, dispatch, selective_scan_ref, ssd_scan_ref
+from ..ops import add_rmsnorm_ref, causal_conv1d_ref, dispatch, gated_rmsnorm_ref, selective_scan_ref, ssd_scan_ref
 
 
 def _routes(force: bool, inplace_state: bool):
-    from . import causal_conv1d, selective_scan, ssd_scan
+    from . import causal_conv1d, rmsnorm, selective_scan, ssd_scan
 
     def take(t):
         return force or t.is_cuda
@@ -37,7 +38,16 @@ def _routes(force: bool, inplace_state: bool):
         return ssd_scan.ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size,
                                  state_out=ssm_state if inplace_state else None)
 
-    return {"causal_conv1d": conv, "selective_scan": selective, "ssd_scan": ssd}
+    def add_norm(x, residual, weight, eps, residual_in_fp32):
+        fn = rmsnorm.add_rmsnorm if take(x) else add_rmsnorm_ref
+        return fn(x, residual, weight, eps, residual_in_fp32)
+
+    def gated_norm(x, weight, z, eps, group_size, norm_before_gate):
+        fn = rmsnorm.gated_rmsnorm if take(x) else gated_rmsnorm_ref
+        return fn(x, weight, z, eps, group_size, norm_before_gate)
+
+    return {"causal_conv1d": conv, "selective_scan": selective, "ssd_scan": ssd, "add_rmsnorm": add_norm,
+            "gated_rmsnorm": gated_norm}
 
 
 @contextmanager

@@ -141,7 +141,7 @@ class Mamba2Mixer(nn.Module):
         )
         y = y.reshape(batch, seqlen, c.d_ssm)
         if c.rmsnorm:
-            y = ops.gated_rmsnorm_ref(
+            y = ops.gated_rmsnorm(
                 y, self.norm.weight, z, c.gated_norm_eps, c.d_ssm // c.ngroups, c.norm_before_gate
             )
         else:
@@ -161,10 +161,7 @@ class Block(nn.Module):
         self.mixer = (Mamba1Mixer if config.arch == "mamba1" else Mamba2Mixer)(config)
 
     def forward(self, hidden, residual, conv_state, ssm_state):
-        residual = hidden if residual is None else residual + hidden
-        if self.residual_in_fp32:
-            residual = residual.float()
-        hidden = self.norm(residual.to(self.norm.weight.dtype))
+        hidden, residual = ops.add_rmsnorm(hidden, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32)
         hidden, conv_state, ssm_state = self.mixer(hidden, conv_state, ssm_state)
         return hidden, residual, conv_state, ssm_state
 
@@ -237,5 +234,6 @@ class MambaLM(nn.Module):
             conv_state, ssm_state = state[i] if state is not None else (None, None)
             hidden, residual, conv_state, ssm_state = layer(hidden, residual, conv_state, ssm_state)
             new_state.append((conv_state, ssm_state))
-        hidden = self.backbone.norm_f((hidden + residual).to(self.backbone.norm_f.weight.dtype))
+        norm_f = self.backbone.norm_f
+        hidden, _ = ops.add_rmsnorm(hidden, residual, norm_f.weight, norm_f.eps, False)
         return self.lm_head(hidden), tuple(new_state)

@@ -10,13 +10,18 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from .causal_conv1d import causal_conv1d_ref
+from .rmsnorm import add_rmsnorm_ref, gated_rmsnorm_ref
 from .selective_scan import selective_scan_ref
 from .ssd_scan import ssd_scan_ref
 
+# The three SSM ops (ssmrt::* nodes in an export) and the two norms, which the export leaves in standard
+# ONNX ops but the GPU path fuses into one kernel each.
 _impls: dict[str, Callable] = {
     "causal_conv1d": causal_conv1d_ref,
     "selective_scan": selective_scan_ref,
     "ssd_scan": ssd_scan_ref,
+    "add_rmsnorm": add_rmsnorm_ref,
+    "gated_rmsnorm": gated_rmsnorm_ref,
 }
 
 
@@ -30,6 +35,14 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_stat
 
 def ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size):
     return _impls["ssd_scan"](x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size)
+
+
+def add_rmsnorm(x, residual, weight, eps, residual_in_fp32):
+    return _impls["add_rmsnorm"](x, residual, weight, eps, residual_in_fp32)
+
+
+def gated_rmsnorm(x, weight, z, eps, group_size, norm_before_gate):
+    return _impls["gated_rmsnorm"](x, weight, z, eps, group_size, norm_before_gate)
 
 
 @contextmanager

@@ -22,6 +22,24 @@ def rmsnorm_ref(
     return y.to(x.dtype)
 
 
+def add_rmsnorm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    residual_in_fp32: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block entry (mamba_ssm's Add -> Norm): residual = x (+ residual), in float32 when residual_in_fp32;
+    returns (rmsnorm(residual) in weight's dtype, residual).
+
+    x: (..., dim); residual: (..., dim) or None (the first block); weight: (dim,)
+    """
+    residual = x if residual is None else residual + x
+    if residual_in_fp32:
+        residual = residual.float()
+    return rmsnorm_ref(residual.to(weight.dtype), weight, eps), residual
+
+
 def gated_rmsnorm_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
