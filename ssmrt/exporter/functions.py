@@ -122,9 +122,12 @@ class Builder:
         return self.op("Mul", x, self.op("Sigmoid", x))
 
     def softplus(self, x: str) -> str:
-        """ONNX Softplus, log(exp(x) + 1): one node. It agrees with the kernels' `x <= 20 ? log1p(exp(x)) : x`
-        to float32 rounding (above 20, log1p(exp(-x)) < 3e-9 is below x's last bit)."""
-        return self.op("Softplus", x)
+        """The kernels' `x <= 20 ? log1p(exp(x)) : x` as Where(x > 20, x, Log(Exp(x) + 1)): ONNX has no log1p,
+        and its Softplus is a scalar loop in ONNX Runtime, 3x slower at prefill sizes (4.0 vs 1.4 ms on
+        512 x 1536). Absolute error at most 6e-8 below 20 (1 + exp(x) rounds where exp(x) is tiny), which
+        matters nowhere a dt is used; above 20 the value is x itself, as in the kernels."""
+        soft = self.op("Log", self.op("Add", self.op("Exp", x), self.const(1.0)))
+        return self.op("Where", self.op("Greater", x, self.const(20.0)), x, soft)
 
     def flag(self, name: str, if_set, x_else: str) -> str:
         """if_set() where the int attribute `name` is non-zero, else x_else: decided here when the value is
