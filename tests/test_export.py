@@ -311,3 +311,13 @@ def test_selective_scan_without_gate_is_refused():
     with pytest.raises(SsmrtError, match="without a z gate"):
         ops.selective_scan(u, u, torch.zeros(4, 8), torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), None, None,
                            None, True, torch.zeros(1, 4, 8))
+
+
+def test_export_of_a_frozen_model_computes_A_from_A_log(tmp_path):
+    """A frozen model (as a torch runner leaves it) exports the same graph as an unfrozen one."""
+    from test_models import random_lm
+
+    model = random_lm(arch="mamba2", d_model=32, d_state=8, headdim=8)
+    plain = export_model(model, tmp_path / "plain")
+    frozen = export_model(model.freeze(), tmp_path / "frozen")
+    assert (plain / "model.onnx").read_bytes() == (frozen / "model.onnx").read_bytes()

@@ -148,3 +148,23 @@ def test_low_precision_model_keeps_fp32_state(dtype, tmp_path):
     # low-precision weights and activations drift from fp32; bound the drift relative to the logit scale
     scale = want.abs().max().item()
     assert_close(logits.float(), want, atol=0.05 * scale, rtol=0, name=f"{dtype} logits vs fp32")
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_freeze_keeps_A_and_changes_nothing(arch):
+    """freeze() keeps A = -exp(A_log) (no kernels for it in a decode step); the outputs are the same, and
+    unfreeze() computes it again (so changed weights are seen)."""
+    model = random_lm(arch=arch, d_model=32, d_state=8, headdim=8)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, want_state = model(ids)
+        model.freeze()
+        assert all(layer.mixer.A_frozen is not None for layer in model.backbone.layers)
+        got, got_state = model(ids)
+        assert torch.equal(got, want)
+        pairs = zip(sum(got_state, ()), sum(want_state, ()), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+        model.backbone.layers[0].mixer.A_log.add_(1.0)
+        assert torch.equal(model(ids)[0], got)  # frozen: the change is not seen ...
+        model.unfreeze()
+        assert not torch.equal(model(ids)[0], got)  # ... until unfrozen

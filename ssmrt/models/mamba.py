@@ -32,6 +32,14 @@ class RMSNorm(nn.Module):
         return ops.rmsnorm_ref(x, self.weight, self.eps)
 
 
+def _A(mixer: nn.Module) -> torch.Tensor:
+    """A = -exp(A_log) in float32: the frozen copy (MambaLM.freeze) outside an export, else computed."""
+    frozen = mixer.A_frozen
+    if frozen is not None and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        return frozen
+    return -torch.exp(mixer.A_log.float())
+
+
 def _conv1d(channels: int, width: int, bias: bool) -> nn.Conv1d:
     # Held as nn.Conv1d so checkpoints' `conv1d.weight` (channels, 1, width) load by name; never called.
     return nn.Conv1d(channels, channels, width, groups=channels, padding=width - 1, bias=bias)
@@ -49,6 +57,7 @@ class Mamba1Mixer(nn.Module):
         self.x_proj = nn.Linear(c.d_inner, c.dt_rank + 2 * c.d_state, bias=False)
         self.dt_proj = nn.Linear(c.dt_rank, c.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.zeros(c.d_inner, c.d_state))
+        self.A_frozen: torch.Tensor | None = None  # see MambaLM.freeze
         self.D = nn.Parameter(torch.ones(c.d_inner))
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
 
@@ -72,7 +81,7 @@ class Mamba1Mixer(nn.Module):
             C = ops.rmsnorm_ref(C, None, c.mixer_rms_eps)
         # dt_proj's bias goes into the scan (delta_bias, fp32), not into the matmul.
         delta = dt @ self.dt_proj.weight.t()
-        A = -torch.exp(self.A_log.float())
+        A = _A(self)
         y, ssm_state = ops.selective_scan(
             x,
             delta,
@@ -100,6 +109,7 @@ class Mamba2Mixer(nn.Module):
         self.conv1d = _conv1d(c.conv_dim, c.d_conv, c.conv_bias)
         self.dt_bias = nn.Parameter(torch.zeros(c.nheads))
         self.A_log = nn.Parameter(torch.zeros(c.nheads))
+        self.A_frozen: torch.Tensor | None = None  # see MambaLM.freeze
         self.D = nn.Parameter(torch.ones(c.d_ssm if c.D_has_hdim else c.nheads))
         if c.rmsnorm:
             self.norm = RMSNorm(c.d_ssm, c.gated_norm_eps)
@@ -122,7 +132,7 @@ class Mamba2Mixer(nn.Module):
             xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state, "silu"
         )
         x, B, C = torch.split(xBC, [c.d_ssm, gn, gn], dim=-1)
-        A = -torch.exp(self.A_log.float())
+        A = _A(self)
         D = self.D.float()
         if c.D_has_hdim:
             D = D.reshape(c.nheads, c.headdim)
@@ -199,6 +209,19 @@ class MambaLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(FP32_PARAMS):
                 p.data = p.data.float()
+        return self
+
+    def freeze(self) -> MambaLM:
+        """Keep every mixer's A = -exp(A_log) instead of computing it on each call (two kernels a layer in a
+        decode step). For inference runners, which also capture the step: weights changed afterwards need
+        freeze() again (and a new runner). An export always computes A from A_log."""
+        for layer in self.backbone.layers:
+            layer.mixer.A_frozen = (-torch.exp(layer.mixer.A_log.detach().float())).contiguous()
+        return self
+
+    def unfreeze(self) -> MambaLM:
+        for layer in self.backbone.layers:
+            layer.mixer.A_frozen = None
         return self
 
     def zero_state(

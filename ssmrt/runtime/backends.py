@@ -61,7 +61,8 @@ class TorchRunner(Runner):
     kernels: run the ops on the Triton kernels (default: on CUDA; on the CPU they run in Triton's
     interpreter). decode: how a one-token step runs: "eager"; "cuda_graph" (the default on CUDA): captured
     once per batch size and replayed, the state in static buffers updated in place (see decode_graph);
-    "static": the same buffers without the capture.
+    "static": the same buffers without the capture. Off the eager CPU path the runner freezes the model's
+    derived constants (MambaLM.freeze): change the weights, make a new runner.
     """
 
     name = "torch"
@@ -83,6 +84,8 @@ class TorchRunner(Runner):
             raise SsmrtError(f"decode must be one of {', '.join(MODES)}, got {self.decode!r}")
         if self.decode == "cuda_graph" and not on_cuda:
             raise SsmrtError(f"decode 'cuda_graph' needs the model on a CUDA device, it is on {self.device}")
+        if self.kernels or self.decode != "eager":
+            model.freeze()
         self._graphs = {}
 
     def _routes(self, inplace_state: bool = False):
