@@ -398,3 +398,25 @@ def test_gated_rmsnorm_matches_reference(dim, group_size, dtype, norm_before_gat
     y = gated_rmsnorm(x, weight, z, 1e-5, group_size, norm_before_gate, out=poisoned(x))
     y_ref = gated_rmsnorm_ref(x, weight, z, 1e-5, group_size, norm_before_gate)
     assert_close(y, y_ref, dtype=dtype, name=f"gated_rmsnorm {dtype}")
+
+
+def test_aot_compile_bf16_and_fp32_activations():
+    """Every kernel also compiles for bf16 and fp32 activations (the interpreter cannot run bf16; fp32 takes
+    the exact `ieee` products in the SSD chain), for Jetson Orin and Hopper, with the contract's parameters."""
+    code = (
+        "import json\n"
+        "from ssmrt.kernels.aot import _table, compile_kernel, contract_ptx, ptx_params\n"
+        "for act in ('bf16', 'fp32'):\n"
+        "    for name, (_, sig, _) in _table(act).items():\n"
+        "        for cc in (87, 90):\n"
+        "            k = compile_kernel(name, cc, act)\n"
+        "            print(json.dumps({'kernel': name, 'act': act, 'sm': cc, 'n': len(sig),\n"
+        "                              'params': ptx_params(contract_ptx(k, len(sig)))}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    print(res.stderr[-3000:])
+    assert res.returncode == 0
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 * 2 * 11, len(rows)
+    assert all(len(r["params"]) == r["n"] for r in rows)

@@ -18,14 +18,18 @@ TARGETS = (80, 87, 90)
 LAUNCH_OPTIONS = ("num_warps", "num_stages")  # in a kernel's meta, but compile options, not constexprs
 
 
-def _table():
-    """kernel -> (raw function, runtime-argument signature, constexprs of a typical specialisation)."""
+ACTIVATIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def _table(act: str = "fp16"):
+    """kernel -> (raw function, runtime-argument signature, constexprs of a typical specialisation), for
+    activations (and the weights that follow them) of Triton type `act`; A, D, biases and states fp32."""
     import torch
 
     from . import causal_conv1d, rmsnorm, selective_chunked, selective_scan, ssd_chunked, ssd_scan
 
-    f16, f32 = "*fp16", "*fp32"
-    chain = ssd_chunked.constexprs(64, 128, torch.float16, 256)
+    f16, f32 = f"*{act}", "*fp32"
+    chain = ssd_chunked.constexprs(64, 128, getattr(torch, ACTIVATIONS[act]), 256)
     sel = selective_chunked.constexprs(1536, 16)
     dims = {"seqlen": "i32", "nheads": "i32", "headdim": "i32", "dstate": "i32"}
     return {
@@ -88,13 +92,14 @@ def _table():
     }
 
 
-def compile_kernel(name: str, cc: int):
-    """triton.compile of one kernel for compute capability cc (e.g. 87); returns Triton's CompiledKernel."""
+def compile_kernel(name: str, cc: int, act: str = "fp16"):
+    """triton.compile of one kernel for compute capability cc (e.g. 87) and activation type act ("fp16",
+    "bf16", "fp32"); returns Triton's CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
-    fn, signature, meta = _table()[name]
+    fn, signature, meta = _table(act)[name]
     options = {k: meta[k] for k in LAUNCH_OPTIONS if k in meta}
     meta = {k: v for k, v in meta.items() if k not in LAUNCH_OPTIONS}
     src = triton.compiler.ASTSource(fn=JITFunction(fn), signature={**signature, **dict.fromkeys(meta, "constexpr")},
