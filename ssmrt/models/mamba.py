@@ -35,7 +35,8 @@ class RMSNorm(nn.Module):
 def _A(mixer: nn.Module) -> torch.Tensor:
     """A = -exp(A_log) in float32: the frozen copy (MambaLM.freeze) outside an export, else computed."""
     frozen = mixer.A_frozen
-    if frozen is not None and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
+    if frozen is not None and not (torch.compiler.is_compiling() or exporting()):
         return frozen
     return -torch.exp(mixer.A_log.float())
 
