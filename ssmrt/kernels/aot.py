@@ -120,7 +120,11 @@ def ptxas_usage(ptx: str, cc: int) -> dict:
         with open(src, "w") as f:
             f.write(ptx)
         arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
-        res = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={arch}", src, "-o", f"{tmp}/kernel.cubin"],
+        try:
+            ptxas = get_ptxas(cc).path
+        except TypeError:  # Triton < 3.4 picks one ptxas for every target
+            ptxas = get_ptxas().path
+        res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", f"{tmp}/kernel.cubin"],
                              capture_output=True, text=True, check=True)
         cubin_bytes = os.path.getsize(f"{tmp}/kernel.cubin")
     log = res.stdout + res.stderr
