@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_outputs
+from ._checks import check_groups, fp32, scan_io
 
 
 @triton.jit
@@ -202,23 +202,16 @@ def selective_scan_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """selective_scan_ref's signature, as the three-kernel chain; out / state_out may be given (state_out may be
     ssm_state). chunk: tokens per program (a power of two; tests use small ones)."""
-    check_outputs(out=out, state_out=state_out)
     batch, seqlen, dim = u.shape
     ngroups, dstate = B.shape[-2], B.shape[-1]
-    if dim % ngroups:
-        raise ValueError(f"ngroups ({ngroups}) must divide dim ({dim})")
+    check_groups(dim, ngroups, "dim")
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 2, got {chunk}")
     nchunks = triton.cdiv(seqlen, chunk)
-    if ssm_state is None:
-        ssm_state = torch.zeros(batch, dim, dstate, device=u.device, dtype=torch.float32)
-    u, delta, B, C, ssm_state = (t.contiguous() for t in (u, delta, B, C, ssm_state))
-    y = out if out is not None else torch.empty_like(u)
-    s_out = state_out if state_out is not None else torch.empty_like(ssm_state)
+    u, (delta, B, C), ssm_state, y, s_out = scan_io(u, (delta, B, C), ssm_state, (batch, dim, dstate), out, state_out)
     A = A.float().contiguous()
-    Df = D.float().contiguous() if D is not None else A
+    Df, db = fp32(D, A), fp32(delta_bias, A)
     zc = z.contiguous() if z is not None else u
-    db = delta_bias.float().contiguous() if delta_bias is not None else A
     meta = constexprs(dim, dstate, has_D=D is not None, has_z=z is not None, has_delta_bias=delta_bias is not None,
                       delta_softplus=delta_softplus, chunk=chunk)
     states = torch.empty(batch, nchunks, dim, dstate, device=u.device, dtype=torch.float32)

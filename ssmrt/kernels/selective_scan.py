@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_outputs
+from ._checks import check_groups, fp32, scan_io
 
 
 def _selective_scan_kernel(
@@ -95,24 +95,17 @@ def selective_scan_recurrent(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """selective_scan_ref's signature; out / state_out may be given (state_out may be ssm_state, for an
     in-place update)."""
-    check_outputs(out=out, state_out=state_out)
     batch, seqlen, dim = u.shape
     ngroups, dstate = B.shape[-2], B.shape[-1]
-    if dim % ngroups:
-        raise ValueError(f"ngroups ({ngroups}) must divide dim ({dim})")
-    if ssm_state is None:
-        ssm_state = torch.zeros(batch, dim, dstate, device=u.device, dtype=torch.float32)
-    u, delta, B, C, ssm_state = (t.contiguous() for t in (u, delta, B, C, ssm_state))
-    y = out if out is not None else torch.empty_like(u)
-    s_out = state_out if state_out is not None else torch.empty_like(ssm_state)
+    check_groups(dim, ngroups, "dim")
+    u, (delta, B, C), ssm_state, y, s_out = scan_io(u, (delta, B, C), ssm_state, (batch, dim, dstate), out, state_out)
     A = A.float().contiguous()
     meta = constexprs(dim, dstate, has_D=D is not None, has_z=z is not None, has_delta_bias=delta_bias is not None,
                       delta_softplus=delta_softplus)
     grid = (triton.cdiv(dim, meta["BLOCK_D"]), batch)
     selective_scan_kernel[grid](
-        u, delta, A, B, C, D.float().contiguous() if D is not None else A, z.contiguous() if z is not None else u,
-        delta_bias.float().contiguous() if delta_bias is not None else A, ssm_state, y, s_out, seqlen, dim, dstate,
-        ngroups, **meta)
+        u, delta, A, B, C, fp32(D, A), z.contiguous() if z is not None else u, fp32(delta_bias, A), ssm_state, y,
+        s_out, seqlen, dim, dstate, ngroups, **meta)
     return y, s_out
 
 

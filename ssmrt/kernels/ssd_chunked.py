@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ..ops.ssd_scan import NO_DT_LIMIT
-from ._checks import check_outputs
+from ._checks import check_groups, fp32, scan_io
 
 
 @triton.jit
@@ -276,23 +276,17 @@ def ssd_scan_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ssd_scan_ref's signature, as the three-kernel chain; out / state_out may be given (state_out may be
     ssm_state). chunk_size is rounded by chunk_of()."""
-    check_outputs(out=out, state_out=state_out)
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2], B.shape[-1]
-    if nheads % ngroups:
-        raise ValueError(f"ngroups ({ngroups}) must divide nheads ({nheads})")
+    check_groups(nheads, ngroups, "nheads")
     if dstate > 256:
         raise ValueError(f"dstate must be at most 256, got {dstate}")
     chunk = chunk_of(chunk_size)
     nchunks = triton.cdiv(seqlen, chunk)
-    if ssm_state is None:
-        ssm_state = torch.zeros(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
-    x, dt, B, C, ssm_state = (t.contiguous() for t in (x, dt, B, C, ssm_state))
-    y = out if out is not None else torch.empty_like(x)
-    s_out = state_out if state_out is not None else torch.empty_like(ssm_state)
+    x, (dt, B, C), ssm_state, y, s_out = scan_io(x, (dt, B, C), ssm_state, (batch, nheads, headdim, dstate), out,
+                                                 state_out)
     A = A.float().contiguous()
-    Df = D.float().contiguous() if D is not None else A
-    db = dt_bias.float().contiguous() if dt_bias is not None else A
+    Df, db = fp32(D, A), fp32(dt_bias, A)
     meta = constexprs(headdim, dstate, x.dtype, chunk, has_D=D is not None,
                       D_has_hdim=D is not None and D.dim() == 2, has_dt_bias=dt_bias is not None,
                       dt_softplus=dt_softplus, dt_limit=dt_limit)

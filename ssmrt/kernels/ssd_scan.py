@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..ops.ssd_scan import NO_DT_LIMIT
-from ._checks import check_outputs
+from ._checks import check_groups, fp32, scan_io
 
 
 def _ssd_scan_kernel(
@@ -120,19 +120,13 @@ def ssd_scan_recurrent(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ssd_scan_ref's signature (chunk_size is ignored); out / state_out may be given (state_out may be
     ssm_state, for an in-place update)."""
-    check_outputs(out=out, state_out=state_out)
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2], B.shape[-1]
-    if nheads % ngroups:
-        raise ValueError(f"ngroups ({ngroups}) must divide nheads ({nheads})")
-    if ssm_state is None:
-        ssm_state = torch.zeros(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
-    x, dt, B, C, ssm_state = (t.contiguous() for t in (x, dt, B, C, ssm_state))
-    y = out if out is not None else torch.empty_like(x)
-    s_out = state_out if state_out is not None else torch.empty_like(ssm_state)
+    check_groups(nheads, ngroups, "nheads")
+    x, (dt, B, C), ssm_state, y, s_out = scan_io(x, (dt, B, C), ssm_state, (batch, nheads, headdim, dstate), out,
+                                                 state_out)
     A = A.float().contiguous()
-    Df = D.float().contiguous() if D is not None else A
-    db = dt_bias.float().contiguous() if dt_bias is not None else A
+    Df, db = fp32(D, A), fp32(dt_bias, A)
     meta = constexprs(headdim, dstate, has_D=D is not None, D_has_hdim=D is not None and D.dim() == 2,
                       has_dt_bias=dt_bias is not None, dt_softplus=dt_softplus, dt_limit=dt_limit)
     grid = (triton.cdiv(headdim, meta["BLOCK_P"]), batch * nheads)
