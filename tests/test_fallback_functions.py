@@ -53,7 +53,8 @@ def run_node(spec, inputs: dict, attrs: dict, n_outputs=2, static=False):
     return [torch.from_numpy(np.asarray(r)) for r in res]
 
 
-@pytest.mark.parametrize("batch,seqlen,dim,width", [(1, 1, 8, 4), (2, 7, 13, 4), (3, 2, 5, 4), (2, 33, 24, 3)])
+@pytest.mark.parametrize("batch,seqlen,dim,width",
+                         [(1, 1, 8, 4), (2, 7, 13, 4), (3, 2, 5, 4), (2, 33, 24, 3), (2, 1, 6, 2), (1, 300, 16, 4)])
 @pytest.mark.parametrize("activation", ["silu", "none"])
 @pytest.mark.parametrize("specialised", [False, True])
 def test_causal_conv1d_body(batch, seqlen, dim, width, activation, specialised):
