@@ -213,63 +213,80 @@ def _conv_outputs(b: Builder, y: str, tail: str, x: str, state: str, opset: int)
 def selective_scan_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
     b = Builder(static=static)
     u, delta, A, Bm, Cm, D, z, delta_bias, state = (s.name for s in SELECTIVE_SCAN.inputs)
-    # Channel d reads group d // (dim // ngroups): work in (.., ngroups, dim/ngroups, ..) so B, C broadcast.
+    # Channel d reads group d // (dim // ngroups): the branches work in (.., ngroups, dim/ngroups, ..) so B and
+    # C broadcast, and return y (B, L, dim) and the state (B, dim, N). With one group known, the decode branch
+    # broadcasts B and C over dim as they are: no reshape at all on a decode step.
     batch, L, dim = b.dim(u, 0), b.dim(u, 1), b.dim(u, 2)
     G, N = b.dim(Bm, 2), b.dim(Bm, 3)
     Dg = b.op("Div", dim, G)
-    # With the sizes known, reshapes keep batch and L by 0 (no Shape / Concat nodes on every call), and batch
-    # is read only inside the prefill branch.
+    # With the sizes known, reshapes keep batch and L by 0 (no Shape / Concat nodes on every call).
     sizes = (b.static.shapes.get(u, (None,) * 3)[2], *b.static.shapes.get(Bm, (None,) * 4)[2:])
     known = None not in sizes
     if known:
         s_dim, s_G, s_N = (int(v) for v in sizes)
-    grouped = b.ints(0, 0, s_G, s_dim // s_G) if known else b.concat(batch, L, G, Dg)  # (B, L, G, Dg)
+    one_group = known and s_G == 1
     dt = b.op("Add", b.f32(delta), b.f32(delta_bias))
-    dt = b.flag("delta_softplus", lambda: b.softplus(dt), dt)
-    dt = b.op("Reshape", dt, grouped)
-    uf = b.op("Reshape", b.f32(u), grouped)
-    Ag = b.op("Reshape", b.f32(A), b.concat(G, Dg, N))  # (G, Dg, N)
-    Bf, Cf = b.f32(Bm), b.f32(Cm)  # (B, L, G, N)
-    h0_shape = b.ints(0, 1, s_G, s_dim // s_G, s_N) if known else b.concat(batch, b.ints(1), G, Dg, N)
-    h0 = b.op("Reshape", b.f32(state), h0_shape)  # (B, 1, G, Dg, N): the time axis kept, size 1
+    dt = b.flag("delta_softplus", lambda: b.softplus(dt), dt)  # (B, L, dim)
+    uf = b.f32(u)
     dtu = b.op("Mul", dt, uf)
+    Af = b.f32(A)  # (dim, N)
+    Bf, Cf = b.f32(Bm), b.f32(Cm)  # (B, L, G, N)
+    sf = b.f32(state)  # (B, dim, N)
 
-    def discretise(sb: Builder, dt_, dtu_, B_):
-        """dt, dt*u (B, T, G, Dg), B (B, T, G, N) -> dA = exp(dt A), dBu = dt u B, both (B, T, G, Dg, N)."""
-        dA = sb.op("Exp", sb.op("Mul", sb.unsqueeze(dt_, 4), Ag))
-        dBu = sb.op("Mul", sb.unsqueeze(dtu_, 4), sb.unsqueeze(B_, 3))
+    def grouped(sb: Builder, t):
+        """(B, L, dim) -> (B, L, G, Dg)"""
+        return sb.op("Reshape", t, sb.ints(0, 0, s_G, s_dim // s_G) if known else b.concat(batch, L, G, Dg))
+
+    def discretise(sb: Builder, dt_, dtu_, A_, B_):
+        """dt, dt*u (B, T, G, Dg), A (G, Dg, N), B (B, T, G, N) -> dA = exp(dt A), dBu = dt u B, (B, T, G, Dg, N);
+        with one group also (B, T, dim) and (B, T, 1, N) -> (B, T, dim, N)."""
+        dA = sb.op("Exp", sb.op("Mul", sb.unsqueeze(dt_, -1), A_))
+        dBu = sb.op("Mul", sb.unsqueeze(dtu_, -1), B_ if one_group else sb.unsqueeze(B_, -2))
         return dA, dBu
 
     def step(sb: Builder, dA_t, dBu_t, C_t, h):
-        """One token, all (B, 1, G, Dg, N): h = dA h + dBu ; y = <h, C> (B, 1, G, Dg)."""
+        """One token: h = dA h + dBu ; y = <h, C> over N."""
         h = sb.op("Add", sb.op("Mul", dA_t, h), dBu_t)
-        return sb.op("ReduceSum", sb.op("Mul", h, C_t), sb.ints(4), keepdims=0), h
+        return sb.op("ReduceSum", sb.op("Mul", h, C_t), sb.ints(-1), keepdims=0), h
 
     # decode: L == 1
     tb = Builder("dec_")
-    y1, h1 = step(tb, *discretise(tb, dt, dtu, Bf), tb.unsqueeze(Cf, 3), h0)
-    then_graph = tb.graph("selective_scan_step", [(y1, 4), (h1, 5)])
+    if one_group:  # (B, 1, dim, N) throughout, B and C (B, 1, 1, N)
+        dA, dBu = discretise(tb, dt, dtu, Af, Bf)
+        y1, h1 = step(tb, dA, dBu, Cf, tb.unsqueeze(sf, 1))  # y1 (B, 1, dim)
+        h1 = tb.squeeze(h1, 1)
+    else:
+        Ag = tb.op("Reshape", Af, b.concat(G, Dg, N))  # (G, Dg, N)
+        h0 = tb.op("Reshape", sf, b.concat(batch, b.ints(1), G, Dg, N))
+        dA, dBu = discretise(tb, grouped(tb, dt), grouped(tb, dtu), Ag, Bf)
+        y1, h1 = step(tb, dA, dBu, tb.unsqueeze(Cf, 3), h0)  # y1 (B, 1, G, Dg)
+        y1 = tb.op("Reshape", y1, b.ints(0, 0, -1))
+        h1 = tb.op("Reshape", h1, tb.ints(0, s_dim, s_N) if known else b.concat(batch, dim, N))
+    then_graph = tb.graph("selective_scan_step", [(y1, 3), (h1, 3)])
 
     # prefill: pad to whole chunks (dt = 0 there: decay 1, no input), Scan over chunks
     eb = Builder("pre_")
-    if known:
-        batch = eb.dim(u, 0)
+    e_batch = eb.dim(u, 0) if known else batch
+    Ag = eb.op("Reshape", Af, b.concat(G, Dg, N))  # (G, Dg, N)
+    h0 = eb.op("Reshape", sf, eb.ints(0, 1, s_G, s_dim // s_G, s_N) if known else b.concat(batch, b.ints(1), G, Dg, N))
     T = eb.ints(SCAN_CHUNK)
     pad = eb.op("Mod", eb.op("Sub", T, eb.op("Mod", L, T)), T)
     nc = eb.op("Div", eb.op("Add", L, pad), T)
 
     def chunked(x, inner):
         padded = eb.op("Pad", x, eb.op("Concat", eb.ints(0, 0), eb.ints(0), pad, axis=0), "", eb.ints(0, 1))
-        return eb.op("Reshape", padded, eb.concat(batch, nc, T, *inner))
+        return eb.op("Reshape", padded, eb.concat(e_batch, nc, T, *inner))
 
-    scan_in = [chunked(dt, (G, Dg)), chunked(dtu, (G, Dg)), chunked(Bf, (G, N)), chunked(Cf, (G, N))]
+    scan_in = [chunked(grouped(eb, dt), (G, Dg)), chunked(grouped(eb, dtu), (G, Dg)), chunked(Bf, (G, N)),
+               chunked(Cf, (G, N))]
 
     # The body discretises its chunk in bulk, unrolls the recurrence with two ops per token, and reads all
     # the chunk's outputs with one batched matmul against C.
     body = Builder("body_")
     h_in = "h_in"
     ins = ["dt_c", "dtu_c", "B_c", "C_c"]  # (B, T, G, *)
-    dA, dBu = discretise(body, *ins[:3])
+    dA = body.op("Exp", body.op("Mul", body.unsqueeze(ins[0], 4), Ag))
+    dBu = body.op("Mul", body.unsqueeze(ins[1], 4), body.unsqueeze(ins[2], 3))  # (B, T, G, Dg, N)
     dA_t = body.op("Split", dA, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK)
     dBu_t = body.op("Split", dBu, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK)
     h, hs = h_in, []
@@ -290,19 +307,17 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
     )
     h_fin, y_chunks = eb.op("Scan", h0, *scan_in, outputs=2, body=body_graph, num_scan_inputs=4,
                             scan_input_axes=[1, 1, 1, 1], scan_output_axes=[1])
-    y_all = eb.op("Reshape", y_chunks, eb.concat(batch, eb.op("Mul", nc, T), G, Dg))
-    y_pre = eb.op("Slice", y_all, eb.ints(0), L, eb.ints(1), hint="y")
-    h_pre = eb.op("Identity", h_fin, hint="h")
-    else_graph = eb.graph("selective_scan_prefill", [(y_pre, 4), (h_pre, 5)])
+    y_all = eb.op("Reshape", y_chunks, eb.ints(0, -1, s_dim) if known else eb.concat(e_batch, eb.ints(-1), dim))
+    y_pre = eb.op("Slice", y_all, eb.ints(0), L, eb.ints(1), hint="y")  # (B, L, dim)
+    h_pre = eb.op("Reshape", h_fin, eb.ints(0, s_dim, s_N) if known else eb.concat(e_batch, dim, N), hint="h")
+    else_graph = eb.graph("selective_scan_prefill", [(y_pre, 3), (h_pre, 3)])
 
     is_step = b.squeeze(b.op("Equal", L, b.ints(1)), 0)
     y, h = b.op("If", is_step, outputs=2, then_branch=then_graph, else_branch=else_graph)
-    y = b.op("Reshape", y, b.ints(0, 0, -1))  # (B, L, G, Dg) -> (B, L, dim)
-    y = b.op("Add", y, b.op("Mul", b.f32(u), b.f32(D)))
+    y = b.op("Add", y, b.op("Mul", uf, b.f32(D)))
     y = b.op("Mul", y, b.silu(b.f32(z)))
     y_out = b.cast_like(y, u, hint="y")
-    s_shape = b.ints(0, s_dim, s_N) if known else b.concat(batch, dim, N)
-    s_out = b.cast_like(b.op("Reshape", h, s_shape), state, hint="present_ssm_state")
+    s_out = b.cast_like(h, state, hint="present_ssm_state")
     return _function(SELECTIVE_SCAN, b.nodes, [s.name for s in SELECTIVE_SCAN.inputs], [y_out, s_out], opset)
 
 
