@@ -292,7 +292,7 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
     h_in = "h_in"
     ins = ["dt_c", "dtu_c", "B_c", "C_c"]  # (B, T, G, *)
     dA = body.op("Exp", body.op("Mul", body.unsqueeze(ins[0], 4), Ag))
-    dBu = body.op("Mul", body.unsqueeze(ins[1], 4), body.unsqueeze(ins[2], 3))  # (B, T, G, Dg, N)
+    dBu = body.op("MatMul", body.unsqueeze(ins[1], 4), body.unsqueeze(ins[2], 3))  # (B, T, G, Dg, N), as above
     dA_t = body.op("Split", dA, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK)
     dBu_t = body.op("Split", dBu, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK)
     h, hs = h_in, []
