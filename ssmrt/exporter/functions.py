@@ -318,7 +318,7 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
     h_pre = eb.op("Reshape", h_fin, eb.ints(0, s_dim, s_N) if known else eb.concat(e_batch, dim, N), hint="h")
     else_graph = eb.graph("selective_scan_prefill", [(y_pre, 3), (h_pre, 3)])
 
-    is_step = b.squeeze(b.op("Equal", L, b.ints(1)), 0)
+    is_step = b.op("Equal", L, b.ints(1))  # one element, shape (1,): what If needs, no Squeeze
     y, h = b.op("If", is_step, outputs=2, then_branch=then_graph, else_branch=else_graph)
     y = b.op("Add", y, b.op("Mul", uf, b.f32(D)))
     y = b.op("Mul", y, b.silu(b.f32(z)))
@@ -441,7 +441,7 @@ def ssd_scan_function(opset: int, static: Static | None = None) -> onnx.Function
     y_pre = eb.op("Slice", Y, eb.ints(0), L, eb.ints(1), hint="y")
     else_graph = eb.graph("ssd_prefill", [(y_pre, 4), (h_pre, 4)])
 
-    is_step = b.squeeze(b.op("Equal", L, b.ints(1)), 0)
+    is_step = b.op("Equal", L, b.ints(1))  # one element, shape (1,): what If needs, no Squeeze
     y, h = b.op("If", is_step, outputs=2, then_branch=then_graph, else_branch=else_graph)
     # D skip: D is (H,) or (H, P); reshaped to (H, 1) or (H, P) it broadcasts over (B, L, H, P)
     Dr = b.op("Reshape", b.f32(D), b.concat(H, b.ints(-1)))
