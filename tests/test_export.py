@@ -321,3 +321,22 @@ def test_export_of_a_frozen_model_computes_A_from_A_log(tmp_path):
     plain = export_model(model, tmp_path / "plain")
     frozen = export_model(model.freeze(), tmp_path / "frozen")
     assert (plain / "model.onnx").read_bytes() == (frozen / "model.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("family,budget", [("mamba1", 100), ("mamba2-g1", 94)])
+def test_decode_step_node_budget(family, budget, exported, tmp_path):
+    """What ONNX Runtime executes for one token: top-level nodes plus each If's decode branch. On CPU a node costs
+    ~2.7 us at decode (caches cold from the weight reads), so the count is a performance contract: 2 layers
+    gave 100 (Mamba-1) and 94 (Mamba-2) nodes when the 130M decode first met 3x HF eager. The conv is the
+    depthwise Conv (no Gather of windows: the one Gather left is the embedding)."""
+    _, art, _ = exported(family)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(art / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "opt.onnx")).graph
+    decode = [a.g for n in graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch"]
+    count = len(graph.node) + sum(len(g.node) for g in decode)
+    ops = [n.op_type for n in graph.node]
+    print(f"{family}: {count} nodes a decode step ({len(decode)} decode branches), budget {budget}")
+    assert count <= budget
+    assert "Conv" in ops and ops.count("Gather") == 1
