@@ -255,12 +255,12 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
         # ONNX Runtime's broadcasting Mul walks the innermost axis in spans: with spans of N = 16 the outer product
         # dt u B cost 112 us a layer (4.6 ns a value), so it is a K = 1 MatMul here; transposing to (B, N, dim)
         # instead cost more in the transposes (36 us to write the state back) than it saved.
-        dA = tb.op("Exp", tb.op("Mul", Af, tb.unsqueeze(dt, -1)))  # (dim, N) * (B, 1, dim, 1) -> (B, 1, dim, N)
-        dBu = tb.op("MatMul", tb.unsqueeze(dtu, -1), Bf)  # (B, 1, dim, 1) @ (B, 1, 1, N)
-        h1 = tb.op("Add", tb.op("Mul", dA, tb.unsqueeze(sf, 1)), dBu)  # (B, 1, dim, N)
-        y1 = tb.op("MatMul", h1, tb.op("Reshape", Cf, tb.ints(0, 1, s_N, 1)))  # (B, 1, dim, 1)
+        col = tb.ints(0, s_dim, 1)  # (B, 1, dim) -> (B, dim, 1): the step works in the state's (B, dim, N)
+        dA = tb.op("Exp", tb.op("Mul", Af, tb.op("Reshape", dt, col)))  # (dim, N) * (B, dim, 1)
+        dBu = tb.op("MatMul", tb.op("Reshape", dtu, col), tb.op("Reshape", Bf, tb.ints(0, 1, s_N)))  # (B, dim, N)
+        h1 = tb.op("Add", tb.op("Mul", dA, sf), dBu)
+        y1 = tb.op("MatMul", h1, tb.op("Reshape", Cf, tb.ints(0, s_N, 1)))  # (B, dim, 1)
         y1 = tb.op("Reshape", y1, tb.ints(0, 1, s_dim))
-        h1 = tb.squeeze(h1, 1)
     else:
         Ag = tb.op("Reshape", Af, b.concat(G, Dg, N))  # (G, Dg, N)
         h0 = tb.op("Reshape", sf, b.concat(batch, b.ints(1), G, Dg, N))
