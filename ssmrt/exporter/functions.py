@@ -215,7 +215,7 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
     u, delta, A, Bm, Cm, D, z, delta_bias, state = (s.name for s in SELECTIVE_SCAN.inputs)
     # Channel d reads group d // (dim // ngroups): the branches work in (.., ngroups, dim/ngroups, ..) so B and
     # C broadcast, and return y (B, L, dim) and the state (B, dim, N). With one group known, the decode branch
-    # broadcasts B and C over dim as they are: no reshape at all on a decode step.
+    # works in the state's own (B, dim, N) layout instead (only free reshapes of vectors).
     batch, L, dim = b.dim(u, 0), b.dim(u, 1), b.dim(u, 2)
     G, N = b.dim(Bm, 2), b.dim(Bm, 3)
     Dg = b.op("Div", dim, G)
@@ -237,18 +237,6 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
         """(B, L, dim) -> (B, L, G, Dg)"""
         return sb.op("Reshape", t, sb.ints(0, 0, s_G, s_dim // s_G) if known else b.concat(batch, L, G, Dg))
 
-    def discretise(sb: Builder, dt_, dtu_, A_, B_):
-        """dt, dt*u (B, T, G, Dg), A (G, Dg, N), B (B, T, G, N) -> dA = exp(dt A), dBu = dt u B, (B, T, G, Dg, N);
-        with one group also (B, T, dim) and (B, T, 1, N) -> (B, T, dim, N)."""
-        dA = sb.op("Exp", sb.op("Mul", sb.unsqueeze(dt_, -1), A_))
-        dBu = sb.op("Mul", sb.unsqueeze(dtu_, -1), B_ if one_group else sb.unsqueeze(B_, -2))
-        return dA, dBu
-
-    def step(sb: Builder, dA_t, dBu_t, C_t, h):
-        """One token: h = dA h + dBu ; y = <h, C> over N."""
-        h = sb.op("Add", sb.op("Mul", dA_t, h), dBu_t)
-        return sb.op("ReduceSum", sb.op("Mul", h, C_t), sb.ints(-1), keepdims=0), h
-
     # decode: L == 1
     tb = Builder("dec_")
     if one_group:
@@ -264,8 +252,10 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
     else:
         Ag = tb.op("Reshape", Af, b.concat(G, Dg, N))  # (G, Dg, N)
         h0 = tb.op("Reshape", sf, b.concat(batch, b.ints(1), G, Dg, N))
-        dA, dBu = discretise(tb, grouped(tb, dt), grouped(tb, dtu), Ag, Bf)
-        y1, h1 = step(tb, dA, dBu, tb.unsqueeze(Cf, 3), h0)  # y1 (B, 1, G, Dg)
+        dA = tb.op("Exp", tb.op("Mul", tb.unsqueeze(grouped(tb, dt), 4), Ag))  # (B, 1, G, Dg, N)
+        dBu = tb.op("Mul", tb.unsqueeze(grouped(tb, dtu), 4), tb.unsqueeze(Bf, 3))
+        h1 = tb.op("Add", tb.op("Mul", dA, h0), dBu)
+        y1 = tb.op("ReduceSum", tb.op("Mul", h1, tb.unsqueeze(Cf, 3)), tb.ints(4), keepdims=0)  # (B, 1, G, Dg)
         y1 = tb.op("Reshape", y1, b.ints(0, 0, -1))
         h1 = tb.op("Reshape", h1, tb.ints(0, s_dim, s_N) if known else b.concat(batch, dim, N))
     then_graph = tb.graph("selective_scan_step", [(y1, 3), (h1, 3)])
