@@ -1,5 +1,5 @@
-"""The GPU benchmark script runs (its --smoke mode: tiny shapes in Triton's interpreter), so a GPU session
-can spend its minutes measuring, not debugging the script. No timing is asserted."""
+"""The benchmark scripts run (their --smoke modes: tiny shapes; the GPU one in Triton's interpreter), so a GPU
+session can spend its minutes measuring, not debugging the script. No timing is asserted."""
 
 from __future__ import annotations
 
@@ -27,3 +27,17 @@ def test_gpu_kernel_benchmark_smoke(tmp_path):
                                                       "ssd_scan prefill", "e2e decode"}
     checks = [(r["case"], k, v) for r in report["results"] for k, v in r.items() if k.endswith("_ok")]
     assert len(checks) >= 25 and all(v for *_, v in checks), checks
+
+
+def test_cpu_node_cost_benchmark_smoke(tmp_path):
+    """benchmarks/cpu_ort_nodes.py (the measurements behind the fallback bodies' graph forms) runs, and each of
+    its forms agrees with the other before it is timed."""
+    out = tmp_path / "nodes.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_ort_nodes.py"), "--smoke", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    print(res.stdout, res.stderr[-3000:])
+    assert res.returncode == 0
+    report = json.loads(out.read_text())
+    assert report["env"]["smoke"] is True
+    assert [r["case"] for r in report["results"]] == ["node cost", "conv", "conv", "outer product"]
+    assert all(r["ok"] for r in report["results"] if "ok" in r)

@@ -4,9 +4,10 @@ ONNX Runtime inlines them, so an exported model runs anywhere with no plugin; Te
 to plugins instead. The math is the ops/ references', in float32 whatever the activation dtype:
 
 - CausalConv1d: with the channels and width known, a depthwise Conv in the channels-first layout the state
-  already has (ONNX Runtime runs it as its blocked depthwise kernel: 2.7x faster than windows at L = 512, and
-  at decode 10 nodes a layer instead of 16 for unrolled multiply-adds: a node costs ~2.7 us there, the caches
-  cold from the weight reads). Otherwise one Gather builds the K-wide windows, then a multiply and a sum.
+  already has (ONNX Runtime runs it as its blocked depthwise kernel: 2.1x faster than windows at L = 512, and
+  at decode 10 nodes a layer instead of 16 for unrolled multiply-adds: a node costs ~1.85 us there, the caches
+  cold from the weight reads; benchmarks/cpu_ort_nodes.py). Otherwise one Gather builds the K-wide windows,
+  then a multiply and a sum.
 - SelectiveScan: decode (L == 1) is one recurrence step. Prefill is a Scan over chunks of SCAN_CHUNK tokens
   whose body computes the chunk's discretisation and unrolls its recurrence, so the (chunk, dim, dstate)
   working set stays in cache and nothing of size (L, dim, dstate) is ever written.
@@ -241,8 +242,8 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
     tb = Builder("dec_")
     if one_group:
         # ONNX Runtime's broadcasting Mul walks the innermost axis in spans: with spans of N = 16 the outer product
-        # dt u B cost 112 us a layer (4.6 ns a value), so it is a K = 1 MatMul here; transposing to (B, N, dim)
-        # instead cost more in the transposes (36 us to write the state back) than it saved.
+        # dt u B takes 3.1x a K = 1 MatMul's time (benchmarks/cpu_ort_nodes.py), so it is that MatMul here;
+        # transposing to (B, N, dim) instead cost more in the transpose back than it saved.
         col = tb.ints(0, s_dim, 1)  # (B, 1, dim) -> (B, dim, 1): the step works in the state's (B, dim, N)
         dA = tb.op("Exp", tb.op("Mul", Af, tb.op("Reshape", dt, col)))  # (dim, N) * (B, dim, 1)
         dBu = tb.op("MatMul", tb.op("Reshape", dtu, col), tb.op("Reshape", Bf, tb.ints(0, 1, s_N)))  # (B, dim, N)
