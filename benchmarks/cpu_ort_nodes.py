@@ -52,6 +52,7 @@ def node_cost(layers: int, d_model: int, vocab: int, extra: int, blocks: int) ->
     effect): each layer's extra Muls sit in an If branch that a `flag` input switches on or off."""
     rng = np.random.default_rng(0)
     inner, width = 4 * d_model, 2 * d_model
+    out = lambda name: [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)]  # noqa: E731
     nodes, x = [], "x"
     inits = [numpy_helper.from_array(np.array([0], np.int64), "s0"),
              numpy_helper.from_array(np.array([width], np.int64), "s1"),
@@ -62,7 +63,6 @@ def node_cost(layers: int, d_model: int, vocab: int, extra: int, blocks: int) ->
         inits += [numpy_helper.from_array(rng.standard_normal(width, dtype=np.float32), f"c{i}_{j}")
                   for j in range(extra)]
         muls = [helper.make_node("Mul", [f"a{i}_{j}", f"c{i}_{j}"], [f"a{i}_{j + 1}"]) for j in range(extra)]
-        out = lambda name: [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)]  # noqa: E731
         nodes += [helper.make_node("MatMul", [x, f"w1_{i}"], [f"h{i}"]),
                   helper.make_node("Slice", [f"h{i}", "s0", "s1", "ax"], [f"a{i}_0"]),
                   helper.make_node("If", ["flag"], [f"b{i}"],

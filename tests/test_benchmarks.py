@@ -13,31 +13,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_gpu_kernel_benchmark_smoke(tmp_path):
-    pytest.importorskip("triton")
-    out = tmp_path / "gpu.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--smoke", "--json", str(out)],
-                         capture_output=True, text=True, timeout=600)
+def smoke_report(script: str, out: Path, timeout: int) -> list[dict]:
+    """Run benchmarks/<script> --smoke --json out; its results, after checking it ran and says it was a smoke."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--json", str(out)],
+                         capture_output=True, text=True, timeout=timeout)
     print(res.stdout, res.stderr[-3000:])
     assert res.returncode == 0
     report = json.loads(out.read_text())
     assert report["env"]["smoke"] is True
-    assert {r["case"] for r in report["results"]} == {"ssd decode step", "selective_scan prefill",
-                                                      "ssd_scan prefill", "e2e decode"}
-    checks = [(r["case"], k, v) for r in report["results"] for k, v in r.items() if k.endswith("_ok")]
+    return report["results"]
+
+
+@pytest.mark.slow
+def test_gpu_kernel_benchmark_smoke(tmp_path):
+    pytest.importorskip("triton")
+    results = smoke_report("gpu_kernels.py", tmp_path / "gpu.json", timeout=600)
+    assert {r["case"] for r in results} == {"ssd decode step", "selective_scan prefill", "ssd_scan prefill",
+                                            "e2e decode"}
+    checks = [(r["case"], k, v) for r in results for k, v in r.items() if k.endswith("_ok")]
     assert len(checks) >= 25 and all(v for *_, v in checks), checks
 
 
 def test_cpu_node_cost_benchmark_smoke(tmp_path):
     """benchmarks/cpu_ort_nodes.py (the measurements behind the fallback bodies' graph forms) runs, and each of
     its forms agrees with the other before it is timed."""
-    out = tmp_path / "nodes.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_ort_nodes.py"), "--smoke", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    print(res.stdout, res.stderr[-3000:])
-    assert res.returncode == 0
-    report = json.loads(out.read_text())
-    assert report["env"]["smoke"] is True
-    assert [r["case"] for r in report["results"]] == ["node cost", "conv", "conv", "outer product"]
-    assert all(r["ok"] for r in report["results"] if "ok" in r)
+    results = smoke_report("cpu_ort_nodes.py", tmp_path / "nodes.json", timeout=300)
+    assert [r["case"] for r in results] == ["node cost", "conv", "conv", "outer product"]
+    assert all(r["ok"] for r in results if "ok" in r)
