@@ -217,15 +217,11 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
     # Channel d reads group d // (dim // ngroups): the branches work in (.., ngroups, dim/ngroups, ..) so B and
     # C broadcast, and return y (B, L, dim) and the state (B, dim, N). With one group known, the decode branch
     # works in the state's own (B, dim, N) layout instead (only free reshapes of vectors).
-    batch, L, dim = b.dim(u, 0), b.dim(u, 1), b.dim(u, 2)
-    G, N = b.dim(Bm, 2), b.dim(Bm, 3)
+    L, dim = b.dim(u, 1), b.dim(u, 2)
+    G, N = b.dim(Bm, 2), b.dim(Bm, 3)  # with the sizes known these are constants, their arithmetic folded
     Dg = b.op("Div", dim, G)
-    # With the sizes known, reshapes keep batch and L by 0 (no Shape / Concat nodes on every call).
-    sizes = (b.static.shapes.get(u, (None,) * 3)[2], *b.static.shapes.get(Bm, (None,) * 4)[2:])
-    known = None not in sizes
-    if known:
-        s_dim, s_G, s_N = (int(v) for v in sizes)
-    one_group = known and s_G == 1
+    zero, one = b.ints(0), b.ints(1)  # a Reshape's 0 keeps that dimension: batch is never read by a Shape
+    one_group = b.static.shapes.get(Bm, (None,) * 4)[2] == 1
     dt = b.op("Add", b.f32(delta), b.f32(delta_bias))
     dt = b.flag("delta_softplus", lambda: b.softplus(dt), dt)  # (B, L, dim)
     uf = b.f32(u)
@@ -236,7 +232,12 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
 
     def grouped(sb: Builder, t):
         """(B, L, dim) -> (B, L, G, Dg)"""
-        return sb.op("Reshape", t, sb.ints(0, 0, s_G, s_dim // s_G) if known else b.concat(batch, L, G, Dg))
+        return sb.op("Reshape", t, b.concat(zero, zero, G, Dg))
+
+    def grouped_A_state(sb: Builder):
+        """A (G, Dg, N) and the state (B, 1, G, Dg, N), the time axis kept, size 1."""
+        return (sb.op("Reshape", Af, b.concat(G, Dg, N)),
+                sb.op("Reshape", sf, b.concat(zero, one, G, Dg, N)))
 
     # decode: L == 1
     tb = Builder("dec_")
@@ -244,35 +245,32 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
         # ONNX Runtime's broadcasting Mul walks the innermost axis in spans: with spans of N = 16 the outer product
         # dt u B takes 3.1x a K = 1 MatMul's time (benchmarks/cpu_ort_nodes.py), so it is that MatMul here;
         # transposing to (B, N, dim) instead cost more in the transpose back than it saved.
-        col = tb.ints(0, s_dim, 1)  # (B, 1, dim) -> (B, dim, 1): the step works in the state's (B, dim, N)
+        col = b.concat(zero, dim, one)  # (B, 1, dim) -> (B, dim, 1): the step works in the state's (B, dim, N)
         dA = tb.op("Exp", tb.op("Mul", Af, tb.op("Reshape", dt, col)))  # (dim, N) * (B, dim, 1)
-        dBu = tb.op("MatMul", tb.op("Reshape", dtu, col), tb.op("Reshape", Bf, tb.ints(0, 1, s_N)))  # (B, dim, N)
-        h1 = tb.op("Add", tb.op("Mul", dA, sf), dBu)
-        y1 = tb.op("MatMul", h1, tb.op("Reshape", Cf, tb.ints(0, s_N, 1)))  # (B, dim, 1)
-        y1 = tb.op("Reshape", y1, tb.ints(0, 1, s_dim))
+        dBu = tb.op("MatMul", tb.op("Reshape", dtu, col), tb.op("Reshape", Bf, b.concat(zero, one, N)))
+        h1 = tb.op("Add", tb.op("Mul", dA, sf), dBu)  # (B, dim, N)
+        y1 = tb.op("MatMul", h1, tb.op("Reshape", Cf, b.concat(zero, N, one)))  # (B, dim, 1)
+        y1 = tb.op("Reshape", y1, b.concat(zero, one, dim))
     else:
-        Ag = tb.op("Reshape", Af, b.concat(G, Dg, N))  # (G, Dg, N)
-        h0 = tb.op("Reshape", sf, b.concat(batch, b.ints(1), G, Dg, N))
+        Ag, h0 = grouped_A_state(tb)
         dA = tb.op("Exp", tb.op("Mul", tb.unsqueeze(grouped(tb, dt), 4), Ag))  # (B, 1, G, Dg, N)
         dBu = tb.op("Mul", tb.unsqueeze(grouped(tb, dtu), 4), tb.unsqueeze(Bf, 3))
         h1 = tb.op("Add", tb.op("Mul", dA, h0), dBu)
         y1 = tb.op("ReduceSum", tb.op("Mul", h1, tb.unsqueeze(Cf, 3)), tb.ints(4), keepdims=0)  # (B, 1, G, Dg)
         y1 = tb.op("Reshape", y1, b.ints(0, 0, -1))
-        h1 = tb.op("Reshape", h1, tb.ints(0, s_dim, s_N) if known else b.concat(batch, dim, N))
+        h1 = tb.op("Reshape", h1, b.concat(zero, dim, N))
     then_graph = tb.graph("selective_scan_step", [(y1, 3), (h1, 3)])
 
     # prefill: pad to whole chunks (dt = 0 there: decay 1, no input), Scan over chunks
     eb = Builder("pre_")
-    e_batch = eb.dim(u, 0) if known else batch
-    Ag = eb.op("Reshape", Af, b.concat(G, Dg, N))  # (G, Dg, N)
-    h0 = eb.op("Reshape", sf, eb.ints(0, 1, s_G, s_dim // s_G, s_N) if known else b.concat(batch, b.ints(1), G, Dg, N))
+    Ag, h0 = grouped_A_state(eb)
     T = eb.ints(SCAN_CHUNK)
     pad = eb.op("Mod", eb.op("Sub", T, eb.op("Mod", L, T)), T)
     nc = eb.op("Div", eb.op("Add", L, pad), T)
 
     def chunked(x, inner):
         padded = eb.op("Pad", x, eb.op("Concat", eb.ints(0, 0), eb.ints(0), pad, axis=0), "", eb.ints(0, 1))
-        return eb.op("Reshape", padded, eb.concat(e_batch, nc, T, *inner))
+        return eb.op("Reshape", padded, eb.concat(zero, nc, T, *inner))
 
     scan_in = [chunked(grouped(eb, dt), (G, Dg)), chunked(grouped(eb, dtu), (G, Dg)), chunked(Bf, (G, N)),
                chunked(Cf, (G, N))]
@@ -304,9 +302,9 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
     )
     h_fin, y_chunks = eb.op("Scan", h0, *scan_in, outputs=2, body=body_graph, num_scan_inputs=4,
                             scan_input_axes=[1, 1, 1, 1], scan_output_axes=[1])
-    y_all = eb.op("Reshape", y_chunks, eb.ints(0, -1, s_dim) if known else eb.concat(e_batch, eb.ints(-1), dim))
+    y_all = eb.op("Reshape", y_chunks, eb.concat(zero, eb.ints(-1), dim))
     y_pre = eb.op("Slice", y_all, eb.ints(0), L, eb.ints(1), hint="y")  # (B, L, dim)
-    h_pre = eb.op("Reshape", h_fin, eb.ints(0, s_dim, s_N) if known else eb.concat(e_batch, dim, N), hint="h")
+    h_pre = eb.op("Reshape", h_fin, eb.concat(zero, dim, N), hint="h")
     else_graph = eb.graph("selective_scan_prefill", [(y_pre, 3), (h_pre, 3)])
 
     is_step = b.op("Equal", L, b.ints(1))  # one element, shape (1,): what If needs, no Squeeze
