@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssmrt.bench import copy_bandwidth, gemm_rate
+
 
 def timed(fn, repeat: int, best: bool = False) -> float:
     """Wall time of fn() over `repeat` runs after one warm-up: the median, or the best for a floor (what the
@@ -38,23 +40,6 @@ def timed(fn, repeat: int, best: bool = False) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times) if best else statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int = 1 << 29) -> float:
-    """Bytes per second moved (read + write) by a large numpy copy."""
-    src = np.ones(nbytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    t = timed(lambda: np.copyto(dst, src), 10, best=True)
-    return 2 * nbytes / t
-
-
-def gemm_rate(m: int, k: int, n: int) -> float:
-    """fp32 FLOP/s of an (m, k) @ (k, n) matmul, the best of torch and numpy."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    t_torch = timed(lambda: torch.mm(a, b), 10, best=True)
-    an, bn = a.numpy(), b.numpy()
-    t_np = timed(lambda: an @ bn, 10, best=True)
-    return 2 * m * k * n / min(t_torch, t_np)
 
 
 def hf_model(arch: str, layers: int):
@@ -155,7 +140,7 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
     ort_decode, hf_decode = statistics.median(ort_blocks), statistics.median(hf_blocks)
     paired = statistics.median(h / o for h, o in zip(hf_blocks, ort_blocks, strict=True))
 
-    bw = copy_bandwidth()
+    bw = copy_bandwidth("cpu", nbytes=1 << 29)
     gemm = gemm_rate(prompt_len, 768, 3072)
     decode_floor = weight_bytes / bw
     prefill_floor_s = matmul_flops_per_token * prompt_len / gemm

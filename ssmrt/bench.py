@@ -1,4 +1,9 @@
-"""Prefill throughput and decode latency of one runner, measured in one process."""
+"""Prefill throughput and decode latency of one runner, and the floors they are measured against.
+
+A time alone says little on a shared or noisy machine, so `bench_floors` also measures, in the same run, what
+the device can do: a decode step cannot beat reading its weights and state once (step bytes / copy
+bandwidth), a prefill cannot beat its matmuls at the device's GEMM rate (matmul FLOPs / GEMM rate).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,101 @@ import time
 
 import numpy as np
 
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def matmul_shapes(config) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """(in, out) of the matmuls one token runs through in one layer, and the lm_head's (in, out).
+
+    The weights a decode step streams are these (n_layer times) and the lm_head; norms, conv and scan
+    parameters are well under 1% of them and left out."""
+    c = config
+    if c.arch == "mamba1":
+        layer = [(c.d_model, 2 * c.d_inner), (c.d_inner, c.dt_rank + 2 * c.d_state), (c.dt_rank, c.d_inner),
+                 (c.d_inner, c.d_model)]
+    else:
+        layer = [(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + c.nheads), (c.d_inner, c.d_model)]
+    return layer, (c.d_model, c.padded_vocab_size)
+
+
+def step_read_bytes(runner, batch: int = 1) -> int:
+    """Bytes a decode step must move at the least: its matmul weights once, the state read and written."""
+    layer, head = matmul_shapes(runner.config)
+    weights = (runner.config.n_layer * sum(i * o for i, o in layer) + head[0] * head[1]) * ITEMSIZE[runner.dtype]
+    state = sum(s.nbytes for s in runner.zero_state(batch))  # numpy arrays and torch tensors alike
+    return weights + 2 * state
+
+
+def _best(fn, repeat: int, sync=lambda: None) -> float:
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def copy_bandwidth(device: str = "cpu", nbytes: int = 1 << 28, repeat: int = 10) -> float:
+    """Bytes per second a large copy moves (read + write) on `device`, the best of `repeat`: what the machine
+    can do when nothing disturbs it."""
+    if device == "cpu":
+        src = np.ones(nbytes // 4, dtype=np.float32)
+        dst = np.empty_like(src)
+        return 2 * nbytes / _best(lambda: np.copyto(dst, src), repeat)
+    import torch
+
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _best(lambda: dst.copy_(src), repeat, torch.cuda.synchronize)
+
+
+def gemm_rate(m: int, k: int, n: int, device: str = "cpu", dtype: str = "float32", repeat: int = 10) -> float:
+    """FLOP/s of an (m, k) @ (k, n) matmul on `device`, the best of `repeat`; on the CPU in float32, the best
+    of torch and numpy."""
+    import torch
+
+    a = torch.randn(m, k, dtype=getattr(torch, dtype), device=device)
+    b = torch.randn(k, n, dtype=getattr(torch, dtype), device=device)
+    if device == "cpu":
+        an, bn = a.float().numpy(), b.float().numpy()
+        a, b = a.float(), b.float()
+        t = min(_best(lambda: torch.mm(a, b), repeat), _best(lambda: an @ bn, repeat))
+    else:
+        t = _best(lambda: torch.mm(a, b), repeat, torch.cuda.synchronize)
+    return 2 * m * k * n / t
+
+
+def bench_floors(runner, prompt_len: int, batch: int = 1) -> dict | None:
+    """The decode and prefill floors of `runner`'s model on its device, measured now; None where this
+    process cannot time that device (a CUDA execution provider without a CUDA PyTorch)."""
+    device = runner.device_kind
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+    layer, head = matmul_shapes(runner.config)
+    head_tokens = prompt_len if runner.logits_mode == "all" else 1
+    flops = 2 * batch * (prompt_len * runner.config.n_layer * sum(i * o for i, o in layer)
+                         + head_tokens * head[0] * head[1])
+    step_bytes = step_read_bytes(runner, batch)
+    bandwidth = copy_bandwidth(device)
+    gemm = gemm_rate(batch * prompt_len, *layer[0], device=device,
+                     dtype="float32" if device == "cpu" else runner.dtype)
+    return {"device": device, "step_read_bytes": step_bytes, "copy_bandwidth_GBps": bandwidth / 1e9,
+            "gemm_GFLOPps": gemm / 1e9, "decode_floor_ms": 1e3 * step_bytes / bandwidth,
+            "prefill_floor_tokens_per_s": batch * prompt_len * gemm / flops}
+
 
 def bench_runner(runner, prompt_len: int = 512, decode_steps: int = 64, batch: int = 1, repeat: int = 3,
-                 progress: bool = True, warmup: int = 1, decode_blocks: int = 1) -> dict:
+                 progress: bool = True, warmup: int = 1, decode_blocks: int = 1, floors: bool = False) -> dict:
     """Median prefill time over `repeat` runs, then `decode_blocks` blocks of `decode_steps` single-token
     steps: decode_ms_per_token is the median of the blocks' median steps, decode_ms_best_block the lowest (on
-    a noisy machine, the least disturbed block)."""
+    a noisy machine, the least disturbed block). floors: also the bench_floors figures and the ratios to
+    them (decode_vs_floor, prefill_vs_floor: 1.0 is the device's limit; None where they cannot be timed)."""
     from tqdm import tqdm
 
     rng = np.random.default_rng(0)
@@ -49,4 +143,12 @@ def bench_runner(runner, prompt_len: int = 512, decode_steps: int = 64, batch: i
         "decode_ms_per_token": 1e3 * statistics.median(blocks),
         "decode_ms_best_block": 1e3 * min(blocks),
         "decode_ms_mean": 1e3 * statistics.fmean(steps),
-    }
+    } | (_with_floors(runner, prompt_len, batch, prefill, statistics.median(blocks)) if floors else {})
+
+
+def _with_floors(runner, prompt_len: int, batch: int, prefill_s: float, decode_s: float) -> dict:
+    f = bench_floors(runner, prompt_len, batch)
+    if f is None:
+        return {"floors": None, "decode_vs_floor": None, "prefill_vs_floor": None}
+    return {"floors": f, "decode_vs_floor": 1e3 * decode_s / f["decode_floor_ms"],
+            "prefill_vs_floor": f["prefill_floor_tokens_per_s"] * prefill_s / (batch * prompt_len)}

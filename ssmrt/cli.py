@@ -272,10 +272,13 @@ def inspect(artifact, as_json):
 @click.option("--repeat", type=int, default=3, show_default=True, help="Prefill runs; the median counts.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Torch backend: the model's dtype. [default: float32]")
+@click.option("--floors/--no-floors", default=True, show_default=True,
+              help="Also time the device's copy bandwidth and GEMM rate (a few seconds) and report the decode "
+                   "and prefill times against the floors they set.")
 @_runner_options
 @click.option("--json", "as_json", is_flag=True)
-def bench(path, backend, prompt_len, decode_steps, batch, repeat, dtype, as_json, **runner_opts):
-    """Prefill tokens/s and decode ms/token of an artifact or checkpoint."""
+def bench(path, backend, prompt_len, decode_steps, batch, repeat, dtype, floors, as_json, **runner_opts):
+    """Prefill tokens/s and decode ms/token of an artifact or checkpoint, against the device's floors."""
     from .bench import bench_runner
 
     for name, v in (("--prompt-len", prompt_len), ("--decode-steps", decode_steps), ("--batch", batch),
@@ -283,13 +286,22 @@ def bench(path, backend, prompt_len, decode_steps, batch, repeat, dtype, as_json
         if v < 1:
             raise SsmrtError(f"{name} must be >= 1, got {v}")
     runner = _runner(path, backend, dtype=dtype, **runner_opts)
-    res = bench_runner(runner, prompt_len, decode_steps, batch, repeat, progress=not as_json)
+    res = bench_runner(runner, prompt_len, decode_steps, batch, repeat, progress=not as_json, floors=floors)
     if as_json:
         click.echo(json.dumps(res))
-    else:
-        click.echo(f"{res['backend']}: prefill {prompt_len} tokens x batch {batch}: "
-                   f"{res['prefill_tokens_per_s']:.1f} tokens/s; decode: {res['decode_ms_per_token']:.2f} ms/token "
-                   f"(median of {decode_steps} steps)")
+        return
+    prefill = f"{res['prefill_tokens_per_s']:.1f} tokens/s"
+    decode = f"{res['decode_ms_per_token']:.2f} ms/token (median of {decode_steps} steps)"
+    f = res.get("floors")
+    if f is not None:
+        prefill += (f" = {res['prefill_vs_floor']:.2f}x the time of the floor, {f['prefill_floor_tokens_per_s']:.0f} "
+                    f"tokens/s (matmul FLOPs at {f['gemm_GFLOPps']:.0f} GFLOP/s)")
+        decode += (f" = {res['decode_vs_floor']:.2f}x the floor, {f['decode_floor_ms']:.3g} ms "
+                   f"({f['step_read_bytes'] / 1e6:.1f} MB of weights and state at {f['copy_bandwidth_GBps']:.1f} GB/s)")
+    click.echo(f"{res['backend']}: prefill {prompt_len} tokens x batch {batch}: {prefill}")
+    click.echo(f"  decode: {decode}")
+    if floors and f is None:
+        click.echo(f"  (no floors: this process cannot time the {runner.device_kind} device)")
 
 
 # ---------------------------------------------------------------------------------------------- demo

@@ -122,6 +122,11 @@ def test_inspect_and_bench(tiny):
                "--threads", "1", "--opt-level", "basic"])
     b = json.loads(res.output)
     assert b["decode_ms_per_token"] > 0 and b["prefill_tokens_per_s"] > 0
+    assert b["floors"]["decode_floor_ms"] > 0 and b["decode_vs_floor"] > 0 and b["prefill_vs_floor"] > 0
+    res = run(["bench", str(art), "--prompt-len", "8", "--decode-steps", "2", "--repeat", "1"])
+    assert res.exit_code == 0 and "x the floor," in res.output and "GB/s" in res.output
+    res = run(["bench", str(art), "--prompt-len", "8", "--decode-steps", "2", "--repeat", "1", "--no-floors"])
+    assert res.exit_code == 0 and "floor" not in res.output
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -30,6 +30,7 @@ class Runner:
     config: SSMConfig
     logits_mode = "all"  # "last" when the artifact returns only the last position
     dtype = "float32"
+    device_kind = "cpu"  # where the weights live: "cpu" or "cuda"
 
     def zero_state(self, batch: int) -> list:
         raise NotImplementedError
@@ -77,6 +78,7 @@ class TorchRunner(Runner):
         self.config = model.config
         self.dtype = str(model.dtype).removeprefix("torch.")
         self.device = model.backbone.embeddings.weight.device
+        self.device_kind = self.device.type
         on_cuda = self.device.type == "cuda"
         self.kernels = on_cuda if kernels is None else bool(kernels)
         self.decode = decode or ("cuda_graph" if on_cuda else "eager")
@@ -196,6 +198,7 @@ class OnnxRuntimeRunner(Runner):
         self.logits_mode = export["logits"]
         self.dtype = export["dtype"]
         self.providers = self.session.get_providers()
+        self.device_kind = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._np_dtypes = {s["name"]: _numpy_dtype(s["dtype"], self.path) for s in self.state_specs}
         self._out_names = [o.name for o in self.session.get_outputs()]
 
