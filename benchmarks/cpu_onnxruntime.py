@@ -1,6 +1,7 @@
 """CPU benchmark: ssmrt on ONNX Runtime vs HF transformers eager, with the floors measured in the same run.
 
-    python benchmarks/cpu_onnxruntime.py [--arch mamba1 mamba2] [--prompt-len 512] [--decode-steps 32] [--json OUT]
+    python benchmarks/cpu_onnxruntime.py [--arch mamba1 mamba2] [--prompt-len 512] [--decode-steps 24] [--json OUT]
+                                         [--smoke]
 
 130M-class configs with random weights (d_model 768, 24 layers, vocab 50280; Mamba-1 d_state 16; Mamba-2
 24 heads of 64, d_state 128), batch 1, float32. Reported:
@@ -174,12 +175,15 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=24)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--smoke", action="store_true", help="one layer, a few tokens: checks the script (a test runs it)")
     args = ap.parse_args()
+    if args.smoke:
+        args.layers, args.prompt_len, args.decode_steps, args.repeat = 1, 16, 2, 2
     import onnxruntime
 
     env = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "torch_threads": torch.get_num_threads(),
-           "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke}
     print(json.dumps(env))
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,3 +40,15 @@ def test_cpu_node_cost_benchmark_smoke(tmp_path):
     results = smoke_report("cpu_ort_nodes.py", tmp_path / "nodes.json", timeout=300)
     assert [r["case"] for r in results] == ["node cost", "conv", "conv", "outer product"]
     assert all(r["ok"] for r in results if "ok" in r)
+
+
+@pytest.mark.slow
+def test_cpu_onnxruntime_benchmark_smoke(tmp_path):
+    """benchmarks/cpu_onnxruntime.py (issue 3's table) runs end to end on a one-layer model: both families, every
+    figure it reports present and positive."""
+    pytest.importorskip("transformers")
+    results = smoke_report("cpu_onnxruntime.py", tmp_path / "cpu.json", timeout=600)
+    assert [r["arch"] for r in results] == ["mamba1", "mamba2"]
+    for r in results:
+        figures = [*r["decode_ms"].values(), *r["prefill_tokens_per_s"].values(), r["decode_speedup_vs_hf_paired"]]
+        assert all(v > 0 for v in figures), r
