@@ -31,16 +31,16 @@ import torch
 from ssmrt.bench import copy_bandwidth, gemm_rate
 
 
-def timed(fn, repeat: int, best: bool = False) -> float:
-    """Wall time of fn() over `repeat` runs after one warm-up: the median, or the best for a floor (what the
-    machine can do when nothing disturbs it)."""
+def timed(fn, repeat: int) -> float:
+    """Median wall time of fn() over `repeat` runs after one warm-up (the floors take the best instead:
+    ssmrt.bench)."""
     fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times) if best else statistics.median(times)
+    return statistics.median(times)
 
 
 def hf_model(arch: str, layers: int):
