@@ -65,7 +65,8 @@ def _prompt(path, prompt, prompt_ids):
     return ids, tok
 
 
-def _runner(path, backend, threads=0, provider="auto", opt_level="all", device=None, decode=None, dtype=None):
+def _runner(path, backend, threads=0, provider="auto", opt_level="all", native_ops="auto", device=None,
+            decode=None, dtype=None):
     """A runner for PATH: the ONNX Runtime options apply to an artifact, device / decode / dtype to a
     checkpoint directory on the torch backend."""
     from .runtime import is_artifact, runner_from_path
@@ -75,7 +76,10 @@ def _runner(path, backend, threads=0, provider="auto", opt_level="all", device=N
             if value is not None:
                 raise SsmrtError(f"{name} applies to the torch backend (a checkpoint directory); "
                                  f"{path} is an artifact: choose its device with --provider")
-        return runner_from_path(path, backend, threads=threads, provider=provider, opt_level=opt_level)
+        return runner_from_path(path, backend, threads=threads, provider=provider, opt_level=opt_level,
+                                native_ops=native_ops)
+    if native_ops != "auto":
+        raise SsmrtError(f"--native-ops applies to an artifact on ONNX Runtime; {path} is not one")
     return runner_from_path(path, backend, device=device or "cpu", decode=decode, dtype=dtype)
 
 
@@ -87,6 +91,9 @@ def _runner_options(f):
                      help="ONNX Runtime execution provider."),
         click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
                      show_default=True, help="ONNX Runtime graph optimisation level."),
+        click.option("--native-ops", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="ONNX Runtime on the CPU, float32: run CausalConv1d / SelectiveScan as native kernels "
+                          "(built on first use with the C++ compiler) instead of their fallback bodies."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Torch backend: where the model runs (cuda: the Triton kernels). [default: cpu]"),
         click.option("--decode", type=click.Choice(["eager", "static", "cuda_graph"]), default=None,

@@ -52,3 +52,34 @@ def test_cpu_onnxruntime_benchmark_smoke(tmp_path):
     for r in results:
         figures = [*r["decode_ms"].values(), *r["prefill_tokens_per_s"].values(), r["decode_speedup_vs_hf_paired"]]
         assert all(v > 0 for v in figures), r
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_cpu_benchmark_matmul_chain_is_the_models_matmuls(arch):
+    """The matmul-only graph the CPU benchmark times beside the model holds exactly the weights a decode step
+    reads through its matmuls (ssmrt.bench.step_read_bytes less the state), and ONNX Runtime runs it."""
+    import importlib.util
+
+    import numpy as np
+    import onnxruntime
+    from onnx import numpy_helper
+    from test_models import random_lm
+
+    from ssmrt.bench import step_read_bytes
+    from ssmrt.runtime import TorchRunner
+
+    spec = importlib.util.spec_from_file_location("cpu_onnxruntime", ROOT / "benchmarks" / "cpu_onnxruntime.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = random_lm(arch=arch)  # Mamba-2 with ngroups 2
+    runner = TorchRunner(model)
+    chain = bench.matmul_chain_onnx(runner.config)
+    matmul_weights = {n.input[1] for n in chain.graph.node if n.op_type == "MatMul"}
+    weight_bytes = sum(numpy_helper.to_array(t).nbytes for t in chain.graph.initializer if t.name in matmul_weights)
+    state_bytes = sum(t.numel() * t.element_size() for pair in model.zero_state(1) for t in pair)
+    print(arch, weight_bytes, step_read_bytes(runner) - 2 * state_bytes)
+    assert weight_bytes == step_read_bytes(runner) - 2 * state_bytes
+    sess = onnxruntime.InferenceSession(chain.SerializeToString(), providers=["CPUExecutionProvider"])
+    h = np.ones((1, 1, runner.config.d_model), np.float32)
+    (logits,) = sess.run(None, {"h": h})
+    assert logits.shape == (1, 1, runner.config.padded_vocab_size) and np.isfinite(logits).all()

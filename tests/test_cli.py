@@ -47,6 +47,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     import transformers
 
+    torch.manual_seed(0)  # the same weights whichever tests ran before: greedy runs compared below stay comparable
     hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(vocab_size=256, **HF_CONFIGS[4][2])).eval()
     ckpt = save_hf(hf, root / "ckpt")
     (ckpt / "tokenizer.json").write_text(byte_level_tokenizer_json())
@@ -79,6 +80,27 @@ def test_generate_text_json_and_ids(tiny):
     res_p = run(["generate", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--temperature", "0.8",
                  "--top-k", "10", "--top-p", "0.9", "--seed", "3", "--json"])
     assert len(json.loads(res_p.output)["generated_ids"]) == 4
+
+
+def test_native_ops_option(tiny):
+    """--native-ops on / off: the same tokens, the backend says which ran; a checkpoint refuses the option."""
+    from ssmrt import ort_ops
+
+    try:
+        ort_ops.library_path()
+    except ort_ops.NativeOpsUnavailable as e:
+        pytest.skip(f"native ops cannot be built here: {e}")
+    ckpt, art = tiny
+    outs = {}
+    for mode in ("on", "off"):
+        res = run(["generate", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--native-ops", mode,
+                   "--json"])
+        assert res.exit_code == 0
+        outs[mode] = json.loads(res.output)
+    assert outs["on"]["generated_ids"] == outs["off"]["generated_ids"]
+    assert "native CausalConv1d" in outs["on"]["backend"] and "native" not in outs["off"]["backend"]
+    res = run(["generate", str(ckpt), "--prompt-ids", "1,2", "--native-ops", "on"])
+    assert res.exit_code == 2 and "--native-ops applies to an artifact" in res.output
 
 
 def test_compare_passes_and_fails(tiny):

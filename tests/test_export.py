@@ -47,10 +47,25 @@ def exported(tmp_path_factory):
     return get
 
 
+def ort_runner(art, native_ops: str):
+    """The artifact on ONNX Runtime with the ssmrt ops as their fallback bodies ("off") or native kernels ("on")."""
+    from ssmrt import ort_ops
+
+    if native_ops == "on":
+        try:
+            ort_ops.library_path()
+        except ort_ops.NativeOpsUnavailable as e:
+            pytest.skip(f"native ops cannot be built here: {e}")
+    runner = OnnxRuntimeRunnerFromArtifact(art, native_ops=native_ops)
+    assert bool(runner.native_ops) == (native_ops == "on"), runner.describe()
+    return runner
+
+
+@pytest.mark.parametrize("native_ops", ["off", "on"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_prefill_then_32_steps_match_reference(family, exported):
+def test_prefill_then_32_steps_match_reference(family, native_ops, exported):
     ckpt, art, _ = exported(family)
-    ref, cand = TorchRunnerFromCheckpoint(ckpt), OnnxRuntimeRunnerFromArtifact(art)
+    ref, cand = TorchRunnerFromCheckpoint(ckpt), ort_runner(art, native_ops)
     prompt = np.random.default_rng(1).integers(0, VOCAB, 11).tolist()
     report = compare_runners(ref, cand, prompt, steps=32, atol=1e-4, rtol=1e-4)
     print(report.format())
@@ -59,11 +74,12 @@ def test_prefill_then_32_steps_match_reference(family, exported):
     assert all(s.top1 == 1.0 for s in report.steps)
 
 
+@pytest.mark.parametrize("native_ops", ["off", "on"])
 @pytest.mark.parametrize("family", ["mamba1", "mamba2-g2"])
-def test_batched_prefill_from_a_given_state(family, exported):
+def test_batched_prefill_from_a_given_state(family, native_ops, exported):
     """One graph serves prefill from zero, prefill from a state (L > 1) and decode (L = 1), any batch."""
     ckpt, art, _ = exported(family)
-    ref, cand = TorchRunnerFromCheckpoint(ckpt), OnnxRuntimeRunnerFromArtifact(art)
+    ref, cand = TorchRunnerFromCheckpoint(ckpt), ort_runner(art, native_ops)
     ids = np.random.default_rng(2).integers(0, VOCAB, (3, 20))
     sr, sc = ref.zero_state(3), cand.zero_state(3)
     for sl in (slice(0, 7), slice(7, 8), slice(8, 20)):
@@ -74,11 +90,12 @@ def test_batched_prefill_from_a_given_state(family, exported):
             assert_close(a, e, atol=1e-4, rtol=1e-4, name="state")
 
 
+@pytest.mark.parametrize("native_ops", ["off", "on"])
 @pytest.mark.parametrize("family", ["mamba1", "falcon_mamba", "mamba2-g1", "mamba2-g2"])
-def test_greedy_generation_matches_reference_and_hf(family, exported):
+def test_greedy_generation_matches_reference_and_hf(family, native_ops, exported):
     ckpt, art, hf = exported(family)
     prompt = np.random.default_rng(3).integers(0, VOCAB, 6).tolist()
-    ours = Session(OnnxRuntimeRunnerFromArtifact(art)).generate(prompt, 24)
+    ours = Session(ort_runner(art, native_ops)).generate(prompt, 24)
     ref = Session(TorchRunnerFromCheckpoint(ckpt)).generate(prompt, 24)
     hf.generation_config.eos_token_id = None
     with torch.no_grad():

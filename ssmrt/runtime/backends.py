@@ -150,11 +150,17 @@ def TorchRunnerFromCheckpoint(model_dir, dtype=None, device="cpu", kernels=None,
 
 
 class OnnxRuntimeRunner(Runner):
-    """An exported model.onnx on ONNX Runtime: CPU by default, CUDA when asked for and present."""
+    """An exported model.onnx on ONNX Runtime: CPU by default, CUDA when asked for and present.
+
+    native_ops: on the CPU provider with a float32 artifact, run the ssmrt ops the native library implements
+    (ssmrt.ort_ops) instead of their fallback bodies. "auto" uses it where it applies and builds, else the
+    bodies (`native_ops_note` says why); "on" raises where it cannot; "off" always runs the bodies.
+    `self.native_ops` lists the ops running natively."""
 
     name = "onnxruntime"
 
-    def __init__(self, path, provider: str = "auto", threads: int = 0, opt_level: str = "all"):
+    def __init__(self, path, provider: str = "auto", threads: int = 0, opt_level: str = "all",
+                 native_ops: str = "auto"):
         import onnxruntime as ort
 
         from ..exporter.torch_to_onnx import META_CONFIG, META_EXPORT, META_STATES
@@ -181,6 +187,7 @@ class OnnxRuntimeRunner(Runner):
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        self.native_ops, self.native_ops_note = self._register_native_ops(opts, native_ops, providers)
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as e:
@@ -202,6 +209,33 @@ class OnnxRuntimeRunner(Runner):
         self._np_dtypes = {s["name"]: _numpy_dtype(s["dtype"], self.path) for s in self.state_specs}
         self._out_names = [o.name for o in self.session.get_outputs()]
 
+    def _register_native_ops(self, opts, mode: str, providers: list[str]) -> tuple[tuple[str, ...], str]:
+        """Registers ssmrt.ort_ops's library on `opts` where it applies: (the ops it runs, why not if none)."""
+        from .. import ort_ops
+
+        if mode not in ("auto", "on", "off"):
+            raise SsmrtError(f"native_ops must be auto, on or off, got {mode!r}")
+        if mode == "off":
+            return (), "off by request"
+        why = None
+        info = _export_info(self.path)
+        ops = tuple(op for op in ort_ops.OPS if op in info["ssmrt_ops"])
+        if providers[0] != "CPUExecutionProvider":
+            why = f"the native ops are CPU kernels and this session runs on {providers[0]}"
+        elif info.get("dtype") != "float32":
+            why = f"the native ops are float32 kernels and this artifact is {info.get('dtype')}"
+        elif not ops:
+            why = f"the artifact has none of the ops the native library implements ({', '.join(ort_ops.OPS)})"
+        else:
+            try:
+                opts.register_custom_ops_library(str(ort_ops.library_path()))
+                return ops, ""
+            except ort_ops.NativeOpsUnavailable as e:
+                why = str(e)
+        if mode == "on":
+            raise SsmrtError(f"{self.path}: native ops asked for, but {why}")
+        return (), why
+
     def zero_state(self, batch: int) -> list:
         return [np.zeros([batch if d == "batch" else d for d in s["shape"]], dtype=self._np_dtypes[s["name"]])
                 for s in self.state_specs]
@@ -214,16 +248,22 @@ class OnnxRuntimeRunner(Runner):
         return outs[0].astype(np.float32, copy=False), outs[1:]
 
     def describe(self) -> str:
-        return f"onnxruntime ({self.dtype}, {self.providers[0]})"
+        native = f", native {'/'.join(self.native_ops)}" if self.native_ops else ""
+        return f"onnxruntime ({self.dtype}, {self.providers[0]}{native})"
 
 
 def _export_info(path) -> dict:
+    """The export's metadata, plus `ssmrt_ops`: the ssmrt op types the graph holds."""
     import onnx
 
     from ..exporter.torch_to_onnx import META_EXPORT
+    from ..ops.spec import DOMAIN
 
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return json.loads(meta.get(META_EXPORT, "{}"))
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    info = json.loads(meta.get(META_EXPORT, "{}"))
+    info["ssmrt_ops"] = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    return info
 
 
 def _numpy_dtype(name: str, path) -> np.dtype:

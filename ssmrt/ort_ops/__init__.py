@@ -1,0 +1,91 @@
+"""Native ONNX Runtime CPU kernels for ssmrt::CausalConv1d and ssmrt::SelectiveScan (float32).
+
+An exported model runs on stock ONNX Runtime through its ops' fallback bodies (model-local functions in
+standard ops). A session that registers this library runs each of those ops as one native node instead: a
+Mamba-1 decode step goes from ~1,090 nodes to ~290, the step's work outside the matmuls from ~45 small nodes a
+layer to a handful (benchmarks/RESULTS.md). SSDScan keeps its body (it is not in the library yet).
+
+The library is C++ compiled on first use with the machine's compiler (`$CXX`, else `c++`) for this CPU
+(-march=native) and cached under `$SSMRT_CACHE_DIR` (default ~/.cache/ssmrt), keyed by the sources, the flags,
+the compiler and the CPU. Nothing here imports ONNX Runtime: `library_path()` gives the file that
+`SessionOptions.register_custom_ops_library` takes. ort_abi.h declares the part of ONNX Runtime's C ABI it uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..errors import SsmrtError
+
+SOURCES = ("ops.cc", "kernels.h", "ort_abi.h")
+LIBRARY = "libssmrt_ort_ops.so"
+FLAGS = ("-O3", "-ffast-math", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden")
+# The ssmrt ops the library implements; the others keep their fallback bodies.
+OPS = ("CausalConv1d", "SelectiveScan")
+
+
+class NativeOpsUnavailable(SsmrtError):
+    """The library cannot be built or used here; the message says why."""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise NativeOpsUnavailable(f"no C++ compiler ({cxx!r} is not on PATH; set CXX)")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SSMRT_CACHE_DIR", Path.home() / ".cache" / "ssmrt")) / "ort_ops"
+
+
+def library_path() -> Path:
+    """The compiled library, built now if this machine has not built these sources yet.
+
+    Raises NativeOpsUnavailable (with the compiler's first error lines) where it cannot be built: no Linux,
+    no compiler, or a compile error."""
+    if platform.system() != "Linux":
+        raise NativeOpsUnavailable(f"built for Linux only, this is {platform.system()}")
+    cxx = _compiler()
+    here = Path(__file__).parent
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256()
+    for part in [*(here / s for s in SOURCES)]:
+        key.update(part.read_bytes())
+    for part in (*FLAGS, *version, _cpu_model(), platform.machine()):
+        key.update(part.encode())
+    out = cache_dir() / key.hexdigest()[:16] / LIBRARY
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name beside the target, then rename: a concurrent or interrupted build never
+    # leaves a half-written library where a session would load it.
+    fd, tmp = tempfile.mkstemp(prefix=".build.", suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cxx, *FLAGS, "-o", tmp, str(here / "ops.cc")], capture_output=True, text=True)
+        if res.returncode != 0:
+            why = " / ".join(line for line in res.stderr.splitlines() if "error" in line)[:500] or res.stderr[:500]
+            raise NativeOpsUnavailable(f"{cxx} could not build {here / 'ops.cc'}: {why}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

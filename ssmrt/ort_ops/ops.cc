@@ -1,0 +1,297 @@
+// ssmrt::CausalConv1d and ssmrt::SelectiveScan as native ONNX Runtime CPU kernels (float32).
+//
+// An exported model carries each op's fallback body as a model-local function; a session that registers
+// this library (SessionOptions.register_custom_ops_library) runs these kernels instead, one node per op.
+// Contracts (ssmrt/ops/spec.py, DESIGN.md):
+//
+// CausalConv1d, attribute activation: "silu" | "none"
+//   0 x           (batch, seqlen, dim)
+//   1 weight      (dim, width)
+//   2 bias        (dim,)                   optional
+//   3 conv_state  (batch, dim, width - 1)
+//   -> 0 y (batch, seqlen, dim), 1 present_conv_state (batch, dim, width - 1)
+//
+// SelectiveScan, attribute delta_softplus: 0 | 1
+//   0 u           (batch, seqlen, dim)
+//   1 delta       (batch, seqlen, dim)
+//   2 A           (dim, dstate)
+//   3 B           (batch, seqlen, ngroups, dstate)
+//   4 C           (batch, seqlen, ngroups, dstate)
+//   5 D           (dim,)                   optional
+//   6 z           (batch, seqlen, dim)     optional
+//   7 delta_bias  (dim,)                   optional
+//   8 ssm_state   (batch, dim, dstate)
+//   -> 0 y (batch, seqlen, dim), 1 present_ssm_state (batch, dim, dstate)
+//
+// Every input is validated here (rank, each dimension against the others); a mismatch fails the run with a
+// message naming the op, the input and what was expected.
+
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "ort_abi.h"
+
+using ssmrt_ort::Calls;
+using ssmrt_ort::KernelContext;
+using ssmrt_ort::KernelInfo;
+using ssmrt_ort::Status;
+using ssmrt_ort::Value;
+
+#define SSMRT_TRY(expr)              \
+  do {                               \
+    if (Status* s_ = (expr)) return s_; \
+  } while (0)
+
+namespace {
+
+struct Tensor {
+  bool present = false;  // false: an absent optional input
+  const float* data = nullptr;
+  std::vector<int64_t> shape;
+  const float* or_null() const { return present ? data : nullptr; }
+  int64_t operator[](size_t i) const { return shape[i]; }
+};
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+// One compute call: reads inputs, checks them, allocates outputs; errors name the op and the tensor.
+class Call {
+ public:
+  Call(const Calls& api, KernelContext* ctx, const char* op) : api_(api), ctx_(ctx), op_(op) {}
+
+  Status* error(const std::string& msg) const {
+    return api_.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt::" + std::string(op_) + ": " + msg).c_str());
+  }
+
+  Status* input(size_t index, const char* name, size_t rank, Tensor* out) const {
+    const Value* value = nullptr;
+    SSMRT_TRY(api_.KernelContextGetInput(ctx_, index, &value));
+    if (value == nullptr) return nullptr;
+    out->present = true;
+    ssmrt_ort::TensorTypeAndShapeInfo* info = nullptr;
+    SSMRT_TRY(api_.GetTensorTypeAndShape(value, &info));
+    int type = 0;
+    size_t n = 0;
+    Status* s = api_.GetTensorElementType(info, &type);
+    if (!s) s = api_.GetDimensionsCount(info, &n);
+    if (!s) {
+      out->shape.resize(n);
+      s = api_.GetDimensions(info, out->shape.data(), n);
+    }
+    api_.ReleaseTensorTypeAndShapeInfo(info);
+    if (s) return s;
+    if (type != ssmrt_ort::kFloat32) return error(std::string("input ") + name + " must be float32");
+    if (n != rank)
+      return error(std::string("input ") + name + " must have rank " + std::to_string(rank) + ", got " +
+                   shape_str(out->shape));
+    void* data = nullptr;
+    SSMRT_TRY(api_.GetTensorMutableData(const_cast<Value*>(value), &data));
+    out->data = static_cast<const float*>(data);
+    return nullptr;
+  }
+
+  Status* required(size_t index, const char* name, size_t rank, Tensor* out) const {
+    SSMRT_TRY(input(index, name, rank, out));
+    return out->present ? nullptr : error(std::string("input ") + name + " is required");
+  }
+
+  // t's shape must equal `want` (a dimension of -1 matches anything).
+  Status* expect(const Tensor& t, const char* name, const std::vector<int64_t>& want, const char* meaning) const {
+    bool ok = t.shape.size() == want.size();
+    for (size_t i = 0; ok && i < want.size(); ++i) ok = want[i] < 0 || t.shape[i] == want[i];
+    if (ok) return nullptr;
+    return error(std::string("input ") + name + " has shape " + shape_str(t.shape) + ", expected " +
+                 shape_str(want) + " " + meaning);
+  }
+
+  Status* output(size_t index, const std::vector<int64_t>& shape, float** out) const {
+    Value* value = nullptr;
+    SSMRT_TRY(api_.KernelContextGetOutput(ctx_, index, shape.data(), shape.size(), &value));
+    void* data = nullptr;
+    SSMRT_TRY(api_.GetTensorMutableData(value, &data));
+    *out = static_cast<float*>(data);
+    return nullptr;
+  }
+
+ private:
+  const Calls& api_;
+  KernelContext* ctx_;
+  const char* op_;
+};
+
+// ------------------------------------------------------------------------------------------ CausalConv1d
+
+struct CausalConv1dKernel {
+  Calls api;
+  bool silu = true;
+};
+
+Status* conv_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
+  Calls api(raw);
+  auto* k = new CausalConv1dKernel{api};
+  size_t size = 0;
+  // A model without the attribute gets the contract's default, silu.
+  if (Status* s = api.KernelInfoGetAttributeString(info, "activation", nullptr, &size)) {
+    api.ReleaseStatus(s);
+  } else {
+    std::string value(size, '\0');
+    if (Status* s2 = api.KernelInfoGetAttributeString(info, "activation", value.data(), &size)) {
+      delete k;
+      return s2;
+    }
+    value.resize(size ? size - 1 : 0);  // size counts the terminating NUL
+    if (value != "silu" && value != "none") {
+      delete k;
+      return api.CreateStatus(ssmrt_ort::kInvalidArgument,
+                              ("ssmrt::CausalConv1d: attribute activation must be \"silu\" or \"none\", got \"" +
+                               value + "\"").c_str());
+    }
+    k->silu = value == "silu";
+  }
+  *out = k;
+  return nullptr;
+}
+
+Status* conv_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<CausalConv1dKernel*>(kernel);
+  Call call(k->api, ctx, "CausalConv1d");
+  Tensor x, w, bias, state;
+  SSMRT_TRY(call.required(0, "x", 3, &x));
+  SSMRT_TRY(call.required(1, "weight", 2, &w));
+  SSMRT_TRY(call.input(2, "bias", 1, &bias));
+  SSMRT_TRY(call.required(3, "conv_state", 3, &state));
+  const int64_t batch = x[0], seqlen = x[1], dim = x[2], width = w[1];
+  if (width < 1) return call.error("weight has width 0");
+  SSMRT_TRY(call.expect(w, "weight", {dim, -1}, "(dim, width) with dim from x"));
+  if (bias.present) SSMRT_TRY(call.expect(bias, "bias", {dim}, "(dim,)"));
+  SSMRT_TRY(call.expect(state, "conv_state", {batch, dim, width - 1}, "(batch, dim, width - 1)"));
+  float *y = nullptr, *state_out = nullptr;
+  SSMRT_TRY(call.output(0, {batch, seqlen, dim}, &y));
+  SSMRT_TRY(call.output(1, {batch, dim, width - 1}, &state_out));
+  ssmrt_cpu::causal_conv1d(x.data, w.data, bias.or_null(), state.data, y, state_out, batch, seqlen, dim, width, k->silu);
+  return nullptr;
+}
+
+// ----------------------------------------------------------------------------------------- SelectiveScan
+
+struct SelectiveScanKernel {
+  Calls api;
+  bool delta_softplus = false;
+};
+
+Status* scan_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
+  Calls api(raw);
+  auto* k = new SelectiveScanKernel{api};
+  int64_t value = 0;
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "delta_softplus", &value)) {
+    api.ReleaseStatus(s);  // absent: the contract's default, 0
+    value = 0;
+  }
+  if (value != 0 && value != 1) {
+    delete k;
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument,
+                            ("ssmrt::SelectiveScan: attribute delta_softplus must be 0 or 1, got " +
+                             std::to_string(value)).c_str());
+  }
+  k->delta_softplus = value == 1;
+  *out = k;
+  return nullptr;
+}
+
+Status* scan_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<SelectiveScanKernel*>(kernel);
+  Call call(k->api, ctx, "SelectiveScan");
+  Tensor u, delta, A, B, C, D, z, delta_bias, state;
+  SSMRT_TRY(call.required(0, "u", 3, &u));
+  SSMRT_TRY(call.required(1, "delta", 3, &delta));
+  SSMRT_TRY(call.required(2, "A", 2, &A));
+  SSMRT_TRY(call.required(3, "B", 4, &B));
+  SSMRT_TRY(call.required(4, "C", 4, &C));
+  SSMRT_TRY(call.input(5, "D", 1, &D));
+  SSMRT_TRY(call.input(6, "z", 3, &z));
+  SSMRT_TRY(call.input(7, "delta_bias", 1, &delta_bias));
+  SSMRT_TRY(call.required(8, "ssm_state", 3, &state));
+  const int64_t batch = u[0], seqlen = u[1], dim = u[2], dstate = A[1], ngroups = B[2];
+  SSMRT_TRY(call.expect(delta, "delta", u.shape, "(batch, seqlen, dim) like u"));
+  SSMRT_TRY(call.expect(A, "A", {dim, -1}, "(dim, dstate) with dim from u"));
+  SSMRT_TRY(call.expect(B, "B", {batch, seqlen, -1, dstate}, "(batch, seqlen, ngroups, dstate)"));
+  SSMRT_TRY(call.expect(C, "C", B.shape, "(batch, seqlen, ngroups, dstate) like B"));
+  if (ngroups < 1 || dim % ngroups != 0)
+    return call.error("ngroups (" + std::to_string(ngroups) + ", from B) must divide dim (" + std::to_string(dim) +
+                      ")");
+  if (D.present) SSMRT_TRY(call.expect(D, "D", {dim}, "(dim,)"));
+  if (z.present) SSMRT_TRY(call.expect(z, "z", u.shape, "(batch, seqlen, dim) like u"));
+  if (delta_bias.present) SSMRT_TRY(call.expect(delta_bias, "delta_bias", {dim}, "(dim,)"));
+  SSMRT_TRY(call.expect(state, "ssm_state", {batch, dim, dstate}, "(batch, dim, dstate)"));
+  float *y = nullptr, *state_out = nullptr;
+  SSMRT_TRY(call.output(0, {batch, seqlen, dim}, &y));
+  SSMRT_TRY(call.output(1, {batch, dim, dstate}, &state_out));
+  ssmrt_cpu::selective_scan(u.data, delta.data, A.data, B.data, C.data, D.or_null(), z.or_null(), delta_bias.or_null(), state.data,
+                            y, state_out, batch, seqlen, dim, dstate, ngroups, k->delta_softplus);
+  return nullptr;
+}
+
+// ------------------------------------------------------------------------------------------ registration
+
+template <typename K>
+void destroy(void* kernel) {
+  delete static_cast<K*>(kernel);
+}
+
+int float32_type(const ssmrt_ort::CustomOp*, size_t) { return ssmrt_ort::kFloat32; }
+size_t two(const ssmrt_ort::CustomOp*) { return 2; }
+int required_io(const ssmrt_ort::CustomOp*, size_t) { return ssmrt_ort::kRequired; }
+int default_memory(const ssmrt_ort::CustomOp*, size_t) { return 0; }  // OrtMemTypeDefault
+const char* cpu_provider(const ssmrt_ort::CustomOp*) { return nullptr; }  // null: the CPU provider
+
+ssmrt_ort::CustomOp make_op(const char* (*name)(const ssmrt_ort::CustomOp*), size_t (*inputs)(const ssmrt_ort::CustomOp*),
+                            int (*input_characteristic)(const ssmrt_ort::CustomOp*, size_t),
+                            Status* (*create)(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api*, const KernelInfo*, void**),
+                            Status* (*compute)(void*, KernelContext*), void (*destroy_fn)(void*)) {
+  ssmrt_ort::CustomOp op{};
+  op.version = ssmrt_ort::kCustomOpVersion;
+  op.GetName = name;
+  op.GetExecutionProviderType = cpu_provider;
+  op.GetInputType = float32_type;
+  op.GetInputTypeCount = inputs;
+  op.GetOutputType = float32_type;
+  op.GetOutputTypeCount = two;
+  op.KernelDestroy = destroy_fn;
+  op.GetInputCharacteristic = input_characteristic;
+  op.GetOutputCharacteristic = required_io;
+  op.GetInputMemoryType = default_memory;
+  op.CreateKernelV2 = create;
+  op.KernelComputeV2 = compute;
+  return op;
+}
+
+const ssmrt_ort::CustomOp kCausalConv1d = make_op(
+    [](const ssmrt_ort::CustomOp*) { return "CausalConv1d"; }, [](const ssmrt_ort::CustomOp*) -> size_t { return 4; },
+    [](const ssmrt_ort::CustomOp*, size_t i) -> int { return i == 2 ? ssmrt_ort::kOptional : ssmrt_ort::kRequired; },
+    conv_create, conv_compute, destroy<CausalConv1dKernel>);
+
+const ssmrt_ort::CustomOp kSelectiveScan = make_op(
+    [](const ssmrt_ort::CustomOp*) { return "SelectiveScan"; }, [](const ssmrt_ort::CustomOp*) -> size_t { return 9; },
+    [](const ssmrt_ort::CustomOp*, size_t i) -> int {
+      return i == 5 || i == 6 || i == 7 ? ssmrt_ort::kOptional : ssmrt_ort::kRequired;
+    },
+    scan_create, scan_compute, destroy<SelectiveScanKernel>);
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmrt_ort::SessionOptions* options,
+                                                                            const ssmrt_ort::ApiBase* base) {
+  const ssmrt_ort::Api* raw = base->GetApi(ssmrt_ort::kApiVersion);
+  if (raw == nullptr) return nullptr;  // an ONNX Runtime older than API 16: nothing registered, bodies run
+  Calls api(raw);
+  ssmrt_ort::CustomOpDomain* domain = nullptr;
+  SSMRT_TRY(api.CreateCustomOpDomain("ssmrt", &domain));
+  SSMRT_TRY(api.CustomOpDomainAdd(domain, &kCausalConv1d));
+  SSMRT_TRY(api.CustomOpDomainAdd(domain, &kSelectiveScan));
+  return api.AddCustomOpDomain(options, domain);
+}

@@ -1,0 +1,192 @@
+"""ssmrt.ort_ops: the native ONNX Runtime kernels against the float64 references, op by op (a one-node model with
+no fallback body, so the native kernel is the only thing that can run it), their errors, and the build cache.
+The whole-model checks with the native ops on and off are in test_export.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper
+from test_ops import conv_inputs, selective_inputs
+
+from ssmrt import ort_ops
+from ssmrt.errors import SsmrtError
+from ssmrt.ops import causal_conv1d_ref, selective_scan_ref
+from ssmrt.ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN
+from ssmrt.testing import assert_close
+
+
+def native_library():
+    try:
+        return ort_ops.library_path()
+    except ort_ops.NativeOpsUnavailable as e:
+        pytest.skip(f"native ops cannot be built here: {e}")
+
+
+def native_session(spec, inputs: dict, attrs: dict) -> ort.InferenceSession:
+    """A session of one `spec` node over `inputs` (name -> array or None for an absent optional input), with the
+    library registered and no fallback body in the model."""
+    present = {k: v for k, v in inputs.items() if v is not None}
+    vis = [helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, [f"{k}_{i}" for i in range(v.ndim)])
+           for k, v in present.items()]
+    outs = [helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, None) for t in spec.outputs]
+    node = helper.make_node(spec.name, [t.name if t.name in present else "" for t in spec.inputs],
+                            [t.name for t in spec.outputs], domain=DOMAIN, **attrs)
+    model = helper.make_model(helper.make_graph([node], "g", vis, outs),
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native_library()))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_native(spec, inputs: dict, attrs: dict):
+    sess = native_session(spec, inputs, attrs)
+    feeds = {k: v.numpy() for k, v in inputs.items() if v is not None}
+    return [torch.from_numpy(r) for r in sess.run(None, feeds)]
+
+
+def f64(kw: dict) -> dict:
+    return {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("batch,seqlen,dim,width",
+                         [(1, 1, 8, 4), (2, 7, 13, 4), (3, 2, 5, 4), (2, 33, 24, 3), (2, 1, 6, 2), (1, 300, 16, 4),
+                          (2, 5, 7, 1), (2, 600, 1536, 4)])
+@pytest.mark.parametrize("activation", ["silu", "none"])
+def test_causal_conv1d(batch, seqlen, dim, width, activation):
+    kw = conv_inputs(batch, seqlen, dim, width, seed=seqlen)
+    kw["activation"] = activation
+    ins = {k: kw[k] for k in ("x", "weight", "bias", "conv_state")}
+    y, s = run_native(CAUSAL_CONV1D, ins, {"activation": activation})
+    y_ref, s_ref = causal_conv1d_ref(**f64(kw))
+    assert_close(y, y_ref.float(), name="conv y")
+    assert_close(s, s_ref.float(), atol=0, rtol=0, name="conv state")  # a copy of inputs: exact
+
+
+def test_causal_conv1d_without_bias():
+    kw = conv_inputs(2, 9, 10, 4, bias=False)
+    y, s = run_native(CAUSAL_CONV1D, {k: kw[k] for k in ("x", "weight", "bias", "conv_state")},
+                      {"activation": "silu"})
+    y_ref, s_ref = causal_conv1d_ref(**f64(kw))
+    assert_close(y, y_ref.float(), name="conv y")
+    assert_close(s, s_ref.float(), name="conv state")
+
+
+SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "ssm_state")
+
+
+# dims cover a partial channel block (the kernel walks 16 channels at a time), dstate odd and the models' 16; the
+# last case is large enough that the kernel splits it across threads.
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,ngroups",
+                         [(1, 1, 6, 4, 1), (2, 1, 20, 16, 2), (2, 5, 37, 5, 1), (1, 17, 32, 16, 4),
+                          (3, 40, 24, 8, 2), (2, 512, 256, 16, 1)])
+@pytest.mark.parametrize("delta_softplus", [True, False])
+def test_selective_scan(batch, seqlen, dim, dstate, ngroups, delta_softplus):
+    kw = selective_inputs(batch, seqlen, dim, dstate, ngroups=ngroups, seed=seqlen + dim)
+    kw["delta_softplus"] = delta_softplus
+    if not delta_softplus:  # dt must stay positive without the softplus
+        kw["delta"], kw["delta_bias"] = kw["delta"].abs() * 0.1, kw["delta_bias"].abs()
+    y, s = run_native(SELECTIVE_SCAN, {k: kw[k] for k in SCAN_INPUTS}, {"delta_softplus": int(delta_softplus)})
+    y_ref, s_ref = selective_scan_ref(**f64(kw))
+    assert_close(y, y_ref.float(), name="selective y")
+    assert_close(s, s_ref.float(), name="selective state")
+
+
+def test_selective_scan_large_dt_takes_the_softplus_threshold():
+    """dt above 20 passes through softplus unchanged, as in every Mamba kernel."""
+    kw = selective_inputs(1, 3, 16, 4)
+    kw["delta"] = kw["delta"] * 20 + 10  # spans both sides of 20
+    y, s = run_native(SELECTIVE_SCAN, {k: kw[k] for k in SCAN_INPUTS}, {"delta_softplus": 1})
+    y_ref, s_ref = selective_scan_ref(**f64(kw))
+    assert_close(y, y_ref.float(), name="selective y")
+    assert_close(s, s_ref.float(), name="selective state")
+
+
+def test_selective_scan_without_optional_inputs():
+    kw = selective_inputs(2, 6, 12, 4, optional=False)
+    y, s = run_native(SELECTIVE_SCAN, {k: kw[k] for k in SCAN_INPUTS}, {"delta_softplus": 1})
+    y_ref, s_ref = selective_scan_ref(**f64(kw))
+    assert_close(y, y_ref.float(), name="selective y")
+    assert_close(s, s_ref.float(), name="selective state")
+
+
+def test_shape_errors_name_the_op_and_the_input():
+    kw = conv_inputs(2, 3, 8, 4)
+    ins = {k: kw[k] for k in ("x", "weight", "bias", "conv_state")}
+    ins["conv_state"] = ins["conv_state"][:, :, :2].contiguous()
+    with pytest.raises(Exception) as e:
+        run_native(CAUSAL_CONV1D, ins, {"activation": "silu"})
+    print(e.value)
+    assert "ssmrt::CausalConv1d: input conv_state has shape (2, 8, 2), expected (2, 8, 3)" in str(e.value)
+
+    kw = selective_inputs(1, 4, 6, 4, ngroups=1)
+    ins = {k: kw[k] for k in SCAN_INPUTS}
+    ins["B"] = torch.randn(1, 4, 4, 4)  # 4 groups do not divide dim 6
+    ins["C"] = ins["B"]
+    with pytest.raises(Exception) as e:
+        run_native(SELECTIVE_SCAN, ins, {"delta_softplus": 1})
+    print(e.value)
+    assert "ssmrt::SelectiveScan: ngroups (4, from B) must divide dim (6)" in str(e.value)
+
+
+def test_attribute_errors():
+    kw = conv_inputs(1, 2, 4, 4)
+    with pytest.raises(Exception, match=r'ssmrt::CausalConv1d: attribute activation must be "silu" or "none", '
+                                        r'got "relu"'):
+        native_session(CAUSAL_CONV1D, {k: kw[k].numpy() for k in ("x", "weight", "bias", "conv_state")},
+                       {"activation": "relu"})
+    kw = selective_inputs(1, 2, 4, 4)
+    with pytest.raises(Exception, match="ssmrt::SelectiveScan: attribute delta_softplus must be 0 or 1, got 2"):
+        native_session(SELECTIVE_SCAN, {k: kw[k].numpy() for k in SCAN_INPUTS}, {"delta_softplus": 2})
+
+
+def test_library_is_built_once_per_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSMRT_CACHE_DIR", str(tmp_path))
+    first = native_library()
+    assert first.is_relative_to(tmp_path) and first.is_file()
+    mtime = first.stat().st_mtime_ns
+    assert ort_ops.library_path() == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in first.parent.iterdir()] == [ort_ops.LIBRARY]  # no temporary left
+
+
+def test_without_a_compiler_runners_fall_back_or_refuse(tmp_path, monkeypatch):
+    from test_models import random_lm
+
+    from ssmrt.exporter import export_model
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    art = export_model(random_lm(arch="mamba1"), tmp_path / "art")
+    monkeypatch.setenv("SSMRT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(ort_ops.NativeOpsUnavailable, match="no C\\+\\+ compiler"):
+        ort_ops.library_path()
+    runner = OnnxRuntimeRunnerFromArtifact(art)
+    print(runner.describe(), "|", runner.native_ops_note)
+    assert runner.native_ops == () and "no-such-compiler" in runner.native_ops_note
+    with pytest.raises(SsmrtError, match="native ops asked for, but no C\\+\\+ compiler"):
+        OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    logits, _ = runner.forward(np.ones((1, 3), np.int64), runner.zero_state(1))  # the bodies run
+    assert np.isfinite(logits).all()
+
+
+def test_native_ops_apply_to_float32_cpu_artifacts_only(tmp_path):
+    from test_models import random_lm
+
+    from ssmrt.exporter import export_model
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    native_library()
+    model = random_lm(arch="mamba1")
+    f32 = OnnxRuntimeRunnerFromArtifact(export_model(model, tmp_path / "f32"))
+    assert f32.native_ops == ("CausalConv1d", "SelectiveScan") and "native" in f32.describe()
+    f16 = OnnxRuntimeRunnerFromArtifact(export_model(model, tmp_path / "f16", dtype="float16"))
+    assert f16.native_ops == () and "float16" in f16.native_ops_note
+    with pytest.raises(SsmrtError, match="float32 kernels and this artifact is float16"):
+        OnnxRuntimeRunnerFromArtifact(tmp_path / "f16", native_ops="on")
+    m2 = OnnxRuntimeRunnerFromArtifact(export_model(random_lm(arch="mamba2"), tmp_path / "m2"))
+    assert m2.native_ops == ("CausalConv1d",)  # SSDScan keeps its body
+    with pytest.raises(SsmrtError, match="native_ops must be auto, on or off"):
+        OnnxRuntimeRunnerFromArtifact(tmp_path / "f32", native_ops="yes")
