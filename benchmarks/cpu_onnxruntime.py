@@ -5,10 +5,12 @@
 
 130M-class configs with random weights (d_model 768, 24 layers, vocab 50280; Mamba-1 d_state 16; Mamba-2
 24 heads of 64, d_state 128), batch 1, float32. Reported:
-- decode ms/token: ssmrt (ONNX Runtime) and HF eager, in alternating blocks (ONNX Runtime in its own
-  process), with the median of the per-block-pair ratios; and the floor = weight bytes / memory bandwidth
-  (a large array copy timed in this run);
-- prefill tokens/s at --prompt-len: both, and the floor = matmul FLOPs / GEMM rate (an fp32 GEMM of the
+- decode ms/token: ssmrt (ONNX Runtime with ssmrt's native kernels, the runner's default on a CPU), the same
+  artifact on stock ONNX Runtime (the ops' fallback bodies), ONNX Runtime's matmuls alone (the same weight
+  bytes: what no graph can beat) and HF eager, in alternating blocks (ONNX Runtime in its own process), with
+  the median of the per-block-pair ratios; and the floor = weight bytes / memory bandwidth (a large array
+  copy timed in this run);
+- prefill tokens/s at --prompt-len: the same runtimes, and the floor = matmul FLOPs / GEMM rate (an fp32 GEMM of the
   model's own shapes timed in this run).
 Every number is a ratio to something measured in the same process, never a bare time from elsewhere.
 """
@@ -105,43 +107,53 @@ def matmul_chain_onnx(config):
 
 
 def _onnxruntime_worker(conn, artifact: str, prompt_len: int):
-    """ONNX Runtime in its own process, as a deployment runs it: answers ("prefill", repeat) with the median
-    prefill seconds, ("decode", steps) with the median seconds of one block of single-token steps
-    (continuing from the last state) and ("matmuls", steps) with the median seconds of the model's matmuls
-    alone (matmul_chain_onnx, a session with the same options), until ("stop",)."""
+    """ONNX Runtime in its own process, as a deployment runs it, with two sessions of the artifact: "native"
+    (ssmrt's native kernels for the ops it has, ssmrt.ort_ops; what the runner does by default) and "bodies"
+    (every op through its fallback body: stock ONNX Runtime). Answers ("prefill", which, repeat) with the median
+    prefill seconds, ("decode", which, steps) with the median seconds of one block of single-token steps
+    (continuing from that session's last state) and ("matmuls", steps) with the median seconds of the model's
+    matmuls alone (matmul_chain_onnx, a session with the same options), until ("stop",). Sends
+    ("ready", native ops) first."""
     import onnxruntime
 
     from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
 
-    runner = OnnxRuntimeRunnerFromArtifact(artifact, provider="cpu")
-    chain = onnxruntime.InferenceSession(matmul_chain_onnx(runner.config).SerializeToString(),
+    runners = {"native": OnnxRuntimeRunnerFromArtifact(artifact, provider="cpu", native_ops="on"),
+               "bodies": OnnxRuntimeRunnerFromArtifact(artifact, provider="cpu", native_ops="off")}
+    config = runners["native"].config
+    chain = onnxruntime.InferenceSession(matmul_chain_onnx(config).SerializeToString(),
                                          providers=["CPUExecutionProvider"])
-    h = {"h": np.random.default_rng(1).standard_normal((1, 1, runner.config.d_model), dtype=np.float32)}
+    h = {"h": np.random.default_rng(1).standard_normal((1, 1, config.d_model), dtype=np.float32)}
     chain.run(None, h)
-    ids = np.random.default_rng(0).integers(0, runner.config.vocab_size, (1, prompt_len), dtype=np.int64)
-    logits, state = runner.forward(ids, runner.zero_state(1))
-    tok = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-    runner.forward(tok, runner.copy(state))  # warm-up step
-    conn.send("ready")
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, prompt_len), dtype=np.int64)
+    states, toks = {}, {}
+    for name, runner in runners.items():
+        logits, states[name] = runner.forward(ids, runner.zero_state(1))
+        toks[name] = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        runner.forward(toks[name], runner.copy(states[name]))  # warm-up step
+    conn.send(("ready", runners["native"].native_ops))
+
+    def block(fn, steps):
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def step(name):
+        logits, states[name] = runners[name].forward(toks[name], states[name])
+        toks[name] = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+
     while True:
         cmd = conn.recv()
         if cmd[0] == "prefill":
-            conn.send(timed(lambda: runner.forward(ids, runner.zero_state(1)), cmd[1]))
+            runner = runners[cmd[1]]
+            conn.send(timed(lambda r=runner: r.forward(ids, r.zero_state(1)), cmd[2]))
         elif cmd[0] == "decode":
-            times = []
-            for _ in range(cmd[1]):
-                t0 = time.perf_counter()
-                logits, state = runner.forward(tok, state)
-                times.append(time.perf_counter() - t0)
-                tok = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            conn.send(statistics.median(times))
+            conn.send(block(lambda name=cmd[1]: step(name), cmd[2]))
         elif cmd[0] == "matmuls":
-            times = []
-            for _ in range(cmd[1]):
-                t0 = time.perf_counter()
-                chain.run(None, h)
-                times.append(time.perf_counter() - t0)
-            conn.send(statistics.median(times))
+            conn.send(block(lambda: chain.run(None, h), cmd[1]))
         else:
             return
 
@@ -170,9 +182,12 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
     conn, child_conn = ctx.Pipe()
     worker = ctx.Process(target=_onnxruntime_worker, args=(child_conn, str(artifact), prompt_len))
     worker.start()
-    assert conn.recv() == "ready"
-    conn.send(("prefill", repeat))
+    ready, native_ops = conn.recv()
+    assert ready == "ready"
+    conn.send(("prefill", "native", repeat))
     ort_prefill = conn.recv()
+    conn.send(("prefill", "bodies", repeat))
+    bodies_prefill = conn.recv()
 
     with torch.no_grad():
         hf_prefill = timed(lambda: hf(ids_t, use_cache=False), repeat)
@@ -186,10 +201,12 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
             hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     gen(2)
-    ort_blocks, matmul_blocks, hf_blocks = [], [], []
+    ort_blocks, bodies_blocks, matmul_blocks, hf_blocks = [], [], [], []
     for _ in range(repeat):
-        conn.send(("decode", decode_steps))
+        conn.send(("decode", "native", decode_steps))
         ort_blocks.append(conn.recv())
+        conn.send(("decode", "bodies", decode_steps))
+        bodies_blocks.append(conn.recv())
         conn.send(("matmuls", decode_steps))
         matmul_blocks.append(conn.recv())
         t1 = timed(lambda: gen(1), 3)  # the median: one noisy generate(1) would move a short block's figure
@@ -210,12 +227,16 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
         "layers": layers,
         "params": params,
         "prompt_len": prompt_len,
+        "native_ops": list(native_ops),
         "decode_ms": {"ssmrt_onnxruntime": 1e3 * ort_decode, "hf_eager": 1e3 * hf_decode,
-                      "floor": 1e3 * decode_floor},
+                      "floor": 1e3 * decode_floor,
+                      "ssmrt_onnxruntime_bodies": 1e3 * statistics.median(bodies_blocks)},
         "prefill_tokens_per_s": {"ssmrt_onnxruntime": prompt_len / ort_prefill, "hf_eager": prompt_len / hf_prefill,
-                                 "floor": prompt_len / prefill_floor_s},
+                                 "floor": prompt_len / prefill_floor_s,
+                                 "ssmrt_onnxruntime_bodies": prompt_len / bodies_prefill},
         "decode_ms_best": {"ssmrt_onnxruntime": 1e3 * min(ort_blocks), "hf_eager": 1e3 * min(hf_blocks)},
         "decode_ms_blocks": {"ssmrt_onnxruntime": [1e3 * t for t in ort_blocks],
+                             "ssmrt_onnxruntime_bodies": [1e3 * t for t in bodies_blocks],
                              "onnxruntime_matmuls_only": [1e3 * t for t in matmul_blocks],
                              "hf_eager": [1e3 * t for t in hf_blocks]},
         "decode_ms_matmuls_only": 1e3 * statistics.median(matmul_blocks),
@@ -223,6 +244,8 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
         "decode_speedup_ceiling_blocks": ceiling,
         "decode_speedup_vs_hf": hf_decode / ort_decode,
         "decode_speedup_vs_hf_paired": paired,
+        "decode_speedup_vs_hf_bodies_paired": statistics.median(
+            h / o for h, o in zip(hf_blocks, bodies_blocks, strict=True)),
         "decode_speedup_vs_hf_best": min(hf_blocks) / min(ort_blocks),
         "decode_vs_floor": ort_decode / decode_floor,
         "prefill_vs_floor": ort_prefill / prefill_floor_s,
@@ -257,11 +280,15 @@ def main():
             d, p = r["decode_ms"], r["prefill_tokens_per_s"]
             print(f"{arch}: {r['params'] / 1e6:.0f}M params; copy {r['copy_bandwidth_GBps']:.1f} GB/s, "
                   f"GEMM {r['gemm_GFLOPps']:.0f} GFLOP/s")
+            print(f"  ssmrt on ONNX Runtime with native {'/'.join(r['native_ops']) or 'nothing'}:")
             print(f"  decode ms/token: ssmrt/ORT {d['ssmrt_onnxruntime']:.2f}, HF eager {d['hf_eager']:.2f}, "
                   f"floor {d['floor']:.2f} -> {r['decode_speedup_vs_hf']:.2f}x faster than HF, "
                   f"{r['decode_vs_floor']:.2f}x the floor (paired blocks: {r['decode_speedup_vs_hf_paired']:.2f}x; "
                   f"best blocks: {r['decode_ms_best']['ssmrt_onnxruntime']:.2f} vs "
                   f"{r['decode_ms_best']['hf_eager']:.2f} -> {r['decode_speedup_vs_hf_best']:.2f}x)")
+            print(f"  the same artifact on stock ONNX Runtime (every op through its fallback body): decode "
+                  f"{d['ssmrt_onnxruntime_bodies']:.2f} ms/token (paired vs HF: "
+                  f"{r['decode_speedup_vs_hf_bodies_paired']:.2f}x), prefill {p['ssmrt_onnxruntime_bodies']:.0f} tok/s")
             print(f"  ONNX Runtime's matmuls alone: {r['decode_ms_matmuls_only']:.2f} ms/token; the model's step is "
                   f"{r['decode_vs_matmuls_only']:.2f}x that; HF / matmuls alone per block (the most any ONNX Runtime "
                   f"graph could show): {' '.join(f'{c:.2f}x' for c in r['decode_speedup_ceiling_blocks'])}")
