@@ -98,7 +98,7 @@ def test_native_ops_option(tiny):
         assert res.exit_code == 0
         outs[mode] = json.loads(res.output)
     assert outs["on"]["generated_ids"] == outs["off"]["generated_ids"]
-    assert "native CausalConv1d" in outs["on"]["backend"] and "native" not in outs["off"]["backend"]
+    assert "native CausalConv1d/SSDScan" in outs["on"]["backend"] and "native" not in outs["off"]["backend"]
     res = run(["generate", str(ckpt), "--prompt-ids", "1,2", "--native-ops", "on"])
     assert res.exit_code == 2 and "--native-ops applies to an artifact" in res.output
 

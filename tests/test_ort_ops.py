@@ -4,18 +4,20 @@ The whole-model checks with the native ops on and off are in test_export.py."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper
-from test_ops import conv_inputs, selective_inputs
+from test_ops import conv_inputs, selective_inputs, ssd_inputs
 
 from ssmrt import ort_ops
 from ssmrt.errors import SsmrtError
-from ssmrt.ops import causal_conv1d_ref, selective_scan_ref
-from ssmrt.ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN
+from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
+from ssmrt.ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
 from ssmrt.testing import assert_close
 
 
@@ -113,6 +115,38 @@ def test_selective_scan_without_optional_inputs():
     assert_close(s, s_ref.float(), name="selective state")
 
 
+SSD_INPUTS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "ssm_state")
+
+
+def ssd_attrs(kw) -> dict:
+    lo, hi = kw["dt_limit"]
+    return {"chunk_size": kw["chunk_size"], "dt_softplus": int(kw["dt_softplus"]), "dt_min": lo, "dt_max": hi}
+
+
+# The last case is the 130M Mamba-2's head shape at a prefill length, split across threads.
+@pytest.mark.parametrize("batch,seqlen,nheads,headdim,dstate,ngroups",
+                         [(1, 1, 4, 8, 16, 1), (2, 1, 6, 5, 7, 2), (2, 9, 4, 8, 16, 2), (1, 33, 3, 4, 5, 1),
+                          (2, 300, 24, 64, 128, 1)])
+@pytest.mark.parametrize("D_per_channel", [False, True])
+@pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.05, 0.3)])
+def test_ssd_scan(batch, seqlen, nheads, headdim, dstate, ngroups, D_per_channel, dt_limit):
+    kw = ssd_inputs(batch, seqlen, nheads, headdim, dstate, ngroups=ngroups, D_per_channel=D_per_channel,
+                    dt_limit=dt_limit, seed=seqlen)
+    y, s = run_native(SSD_SCAN, {k: kw[k] for k in SSD_INPUTS}, ssd_attrs(kw))
+    y_ref, s_ref = ssd_scan_ref(**f64(kw))
+    assert_close(y, y_ref.float(), name="ssd y")
+    assert_close(s, s_ref.float(), name="ssd state")
+
+
+def test_ssd_scan_without_softplus_or_optional_inputs():
+    kw = ssd_inputs(2, 7, 4, 8, 16)
+    kw["dt"], kw["dt_softplus"], kw["D"], kw["dt_bias"] = kw["dt"].abs() * 0.1, False, None, None
+    y, s = run_native(SSD_SCAN, {k: kw[k] for k in SSD_INPUTS}, ssd_attrs(kw))
+    y_ref, s_ref = ssd_scan_ref(**f64(kw))
+    assert_close(y, y_ref.float(), name="ssd y")
+    assert_close(s, s_ref.float(), name="ssd state")
+
+
 def test_shape_errors_name_the_op_and_the_input():
     kw = conv_inputs(2, 3, 8, 4)
     ins = {k: kw[k] for k in ("x", "weight", "bias", "conv_state")}
@@ -131,6 +165,14 @@ def test_shape_errors_name_the_op_and_the_input():
     print(e.value)
     assert "ssmrt::SelectiveScan: ngroups (4, from B) must divide dim (6)" in str(e.value)
 
+    kw = ssd_inputs(1, 3, 4, 8, 16)
+    ins = {k: kw[k] for k in SSD_INPUTS}
+    ins["D"] = torch.randn(4, 7)
+    with pytest.raises(Exception) as e:
+        run_native(SSD_SCAN, ins, ssd_attrs(kw))
+    print(e.value)
+    assert "ssmrt::SSDScan: input D has shape (4, 7), expected (4, 8) (nheads,) or (nheads, headdim)" in str(e.value)
+
 
 def test_attribute_errors():
     kw = conv_inputs(1, 2, 4, 4)
@@ -141,6 +183,10 @@ def test_attribute_errors():
     kw = selective_inputs(1, 2, 4, 4)
     with pytest.raises(Exception, match="ssmrt::SelectiveScan: attribute delta_softplus must be 0 or 1, got 2"):
         native_session(SELECTIVE_SCAN, {k: kw[k].numpy() for k in SCAN_INPUTS}, {"delta_softplus": 2})
+    kw = ssd_inputs(1, 2, 4, 8, 16)
+    with pytest.raises(Exception, match="ssmrt::SSDScan: attributes dt_min / dt_max must satisfy"):
+        native_session(SSD_SCAN, {k: kw[k].numpy() for k in SSD_INPUTS},
+                       {**ssd_attrs(kw), "dt_min": 0.5, "dt_max": 0.1})
 
 
 def test_library_is_built_once_per_cache(tmp_path, monkeypatch):
@@ -181,12 +227,12 @@ def test_native_ops_apply_to_float32_cpu_artifacts_only(tmp_path):
     native_library()
     model = random_lm(arch="mamba1")
     f32 = OnnxRuntimeRunnerFromArtifact(export_model(model, tmp_path / "f32"))
-    assert f32.native_ops == ("CausalConv1d", "SelectiveScan") and "native" in f32.describe()
+    assert f32.native_ops == ("CausalConv1d", "SelectiveScan") and "native" in f32.describe()  # no SSDScan in it
     f16 = OnnxRuntimeRunnerFromArtifact(export_model(model, tmp_path / "f16", dtype="float16"))
     assert f16.native_ops == () and "float16" in f16.native_ops_note
     with pytest.raises(SsmrtError, match="float32 kernels and this artifact is float16"):
         OnnxRuntimeRunnerFromArtifact(tmp_path / "f16", native_ops="on")
     m2 = OnnxRuntimeRunnerFromArtifact(export_model(random_lm(arch="mamba2"), tmp_path / "m2"))
-    assert m2.native_ops == ("CausalConv1d",)  # SSDScan keeps its body
+    assert m2.native_ops == ("CausalConv1d", "SSDScan")
     with pytest.raises(SsmrtError, match="native_ops must be auto, on or off"):
         OnnxRuntimeRunnerFromArtifact(tmp_path / "f32", native_ops="yes")

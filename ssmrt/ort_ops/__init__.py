@@ -1,9 +1,9 @@
-"""Native ONNX Runtime CPU kernels for ssmrt::CausalConv1d and ssmrt::SelectiveScan (float32).
+"""Native ONNX Runtime CPU kernels for the ssmrt ops (float32): CausalConv1d, SelectiveScan, SSDScan.
 
 An exported model runs on stock ONNX Runtime through its ops' fallback bodies (model-local functions in
 standard ops). A session that registers this library runs each of those ops as one native node instead: a
 Mamba-1 decode step goes from ~1,090 nodes to ~290, the step's work outside the matmuls from ~45 small nodes a
-layer to a handful (benchmarks/RESULTS.md). SSDScan keeps its body (it is not in the library yet).
+layer to a handful (benchmarks/RESULTS.md).
 
 The library is C++ compiled on first use with the machine's compiler (`$CXX`, else `c++`) for this CPU
 (-march=native) and cached under `$SSMRT_CACHE_DIR` (default ~/.cache/ssmrt), keyed by the sources, the flags,
@@ -23,11 +23,14 @@ from pathlib import Path
 
 from ..errors import SsmrtError
 
-SOURCES = ("ops.cc", "kernels.h", "ort_abi.h")
+SOURCES = ("ops.cc", "kernels.cc", "kernels.h", "ort_abi.h")
 LIBRARY = "libssmrt_ort_ops.so"
-FLAGS = ("-O3", "-ffast-math", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fvisibility=hidden")
-# The ssmrt ops the library implements; the others keep their fallback bodies.
-OPS = ("CausalConv1d", "SelectiveScan")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-pthread", "-fvisibility=hidden")
+# Only the kernels' loops are compiled with -ffast-math (vector exp / log); the glue that reads attributes such as
+# an infinite dt_max is not, since -ffast-math lets the compiler assume no infinity ever appears.
+FAST_MATH = {"kernels.cc": ("-ffast-math",), "ops.cc": ()}
+# The ssmrt ops the library implements.
+OPS = ("CausalConv1d", "SelectiveScan", "SSDScan")
 
 
 class NativeOpsUnavailable(SsmrtError):
@@ -69,23 +72,26 @@ def library_path() -> Path:
     key = hashlib.sha256()
     for part in [*(here / s for s in SOURCES)]:
         key.update(part.read_bytes())
-    for part in (*FLAGS, *version, _cpu_model(), platform.machine()):
+    for part in (*FLAGS, *(f for v in FAST_MATH.values() for f in v), *version, _cpu_model(), platform.machine()):
         key.update(part.encode())
     out = cache_dir() / key.hexdigest()[:16] / LIBRARY
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name beside the target, then rename: a concurrent or interrupted build never
+    # Build in a temporary directory beside the target, then rename: a concurrent or interrupted build never
     # leaves a half-written library where a session would load it.
-    fd, tmp = tempfile.mkstemp(prefix=".build.", suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        res = subprocess.run([cxx, *FLAGS, "-o", tmp, str(here / "ops.cc")], capture_output=True, text=True)
-        if res.returncode != 0:
-            why = " / ".join(line for line in res.stderr.splitlines() if "error" in line)[:500] or res.stderr[:500]
-            raise NativeOpsUnavailable(f"{cxx} could not build {here / 'ops.cc'}: {why}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with tempfile.TemporaryDirectory(prefix=".build.", dir=out.parent) as tmp:
+        objects = []
+        for source, extra in FAST_MATH.items():
+            objects.append(str(Path(tmp) / f"{source}.o"))
+            _run([cxx, *FLAGS, *extra, "-c", str(here / source), "-o", objects[-1]], here / source)
+        _run([cxx, "-shared", "-pthread", "-o", str(Path(tmp) / LIBRARY), *objects], here / "ops.cc")
+        os.replace(Path(tmp) / LIBRARY, out)
     return out
+
+
+def _run(cmd: list[str], source: Path) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        why = " / ".join(line for line in res.stderr.splitlines() if "error" in line)[:500] or res.stderr[:500]
+        raise NativeOpsUnavailable(f"{cmd[0]} could not build {source}: {why}")

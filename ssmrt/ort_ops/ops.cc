@@ -1,4 +1,4 @@
-// ssmrt::CausalConv1d and ssmrt::SelectiveScan as native ONNX Runtime CPU kernels (float32).
+// ssmrt::CausalConv1d, ssmrt::SelectiveScan and ssmrt::SSDScan as native ONNX Runtime CPU kernels (float32).
 //
 // An exported model carries each op's fallback body as a model-local function; a session that registers
 // this library (SessionOptions.register_custom_ops_library) runs these kernels instead, one node per op.
@@ -23,9 +23,21 @@
 //   8 ssm_state   (batch, dim, dstate)
 //   -> 0 y (batch, seqlen, dim), 1 present_ssm_state (batch, dim, dstate)
 //
+// SSDScan, attributes dt_softplus: 0 | 1, dt_min / dt_max: float (the dt limit), chunk_size: int (unused here)
+//   0 x           (batch, seqlen, nheads, headdim)
+//   1 dt          (batch, seqlen, nheads)
+//   2 A           (nheads,)
+//   3 B           (batch, seqlen, ngroups, dstate)
+//   4 C           (batch, seqlen, ngroups, dstate)
+//   5 D           (nheads,) or (nheads, headdim)   optional
+//   6 dt_bias     (nheads,)                        optional
+//   7 ssm_state   (batch, nheads, headdim, dstate)
+//   -> 0 y (batch, seqlen, nheads, headdim), 1 present_ssm_state (batch, nheads, headdim, dstate)
+//
 // Every input is validated here (rank, each dimension against the others); a mismatch fails the run with a
 // message naming the op, the input and what was expected.
 
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -86,7 +98,7 @@ class Call {
     api_.ReleaseTensorTypeAndShapeInfo(info);
     if (s) return s;
     if (type != ssmrt_ort::kFloat32) return error(std::string("input ") + name + " must be float32");
-    if (n != rank)
+    if (rank != 0 && n != rank)  // rank 0: the caller checks
       return error(std::string("input ") + name + " must have rank " + std::to_string(rank) + ", got " +
                    shape_str(out->shape));
     void* data = nullptr;
@@ -174,6 +186,74 @@ Status* conv_compute(void* kernel, KernelContext* ctx) {
   SSMRT_TRY(call.output(0, {batch, seqlen, dim}, &y));
   SSMRT_TRY(call.output(1, {batch, dim, width - 1}, &state_out));
   ssmrt_cpu::causal_conv1d(x.data, w.data, bias.or_null(), state.data, y, state_out, batch, seqlen, dim, width, k->silu);
+  return nullptr;
+}
+
+// ----------------------------------------------------------------------------------------------- SSDScan
+
+struct SsdScanKernel {
+  Calls api;
+  bool dt_softplus = false;
+  float dt_min = 0.0f;
+  float dt_max = std::numeric_limits<float>::infinity();
+};
+
+Status* ssd_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
+  Calls api(raw);
+  auto* k = new SsdScanKernel{api};
+  int64_t softplus = 0;
+  // Absent attributes take the contract's defaults: no softplus, no dt limit.
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "dt_softplus", &softplus)) api.ReleaseStatus(s);
+  if (Status* s = api.KernelInfoGetAttributeFloat(info, "dt_min", &k->dt_min)) api.ReleaseStatus(s);
+  if (Status* s = api.KernelInfoGetAttributeFloat(info, "dt_max", &k->dt_max)) api.ReleaseStatus(s);
+  std::string bad;
+  if (softplus != 0 && softplus != 1) bad = "attribute dt_softplus must be 0 or 1, got " + std::to_string(softplus);
+  if (!(k->dt_min >= 0.0f) || !(k->dt_max >= k->dt_min))
+    bad = "attributes dt_min / dt_max must satisfy 0 <= dt_min <= dt_max, got " + std::to_string(k->dt_min) +
+          " / " + std::to_string(k->dt_max);
+  if (!bad.empty()) {
+    delete k;
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt::SSDScan: " + bad).c_str());
+  }
+  k->dt_softplus = softplus == 1;
+  *out = k;
+  return nullptr;
+}
+
+Status* ssd_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<SsdScanKernel*>(kernel);
+  Call call(k->api, ctx, "SSDScan");
+  Tensor x, dt, A, B, C, D, dt_bias, state;
+  SSMRT_TRY(call.required(0, "x", 4, &x));
+  SSMRT_TRY(call.required(1, "dt", 3, &dt));
+  SSMRT_TRY(call.required(2, "A", 1, &A));
+  SSMRT_TRY(call.required(3, "B", 4, &B));
+  SSMRT_TRY(call.required(4, "C", 4, &C));
+  SSMRT_TRY(call.input(5, "D", 0, &D));  // rank 1 or 2, checked below
+  SSMRT_TRY(call.input(6, "dt_bias", 1, &dt_bias));
+  SSMRT_TRY(call.required(7, "ssm_state", 4, &state));
+  const int64_t batch = x[0], seqlen = x[1], nheads = x[2], headdim = x[3], dstate = B[3], ngroups = B[2];
+  SSMRT_TRY(call.expect(dt, "dt", {batch, seqlen, nheads}, "(batch, seqlen, nheads)"));
+  SSMRT_TRY(call.expect(A, "A", {nheads}, "(nheads,)"));
+  SSMRT_TRY(call.expect(B, "B", {batch, seqlen, -1, -1}, "(batch, seqlen, ngroups, dstate)"));
+  SSMRT_TRY(call.expect(C, "C", B.shape, "(batch, seqlen, ngroups, dstate) like B"));
+  if (ngroups < 1 || nheads % ngroups != 0)
+    return call.error("ngroups (" + std::to_string(ngroups) + ", from B) must divide nheads (" +
+                      std::to_string(nheads) + ")");
+  const bool d_per_channel = D.present && D.shape.size() == 2;
+  if (D.present && D.shape.size() == 1) SSMRT_TRY(call.expect(D, "D", {nheads}, "(nheads,) or (nheads, headdim)"));
+  if (d_per_channel) SSMRT_TRY(call.expect(D, "D", {nheads, headdim}, "(nheads,) or (nheads, headdim)"));
+  if (D.present && D.shape.size() != 1 && D.shape.size() != 2)
+    return call.error("input D has shape " + shape_str(D.shape) + ", expected (nheads,) or (nheads, headdim)");
+  if (dt_bias.present) SSMRT_TRY(call.expect(dt_bias, "dt_bias", {nheads}, "(nheads,)"));
+  SSMRT_TRY(call.expect(state, "ssm_state", {batch, nheads, headdim, dstate}, "(batch, nheads, headdim, dstate)"));
+  float *y = nullptr, *state_out = nullptr;
+  SSMRT_TRY(call.output(0, {batch, seqlen, nheads, headdim}, &y));
+  SSMRT_TRY(call.output(1, {batch, nheads, headdim, dstate}, &state_out));
+  const bool clamp = k->dt_min > 0.0f || k->dt_max < std::numeric_limits<float>::infinity();
+  ssmrt_cpu::ssd_scan(x.data, dt.data, A.data, B.data, C.data, D.or_null(), d_per_channel, dt_bias.or_null(),
+                      state.data, y, state_out, batch, seqlen, nheads, headdim, dstate, ngroups, k->dt_softplus, clamp,
+                      k->dt_min, k->dt_max);
   return nullptr;
 }
 
@@ -282,6 +362,13 @@ const ssmrt_ort::CustomOp kSelectiveScan = make_op(
     },
     scan_create, scan_compute, destroy<SelectiveScanKernel>);
 
+const ssmrt_ort::CustomOp kSsdScan = make_op(
+    [](const ssmrt_ort::CustomOp*) { return "SSDScan"; }, [](const ssmrt_ort::CustomOp*) -> size_t { return 8; },
+    [](const ssmrt_ort::CustomOp*, size_t i) -> int {
+      return i == 5 || i == 6 ? ssmrt_ort::kOptional : ssmrt_ort::kRequired;
+    },
+    ssd_create, ssd_compute, destroy<SsdScanKernel>);
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmrt_ort::SessionOptions* options,
@@ -293,5 +380,6 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
   SSMRT_TRY(api.CreateCustomOpDomain("ssmrt", &domain));
   SSMRT_TRY(api.CustomOpDomainAdd(domain, &kCausalConv1d));
   SSMRT_TRY(api.CustomOpDomainAdd(domain, &kSelectiveScan));
+  SSMRT_TRY(api.CustomOpDomainAdd(domain, &kSsdScan));
   return api.AddCustomOpDomain(options, domain);
 }

@@ -39,6 +39,7 @@ enum Slot : size_t {
   kGetDimensionsCount = 61,
   kGetDimensions = 62,
   kGetTensorTypeAndShape = 65,
+  kKernelInfoGetAttributeFloat = 85,
   kKernelInfoGetAttributeInt64 = 86,
   kKernelInfoGetAttributeString = 87,
   kKernelContextGetInputCount = 88,
@@ -112,6 +113,9 @@ class Calls {
   }
   Status* GetTensorTypeAndShape(const Value* value, TensorTypeAndShapeInfo** out) const {
     return fn<Status* (*)(const Value*, TensorTypeAndShapeInfo**)>(kGetTensorTypeAndShape)(value, out);
+  }
+  Status* KernelInfoGetAttributeFloat(const KernelInfo* info, const char* name, float* out) const {
+    return fn<Status* (*)(const KernelInfo*, const char*, float*)>(kKernelInfoGetAttributeFloat)(info, name, out);
   }
   Status* KernelInfoGetAttributeInt64(const KernelInfo* info, const char* name, int64_t* out) const {
     return fn<Status* (*)(const KernelInfo*, const char*, int64_t*)>(kKernelInfoGetAttributeInt64)(info, name, out);

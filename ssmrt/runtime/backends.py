@@ -228,7 +228,12 @@ class OnnxRuntimeRunner(Runner):
             why = f"the artifact has none of the ops the native library implements ({', '.join(ort_ops.OPS)})"
         else:
             try:
-                opts.register_custom_ops_library(str(ort_ops.library_path()))
+                library = ort_ops.library_path()
+                try:
+                    opts.register_custom_ops_library(str(library))
+                except Exception as e:  # onnxruntime raises its own Fail; the message is what matters
+                    raise ort_ops.NativeOpsUnavailable(f"ONNX Runtime cannot load {library}: "
+                                                       f"{str(e).splitlines()[0]}") from None
                 return ops, ""
             except ort_ops.NativeOpsUnavailable as e:
                 why = str(e)
