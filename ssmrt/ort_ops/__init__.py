@@ -38,13 +38,13 @@ class NativeOpsUnavailable(SsmrtError):
 
 
 def _cpu_model() -> str:
+    """The CPU's name and instruction-set flags: -march=native code built on one CPU may not run on another
+    (a cache directory shared between machines gets one library per kind of CPU)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    return "\n".join(dict.fromkeys(line for line in lines if line.startswith(("model name", "flags"))))
 
 
 def _compiler() -> str:
