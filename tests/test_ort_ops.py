@@ -28,9 +28,9 @@ def native_library():
         pytest.skip(f"native ops cannot be built here: {e}")
 
 
-def native_session(spec, inputs: dict, attrs: dict) -> ort.InferenceSession:
+def native_session(spec, inputs: dict, attrs: dict, threads: int = 0) -> ort.InferenceSession:
     """A session of one `spec` node over `inputs` (name -> array or None for an absent optional input), with the
-    library registered and no fallback body in the model."""
+    library registered and no fallback body in the model; `threads` ONNX Runtime intra-op threads (0: default)."""
     present = {k: v for k, v in inputs.items() if v is not None}
     vis = [helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, [f"{k}_{i}" for i in range(v.ndim)])
            for k, v in present.items()]
@@ -40,6 +40,7 @@ def native_session(spec, inputs: dict, attrs: dict) -> ort.InferenceSession:
     model = helper.make_model(helper.make_graph([node], "g", vis, outs),
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
     so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
     so.register_custom_ops_library(str(native_library()))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -236,3 +237,36 @@ def test_native_ops_apply_to_float32_cpu_artifacts_only(tmp_path):
     assert m2.native_ops == ("CausalConv1d", "SSDScan")
     with pytest.raises(SsmrtError, match="native_ops must be auto, on or off"):
         OnnxRuntimeRunnerFromArtifact(tmp_path / "f32", native_ops="yes")
+
+
+def test_abi_slots_match_this_onnxruntime():
+    """ort_abi.h numbers ONNX Runtime's function table by hand; through the same numbering, slot 254 must be
+    GetBuildInfoString of the installed ONNX Runtime (and everything below it, which the op tests use, with it)."""
+    import ctypes
+    from pathlib import Path
+
+    capi = Path(ort.__file__).parent / "capi"
+    found = sorted(capi.glob("libonnxruntime.so*"))
+    if not found:
+        pytest.skip(f"this onnxruntime wheel has no libonnxruntime.so in {capi}")
+    runtime = ctypes.CDLL(str(found[0]))
+    runtime.OrtGetApiBase.restype = ctypes.c_void_p
+    library = ctypes.CDLL(str(native_library()))
+    library.SsmrtOrtAbiCheck.restype = ctypes.c_char_p
+    library.SsmrtOrtAbiCheck.argtypes = [ctypes.c_void_p]
+    info = library.SsmrtOrtAbiCheck(runtime.OrtGetApiBase()).decode()
+    print(info)
+    assert info.startswith("ORT Build Info")
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """The kernels split their work over ONNX Runtime's intra-op threads in pieces that never share a value: one
+    thread and several give the same bits."""
+    kw = ssd_inputs(2, 64, 8, 16, 32, seed=3)
+    feeds = {k: kw[k].numpy() for k in SSD_INPUTS}  # 16 (batch, head) pieces of 64 x 16 x 32 updates
+    outs = []
+    for threads in (1, 2, 4):
+        outs.append(native_session(SSD_SCAN, feeds, ssd_attrs(kw), threads=threads).run(None, feeds))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            assert np.array_equal(a, b)

@@ -4,24 +4,35 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 namespace ssmrt_cpu {
+
+// Where a kernel's independent pieces run: the caller supplies it (ops.cc: ONNX Runtime's intra-op thread pool,
+// so a session's thread setting holds here too). run(chunks, fn) calls fn(0) ... fn(chunks - 1), in any order,
+// possibly at once, and returns when all have.
+class Executor {
+ public:
+  virtual ~Executor() = default;
+  virtual void run(int64_t chunks, const std::function<void(int64_t)>& fn) const = 0;
+};
 
 // CausalConv1d.
 //   x (batch, seqlen, dim), weight (dim, width), bias (dim,) or null, conv_state (batch, dim, width - 1)
 //   -> y (batch, seqlen, dim), present_conv_state (batch, dim, width - 1)
-void causal_conv1d(const float* x, const float* weight, const float* bias, const float* conv_state, float* y,
-                   float* state_out, int64_t batch, int64_t seqlen, int64_t dim, int64_t width, bool silu_activation);
+void causal_conv1d(const Executor& exec, const float* x, const float* weight, const float* bias,
+                   const float* conv_state, float* y, float* state_out, int64_t batch, int64_t seqlen, int64_t dim,
+                   int64_t width, bool silu_activation);
 
 // SelectiveScan.
 //   u, delta, z (batch, seqlen, dim); A (dim, dstate); B, C (batch, seqlen, ngroups, dstate);
 //   D, delta_bias (dim,) or null; z null for no gate; ssm_state (batch, dim, dstate)
 //   -> y (batch, seqlen, dim), present_ssm_state (batch, dim, dstate)
 // Channel d reads group d / (dim / ngroups).
-void selective_scan(const float* u, const float* delta, const float* A, const float* B, const float* C,
-                    const float* D, const float* z, const float* delta_bias, const float* ssm_state, float* y,
-                    float* state_out, int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, int64_t ngroups,
-                    bool delta_softplus);
+void selective_scan(const Executor& exec, const float* u, const float* delta, const float* A, const float* B,
+                    const float* C, const float* D, const float* z, const float* delta_bias, const float* ssm_state,
+                    float* y, float* state_out, int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate,
+                    int64_t ngroups, bool delta_softplus);
 
 // SSDScan, as the recurrence (the result does not depend on a chunk length).
 //   x (batch, seqlen, nheads, headdim); dt (batch, seqlen, nheads); A (nheads,);
@@ -30,9 +41,9 @@ void selective_scan(const float* u, const float* delta, const float* A, const fl
 //   -> y (batch, seqlen, nheads, headdim), present_ssm_state (batch, nheads, headdim, dstate)
 // Per step, dt after bias, softplus and, when dt_clamp, the limit [dt_min, dt_max]:
 //   h = exp(dt A) h + dt x B^T ;  y = h C + D x. Head h reads group h / (nheads / ngroups).
-void ssd_scan(const float* x, const float* dt, const float* A, const float* B, const float* C, const float* D,
-              bool d_per_channel, const float* dt_bias, const float* ssm_state, float* y, float* state_out,
-              int64_t batch, int64_t seqlen, int64_t nheads, int64_t headdim, int64_t dstate, int64_t ngroups,
-              bool dt_softplus, bool dt_clamp, float dt_min, float dt_max);
+void ssd_scan(const Executor& exec, const float* x, const float* dt, const float* A, const float* B, const float* C,
+              const float* D, bool d_per_channel, const float* dt_bias, const float* ssm_state, float* y,
+              float* state_out, int64_t batch, int64_t seqlen, int64_t nheads, int64_t headdim, int64_t dstate,
+              int64_t ngroups, bool dt_softplus, bool dt_clamp, float dt_min, float dt_max);
 
 }  // namespace ssmrt_cpu

@@ -37,6 +37,7 @@
 // Every input is validated here (rank, each dimension against the others); a mismatch fails the run with a
 // message naming the op, the input and what was expected.
 
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -70,6 +71,26 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + (shape.size() == 1 ? ",)" : ")");
 }
+
+// The kernels' pieces on the session's intra-op thread pool (its thread setting holds for them too).
+class PoolExecutor final : public ssmrt_cpu::Executor {
+ public:
+  PoolExecutor(const Calls& api, const KernelContext* ctx) : api_(api), ctx_(ctx) {}
+  void run(int64_t chunks, const std::function<void(int64_t)>& fn) const override {
+    auto call = [](void* f, size_t i) {
+      (*static_cast<const std::function<void(int64_t)>*>(f))(static_cast<int64_t>(i));
+    };
+    Status* s = api_.KernelContextParallelFor(ctx_, call, static_cast<size_t>(chunks), 0,
+                                              const_cast<std::function<void(int64_t)>*>(&fn));
+    if (s == nullptr) return;
+    api_.ReleaseStatus(s);  // no pool to run on: do the pieces here
+    for (int64_t c = 0; c < chunks; ++c) fn(c);
+  }
+
+ private:
+  const Calls& api_;
+  const KernelContext* ctx_;
+};
 
 // One compute call: reads inputs, checks them, allocates outputs; errors name the op and the tensor.
 class Call {
@@ -185,7 +206,8 @@ Status* conv_compute(void* kernel, KernelContext* ctx) {
   float *y = nullptr, *state_out = nullptr;
   SSMRT_TRY(call.output(0, {batch, seqlen, dim}, &y));
   SSMRT_TRY(call.output(1, {batch, dim, width - 1}, &state_out));
-  ssmrt_cpu::causal_conv1d(x.data, w.data, bias.or_null(), state.data, y, state_out, batch, seqlen, dim, width, k->silu);
+  ssmrt_cpu::causal_conv1d(PoolExecutor(k->api, ctx), x.data, w.data, bias.or_null(), state.data, y, state_out, batch,
+                           seqlen, dim, width, k->silu);
   return nullptr;
 }
 
@@ -251,9 +273,9 @@ Status* ssd_compute(void* kernel, KernelContext* ctx) {
   SSMRT_TRY(call.output(0, {batch, seqlen, nheads, headdim}, &y));
   SSMRT_TRY(call.output(1, {batch, nheads, headdim, dstate}, &state_out));
   const bool clamp = k->dt_min > 0.0f || k->dt_max < std::numeric_limits<float>::infinity();
-  ssmrt_cpu::ssd_scan(x.data, dt.data, A.data, B.data, C.data, D.or_null(), d_per_channel, dt_bias.or_null(),
-                      state.data, y, state_out, batch, seqlen, nheads, headdim, dstate, ngroups, k->dt_softplus, clamp,
-                      k->dt_min, k->dt_max);
+  ssmrt_cpu::ssd_scan(PoolExecutor(k->api, ctx), x.data, dt.data, A.data, B.data, C.data, D.or_null(), d_per_channel,
+                      dt_bias.or_null(), state.data, y, state_out, batch, seqlen, nheads, headdim, dstate, ngroups,
+                      k->dt_softplus, clamp, k->dt_min, k->dt_max);
   return nullptr;
 }
 
@@ -311,8 +333,9 @@ Status* scan_compute(void* kernel, KernelContext* ctx) {
   float *y = nullptr, *state_out = nullptr;
   SSMRT_TRY(call.output(0, {batch, seqlen, dim}, &y));
   SSMRT_TRY(call.output(1, {batch, dim, dstate}, &state_out));
-  ssmrt_cpu::selective_scan(u.data, delta.data, A.data, B.data, C.data, D.or_null(), z.or_null(), delta_bias.or_null(), state.data,
-                            y, state_out, batch, seqlen, dim, dstate, ngroups, k->delta_softplus);
+  ssmrt_cpu::selective_scan(PoolExecutor(k->api, ctx), u.data, delta.data, A.data, B.data, C.data, D.or_null(),
+                            z.or_null(), delta_bias.or_null(), state.data, y, state_out, batch, seqlen, dim, dstate,
+                            ngroups, k->delta_softplus);
   return nullptr;
 }
 
@@ -329,10 +352,11 @@ int required_io(const ssmrt_ort::CustomOp*, size_t) { return ssmrt_ort::kRequire
 int default_memory(const ssmrt_ort::CustomOp*, size_t) { return 0; }  // OrtMemTypeDefault
 const char* cpu_provider(const ssmrt_ort::CustomOp*) { return nullptr; }  // null: the CPU provider
 
-ssmrt_ort::CustomOp make_op(const char* (*name)(const ssmrt_ort::CustomOp*), size_t (*inputs)(const ssmrt_ort::CustomOp*),
-                            int (*input_characteristic)(const ssmrt_ort::CustomOp*, size_t),
-                            Status* (*create)(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api*, const KernelInfo*, void**),
-                            Status* (*compute)(void*, KernelContext*), void (*destroy_fn)(void*)) {
+using Op = ssmrt_ort::CustomOp;
+
+Op make_op(const char* (*name)(const Op*), size_t (*inputs)(const Op*), int (*input_characteristic)(const Op*, size_t),
+           Status* (*create)(const Op*, const ssmrt_ort::Api*, const KernelInfo*, void**),
+           Status* (*compute)(void*, KernelContext*), void (*destroy_fn)(void*)) {
   ssmrt_ort::CustomOp op{};
   op.version = ssmrt_ort::kCustomOpVersion;
   op.GetName = name;
@@ -371,10 +395,17 @@ const ssmrt_ort::CustomOp kSsdScan = make_op(
 
 }  // namespace
 
+// ONNX Runtime's build string through this library's slot numbering: "ORT Build Info: ..." when the numbering
+// matches the running ONNX Runtime (a test checks it).
+extern "C" __attribute__((visibility("default"))) const char* SsmrtOrtAbiCheck(const ssmrt_ort::ApiBase* base) {
+  const ssmrt_ort::Api* raw = base->GetApi(ssmrt_ort::kApiVersion);
+  return raw ? Calls(raw).GetBuildInfoString() : "";
+}
+
 extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmrt_ort::SessionOptions* options,
                                                                             const ssmrt_ort::ApiBase* base) {
   const ssmrt_ort::Api* raw = base->GetApi(ssmrt_ort::kApiVersion);
-  if (raw == nullptr) return nullptr;  // an ONNX Runtime older than API 16: nothing registered, bodies run
+  if (raw == nullptr) return nullptr;  // an ONNX Runtime older than API 17: nothing registered, the bodies run
   Calls api(raw);
   ssmrt_ort::CustomOpDomain* domain = nullptr;
   SSMRT_TRY(api.CreateCustomOpDomain("ssmrt", &domain));

@@ -1,8 +1,10 @@
 // The part of ONNX Runtime's C ABI this library touches, declared here because no package this project can
 // install carries onnxruntime_c_api.h. OrtApi is a table of function pointers that ONNX Runtime only ever
-// appends to, so a slot number, once assigned, holds for every later release; the slots below are those of
-// API version 1 (all present in every ONNX Runtime this project supports, >= 1.20). OrtCustomOp is the struct
-// a library fills to describe one op; its `version` tells ONNX Runtime which of its fields exist.
+// appends to, so a slot number, once assigned, holds for every later release; the newest slot below,
+// KernelContext_ParallelFor, arrived with API version 17 (ONNX Runtime 1.17; this project needs >= 1.20), and
+// the library asks for that version. GetBuildInfoString is there to check the numbering against a running ONNX
+// Runtime (SsmrtOrtAbiCheck in ops.cc; a test calls it). OrtCustomOp is the struct a library fills to describe
+// one op; its `version` tells ONNX Runtime which of its fields exist.
 #pragma once
 
 #include <cstddef>
@@ -47,6 +49,8 @@ enum Slot : size_t {
   kKernelContextGetOutput = 91,
   kReleaseStatus = 93,
   kReleaseTensorTypeAndShapeInfo = 99,
+  kGetBuildInfoString = 254,
+  kKernelContextParallelFor = 274,
 };
 
 // The OrtCustomOp layout through version 16 (CreateKernelV2 / KernelComputeV2, which report errors), plus the
@@ -80,7 +84,7 @@ struct CustomOp {
   void* ReleaseAliasMap;
 };
 constexpr uint32_t kCustomOpVersion = 16;
-constexpr uint32_t kApiVersion = 16;
+constexpr uint32_t kApiVersion = 17;
 
 // Typed calls through the table.
 class Calls {
@@ -133,6 +137,13 @@ class Calls {
   Status* KernelContextGetOutput(KernelContext* ctx, size_t index, const int64_t* dims, size_t n, Value** out) const {
     return fn<Status* (*)(KernelContext*, size_t, const int64_t*, size_t, Value**)>(kKernelContextGetOutput)(
         ctx, index, dims, n, out);
+  }
+  const char* GetBuildInfoString() const { return fn<const char* (*)()>(kGetBuildInfoString)(); }
+  // fn(usr_data, i) for i in [0, total) on the session's intra-op threads (at most num_batch batches; 0: no limit).
+  Status* KernelContextParallelFor(const KernelContext* ctx, void (*f)(void*, size_t), size_t total, size_t num_batch,
+                                   void* usr_data) const {
+    return fn<Status* (*)(const KernelContext*, void (*)(void*, size_t), size_t, size_t, void*)>(
+        kKernelContextParallelFor)(ctx, f, total, num_batch, usr_data);
   }
   void ReleaseStatus(Status* s) const { fn<void (*)(Status*)>(kReleaseStatus)(s); }
   void ReleaseTensorTypeAndShapeInfo(TensorTypeAndShapeInfo* info) const {
