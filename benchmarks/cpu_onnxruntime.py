@@ -108,7 +108,7 @@ def matmul_chain_onnx(config):
 
 def _onnxruntime_worker(conn, artifact: str, prompt_len: int):
     """ONNX Runtime in its own process, as a deployment runs it, with two sessions of the artifact: "native"
-    (ssmrt's native kernels for the ops it has, ssmrt.ort_ops; what the runner does by default) and "bodies"
+    (ssmrt's native kernels, ssmrt.ort_ops, where this machine can build them: the runner's default) and "bodies"
     (every op through its fallback body: stock ONNX Runtime). Answers ("prefill", which, repeat) with the median
     prefill seconds, ("decode", which, steps) with the median seconds of one block of single-token steps
     (continuing from that session's last state) and ("matmuls", steps) with the median seconds of the model's
@@ -118,7 +118,7 @@ def _onnxruntime_worker(conn, artifact: str, prompt_len: int):
 
     from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
 
-    runners = {"native": OnnxRuntimeRunnerFromArtifact(artifact, provider="cpu", native_ops="on"),
+    runners = {"native": OnnxRuntimeRunnerFromArtifact(artifact, provider="cpu", native_ops="auto"),
                "bodies": OnnxRuntimeRunnerFromArtifact(artifact, provider="cpu", native_ops="off")}
     config = runners["native"].config
     chain = onnxruntime.InferenceSession(matmul_chain_onnx(config).SerializeToString(),

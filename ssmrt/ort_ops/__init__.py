@@ -7,8 +7,10 @@ layer to a handful (benchmarks/RESULTS.md).
 
 The library is C++ compiled on first use with the machine's compiler (`$CXX`, else `c++`) for this CPU
 (-march=native) and cached under `$SSMRT_CACHE_DIR` (default ~/.cache/ssmrt), keyed by the sources, the flags,
-the compiler and the CPU. Nothing here imports ONNX Runtime: `library_path()` gives the file that
-`SessionOptions.register_custom_ops_library` takes. ort_abi.h declares the part of ONNX Runtime's C ABI it uses.
+the compiler and the CPU. The kernels (kernels.cc, no ONNX Runtime in it) split their work over the session's
+intra-op thread pool; ops.cc validates every input and attribute and reports errors through ONNX Runtime;
+ort_abi.h declares the part of ONNX Runtime's C ABI they use. This module does not import ONNX Runtime:
+`library_path()` gives the file that `SessionOptions.register_custom_ops_library` takes.
 """
 
 from __future__ import annotations
