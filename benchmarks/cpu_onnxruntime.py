@@ -33,10 +33,11 @@ import torch
 from ssmrt.bench import copy_bandwidth, gemm_rate
 
 
-def timed(fn, repeat: int) -> float:
-    """Median wall time of fn() over `repeat` runs after one warm-up (the floors take the best instead:
-    ssmrt.bench)."""
-    fn()
+def timed(fn, repeat: int, warmup: bool = True) -> float:
+    """Median wall time of fn() over `repeat` runs, after one untimed run if `warmup` (the floors take the best
+    instead: ssmrt.bench)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -133,14 +134,6 @@ def _onnxruntime_worker(conn, artifact: str, prompt_len: int):
         runner.forward(toks[name], runner.copy(states[name]))  # warm-up step
     conn.send(("ready", runners["native"].native_ops))
 
-    def block(fn, steps):
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
     def step(name):
         logits, states[name] = runners[name].forward(toks[name], states[name])
         toks[name] = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
@@ -151,9 +144,9 @@ def _onnxruntime_worker(conn, artifact: str, prompt_len: int):
             runner = runners[cmd[1]]
             conn.send(timed(lambda r=runner: r.forward(ids, r.zero_state(1)), cmd[2]))
         elif cmd[0] == "decode":
-            conn.send(block(lambda name=cmd[1]: step(name), cmd[2]))
+            conn.send(timed(lambda name=cmd[1]: step(name), cmd[2], warmup=False))
         elif cmd[0] == "matmuls":
-            conn.send(block(lambda: chain.run(None, h), cmd[1]))
+            conn.send(timed(lambda: chain.run(None, h), cmd[1], warmup=False))
         else:
             return
 

@@ -84,12 +84,9 @@ def test_generate_text_json_and_ids(tiny):
 
 def test_native_ops_option(tiny):
     """--native-ops on / off: the same tokens, the backend says which ran; a checkpoint refuses the option."""
-    from ssmrt import ort_ops
+    from test_ort_ops import native_library
 
-    try:
-        ort_ops.library_path()
-    except ort_ops.NativeOpsUnavailable as e:
-        pytest.skip(f"native ops cannot be built here: {e}")
+    native_library()
     ckpt, art = tiny
     outs = {}
     for mode in ("on", "off"):

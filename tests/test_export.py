@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from hf_models import HF_CONFIGS, VOCAB, hf_model, save_hf
+from test_ort_ops import native_library
 
 import ssmrt
 from ssmrt import SsmrtError
@@ -49,13 +50,8 @@ def exported(tmp_path_factory):
 
 def ort_runner(art, native_ops: str):
     """The artifact on ONNX Runtime with the ssmrt ops as their fallback bodies ("off") or native kernels ("on")."""
-    from ssmrt import ort_ops
-
     if native_ops == "on":
-        try:
-            ort_ops.library_path()
-        except ort_ops.NativeOpsUnavailable as e:
-            pytest.skip(f"native ops cannot be built here: {e}")
+        native_library()
     runner = OnnxRuntimeRunnerFromArtifact(art, native_ops=native_ops)
     assert bool(runner.native_ops) == (native_ops == "on"), runner.describe()
     return runner

@@ -22,6 +22,7 @@ from ssmrt.testing import assert_close
 
 
 def native_library():
+    """The built library, or the test skips with why it cannot be built here."""
     try:
         return ort_ops.library_path()
     except ort_ops.NativeOpsUnavailable as e:
