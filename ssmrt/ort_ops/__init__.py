@@ -16,6 +16,7 @@ ort_abi.h declares the part of ONNX Runtime's C ABI they use. This module does n
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -24,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SsmrtError
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("ops.cc", "kernels.cc", "kernels.h", "ort_abi.h")
 LIBRARY = "libssmrt_ort_ops.so"
@@ -50,11 +53,12 @@ def _cpu_model() -> str:
 
 
 def _compiler() -> str:
-    cxx = os.environ.get("CXX", "c++")
-    path = shutil.which(cxx)
-    if path is None:
-        raise NativeOpsUnavailable(f"no C++ compiler ({cxx!r} is not on PATH; set CXX)")
-    return path
+    """$CXX if set, else the first of c++, g++, clang++ on PATH."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    for name in names:
+        if path := shutil.which(name):
+            return path
+    raise NativeOpsUnavailable(f"no C++ compiler ({' / '.join(repr(n) for n in names)} not on PATH; set CXX)")
 
 
 def cache_dir() -> Path:
@@ -80,6 +84,7 @@ def library_path() -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building the native ONNX Runtime ops with %s into %s (once per machine)", cxx, out.parent)
     # Build in a temporary directory beside the target, then rename: a concurrent or interrupted build never
     # leaves a half-written library where a session would load it.
     with tempfile.TemporaryDirectory(prefix=".build.", dir=out.parent) as tmp:
