@@ -220,6 +220,14 @@ def test_without_a_compiler_runners_fall_back_or_refuse(tmp_path, monkeypatch):
     assert np.isfinite(logits).all()
 
 
+def test_an_unwritable_cache_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("SSMRT_CACHE_DIR", str(blocker))
+    with pytest.raises(ort_ops.NativeOpsUnavailable, match="cannot build into .*not-a-directory.*SSMRT_CACHE_DIR"):
+        ort_ops.library_path()
+
+
 def test_native_ops_apply_to_float32_cpu_artifacts_only(tmp_path):
     from test_models import random_lm
 

@@ -83,17 +83,20 @@ def library_path() -> Path:
     out = cache_dir() / key.hexdigest()[:16] / LIBRARY
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     log.info("building the native ONNX Runtime ops with %s into %s (once per machine)", cxx, out.parent)
-    # Build in a temporary directory beside the target, then rename: a concurrent or interrupted build never
-    # leaves a half-written library where a session would load it.
-    with tempfile.TemporaryDirectory(prefix=".build.", dir=out.parent) as tmp:
-        objects = []
-        for source, extra in FAST_MATH.items():
-            objects.append(str(Path(tmp) / f"{source}.o"))
-            _run([cxx, *FLAGS, *extra, "-c", str(here / source), "-o", objects[-1]], here / source)
-        _run([cxx, "-shared", "-pthread", "-o", str(Path(tmp) / LIBRARY), *objects], here / "ops.cc")
-        os.replace(Path(tmp) / LIBRARY, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Build in a temporary directory beside the target, then rename: a concurrent or interrupted build never
+        # leaves a half-written library where a session would load it.
+        with tempfile.TemporaryDirectory(prefix=".build.", dir=out.parent) as tmp:
+            objects = []
+            for source, extra in FAST_MATH.items():
+                objects.append(str(Path(tmp) / f"{source}.o"))
+                _run([cxx, *FLAGS, *extra, "-c", str(here / source), "-o", objects[-1]], here / source)
+            _run([cxx, "-shared", "-pthread", "-o", str(Path(tmp) / LIBRARY), *objects], here / "ops.cc")
+            os.replace(Path(tmp) / LIBRARY, out)
+    except OSError as e:
+        raise NativeOpsUnavailable(f"cannot build into {out.parent} ({e.strerror or e}); set SSMRT_CACHE_DIR") from None
     return out
 
 
