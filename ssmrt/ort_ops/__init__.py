@@ -68,8 +68,8 @@ def cache_dir() -> Path:
 def library_path() -> Path:
     """The compiled library, built now if this machine has not built these sources yet.
 
-    Raises NativeOpsUnavailable (with the compiler's first error lines) where it cannot be built: no Linux,
-    no compiler, or a compile error."""
+    Raises NativeOpsUnavailable, saying why, where it cannot be built: not Linux, no compiler, a compile error
+    (its first error lines), or a cache directory that cannot be written."""
     if platform.system() != "Linux":
         raise NativeOpsUnavailable(f"built for Linux only, this is {platform.system()}")
     cxx = _compiler()
