@@ -58,7 +58,7 @@ def f64(kw: dict) -> dict:
 
 @pytest.mark.parametrize("batch,seqlen,dim,width",
                          [(1, 1, 8, 4), (2, 7, 13, 4), (3, 2, 5, 4), (2, 33, 24, 3), (2, 1, 6, 2), (1, 300, 16, 4),
-                          (2, 5, 7, 1), (2, 600, 1536, 4)])
+                          (2, 5, 7, 1), (3, 1, 9, 1), (2, 1, 1536, 4), (2, 600, 1536, 4)])
 @pytest.mark.parametrize("activation", ["silu", "none"])
 def test_causal_conv1d(batch, seqlen, dim, width, activation):
     kw = conv_inputs(batch, seqlen, dim, width, seed=seqlen)

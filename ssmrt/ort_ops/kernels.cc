@@ -40,6 +40,28 @@ void causal_conv1d(const Executor& exec, const float* x, const float* weight, co
                    const float* conv_state, float* y, float* state_out, int64_t batch, int64_t seqlen, int64_t dim,
                    int64_t width, bool silu_activation) {
   const int64_t K1 = width - 1;
+  if (seqlen == 1) {
+    // A decode step: per channel, one dot of the state's row and x with the weight's row, and the row shifted
+    // by one. Every read is the row as stored: no window buffer, no transposed copy of the weights.
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* s = conv_state + b * dim * K1;
+      const float* xb = x + b * dim;
+      float* so = state_out + b * dim * K1;
+      float* yb = y + b * dim;
+      for (int64_t c = 0; c < dim; ++c) {
+        const float* w = weight + c * width;
+        const float* sc = s + c * K1;
+        float acc = (bias ? bias[c] : 0.0f) + w[K1] * xb[c];
+        for (int64_t k = 0; k < K1; ++k) acc += w[k] * sc[k];
+        for (int64_t k = 0; k + 1 < K1; ++k) so[c * K1 + k] = sc[k + 1];
+        if (K1 > 0) so[c * K1 + K1 - 1] = xb[c];
+        yb[c] = acc;
+      }
+      if (silu_activation)
+        for (int64_t c = 0; c < dim; ++c) yb[c] = silu(yb[c]);
+    }
+    return;
+  }
   std::vector<float> wt(width * dim);  // (width, dim): the channel loop reads it contiguously
   for (int64_t c = 0; c < dim; ++c)
     for (int64_t k = 0; k < width; ++k) wt[k * dim + c] = weight[c * width + k];
