@@ -201,6 +201,23 @@ def test_logits_last_and_external_data(exported, tmp_path, monkeypatch):
     assert_close(logits[:, 0], full[:, -1], atol=1e-4, rtol=1e-4, name="last logits")
 
 
+def test_runner_reads_the_metadata_without_parsing_the_graph(exported, tmp_path, monkeypatch):
+    """The runner reads dtype and arch from metadata_props by walking the file's top-level protobuf fields: the same
+    entries as onnx's full parse, whether the weights are inside model.onnx or in external data."""
+    from ssmrt.runtime.backends import _export_info, _metadata_props
+
+    ckpt, inside, _ = exported("mamba2-g1")
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 0)
+    outside = export(ckpt, tmp_path / "external")
+    for art in (inside, outside):
+        want = {p.key: p.value for p in onnx.load(str(art / "model.onnx"), load_external_data=False).metadata_props}
+        assert _metadata_props(art / "model.onnx") == want and len(want) == 3
+    assert _export_info(inside / "model.onnx")["arch"] == "mamba2"
+    (tmp_path / "junk.onnx").write_bytes(b"\x0f\x00\x00")
+    with pytest.raises(SsmrtError, match="junk.onnx: not an ONNX model"):
+        _metadata_props(tmp_path / "junk.onnx")
+
+
 def test_export_leaves_the_callers_model_alone(exported, tmp_path):
     ckpt, _, _ = exported("mamba2-g1")
     model = ssmrt.load_model(ckpt)

@@ -82,6 +82,8 @@ SSD_SCAN = OpSpec(
 )
 
 OPS = {op.name: op for op in (CAUSAL_CONV1D, SELECTIVE_SCAN, SSD_SCAN)}
+# The ops a model of each SSMConfig.arch exports to.
+OPS_BY_ARCH = {"mamba1": (CAUSAL_CONV1D.name, SELECTIVE_SCAN.name), "mamba2": (CAUSAL_CONV1D.name, SSD_SCAN.name)}
 
 # (atol, rtol) by the dtype of the activations, for two scopes:
 # - "op": one op / kernel against its reference on the same inputs;

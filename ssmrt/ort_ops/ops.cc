@@ -51,8 +51,8 @@ using ssmrt_ort::KernelInfo;
 using ssmrt_ort::Status;
 using ssmrt_ort::Value;
 
-#define SSMRT_TRY(expr)              \
-  do {                               \
+#define SSMRT_TRY(expr)               \
+  do {                                  \
     if (Status* s_ = (expr)) return s_; \
   } while (0)
 
@@ -407,10 +407,18 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
   const ssmrt_ort::Api* raw = base->GetApi(ssmrt_ort::kApiVersion);
   if (raw == nullptr) return nullptr;  // an ONNX Runtime older than API 17: nothing registered, the bodies run
   Calls api(raw);
-  ssmrt_ort::CustomOpDomain* domain = nullptr;
-  SSMRT_TRY(api.CreateCustomOpDomain("ssmrt", &domain));
-  SSMRT_TRY(api.CustomOpDomainAdd(domain, &kCausalConv1d));
-  SSMRT_TRY(api.CustomOpDomainAdd(domain, &kSelectiveScan));
-  SSMRT_TRY(api.CustomOpDomainAdd(domain, &kSsdScan));
+  // One domain for the process, shared by every session that registers the library: ONNX Runtime needs it to
+  // outlive them all, and a domain per session would never be freed.
+  static ssmrt_ort::CustomOpDomain* const domain = [&]() -> ssmrt_ort::CustomOpDomain* {
+    ssmrt_ort::CustomOpDomain* d = nullptr;
+    Status* s = api.CreateCustomOpDomain("ssmrt", &d);
+    for (const Op* op : {&kCausalConv1d, &kSelectiveScan, &kSsdScan})
+      if (s == nullptr) s = api.CustomOpDomainAdd(d, op);
+    if (s == nullptr) return d;
+    api.ReleaseStatus(s);
+    return nullptr;
+  }();
+  if (domain == nullptr)
+    return api.CreateStatus(ssmrt_ort::kFail, "ssmrt: ONNX Runtime refused the ssmrt custom-op domain");
   return api.AddCustomOpDomain(options, domain);
 }

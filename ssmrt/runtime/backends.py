@@ -10,6 +10,7 @@ Loaders follow one naming scheme: TorchRunnerFromCheckpoint, OnnxRuntimeRunnerFr
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -212,6 +213,7 @@ class OnnxRuntimeRunner(Runner):
     def _register_native_ops(self, opts, mode: str, providers: list[str]) -> tuple[tuple[str, ...], str]:
         """Registers ssmrt.ort_ops's library on `opts` where it applies: (the ops it runs, why not if none)."""
         from .. import ort_ops
+        from ..ops.spec import OPS_BY_ARCH
 
         if mode not in ("auto", "on", "off"):
             raise SsmrtError(f"native_ops must be auto, on or off, got {mode!r}")
@@ -219,7 +221,7 @@ class OnnxRuntimeRunner(Runner):
             return (), "off by request"
         why = None
         info = _export_info(self.path)
-        ops = tuple(op for op in ort_ops.OPS if op in info["ssmrt_ops"])
+        ops = tuple(op for op in ort_ops.OPS if op in OPS_BY_ARCH.get(info.get("arch"), ()))
         if providers[0] != "CPUExecutionProvider":
             why = f"the native ops are CPU kernels and this session runs on {providers[0]}"
         elif info.get("dtype") != "float32":
@@ -229,14 +231,14 @@ class OnnxRuntimeRunner(Runner):
         else:
             try:
                 library = ort_ops.library_path()
-                try:
-                    opts.register_custom_ops_library(str(library))
-                except Exception as e:  # onnxruntime raises its own Fail; the message is what matters
-                    raise ort_ops.NativeOpsUnavailable(f"ONNX Runtime cannot load {library}: "
-                                                       f"{str(e).splitlines()[0]}") from None
-                return ops, ""
             except ort_ops.NativeOpsUnavailable as e:
                 why = str(e)
+            else:
+                try:
+                    opts.register_custom_ops_library(str(library))
+                    return ops, ""
+                except Exception as e:  # onnxruntime raises its own Fail; the message is what matters
+                    why = f"ONNX Runtime cannot load {library}: {str(e).splitlines()[0]}"
         if mode == "on":
             raise SsmrtError(f"{self.path}: native ops asked for, but {why}")
         return (), why
@@ -258,17 +260,56 @@ class OnnxRuntimeRunner(Runner):
 
 
 def _export_info(path) -> dict:
-    """The export's metadata, plus `ssmrt_ops`: the ssmrt op types the graph holds."""
-    import onnx
+    """The export's metadata and the model's `arch`, read from the file's metadata_props alone: the graph and
+    its weights (hundreds of MB when they are inside model.onnx) are skipped, not parsed."""
+    from ..exporter.torch_to_onnx import META_CONFIG, META_EXPORT
 
-    from ..exporter.torch_to_onnx import META_EXPORT
-    from ..ops.spec import DOMAIN
-
-    model = onnx.load(str(path), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = _metadata_props(path)
     info = json.loads(meta.get(META_EXPORT, "{}"))
-    info["ssmrt_ops"] = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    info["arch"] = json.loads(meta.get(META_CONFIG, "{}")).get("arch")
     return info
+
+
+def _metadata_props(path) -> dict[str, str]:
+    """ModelProto.metadata_props (field 14) of an .onnx file, read by walking the protobuf wire format's
+    top-level fields and seeking over every other one."""
+    meta = {}
+    with open(path, "rb") as f:
+        for entry in _protobuf_fields(f, 14, path):
+            kv = dict(_protobuf_fields(io.BytesIO(entry), (1, 2), path, with_numbers=True))
+            meta[kv.get(1, b"").decode()] = kv.get(2, b"").decode()
+    return meta
+
+
+def _protobuf_fields(f, keep, path, with_numbers=False):
+    """The payloads of the length-delimited fields numbered `keep` in the message read from `f`, in order; the
+    other fields are skipped without being read."""
+    keep = (keep,) if isinstance(keep, int) else keep
+
+    def varint() -> int | None:
+        shift = value = 0
+        while byte := f.read(1):
+            value |= (byte[0] & 0x7F) << shift
+            if byte[0] < 0x80:
+                return value
+            shift += 7
+        return None
+
+    skip = {1: 8, 5: 4}  # wire type -> fixed size
+    while (key := varint()) is not None:
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            varint()
+        elif wire in skip:
+            f.seek(skip[wire], os.SEEK_CUR)
+        elif wire == 2:
+            size = varint()
+            if number in keep:
+                yield (number, f.read(size)) if with_numbers else f.read(size)
+            else:
+                f.seek(size, os.SEEK_CUR)
+        else:
+            raise SsmrtError(f"{path}: not an ONNX model (protobuf wire type {wire})")
 
 
 def _numpy_dtype(name: str, path) -> np.dtype:
