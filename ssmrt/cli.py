@@ -92,8 +92,9 @@ def _runner_options(f):
         click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
                      show_default=True, help="ONNX Runtime graph optimisation level."),
         click.option("--native-ops", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                     help="ONNX Runtime on the CPU, float32: run CausalConv1d / SelectiveScan as native kernels "
-                          "(built on first use with the C++ compiler) instead of their fallback bodies."),
+                     help="ONNX Runtime on the CPU, float32: run the ssmrt ops as native kernels (built on first "
+                          "use with the C++ compiler) instead of their fallback bodies; auto falls back to the "
+                          "bodies where they cannot be built."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Torch backend: where the model runs (cuda: the Triton kernels). [default: cpu]"),
         click.option("--decode", type=click.Choice(["eager", "static", "cuda_graph"]), default=None,
