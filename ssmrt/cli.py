@@ -120,11 +120,18 @@ def _runner_options(f):
 @click.option("--opset", type=int, default=21, show_default=True)
 @click.option("--logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
               help="Logits for every position, or only the last (smaller prefill output).")
-def export(model_dir, out_dir, dtype, state_dtype, opset, logits):
-    """Export MODEL_DIR (HF or mamba_ssm checkpoint) to ONNX with ssmrt::* ops."""
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier ssmrt export in the output directory (a directory holding anything "
+                   "else is refused all the same).")
+def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite):
+    """Export MODEL_DIR (HF or mamba_ssm checkpoint) to ONNX with ssmrt::* ops.
+
+    The output directory must be new, empty, or (with --overwrite) an earlier ssmrt export with nothing else
+    in it; the new export is written beside it and swapped in, so an interrupted export leaves the old one."""
     from .exporter import export as do_export
 
-    out = do_export(model_dir, out_dir, dtype=dtype, state_dtype=state_dtype, opset=opset, logits=logits)
+    out = do_export(model_dir, out_dir, dtype=dtype, state_dtype=state_dtype, opset=opset, logits=logits,
+                    overwrite=overwrite)
     size = sum(p.stat().st_size for p in out.iterdir())
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
 

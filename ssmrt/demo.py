@@ -121,7 +121,7 @@ def run_demo(model_dir, workdir, train_seconds=60.0, prompt="class Parser:\n    
         log(f"[1/4] model: {model_dir}")
     artifact = workdir / "artifact"
     log(f"[2/4] exporting to {artifact}")
-    export(model_dir, artifact)
+    export(model_dir, artifact, overwrite=True)  # the demo's own directory, rewritten on every run
     runner = OnnxRuntimeRunnerFromArtifact(artifact)
     cfg = runner.config
     tok = load_tokenizer(artifact)

@@ -1,26 +1,390 @@
-"""Writing output directories so that a failure never leaves one half-written."""
+"""Writing output directories so that nothing ssmrt did not write is ever touched, and a failure or Ctrl-C
+at any point leaves one complete output (the old one or the new one), never a half.
+
+`check_output_dir` decides, before any long work, whether a path may be written and how; `output_directory`
+stages the new output in a hidden temporary directory and then puts it in place:
+
+- a new path: the staged directory is renamed to it;
+- an existing empty directory: the staged entries move into it, the main file last (the user's directory,
+  with its permissions, stays);
+- an earlier output of the same kind (only with overwrite=True, and only when every entry in it is one
+  ssmrt writes): the staged directory and the old one are exchanged in one atomic rename (Linux's
+  renameat2 RENAME_EXCHANGE), then the old one is deleted. Where that is not available, the old directory
+  is renamed aside, the new one moved in, then the old one deleted, with the first rename undone if the
+  second fails. A mount point cannot be renamed: there the staging happens inside it, and the entries are
+  swapped one by one (the old ones aside into a hidden directory, the new ones in, the main file last),
+  each move undone in reverse order if a later one fails.
+
+Ctrl-C is held back while the entries are being moved (the moves are renames: quick), and delivered after.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import logging
 import os
+import re
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import SsmrtError
+
+log = logging.getLogger(__name__)
+
+STAGE_PREFIX = ".ssmrt-new-"
+ASIDE_PREFIX = ".ssmrt-old-"
+
+
+# The filesystem operations a replacement is made of, in one place so that tests can fail any one of them.
+class _Ops:
+    rename = staticmethod(os.rename)
+    rmtree = staticmethod(shutil.rmtree)
+    rmdir = staticmethod(os.rmdir)
+
+    @staticmethod
+    def exchange(a: Path, b: Path) -> None:
+        """Atomically swap the names a and b (both exist). OSError(ENOSYS/EINVAL) where unsupported."""
+        _renameat2_exchange(a, b)
+
+
+_ops = _Ops()
+
+
+def _renameat2_exchange(a: Path, b: Path) -> None:
+    fn = getattr(_libc(), "renameat2", None) if os.name == "posix" else None
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(a), None, str(b))
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
+
+
+# ------------------------------------------------------------------------------------------ checking
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """How `output_directory` will write `out`: "create" (a new path), "fill" (an empty directory) or
+    "replace" (an earlier output); `in_place` stages inside `out` itself (a mount point, or a directory whose
+    parent ssmrt cannot write). The rest is what the check was given, to repeat it before the swap."""
+
+    out: Path
+    mode: str
+    in_place: bool
+    recognise: Callable[[Path, list[str]], str | None]
+    overwrite: bool
+    what: str
+    flag: str
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where /proc allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def is_mount_point(path: Path) -> bool:
+    """os.path.ismount, plus bind mounts of a directory on the same filesystem (which it cannot see), from
+    /proc/self/mountinfo where there is one."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            points = {_unescape_mountinfo(line.split()[4]) for line in f if len(line.split()) > 4}
+    except OSError:
+        return False
+    return os.path.realpath(path) in points
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\040 ...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _probe_writable(directory: Path) -> str | None:
+    """None if a directory can be created and removed in `directory`, else why not (the honest test: access()
+    does not see read-only mounts and says yes to root)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=directory)
+    except OSError as e:
+        return e.strerror or str(e)
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
+    return None
+
+
+def _ours(name: str) -> bool:
+    """A staging or set-aside directory of an earlier ssmrt run that was killed before it could clean up."""
+    return name.startswith((STAGE_PREFIX, ASIDE_PREFIX))
+
+
+def check_output_dir(
+    out,
+    *,
+    recognise: Callable[[Path, list[str]], str | None],
+    overwrite: bool = False,
+    what: str = "an earlier ssmrt export",
+    flag: str = "--overwrite (overwrite=True)",
+    _ignore: tuple[str, ...] = (),
+) -> OutputPlan:
+    """Decides whether `out` may be written, before any long work: raises SsmrtError in one line that names the
+    path and what is in the way, else returns the plan for output_directory.
+
+    recognise(out, names) -> None when the entries `names` of an existing directory are an earlier output of
+    this kind and nothing else, else what is in the way ("holds 'notes.txt', which ssmrt did not write").
+    """
+    out = Path(out)
+    keep = dict(recognise=recognise, overwrite=overwrite, what=what, flag=flag)
+    if out.is_symlink():
+        raise SsmrtError(f"{out}: is a symbolic link; give the directory itself (ssmrt does not write through "
+                         "links)")
+    if out.exists():
+        if not out.is_dir():
+            raise SsmrtError(f"{out}: exists and is not a directory; give a new or empty directory")
+        try:
+            names = sorted(n for n in os.listdir(out) if n not in _ignore and not _ours(n))
+        except OSError as e:
+            raise SsmrtError(f"{out}: cannot be listed ({e.strerror or e})") from None
+        if not names:
+            mode = "fill"
+        else:
+            problem = recognise(out, names)
+            if problem is not None:
+                raise SsmrtError(f"{out}: {problem}; choose a new or empty directory (ssmrt replaces only "
+                                 f"{what} with nothing else in it)")
+            if not overwrite:
+                raise SsmrtError(f"{out}: holds {what}; pass {flag} to replace it")
+            mode = "replace"
+        in_place = mode == "fill" or is_mount_point(out) or _probe_writable(out.parent) is not None
+        why = _probe_writable(out)
+        if why is not None:
+            raise SsmrtError(f"{out}: cannot be written ({why})")
+        return OutputPlan(out, mode, in_place, **keep)
+    # a new path: its nearest existing ancestor must be a directory ssmrt can write in
+    ancestor = out.parent
+    while not ancestor.exists() and not ancestor.is_symlink() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        kind = "a broken symbolic link" if ancestor.is_symlink() else "a file"
+        raise SsmrtError(f"{out}: cannot be created: {ancestor} is {kind}, not a directory")
+    why = _probe_writable(ancestor)
+    if why is not None:
+        raise SsmrtError(f"{out}: cannot be created in {ancestor} ({why})")
+    return OutputPlan(out, "create", False, **keep)
+
+
+# ------------------------------------------------------------------------------------------ writing
 
 
 @contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
-    """Yields a temporary directory beside `out`. If the block succeeds it replaces `out` by a rename; if it
-    fails the temporary directory is removed and `out` is left as it was."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+def _sigint_held() -> Iterator[None]:
+    """Holds Ctrl-C back inside the block and raises KeyboardInterrupt after it (main thread only: signal
+    handlers can be set nowhere else, and only the main thread receives SIGINT)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """A new hidden directory with the permissions of an ordinary mkdir (mkdtemp makes 0700)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(d, 0o777 & ~umask())
+    return d
+
+
+def _ordered(names, last: str | None) -> list[str]:
+    """Entries in move order: everything else first, `last` (the file that makes the output an output) last."""
+    return sorted(names, key=lambda n: (n == last, n))
+
+
+def _move_all(src: Path, dst: Path, names: list[str], journal: list[tuple[Path, Path]]) -> None:
+    for name in names:
+        _ops.rename(src / name, dst / name)
+        journal.append((src / name, dst / name))
+
+
+def _undo(journal: list[tuple[Path, Path]]) -> None:
+    for src, dst in reversed(journal):
+        os.rename(dst, src)
+    journal.clear()
+
+
+def _clean_up(path: Path) -> None:
+    """Removes what ssmrt set aside once the new output is in place; a failure here loses nothing, so it is a
+    warning, not an error."""
+    try:
+        if path.exists():
+            _ops.rmtree(path)
+    except (OSError, KeyboardInterrupt) as e:
+        log.warning("ssmrt: could not remove %s (ssmrt's own temporary copy; delete it): %s", path, e)
+
+
+@contextmanager
+def output_directory(plan: OutputPlan, *, main_file: str | None = None) -> Iterator[Path]:
+    """Yields a hidden staging directory to write the new output into; when the block succeeds, puts it in
+    place as the module docstring says. On any failure (or Ctrl-C) before that, the staging directory and
+    any parent directories this call created are removed and `out` is as it was. The check is repeated just
+    before the swap (the directory may have changed during a long write). `main_file` moves in last and
+    out first, so a directory holding it is never half an output."""
+    out = plan.out
+    created: list[Path] = []  # parents this call made, removed again on failure
+    if plan.mode == "create":
+        missing = []
+        p = out.parent
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for p in reversed(missing):
+            try:
+                p.mkdir()
+            except OSError as e:
+                _remove_created(created)
+                raise SsmrtError(f"{out}: cannot create {p} ({e.strerror or e})") from None
+            created.append(p)
+    stage_parent = out if plan.in_place else out.parent
+    try:
+        stage = _new_dir(stage_parent, STAGE_PREFIX if plan.in_place else f".{out.name}{STAGE_PREFIX}")
+    except OSError as e:
+        _remove_created(created)
+        raise SsmrtError(f"{out}: cannot write a temporary directory in {stage_parent} ({e.strerror or e})"
+                         ) from None
+    try:
+        yield stage
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _sigint_held():
+            shutil.rmtree(stage, ignore_errors=True)
+            _remove_created(created)
         raise
+    with _sigint_held():  # a Ctrl-C from here on is raised once the new output is in place and tidied
+        try:
+            now = check_output_dir(out, recognise=plan.recognise, overwrite=plan.overwrite, what=plan.what,
+                                   flag=plan.flag, _ignore=(stage.name,))
+            if (now.mode, now.in_place) != (plan.mode, plan.in_place):
+                raise SsmrtError(f"{out}: changed while the output was being written (was to {plan.mode}, now "
+                                 f"{now.mode}); nothing was replaced")
+            leftover = _commit(plan, stage, main_file)
+        except BaseException as e:
+            shutil.rmtree(stage, ignore_errors=True)
+            _remove_created(created)
+            if isinstance(e, OSError):
+                raise SsmrtError(f"{out}: the new output could not be put in place ({e.strerror or e}); "
+                                 f"{out} is as it was") from None
+            raise
+        for path in leftover:
+            _clean_up(path)
+
+
+def _remove_created(created: list[Path]) -> None:
+    for p in reversed(created):
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
+def _commit(plan: OutputPlan, stage: Path, main_file: str | None) -> list[Path]:
+    """Puts the staged output in place; returns what is left to delete (ssmrt's own, the old output)."""
+    out = plan.out
+    new = _ordered(os.listdir(stage), main_file)
+    if plan.mode == "create":
+        _ops.rename(stage, out)  # fails (ENOTEMPTY) rather than replace what appeared there meanwhile
+        return []
+    if plan.mode == "fill":
+        journal: list[tuple[Path, Path]] = []
+        try:
+            _move_all(stage, out, new, journal)
+        except BaseException:
+            _undo(journal)
+            raise
+        return [stage]
+    if plan.in_place:
+        return _swap_entries(out, stage, new, main_file)
+    try:
+        _ops.exchange(stage, out)  # now `out` is the new output and `stage` the old one
+    except OSError as e:
+        if e.errno in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return _rename_aside(out, stage)
+        if e.errno in (errno.EBUSY, errno.EXDEV):  # a mount point is_mount_point did not see
+            return _swap_from_outside(out, stage, new, main_file)
+        raise
+    return [stage]
+
+
+def _swap_from_outside(out: Path, stage: Path, new: list[str], main_file: str | None) -> list[Path]:
+    """The entry-by-entry swap for an output staged outside a directory that turned out not to be renameable:
+    the staged entries are first copied into a staging directory inside it."""
+    inner = _new_dir(out, STAGE_PREFIX)
+    try:
+        for name in new:
+            shutil.move(stage / name, inner / name)
+        return _swap_entries(out, inner, new, main_file) + [stage]
+    except BaseException:
+        shutil.rmtree(inner, ignore_errors=True)
+        raise
+
+
+def _rename_aside(out: Path, stage: Path) -> list[Path]:
+    """Replaces `out` by `stage` without an atomic exchange: the old one aside, the new one in (the first
+    rename undone if the second fails)."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE_PREFIX}", dir=out.parent))
+    os.rmdir(aside)  # mkdtemp reserved a fresh name; rename() needs it free
+    _ops.rename(out, aside)
+    try:
+        _ops.rename(stage, out)
+    except BaseException:
+        os.rename(aside, out)
+        raise
+    return [aside]
+
+
+def _swap_entries(out: Path, stage: Path, new: list[str], main_file: str | None) -> list[Path]:
+    """Inside a directory that cannot be renamed (a mount point): the old entries aside (the main file first),
+    the new ones in (the main file last), every move undone in reverse if one fails."""
+    aside = _new_dir(out, ASIDE_PREFIX)
+    old = [n for n in os.listdir(out) if n not in (stage.name, aside.name)]
+    old = list(reversed(_ordered(old, main_file)))
+    journal: list[tuple[Path, Path]] = []
+    try:
+        _move_all(out, aside, old, journal)
+        _move_all(stage, out, new, journal)
+    except BaseException:
+        _undo(journal)
+        os.rmdir(aside)
+        raise
+    return [stage, aside]

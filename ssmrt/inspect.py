@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 from .errors import SsmrtError
 
@@ -13,20 +11,15 @@ def inspect_artifact(path) -> dict:
     import numpy as np
     import onnx
 
-    from .exporter.torch_to_onnx import META_CONFIG, META_EXPORT, META_STATES, MODEL_FILE
+    from .artifact import model_file, read_metadata
 
-    p = Path(path)
-    f = p / MODEL_FILE if p.is_dir() else p
-    if not f.is_file():
-        raise SsmrtError(f"{f}: not found; expected an artifact directory from `ssmrt export`")
+    f = model_file(path)
+    meta = read_metadata(f)  # refuses, in one line, anything that is not an ssmrt export
     try:
         m = onnx.load(str(f), load_external_data=False)
     except Exception as e:
         raise SsmrtError(f"{f}: not a readable ONNX model ({str(e).splitlines()[0]})") from None
-    meta = {p.key: p.value for p in m.metadata_props}
-    if META_CONFIG not in meta:
-        raise SsmrtError(f"{f}: not an ssmrt export (no '{META_CONFIG}' metadata)")
-    states = json.loads(meta[META_STATES])
+    states = meta["states"]
 
     def tensor(vi):
         t = vi.type.tensor_type
@@ -41,8 +34,8 @@ def inspect_artifact(path) -> dict:
     ssm = next(s for s in states if s["kind"] == "ssm")
     return {
         "path": str(f),
-        "config": json.loads(meta[META_CONFIG]),
-        "export": json.loads(meta[META_EXPORT]),
+        "config": meta["config"],
+        "export": meta["export"],
         "nodes": len(m.graph.node),
         "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         "functions": [f"{fn.domain}::{fn.name}" for fn in m.functions],

@@ -156,7 +156,7 @@ def test_inspect_and_bench(tiny):
     (["generate", "{art}", "--prompt-ids", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["generate", "{art}", "--prompt-ids", "1", "--backend", "torch"], "is an ONNX artifact"),
     (["generate", "{ckpt}", "--prompt-ids", "1", "--backend", "onnxruntime"], "export it first"),
-    (["export", "{ckpt}", "-o", "{ckpt}"], "not an earlier ssmrt export"),
+    (["export", "{ckpt}", "-o", "{ckpt}"], "holds 'config.json', which ssmrt did not write"),
     (["export", "{tmp}/missing", "-o", "{tmp}/out"], "no such directory"),
     (["inspect", "{ckpt}"], "model.onnx: not found"),
     (["compare", "{ckpt}", "{tmp}/missing"], "no such file or directory"),
@@ -174,6 +174,46 @@ def test_user_errors(tiny, tmp_path, args, fragment):
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ssmrt: error: ") and fragment in lines[0], lines
     assert "Traceback" not in res.output
+
+
+def test_export_never_touches_what_ssmrt_did_not_write(tiny, tmp_path):
+    """The careless user's cases: a stray model.onnx beside their files, an earlier export with a file added,
+    an earlier export without --overwrite, outputs under a file or through a link. Each is one line, exit 2,
+    and the tree (names and contents) is as it was; the output is checked before the checkpoint is loaded."""
+    from test_fsutil import snapshot
+
+    ckpt, art = tiny
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    (proj / "model.onnx").write_text("not onnx")
+    (proj / "notes.txt").write_text("important")
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "link").symlink_to(proj)
+    again = tmp_path / "again"
+    assert run(["export", str(ckpt), "-o", str(again)]).exit_code == 0
+    cases = [
+        (["export", str(ckpt), "-o", str(proj)], "proj: holds 'data', which ssmrt did not write"),
+        (["export", str(ckpt), "-o", str(proj), "--overwrite"], "proj: holds 'data', which ssmrt did not write"),
+        (["export", str(ckpt), "-o", str(again)], "again: holds an earlier ssmrt export; pass --overwrite"),
+        (["export", str(tmp_path / "no-ckpt"), "-o", str(tmp_path / "file.txt" / "out")], "file.txt is a file"),
+        (["export", str(tmp_path / "no-ckpt"), "-o", str(tmp_path / "link")], "link: is a symbolic link"),
+    ]
+    for args, fragment in cases:
+        before = snapshot(tmp_path)
+        res = run(args)
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and fragment in lines[0], (args, lines)
+        assert snapshot(tmp_path) == before, args
+    (again / "my-eval.csv").write_text("1,2")
+    before = snapshot(tmp_path)
+    res = run(["export", str(ckpt), "-o", str(again), "--overwrite"])
+    assert res.exit_code == 2 and "holds 'my-eval.csv', which ssmrt did not write" in res.output
+    assert snapshot(tmp_path) == before
+    (again / "my-eval.csv").unlink()
+    res = run(["export", str(ckpt), "-o", str(again), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert snapshot(again) == snapshot(art)  # the same checkpoint exports to the same bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "file.txt", "link", "proj"]
 
 
 def test_verbose_shows_the_traceback(tmp_path):

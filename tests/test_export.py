@@ -204,18 +204,18 @@ def test_logits_last_and_external_data(exported, tmp_path, monkeypatch):
 def test_runner_reads_the_metadata_without_parsing_the_graph(exported, tmp_path, monkeypatch):
     """The runner reads dtype and arch from metadata_props by walking the file's top-level protobuf fields: the same
     entries as onnx's full parse, whether the weights are inside model.onnx or in external data."""
-    from ssmrt.runtime.backends import _export_info, _metadata_props
+    from ssmrt.artifact import export_info, read_metadata_props
 
     ckpt, inside, _ = exported("mamba2-g1")
     monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 0)
     outside = export(ckpt, tmp_path / "external")
     for art in (inside, outside):
         want = {p.key: p.value for p in onnx.load(str(art / "model.onnx"), load_external_data=False).metadata_props}
-        assert _metadata_props(art / "model.onnx") == want and len(want) == 3
-    assert _export_info(inside / "model.onnx")["arch"] == "mamba2"
+        assert read_metadata_props(art / "model.onnx") == want and len(want) == 3
+    assert export_info(inside / "model.onnx")["arch"] == "mamba2"
     (tmp_path / "junk.onnx").write_bytes(b"\x0f\x00\x00")
     with pytest.raises(SsmrtError, match="junk.onnx: not an ONNX model"):
-        _metadata_props(tmp_path / "junk.onnx")
+        read_metadata_props(tmp_path / "junk.onnx")
 
 
 def test_export_leaves_the_callers_model_alone(exported, tmp_path):
@@ -242,7 +242,7 @@ def test_export_errors(exported, tmp_path):
     model = ssmrt.load_model(ckpt)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
-    with pytest.raises(SsmrtError, match="not an earlier ssmrt export"):
+    with pytest.raises(SsmrtError, match="holds 'notes.txt', which ssmrt did not write"):
         export_model(model, tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
     with pytest.raises(SsmrtError, match="--dtype must be one of"):

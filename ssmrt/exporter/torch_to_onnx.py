@@ -7,38 +7,24 @@ The model's config and the state specs go into metadata_props, so a runtime need
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import warnings
 from pathlib import Path
 
+from .. import artifact
+from ..artifact import DATA_FILE, DTYPES, MODEL_FILE, TOKENIZER_FILES, state_names
 from ..errors import SsmrtError
-from ..fsutil import atomic_directory
+from ..fsutil import output_directory
 from ..ops.spec import DOMAIN, OPS, OPSET_VERSION
 from .functions import MIN_OPSET, Static, all_functions
 
-MODEL_FILE = "model.onnx"
-DTYPES = ("float32", "float16", "bfloat16")
 LOGITS_MODES = ("all", "last")
 DEFAULT_OPSET = 21
 # Above this many bytes of weights the tensors go to an external data file (protobuf stops at 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json")
-META_CONFIG = "ssmrt.config"
-META_STATES = "ssmrt.states"
-META_EXPORT = "ssmrt.export"
 PLUGIN_ATTRS = {"plugin_namespace": DOMAIN, "plugin_version": str(OPSET_VERSION)}
-
-
-def state_names(n_layer: int) -> tuple[list[str], list[str]]:
-    ins, outs = [], []
-    for i in range(n_layer):
-        ins += [f"conv_state.{i}", f"ssm_state.{i}"]
-        outs += [f"present_conv_state.{i}", f"present_ssm_state.{i}"]
-    return ins, outs
 
 
 # ----------------------------------------------------------------------------- symbolic op emission
@@ -164,13 +150,18 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     logits: str = "all",
     source_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Export a MambaLM to out_dir/model.onnx (written to a temporary directory, then renamed).
+    """Export a MambaLM to out_dir/model.onnx (+ model.onnx.data for large models, + the tokenizer files).
 
     dtype: weights and activations; A, D, dt biases stay float32.
     state_dtype: the SSM state's dtype (the conv state follows the activations).
     logits: "all" positions or only the "last".
     source_dir: a checkpoint directory whose tokenizer files are copied along.
+    overwrite: replace an earlier ssmrt export in out_dir. Without it an existing export is refused; with it,
+        a directory holding anything ssmrt did not write is still refused. The new export is staged beside
+        the old one and swapped in, so a failure or Ctrl-C leaves the old export or the new one, complete
+        (ssmrt.fsutil).
     """
     import copy
 
@@ -185,9 +176,7 @@ def export_model(
         raise SsmrtError(f"--logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
     if opset < MIN_OPSET:
         raise SsmrtError(f"--opset must be {MIN_OPSET} or newer (the fallback bodies need it), got {opset}")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MODEL_FILE).exists())):
-        raise SsmrtError(f"{out}: exists and is not an earlier ssmrt export; choose a new or empty directory")
+    plan = artifact.check_output(out_dir, overwrite)  # before the (long) trace, not after it
 
     # Export needs an eval-mode CPU model in the target dtype; copy only if getting there would change the
     # caller's model (a copy of a 2.7B fp32 model is 11 GB).
@@ -229,37 +218,32 @@ def export_model(
 
     proto.producer_version = __version__
     conv_shape, ssm_shape = cfg.state_shapes("batch")
-    state_specs = []
-    for i in range(cfg.n_layer):
-        state_specs.append({"name": in_states[2 * i], "output": out_states[2 * i], "layer": i, "kind": "conv",
-                            "shape": list(conv_shape), "dtype": dtype})
-        state_specs.append({"name": in_states[2 * i + 1], "output": out_states[2 * i + 1], "layer": i,
-                            "kind": "ssm", "shape": list(ssm_shape), "dtype": state_dtype})
-    meta = {
-        META_CONFIG: json.dumps(cfg.to_dict()),
-        META_STATES: json.dumps(state_specs),
-        META_EXPORT: json.dumps({"dtype": dtype, "state_dtype": state_dtype, "logits": logits, "opset": opset,
-                                 "ssmrt_version": __version__}),
-    }
+    meta = artifact.metadata(
+        cfg.to_dict(),
+        artifact.state_specs(cfg.n_layer, conv_shape, ssm_shape, dtype, state_dtype),
+        {"dtype": dtype, "state_dtype": state_dtype, "logits": logits, "opset": opset, "ssmrt_version": __version__},
+    )
     del proto.metadata_props[:]
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
 
     onnx.checker.check_model(proto, full_check=proto.ByteSize() < (1 << 31) - 1)
-    with atomic_directory(out) as tmp:
+    with output_directory(plan, main_file=MODEL_FILE) as tmp:
         weight_bytes = sum(t.nbytes for t in model.state_dict().values())
         external = weight_bytes > EXTERNAL_DATA_THRESHOLD
         onnx.save_model(proto, tmp / MODEL_FILE, save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=MODEL_FILE + ".data", size_threshold=1024)
+                        location=DATA_FILE, size_threshold=1024)
         if source_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(source_dir) / name).is_file():
-                    shutil.copy2(Path(source_dir) / name, tmp / name)
-    return out
+                    shutil.copyfile(Path(source_dir) / name, tmp / name)
+    return plan.out
 
 
-def export(model_dir, out_dir, **kwargs) -> Path:
-    """Load a checkpoint directory and export it (see export_model for the options)."""
+def export(model_dir, out_dir, overwrite: bool = False, **kwargs) -> Path:
+    """Load a checkpoint directory and export it (see export_model for the options). The output location is
+    checked before the checkpoint is loaded."""
     from ..models.checkpoints import load_model
 
-    return export_model(load_model(model_dir), out_dir, source_dir=model_dir, **kwargs)
+    artifact.check_output(out_dir, overwrite)
+    return export_model(load_model(model_dir), out_dir, source_dir=model_dir, overwrite=overwrite, **kwargs)

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..fsutil import atomic_directory
+from ..fsutil import check_output_dir, output_directory
 from .config import SSMConfig
 
 CONFIG_FILE = "config.json"
@@ -427,27 +427,42 @@ def save_model(
     out_dir: str | os.PathLike,
     layout: str = "hf",
     extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write model (a MambaLM) as a checkpoint directory: layout "hf" (config.json + model.safetensors) or
     "mamba_ssm" (its config.json + pytorch_model.bin), plus extra_files (name -> text, e.g. a tokenizer).
-    Written to a temporary directory, then renamed."""
+
+    out_dir must be new or empty; overwrite=True replaces a directory that holds only the files this call
+    writes (anything else there is refused). Staged, then swapped in (ssmrt.fsutil): a failure leaves the
+    old directory or the new one, complete.
+    """
     import torch
     from safetensors.torch import save_file
 
     if layout not in ("hf", "mamba_ssm"):
         raise ValueError(f"layout must be 'hf' or 'mamba_ssm', got {layout!r}")
-    out = Path(out_dir)
+    weights = "model.safetensors" if layout == "hf" else "pytorch_model.bin"
+    ours = {CONFIG_FILE, weights, *(extra_files or {})}
+
+    def recognise(directory: Path, names: list[str]) -> str | None:
+        foreign = [n for n in names if n not in ours]
+        if foreign:
+            return f"holds {foreign[0]!r}, which this save would not write"
+        return None if CONFIG_FILE in names else f"holds no {CONFIG_FILE}, so it is not a checkpoint"
+
+    plan = check_output_dir(out_dir, recognise=recognise, overwrite=overwrite, what="a checkpoint",
+                            flag="overwrite=True")
     cfg = _hf_config(model.config) if layout == "hf" else _mamba_ssm_config(model.config)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight")
-    with atomic_directory(out) as tmp:
+    with output_directory(plan, main_file=CONFIG_FILE) as tmp:
         with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
         if layout == "hf":
-            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(sd, str(tmp / weights), metadata={"format": "pt"})
         else:
-            torch.save(_to_mamba_ssm_names(sd), tmp / "pytorch_model.bin")
+            torch.save(_to_mamba_ssm_names(sd), tmp / weights)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-    return out
+    return plan.out

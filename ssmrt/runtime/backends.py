@@ -10,18 +10,17 @@ Loaders follow one naming scheme: TorchRunnerFromCheckpoint, OnnxRuntimeRunnerFr
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from .. import artifact
+from ..artifact import MODEL_FILE
 from ..errors import SsmrtError
 from ..models.config import SSMConfig
 
 BACKENDS = ("torch", "onnxruntime")
-ONNX_FILE = "model.onnx"
 
 
 class Runner:
@@ -164,9 +163,8 @@ class OnnxRuntimeRunner(Runner):
                  native_ops: str = "auto"):
         import onnxruntime as ort
 
-        from ..exporter.torch_to_onnx import META_CONFIG, META_EXPORT, META_STATES
-
         self.path = Path(path)
+        meta = artifact.read_metadata(self.path)  # refuses a file that is not an ssmrt export, before ORT loads it
         levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -188,21 +186,18 @@ class OnnxRuntimeRunner(Runner):
         if threads:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
-        self.native_ops, self.native_ops_note = self._register_native_ops(opts, native_ops, providers)
+        self.native_ops, self.native_ops_note = self._register_native_ops(opts, native_ops, providers, meta)
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as e:
             why = str(e).splitlines()[0]
-            if "Could not find an implementation" in why and _export_info(self.path).get("dtype") == "bfloat16":
+            if "Could not find an implementation" in why and meta["export"].get("dtype") == "bfloat16":
                 why = (f"this bfloat16 artifact needs bfloat16 kernels, which {', '.join(providers)} lacks; "
                        "run it with the CUDA provider or TensorRT, or export float16/float32")
             raise SsmrtError(f"{self.path}: ONNX Runtime cannot load it ({why})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if META_CONFIG not in meta:
-            raise SsmrtError(f"{self.path}: not an ssmrt export (no '{META_CONFIG}' metadata)")
-        self.config = SSMConfig.from_dict(json.loads(meta[META_CONFIG]))
-        self.state_specs = json.loads(meta[META_STATES])
-        export = json.loads(meta[META_EXPORT])
+        self.config = SSMConfig.from_dict(meta["config"])
+        self.state_specs = meta["states"]
+        export = meta["export"]
         self.logits_mode = export["logits"]
         self.dtype = export["dtype"]
         self.providers = self.session.get_providers()
@@ -210,7 +205,8 @@ class OnnxRuntimeRunner(Runner):
         self._np_dtypes = {s["name"]: _numpy_dtype(s["dtype"], self.path) for s in self.state_specs}
         self._out_names = [o.name for o in self.session.get_outputs()]
 
-    def _register_native_ops(self, opts, mode: str, providers: list[str]) -> tuple[tuple[str, ...], str]:
+    def _register_native_ops(self, opts, mode: str, providers: list[str], meta: dict
+                             ) -> tuple[tuple[str, ...], str]:
         """Registers ssmrt.ort_ops's library on `opts` where it applies: (the ops it runs, why not if none)."""
         from .. import ort_ops
         from ..ops.spec import OPS_BY_ARCH
@@ -220,7 +216,7 @@ class OnnxRuntimeRunner(Runner):
         if mode == "off":
             return (), "off by request"
         why = None
-        info = _export_info(self.path)
+        info = {**meta["export"], "arch": meta["config"].get("arch")}
         ops = tuple(op for op in ort_ops.OPS if op in OPS_BY_ARCH.get(info.get("arch"), ()))
         if providers[0] != "CPUExecutionProvider":
             why = f"the native ops are CPU kernels and this session runs on {providers[0]}"
@@ -259,59 +255,6 @@ class OnnxRuntimeRunner(Runner):
         return f"onnxruntime ({self.dtype}, {self.providers[0]}{native})"
 
 
-def _export_info(path) -> dict:
-    """The export's metadata and the model's `arch`, read from the file's metadata_props alone: the graph and
-    its weights (hundreds of MB when they are inside model.onnx) are skipped, not parsed."""
-    from ..exporter.torch_to_onnx import META_CONFIG, META_EXPORT
-
-    meta = _metadata_props(path)
-    info = json.loads(meta.get(META_EXPORT, "{}"))
-    info["arch"] = json.loads(meta.get(META_CONFIG, "{}")).get("arch")
-    return info
-
-
-def _metadata_props(path) -> dict[str, str]:
-    """ModelProto.metadata_props (field 14) of an .onnx file, read by walking the protobuf wire format's
-    top-level fields and seeking over every other one."""
-    meta = {}
-    with open(path, "rb") as f:
-        for entry in _protobuf_fields(f, 14, path):
-            kv = dict(_protobuf_fields(io.BytesIO(entry), (1, 2), path, with_numbers=True))
-            meta[kv.get(1, b"").decode()] = kv.get(2, b"").decode()
-    return meta
-
-
-def _protobuf_fields(f, keep, path, with_numbers=False):
-    """The payloads of the length-delimited fields numbered `keep` in the message read from `f`, in order; the
-    other fields are skipped without being read."""
-    keep = (keep,) if isinstance(keep, int) else keep
-
-    def varint() -> int | None:
-        shift = value = 0
-        while byte := f.read(1):
-            value |= (byte[0] & 0x7F) << shift
-            if byte[0] < 0x80:
-                return value
-            shift += 7
-        return None
-
-    skip = {1: 8, 5: 4}  # wire type -> fixed size
-    while (key := varint()) is not None:
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            varint()
-        elif wire in skip:
-            f.seek(skip[wire], os.SEEK_CUR)
-        elif wire == 2:
-            size = varint()
-            if number in keep:
-                yield (number, f.read(size)) if with_numbers else f.read(size)
-            else:
-                f.seek(size, os.SEEK_CUR)
-        else:
-            raise SsmrtError(f"{path}: not an ONNX model (protobuf wire type {wire})")
-
-
 def _numpy_dtype(name: str, path) -> np.dtype:
     if name == "bfloat16":
         raise SsmrtError(f"{path}: bfloat16 artifacts cannot be fed from numpy; run them with TensorRT")
@@ -320,7 +263,7 @@ def _numpy_dtype(name: str, path) -> np.dtype:
 
 def OnnxRuntimeRunnerFromArtifact(path, **opts) -> OnnxRuntimeRunner:  # noqa: N802
     p = Path(path)
-    onnx_path = p / ONNX_FILE if p.is_dir() else p
+    onnx_path = p / MODEL_FILE if p.is_dir() else p
     if not onnx_path.is_file():
         raise SsmrtError(f"{onnx_path}: not found; expected an artifact directory from `ssmrt export`")
     return OnnxRuntimeRunner(onnx_path, **opts)
@@ -328,7 +271,7 @@ def OnnxRuntimeRunnerFromArtifact(path, **opts) -> OnnxRuntimeRunner:  # noqa: N
 
 def is_artifact(path) -> bool:
     p = Path(path)
-    return (p / ONNX_FILE).is_file() or (p.is_file() and p.suffix == ".onnx")
+    return (p / MODEL_FILE).is_file() or (p.is_file() and p.suffix == ".onnx")
 
 
 def runner_from_path(path: str | os.PathLike, backend: str | None = None, **opts) -> Runner:
@@ -343,5 +286,5 @@ def runner_from_path(path: str | os.PathLike, backend: str | None = None, **opts
             raise SsmrtError(f"{p}: is an ONNX artifact; the torch backend runs a checkpoint directory")
         return OnnxRuntimeRunnerFromArtifact(p, **opts)
     if backend == "onnxruntime":
-        raise SsmrtError(f"{p}: has no {ONNX_FILE}; export it first (`ssmrt export {p} -o OUT_DIR`)")
+        raise SsmrtError(f"{p}: has no {MODEL_FILE}; export it first (`ssmrt export {p} -o OUT_DIR`)")
     return TorchRunnerFromCheckpoint(p, **opts)

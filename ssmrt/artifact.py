@@ -1,0 +1,185 @@
+"""The exported artifact's layout: file names, metadata keys, state names, and the one metadata reader.
+
+An artifact is a directory holding `model.onnx` (its weights inside, or beside it in `model.onnx.data`) and
+the tokenizer files copied from the checkpoint. The model's config, the state specs and the export options
+are JSON strings in the model's `metadata_props`. The exporter writes through this module; the runtime,
+`ssmrt inspect` and the output-directory checks read through it. Nothing here imports torch or onnx.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+from .errors import SsmrtError
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = MODEL_FILE + ".data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "generation_config.json")
+# Every name ssmrt writes into an artifact directory; anything else there was put there by someone else.
+ARTIFACT_FILES = (MODEL_FILE, DATA_FILE, *TOKENIZER_FILES)
+
+META_CONFIG = "ssmrt.config"
+META_STATES = "ssmrt.states"
+META_EXPORT = "ssmrt.export"
+META_KEYS = (META_CONFIG, META_STATES, META_EXPORT)
+
+DTYPES = ("float32", "float16", "bfloat16")
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def state_names(n_layer: int) -> tuple[list[str], list[str]]:
+    """The graph's state inputs and outputs in graph order: conv_state.0, ssm_state.0, conv_state.1, ..."""
+    ins, outs = [], []
+    for i in range(n_layer):
+        ins += [f"conv_state.{i}", f"ssm_state.{i}"]
+        outs += [f"present_conv_state.{i}", f"present_ssm_state.{i}"]
+    return ins, outs
+
+
+def state_specs(n_layer: int, conv_shape, ssm_shape, dtype: str, state_dtype: str) -> list[dict]:
+    """The `ssmrt.states` entries: one per state tensor, in graph order (the conv state follows the
+    activations' dtype, the SSM state has its own)."""
+    ins, outs = state_names(n_layer)
+    specs = []
+    for i in range(n_layer):
+        specs.append({"name": ins[2 * i], "output": outs[2 * i], "layer": i, "kind": "conv",
+                      "shape": list(conv_shape), "dtype": dtype})
+        specs.append({"name": ins[2 * i + 1], "output": outs[2 * i + 1], "layer": i, "kind": "ssm",
+                      "shape": list(ssm_shape), "dtype": state_dtype})
+    return specs
+
+
+def metadata(config: dict, states: list[dict], export: dict) -> dict[str, str]:
+    """The metadata_props an export writes."""
+    return {META_CONFIG: json.dumps(config), META_STATES: json.dumps(states), META_EXPORT: json.dumps(export)}
+
+
+def model_file(path) -> Path:
+    """The .onnx file of an artifact directory (or the file itself)."""
+    p = Path(path)
+    return p / MODEL_FILE if p.is_dir() else p
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_metadata_props(path) -> dict[str, str]:
+    """ModelProto.metadata_props (field 14) of an .onnx file, read by walking the protobuf wire format's
+    top-level fields and seeking over every other one (the graph and weights are never read). Raises only
+    SsmrtError, naming the file, for anything that is not a well-formed ONNX file."""
+    path = Path(path)
+    meta = {}
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for entry in _length_delimited_fields(f, size, {14}, path):
+                kv = dict(_length_delimited_fields(io.BytesIO(entry), len(entry), {1, 2}, path, numbered=True))
+                meta[kv.get(1, b"").decode()] = kv.get(2, b"").decode()
+    except UnicodeDecodeError:
+        raise SsmrtError(f"{path}: not an ONNX model (a metadata entry is not UTF-8)") from None
+    except OSError as e:
+        raise SsmrtError(f"{path}: cannot be read ({e.strerror or e})") from None
+    return meta
+
+
+def _length_delimited_fields(f, size: int, keep: set[int], path, numbered: bool = False):
+    """The payloads of the length-delimited fields numbered `keep` in the message read from `f` (`size` bytes),
+    in order; every other field is skipped unread. A truncated or malformed message raises SsmrtError."""
+
+    def bad(why: str):
+        return SsmrtError(f"{path}: not an ONNX model ({why})")
+
+    def varint(first: bytes | None = None) -> int:
+        shift = value = 0
+        for _ in range(10):
+            byte = first or f.read(1)
+            first = None
+            if not byte:
+                raise bad("truncated")
+            value |= (byte[0] & 0x7F) << shift
+            if byte[0] < 0x80:
+                return value
+            shift += 7
+        raise bad("a varint longer than 10 bytes")
+
+    fixed = {1: 8, 5: 4}  # wire type -> size
+    while first := f.read(1):
+        key = varint(first)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            varint()
+        elif wire in fixed or wire == 2:
+            length = fixed[wire] if wire in fixed else varint()
+            if f.tell() + length > size:
+                raise bad(f"field {number} runs past the end of the file: truncated")
+            if wire == 2 and number in keep:
+                payload = f.read(length)
+                yield (number, payload) if numbered else payload
+            else:
+                f.seek(length, os.SEEK_CUR)
+        else:
+            raise bad(f"protobuf wire type {wire}")
+
+
+def read_metadata(path) -> dict:
+    """The ssmrt metadata of an .onnx file (or artifact directory) as parsed JSON: {"config": dict,
+    "states": list, "export": dict}. SsmrtError, naming the file, if it is not an ssmrt export."""
+    f = model_file(path)
+    if not f.is_file():
+        raise SsmrtError(f"{f}: not found; expected an artifact directory from `ssmrt export`")
+    props = read_metadata_props(f)
+    if META_CONFIG not in props:
+        raise SsmrtError(f"{f}: not an ssmrt export (no '{META_CONFIG}' metadata)")
+    out = {}
+    for key, kind in ((META_CONFIG, dict), (META_STATES, list), (META_EXPORT, dict)):
+        if key not in props:
+            raise SsmrtError(f"{f}: the ssmrt metadata lacks '{key}'")
+        try:
+            value = json.loads(props[key])
+        except ValueError as e:
+            raise SsmrtError(f"{f}: metadata '{key}' is not valid JSON ({e})") from None
+        if not isinstance(value, kind):
+            raise SsmrtError(f"{f}: metadata '{key}' must be a JSON {kind.__name__}, got {type(value).__name__}")
+        out[key.removeprefix("ssmrt.")] = value
+    return out
+
+
+def export_info(path) -> dict:
+    """The export options (dtype, logits, ...) and the model's `arch`, from the metadata alone; empty where the
+    file is not an ssmrt export."""
+    try:
+        meta = read_metadata(path)
+    except SsmrtError:
+        return {}
+    return {**meta["export"], "arch": meta["config"].get("arch")}
+
+
+def earlier_export_problem(directory, names: list[str]) -> str | None:
+    """None if the entries `names` of `directory` are an earlier ssmrt export and nothing else (so replacing
+    it touches no file ssmrt did not write); otherwise what is in the way, in words."""
+    foreign = [n for n in names if n not in ARTIFACT_FILES]
+    if foreign:
+        return f"holds {foreign[0]!r}, which ssmrt did not write"
+    if MODEL_FILE not in names:
+        return f"holds {names[0]!r} but no {MODEL_FILE}, so it is not an ssmrt export"
+    f = Path(directory) / MODEL_FILE
+    if f.is_symlink() or not f.is_file():
+        return f"its {MODEL_FILE} is not a regular file"
+    try:
+        props = read_metadata_props(f)
+    except SsmrtError as e:
+        return f"its {MODEL_FILE} is not an ssmrt export ({str(e).split('(', 1)[-1].rstrip(')')})"
+    if not all(k in props for k in META_KEYS):
+        return f"holds a {MODEL_FILE} that ssmrt did not write (no ssmrt metadata)"
+    return None
+
+
+def check_output(out, overwrite: bool = False):
+    """check_output_dir for an artifact directory (see ssmrt.fsutil): call it before the long export."""
+    from .fsutil import check_output_dir
+
+    return check_output_dir(out, recognise=earlier_export_problem, overwrite=overwrite)
