@@ -1,7 +1,30 @@
-"""Reference Mamba-1 / Mamba-2 language models and checkpoint loading."""
+"""Reference Mamba-1 / Mamba-2 language models and checkpoint loading.
 
-from .checkpoints import load_config, load_model, save_model
-from .config import SSMConfig
-from .mamba import Mamba1Mixer, Mamba2Mixer, MambaLM
+The names are imported on first use (PEP 562), so `SSMConfig`, which the ONNX Runtime path needs, comes
+without torch.
+"""
 
-__all__ = ["Mamba1Mixer", "Mamba2Mixer", "MambaLM", "SSMConfig", "load_config", "load_model", "save_model"]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "Mamba1Mixer": ".mamba",
+    "Mamba2Mixer": ".mamba",
+    "MambaLM": ".mamba",
+    "SSMConfig": ".config",
+    "load_config": ".checkpoints",
+    "load_model": ".checkpoints",
+    "save_model": ".checkpoints",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name], __name__), name)
+
+
+def __dir__():
+    return __all__

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
+from ..ops import dispatch
 from ..ops.common import silu
+from ..ops.rmsnorm import rmsnorm_ref
 from .config import SSMConfig
 
 LayerState = tuple[torch.Tensor, torch.Tensor]
@@ -29,7 +30,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rmsnorm_ref(x, self.weight, self.eps)
+        return rmsnorm_ref(x, self.weight, self.eps)
 
 
 def _A(mixer: nn.Module) -> torch.Tensor:
@@ -72,18 +73,18 @@ class Mamba1Mixer(nn.Module):
         c = self.config
         batch, seqlen, _ = hidden.shape
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        x, conv_state = ops.causal_conv1d(
+        x, conv_state = dispatch.causal_conv1d(
             x, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state, "silu"
         )
         dt, B, C = torch.split(self.x_proj(x), [c.dt_rank, c.d_state, c.d_state], dim=-1)
         if c.mixer_rms_eps is not None:
-            dt = ops.rmsnorm_ref(dt, None, c.mixer_rms_eps)
-            B = ops.rmsnorm_ref(B, None, c.mixer_rms_eps)
-            C = ops.rmsnorm_ref(C, None, c.mixer_rms_eps)
+            dt = rmsnorm_ref(dt, None, c.mixer_rms_eps)
+            B = rmsnorm_ref(B, None, c.mixer_rms_eps)
+            C = rmsnorm_ref(C, None, c.mixer_rms_eps)
         # dt_proj's bias goes into the scan (delta_bias, fp32), not into the matmul.
         delta = dt @ self.dt_proj.weight.t()
         A = _A(self)
-        y, ssm_state = ops.selective_scan(
+        y, ssm_state = dispatch.selective_scan(
             x,
             delta,
             A,
@@ -129,7 +130,7 @@ class Mamba2Mixer(nn.Module):
         z0, x0, z, xBC, dt = torch.split(
             self.in_proj(hidden), [c.d_mlp, c.d_mlp, c.d_ssm, c.conv_dim, c.nheads], dim=-1
         )
-        xBC, conv_state = ops.causal_conv1d(
+        xBC, conv_state = dispatch.causal_conv1d(
             xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state, "silu"
         )
         x, B, C = torch.split(xBC, [c.d_ssm, gn, gn], dim=-1)
@@ -137,7 +138,7 @@ class Mamba2Mixer(nn.Module):
         D = self.D.float()
         if c.D_has_hdim:
             D = D.reshape(c.nheads, c.headdim)
-        y, ssm_state = ops.ssd_scan(
+        y, ssm_state = dispatch.ssd_scan(
             x.reshape(batch, seqlen, c.nheads, c.headdim),
             dt,
             A,
@@ -152,7 +153,7 @@ class Mamba2Mixer(nn.Module):
         )
         y = y.reshape(batch, seqlen, c.d_ssm)
         if c.rmsnorm:
-            y = ops.gated_rmsnorm(
+            y = dispatch.gated_rmsnorm(
                 y, self.norm.weight, z, c.gated_norm_eps, c.d_ssm // c.ngroups, c.norm_before_gate
             )
         else:
@@ -172,7 +173,8 @@ class Block(nn.Module):
         self.mixer = (Mamba1Mixer if config.arch == "mamba1" else Mamba2Mixer)(config)
 
     def forward(self, hidden, residual, conv_state, ssm_state):
-        hidden, residual = ops.add_rmsnorm(hidden, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32)
+        hidden, residual = dispatch.add_rmsnorm(hidden, residual, self.norm.weight, self.norm.eps,
+                                                self.residual_in_fp32)
         hidden, conv_state, ssm_state = self.mixer(hidden, conv_state, ssm_state)
         return hidden, residual, conv_state, ssm_state
 
@@ -259,5 +261,5 @@ class MambaLM(nn.Module):
             hidden, residual, conv_state, ssm_state = layer(hidden, residual, conv_state, ssm_state)
             new_state.append((conv_state, ssm_state))
         norm_f = self.backbone.norm_f
-        hidden, _ = ops.add_rmsnorm(hidden, residual, norm_f.weight, norm_f.eps, False)
+        hidden, _ = dispatch.add_rmsnorm(hidden, residual, norm_f.weight, norm_f.eps, False)
         return self.lm_head(hidden), tuple(new_state)

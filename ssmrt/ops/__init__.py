@@ -1,27 +1,34 @@
-"""The SSM ops: plain-torch references (`*_ref`, fp32 math, cast back) and their contracts (spec.py)."""
+"""The SSM ops: plain-torch references (`*_ref`, fp32 math, cast back) and their contracts (spec.py).
 
-from .causal_conv1d import causal_conv1d_ref
-from .dispatch import add_rmsnorm, causal_conv1d, gated_rmsnorm, selective_scan, ssd_scan
-from .rmsnorm import add_rmsnorm_ref, gated_rmsnorm_ref, rmsnorm_ref
-from .selective_scan import selective_scan_ref
-from .spec import OPS, TOLERANCES, tolerance
-from .ssd_scan import ssd_minimal_discrete, ssd_scan_recurrent_ref, ssd_scan_ref
+The names are imported on first use (PEP 562): the contracts in `ssmrt.ops.spec` come without torch. What the
+models call (and a backend overrides) is in `ssmrt.ops.dispatch`.
+"""
 
-__all__ = [
-    "OPS",
-    "TOLERANCES",
-    "add_rmsnorm",
-    "add_rmsnorm_ref",
-    "causal_conv1d",
-    "causal_conv1d_ref",
-    "gated_rmsnorm",
-    "gated_rmsnorm_ref",
-    "rmsnorm_ref",
-    "selective_scan",
-    "selective_scan_ref",
-    "ssd_minimal_discrete",
-    "ssd_scan",
-    "ssd_scan_recurrent_ref",
-    "ssd_scan_ref",
-    "tolerance",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "OPS": ".spec",
+    "TOLERANCES": ".spec",
+    "tolerance": ".spec",
+    "add_rmsnorm_ref": ".rmsnorm",
+    "gated_rmsnorm_ref": ".rmsnorm",
+    "rmsnorm_ref": ".rmsnorm",
+    "causal_conv1d_ref": ".causal_conv1d",
+    "selective_scan_ref": ".selective_scan",
+    "ssd_minimal_discrete": ".ssd_scan",
+    "ssd_scan_recurrent_ref": ".ssd_scan",
+    "ssd_scan_ref": ".ssd_scan",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name], __name__), name)
+
+
+def __dir__():
+    return __all__
