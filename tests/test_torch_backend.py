@@ -111,3 +111,59 @@ def test_cuda_graph_decode_matches_cpu_reference(family, dtype):
         print(report.format())
         assert report.passed
     assert list(gpu._graphs) == [1]
+
+
+def test_op_choice_is_per_thread():
+    """An override in one thread is invisible to another: two runners in two threads keep their own ops."""
+    import threading
+
+    from ssmrt.ops import dispatch
+
+    entered, checked = threading.Event(), threading.Event()
+    seen = {}
+
+    def kernels_thread():
+        with dispatch.override(ssd_scan=lambda *a: "kernel"):
+            entered.set()
+            checked.wait(10)
+            seen["inside"] = dispatch.current()["ssd_scan"]
+
+    t = threading.Thread(target=kernels_thread)
+    t.start()
+    entered.wait(10)
+    seen["other thread"] = dispatch.current()["ssd_scan"]
+    checked.set()
+    t.join()
+    assert seen["other thread"] is dispatch.REFERENCES["ssd_scan"]
+    assert seen["inside"] is not dispatch.REFERENCES["ssd_scan"]
+    assert dispatch.current() == dispatch.REFERENCES
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_runners_in_two_threads_give_what_each_gives_alone(family):
+    """A runner on the kernels and one on the references, called in turn from two threads: each returns,
+    bit for bit, what it returns alone (with the op choice process-wide, the reference runner would run
+    kernels whenever the other thread was inside its call, and its logits would move)."""
+    import threading
+
+    model = random_lm(**FAMILIES[family])
+    runners = {"kernels": TorchRunner(random_lm(**FAMILIES[family]), kernels=True), "reference": TorchRunner(model)}
+    ids = np.array([prompt(7)])
+    alone = {k: r.forward(ids, r.zero_state(1))[0] for k, r in runners.items()}
+    assert not np.array_equal(alone["kernels"], alone["reference"])  # else the test could not see a mix-up
+    barrier = threading.Barrier(2)
+    got = {k: [] for k in runners}
+
+    def work(kind):
+        r = runners[kind]
+        for _ in range(4):
+            barrier.wait(30)
+            got[kind].append(r.forward(ids, r.zero_state(1))[0])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in runners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for kind in runners:
+        assert len(got[kind]) == 4 and all(np.array_equal(g, alone[kind]) for g in got[kind]), kind
