@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
+from ..ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SOFTPLUS_THRESHOLD, SSD_SCAN, dt_limit_active
 
 # Tokens per Scan iteration in the Mamba-1 prefill body: long enough that the Scan runs L/16 iterations,
 # short enough that a chunk's (16, dim, dstate) decay and input tensors stay in cache.
@@ -136,7 +136,7 @@ class Builder:
         if small:
             return self.op("Softplus", x)
         soft = self.op("Log", self.op("Add", self.op("Exp", x), self.const(1.0)))
-        return self.op("Where", self.op("Greater", x, self.const(20.0)), x, soft)
+        return self.op("Where", self.op("Greater", x, self.const(SOFTPLUS_THRESHOLD)), x, soft)
 
     def flag(self, name: str, if_set, x_else: str) -> str:
         """if_set() where the int attribute `name` is non-zero, else x_else: decided here when the value is
@@ -340,7 +340,7 @@ def ssd_scan_function(opset: int, static: Static | None = None) -> onnx.Function
     dt = b.op("Add", b.f32(dt_in), b.f32(dt_bias))
     dt = b.flag("dt_softplus", lambda: b.softplus(dt, small=True), dt)
     lo, hi = b.known("dt_min"), b.known("dt_max")
-    if lo is None or hi is None or lo > 0.0 or hi < np.inf:  # the limit, unless known to be none
+    if lo is None or hi is None or dt_limit_active((lo, hi)):  # the limit, unless known to be none
         dt = b.op("Max", b.op("Min", dt, b.attr("dt_max", onnx.AttributeProto.FLOAT)),
                   b.attr("dt_min", onnx.AttributeProto.FLOAT))  # (B, L, H)
     xf = b.f32(x)

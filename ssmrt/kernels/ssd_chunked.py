@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.ssd_scan import NO_DT_LIMIT
+from ..ops.spec import NO_DT_LIMIT
 from ._checks import check_groups, fp32, scan_io
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-SOFTPLUS_THRESHOLD = 20.0
+from .spec import SOFTPLUS_THRESHOLD
 
 
 def acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -16,7 +16,8 @@ def acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
-    """`x <= 20 ? log1p(exp(x)) : x`, the form every Mamba kernel uses (torch's F.softplus default agrees)."""
+    """`x <= SOFTPLUS_THRESHOLD ? log1p(exp(x)) : x`, the form every Mamba kernel uses (torch's F.softplus default
+    agrees)."""
     return torch.where(x <= SOFTPLUS_THRESHOLD, torch.log1p(torch.exp(x)), x)
 
 

@@ -5,10 +5,26 @@ The exporter, the plugins and the tests read these tables; nothing else restates
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 DOMAIN = "ssmrt"
 OPSET_VERSION = 1
+
+# Semantics every implementation shares (references, fallback bodies, Triton kernels, native ops):
+# softplus(x) = x <= SOFTPLUS_THRESHOLD ? log1p(exp(x)) : x, as every Mamba kernel computes it.
+SOFTPLUS_THRESHOLD = 20.0
+# SSDScan's dt limit (dt_min, dt_max) when the model sets none; the clamp is then skipped, not applied.
+NO_DT_LIMIT = (0.0, math.inf)
+
+
+def dt_limit_active(dt_limit) -> bool:
+    """Whether a (dt_min, dt_max) limit changes any dt (dt is >= 0 after softplus): False for None or
+    NO_DT_LIMIT, so the clamp can be left out."""
+    if dt_limit is None:
+        return False
+    lo, hi = dt_limit
+    return lo > 0.0 or hi < math.inf
 
 
 @dataclass(frozen=True)

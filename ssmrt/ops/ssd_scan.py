@@ -25,8 +25,7 @@ import math
 import torch
 
 from .common import acc_dtype, expand_groups, softplus
-
-NO_DT_LIMIT = (0.0, math.inf)
+from .spec import NO_DT_LIMIT, dt_limit_active
 
 
 def _dt_processed(dt, dt_bias, dt_softplus, dt_limit, dtype):
@@ -35,9 +34,8 @@ def _dt_processed(dt, dt_bias, dt_softplus, dt_limit, dtype):
         dt = dt + dt_bias.to(dtype)
     if dt_softplus:
         dt = softplus(dt)
-    lo, hi = dt_limit if dt_limit is not None else NO_DT_LIMIT
-    if lo > 0.0 or hi < math.inf:
-        dt = dt.clamp(min=lo, max=hi)
+    if dt_limit_active(dt_limit):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
     return dt
 
 
