@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_groups, fp32, scan_io
+from ._jit import dt_transform, silu
 
 
 @triton.jit
@@ -50,10 +51,7 @@ def _tile_states(h, u_ptr, delta_ptr, B_ptr, A, delta_bias, rows, mask_t, offs_d
     mask_td = mask_t[:, None] & mask_d[None, :]
     at = rows[:, None] * dim + offs_d[None, :]
     delta = tl.load(delta_ptr + at, mask=mask_td, other=0.0).to(tl.float32)
-    if HAS_DELTA_BIAS:
-        delta += delta_bias[None, :]
-    if DELTA_SOFTPLUS:
-        delta = tl.where(delta <= 20.0, tl.log(1.0 + tl.exp(delta)), delta)
+    delta = dt_transform(delta, delta_bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS, False, 0.0, 0.0)
     delta = tl.where(mask_td, delta, 0.0)
     u = tl.load(u_ptr + at, mask=mask_td, other=0.0).to(tl.float32)
     grp = (rows[:, None, None] * ngroups + g[None, :, None]) * dstate + offs_n[None, None, :]
@@ -66,20 +64,23 @@ def _tile_states(h, u_ptr, delta_ptr, B_ptr, A, delta_bias, rows, mask_t, offs_d
     return hs, tl.sum(tl.where(last, hs, 0.0), axis=0), delta, u
 
 
+@triton.jit
+def _chunk_program(dim, dstate, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(chunk, batch, channel offsets and mask, state offsets and mask) of a program of the chunk kernels,
+    whose grid is (cdiv(dim, BLOCK_D), nchunks, batch)."""
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    return tl.program_id(1), tl.program_id(2), offs_d, offs_d < dim, offs_n, offs_n < dstate
+
+
 def _selective_chunk_state_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, delta_bias_ptr, states_ptr, delta_sum_ptr,
     seqlen, dim, dstate, ngroups,
     CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    c = tl.program_id(1)
-    b = tl.program_id(2)
+    c, b, offs_d, mask_d, offs_n, mask_n = _chunk_program(dim, dstate, BLOCK_D, BLOCK_N)
     nchunks = tl.cdiv(seqlen, CHUNK)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
     g = offs_d // (dim // ngroups)
     A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_d[:, None] & mask_n[None, :], other=0.0)
     delta_bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0) if HAS_DELTA_BIAS else 0.0
@@ -126,14 +127,8 @@ def _selective_chunk_scan_kernel(
     CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    c = tl.program_id(1)
-    b = tl.program_id(2)
+    c, b, offs_d, mask_d, offs_n, mask_n = _chunk_program(dim, dstate, BLOCK_D, BLOCK_N)
     nchunks = tl.cdiv(seqlen, CHUNK)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
     mask_dn = mask_d[:, None] & mask_n[None, :]
     g = offs_d // (dim // ngroups)
     A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
@@ -157,7 +152,7 @@ def _selective_chunk_scan_kernel(
         at = rows[:, None] * dim + offs_d[None, :]
         if HAS_Z:
             z = tl.load(z_ptr + at, mask=mask_td, other=0.0).to(tl.float32)
-            y *= z / (1.0 + tl.exp(-z))  # silu(z), spelled out (no Triton library function)
+            y *= silu(z)
         tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask_td)
 
 

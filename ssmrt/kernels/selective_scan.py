@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_groups, fp32, scan_io
+from ._jit import dt_transform, silu
 
 
 def _selective_scan_kernel(
@@ -41,8 +42,7 @@ def _selective_scan_kernel(
     g = offs_d // (dim // ngroups)
 
     A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask, other=0.0)
-    if HAS_DELTA_BIAS:
-        delta_bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0)
+    delta_bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0) if HAS_DELTA_BIAS else 0.0
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
     tile = (b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
@@ -50,10 +50,7 @@ def _selective_scan_kernel(
     for t in range(seqlen):
         bt = b * seqlen + t  # row (b, t)
         dt = tl.load(delta_ptr + bt * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_DELTA_BIAS:
-            dt += delta_bias
-        if DELTA_SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        dt = dt_transform(dt, delta_bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS, False, 0.0, 0.0)
         u = tl.load(u_ptr + bt * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         grp = (bt * ngroups + g[:, None]) * dstate + offs_n[None, :]
         Bv = tl.load(B_ptr + grp, mask=mask, other=0.0).to(tl.float32)
@@ -64,7 +61,7 @@ def _selective_scan_kernel(
             y += u * Dv
         if HAS_Z:
             z = tl.load(z_ptr + bt * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            y *= z / (1.0 + tl.exp(-z))  # silu(z), spelled out (no Triton library function)
+            y *= silu(z)
         tl.store(y_ptr + bt * dim + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
     tl.store(state_out_ptr + tile, s.to(state_out_ptr.dtype.element_ty), mask=mask)
 

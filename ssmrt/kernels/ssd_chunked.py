@@ -36,28 +36,23 @@ op tolerance on long chunks, which the one-kernel recurrence, exact in fp32, doe
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ..ops.spec import NO_DT_LIMIT
 from ._checks import check_groups, fp32, scan_io
+from ._jit import chunk_grid, chunk_program, dt_limit_constexprs, dt_transform
 
 
 @triton.jit
 def _dt_block(dt_ptr, dt_bias_ptr, rows, h, nheads, mask, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
               DT_CLAMP: tl.constexpr, DT_MIN: tl.constexpr, DT_MAX: tl.constexpr):
-    """dt of head h at the given (b, t) rows after bias, softplus (x <= 20 ? log(1 + exp(x)) : x) and limit;
-    zero where masked (past the end, so the cumulative decay stays flat there)."""
+    """dt of head h at the given (b, t) rows after bias, softplus and limit; zero where masked (past the end,
+    so the cumulative decay stays flat there)."""
     dt = tl.load(dt_ptr + rows * nheads + h, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DT_BIAS:
-        dt += tl.load(dt_bias_ptr + h)
-    if DT_SOFTPLUS:
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-    if DT_CLAMP:
-        dt = tl.minimum(tl.maximum(dt, DT_MIN), DT_MAX)
+    bias = tl.load(dt_bias_ptr + h) if HAS_DT_BIAS else 0.0
+    dt = dt_transform(dt, bias, HAS_DT_BIAS, DT_SOFTPLUS, DT_CLAMP, DT_MIN, DT_MAX)
     return tl.where(mask, dt, 0.0)
 
 
@@ -71,9 +66,7 @@ def _ssd_chunk_state_kernel(
     pid_pn = tl.program_id(0)
     pid = tl.program_id(1)
     nchunks = tl.cdiv(seqlen, CHUNK)
-    h = pid % nheads
-    c = (pid // nheads) % nchunks
-    b = pid // (nheads * nchunks)
+    b, c, h = chunk_program(pid, nheads, nchunks)
     g = h // (nheads // ngroups)
     n_pblocks = tl.cdiv(headdim, BLOCK_P)
     offs_p = (pid_pn % n_pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -156,9 +149,7 @@ def _ssd_chunk_scan_kernel(
     pid_mp = tl.program_id(0)
     pid = tl.program_id(1)
     nchunks = tl.cdiv(seqlen, CHUNK)
-    h = pid % nheads
-    c = (pid // nheads) % nchunks
-    b = pid // (nheads * nchunks)
+    b, c, h = chunk_program(pid, nheads, nchunks)
     g = h // (nheads // ngroups)
     n_pblocks = tl.cdiv(headdim, BLOCK_P)
     pid_m = pid_mp // n_pblocks
@@ -237,16 +228,13 @@ def constexprs(headdim: int, dstate: int, dtype: torch.dtype, chunk: int, *, has
     """The compile-time constants of each kernel of the chain for one specialisation (what an AOT plugin
     bakes in), by kernel name, with the launch options num_warps / num_stages where they are not Triton's
     defaults."""
-    lo, hi = dt_limit
-    clamp = lo > 0.0 or hi < math.inf
     precision = "ieee" if dtype == torch.float32 else "tf32"  # tf32 is moot for fp16 / bf16 operands
     block_p = min(max(triton.next_power_of_2(headdim), 16), 64)
     block_n = max(triton.next_power_of_2(dstate), 16)
     return {
         "ssd_chunk_state": {
             "CHUNK": chunk, "BLOCK_K": min(chunk, 64), "BLOCK_P": block_p, "BLOCK_N": min(block_n, 64),
-            "HAS_DT_BIAS": bool(has_dt_bias), "DT_SOFTPLUS": bool(dt_softplus), "DT_CLAMP": clamp,
-            "DT_MIN": float(lo) if clamp else 0.0, "DT_MAX": float(hi) if clamp and hi < math.inf else 3.0e38,
+            "HAS_DT_BIAS": bool(has_dt_bias), "DT_SOFTPLUS": bool(dt_softplus), **dt_limit_constexprs(dt_limit),
             "DOT_PRECISION": precision, "SPLIT": dtype != torch.float32,
         },
         "ssd_state_passing": {"CHUNK": chunk, "BLOCK_S": 1024},
@@ -296,14 +284,14 @@ def ssd_scan_chunked(
     states = torch.empty(batch, nchunks, nheads, headdim, dstate, **f32)
 
     m = meta["ssd_chunk_state"]
-    grid = (triton.cdiv(headdim, m["BLOCK_P"]) * triton.cdiv(dstate, m["BLOCK_N"]), batch * nchunks * nheads)
+    grid = (triton.cdiv(headdim, m["BLOCK_P"]) * triton.cdiv(dstate, m["BLOCK_N"]), chunk_grid(batch, nchunks, nheads))
     ssd_chunk_state_kernel[grid](x, dt, A, B, db, dt_out, dA_cumsum, states,
                                  seqlen, nheads, headdim, dstate, ngroups, **m)
     m = meta["ssd_state_passing"]
     grid = (triton.cdiv(headdim * dstate, m["BLOCK_S"]), batch * nheads)
     ssd_state_passing_kernel[grid](states, dA_cumsum, ssm_state, s_out, seqlen, nheads, headdim, dstate, **m)
     m = meta["ssd_chunk_scan"]
-    grid = (triton.cdiv(chunk, m["BLOCK_M"]) * triton.cdiv(headdim, m["BLOCK_P"]), batch * nchunks * nheads)
+    grid = (triton.cdiv(chunk, m["BLOCK_M"]) * triton.cdiv(headdim, m["BLOCK_P"]), chunk_grid(batch, nchunks, nheads))
     ssd_chunk_scan_kernel[grid](x, B, C, Df, dt_out, dA_cumsum, states, y,
                                 seqlen, nheads, headdim, dstate, ngroups, **m)
     return y, s_out

@@ -20,14 +20,13 @@ Grid: (cdiv(headdim, BLOCK_P), batch * nheads). No TensorRT types here: plugins 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ..ops.spec import NO_DT_LIMIT
 from ._checks import check_groups, fp32, scan_io
+from ._jit import dt_limit_constexprs, dt_transform
 
 
 def _ssd_scan_kernel(
@@ -51,8 +50,7 @@ def _ssd_scan_kernel(
     mask = mask_p[:, None] & mask_n[None, :]
     s = tl.load(state_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + h)
-    if HAS_DT_BIAS:
-        dt_bias = tl.load(dt_bias_ptr + h)
+    dt_bias = tl.load(dt_bias_ptr + h) if HAS_DT_BIAS else 0.0
     if HAS_D:
         if D_HAS_HDIM:
             Dv = tl.load(D_ptr + h * headdim + offs_p, mask=mask_p, other=0.0)
@@ -60,14 +58,9 @@ def _ssd_scan_kernel(
             Dv = tl.load(D_ptr + h)
     for t in range(seqlen):
         bt = b * seqlen + t  # row (b, t)
-        # 1. dt after bias, softplus (x <= 20 ? log(1 + exp(x)) : x) and limit
-        dt = tl.load(dt_ptr + bt * nheads + h).to(tl.float32)
-        if HAS_DT_BIAS:
-            dt += dt_bias
-        if DT_SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-        if DT_CLAMP:
-            dt = tl.minimum(tl.maximum(dt, DT_MIN), DT_MAX)
+        # 1. dt after bias, softplus and limit
+        dt = dt_transform(tl.load(dt_ptr + bt * nheads + h).to(tl.float32), dt_bias, HAS_DT_BIAS, DT_SOFTPLUS,
+                          DT_CLAMP, DT_MIN, DT_MAX)
         # 2. h = exp(dt A) h + (dt x) B^T ; y = h C (+ D x)
         x = tl.load(x_ptr + (bt * nheads + h) * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
         Bv = tl.load(B_ptr + (bt * ngroups + g) * dstate + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -86,8 +79,6 @@ ssd_scan_kernel = triton.jit(_ssd_scan_kernel)
 def constexprs(headdim: int, dstate: int, *, has_D=True, D_has_hdim=False, has_dt_bias=True, dt_softplus=True,
                dt_limit=NO_DT_LIMIT) -> dict:
     """The compile-time constants of one specialisation (what an AOT plugin bakes into its kernel)."""
-    lo, hi = dt_limit
-    clamp = lo > 0.0 or hi < math.inf
     return {
         # 16 rows of the state a program: 4x the programs of 64 at batch 1 (80 heads fill only 80 SMs of an
         # H100 otherwise) and ~100 registers instead of 255
@@ -97,9 +88,7 @@ def constexprs(headdim: int, dstate: int, *, has_D=True, D_has_hdim=False, has_d
         "D_HAS_HDIM": bool(D_has_hdim),
         "HAS_DT_BIAS": bool(has_dt_bias),
         "DT_SOFTPLUS": bool(dt_softplus),
-        "DT_CLAMP": clamp,
-        "DT_MIN": float(lo) if clamp else 0.0,
-        "DT_MAX": float(hi) if clamp and hi < math.inf else 3.0e38,
+        **dt_limit_constexprs(dt_limit),
     }
 
 

@@ -1,0 +1,65 @@
+"""Device functions and compile-time constants shared by the Triton kernels, each decision made once.
+
+The op semantics they implement (the softplus threshold, when a dt limit applies) come from ssmrt.ops.spec.
+"""
+
+from __future__ import annotations
+
+import triton  # noqa: F401  (triton.jit below)
+import triton.language as tl
+
+from ..ops.spec import SOFTPLUS_THRESHOLD as _SOFTPLUS_THRESHOLD
+from ..ops.spec import dt_limit_active
+
+SOFTPLUS_THRESHOLD = tl.constexpr(_SOFTPLUS_THRESHOLD)
+# The clamp's upper bound when the limit has none: the largest float32 is not needed, any bound beyond every
+# softplus result works, and this one stays finite in every dtype the constant is compiled into.
+NO_DT_MAX = 3.0e38
+
+
+@triton.jit
+def softplus(x):
+    """x <= SOFTPLUS_THRESHOLD ? log(1 + exp(x)) : x (ssmrt.ops.spec)."""
+    return tl.where(x <= SOFTPLUS_THRESHOLD, tl.log(1.0 + tl.exp(x)), x)
+
+
+@triton.jit
+def silu(z):
+    """z * sigmoid(z), spelled out (Triton has no library function for it)."""
+    return z / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def dt_transform(dt, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
+                 DT_MIN: tl.constexpr, DT_MAX: tl.constexpr):
+    """A time step (fp32) after its bias, softplus and limit, each only where the specialisation has it."""
+    if HAS_BIAS:
+        dt += bias
+    if SOFTPLUS:
+        dt = softplus(dt)
+    if CLAMP:
+        dt = tl.minimum(tl.maximum(dt, DT_MIN), DT_MAX)
+    return dt
+
+
+def dt_limit_constexprs(dt_limit) -> dict:
+    """DT_CLAMP / DT_MIN / DT_MAX for dt_transform: no clamp at all where the limit changes nothing."""
+    clamp = dt_limit_active(dt_limit)
+    lo, hi = dt_limit if clamp else (0.0, NO_DT_MAX)
+    return {"DT_CLAMP": clamp, "DT_MIN": float(lo), "DT_MAX": float(min(hi, NO_DT_MAX))}
+
+
+@triton.jit
+def chunk_program(pid, nheads, nchunks):
+    """(batch, chunk, head) of a program whose axis 1 spans batch * nchunks * nheads, heads fastest: the
+    chunked SSD kernels' decoding of chunk_grid's second axis."""
+    h = pid % nheads
+    c = (pid // nheads) % nchunks
+    b = pid // (nheads * nchunks)
+    return b, c, h
+
+
+def chunk_grid(batch: int, nchunks: int, nheads: int) -> int:
+    """The launch-grid axis chunk_program decodes."""
+    return batch * nchunks * nheads
+
