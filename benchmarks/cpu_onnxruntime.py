@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssmrt.bench import copy_bandwidth, gemm_rate
+from ssmrt.artifact import read_metadata, state_bytes
+from ssmrt.bench import copy_bandwidth, gemm_rate, prefill_flops, step_bytes
+from ssmrt.models import SSMConfig
 
 
 def timed(fn, repeat: int, warmup: bool = True) -> float:
@@ -58,11 +60,6 @@ def hf_model(arch: str, layers: int):
                                         tie_word_embeddings=True, **common)
         model = transformers.Mamba2ForCausalLM(cfg)
     return model.eval()
-
-
-def matmul_weight_shapes(model) -> list[tuple[int, int]]:
-    """(in, out) of every Linear the forward runs per token (lm_head included, embedding lookup not)."""
-    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
 def matmul_chain_onnx(config):
@@ -161,9 +158,11 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
     artifact = export(ckpt, workdir / f"{arch}-onnx")
 
     params = sum(p.numel() for p in hf.parameters())  # tied embeddings counted once
-    weight_bytes = 4 * params
-    shapes = matmul_weight_shapes(hf)
-    matmul_flops_per_token = sum(2 * i * o for i, o in shapes)
+    meta = read_metadata(artifact)
+    config = SSMConfig.from_dict(meta["config"])
+    # the floors of ssmrt.bench, from the artifact: what every backend's `ssmrt bench` measures against
+    decode_bytes = step_bytes(config, "float32", state_bytes(meta["states"]))
+    flops = prefill_flops(config, prompt_len, 1, meta["export"]["logits"])
 
     ids = np.random.default_rng(0).integers(0, 50280, (1, prompt_len), dtype=np.int64)
     ids_t = torch.from_numpy(ids)
@@ -213,8 +212,8 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
 
     bw = copy_bandwidth("cpu", nbytes=1 << 29)
     gemm = gemm_rate(prompt_len, 768, 3072)
-    decode_floor = weight_bytes / bw
-    prefill_floor_s = matmul_flops_per_token * prompt_len / gemm
+    decode_floor = decode_bytes / bw
+    prefill_floor_s = flops / gemm
     return {
         "arch": arch,
         "layers": layers,

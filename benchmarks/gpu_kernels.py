@@ -46,13 +46,13 @@ def main():
     import numpy as np
     import torch
 
+    from ssmrt.closeness import diff
     from ssmrt.kernels.selective_chunked import selective_scan_chunked
     from ssmrt.kernels.selective_scan import CHUNKED_MIN_SEQLEN as SELECTIVE_CHUNKED_MIN_SEQLEN
     from ssmrt.kernels.selective_scan import selective_scan, selective_scan_recurrent
     from ssmrt.kernels.ssd_chunked import ssd_scan_chunked
     from ssmrt.kernels.ssd_scan import CHUNKED_MIN_SEQLEN, ssd_scan, ssd_scan_recurrent
     from ssmrt.ops import selective_scan_ref, ssd_scan_ref, tolerance
-    from ssmrt.testing import diff
 
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():

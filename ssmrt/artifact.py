@@ -3,7 +3,8 @@
 An artifact is a directory holding `model.onnx` (its weights inside, or beside it in `model.onnx.data`) and
 the tokenizer files copied from the checkpoint. The model's config, the state specs and the export options
 are JSON strings in the model's `metadata_props`. The exporter writes through this module; the runtime,
-`ssmrt inspect` and the output-directory checks read through it. Nothing here imports torch or onnx.
+`ssmrt inspect` and the output-directory checks read through it. Nothing here imports torch (onnx only to
+describe an artifact's graph).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ META_EXPORT = "ssmrt.export"
 META_KEYS = (META_CONFIG, META_STATES, META_EXPORT)
 
 DTYPES = ("float32", "float16", "bfloat16")
+LOGITS_MODES = ("all", "last")  # logits for every position, or only the last
+DEFAULT_OPSET = 21
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -38,6 +41,17 @@ def state_names(n_layer: int) -> tuple[list[str], list[str]]:
         ins += [f"conv_state.{i}", f"ssm_state.{i}"]
         outs += [f"present_conv_state.{i}", f"present_ssm_state.{i}"]
     return ins, outs
+
+
+def pair_states(flat) -> tuple:
+    """A state in graph order [conv_state.0, ssm_state.0, conv_state.1, ...] as per-layer (conv, ssm) pairs,
+    the models' form."""
+    return tuple((flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2))
+
+
+def flatten_states(pairs) -> list:
+    """Per-layer (conv, ssm) pairs as one list in graph order: the inverse of pair_states."""
+    return [t for pair in pairs for t in pair]
 
 
 def state_specs(n_layer: int, conv_shape, ssm_shape, dtype: str, state_dtype: str) -> list[dict]:
@@ -51,6 +65,17 @@ def state_specs(n_layer: int, conv_shape, ssm_shape, dtype: str, state_dtype: st
         specs.append({"name": ins[2 * i + 1], "output": outs[2 * i + 1], "layer": i, "kind": "ssm",
                       "shape": list(ssm_shape), "dtype": state_dtype})
     return specs
+
+
+def state_bytes(specs: list[dict], batch: int = 1) -> int:
+    """Bytes of a whole state (every layer's conv and SSM state) for `batch` sequences, from the state specs."""
+    total = 0
+    for spec in specs:
+        n = ITEMSIZE[spec["dtype"]]
+        for d in spec["shape"]:
+            n *= batch if d == "batch" else int(d)
+        total += n
+    return total
 
 
 def metadata(config: dict, states: list[dict], export: dict) -> dict[str, str]:
@@ -183,3 +208,50 @@ def check_output(out, overwrite: bool = False):
     from .fsutil import check_output_dir
 
     return check_output_dir(out, recognise=earlier_export_problem, overwrite=overwrite)
+
+
+def describe(path) -> dict:
+    """What an artifact holds, for `ssmrt inspect`: config, export options, ops and node counts, inputs and
+    outputs, state shapes and size (the weights are not loaded)."""
+    from collections import Counter
+
+    import onnx
+
+    f = model_file(path)
+    meta = read_metadata(f)  # refuses, in one line, anything that is not an ssmrt export
+    try:
+        m = onnx.load(str(f), load_external_data=False)
+    except Exception as e:
+        raise SsmrtError(f"{f}: not a readable ONNX model ({str(e).splitlines()[0]})") from None
+    states = meta["states"]
+
+    def tensor(vi):
+        t = vi.type.tensor_type
+        dtype = "bfloat16" if t.elem_type == onnx.TensorProto.BFLOAT16 else \
+            onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        return {"name": vi.name, "dtype": dtype, "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+
+    def count(dims) -> int:
+        n = 1
+        for d in dims:
+            n *= int(d)
+        return n
+
+    ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in m.graph.node)
+    conv = next(s for s in states if s["kind"] == "conv")
+    ssm = next(s for s in states if s["kind"] == "ssm")
+    return {
+        "path": str(f),
+        "config": meta["config"],
+        "export": meta["export"],
+        "nodes": len(m.graph.node),
+        "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "functions": [f"{fn.domain}::{fn.name}" for fn in m.functions],
+        "parameters": sum(count(t.dims) for t in m.graph.initializer),
+        "inputs": [tensor(v) for v in m.graph.input],
+        "outputs": [tensor(v) for v in m.graph.output],
+        "state_layers": len(states) // 2,
+        "conv_state_shape": conv["shape"],
+        "ssm_state_shape": ssm["shape"],
+        "state_bytes_per_sequence": state_bytes(states),
+    }

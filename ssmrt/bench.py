@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+from .artifact import ITEMSIZE
 
 
 def matmul_shapes(config) -> tuple[list[tuple[int, int]], tuple[int, int]]:
@@ -29,12 +29,25 @@ def matmul_shapes(config) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     return layer, (c.d_model, c.padded_vocab_size)
 
 
+def step_bytes(config, dtype: str, state_bytes: int) -> int:
+    """Bytes a decode step must move at the least: its matmul weights (in `dtype`) once, and a state of
+    `state_bytes` read and written."""
+    layer, head = matmul_shapes(config)
+    weights = (config.n_layer * sum(i * o for i, o in layer) + head[0] * head[1]) * ITEMSIZE[dtype]
+    return weights + 2 * state_bytes
+
+
 def step_read_bytes(runner, batch: int = 1) -> int:
-    """Bytes a decode step must move at the least: its matmul weights once, the state read and written."""
-    layer, head = matmul_shapes(runner.config)
-    weights = (runner.config.n_layer * sum(i * o for i, o in layer) + head[0] * head[1]) * ITEMSIZE[runner.dtype]
-    state = sum(s.nbytes for s in runner.zero_state(batch))  # numpy arrays and torch tensors alike
-    return weights + 2 * state
+    """step_bytes of a runner's model and state (numpy arrays and torch tensors alike)."""
+    return step_bytes(runner.config, runner.dtype, sum(s.nbytes for s in runner.zero_state(batch)))
+
+
+def prefill_flops(config, prompt_len: int, batch: int = 1, logits: str = "all") -> int:
+    """The matmul FLOPs of a prefill: every layer's matmuls per token, and the lm_head per token for
+    logits "all" or once per sequence for "last"."""
+    layer, head = matmul_shapes(config)
+    head_tokens = prompt_len if logits == "all" else 1
+    return 2 * batch * (prompt_len * config.n_layer * sum(i * o for i, o in layer) + head_tokens * head[0] * head[1])
 
 
 def _best(fn, repeat: int, sync=lambda: None) -> float:
@@ -90,16 +103,14 @@ def bench_floors(runner, prompt_len: int, batch: int = 1) -> dict | None:
 
         if not torch.cuda.is_available():
             return None
-    layer, head = matmul_shapes(runner.config)
-    head_tokens = prompt_len if runner.logits_mode == "all" else 1
-    flops = 2 * batch * (prompt_len * runner.config.n_layer * sum(i * o for i, o in layer)
-                         + head_tokens * head[0] * head[1])
-    step_bytes = step_read_bytes(runner, batch)
+    layer, _ = matmul_shapes(runner.config)
+    flops = prefill_flops(runner.config, prompt_len, batch, runner.logits_mode)
+    moved = step_read_bytes(runner, batch)
     bandwidth = copy_bandwidth(device)
     gemm = gemm_rate(batch * prompt_len, *layer[0], device=device,
                      dtype="float32" if device == "cpu" else runner.dtype)
-    return {"device": device, "step_read_bytes": step_bytes, "copy_bandwidth_GBps": bandwidth / 1e9,
-            "gemm_GFLOPps": gemm / 1e9, "decode_floor_ms": 1e3 * step_bytes / bandwidth,
+    return {"device": device, "step_read_bytes": moved, "copy_bandwidth_GBps": bandwidth / 1e9,
+            "gemm_GFLOPps": gemm / 1e9, "decode_floor_ms": 1e3 * moved / bandwidth,
             "prefill_floor_tokens_per_s": batch * prompt_len * gemm / flops}
 
 

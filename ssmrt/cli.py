@@ -8,7 +8,10 @@ from pathlib import Path
 
 import click
 
+from .artifact import DEFAULT_OPSET, DTYPES, LOGITS_MODES
 from .errors import SsmrtError
+from .runtime.backends import BACKENDS, NATIVE_OPS_MODES, OPT_LEVELS, PROVIDERS
+from .runtime.decode_graph import MODES as DECODE_MODES
 
 EXIT_USER_ERROR = 2
 EXIT_MISMATCH = 1
@@ -87,17 +90,17 @@ def _runner_options(f):
     """The options of every command that runs a model: ONNX Runtime's and the torch backend's."""
     options = [
         click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)."),
-        click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+        click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
                      help="ONNX Runtime execution provider."),
-        click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+        click.option("--opt-level", type=click.Choice(OPT_LEVELS), default="all",
                      show_default=True, help="ONNX Runtime graph optimisation level."),
-        click.option("--native-ops", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+        click.option("--native-ops", type=click.Choice(NATIVE_OPS_MODES), default="auto", show_default=True,
                      help="ONNX Runtime on the CPU, float32: run the ssmrt ops as native kernels (built on first "
                           "use with the C++ compiler) instead of their fallback bodies; auto falls back to the "
                           "bodies where they cannot be built."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Torch backend: where the model runs (cuda: the Triton kernels). [default: cpu]"),
-        click.option("--decode", type=click.Choice(["eager", "static", "cuda_graph"]), default=None,
+        click.option("--decode", type=click.Choice(DECODE_MODES), default=None,
                      help="Torch backend: a one-token step eager, from static buffers, or as a replayed CUDA "
                           "graph. [default: cuda_graph on cuda, else eager]"),
     ]
@@ -113,12 +116,12 @@ def _runner_options(f):
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Directory for model.onnx (+ external data) and the tokenizer files.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32",
               show_default=True, help="Weights and activations (A, D, dt biases stay float32).")
-@click.option("--state-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+@click.option("--state-dtype", type=click.Choice(DTYPES), default="float32",
               show_default=True, help="The SSM state's dtype.")
-@click.option("--opset", type=int, default=21, show_default=True)
-@click.option("--logits", type=click.Choice(["all", "last"]), default="all", show_default=True,
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True)
+@click.option("--logits", type=click.Choice(LOGITS_MODES), default="all", show_default=True,
               help="Logits for every position, or only the last (smaller prefill output).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an earlier ssmrt export in the output directory (a directory holding anything "
@@ -144,7 +147,7 @@ def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite):
 @click.option("--prompt", default=None, help="Text, encoded with the model's tokenizer.json.")
 @click.option("--prompt-ids", default=None, help="Comma-separated token ids.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="Default: onnxruntime for an artifact, torch for a checkpoint directory.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 is off.")
@@ -153,7 +156,7 @@ def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite):
 @click.option("--stop-ids", default=None, help="Comma-separated ids that end generation (default: eos).")
 @click.option("--stream", is_flag=True, help="Print tokens as they come.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="Torch backend: the model's dtype. [default: float32]")
 @_runner_options
 def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top_k, top_p, seed, stop_ids, stream,
@@ -202,11 +205,13 @@ def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default=None,
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
               help="How to run ARTIFACT (default: onnxruntime for model.onnx).")
 @click.option("--steps", type=int, default=16, show_default=True, help="Teacher-forced decode steps.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Tolerance row to use (default: the candidate's dtype); also the torch backend's dtype.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Torch backend (ARTIFACT a checkpoint directory): the candidate model's dtype. [default: float32]")
+@click.option("--tolerance-dtype", type=click.Choice(DTYPES), default=None,
+              help="The row of the tolerance table to judge by. [default: the candidate's dtype]")
 @click.option("--atol", type=float, default=None)
 @click.option("--rtol", type=float, default=None)
 @click.option("--prompt", default=None)
@@ -215,8 +220,8 @@ def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top
               help="Length of a random prompt (seed 0) when none is given.")
 @click.option("--json", "as_json", is_flag=True)
 @_runner_options
-def compare(model_dir, artifact, backend, steps, dtype, atol, rtol, prompt, prompt_ids, prompt_len, as_json,
-            **runner_opts):
+def compare(model_dir, artifact, backend, steps, dtype, tolerance_dtype, atol, rtol, prompt, prompt_ids, prompt_len,
+            as_json, **runner_opts):
     """Parity of ARTIFACT against the fp32 CPU reference of MODEL_DIR; exit 1 outside tolerance.
 
     ARTIFACT may be MODEL_DIR itself, to check the torch backend (e.g. --device cuda --dtype float16)."""
@@ -237,7 +242,7 @@ def compare(model_dir, artifact, backend, steps, dtype, atol, rtol, prompt, prom
         ids = np.random.default_rng(0).integers(0, reference.config.vocab_size, prompt_len).tolist()
     else:
         ids, _ = _prompt(model_dir, prompt, prompt_ids)
-    report = compare_runners(reference, candidate, ids, steps, atol, rtol, dtype)
+    report = compare_runners(reference, candidate, ids, steps, atol, rtol, tolerance_dtype)
     click.echo(json.dumps(report.to_dict()) if as_json else report.format())
     sys.exit(0 if report.passed else EXIT_MISMATCH)
 
@@ -250,9 +255,9 @@ def compare(model_dir, artifact, backend, steps, dtype, atol, rtol, prompt, prom
 @click.option("--json", "as_json", is_flag=True)
 def inspect(artifact, as_json):
     """Ops, inputs/outputs, state sizes and config of an exported artifact."""
-    from .inspect import inspect_artifact
+    from .artifact import describe
 
-    info = inspect_artifact(artifact)
+    info = describe(artifact)
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -280,12 +285,12 @@ def inspect(artifact, as_json):
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default=None)
+@click.option("--backend", type=click.Choice(BACKENDS), default=None)
 @click.option("--prompt-len", type=int, default=512, show_default=True)
 @click.option("--decode-steps", type=int, default=64, show_default=True)
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--repeat", type=int, default=3, show_default=True, help="Prefill runs; the median counts.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="Torch backend: the model's dtype. [default: float32]")
 @click.option("--floors/--no-floors", default=True, show_default=True,
               help="Also time the device's copy bandwidth and GEMM rate (a few seconds) and report the decode "

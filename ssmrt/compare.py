@@ -84,7 +84,7 @@ class Report:
 
 
 def _metrics(a: np.ndarray, e: np.ndarray, atol: float, rtol: float):
-    from .testing import diff
+    from .closeness import diff
 
     d = diff(a, e, atol, rtol)
     return d.max_abs, d.max_rel, d.atol_needed

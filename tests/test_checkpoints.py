@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 import ssmrt
 from ssmrt import SsmrtError
+from ssmrt.closeness import assert_close
 from ssmrt.models import load_config
-from ssmrt.testing import assert_close
 
 pytest.importorskip("transformers")
 

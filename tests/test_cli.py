@@ -118,6 +118,14 @@ def test_compare_torch_backend_on_static_decode(tiny):
     assert res.exit_code == 0
     rep = json.loads(res.output)
     assert rep["passed"] and "decode static" in rep["candidate"], rep
+    # --dtype sets the candidate model's precision, --tolerance-dtype the row it is judged by
+    res = run(["compare", str(ckpt), str(ckpt), "--dtype", "bfloat16", "--tolerance-dtype", "float32", "--steps",
+               "2", "--json"])
+    rep = json.loads(res.output)
+    assert res.exit_code == 1 and rep["dtype"] == "float32" and "bfloat16" in rep["candidate"], rep
+    res = run(["compare", str(ckpt), str(ckpt), "--dtype", "bfloat16", "--steps", "2", "--json"])
+    rep = json.loads(res.output)
+    assert rep["dtype"] == "bfloat16" and "bfloat16" in rep["candidate"], rep
     res = run(["bench", str(ckpt), "--dtype", "bfloat16", "--prompt-len", "8", "--decode-steps", "2",
                "--repeat", "1", "--json"])
     assert json.loads(res.output)["backend"] == "torch (bfloat16, cpu)"

@@ -14,11 +14,11 @@ from test_ort_ops import native_library
 
 import ssmrt
 from ssmrt import SsmrtError
+from ssmrt.closeness import assert_close
 from ssmrt.compare import compare_runners
 from ssmrt.exporter import export, export_model
 from ssmrt.exporter import torch_to_onnx as export_mod
 from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, Session, TorchRunnerFromCheckpoint
-from ssmrt.testing import assert_close
 
 pytest.importorskip("transformers")
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_ops import conv_inputs, selective_inputs, ssd_inputs, to64
 
+from ssmrt.closeness import assert_close
 from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
-from ssmrt.testing import assert_close
 
 triton = pytest.importorskip("triton")
 

@@ -7,8 +7,8 @@ import torch
 from hf_models import HF_CONFIGS, VOCAB, hf_model, save_hf
 
 import ssmrt
+from ssmrt.closeness import assert_close
 from ssmrt.models import MambaLM, SSMConfig, save_model
-from ssmrt.testing import assert_close
 
 pytest.importorskip("transformers")
 

@@ -40,12 +40,12 @@ def test_generate_from_an_artifact_where_torch_cannot_be_imported(tmp_path, arch
     code = BLOCK_TORCH + f"""
 import json
 from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, Session
-from ssmrt.inspect import inspect_artifact
+from ssmrt.artifact import describe
 runner = OnnxRuntimeRunnerFromArtifact({str(art)!r}, native_ops={native_ops!r})
 session = Session(runner)
 out = session.generate([[1, 2, 3], [4]], 8)
 session.prefill([1, 2]); snap = session.snapshot(); session.restore(snap, fork=2)
-print(json.dumps({{"tokens": out, "layers": inspect_artifact({str(art)!r})["state_layers"]}}))
+print(json.dumps({{"tokens": out, "layers": describe({str(art)!r})["state_layers"]}}))
 """
     got = json.loads(run_python(code))
     assert got["tokens"] == [list(map(int, t)) for t in np.asarray(want, dtype=object)]

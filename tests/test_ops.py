@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssmrt.closeness import assert_close
 from ssmrt.ops import (
     causal_conv1d_ref,
     gated_rmsnorm_ref,
@@ -18,7 +19,6 @@ from ssmrt.ops import (
     ssd_scan_ref,
 )
 from ssmrt.ops.common import softplus
-from ssmrt.testing import assert_close
 
 # --------------------------------------------------------------------------------------------- inputs
 

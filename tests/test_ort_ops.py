@@ -15,10 +15,10 @@ from onnx import helper
 from test_ops import conv_inputs, selective_inputs, ssd_inputs
 
 from ssmrt import ort_ops
+from ssmrt.closeness import assert_close
 from ssmrt.errors import SsmrtError
 from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
 from ssmrt.ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
-from ssmrt.testing import assert_close
 
 
 def native_library():

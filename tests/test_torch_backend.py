@@ -12,10 +12,10 @@ import torch
 from test_models import random_lm
 
 from ssmrt import SsmrtError
+from ssmrt.closeness import assert_close
 from ssmrt.compare import compare_runners
 from ssmrt.runtime import Session, TorchRunner
 from ssmrt.runtime.decode_graph import StaticState
-from ssmrt.testing import assert_close
 
 pytest.importorskip("triton")
 

@@ -14,14 +14,22 @@ import warnings
 from pathlib import Path
 
 from .. import artifact
-from ..artifact import DATA_FILE, DTYPES, MODEL_FILE, TOKENIZER_FILES, state_names
+from ..artifact import (
+    DATA_FILE,
+    DEFAULT_OPSET,
+    DTYPES,
+    LOGITS_MODES,
+    MODEL_FILE,
+    TOKENIZER_FILES,
+    flatten_states,
+    pair_states,
+    state_names,
+)
 from ..errors import SsmrtError
 from ..fsutil import output_directory
 from ..ops.spec import DOMAIN, OPS, OPSET_VERSION
 from .functions import MIN_OPSET, Static, all_functions
 
-LOGITS_MODES = ("all", "last")
-DEFAULT_OPSET = 21
 # Above this many bytes of weights the tensors go to an external data file (protobuf stops at 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 PLUGIN_ATTRS = {"plugin_namespace": DOMAIN, "plugin_version": str(OPSET_VERSION)}
@@ -133,11 +141,10 @@ def _graph_module(model, logits: str):
             self.model = model
 
         def forward(self, input_ids, *states):
-            pairs = tuple((states[2 * i], states[2 * i + 1]) for i in range(len(states) // 2))
-            out, new = self.model(input_ids, pairs)
+            out, new = self.model(input_ids, pair_states(states))
             if logits == "last":
                 out = out[:, -1:]
-            return (out, *[t for pair in new for t in pair])
+            return (out, *flatten_states(new))
 
     return GraphModule()
 

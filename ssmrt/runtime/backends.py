@@ -16,11 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from .. import artifact
-from ..artifact import MODEL_FILE
+from ..artifact import MODEL_FILE, flatten_states, pair_states
 from ..errors import SsmrtError
 from ..models.config import SSMConfig
 
 BACKENDS = ("torch", "onnxruntime")
+# ONNX Runtime options, as the runner and the CLI take them
+PROVIDERS = ("auto", "cpu", "cuda")
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+NATIVE_OPS_MODES = ("auto", "on", "off")
 
 
 class Runner:
@@ -100,7 +104,7 @@ class TorchRunner(Runner):
         return use_kernels(force=True, inplace_state=inplace_state)
 
     def zero_state(self, batch: int) -> list:
-        return [t for pair in self.model.zero_state(batch, self.device) for t in pair]
+        return flatten_states(self.model.zero_state(batch, self.device))
 
     def forward(self, input_ids, state):
         torch = self._torch
@@ -114,10 +118,9 @@ class TorchRunner(Runner):
                                                 lambda: self._routes(inplace_state=True))
             logits, new = self._graphs[batch](ids, state)
             return logits.float().cpu().numpy(), new
-        pairs = tuple((state[2 * i], state[2 * i + 1]) for i in range(len(state) // 2))
         with torch.no_grad(), self._routes():
-            logits, new = self.model(ids, pairs)
-        return logits.float().cpu().numpy(), [t for pair in new for t in pair]
+            logits, new = self.model(ids, pair_states(state))
+        return logits.float().cpu().numpy(), flatten_states(new)
 
     def take(self, state, index):
         idx = self._torch.as_tensor(index, dtype=self._torch.long, device=self.device)
@@ -165,10 +168,10 @@ class OnnxRuntimeRunner(Runner):
 
         self.path = Path(path)
         meta = artifact.read_metadata(self.path)  # refuses a file that is not an ssmrt export, before ORT loads it
-        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        levels = dict(zip(OPT_LEVELS, (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                       ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                       ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                       ort.GraphOptimizationLevel.ORT_ENABLE_ALL), strict=True))
         if opt_level not in levels:
             raise SsmrtError(f"opt_level must be one of {', '.join(levels)}, got {opt_level!r}")
         available = ort.get_available_providers()
@@ -211,8 +214,8 @@ class OnnxRuntimeRunner(Runner):
         from .. import ort_ops
         from ..ops.spec import OPS_BY_ARCH
 
-        if mode not in ("auto", "on", "off"):
-            raise SsmrtError(f"native_ops must be auto, on or off, got {mode!r}")
+        if mode not in NATIVE_OPS_MODES:
+            raise SsmrtError(f"native_ops must be one of {', '.join(NATIVE_OPS_MODES)}, got {mode!r}")
         if mode == "off":
             return (), "off by request"
         why = None

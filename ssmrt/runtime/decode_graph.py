@@ -12,6 +12,8 @@ across other steps with runner.copy(state) (Session.snapshot does).
 
 from __future__ import annotations
 
+from ..artifact import flatten_states, pair_states
+
 MODES = ("eager", "static", "cuda_graph")
 
 
@@ -39,14 +41,13 @@ class StepGraph:
         self.batch = batch
         self.version = 0
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.state = [t for pair in model.zero_state(batch, device) for t in pair]
+        self.state = flatten_states(model.zero_state(batch, device))
         self.logits = None
 
         def step():
             with routes():
-                pairs = tuple((self.state[2 * i], self.state[2 * i + 1]) for i in range(len(self.state) // 2))
-                logits, new = model(self.ids, pairs)
-            for dst, src in zip(self.state, [t for pair in new for t in pair], strict=True):
+                logits, new = model(self.ids, pair_states(self.state))
+            for dst, src in zip(self.state, flatten_states(new), strict=True):
                 if src.data_ptr() != dst.data_ptr():  # an op that did not update its state in place
                     dst.copy_(src)
             return logits
