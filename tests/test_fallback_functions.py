@@ -12,13 +12,26 @@ import torch
 from onnx import helper
 from test_ops import conv_inputs, selective_inputs, ssd_inputs
 
-from ssmrt.exporter.functions import SCAN_CHUNK, SSD_CHUNK, Static, all_functions
+from ssmrt.exporter.functions import SCAN_CHUNK, SSD_CHUNK, Builder, Static, all_functions
 from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
 from ssmrt.ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
 from ssmrt.testing import assert_close
 
 OPSET = 21
 ONNX_TYPE = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16}
+
+
+def known(inputs: dict, attrs: dict) -> Static:
+    """What an export knows of a node over `inputs`: every shape but batch and seqlen, the dtypes, the attributes."""
+    def dynamic(name, tensor, axis):
+        if name in ("conv_state", "ssm_state"):
+            return axis == 0
+        return tensor.dim() >= 3 and axis < 2
+
+    return Static(
+        shapes={k: tuple(None if dynamic(k, v, i) else d for i, d in enumerate(v.shape)) for k, v in inputs.items()},
+        dtypes={k: str(v.dtype).removeprefix("torch.") for k, v in inputs.items()},
+        attrs=dict(attrs))
 
 
 def run_node(spec, inputs: dict, attrs: dict, n_outputs=2, static=False):
@@ -36,17 +49,8 @@ def run_node(spec, inputs: dict, attrs: dict, n_outputs=2, static=False):
     node = helper.make_node(spec.name, [k if k in inputs else "" for k in names], [o.name for o in outs],
                             domain=DOMAIN, plugin_namespace="ssmrt", plugin_version="1", **attrs)
     graph = helper.make_graph([node], "g", vis, outs)
-    def dynamic(name, tensor, axis):
-        if name in ("conv_state", "ssm_state"):
-            return axis == 0
-        return tensor.dim() >= 3 and axis < 2
-
-    known = Static(
-        shapes={k: tuple(None if dynamic(k, v, i) else d for i, d in enumerate(v.shape)) for k, v in inputs.items()},
-        dtypes={k: str(v.dtype).removeprefix("torch.") for k, v in inputs.items()},
-        attrs=dict(attrs))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-                              functions=all_functions(OPSET, {spec.name: known} if static else None))
+                              functions=all_functions(OPSET, {spec.name: known(inputs, attrs)} if static else None))
     onnx.checker.check_model(model, full_check=True)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     res = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
@@ -131,3 +135,57 @@ def test_fp16_activations_keep_fp32_state(seqlen, static):
     y_ref, s_ref = ssd_scan_ref(**kw)
     assert_close(y, y_ref, dtype=torch.float16, name="ssd fp16 y")
     assert_close(s, s_ref, dtype=torch.float16, name="ssd fp16 state")
+
+
+def test_builder_binds_every_name_once():
+    """Text reads only bound names (the enclosing graph's values are handed in explicitly) and defines each once."""
+    b = Builder("p_", {"x": "outer_x"})
+    b.add("""
+        e = Exp (x)          # a comment
+        y = Add (e, x)
+    """)
+    assert [list(n.input) for n in b.nodes] == [["outer_x"], ["p_e", "outer_x"]] and b["y"] == "p_y"
+    with pytest.raises(KeyError, match="'z' is not bound"):
+        b.add("w = Exp (z)")
+    with pytest.raises(ValueError, match="'y' is bound already"):
+        b.add("y = Neg (x)")
+
+
+def _all_nodes(nodes):
+    for n in nodes:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g.node)
+
+
+def _decode_branch(fn):
+    (node,) = [n for n in fn.node if n.op_type == "If"]
+    return next(a.g for a in node.attribute if a.name == "then_branch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("op", ["CausalConv1d", "SelectiveScan", "SSDScan"])
+def test_specialised_bodies_decide_at_build_time(op, dtype):
+    """With what an export knows: no attribute is read at run time, no float32 input is cast, the decode step reads
+    no shape; with no Static, the body reads its attributes."""
+    if op == "CausalConv1d":
+        spec, kw, attrs = CAUSAL_CONV1D, conv_inputs(1, 3, 8, 4, dtype=dtype), {"activation": "silu"}
+    elif op == "SelectiveScan":
+        spec, kw, attrs = SELECTIVE_SCAN, selective_inputs(1, 3, 8, 4, ngroups=2, dtype=dtype), {"delta_softplus": 1}
+    else:
+        spec, kw = SSD_SCAN, ssd_inputs(1, 3, 4, 8, 16, ngroups=2, dtype=dtype)
+        attrs = {"chunk_size": 16, "dt_softplus": 1, "dt_min": 0.0, "dt_max": math.inf}
+    inputs = {t.name: kw[t.name] for t in spec.inputs}
+    fn = {f.name: f for f in all_functions(OPSET, {op: known(inputs, attrs)})}[op]
+    nodes = list(_all_nodes(fn.node))
+    assert not [a.ref_attr_name for n in nodes for a in n.attribute if a.ref_attr_name]
+    casts = sorted(n.input[0] for n in nodes if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT)
+    assert casts == sorted(t.name for t in spec.inputs if not (t.fp32 or dtype == torch.float32))
+    if op != "CausalConv1d":
+        assert not [n for n in _decode_branch(fn).node if n.op_type == "Shape"]
+    if op == "SSDScan":  # the chunked form: no loop at all
+        assert not {"Loop", "Scan"} & {n.op_type for n in nodes}
+    generic = {f.name: f for f in all_functions(OPSET)}[op]
+    assert {a.ref_attr_name for n in _all_nodes(generic.node) for a in n.attribute if a.ref_attr_name} >= {
+        "activation", "delta_softplus", "dt_softplus"} & set(spec.attributes)

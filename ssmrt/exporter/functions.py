@@ -4,20 +4,25 @@ ONNX Runtime inlines them, so an exported model runs anywhere with no plugin; Te
 to plugins instead. The math is the ops/ references', in float32 whatever the activation dtype:
 
 - CausalConv1d: with the channels and width known, a depthwise Conv in the channels-first layout the state
-  already has (ONNX Runtime runs it as its blocked depthwise kernel: 2.1x faster than windows at L = 512, and
-  at decode 10 nodes a layer instead of 16 for unrolled multiply-adds: a node costs ~1.85 us there, the caches
-  cold from the weight reads; benchmarks/cpu_ort_nodes.py). Otherwise one Gather builds the K-wide windows,
-  then a multiply and a sum.
+  already has. ONNX Runtime runs it as its blocked depthwise kernel, faster than gathered windows at prefill,
+  and at decode it is fewer nodes than unrolled multiply-adds, which is what a decode step pays for (each node
+  runs on caches the weight reads have just evicted). Otherwise one Gather builds the K-wide windows, then a
+  multiply and a sum.
 - SelectiveScan: decode (L == 1) is one recurrence step. Prefill is a Scan over chunks of SCAN_CHUNK tokens
   whose body computes the chunk's discretisation and unrolls its recurrence, so the (chunk, dim, dstate)
   working set stays in cache and nothing of size (L, dim, dstate) is ever written.
 - SSDScan: decode is one step; prefill is the chunked matmul form (Mamba-2 paper, listing 1) with a chunk of
   min(SSD_CHUNK, L), the inter-chunk recurrence done as one masked-decay matmul: no Loop or Scan at all.
 
+Each body is an If on L == 1 between a decode helper and a prefill helper, each filling one Builder of its own
+(one graph). The fixed maths is ONNX text (onnx.parser), as ONNX's own schemas write their function bodies; only
+what an export specialises is made in Python, from the Static passed in: dimensions the export knows become
+constants (ONNX Runtime folds them instead of evaluating a Shape on every call), inputs already float32 get no
+Cast and outputs no cast back, attribute values the export saw at every node decide at build time what would
+otherwise be a test at run time (an unknown one is read through a Constant with ref_attr_name).
+
 The exporter always supplies every input (zeros / ones for what a model lacks), so the bodies need no
-presence tests. Attributes are read through Constant nodes with ref_attr_name, unless the export saw the same
-value at every node of the op (Static): then the body is specialised to it, as it is to the static shapes and
-dtypes (no Cast of what is float32 already, no test of a flag whose value is known).
+presence tests.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, parser
 
 from ..ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SOFTPLUS_THRESHOLD, SSD_SCAN, dt_limit_active
 
@@ -53,29 +58,89 @@ class Static:
     dtypes: dict[str, str] = field(default_factory=dict)
     attrs: dict[str, object] = field(default_factory=dict)
 
+    def dim(self, name: str, axis: int) -> int | None:
+        """The size of input `name` along `axis`, None where unknown."""
+        shape = self.shapes.get(name)
+        return shape[axis] if shape is not None and axis < len(shape) else None
+
+    def is_float32(self, name: str) -> bool:
+        return self.dtypes.get(name) == "float32"
+
 
 class Builder:
-    """Collects nodes with fresh value names; `op` returns the output name(s).
+    """The nodes of one graph: a function body, an If branch or a Scan body.
 
-    static: what the export knows of the function's inputs and attributes. `dim` then gives a constant that
-    ONNX Runtime folds instead of a Shape node evaluated on every call; `f32` / `cast_like` skip casts that
-    would not change the type; `known` gives an attribute's value.
+    `add` appends nodes written in ONNX text; `op` appends one node made in Python (the specialised parts). Text
+    refers to values by name, and a name must be bound: by `let` (a value made in Python, or handed in from the
+    enclosing graph through `values`) or as an output of earlier text or of `op(..., out=name)`. Outputs get the
+    builder's prefix in the proto, so an If branch's names cannot meet its sibling's or the enclosing graph's;
+    `b[name]` is the value a name stands for. No name is bound twice, no value defined twice. A subgraph (If
+    branch, Scan body) is built by a Builder of its own, from the values handed to it, and attached with `op`.
     """
 
-    def __init__(self, prefix: str = "", static: Static | None = None):
+    def __init__(self, prefix: str = "", values: dict[str, str] | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self._prefix = prefix
+        self._names: dict[str, str] = {}  # name in text -> value name in the proto
+        self._defined: set[str] = set()  # the value names this graph's nodes define
         self._count = 0
-        self.static = static or Static()
+        self.let(**(values or {}))
 
-    def fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"{self._prefix}{hint}_{self._count}"
+    def let(self, **values: str) -> None:
+        for name, value in values.items():
+            if name in self._names:
+                raise ValueError(f"{name!r} is bound already")
+            self._names[name] = value
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, hint: str | None = None, **attrs):
-        outs = [self.fresh(hint or op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
-        return outs[0] if outputs == 1 else outs
+    def __getitem__(self, name: str) -> str:
+        return self._names[name]
+
+    def values(self, *names: str) -> dict[str, str]:
+        """The values of these names, to hand to the builder of a subgraph."""
+        return {n: self._names[n] for n in names}
+
+    def declare(self, *names: str) -> None:
+        """Binds names for the graph's own inputs (a Scan body's)."""
+        for name in names:
+            self._define(name)
+
+    def _define(self, name: str) -> str:
+        self.let(**{name: self._prefix + name})
+        return self._fresh(name, numbered=False)
+
+    def _fresh(self, hint: str, numbered: bool = True) -> str:
+        if numbered:
+            self._count += 1
+        value = f"{self._prefix}{hint}_{self._count}" if numbered else self._prefix + hint
+        if value in self._defined:
+            raise ValueError(f"{value!r} is defined already")
+        self._defined.add(value)
+        return value
+
+    def add(self, text: str, **values: str) -> None:
+        """Nodes in ONNX text, one a line (`#` starts a comment); `values` binds names first, as `let`."""
+        self.let(**values)
+        for node in parser.parse_graph(f"body () => () {{\n{text}\n}}").node:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise ValueError(f"{node.op_type}: a subgraph is built by its own Builder and attached with op")
+            for i, name in enumerate(node.input):
+                if name:
+                    if name not in self._names:
+                        raise KeyError(f"{name!r} is not bound (in {node.op_type} -> {list(node.output)})")
+                    node.input[i] = self._names[name]
+            for i, name in enumerate(node.output):
+                node.output[i] = self._define(name)
+            self.nodes.append(node)
+
+    def op(self, op_type: str, *inputs: str, out: str | tuple[str, ...] | None = None, outputs: int = 1,
+           hint: str | None = None, **attrs):
+        """One node over value names; its outputs are bound to `out` or, without it, fresh unbound names."""
+        if out is not None:
+            names = [self._define(n) for n in ((out,) if isinstance(out, str) else out)]
+        else:
+            names = [self._fresh(hint or op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        return names[0] if len(names) == 1 else names
 
     def const(self, value, dtype=np.float32) -> str:
         return self.op("Constant", value=numpy_helper.from_array(np.asarray(value, dtype=dtype)), hint="c")
@@ -83,361 +148,573 @@ class Builder:
     def ints(self, *values: int) -> str:
         return self.const(list(values), np.int64)
 
-    def attr(self, name: str, kind: int) -> str:
-        """A Constant holding the value of the function's attribute `name`."""
-        field = {onnx.AttributeProto.INT: "value_int", onnx.AttributeProto.FLOAT: "value_float",
-                 onnx.AttributeProto.STRING: "value_string"}[kind]
-        node = helper.make_node("Constant", [], [self.fresh(name)])
-        a = onnx.AttributeProto(name=field, ref_attr_name=name, type=kind)
-        node.attribute.append(a)
-        self.nodes.append(node)
-        return node.output[0]
+    def dim(self, value: str, axis: int, known: int | None) -> str:
+        """Shape(value)[axis] as a 1-D int64 tensor of one element; a constant where the export knows it."""
+        if known is not None:
+            return self.ints(int(known))
+        return self.op("Shape", value, start=axis, end=axis + 1)
 
-    # small helpers ---------------------------------------------------------------------------------
-    def known(self, name: str):
-        """The attribute's value when the export saw one value at every node, else None."""
-        return self.static.attrs.get(name)
+    def graph(self, name: str, outputs: list[tuple[str, int | list[str]]],
+              inputs: list[tuple[str, list[str]]] = ()) -> onnx.GraphProto:
+        """The subgraph (If branch, Scan body) of the nodes, its inputs and outputs named as in the text and
+        typed float32, of the given dimensions (or rank: then distinct symbolic dimensions)."""
+        def info(n, dims):
+            value = self._names[n]
+            dims = [f"{name}_{value}_{i}" for i in range(dims)] if isinstance(dims, int) else dims
+            return helper.make_tensor_value_info(value, TensorProto.FLOAT, dims)
 
-    def f32(self, x: str) -> str:
-        if self.static.dtypes.get(x) == "float32":
-            return x
-        return self.op("Cast", x, to=TensorProto.FLOAT)
-
-    def cast_like(self, y: str, like: str, hint: str) -> str:
-        """y (float32) in the type of `like`."""
-        if self.static.dtypes.get(like) == "float32":
-            return y
-        return self.op("CastLike", y, like, hint=hint)
-
-    def dim(self, x: str, axis: int) -> str:
-        """Shape(x)[axis] as a 1-D int64 tensor of one element (a constant when statically known)."""
-        known = self.static.shapes.get(x)
-        if known is not None and known[axis] is not None:
-            return self.ints(int(known[axis]))
-        return self.op("Shape", x, start=axis, end=axis + 1)
-
-    def unsqueeze(self, x: str, *axes: int) -> str:
-        return self.op("Unsqueeze", x, self.ints(*axes))
-
-    def squeeze(self, x: str, *axes: int) -> str:
-        return self.op("Squeeze", x, self.ints(*axes))
-
-    def silu(self, x: str) -> str:
-        return self.op("Mul", x, self.op("Sigmoid", x))
-
-    def softplus(self, x: str, small: bool = False) -> str:
-        """The kernels' `x <= 20 ? log1p(exp(x)) : x`.
-
-        small (a dt per head, a few dozen values a token): ONNX's Softplus, one node (abs error <= 5e-7 vs
-        float64; the kernels' threshold changes the value by < 2e-9). Otherwise Where(x > 20, x, Log(Exp(x) + 1)):
-        ONNX Runtime's Softplus is a scalar loop, 3x slower at prefill sizes (4.0 vs 1.4 ms on 512 x 1536).
-        Absolute error at most 6e-8 below 20 (1 + exp(x) rounds where exp(x) is tiny); above 20 the value is x
-        itself, as in the kernels."""
-        if small:
-            return self.op("Softplus", x)
-        soft = self.op("Log", self.op("Add", self.op("Exp", x), self.const(1.0)))
-        return self.op("Where", self.op("Greater", x, self.const(SOFTPLUS_THRESHOLD)), x, soft)
-
-    def flag(self, name: str, if_set, x_else: str) -> str:
-        """if_set() where the int attribute `name` is non-zero, else x_else: decided here when the value is
-        known, else a Where at run time."""
-        value = self.known(name)
-        if value is not None:
-            return if_set() if value else x_else
-        flag = self.attr(name, onnx.AttributeProto.INT)
-        return self.op("Where", self.op("Not", self.op("Equal", flag, self.const(0, np.int64))), if_set(), x_else)
-
-    def concat(self, *dims: str) -> str:
-        return self.op("Concat", *dims, axis=0)
-
-    def graph(self, name: str, outputs: list[tuple[str, int]]) -> onnx.GraphProto:
-        """A subgraph (If branch / Scan body) of the collected nodes; outputs typed float32 of given rank."""
-        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [f"{name}_{n}_{i}" for i in range(rank)])
-                for n, rank in outputs]
-        return helper.make_graph(self.nodes, name, [], outs)
+        return helper.make_graph(self.nodes, name, [info(n, d) for n, d in inputs], [info(n, d) for n, d in outputs])
 
 
-def _function(spec, nodes, inputs, outputs, opset: int) -> onnx.FunctionProto:
+def _float32_inputs(b: Builder, spec, static: Static) -> None:
+    """Binds each input's name to its value in float32: the input itself where the export saw float32, else a
+    Cast of it. The text reads the inputs through these names; the raw inputs keep their own value names."""
+    for t in spec.inputs:
+        b.let(**{t.name: t.name if static.is_float32(t.name) else b.op("Cast", t.name, to=TensorProto.FLOAT)})
+
+
+def _dims(b: Builder, static: Static, value: str, **axes: int) -> None:
+    """Binds each name to Shape(value)[axis], a constant where the export knows it."""
+    for name, axis in axes.items():
+        b.let(**{name: b.dim(value, axis, static.dim(value, axis))})
+
+
+def _function(spec, b: Builder, static: Static, opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of b's nodes. b binds each of spec's outputs by name to its float32 value; y is cast back
+    to the type of the first input, the state to that of the state input, unless that is float32 already."""
+    outputs = []
+    for out, like in zip(spec.outputs, (spec.inputs[0], spec.inputs[-1]), strict=True):
+        value = b[out.name]
+        if not static.is_float32(like.name):
+            value = b.op("CastLike", value, like.name, hint=out.name)
+        outputs.append(value)
     attrs = list(spec.attributes) + list(PLUGIN_ATTRS)
-    return helper.make_function(
-        DOMAIN, spec.name, inputs, outputs, nodes, [helper.make_opsetid("", opset)], attributes=attrs
-    )
+    return helper.make_function(DOMAIN, spec.name, [t.name for t in spec.inputs], outputs, b.nodes,
+                                [helper.make_opsetid("", opset)], attributes=attrs)
 
 
 # ---------------------------------------------------------------------------------------- CausalConv1d
 
 
 def causal_conv1d_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
-    b = Builder(static=static)
-    x, w, bias, state = (s.name for s in CAUSAL_CONV1D.inputs)
-    channels, width = b.static.shapes.get(w, (None, None))
+    static = static or Static()
+    b = Builder()
+    _float32_inputs(b, CAUSAL_CONV1D, static)
+    channels, width = static.dim("weight", 0), static.dim("weight", 1)
     if channels is not None and width is not None and width > 1:
-        xs = b.op("Concat", b.f32(state), b.op("Transpose", b.f32(x), perm=[0, 2, 1]), axis=2)  # (B, C, K-1+L)
-        kernel = b.op("Reshape", b.f32(w), b.ints(channels, 1, 1, width))
-        y = b.op("Conv", b.unsqueeze(xs, 2), kernel, b.f32(bias), group=channels, kernel_shape=[1, width])
-        y = b.op("Transpose", b.squeeze(y, 2), perm=[0, 2, 1])  # (B, C, 1, L) -> (B, L, C)
-        tail = b.op("Slice", xs, b.ints(1 - width), b.ints(np.iinfo(np.int64).max), b.ints(2))  # the last K-1
-        return _conv_outputs(b, y, tail, x, state, opset)
-    xs = b.op("Concat", b.op("Transpose", b.f32(state), perm=[0, 2, 1]), b.f32(x), axis=1)  # (B, K-1+L, C)
-    L = b.dim(x, 1)
-    wt = b.op("Transpose", b.f32(w), perm=[1, 0])  # (K, C)
-    zero, one = b.const(0, np.int64), b.const(1, np.int64)
-    t = b.op("Range", zero, b.squeeze(L, 0), one)
-    if width is not None:
-        k = b.ints(*range(width))
+        _conv_depthwise(b, channels, width)
     else:
-        k = b.op("Range", zero, b.squeeze(b.dim(w, 1), 0), one)
-    idx = b.op("Add", b.unsqueeze(t, 1), b.unsqueeze(k, 0))  # (L, K): windows[t, k] = xs[t + k]
-    windows = b.op("Gather", xs, idx, axis=1)  # (B, L, K, C)
-    y = b.op("ReduceSum", b.op("Mul", windows, wt), b.ints(2), keepdims=0)
-    y = b.op("Add", y, b.f32(bias))
-    tail = b.op("Transpose", b.op("Slice", xs, L, b.ints(np.iinfo(np.int64).max), b.ints(1)), perm=[0, 2, 1])
-    return _conv_outputs(b, y, tail, x, state, opset)
+        _conv_windows(b, static)
+    _conv_activation(b, static.attrs.get("activation"))
+    return _function(CAUSAL_CONV1D, b, static, opset)
 
 
-def _conv_outputs(b: Builder, y: str, tail: str, x: str, state: str, opset: int) -> onnx.FunctionProto:
-    """y (B, L, C) float32 before the activation, tail (B, C, K-1) the new state: the activation, the casts back."""
-    activation = b.known("activation")
+def _conv_depthwise(b: Builder, channels: int, width: int) -> None:
+    """y_lin (B, L, C) and the new state: one depthwise Conv over [state, x] in the state's (B, C, K-1+L)."""
+    b.add(f"""
+        two = Constant <value_ints = [2]> ()
+        x_t = Transpose <perm = [0, 2, 1]> (x)
+        xs = Concat <axis = 2> (conv_state, x_t)                        # (B, C, K-1+L)
+        xs_2d = Unsqueeze (xs, two)                                     # (B, C, 1, K-1+L)
+        kernel_shape = Constant <value_ints = [{channels}, 1, 1, {width}]> ()
+        kernel = Reshape (weight, kernel_shape)
+        conv = Conv <group = {channels}, kernel_shape = [1, {width}]> (xs_2d, kernel, bias)
+        conv_1d = Squeeze (conv, two)
+        y_lin = Transpose <perm = [0, 2, 1]> (conv_1d)                  # (B, C, L) -> (B, L, C)
+        tail_start = Constant <value_ints = [{1 - width}]> ()
+        end = Constant <value_ints = [9223372036854775807]> ()         # INT64_MAX: to the last
+        present_conv_state = Slice (xs, tail_start, end, two)           # the last K-1
+    """)
+
+
+def _conv_windows(b: Builder, static: Static) -> None:
+    """y_lin (B, L, C) and the new state with the width unknown: windows[t, k] = [state, x][t + k] by a Gather."""
+    _dims(b, static, "x", L=1)
+    width = static.dim("weight", 1)
+    if width is not None:
+        b.let(k=b.ints(*range(width)))
+    b.add("""
+        zero = Constant <value = int64 {0}> ()
+        one = Constant <value = int64 {1}> ()
+        axis0 = Constant <value_ints = [0]> ()
+        axis1 = Constant <value_ints = [1]> ()
+        axis2 = Constant <value_ints = [2]> ()
+        state_t = Transpose <perm = [0, 2, 1]> (conv_state)
+        xs = Concat <axis = 1> (state_t, x)                             # (B, K-1+L, C)
+        wt = Transpose <perm = [1, 0]> (weight)                         # (K, C)
+        L_n = Squeeze (L, axis0)
+        t = Range (zero, L_n, one)
+    """)
+    if width is None:
+        b.add("""
+            K = Shape <start = 1, end = 2> (weight)
+            K_n = Squeeze (K, axis0)
+            k = Range (zero, K_n, one)
+        """)
+    b.add("""
+        t_col = Unsqueeze (t, axis1)
+        k_row = Unsqueeze (k, axis0)
+        idx = Add (t_col, k_row)                                        # (L, K)
+        windows = Gather <axis = 1> (xs, idx)                           # (B, L, K, C)
+        products = Mul (windows, wt)
+        y_nobias = ReduceSum <keepdims = 0> (products, axis2)
+        y_lin = Add (y_nobias, bias)
+        end = Constant <value_ints = [9223372036854775807]> ()         # INT64_MAX: to the last
+        tail = Slice (xs, L, end, axis1)                                # the last K-1
+        present_conv_state = Transpose <perm = [0, 2, 1]> (tail)
+    """)
+
+
+def _conv_activation(b: Builder, activation: str | None) -> None:
+    """y from y_lin: silu, nothing, or (activation unknown at export) silu where the attribute says "silu"."""
     if activation is None:
-        is_silu = b.op("Equal", b.attr("activation", onnx.AttributeProto.STRING), b.const("silu", object))
-        y = b.op("Where", is_silu, b.silu(y), y)
+        b.add("""
+            activation = Constant <value_string: string = @activation> ()
+            silu_name = Constant <value_string = "silu"> ()
+            is_silu = Equal (activation, silu_name)
+            y_sigmoid = Sigmoid (y_lin)
+            y_silu = Mul (y_lin, y_sigmoid)
+            y = Where (is_silu, y_silu, y_lin)
+        """)
     elif activation == "silu":
-        y = b.silu(y)
-    y_out = b.cast_like(y, x, hint="y")
-    s_out = b.cast_like(tail, state, hint="present_conv_state")
-    return _function(CAUSAL_CONV1D, b.nodes, [s.name for s in CAUSAL_CONV1D.inputs], [y_out, s_out], opset)
+        b.add("""
+            y_sigmoid = Sigmoid (y_lin)
+            y = Mul (y_lin, y_sigmoid)
+        """)
+    else:
+        b.let(y=b["y_lin"])
 
 
 # --------------------------------------------------------------------------------------- SelectiveScan
 
 
 def selective_scan_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
-    b = Builder(static=static)
-    u, delta, A, Bm, Cm, D, z, delta_bias, state = (s.name for s in SELECTIVE_SCAN.inputs)
-    # Channel d reads group d // (dim // ngroups): the branches work in (.., ngroups, dim/ngroups, ..) so B and
-    # C broadcast, and return y (B, L, dim) and the state (B, dim, N). With one group known, the decode branch
-    # works in the state's own (B, dim, N) layout instead (only free reshapes of vectors).
-    L, dim = b.dim(u, 1), b.dim(u, 2)
-    G, N = b.dim(Bm, 2), b.dim(Bm, 3)  # with the sizes known these are constants, their arithmetic folded
-    Dg = b.op("Div", dim, G)
-    zero, one = b.ints(0), b.ints(1)  # a Reshape's 0 keeps that dimension: batch is never read by a Shape
-    one_group = b.static.shapes.get(Bm, (None,) * 4)[2] == 1
-    dt = b.op("Add", b.f32(delta), b.f32(delta_bias))
-    dt = b.flag("delta_softplus", lambda: b.softplus(dt), dt)  # (B, L, dim)
-    uf = b.f32(u)
-    dtu = b.op("Mul", dt, uf)
-    Af = b.f32(A)  # (dim, N)
-    Bf, Cf = b.f32(Bm), b.f32(Cm)  # (B, L, G, N)
-    sf = b.f32(state)  # (B, dim, N)
-
-    def grouped(sb: Builder, t):
-        """(B, L, dim) -> (B, L, G, Dg)"""
-        return sb.op("Reshape", t, b.concat(zero, zero, G, Dg))
-
-    def grouped_A_state(sb: Builder):
-        """A (G, Dg, N) and the state (B, 1, G, Dg, N), the time axis kept, size 1."""
-        return (sb.op("Reshape", Af, b.concat(G, Dg, N)),
-                sb.op("Reshape", sf, b.concat(zero, one, G, Dg, N)))
-
-    # decode: L == 1
-    tb = Builder("dec_")
-    if one_group:
-        # ONNX Runtime's broadcasting Mul walks the innermost axis in spans: with spans of N = 16 the outer product
-        # dt u B takes 3.1x a K = 1 MatMul's time (benchmarks/cpu_ort_nodes.py), so it is that MatMul here;
-        # transposing to (B, N, dim) instead cost more in the transpose back than it saved.
-        col = b.concat(zero, dim, one)  # (B, 1, dim) -> (B, dim, 1): the step works in the state's (B, dim, N)
-        dA = tb.op("Exp", tb.op("Mul", Af, tb.op("Reshape", dt, col)))  # (dim, N) * (B, dim, 1)
-        dBu = tb.op("MatMul", tb.op("Reshape", dtu, col), tb.op("Reshape", Bf, b.concat(zero, one, N)))
-        h1 = tb.op("Add", tb.op("Mul", dA, sf), dBu)  # (B, dim, N)
-        y1 = tb.op("MatMul", h1, tb.op("Reshape", Cf, b.concat(zero, N, one)))  # (B, dim, 1)
-        y1 = tb.op("Reshape", y1, b.concat(zero, one, dim))
+    static = static or Static()
+    b = Builder()
+    _float32_inputs(b, SELECTIVE_SCAN, static)
+    # With the sizes known these are constants, and the shape arithmetic on them is folded.
+    _dims(b, static, "u", L=1, dim=2)
+    _dims(b, static, "B", G=2, N=3)
+    b.add("""
+        Dg = Div (dim, G)                                               # channel d reads group d // Dg
+        delta_biased = Add (delta, delta_bias)
+    """)
+    softplus = static.attrs.get("delta_softplus")
+    if softplus is None:
+        _softplus(b)
+        b.add("""
+            softplus_on = Constant <value_int: int = @delta_softplus> ()
+            zero_i = Constant <value = int64 {0}> ()
+            softplus_off = Equal (softplus_on, zero_i)
+            dt = Where (softplus_off, delta_biased, delta_soft)
+        """)
+    elif softplus:
+        _softplus(b)
+        b.let(dt=b["delta_soft"])
     else:
-        Ag, h0 = grouped_A_state(tb)
-        dA = tb.op("Exp", tb.op("Mul", tb.unsqueeze(grouped(tb, dt), 4), Ag))  # (B, 1, G, Dg, N)
-        dBu = tb.op("Mul", tb.unsqueeze(grouped(tb, dtu), 4), tb.unsqueeze(Bf, 3))
-        h1 = tb.op("Add", tb.op("Mul", dA, h0), dBu)
-        y1 = tb.op("ReduceSum", tb.op("Mul", h1, tb.unsqueeze(Cf, 3)), tb.ints(4), keepdims=0)  # (B, 1, G, Dg)
-        y1 = tb.op("Reshape", y1, b.ints(0, 0, -1))
-        h1 = tb.op("Reshape", h1, b.concat(zero, dim, N))
-    then_graph = tb.graph("selective_scan_step", [(y1, 3), (h1, 3)])
+        b.let(dt=b["delta_biased"])
+    b.add("dtu = Mul (dt, u)")                                          # (B, L, dim)
 
-    # prefill: pad to whole chunks (dt = 0 there: decay 1, no input), Scan over chunks
-    eb = Builder("pre_")
-    Ag, h0 = grouped_A_state(eb)
-    T = eb.ints(SCAN_CHUNK)
-    pad = eb.op("Mod", eb.op("Sub", T, eb.op("Mod", L, T)), T)
-    nc = eb.op("Div", eb.op("Add", L, pad), T)
+    shared = b.values("dt", "dtu", "A", "B", "C", "ssm_state", "L", "dim", "G", "N", "Dg")
+    if static.dim("B", 2) == 1:
+        step = _selective_step_one_group(Builder("dec_", shared))
+    else:
+        step = _selective_step(Builder("dec_", shared))
+    prefill = _selective_prefill(Builder("pre_", shared))
+    b.add("""
+        one = Constant <value_ints = [1]> ()
+        is_step = Equal (L, one)                                        # shape (1,): what If takes, no Squeeze
+    """)
+    b.op("If", b["is_step"], out=("y_scan", "present_ssm_state"), then_branch=step, else_branch=prefill)
+    b.add("""
+        u_D = Mul (u, D)
+        y_skip = Add (y_scan, u_D)
+        z_sigmoid = Sigmoid (z)
+        z_silu = Mul (z, z_sigmoid)
+        y = Mul (y_skip, z_silu)
+    """)
+    return _function(SELECTIVE_SCAN, b, static, opset)
 
-    def chunked(x, inner):
-        padded = eb.op("Pad", x, eb.op("Concat", eb.ints(0, 0), eb.ints(0), pad, axis=0), "", eb.ints(0, 1))
-        return eb.op("Reshape", padded, eb.concat(zero, nc, T, *inner))
 
-    scan_in = [chunked(grouped(eb, dt), (G, Dg)), chunked(grouped(eb, dtu), (G, Dg)), chunked(Bf, (G, N)),
-               chunked(Cf, (G, N))]
+def _softplus(b: Builder) -> None:
+    """delta_soft = the kernels' `delta_biased <= 20 ? log1p(exp(delta_biased)) : delta_biased`.
 
-    # The body discretises its chunk in bulk, unrolls the recurrence with two ops per token, and reads all
-    # the chunk's outputs with one batched matmul against C.
-    body = Builder("body_")
-    h_in = "h_in"
-    ins = ["dt_c", "dtu_c", "B_c", "C_c"]  # (B, T, G, *)
-    dA = body.op("Exp", body.op("Mul", body.unsqueeze(ins[0], 4), Ag))
-    dBu = body.op("MatMul", body.unsqueeze(ins[1], 4), body.unsqueeze(ins[2], 3))  # (B, T, G, Dg, N), as above
-    dA_t = body.op("Split", dA, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK)
-    dBu_t = body.op("Split", dBu, axis=1, num_outputs=SCAN_CHUNK, outputs=SCAN_CHUNK)
-    h, hs = h_in, []
-    for j in range(SCAN_CHUNK):
-        h = body.op("Add", body.op("Mul", dA_t[j], h), dBu_t[j])  # (B, 1, G, Dg, N)
+    As Where(x > 20, x, Log(Exp(x) + 1)), not ONNX's Softplus: ONNX Runtime runs that as a scalar loop, several
+    times slower at prefill sizes. The absolute error is at most 6e-8 below 20 (1 + exp(x) rounds where exp(x) is
+    tiny); above 20 the value is x itself, as in the kernels."""
+    b.add("""
+        sp_exp = Exp (delta_biased)
+        sp_one = Constant <value = float {1.0}> ()
+        sp_exp1 = Add (sp_exp, sp_one)
+        sp_log = Log (sp_exp1)
+        sp_above = Greater (delta_biased, sp_threshold)
+        delta_soft = Where (sp_above, delta_biased, sp_log)
+    """, sp_threshold=b.const(SOFTPLUS_THRESHOLD))
+
+
+def _selective_step_one_group(b: Builder) -> onnx.GraphProto:
+    """Decode with one group, in the state's own (B, dim, N) layout (only free reshapes of vectors).
+
+    The outer product dt u B is a K = 1 MatMul: ONNX Runtime's broadcasting Mul walks the innermost axis in spans
+    of N, which is short, and is several times slower. Transposing to (B, N, dim) instead costs more in the
+    transpose back than it saves."""
+    b.add("""
+        zero = Constant <value_ints = [0]> ()                           # a Reshape's 0 keeps the batch
+        one = Constant <value_ints = [1]> ()
+        col = Concat <axis = 0> (zero, dim, one)                        # (B, 1, dim) -> (B, dim, 1)
+        dt_col = Reshape (dt, col)
+        dA = Mul (A, dt_col)                                            # (dim, N) * (B, dim, 1)
+        decay = Exp (dA)
+        dtu_col = Reshape (dtu, col)
+        row_shape = Concat <axis = 0> (zero, one, N)
+        B_row = Reshape (B, row_shape)                                  # (B, 1, N)
+        dBu = MatMul (dtu_col, B_row)                                   # (B, dim, N)
+        h_decayed = Mul (decay, ssm_state)
+        h = Add (h_decayed, dBu)
+        col_shape = Concat <axis = 0> (zero, N, one)
+        C_col = Reshape (C, col_shape)                                  # (B, N, 1)
+        y_col = MatMul (h, C_col)                                       # (B, dim, 1)
+        y_shape = Concat <axis = 0> (zero, one, dim)
+        y = Reshape (y_col, y_shape)                                    # (B, 1, dim)
+    """)
+    return b.graph("selective_scan_step", [("y", 3), ("h", 3)])
+
+
+def _selective_step(b: Builder) -> onnx.GraphProto:
+    """Decode with G groups, in (B, 1, G, Dg, N), so that B and C broadcast over a group's channels."""
+    b.add("""
+        zero = Constant <value_ints = [0]> ()
+        one = Constant <value_ints = [1]> ()
+        three = Constant <value_ints = [3]> ()
+        four = Constant <value_ints = [4]> ()
+        A_shape = Concat <axis = 0> (G, Dg, N)
+        A_g = Reshape (A, A_shape)                                      # (G, Dg, N)
+        state_shape = Concat <axis = 0> (zero, one, G, Dg, N)
+        h0 = Reshape (ssm_state, state_shape)                           # (B, 1, G, Dg, N)
+        grouped = Concat <axis = 0> (zero, zero, G, Dg)
+        dt_g = Reshape (dt, grouped)                                    # (B, 1, G, Dg)
+        dt_5 = Unsqueeze (dt_g, four)
+        dA = Mul (dt_5, A_g)
+        decay = Exp (dA)                                                # (B, 1, G, Dg, N)
+        dtu_g = Reshape (dtu, grouped)
+        dtu_5 = Unsqueeze (dtu_g, four)
+        B_5 = Unsqueeze (B, three)
+        dBu = Mul (dtu_5, B_5)
+        h_decayed = Mul (decay, h0)
+        h_g = Add (h_decayed, dBu)
+        C_5 = Unsqueeze (C, three)
+        hC = Mul (h_g, C_5)
+        y_g = ReduceSum <keepdims = 0> (hC, four)                       # (B, 1, G, Dg)
+        y_shape = Constant <value_ints = [0, 0, -1]> ()
+        y = Reshape (y_g, y_shape)                                      # (B, 1, dim)
+        h_shape = Concat <axis = 0> (zero, dim, N)
+        h = Reshape (h_g, h_shape)                                      # (B, dim, N)
+    """)
+    return b.graph("selective_scan_step", [("y", 3), ("h", 3)])
+
+
+def _selective_prefill(b: Builder) -> onnx.GraphProto:
+    """Prefill: pad to whole chunks of SCAN_CHUNK tokens (dt = 0 there: decay 1, no input), Scan over chunks."""
+    b.let(T=b.ints(SCAN_CHUNK))
+    b.add("""
+        zero = Constant <value_ints = [0]> ()
+        one = Constant <value_ints = [1]> ()
+        minus_one = Constant <value_ints = [-1]> ()
+        A_shape = Concat <axis = 0> (G, Dg, N)
+        A_g = Reshape (A, A_shape)                                      # (G, Dg, N)
+        state_shape = Concat <axis = 0> (zero, one, G, Dg, N)
+        h0 = Reshape (ssm_state, state_shape)                           # (B, 1, G, Dg, N)
+        L_mod = Mod (L, T)
+        short = Sub (T, L_mod)
+        pad = Mod (short, T)
+        L_pad = Add (L, pad)
+        nc = Div (L_pad, T)
+        pads = Concat <axis = 0> (zero, pad)                            # at the end of the time axis
+        dt_pad = Pad (dt, pads, , one)
+        dtu_pad = Pad (dtu, pads, , one)
+        B_pad = Pad (B, pads, , one)
+        C_pad = Pad (C, pads, , one)
+        chunks_dg = Concat <axis = 0> (zero, nc, T, G, Dg)
+        chunks_n = Concat <axis = 0> (zero, nc, T, G, N)
+        dt_c = Reshape (dt_pad, chunks_dg)                              # (B, c, T, G, Dg)
+        dtu_c = Reshape (dtu_pad, chunks_dg)
+        B_c = Reshape (B_pad, chunks_n)                                 # (B, c, T, G, N)
+        C_c = Reshape (C_pad, chunks_n)
+    """)
+    body = _selective_chunk(Builder("body_", b.values("A_g")))
+    b.op("Scan", *(b[n] for n in ("h0", "dt_c", "dtu_c", "B_c", "C_c")), out=("h_last", "y_chunks"), body=body,
+         num_scan_inputs=4, scan_input_axes=[1, 1, 1, 1], scan_output_axes=[1])
+    b.add("""
+        y_all_shape = Concat <axis = 0> (zero, minus_one, dim)
+        y_all = Reshape (y_chunks, y_all_shape)                         # (B, c T, dim)
+        y = Slice (y_all, zero, L, one)                                 # (B, L, dim)
+        h_shape = Concat <axis = 0> (zero, dim, N)
+        h = Reshape (h_last, h_shape)                                   # (B, dim, N)
+    """)
+    return b.graph("selective_scan_prefill", [("y", 3), ("h", 3)])
+
+
+def _selective_chunk(b: Builder) -> onnx.GraphProto:
+    """The Scan body: discretises its chunk in bulk, unrolls the recurrence with two ops per token, and reads all
+    the chunk's outputs with one batched matmul against C."""
+    b.declare("h_in", "dt_c", "dtu_c", "B_c", "C_c")
+    b.add("""
+        three = Constant <value_ints = [3]> ()
+        four = Constant <value_ints = [4]> ()
+        dt_5 = Unsqueeze (dt_c, four)
+        dA = Mul (dt_5, A_g)
+        decay = Exp (dA)                                                # (B, T, G, Dg, N)
+        dtu_5 = Unsqueeze (dtu_c, four)
+        B_5 = Unsqueeze (B_c, three)
+        dBu = MatMul (dtu_5, B_5)                                       # (B, T, G, Dg, N), a K = 1 MatMul
+    """)
+    decay = b.op("Split", b["decay"], outputs=SCAN_CHUNK, axis=1, num_outputs=SCAN_CHUNK)
+    dBu = b.op("Split", b["dBu"], outputs=SCAN_CHUNK, axis=1, num_outputs=SCAN_CHUNK)
+    h, hs = b["h_in"], []
+    for j in range(SCAN_CHUNK):  # h = decay_j h + dBu_j, (B, 1, G, Dg, N)
+        h = b.op("Add", b.op("Mul", decay[j], h), dBu[j], out="h_out" if j == SCAN_CHUNK - 1 else None)
         hs.append(h)
-    h_out = body.op("Identity", h, hint="h_out")
-    states = body.op("Concat", *hs, axis=1)  # (B, T, G, Dg, N)
-    y_chunk = body.op("Squeeze", body.op("MatMul", states, body.unsqueeze("C_c", 4)), body.ints(4),
-                      hint="y_chunk")  # (B, T, G, Dg, N) @ (B, T, G, N, 1) -> (B, T, G, Dg)
-    body_graph = helper.make_graph(
-        body.nodes,
-        "selective_scan_chunk",
-        [helper.make_tensor_value_info(h_in, TensorProto.FLOAT, ["b", "one", "g", "dg", "n"])]
-        + [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "t", "g", f"{n}_d"]) for n in ins],
-        [helper.make_tensor_value_info(h_out, TensorProto.FLOAT, ["b", "one", "g", "dg", "n"]),
-         helper.make_tensor_value_info(y_chunk, TensorProto.FLOAT, ["b", "t", "g", "dg"])],
-    )
-    h_fin, y_chunks = eb.op("Scan", h0, *scan_in, outputs=2, body=body_graph, num_scan_inputs=4,
-                            scan_input_axes=[1, 1, 1, 1], scan_output_axes=[1])
-    y_all = eb.op("Reshape", y_chunks, eb.concat(zero, eb.ints(-1), dim))
-    y_pre = eb.op("Slice", y_all, eb.ints(0), L, eb.ints(1), hint="y")  # (B, L, dim)
-    h_pre = eb.op("Reshape", h_fin, eb.concat(zero, dim, N), hint="h")
-    else_graph = eb.graph("selective_scan_prefill", [(y_pre, 3), (h_pre, 3)])
-
-    is_step = b.op("Equal", L, b.ints(1))  # one element, shape (1,): what If needs, no Squeeze
-    y, h = b.op("If", is_step, outputs=2, then_branch=then_graph, else_branch=else_graph)
-    y = b.op("Add", y, b.op("Mul", uf, b.f32(D)))
-    y = b.op("Mul", y, b.silu(b.f32(z)))
-    y_out = b.cast_like(y, u, hint="y")
-    s_out = b.cast_like(h, state, hint="present_ssm_state")
-    return _function(SELECTIVE_SCAN, b.nodes, [s.name for s in SELECTIVE_SCAN.inputs], [y_out, s_out], opset)
+    b.op("Concat", *hs, axis=1, out="states")
+    b.add("""
+        C_5 = Unsqueeze (C_c, four)
+        y_5 = MatMul (states, C_5)                                      # (B, T, G, Dg, N) @ (B, T, G, N, 1)
+        y_chunk = Squeeze (y_5, four)                                   # (B, T, G, Dg)
+    """)
+    state, chunk = ["b", "one", "g", "dg", "n"], ["b", "t", "g"]
+    return b.graph("selective_scan_chunk", [("h_out", state), ("y_chunk", [*chunk, "dg"])],
+                   [("h_in", state), ("dt_c", [*chunk, "dt_c_d"]), ("dtu_c", [*chunk, "dtu_c_d"]),
+                    ("B_c", [*chunk, "B_c_d"]), ("C_c", [*chunk, "C_c_d"])])
 
 
 # ------------------------------------------------------------------------------------------- SSDScan
 
 
-def _segsum(b: Builder, a: str, T: str) -> str:
-    """(..., T) -> (..., T, T): out[..., i, j] = sum(a[..., j+1 : i+1]) for j <= i, -inf above.
-
-    A masked cumsum, not a difference of cumsums, which loses precision over long sequences.
-    """
-    rep = b.op("Expand", b.unsqueeze(a, -1), b.op("Concat", b.op("Shape", a), T, axis=0))  # [.., i, j] = a_i
-    ones = b.op("ConstantOfShape", b.concat(T, T), value=numpy_helper.from_array(np.ones(1, np.float32)))
-    strict_lower = b.op("Cast", b.op("Trilu", ones, b.ints(-1), upper=0), to=TensorProto.BOOL)
-    lower = b.op("Cast", b.op("Trilu", ones, upper=0), to=TensorProto.BOOL)
-    cs = b.op("CumSum", b.op("Where", strict_lower, rep, b.const(0.0)), b.const(-2, np.int64))
-    return b.op("Where", lower, cs, b.const(-np.inf))
-
-
 def ssd_scan_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
-    b = Builder(static=static)
-    x, dt_in, A, Bm, Cm, D, dt_bias, state = (s.name for s in SSD_SCAN.inputs)
-    batch, L, H, P = (b.dim(x, i) for i in range(4))
-    G, N = b.dim(Bm, 2), b.dim(Bm, 3)
-    dt = b.op("Add", b.f32(dt_in), b.f32(dt_bias))
-    dt = b.flag("dt_softplus", lambda: b.softplus(dt, small=True), dt)
-    lo, hi = b.known("dt_min"), b.known("dt_max")
-    if lo is None or hi is None or dt_limit_active((lo, hi)):  # the limit, unless known to be none
-        dt = b.op("Max", b.op("Min", dt, b.attr("dt_max", onnx.AttributeProto.FLOAT)),
-                  b.attr("dt_min", onnx.AttributeProto.FLOAT))  # (B, L, H)
-    xf = b.f32(x)
-    Af = b.f32(A)
-    h0 = b.f32(state)  # (B, H, P, N)
-
-    def heads(t):
-        """(B, L, G, N) -> (B, L, H, N): head h reads group h // (H // G)."""
-        t = b.unsqueeze(b.f32(t), 3)
-        t = b.op("Expand", t, b.concat(batch, L, G, b.op("Div", H, G), N))
-        return b.op("Reshape", t, b.concat(batch, L, H, N))
-
-    one_group = b.static.shapes.get(Bm, (None,) * 4)[2] == 1
-    if one_group:  # B and C broadcast over the heads as they are
-        Bh, Ch, Hb = b.f32(Bm), b.f32(Cm), b.ints(1)
+    static = static or Static()
+    b = Builder()
+    _float32_inputs(b, SSD_SCAN, static)
+    one_group = static.dim("B", 2) == 1
+    _dims(b, static, "x", L=1, H=2, P=3)
+    _dims(b, static, "B", N=3)
+    b.add("dt_biased = Add (dt, dt_bias)")
+    # dt is a value per head, a few dozen a token: ONNX's Softplus, one node (abs error <= 5e-7 vs float64; the
+    # kernels' threshold changes the value by < 2e-9)
+    softplus = static.attrs.get("dt_softplus")
+    if softplus is None:
+        b.add("""
+            dt_soft_all = Softplus (dt_biased)
+            softplus_on = Constant <value_int: int = @dt_softplus> ()
+            zero_i = Constant <value = int64 {0}> ()
+            softplus_off = Equal (softplus_on, zero_i)
+            dt_soft = Where (softplus_off, dt_biased, dt_soft_all)
+        """)
+    elif softplus:
+        b.add("dt_soft = Softplus (dt_biased)")
     else:
-        Bh, Ch, Hb = heads(Bm), heads(Cm), H  # (B, L, Hb, N)
-    X = b.op("Mul", xf, b.unsqueeze(dt, 3))  # x * dt
-    a = b.op("Mul", dt, Af)  # log decay per step, (B, L, H)
+        b.let(dt_soft=b["dt_biased"])
+    lo, hi = static.attrs.get("dt_min"), static.attrs.get("dt_max")
+    if lo is None or hi is None or dt_limit_active((lo, hi)):  # the limit, unless known to be none
+        b.add("""
+            dt_max = Constant <value_float: float = @dt_max> ()
+            dt_min = Constant <value_float: float = @dt_min> ()
+            dt_below = Min (dt_soft, dt_max)
+            dt_step = Max (dt_below, dt_min)
+        """)
+    else:
+        b.let(dt_step=b["dt_soft"])
+    b.add("""
+        three = Constant <value_ints = [3]> ()
+        dt_4 = Unsqueeze (dt_step, three)
+        x_dt = Mul (x, dt_4)                                            # (B, L, H, P)
+        a = Mul (dt_step, A)                                            # the log decay per step, (B, L, H)
+    """)
+    if one_group:  # B and C (B, L, 1, N) broadcast over the heads as they are
+        b.let(B_h=b["B"], C_h=b["C"], Hb=b.ints(1))
+    else:  # head h reads group h // (H / G): B and C repeated to (B, L, H, N)
+        _dims(b, static, "x", batch=0)
+        _dims(b, static, "B", G=2)
+        b.add("""
+            heads_per_group = Div (H, G)
+            grouped = Concat <axis = 0> (batch, L, G, heads_per_group, N)
+            by_head = Concat <axis = 0> (batch, L, H, N)
+            B_5 = Unsqueeze (B, three)
+            B_rep = Expand (B_5, grouped)
+            B_h = Reshape (B_rep, by_head)
+            C_5 = Unsqueeze (C, three)
+            C_rep = Expand (C_5, grouped)
+            C_h = Reshape (C_rep, by_head)
+        """)
+        b.let(Hb=b["H"])
 
-    # decode: L == 1 -> h = exp(a) h + (dt x) B^T ; y = h C. With L == 1, moving the time axis is a Reshape
-    # (no copy), not a Transpose.
-    tb = Builder("dec_")
-    keep, one = b.ints(0), b.ints(1)
-    decay = tb.op("Reshape", tb.op("Exp", a), tb.ints(0, -1, 1, 1))  # (B, H, 1, 1)
-    X1 = tb.op("Reshape", X, b.concat(keep, H, P, one))  # (B, H, P, 1)
-    # (B, Hb, 1, N); with one group Bh is (B, 1, 1, N) already
-    B1 = Bh if one_group else tb.op("Reshape", Bh, b.concat(keep, Hb, one, N))
-    C1 = tb.op("Reshape", Ch, b.concat(keep, Hb, N, one))  # (B, Hb, N, 1)
-    h1 = tb.op("Add", tb.op("Mul", decay, h0), tb.op("Mul", X1, B1))
-    y1 = tb.op("Reshape", tb.op("MatMul", h1, C1), b.concat(keep, one, H, P))  # (B, H, P, 1) -> (B, 1, H, P)
-    then_graph = tb.graph("ssd_step", [(y1, 4), (h1, 4)])
+    shared = b.values("x_dt", "a", "B_h", "C_h", "ssm_state", "L", "H", "P", "N", "Hb")
+    step = _ssd_step(Builder("dec_", shared), one_group)
+    pre = Builder("pre_", shared)
+    if one_group:  # then batch is read only here, not on every call
+        _dims(pre, static, "x", batch=0)
+    else:
+        pre.let(batch=b["batch"])
+    prefill = _ssd_prefill(pre)
+    b.add("""
+        one = Constant <value_ints = [1]> ()
+        is_step = Equal (L, one)                                        # shape (1,): what If takes, no Squeeze
+    """)
+    b.op("If", b["is_step"], out=("y_scan", "present_ssm_state"), then_branch=step, else_branch=prefill)
+    b.add("""
+        minus_one = Constant <value_ints = [-1]> ()
+        D_shape = Concat <axis = 0> (H, minus_one)
+        D_r = Reshape (D, D_shape)                                      # D (H,) or (H, P) -> (H, 1) or (H, P)
+        x_D = Mul (x, D_r)
+        y = Add (y_scan, x_D)
+    """)
+    return _function(SSD_SCAN, b, static, opset)
 
-    # prefill: chunks of cs = min(SSD_CHUNK, L), the last padded with dt = 0 (decay 1, no input)
-    eb = Builder("pre_")
-    if one_group:  # then batch is used only here: read it in the branch, not on every call
-        batch = eb.dim(x, 0)
-    cs = eb.op("Min", eb.ints(SSD_CHUNK), L)
-    pad = eb.op("Mod", eb.op("Sub", cs, eb.op("Mod", L, cs)), cs)
-    nc = eb.op("Div", eb.op("Add", L, pad), cs)
 
-    def chunked(t, inner):
-        padded = eb.op("Pad", t, eb.op("Concat", eb.ints(0, 0), eb.ints(0), pad, axis=0), "", eb.ints(0, 1))
-        return eb.op("Reshape", padded, eb.concat(batch, nc, cs, *inner))
+def _ssd_step(b: Builder, one_group: bool) -> onnx.GraphProto:
+    """Decode: h = exp(a) h + (dt x) B^T; y = h C. With L == 1, moving the time axis is a Reshape (no copy), not
+    a Transpose."""
+    b.add("""
+        zero = Constant <value_ints = [0]> ()                           # a Reshape's 0 keeps the batch
+        one = Constant <value_ints = [1]> ()
+        decay_shape = Constant <value_ints = [0, -1, 1, 1]> ()
+        decay_1 = Exp (a)
+        decay = Reshape (decay_1, decay_shape)                          # (B, H, 1, 1)
+        x_shape = Concat <axis = 0> (zero, H, P, one)
+        x_col = Reshape (x_dt, x_shape)                                 # (B, H, P, 1)
+        C_shape = Concat <axis = 0> (zero, Hb, N, one)
+        C_col = Reshape (C_h, C_shape)                                  # (B, Hb, N, 1)
+    """)
+    if one_group:
+        b.let(B_row=b["B_h"])  # (B, 1, 1, N) already
+    else:
+        b.add("""
+            B_shape = Concat <axis = 0> (zero, Hb, one, N)
+            B_row = Reshape (B_h, B_shape)                              # (B, H, 1, N)
+        """)
+    b.add("""
+        h_decayed = Mul (decay, ssm_state)
+        xB = Mul (x_col, B_row)
+        h = Add (h_decayed, xB)                                         # (B, H, P, N)
+        hC = MatMul (h, C_col)                                          # (B, H, P, 1)
+        y_shape = Concat <axis = 0> (zero, one, H, P)
+        y = Reshape (hC, y_shape)                                       # (B, 1, H, P)
+    """)
+    return b.graph("ssd_step", [("y", 4), ("h", 4)])
 
-    Xc = eb.op("Transpose", chunked(X, (H, P)), perm=[0, 1, 3, 2, 4])  # (B, c, H, l, P)
-    Bc = eb.op("Transpose", chunked(Bh, (Hb, N)), perm=[0, 1, 3, 2, 4])  # (B, c, Hb, l, N)
-    Cc = eb.op("Transpose", chunked(Ch, (Hb, N)), perm=[0, 1, 3, 2, 4])
-    ac = eb.op("Transpose", chunked(a, (H,)), perm=[0, 1, 3, 2])  # (B, c, H, l)
-    acum = eb.op("CumSum", ac, eb.const(-1, np.int64))
 
-    # 1. within chunks: Y_diag = (C B^T o exp(acum_l - acum_s) [s <= l]) X; a difference of cumsums is exact
-    #    enough over one short chunk (the kernels do the same), the masked segsum is kept for the long axis
-    ones = eb.op("ConstantOfShape", eb.concat(cs, cs), value=numpy_helper.from_array(np.ones(1, np.float32)))
-    causal = eb.op("Cast", eb.op("Trilu", ones, upper=0), to=TensorProto.BOOL)
-    diff = eb.op("Sub", eb.unsqueeze(acum, 4), eb.unsqueeze(acum, 3))  # (B, c, H, l, s)
-    Lmask = eb.op("Exp", eb.op("Where", causal, diff, eb.const(-np.inf)))
-    scores = eb.op("MatMul", Cc, eb.op("Transpose", Bc, perm=[0, 1, 2, 4, 3]))
-    Y_diag = eb.op("MatMul", eb.op("Mul", scores, Lmask), Xc)  # (B, c, H, l, P)
+def _ssd_prefill(b: Builder) -> onnx.GraphProto:
+    """Prefill, the chunked matmul form: chunks of cs = min(SSD_CHUNK, L), the last padded with dt = 0 (decay 1,
+    no input). Within a chunk, a difference of cumulative sums is exact enough (the kernels do the same); along
+    the chunks, a masked cumulative sum, as a difference loses precision over long sequences."""
+    b.let(chunk=b.ints(SSD_CHUNK))
+    b.add("""
+        zero = Constant <value_ints = [0]> ()
+        one = Constant <value_ints = [1]> ()
+        minus_one = Constant <value_ints = [-1]> ()
+        two = Constant <value_ints = [2]> ()
+        three = Constant <value_ints = [3]> ()
+        four = Constant <value_ints = [4]> ()
+        end = Constant <value_ints = [9223372036854775807]> ()         # INT64_MAX: to the last
+        neg_inf = Constant <value = float {-inf}> ()
+        cs = Min (chunk, L)
+        L_mod = Mod (L, cs)
+        short = Sub (cs, L_mod)
+        pad = Mod (short, cs)
+        L_pad = Add (L, pad)
+        nc = Div (L_pad, cs)
+        pads = Concat <axis = 0> (zero, pad)                            # at the end of the time axis
+        x_pad = Pad (x_dt, pads, , one)
+        B_pad = Pad (B_h, pads, , one)
+        C_pad = Pad (C_h, pads, , one)
+        a_pad = Pad (a, pads, , one)
+        x_chunks = Concat <axis = 0> (batch, nc, cs, H, P)
+        BC_chunks = Concat <axis = 0> (batch, nc, cs, Hb, N)
+        a_chunks = Concat <axis = 0> (batch, nc, cs, H)
+        x_r = Reshape (x_pad, x_chunks)
+        B_r = Reshape (B_pad, BC_chunks)
+        C_r = Reshape (C_pad, BC_chunks)
+        a_r = Reshape (a_pad, a_chunks)
+        x_c = Transpose <perm = [0, 1, 3, 2, 4]> (x_r)                  # (B, c, H, l, P)
+        B_c = Transpose <perm = [0, 1, 3, 2, 4]> (B_r)                  # (B, c, Hb, l, N)
+        C_c = Transpose <perm = [0, 1, 3, 2, 4]> (C_r)
+        a_c = Transpose <perm = [0, 1, 3, 2]> (a_r)                     # (B, c, H, l)
+        minus_one_i = Constant <value = int64 {-1}> ()
+        acum = CumSum (a_c, minus_one_i)
 
-    # 2. each chunk's input to its end state: sum_l exp(acum_end - acum_l) B_l^T X_l -> (B, c, H, N, P)
-    last = eb.op("Slice", acum, eb.ints(-1), eb.ints(np.iinfo(np.int64).max), eb.ints(3))  # (B, c, H, 1)
-    to_end = eb.op("Exp", eb.op("Sub", last, acum))
-    Bw = eb.op("Mul", eb.op("Transpose", Bc, perm=[0, 1, 2, 4, 3]), eb.unsqueeze(to_end, 3))
-    chunk_states = eb.op("MatMul", Bw, Xc)  # (B, c, H, N, P)
+        # 1. within chunks: Y_diag = (C B^T o exp(acum_l - acum_s) [s <= l]) X
+        square = Concat <axis = 0> (cs, cs)
+        ones = ConstantOfShape <value = float[1] {1.0}> (square)
+        causal_f = Trilu <upper = 0> (ones)
+        causal = Cast <to = 9> (causal_f)
+        acum_l = Unsqueeze (acum, four)
+        acum_s = Unsqueeze (acum, three)
+        diff = Sub (acum_l, acum_s)                                     # (B, c, H, l, s)
+        diff_causal = Where (causal, diff, neg_inf)
+        L_mask = Exp (diff_causal)
+        B_t = Transpose <perm = [0, 1, 2, 4, 3]> (B_c)                  # (B, c, Hb, N, l)
+        scores = MatMul (C_c, B_t)
+        weights = Mul (scores, L_mask)
+        Y_diag = MatMul (weights, x_c)                                  # (B, c, H, l, P)
 
-    # 3. between chunks: states entering each chunk = exp(segsum(chunk decays)) @ [h0, chunk states]
-    h0_np = eb.unsqueeze(eb.op("Transpose", h0, perm=[0, 1, 3, 2]), 1)  # (B, 1, H, N, P)
-    states = eb.op("Concat", h0_np, chunk_states, axis=1)  # (B, c+1, H, N, P)
-    nc1 = eb.op("Add", nc, eb.ints(1))
-    states = eb.op("Reshape", eb.op("Transpose", states, perm=[0, 2, 1, 3, 4]),
-                   eb.concat(batch, H, nc1, eb.op("Mul", N, P)))  # (B, H, c+1, N*P)
-    chunk_a = eb.op("Pad", eb.op("Transpose", eb.squeeze(last, 3), perm=[0, 2, 1]),
-                    eb.ints(0, 0, 1, 0, 0, 0))  # (B, H, c+1), a leading 0 for h0
-    decay_chunk = eb.op("Exp", _segsum(eb, chunk_a, nc1))  # (B, H, c+1, c+1)
-    new_states = eb.op("MatMul", decay_chunk, states)  # (B, H, c+1, N*P)
-    new_states = eb.op("Reshape", new_states, eb.concat(batch, H, nc1, N, P))
-    entering = eb.op("Slice", new_states, eb.ints(0), nc, eb.ints(2))  # (B, H, c, N, P)
-    final = eb.op("Slice", new_states, nc, nc1, eb.ints(2))  # (B, H, 1, N, P)
-    h_pre = eb.op("Transpose", eb.squeeze(final, 2), perm=[0, 1, 3, 2], hint="h")  # (B, H, P, N)
+        # 2. each chunk's input to its end state: sum_l exp(acum_end - acum_l) B_l^T X_l
+        last = Slice (acum, minus_one, end, three)                      # (B, c, H, 1)
+        to_end_log = Sub (last, acum)
+        to_end = Exp (to_end_log)
+        to_end_4 = Unsqueeze (to_end, three)
+        B_w = Mul (B_t, to_end_4)
+        chunk_states = MatMul (B_w, x_c)                                # (B, c, H, N, P)
 
-    # 4. the entering state's contribution: Y_off = exp(acum) * (C @ state)
-    Y_off = eb.op("MatMul", Cc, eb.op("Transpose", entering, perm=[0, 2, 1, 3, 4]))  # (B, c, H, l, P)
-    Y_off = eb.op("Mul", Y_off, eb.unsqueeze(eb.op("Exp", acum), 4))
-    Y = eb.op("Transpose", eb.op("Add", Y_diag, Y_off), perm=[0, 1, 3, 2, 4])  # (B, c, l, H, P)
-    Y = eb.op("Reshape", Y, eb.concat(batch, eb.op("Mul", nc, cs), H, P))
-    y_pre = eb.op("Slice", Y, eb.ints(0), L, eb.ints(1), hint="y")
-    else_graph = eb.graph("ssd_prefill", [(y_pre, 4), (h_pre, 4)])
+        # 3. between chunks: the states entering each chunk = exp(segsum(chunk decays)) @ [h0, chunk states]
+        h0_t = Transpose <perm = [0, 1, 3, 2]> (ssm_state)              # (B, H, N, P)
+        h0_c = Unsqueeze (h0_t, one)
+        states = Concat <axis = 1> (h0_c, chunk_states)                 # (B, c+1, H, N, P)
+        nc1 = Add (nc, one)
+        NP = Mul (N, P)
+        states_t = Transpose <perm = [0, 2, 1, 3, 4]> (states)
+        flat = Concat <axis = 0> (batch, H, nc1, NP)
+        states_flat = Reshape (states_t, flat)                          # (B, H, c+1, N*P)
+        last_3 = Squeeze (last, three)
+        chunk_log = Transpose <perm = [0, 2, 1]> (last_3)               # (B, H, c)
+        lead = Constant <value_ints = [0, 0, 1, 0, 0, 0]> ()
+        chunk_a = Pad (chunk_log, lead)                                 # (B, H, c+1), a leading 0 for h0
+        #    segsum: [.., i, j] = sum(chunk_a[.., j+1 : i+1]) for j <= i, -inf above
+        a_col = Unsqueeze (chunk_a, minus_one)
+        a_shape = Shape (chunk_a)
+        rep_shape = Concat <axis = 0> (a_shape, nc1)
+        rep = Expand (a_col, rep_shape)                                 # [.., i, j] = chunk_a[.., i]
+        square_c = Concat <axis = 0> (nc1, nc1)
+        ones_c = ConstantOfShape <value = float[1] {1.0}> (square_c)
+        strict_f = Trilu <upper = 0> (ones_c, minus_one_i)
+        strict_lower = Cast <to = 9> (strict_f)
+        lower_f = Trilu <upper = 0> (ones_c)
+        lower = Cast <to = 9> (lower_f)
+        zero_f = Constant <value = float {0.0}> ()
+        rep_lower = Where (strict_lower, rep, zero_f)
+        minus_two_i = Constant <value = int64 {-2}> ()
+        rep_sum = CumSum (rep_lower, minus_two_i)
+        segsum = Where (lower, rep_sum, neg_inf)
+        decay_chunk = Exp (segsum)                                      # (B, H, c+1, c+1)
+        new_flat = MatMul (decay_chunk, states_flat)                    # (B, H, c+1, N*P)
+        new_shape = Concat <axis = 0> (batch, H, nc1, N, P)
+        new_states = Reshape (new_flat, new_shape)
+        entering = Slice (new_states, zero, nc, two)                    # (B, H, c, N, P)
+        final = Slice (new_states, nc, nc1, two)                        # (B, H, 1, N, P)
+        final_4 = Squeeze (final, two)
+        h = Transpose <perm = [0, 1, 3, 2]> (final_4)                   # (B, H, P, N)
 
-    is_step = b.op("Equal", L, b.ints(1))  # one element, shape (1,): what If needs, no Squeeze
-    y, h = b.op("If", is_step, outputs=2, then_branch=then_graph, else_branch=else_graph)
-    # D skip: D is (H,) or (H, P); reshaped to (H, 1) or (H, P) it broadcasts over (B, L, H, P)
-    Dr = b.op("Reshape", b.f32(D), b.concat(H, b.ints(-1)))
-    y = b.op("Add", y, b.op("Mul", xf, Dr))
-    y_out = b.cast_like(y, x, hint="y")
-    s_out = b.cast_like(h, state, hint="present_ssm_state")
-    return _function(SSD_SCAN, b.nodes, [s.name for s in SSD_SCAN.inputs], [y_out, s_out], opset)
+        # 4. the entering state's contribution: Y_off = exp(acum) (C @ state)
+        entering_t = Transpose <perm = [0, 2, 1, 3, 4]> (entering)      # (B, c, H, N, P)
+        C_state = MatMul (C_c, entering_t)                              # (B, c, H, l, P)
+        acum_exp = Exp (acum)
+        acum_exp_5 = Unsqueeze (acum_exp, four)
+        Y_off = Mul (C_state, acum_exp_5)
+        Y_sum = Add (Y_diag, Y_off)
+        Y_t = Transpose <perm = [0, 1, 3, 2, 4]> (Y_sum)                # (B, c, l, H, P)
+        L_all = Mul (nc, cs)
+        Y_shape = Concat <axis = 0> (batch, L_all, H, P)
+        Y = Reshape (Y_t, Y_shape)
+        y = Slice (Y, zero, L, one)                                     # (B, L, H, P)
+    """)
+    return b.graph("ssd_prefill", [("y", 4), ("h", 4)])
 
 
 def all_functions(opset: int, static: dict[str, Static] | None = None) -> list[onnx.FunctionProto]:
