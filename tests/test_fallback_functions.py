@@ -12,10 +12,10 @@ import torch
 from onnx import helper
 from test_ops import conv_inputs, selective_inputs, ssd_inputs
 
+from ssmrt.closeness import assert_close
 from ssmrt.exporter.functions import SCAN_CHUNK, SSD_CHUNK, Builder, Static, all_functions
 from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
 from ssmrt.ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
-from ssmrt.testing import assert_close
 
 OPSET = 21
 ONNX_TYPE = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16}

@@ -90,7 +90,7 @@ class SSMConfig:
         return (self.dt_min_limit, self.dt_max_limit)
 
     def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(conv_state, ssm_state) shapes of one layer, in the DESIGN.md conventions."""
+        """(conv_state, ssm_state) shapes of one layer, in the conventions of docs/design.md."""
         conv = (batch, self.conv_dim, self.d_conv - 1)
         if self.arch == "mamba1":
             return conv, (batch, self.d_inner, self.d_state)

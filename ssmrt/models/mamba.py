@@ -1,4 +1,4 @@
-"""Reference Mamba-1 / Mamba-2 mixers and the causal LM, in the DESIGN.md state conventions.
+"""Reference Mamba-1 / Mamba-2 mixers and the causal LM, in the state conventions of docs/design.md.
 
 Parameter names follow HF transformers (`backbone.embeddings`, `backbone.layers.{i}.mixer.A_log`, ...) so
 HF checkpoints load by name; the mamba_ssm layout is mapped in checkpoints.py.
@@ -19,7 +19,7 @@ from .config import SSMConfig
 
 LayerState = tuple[torch.Tensor, torch.Tensor]
 
-# Parameters that stay float32 whatever the model's dtype (DESIGN.md: A, D, dt_bias in fp32).
+# Parameters that stay float32 whatever the model's dtype (docs/design.md: A, D, dt_bias in fp32).
 FP32_PARAMS = ("A_log", "D", "dt_bias", "dt_proj.bias")
 
 

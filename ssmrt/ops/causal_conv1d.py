@@ -1,14 +1,11 @@
 """CausalConv1d: depthwise causal convolution over time, carrying the last K-1 inputs as state.
 
-Contract (ONNX `ssmrt::CausalConv1d`, see DESIGN.md):
-    0 x           (batch, seqlen, dim)         activation dtype
-    1 weight      (dim, width)
-    2 bias        (dim,)                       optional
-    3 conv_state  (batch, dim, width - 1)      the last width-1 inputs before x; zeros = empty
-  ->
-    0 y                   (batch, seqlen, dim)
-    1 present_conv_state  (batch, dim, width - 1)
-  attribute activation: "silu" or "none"
+The op's interface (inputs, outputs, shapes, attributes, which inputs are optional or float32) is
+ssmrt.ops.spec.CAUSAL_CONV1D; the design is docs/design.md.
+
+Semantics: y[t] = act(bias + sum_k weight[:, k] * window[t + k]) over the window of the last width-1 inputs
+(conv_state, zeros when empty) followed by x; present_conv_state is the window's last width-1 entries.
+activation is "silu" or "none".
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """SelectiveScan (Mamba-1): the selective state space recurrence, with optional D skip and z gate.
 
-Contract (ONNX `ssmrt::SelectiveScan`, see DESIGN.md):
-    0 u           (batch, seqlen, dim)               activation dtype
-    1 delta       (batch, seqlen, dim)               activation dtype, before delta_bias / softplus
-    2 A           (dim, dstate)                      float32, already -exp(A_log)
-    3 B           (batch, seqlen, ngroups, dstate)
-    4 C           (batch, seqlen, ngroups, dstate)
-    5 D           (dim,)                             float32, optional
-    6 z           (batch, seqlen, dim)               optional gate: y * silu(z)
-    7 delta_bias  (dim,)                             float32, optional
-    8 ssm_state   (batch, dim, dstate)               float32; zeros = empty
-  ->
-    0 y                  (batch, seqlen, dim)
-    1 present_ssm_state  (batch, dim, dstate)
-  attribute delta_softplus: int (0 / 1)
+The op's interface (inputs, outputs, shapes, attributes, which inputs are optional or float32) is
+ssmrt.ops.spec.SELECTIVE_SCAN; the design is docs/design.md.
+
+Semantics, per channel d and time step t, with dt = softplus(delta + delta_bias) (softplus if delta_softplus;
+A already -exp(A_log), float32):
+    h_t = exp(dt_t A_d) h_{t-1} + dt_t u_t B_t ;  y_t = (h_t C_t + D_d u_t) * silu(z_t)
 
 Channel d reads group d // (dim // ngroups); Mamba-1 models have ngroups == 1.
 """

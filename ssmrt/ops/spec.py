@@ -1,6 +1,8 @@
 """One declarative place for the ssmrt::* ops: inputs, outputs, attributes, and the tolerances by dtype.
 
-The exporter, the plugins and the tests read these tables; nothing else restates them.
+Every other place that names an op's inputs, outputs or attributes (the references, the kernels and their AOT
+signatures, the exporter's nodes, the fallback bodies, the native ONNX Runtime ops) derives from these tables
+or is checked against them by tests/test_contract.py.
 """
 
 from __future__ import annotations
@@ -37,14 +39,28 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class OpSpec:
+    """One ssmrt::* op. `name` is its ONNX op type; `function` its Python name (ssmrt.ops.dispatch.<function>,
+    the reference <function>_ref, the kernel wrapper ssmrt.kernels.<function>.<function>), which takes
+    `params` in that order: the inputs and attributes, where an attribute may map to another parameter
+    (`attribute_params`: SSDScan's dt_min and dt_max are one dt_limit pair in Python)."""
+
     name: str
+    function: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     attributes: dict[str, type] = field(default_factory=dict)
+    params: tuple[str, ...] = ()
+    attribute_params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def optional(self) -> tuple[int, ...]:
+        """Indices of the optional inputs."""
+        return tuple(i for i, t in enumerate(self.inputs) if t.optional)
 
 
 CAUSAL_CONV1D = OpSpec(
     "CausalConv1d",
+    "causal_conv1d",
     inputs=(
         TensorSpec("x", ("batch", "seqlen", "dim")),
         TensorSpec("weight", ("dim", "width")),
@@ -56,10 +72,12 @@ CAUSAL_CONV1D = OpSpec(
         TensorSpec("present_conv_state", ("batch", "dim", "width-1")),
     ),
     attributes={"activation": str},
+    params=("x", "weight", "bias", "conv_state", "activation"),
 )
 
 SELECTIVE_SCAN = OpSpec(
     "SelectiveScan",
+    "selective_scan",
     inputs=(
         TensorSpec("u", ("batch", "seqlen", "dim")),
         TensorSpec("delta", ("batch", "seqlen", "dim")),
@@ -76,10 +94,12 @@ SELECTIVE_SCAN = OpSpec(
         TensorSpec("present_ssm_state", ("batch", "dim", "dstate"), fp32=True),
     ),
     attributes={"delta_softplus": int},
+    params=("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "ssm_state"),
 )
 
 SSD_SCAN = OpSpec(
     "SSDScan",
+    "ssd_scan",
     inputs=(
         TensorSpec("x", ("batch", "seqlen", "nheads", "headdim")),
         TensorSpec("dt", ("batch", "seqlen", "nheads")),
@@ -95,6 +115,8 @@ SSD_SCAN = OpSpec(
         TensorSpec("present_ssm_state", ("batch", "nheads", "headdim", "dstate"), fp32=True),
     ),
     attributes={"chunk_size": int, "dt_softplus": int, "dt_min": float, "dt_max": float},
+    params=("x", "dt", "A", "B", "C", "D", "dt_bias", "dt_softplus", "dt_limit", "ssm_state", "chunk_size"),
+    attribute_params={"dt_min": "dt_limit", "dt_max": "dt_limit"},
 )
 
 OPS = {op.name: op for op in (CAUSAL_CONV1D, SELECTIVE_SCAN, SSD_SCAN)}

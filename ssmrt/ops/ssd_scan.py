@@ -1,18 +1,7 @@
 """SSDScan (Mamba-2): the state space dual scan, chunked, from a given state.
 
-Contract (ONNX `ssmrt::SSDScan`, see DESIGN.md):
-    0 x          (batch, seqlen, nheads, headdim)   activation dtype
-    1 dt         (batch, seqlen, nheads)            activation dtype, before dt_bias / softplus / limit
-    2 A          (nheads,)                          float32, already -exp(A_log)
-    3 B          (batch, seqlen, ngroups, dstate)
-    4 C          (batch, seqlen, ngroups, dstate)
-    5 D          (nheads,) or (nheads, headdim)     float32, optional
-    6 dt_bias    (nheads,)                          float32, optional
-    7 ssm_state  (batch, nheads, headdim, dstate)   float32; zeros = empty
-  ->
-    0 y                  (batch, seqlen, nheads, headdim)
-    1 present_ssm_state  (batch, nheads, headdim, dstate)
-  attributes: chunk_size: int, dt_softplus: int, dt_min / dt_max: float (the dt limit)
+The op's interface (inputs, outputs, shapes, attributes, which inputs are optional or float32) is
+ssmrt.ops.spec.SSD_SCAN; the design is docs/design.md.
 
 Head h reads group h // (nheads // ngroups). Per time step, with dt_h after bias, softplus and clamp:
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ;  y_t = h_t C_t + D x_t

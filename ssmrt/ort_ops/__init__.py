@@ -65,6 +65,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SSMRT_CACHE_DIR", Path.home() / ".cache" / "ssmrt")) / "ort_ops"
 
 
+def contract_header() -> str:
+    """contract.h, generated from ssmrt.ops.spec at build time: the ops' names, input and output counts, which
+    inputs are optional, and the softplus threshold. The C++ glue registers the ops from it, so the library
+    cannot disagree with the contract."""
+    from ..ops.spec import OPS, SOFTPLUS_THRESHOLD
+
+    lines = ["// Generated from ssmrt/ops/spec.py when the library is built; do not edit.", "#pragma once",
+             "#include <cstddef>", "", "namespace ssmrt_contract {", "",
+             "struct OpContract {", "  const char* name;", "  size_t inputs;", "  size_t outputs;",
+             "  const bool* optional;  // per input", "};", "",
+             f"constexpr float kSoftplusThreshold = {SOFTPLUS_THRESHOLD!r}f;", ""]
+    for name in OPS:
+        spec = OPS[name]
+        flags = ", ".join("true" if t.optional else "false" for t in spec.inputs)
+        counts = f"{len(spec.inputs)}, {len(spec.outputs)}"
+        lines += [f"constexpr bool k{name}Optional[] = {{{flags}}};",
+                  f'constexpr OpContract k{name}{{"{name}", {counts}, k{name}Optional}};']
+    lines += ["", "}  // namespace ssmrt_contract", ""]
+    return "\n".join(lines)
+
+
 def library_path() -> Path:
     """The compiled library, built now if this machine has not built these sources yet.
 
@@ -75,7 +96,8 @@ def library_path() -> Path:
     cxx = _compiler()
     here = Path(__file__).parent
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256()
+    header = contract_header()
+    key = hashlib.sha256(header.encode())
     for part in [*(here / s for s in SOURCES)]:
         key.update(part.read_bytes())
     for part in (*FLAGS, *(f for v in FAST_MATH.values() for f in v), *version, _cpu_model(), platform.machine()):
@@ -89,10 +111,11 @@ def library_path() -> Path:
         # Build in a temporary directory beside the target, then rename: a concurrent or interrupted build never
         # leaves a half-written library where a session would load it.
         with tempfile.TemporaryDirectory(prefix=".build.", dir=out.parent) as tmp:
+            (Path(tmp) / "contract.h").write_text(header)
             objects = []
             for source, extra in FAST_MATH.items():
                 objects.append(str(Path(tmp) / f"{source}.o"))
-                _run([cxx, *FLAGS, *extra, "-c", str(here / source), "-o", objects[-1]], here / source)
+                _run([cxx, *FLAGS, *extra, f"-I{tmp}", "-c", str(here / source), "-o", objects[-1]], here / source)
             _run([cxx, "-shared", "-pthread", "-o", str(Path(tmp) / LIBRARY), *objects], here / "ops.cc")
             os.replace(Path(tmp) / LIBRARY, out)
     except OSError as e:

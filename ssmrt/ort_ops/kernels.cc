@@ -6,10 +6,12 @@
 #include <cmath>
 #include <vector>
 
+#include "contract.h"  // generated from ssmrt/ops/spec.py
+
 namespace ssmrt_cpu {
 namespace {
 
-constexpr float kSoftplusThreshold = 20.0f;  // the kernels' `x <= 20 ? log1p(exp(x)) : x`
+using ssmrt_contract::kSoftplusThreshold;  // x <= threshold ? log1p(exp(x)) : x
 
 // Written so that loops over them vectorize (glibc's vector expf / logf under -ffast-math). log(1 + exp(x))
 // differs from log1p(exp(x)) by at most ~6e-8 absolute where exp(x) is tiny, as in the ONNX fallback body.

@@ -2,37 +2,11 @@
 //
 // An exported model carries each op's fallback body as a model-local function; a session that registers
 // this library (SessionOptions.register_custom_ops_library) runs these kernels instead, one node per op.
-// Contracts (ssmrt/ops/spec.py, DESIGN.md):
-//
-// CausalConv1d, attribute activation: "silu" | "none"
-//   0 x           (batch, seqlen, dim)
-//   1 weight      (dim, width)
-//   2 bias        (dim,)                   optional
-//   3 conv_state  (batch, dim, width - 1)
-//   -> 0 y (batch, seqlen, dim), 1 present_conv_state (batch, dim, width - 1)
-//
-// SelectiveScan, attribute delta_softplus: 0 | 1
-//   0 u           (batch, seqlen, dim)
-//   1 delta       (batch, seqlen, dim)
-//   2 A           (dim, dstate)
-//   3 B           (batch, seqlen, ngroups, dstate)
-//   4 C           (batch, seqlen, ngroups, dstate)
-//   5 D           (dim,)                   optional
-//   6 z           (batch, seqlen, dim)     optional
-//   7 delta_bias  (dim,)                   optional
-//   8 ssm_state   (batch, dim, dstate)
-//   -> 0 y (batch, seqlen, dim), 1 present_ssm_state (batch, dim, dstate)
-//
-// SSDScan, attributes dt_softplus: 0 | 1, dt_min / dt_max: float (the dt limit), chunk_size: int (unused here)
-//   0 x           (batch, seqlen, nheads, headdim)
-//   1 dt          (batch, seqlen, nheads)
-//   2 A           (nheads,)
-//   3 B           (batch, seqlen, ngroups, dstate)
-//   4 C           (batch, seqlen, ngroups, dstate)
-//   5 D           (nheads,) or (nheads, headdim)   optional
-//   6 dt_bias     (nheads,)                        optional
-//   7 ssm_state   (batch, nheads, headdim, dstate)
-//   -> 0 y (batch, seqlen, nheads, headdim), 1 present_ssm_state (batch, nheads, headdim, dstate)
+// The ops' names, input and output counts and optional inputs come from contract.h, generated from
+// ssmrt/ops/spec.py when the library is built; the inputs are read by their index in the spec's order
+// (tests/test_contract.py checks the registered ops against the spec, test_ort_ops.py every input).
+// Attributes: CausalConv1d activation "silu" | "none"; SelectiveScan delta_softplus 0 | 1; SSDScan
+// dt_softplus 0 | 1, dt_min / dt_max (the dt limit), chunk_size (unused: the recurrence does not chunk).
 //
 // Every input is validated here (rank, each dimension against the others); a mismatch fails the run with a
 // message naming the op, the input and what was expected.
@@ -42,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "contract.h"  // generated from ssmrt/ops/spec.py: names, input / output counts, optional inputs
 #include "kernels.h"
 #include "ort_abi.h"
 
@@ -347,26 +322,38 @@ void destroy(void* kernel) {
 }
 
 int float32_type(const ssmrt_ort::CustomOp*, size_t) { return ssmrt_ort::kFloat32; }
-size_t two(const ssmrt_ort::CustomOp*) { return 2; }
 int required_io(const ssmrt_ort::CustomOp*, size_t) { return ssmrt_ort::kRequired; }
 int default_memory(const ssmrt_ort::CustomOp*, size_t) { return 0; }  // OrtMemTypeDefault
 const char* cpu_provider(const ssmrt_ort::CustomOp*) { return nullptr; }  // null: the CPU provider
 
 using Op = ssmrt_ort::CustomOp;
+using ssmrt_contract::OpContract;
 
-Op make_op(const char* (*name)(const Op*), size_t (*inputs)(const Op*), int (*input_characteristic)(const Op*, size_t),
-           Status* (*create)(const Op*, const ssmrt_ort::Api*, const KernelInfo*, void**),
+// What ONNX Runtime asks an op about its inputs and outputs, answered from the op's contract.
+template <const OpContract& C>
+const char* op_name(const Op*) { return C.name; }
+template <const OpContract& C>
+size_t input_count(const Op*) { return C.inputs; }
+template <const OpContract& C>
+size_t output_count(const Op*) { return C.outputs; }
+template <const OpContract& C>
+int input_characteristic(const Op*, size_t i) {
+  return i < C.inputs && C.optional[i] ? ssmrt_ort::kOptional : ssmrt_ort::kRequired;
+}
+
+template <const OpContract& C>
+Op make_op(Status* (*create)(const Op*, const ssmrt_ort::Api*, const KernelInfo*, void**),
            Status* (*compute)(void*, KernelContext*), void (*destroy_fn)(void*)) {
   ssmrt_ort::CustomOp op{};
   op.version = ssmrt_ort::kCustomOpVersion;
-  op.GetName = name;
+  op.GetName = op_name<C>;
   op.GetExecutionProviderType = cpu_provider;
   op.GetInputType = float32_type;
-  op.GetInputTypeCount = inputs;
+  op.GetInputTypeCount = input_count<C>;
   op.GetOutputType = float32_type;
-  op.GetOutputTypeCount = two;
+  op.GetOutputTypeCount = output_count<C>;
   op.KernelDestroy = destroy_fn;
-  op.GetInputCharacteristic = input_characteristic;
+  op.GetInputCharacteristic = input_characteristic<C>;
   op.GetOutputCharacteristic = required_io;
   op.GetInputMemoryType = default_memory;
   op.CreateKernelV2 = create;
@@ -374,26 +361,31 @@ Op make_op(const char* (*name)(const Op*), size_t (*inputs)(const Op*), int (*in
   return op;
 }
 
-const ssmrt_ort::CustomOp kCausalConv1d = make_op(
-    [](const ssmrt_ort::CustomOp*) { return "CausalConv1d"; }, [](const ssmrt_ort::CustomOp*) -> size_t { return 4; },
-    [](const ssmrt_ort::CustomOp*, size_t i) -> int { return i == 2 ? ssmrt_ort::kOptional : ssmrt_ort::kRequired; },
-    conv_create, conv_compute, destroy<CausalConv1dKernel>);
-
-const ssmrt_ort::CustomOp kSelectiveScan = make_op(
-    [](const ssmrt_ort::CustomOp*) { return "SelectiveScan"; }, [](const ssmrt_ort::CustomOp*) -> size_t { return 9; },
-    [](const ssmrt_ort::CustomOp*, size_t i) -> int {
-      return i == 5 || i == 6 || i == 7 ? ssmrt_ort::kOptional : ssmrt_ort::kRequired;
-    },
-    scan_create, scan_compute, destroy<SelectiveScanKernel>);
-
-const ssmrt_ort::CustomOp kSsdScan = make_op(
-    [](const ssmrt_ort::CustomOp*) { return "SSDScan"; }, [](const ssmrt_ort::CustomOp*) -> size_t { return 8; },
-    [](const ssmrt_ort::CustomOp*, size_t i) -> int {
-      return i == 5 || i == 6 ? ssmrt_ort::kOptional : ssmrt_ort::kRequired;
-    },
-    ssd_create, ssd_compute, destroy<SsdScanKernel>);
+const Op kCausalConv1d =
+    make_op<ssmrt_contract::kCausalConv1d>(conv_create, conv_compute, destroy<CausalConv1dKernel>);
+const Op kSelectiveScan =
+    make_op<ssmrt_contract::kSelectiveScan>(scan_create, scan_compute, destroy<SelectiveScanKernel>);
+const Op kSsdScan = make_op<ssmrt_contract::kSSDScan>(ssd_create, ssd_compute, destroy<SsdScanKernel>);
+const Op* const kOps[] = {&kCausalConv1d, &kSelectiveScan, &kSsdScan};
 
 }  // namespace
+
+// The ops as ONNX Runtime sees them, asked through the registered structs themselves: "name inputs outputs
+// optional-flags" per op, ";"-separated (a test compares it with ssmrt/ops/spec.py).
+extern "C" __attribute__((visibility("default"))) const char* SsmrtOpTable() {
+  static const std::string table = [] {
+    std::string out;
+    for (const Op* op : kOps) {
+      const size_t n = op->GetInputTypeCount(op);
+      out += std::string(op->GetName(op)) + " " + std::to_string(n) + " ";
+      out += std::to_string(op->GetOutputTypeCount(op)) + " ";
+      for (size_t i = 0; i < n; ++i) out += op->GetInputCharacteristic(op, i) == ssmrt_ort::kOptional ? "1" : "0";
+      out += ";";
+    }
+    return out;
+  }();
+  return table.c_str();
+}
 
 // ONNX Runtime's build string through this library's slot numbering: "ORT Build Info: ..." when the numbering
 // matches the running ONNX Runtime (a test checks it).
@@ -412,7 +404,7 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
   static ssmrt_ort::CustomOpDomain* const domain = [&]() -> ssmrt_ort::CustomOpDomain* {
     ssmrt_ort::CustomOpDomain* d = nullptr;
     Status* s = api.CreateCustomOpDomain("ssmrt", &d);
-    for (const Op* op : {&kCausalConv1d, &kSelectiveScan, &kSsdScan})
+    for (const Op* op : kOps)
       if (s == nullptr) s = api.CustomOpDomainAdd(d, op);
     if (s == nullptr) return d;
     api.ReleaseStatus(s);
