@@ -78,9 +78,12 @@ def state_bytes(specs: list[dict], batch: int = 1) -> int:
     return total
 
 
-def metadata(config: dict, states: list[dict], export: dict) -> dict[str, str]:
-    """The metadata_props an export writes."""
-    return {META_CONFIG: json.dumps(config), META_STATES: json.dumps(states), META_EXPORT: json.dumps(export)}
+def write_metadata(model, config: dict, states: list[dict], export: dict) -> None:
+    """Sets a ModelProto's metadata_props to the ssmrt metadata (and nothing else)."""
+    meta = {META_CONFIG: json.dumps(config), META_STATES: json.dumps(states), META_EXPORT: json.dumps(export)}
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
 
 
 def model_file(path) -> Path:

@@ -7,7 +7,6 @@ Every test compares snapshots of the whole tree (names, kinds, contents, permiss
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import stat
@@ -49,8 +48,7 @@ def ours(rel: str) -> bool:
 def write_artifact(d: Path, tag: str, data: bool = True) -> None:
     """A small but genuine ssmrt artifact: model.onnx with ssmrt metadata, external data, a tokenizer."""
     model = onnx.helper.make_model(onnx.helper.make_graph([], f"g-{tag}", [], []))
-    for key in artifact.META_KEYS:
-        model.metadata_props.add(key=key, value=json.dumps({"tag": tag}) if key != artifact.META_STATES else "[]")
+    artifact.write_metadata(model, {"tag": tag}, [], {"tag": tag})
     onnx.save_model(model, d / artifact.MODEL_FILE)
     if data:
         (d / artifact.DATA_FILE).write_bytes(tag.encode() * 1000)

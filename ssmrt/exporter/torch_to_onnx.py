@@ -225,14 +225,12 @@ def export_model(
 
     proto.producer_version = __version__
     conv_shape, ssm_shape = cfg.state_shapes("batch")
-    meta = artifact.metadata(
+    artifact.write_metadata(
+        proto,
         cfg.to_dict(),
         artifact.state_specs(cfg.n_layer, conv_shape, ssm_shape, dtype, state_dtype),
         {"dtype": dtype, "state_dtype": state_dtype, "logits": logits, "opset": opset, "ssmrt_version": __version__},
     )
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        proto.metadata_props.add(key=k, value=v)
 
     onnx.checker.check_model(proto, full_check=proto.ByteSize() < (1 << 31) - 1)
     with output_directory(plan, main_file=MODEL_FILE) as tmp:

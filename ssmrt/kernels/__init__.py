@@ -1,1 +1,1 @@
-"""GPU kernels for the ssmrt ops (issue 4); no TensorRT types here."""
+"""Triton kernels for the ssmrt ops (the GPU path and the TensorRT plugins' AOT kernels); no TensorRT types here."""
