@@ -279,3 +279,64 @@ def test_results_do_not_depend_on_the_thread_count():
     for other in outs[1:]:
         for a, b in zip(outs[0], other, strict=True):
             assert np.array_equal(a, b)
+
+
+def abi_probe(threads: int, inputs: list[np.ndarray], fail: int = 0) -> np.ndarray:
+    """ssmrt.abi_probe::AbiProbe (ops.cc) run once: its (8,) output."""
+    names = [f"x{i}" for i in range(len(inputs))]
+    node = helper.make_node("AbiProbe", names, ["y"], domain="ssmrt.abi_probe", f=1.5, i=-7, s="abc",
+                            fail=fail)
+    graph = helper.make_graph([node], "probe",
+                              [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(x.shape))
+                               for n, x in zip(names, inputs, strict=True)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("ssmrt.abi_probe", 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native_library()))
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session.run(None, dict(zip(names, inputs, strict=True)))[0]
+
+
+def test_every_abi_slot_the_library_calls_behaves_as_named():
+    """ort_abi.h numbers ONNX Runtime's function table by hand. The probe op calls every slot the library uses
+    and reports what each returned: a wrong slot number would give a wrong value (or no op at all)."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = abi_probe(2, [x, np.zeros(4, np.float32)])
+    # the session found the op: CreateCustomOpDomain, CustomOpDomainAdd, AddCustomOpDomain
+    f, i, slen, n_inputs, elem_type, rank, total, threads = out.tolist()
+    assert (f, i, slen) == (1.5, -7.0, 3.0)          # KernelInfoGetAttribute Float / Int64 / String
+    assert n_inputs == 2.0                            # KernelContext_GetInputCount
+    assert elem_type == onnx.TensorProto.FLOAT        # GetTensorTypeAndShape, GetTensorElementType
+    assert rank == 2.0 and total == float(x.sum())    # GetDimensionsCount, GetDimensions, GetTensorMutableData
+    assert 1 <= threads <= 2                          # KernelContext_ParallelFor ran every index once
+    # KernelContext_GetOutput: the (8,) output arrived; CreateStatus: an error travels back with its message
+    with pytest.raises(Exception, match="ssmrt abi probe: failing as asked"):
+        abi_probe(1, [x], fail=1)
+
+
+def test_parallel_for_uses_the_sessions_threads():
+    x = np.ones(3, np.float32)
+    assert abi_probe(1, [x])[7] == 1.0  # one thread: the caller alone
+    assert max(abi_probe(2, [x])[7] for _ in range(3)) == 2.0  # 64 pieces of ~1 ms: the second thread joins
+
+
+def test_the_kernels_run_on_several_threads():
+    """The real kernels spread their pieces over the session's threads (counted by the library itself), and
+    stay on one thread when the session has one."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(native_library()))
+    kw = ssd_inputs(2, 512, 8, 64, 64, seed=5)  # 16 (batch, head) pieces of 512 x 64 x 64 updates
+    feeds = {k: kw[k].numpy() for k in SSD_INPUTS}
+    seen = {}
+    for threads in (1, 2):
+        session = native_session(SSD_SCAN, feeds, ssd_attrs(kw), threads=threads)
+        counts = []
+        for _ in range(3):
+            lib.SsmrtPoolThreadsReset()
+            session.run(None, feeds)
+            counts.append(lib.SsmrtPoolThreadsSeen())
+        seen[threads] = max(counts)
+    assert seen == {1: 1, 2: 2}, seen

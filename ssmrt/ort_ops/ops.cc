@@ -11,9 +11,15 @@
 // Every input is validated here (rank, each dimension against the others); a mismatch fails the run with a
 // message naming the op, the input and what was expected.
 
+#include <atomic>
+#include <chrono>
+#include <cstring>
 #include <functional>
 #include <limits>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "contract.h"  // generated from ssmrt/ops/spec.py: names, input / output counts, optional inputs
@@ -47,18 +53,34 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
+// How many distinct threads have run kernel pieces since the last SsmrtPoolThreadsReset(): what a test reads to
+// see the work really spread over the session's threads. One relaxed load per piece.
+std::atomic<uint64_t> g_epoch{1};
+std::atomic<int> g_threads_seen{0};
+thread_local uint64_t t_epoch = 0;
+
+void note_thread() {
+  const uint64_t epoch = g_epoch.load(std::memory_order_relaxed);
+  if (t_epoch != epoch) {
+    t_epoch = epoch;
+    g_threads_seen.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
 // The kernels' pieces on the session's intra-op thread pool (its thread setting holds for them too).
 class PoolExecutor final : public ssmrt_cpu::Executor {
  public:
   PoolExecutor(const Calls& api, const KernelContext* ctx) : api_(api), ctx_(ctx) {}
   void run(int64_t chunks, const std::function<void(int64_t)>& fn) const override {
     auto call = [](void* f, size_t i) {
+      note_thread();
       (*static_cast<const std::function<void(int64_t)>*>(f))(static_cast<int64_t>(i));
     };
     Status* s = api_.KernelContextParallelFor(ctx_, call, static_cast<size_t>(chunks), 0,
                                               const_cast<std::function<void(int64_t)>*>(&fn));
     if (s == nullptr) return;
     api_.ReleaseStatus(s);  // no pool to run on: do the pieces here
+    note_thread();
     for (int64_t c = 0; c < chunks; ++c) fn(c);
   }
 
@@ -314,6 +336,98 @@ Status* scan_compute(void* kernel, KernelContext* ctx) {
   return nullptr;
 }
 
+// ------------------------------------------------------------------------------------------ ABI probe
+//
+// ssmrt.abi_probe::AbiProbe exists to check, through behaviour, that every OrtApi slot this library calls is the
+// function ort_abi.h says it is (the table is numbered by hand). Attributes f (float), i (int), s (string),
+// fail (int: return an error). Inputs: one or more float tensors. Output (8,) float32: f, i, len(s), the input
+// count, input 0's element type, its rank, the sum of its elements, and the number of distinct threads that ran
+// 64 pieces of ~1 ms each through KernelContext_ParallelFor (whose indices must each run once: sum 2016).
+
+struct AbiProbeKernel {
+  Calls api;
+  float f = 0.0f;
+  int64_t i = 0;
+  std::string s;
+  int64_t fail = 0;
+};
+
+Status* probe_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
+  Calls api(raw);
+  auto* k = new AbiProbeKernel{api};
+  SSMRT_TRY(api.KernelInfoGetAttributeFloat(info, "f", &k->f));
+  SSMRT_TRY(api.KernelInfoGetAttributeInt64(info, "i", &k->i));
+  if (Status* st = api.KernelInfoGetAttributeInt64(info, "fail", &k->fail)) api.ReleaseStatus(st);  // optional
+  size_t size = 0;
+  SSMRT_TRY(api.KernelInfoGetAttributeString(info, "s", nullptr, &size));
+  k->s.assign(size, '\0');
+  SSMRT_TRY(api.KernelInfoGetAttributeString(info, "s", k->s.data(), &size));
+  k->s.resize(size ? size - 1 : 0);
+  *out = k;
+  return nullptr;
+}
+
+struct ProbePieces {
+  std::mutex mu;
+  std::set<std::thread::id> threads;
+  std::atomic<int64_t> index_sum{0};
+};
+
+Status* probe_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<AbiProbeKernel*>(kernel);
+  const Calls& api = k->api;
+  if (k->fail) return api.CreateStatus(ssmrt_ort::kInvalidArgument, "ssmrt abi probe: failing as asked");
+  size_t n_inputs = 0;
+  SSMRT_TRY(api.KernelContextGetInputCount(ctx, &n_inputs));
+  const Value* value = nullptr;
+  SSMRT_TRY(api.KernelContextGetInput(ctx, 0, &value));
+  ssmrt_ort::TensorTypeAndShapeInfo* info = nullptr;
+  SSMRT_TRY(api.GetTensorTypeAndShape(value, &info));
+  int type = 0;
+  size_t rank = 0;
+  SSMRT_TRY(api.GetTensorElementType(info, &type));
+  SSMRT_TRY(api.GetDimensionsCount(info, &rank));
+  std::vector<int64_t> dims(rank);
+  SSMRT_TRY(api.GetDimensions(info, dims.data(), rank));
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  int64_t count = 1;
+  for (int64_t d : dims) count *= d;
+  void* data = nullptr;
+  SSMRT_TRY(api.GetTensorMutableData(const_cast<Value*>(value), &data));
+  double sum = 0.0;
+  for (int64_t j = 0; j < count; ++j) sum += static_cast<const float*>(data)[j];
+
+  ProbePieces pieces;
+  auto piece = [](void* p, size_t index) {
+    auto* pp = static_cast<ProbePieces*>(p);
+    {
+      std::lock_guard<std::mutex> lock(pp->mu);
+      pp->threads.insert(std::this_thread::get_id());
+    }
+    pp->index_sum += static_cast<int64_t>(index);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(1);
+    while (std::chrono::steady_clock::now() < until) {
+    }
+  };
+  SSMRT_TRY(api.KernelContextParallelFor(ctx, piece, 64, 0, &pieces));
+
+  const int64_t out_dims[1] = {8};
+  Value* output = nullptr;
+  SSMRT_TRY(api.KernelContextGetOutput(ctx, 0, out_dims, 1, &output));
+  void* out_data = nullptr;
+  SSMRT_TRY(api.GetTensorMutableData(output, &out_data));
+  const float result[8] = {k->f,
+                           static_cast<float>(k->i),
+                           static_cast<float>(k->s.size()),
+                           static_cast<float>(n_inputs),
+                           static_cast<float>(type),
+                           static_cast<float>(rank),
+                           static_cast<float>(sum),
+                           static_cast<float>(pieces.threads.size() + 1000 * (pieces.index_sum != 2016))};
+  std::memcpy(out_data, result, sizeof(result));
+  return nullptr;
+}
+
 // ------------------------------------------------------------------------------------------ registration
 
 template <typename K>
@@ -368,6 +482,17 @@ const Op kSelectiveScan =
 const Op kSsdScan = make_op<ssmrt_contract::kSSDScan>(ssd_create, ssd_compute, destroy<SsdScanKernel>);
 const Op* const kOps[] = {&kCausalConv1d, &kSelectiveScan, &kSsdScan};
 
+constexpr bool kAbiProbeOptional[] = {false};
+constexpr OpContract kAbiProbe{"AbiProbe", 1, 1, kAbiProbeOptional};
+Op make_probe() {
+  Op op = make_op<kAbiProbe>(probe_create, probe_compute, destroy<AbiProbeKernel>);
+  op.GetVariadicInputMinArity = [](const Op*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const Op*) { return 1; };
+  op.GetInputCharacteristic = [](const Op*, size_t) -> int { return ssmrt_ort::kVariadic; };
+  return op;
+}
+const Op kAbiProbeOp = make_probe();
+
 }  // namespace
 
 // The ops as ONNX Runtime sees them, asked through the registered structs themselves: "name inputs outputs
@@ -387,6 +512,12 @@ extern "C" __attribute__((visibility("default"))) const char* SsmrtOpTable() {
   return table.c_str();
 }
 
+extern "C" __attribute__((visibility("default"))) int SsmrtPoolThreadsSeen() { return g_threads_seen.load(); }
+extern "C" __attribute__((visibility("default"))) void SsmrtPoolThreadsReset() {
+  g_threads_seen.store(0);
+  g_epoch.fetch_add(1);
+}
+
 // ONNX Runtime's build string through this library's slot numbering: "ORT Build Info: ..." when the numbering
 // matches the running ONNX Runtime (a test checks it).
 extern "C" __attribute__((visibility("default"))) const char* SsmrtOrtAbiCheck(const ssmrt_ort::ApiBase* base) {
@@ -401,16 +532,19 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
   Calls api(raw);
   // One domain for the process, shared by every session that registers the library: ONNX Runtime needs it to
   // outlive them all, and a domain per session would never be freed.
-  static ssmrt_ort::CustomOpDomain* const domain = [&]() -> ssmrt_ort::CustomOpDomain* {
+  auto make_domain = [&](const char* name, std::initializer_list<const Op*> ops) -> ssmrt_ort::CustomOpDomain* {
     ssmrt_ort::CustomOpDomain* d = nullptr;
-    Status* s = api.CreateCustomOpDomain("ssmrt", &d);
-    for (const Op* op : kOps)
+    Status* s = api.CreateCustomOpDomain(name, &d);
+    for (const Op* op : ops)
       if (s == nullptr) s = api.CustomOpDomainAdd(d, op);
     if (s == nullptr) return d;
     api.ReleaseStatus(s);
     return nullptr;
-  }();
-  if (domain == nullptr)
+  };
+  static ssmrt_ort::CustomOpDomain* const domain = make_domain("ssmrt", {kOps[0], kOps[1], kOps[2]});
+  static ssmrt_ort::CustomOpDomain* const probe = make_domain("ssmrt.abi_probe", {&kAbiProbeOp});
+  if (domain == nullptr || probe == nullptr)
     return api.CreateStatus(ssmrt_ort::kFail, "ssmrt: ONNX Runtime refused the ssmrt custom-op domain");
-  return api.AddCustomOpDomain(options, domain);
+  SSMRT_TRY(api.AddCustomOpDomain(options, domain));
+  return api.AddCustomOpDomain(options, probe);
 }

@@ -2,8 +2,9 @@
 // install carries onnxruntime_c_api.h. OrtApi is a table of function pointers that ONNX Runtime only ever
 // appends to, so a slot number, once assigned, holds for every later release; the newest slot below,
 // KernelContext_ParallelFor, arrived with API version 17 (ONNX Runtime 1.17; this project needs >= 1.20), and
-// the library asks for that version. GetBuildInfoString is there to check the numbering against a running ONNX
-// Runtime (SsmrtOrtAbiCheck in ops.cc; a test calls it). OrtCustomOp is the struct a library fills to describe
+// the library asks for that version. The numbering is checked against the running ONNX Runtime by behaviour:
+// GetBuildInfoString through SsmrtOrtAbiCheck, and every other slot through the AbiProbe op in ops.cc, which a
+// test runs and whose output says what each call returned. OrtCustomOp is the struct a library fills to describe
 // one op; its `version` tells ONNX Runtime which of its fields exist.
 #pragma once
 
@@ -28,7 +29,7 @@ struct ApiBase {
 
 enum ElementType : int { kFloat32 = 1 };
 enum ErrorCode : int { kOk = 0, kFail = 1, kInvalidArgument = 2 };
-enum Characteristic : int { kRequired = 0, kOptional = 1 };
+enum Characteristic : int { kRequired = 0, kOptional = 1, kVariadic = 2 };
 
 // OrtApi slot numbers.
 enum Slot : size_t {
