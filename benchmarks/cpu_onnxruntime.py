@@ -8,10 +8,10 @@
 - decode ms/token: ssmrt (ONNX Runtime with ssmrt's native kernels, the runner's default on a CPU), the same
   artifact on stock ONNX Runtime (the ops' fallback bodies), ONNX Runtime's matmuls alone (the same weight
   bytes: what no graph can beat) and HF eager, in alternating blocks (ONNX Runtime in its own process), with
-  the median of the per-block-pair ratios; and the floor = weight bytes / memory bandwidth (a large array
-  copy timed in this run);
-- prefill tokens/s at --prompt-len: the same runtimes, and the floor = matmul FLOPs / GEMM rate (an fp32 GEMM of the
-  model's own shapes timed in this run).
+  the median of the per-block-pair ratios; and the floor = the bytes a step must move (ssmrt.bench.step_bytes:
+  the matmul weights once, the state read and written) / the copy bandwidth timed in this run, as `ssmrt bench`;
+- prefill tokens/s at --prompt-len: the same runtimes, and the floor = matmul FLOPs (ssmrt.bench.prefill_flops)
+  / the fp32 GEMM rate timed in this run.
 Every number is a ratio to something measured in the same process, never a bare time from elsewhere.
 """
 

@@ -1,4 +1,4 @@
-"""GPU benchmark (issue 4): one run builds, checks and times the ssmrt kernels and the torch backend's
+"""GPU benchmark: one run builds, checks and times the ssmrt kernels and the torch backend's
 CUDA-graph decode, against the device's copy bandwidth and, when mamba_ssm is importable, its Triton
 kernels, all measured in this run.
 
@@ -8,7 +8,7 @@ kernels, all measured in this run.
                                                          checks this script, measures nothing meaningful
 
 Every case first checks its result against the reference (max abs error, and whether it is within the
-per-dtype op / model tolerance), then times it. Cases (the issue's targets):
+per-dtype op / model tolerance), then times it. Cases:
 - decode state update, Mamba-2 2.7B shape (80 heads x 64 x 128, fp32 state), batch 1 and 64: GB/s of the
   state read + write against copy bandwidth (target >= 75% at batch 64; under 10 us at batch 1), timed as a
   CUDA graph of 20 launches so that launch overhead does not count;
