@@ -52,15 +52,33 @@ def test_step_read_bytes_is_the_same_for_every_backend(name, tmp_path):
     assert got == {"torch": want, "onnxruntime": want}
 
 
+# The floors' inputs for random_lm()'s config, counted by hand (d_model 48, d_inner 96, 6 heads of 16, 2 groups,
+# d_state 16, conv width 4, 2 layers, vocab 97 tied), float32:
+#   matmul weights: 2 layers x (in_proj 48 x (2*96 + 2*2*16 + 6) + out_proj 96 x 48) + lm_head 48 x 97 = 39024
+#   state a layer: conv (96 + 2*2*16) x 3 + ssm 6 x 16 x 16 = 2016 floats, 2 layers, read and written
+RANDOM_LM_STEP_BYTES = 4 * 39024 + 2 * 4 * 2 * 2016  # 188352
+RANDOM_LM_PREFILL_FLOPS_16 = 2 * 16 * 39024  # 16 tokens, logits for every one
+
+
 def test_bench_reports_its_times_against_the_floors(tmp_path):
+    """Every figure of the report is consistent with the others it is derived from, and the floors' byte and FLOP
+    counts are the hand-counted ones: what the benchmark's numbers mean, not their (machine-dependent) size."""
     runner = OnnxRuntimeRunnerFromArtifact(export_model(random_lm(), tmp_path / "art"))
     res = bench_runner(runner, prompt_len=16, decode_steps=3, repeat=1, progress=False, floors=True)
     f = res["floors"]
     print(res)
-    assert f["device"] == "cpu" and f["copy_bandwidth_GBps"] > 0 and f["gemm_GFLOPps"] > 0
-    assert f["step_read_bytes"] == step_read_bytes(runner)
-    assert res["decode_vs_floor"] == pytest.approx(res["decode_ms_per_token"] / f["decode_floor_ms"])
-    assert res["prefill_vs_floor"] == pytest.approx(f["prefill_floor_tokens_per_s"] / res["prefill_tokens_per_s"])
+    exact = dict(rel=1e-9, abs=0)
+    assert f["device"] == "cpu" and f["step_read_bytes"] == RANDOM_LM_STEP_BYTES
+    assert f["decode_floor_ms"] == pytest.approx(1e3 * RANDOM_LM_STEP_BYTES / (f["copy_bandwidth_GBps"] * 1e9),
+                                                 **exact)
+    assert f["prefill_floor_tokens_per_s"] == pytest.approx(16 * f["gemm_GFLOPps"] * 1e9 / RANDOM_LM_PREFILL_FLOPS_16,
+                                                            **exact)
+    assert (res["batch"], res["prefill_tokens"], res["decode_steps"], res["decode_blocks"]) == (1, 16, 3, 1)
+    assert res["prefill_tokens_per_s"] == pytest.approx(16 / res["prefill_s"], **exact)
+    assert res["decode_ms_best_block"] == res["decode_ms_per_token"]  # one block: its median step is both
+    assert res["decode_vs_floor"] == pytest.approx(res["decode_ms_per_token"] / f["decode_floor_ms"], **exact)
+    assert res["prefill_vs_floor"] == pytest.approx(f["prefill_floor_tokens_per_s"] / res["prefill_tokens_per_s"],
+                                                    **exact)
     assert "floors" not in bench_runner(runner, prompt_len=4, decode_steps=1, repeat=1, progress=False)
 
 

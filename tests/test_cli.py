@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from hf_models import HF_CONFIGS, hf_model, save_hf
+from hf_models import hf_classes, hf_config, hf_model, save_hf
 
 from ssmrt.cli import main
 
@@ -44,11 +44,11 @@ def tiny(tmp_path_factory):
     """A tiny Mamba-2 checkpoint with a byte-level tokenizer, and its artifact (via the CLI)."""
     from ssmrt.runtime.tokenizer import byte_level_tokenizer_json
 
+    family, kw = hf_config("mamba2-g1")
+    config_cls, model_cls = hf_classes(family)  # skips the tests on this fixture without transformers
     root = tmp_path_factory.mktemp("cli")
-    import transformers
-
     torch.manual_seed(0)  # the same weights whichever tests ran before: greedy runs compared below stay comparable
-    hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(vocab_size=256, **HF_CONFIGS[4][2])).eval()
+    hf = model_cls(config_cls(vocab_size=256, **kw)).eval()
     ckpt = save_hf(hf, root / "ckpt")
     (ckpt / "tokenizer.json").write_text(byte_level_tokenizer_json())
     res = run(["export", str(ckpt), "-o", str(root / "art")])
@@ -147,9 +147,22 @@ def test_inspect_and_bench(tiny):
     assert run(["inspect", str(art)]).exit_code == 0
     res = run(["bench", str(art), "--prompt-len", "16", "--decode-steps", "4", "--repeat", "1", "--json",
                "--threads", "1", "--opt-level", "basic"])
-    b = json.loads(res.output)
-    assert b["decode_ms_per_token"] > 0 and b["prefill_tokens_per_s"] > 0
-    assert b["floors"]["decode_floor_ms"] > 0 and b["decode_vs_floor"] > 0 and b["prefill_vs_floor"] > 0
+    b, exact = json.loads(res.output), dict(rel=1e-9, abs=0)
+    # the options reach the benchmark, and its figures agree with each other
+    assert (b["batch"], b["prefill_tokens"], b["decode_steps"]) == (1, 16, 4)
+    assert b["prefill_tokens_per_s"] == pytest.approx(16 / b["prefill_s"], **exact)
+    assert b["decode_vs_floor"] == pytest.approx(b["decode_ms_per_token"] / b["floors"]["decode_floor_ms"], **exact)
+    assert b["prefill_vs_floor"] == pytest.approx(b["floors"]["prefill_floor_tokens_per_s"] / b["prefill_tokens_per_s"],
+                                                  **exact)
+    # the floors are those of the tiny Mamba-2 counted by hand (d_model 64, d_inner 128, 8 heads of 16, 1 group,
+    # d_state 16, conv width 4, 2 layers, vocab 256 tied), float32: matmul weights 2 layers x (in_proj
+    # 64 x (2*128 + 2*16 + 8) + out_proj 128 x 64) + lm_head 64 x 256 = 70656; state a layer conv (128 + 2*16) x 3 +
+    # ssm 8 x 16 x 16 = 2528 floats, 2 layers, read and written; a 16-token prefill with logits for every token
+    f = b["floors"]
+    step_bytes, prefill_flops = 4 * 70656 + 2 * 4 * 2 * 2528, 2 * 16 * 70656
+    assert f["step_read_bytes"] == step_bytes == 323072
+    assert f["decode_floor_ms"] == pytest.approx(1e3 * step_bytes / (f["copy_bandwidth_GBps"] * 1e9), **exact)
+    assert f["prefill_floor_tokens_per_s"] == pytest.approx(16 * f["gemm_GFLOPps"] * 1e9 / prefill_flops, **exact)
     res = run(["bench", str(art), "--prompt-len", "8", "--decode-steps", "2", "--repeat", "1"])
     assert res.exit_code == 0 and "x the floor," in res.output and "GB/s" in res.output
     res = run(["bench", str(art), "--prompt-len", "8", "--decode-steps", "2", "--repeat", "1", "--no-floors"])
@@ -235,7 +248,7 @@ def test_verbose_shows_the_traceback(tmp_path):
 
 
 def test_generate_text_without_tokenizer(tmp_path):
-    d = save_hf(hf_model("mamba2", **HF_CONFIGS[4][2]), tmp_path / "m")
+    d = save_hf(hf_model("mamba2-g1"), tmp_path / "m")
     res = run(["generate", str(d), "--prompt", "hello"])
     assert res.exit_code == 2 and "has no tokenizer.json" in res.output
 

@@ -3,6 +3,7 @@ is one; and compiled ahead of time for Ampere, Jetson Orin and Hopper with no GP
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -16,13 +17,17 @@ from test_ops import conv_inputs, selective_inputs, ssd_inputs, to64
 from ssmrt.closeness import assert_close
 from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
 
-triton = pytest.importorskip("triton")
-
-from ssmrt.kernels.causal_conv1d import causal_conv1d  # noqa: E402
-from ssmrt.kernels.selective_chunked import selective_scan_chunked  # noqa: E402
-from ssmrt.kernels.selective_scan import selective_scan, selective_scan_recurrent  # noqa: E402
-from ssmrt.kernels.ssd_chunked import ssd_scan_chunked  # noqa: E402
-from ssmrt.kernels.ssd_scan import ssd_scan, ssd_scan_recurrent  # noqa: E402
+# Every test here but the PTX-text one runs or compiles Triton kernels: those are marked triton and skip without
+# it (conftest.py), the PTX-text one runs regardless.
+if importlib.util.find_spec("triton") is not None:
+    from ssmrt.kernels.causal_conv1d import causal_conv1d
+    from ssmrt.kernels.selective_chunked import selective_scan_chunked
+    from ssmrt.kernels.selective_scan import selective_scan, selective_scan_recurrent
+    from ssmrt.kernels.ssd_chunked import ssd_scan_chunked
+    from ssmrt.kernels.ssd_scan import ssd_scan, ssd_scan_recurrent
+else:  # the names stay for the parametrize tables of the tests, which then skip
+    causal_conv1d = selective_scan_chunked = selective_scan = selective_scan_recurrent = None
+    ssd_scan_chunked = ssd_scan = ssd_scan_recurrent = None
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter computes in numpy, which has no bfloat16: bf16 is checked on a GPU only.
@@ -62,6 +67,7 @@ SSD_SEQLENS = {"recurrent": SEQLENS, "chunked": [1, 16, 37] + ([300, 1000] if DE
 SSD_CASES = [(impl, seqlen) for impl in SSD_IMPLS for seqlen in SSD_SEQLENS[impl]]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("batch,nheads,headdim,dstate,ngroups", SSD_SHAPES)
 @pytest.mark.parametrize("impl,seqlen", SSD_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -75,6 +81,7 @@ def test_ssd_scan_matches_reference(batch, nheads, headdim, dstate, ngroups, imp
     assert_close(s, s_ref.to(s.dtype), dtype=dtype, name=f"ssd {impl} state {dtype}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("impl", SSD_IMPLS)
 @pytest.mark.parametrize("D_per_channel", [False, True])
 @pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.05, 0.3)])
@@ -90,6 +97,7 @@ def test_ssd_scan_options(impl, D_per_channel, dt_limit, optional):
     assert_close(s, s_ref, name=f"ssd {impl} state")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("chunk_size", [1, 16, 32, 64, 256])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ssd_chunked_any_chunk_size(chunk_size, dtype):
@@ -102,6 +110,7 @@ def test_ssd_chunked_any_chunk_size(chunk_size, dtype):
     assert_close(s, s_ref.float(), dtype=dtype, name=f"ssd chunked state, chunk {chunk_size}, {dtype}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("state_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("impl", SSD_IMPLS)
 def test_ssd_low_precision_state(impl, state_dtype):
@@ -114,6 +123,7 @@ def test_ssd_low_precision_state(impl, state_dtype):
     assert_close(s, s_ref, dtype=state_dtype, name=f"ssd {impl} state, {state_dtype} state")
 
 
+@pytest.mark.triton
 def test_ssd_scan_picks_by_seqlen(monkeypatch):
     from ssmrt.kernels import ssd_chunked
     from ssmrt.kernels import ssd_scan as ssd_mod
@@ -127,6 +137,7 @@ def test_ssd_scan_picks_by_seqlen(monkeypatch):
     assert picked == ["recurrent", "recurrent", "chunked"]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("impl", SSD_IMPLS)
 def test_ssd_prefill_then_steps_in_place_equal_one_pass(impl):
     kw = on_device(ssd_inputs(2, 40, 4, 8, 16, 2, chunk_size=16))
@@ -151,6 +162,7 @@ def test_ssd_prefill_then_steps_in_place_equal_one_pass(impl):
 # ------------------------------------------------------------------------------------- CausalConv1d
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("batch,dim,width", [(1, 8, 4), (2, 13, 4), (3, 200, 3), (2, 5, 2), (1, 64, 5)])
 @pytest.mark.parametrize("seqlen", SEQLENS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -165,6 +177,7 @@ def test_conv1d_matches_reference(batch, dim, width, seqlen, dtype, bias, activa
     assert_close(s, s_ref, dtype=dtype, name=f"conv state {dtype}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("split", [1, 2, 5])
 def test_conv1d_pieces_in_place_equal_one_pass(split):
     """Pieces shorter than width-1 read back into the carried state; in place included."""
@@ -194,6 +207,7 @@ SELECTIVE_CASES = [("recurrent", shape, seqlen) for shape in SELECTIVE_SHAPES fo
     for seqlen in [1, 37] + ([300, 1000] if DEVICE == "cuda" else [])]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("impl,shape,seqlen", SELECTIVE_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_selective_scan_matches_reference(impl, shape, seqlen, dtype):
@@ -207,6 +221,7 @@ def test_selective_scan_matches_reference(impl, shape, seqlen, dtype):
     assert_close(s, s_ref.to(s.dtype), dtype=dtype, name=f"selective {impl} state {dtype}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("impl", SELECTIVE_IMPLS)
 def test_selective_scan_without_optional_inputs(impl):
     kw = on_device(selective_inputs(2, 21, 12, 16, optional=False))
@@ -218,6 +233,7 @@ def test_selective_scan_without_optional_inputs(impl):
     assert_close(s, s_ref, name=f"selective {impl} state")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dstate", [7, 64] + ([256] if DEVICE == "cuda" else []))
 def test_selective_chunked_larger_states(dstate):
     """The chain's tiles shrink for larger states (fewer channels and tokens a tile)."""
@@ -228,6 +244,7 @@ def test_selective_chunked_larger_states(dstate):
     assert_close(s, s_ref.float(), name=f"selective chunked state, dstate {dstate}")
 
 
+@pytest.mark.triton
 def test_selective_scan_picks_by_seqlen(monkeypatch):
     from ssmrt.kernels import selective_chunked
     from ssmrt.kernels import selective_scan as sel_mod
@@ -240,6 +257,7 @@ def test_selective_scan_picks_by_seqlen(monkeypatch):
     assert picked == ["recurrent", "recurrent", "chunked"]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("impl", SELECTIVE_IMPLS)
 def test_selective_prefill_then_steps_in_place_equal_one_pass(impl):
     kw = on_device(selective_inputs(2, 40, 12, 8, ngroups=2))
@@ -258,6 +276,7 @@ def test_selective_prefill_then_steps_in_place_equal_one_pass(impl):
 # ------------------------------------------------------------------------------------ model dispatch
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("arch,prefill", [("mamba1", 4), ("mamba1", 40), ("mamba2", 4), ("mamba2", 40)])
 def test_model_through_kernels(arch, prefill, monkeypatch):
     """A model's prefill-then-steps with every op on the kernels == the reference's one pass (a 40-token
@@ -319,6 +338,7 @@ def aot_results():
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.triton
 def test_aot_compile_and_ptx_parameters(aot_results):
     """Each kernel compiles for Ampere, Jetson Orin and Hopper with no GPU; the PTX a plugin embeds takes exactly
     the contract's tensor pointers and int32 scalars, nothing hidden, and assembles. (Triton >= 3.3 appends
@@ -334,6 +354,7 @@ def test_aot_compile_and_ptx_parameters(aot_results):
         assert r["ptx_target"] and r["cubin_bytes"] > 0, r
 
 
+@pytest.mark.triton
 def test_aot_no_register_spills(aot_results):
     """No kernel spills registers to local memory on any target (a spill is a silent slowdown)."""
     for r in aot_results:
@@ -363,6 +384,7 @@ def test_contract_ptx_refuses_scratch_and_read_hidden_parameters():
 # ------------------------------------------------------------------------------------------------ norms
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("rows,dim", [(1, 768), (3, 100), (5, 33)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("first,residual_in_fp32", [(True, True), (False, True), (False, False)])
@@ -383,6 +405,7 @@ def test_add_rmsnorm_matches_reference(rows, dim, dtype, first, residual_in_fp32
     assert_close(r, r_ref, dtype=dtype, name=f"add_rmsnorm residual {dtype}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dim,group_size", [(64, 64), (96, 32), (40, 20)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm_before_gate,has_z", [(False, True), (True, True), (False, False)])
@@ -401,6 +424,7 @@ def test_gated_rmsnorm_matches_reference(dim, group_size, dtype, norm_before_gat
     assert_close(y, y_ref, dtype=dtype, name=f"gated_rmsnorm {dtype}")
 
 
+@pytest.mark.triton
 def test_aot_compile_bf16_and_fp32_activations():
     """Every kernel also compiles for bf16 and fp32 activations (the interpreter cannot run bf16; fp32 takes
     the exact `ieee` products in the SSD chain), for Jetson Orin and Hopper, with the contract's parameters."""

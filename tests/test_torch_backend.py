@@ -17,8 +17,8 @@ from ssmrt.compare import compare_runners
 from ssmrt.runtime import Session, TorchRunner
 from ssmrt.runtime.decode_graph import StaticState
 
-pytest.importorskip("triton")
-
+# The tests on the kernels are marked triton (skipped without it, conftest.py); the decode-mode errors and the
+# per-thread op choice need no kernels and run without it.
 FAMILIES = {
     "mamba1": dict(arch="mamba1", d_model=32, d_state=8),
     "mamba2": dict(arch="mamba2", d_model=32, d_state=16, headdim=8, ngroups=2),
@@ -29,6 +29,7 @@ def prompt(n, seed=0):
     return np.random.default_rng(seed).integers(0, 97, n).tolist()
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("prefill", [3, 40])
 def test_static_decode_on_kernels_matches_reference(family, prefill):
@@ -43,6 +44,7 @@ def test_static_decode_on_kernels_matches_reference(family, prefill):
     assert list(candidate._graphs) == [1]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kernels_update_the_state_in_place(family):
     """With inplace_state every op writes its new state over the one given: a step needs no copies."""
@@ -57,6 +59,7 @@ def test_kernels_update_the_state_in_place(family):
     assert any(t.abs().sum() > 0 for pair in state for t in pair)
 
 
+@pytest.mark.triton
 def test_static_state_is_fed_back_without_copies_and_stale_states_are_refused():
     runner = TorchRunner(random_lm(**FAMILIES["mamba2"]), kernels=True, decode="static")
     _, state = runner.forward(np.array([prompt(5)]), runner.zero_state(1))
@@ -75,6 +78,7 @@ def test_static_state_is_fed_back_without_copies_and_stale_states_are_refused():
     assert_close(logits, want, name="step from a kept copy")
 
 
+@pytest.mark.triton
 def test_session_on_static_decode_equals_eager():
     """Mixed-length batch, snapshot / fork and sampling go through the static step as through the eager one."""
     model = random_lm(**FAMILIES["mamba1"])
@@ -98,6 +102,7 @@ def test_decode_mode_errors():
         TorchRunner(model, decode="graph")
 
 
+@pytest.mark.triton
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -139,6 +144,7 @@ def test_op_choice_is_per_thread():
     assert dispatch.current() == dispatch.REFERENCES
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_runners_in_two_threads_give_what_each_gives_alone(family):
     """A runner on the kernels and one on the references, called in turn from two threads: each returns,
