@@ -128,19 +128,21 @@ def test_the_fallback_bodies_follow_the_contract(exported):
 @pytest.mark.parametrize("spec", SPECS, ids=by_id)
 @pytest.mark.parametrize("act", ["fp16", "bf16", "fp32"])
 def test_the_aot_signatures_follow_the_contract(spec, act):
-    """The one-launch kernel of each op takes a pointer per input then per output, in the spec's order, float32
-    exactly where the spec keeps a tensor float32, the activations' type elsewhere; then int32 dimensions."""
+    """The one-launch kernel of each op takes, as TensorRT's AOT runtime passes them, a pointer per input in the
+    spec's order, then int32 dimensions, then a pointer per output: float32 exactly where the spec keeps a
+    tensor float32, the activations' type elsewhere."""
     pytest.importorskip("triton")
     from ssmrt.kernels.aot import _table
+    from ssmrt.plugins.launch import KERNELS
 
     fn, signature, _ = _table(act)[spec.function]
-    pointers = [(k, v) for k, v in signature.items() if v.startswith("*")]
-    tensors = [*spec.inputs, *spec.outputs]
-    assert len(pointers) == len(tensors)
-    for (name, kind), t in zip(pointers, tensors, strict=True):
-        assert kind == ("*fp32" if t.fp32 else f"*{act}"), (spec.name, t.name, name)
-    assert list(signature) == params(fn)[: len(signature)]
-    assert all(v == "i32" for v in list(signature.values())[len(pointers):])
+    kinds = list(signature.values())
+    n_in, n_out = len(spec.inputs), len(spec.outputs)
+    assert all(v.startswith("*") for v in kinds[:n_in] + kinds[len(kinds) - n_out:])
+    assert all(v == "i32" for v in kinds[n_in: len(kinds) - n_out])
+    for kind, t in zip(kinds[:n_in] + kinds[len(kinds) - n_out:], [*spec.inputs, *spec.outputs], strict=True):
+        assert kind == ("*fp32" if t.fp32 else f"*{act}"), (spec.name, t.name)
+    assert list(signature) == params(fn)[: len(signature)] == KERNELS[spec.function].parameters
 
 
 def test_the_native_ops_register_the_contract():

@@ -341,14 +341,20 @@ def aot_results():
 @pytest.mark.triton
 def test_aot_compile_and_ptx_parameters(aot_results):
     """Each kernel compiles for Ampere, Jetson Orin and Hopper with no GPU; the PTX a plugin embeds takes exactly
-    the contract's tensor pointers and int32 scalars, nothing hidden, and assembles. (Triton >= 3.3 appends
-    scratch pointers to every kernel, two in 3.9; contract_ptx removes them, since no kernel uses scratch.)"""
+    the launch's arguments, nothing hidden, and assembles: for a plugin kernel, TensorRT's order (input pointers,
+    int32 scalars, output pointers). (Triton >= 3.3 appends scratch pointers to every kernel, two in 3.9;
+    contract_ptx removes them, since no kernel uses scratch.)"""
+    from ssmrt.plugins.launch import KERNELS
+
     assert {(r["kernel"], r["sm"]) for r in aot_results} == {
         (k, sm) for k in ("ssd_scan", "causal_conv1d", "selective_scan", "ssd_chunk_state", "ssd_state_passing",
                           "ssd_chunk_scan", "selective_chunk_state", "selective_state_passing",
                           "selective_chunk_scan", "add_rmsnorm", "gated_rmsnorm") for sm in (80, 87, 90)}
     for r in aot_results:
-        assert r["params"] == ["u64"] * r["pointers"] + ["u32"] * r["int32"], r
+        assert r["params"] == r["signature"] and r["params"].count("u64") == r["pointers"], r
+        if r["kernel"] in KERNELS:
+            k = KERNELS[r["kernel"]]
+            assert r["params"] == ["u64"] * len(k.inputs) + ["u32"] * len(k.scalars) + ["u64"] * len(k.outputs), r
         hidden = r["triton_params"][len(r["params"]):]
         assert r["triton_params"][: len(r["params"])] == r["params"] and set(hidden) <= {"u64"}, r
         assert r["ptx_target"] and r["cubin_bytes"] > 0, r

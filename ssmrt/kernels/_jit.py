@@ -51,15 +51,10 @@ def dt_limit_constexprs(dt_limit) -> dict:
 
 @triton.jit
 def chunk_program(pid, nheads, nchunks):
-    """(batch, chunk, head) of a program whose axis 1 spans batch * nchunks * nheads, heads fastest: the
-    chunked SSD kernels' decoding of chunk_grid's second axis."""
+    """(batch, chunk, head) of a program whose grid axis 1 spans batch * nchunks * nheads, heads fastest: how the
+    chunked SSD kernels decode the grid ssmrt.plugins.launch gives them (a test checks the two agree)."""
     h = pid % nheads
     c = (pid // nheads) % nchunks
     b = pid // (nheads * nchunks)
     return b, c, h
-
-
-def chunk_grid(batch: int, nchunks: int, nheads: int) -> int:
-    """The launch-grid axis chunk_program decodes."""
-    return batch * nchunks * nheads
 

@@ -23,73 +23,39 @@ ACTIVATIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 def _table(act: str = "fp16"):
     """kernel -> (raw function, runtime-argument signature, constexprs of a typical specialisation), for
-    activations (and the weights that follow them) of Triton type `act`; A, D, biases and states fp32."""
+    activations (and the weights that follow them) of Triton type `act`; A, D, biases and states fp32. The
+    plugin kernels' signatures come from their launches (ssmrt.plugins.launch: TensorRT's argument order)."""
+    import importlib
+
     import torch
 
+    from ..plugins.launch import KERNELS
     from . import causal_conv1d, rmsnorm, selective_chunked, selective_scan, ssd_chunked, ssd_scan
 
-    f16, f32 = f"*{act}", "*fp32"
     chain = ssd_chunked.constexprs(64, 128, getattr(torch, ACTIVATIONS[act]), 256)
     sel = selective_chunked.constexprs(1536, 16)
-    dims = {"seqlen": "i32", "nheads": "i32", "headdim": "i32", "dstate": "i32"}
-    return {
-        "ssd_scan": (
-            ssd_scan._ssd_scan_kernel,
-            {"x_ptr": f16, "dt_ptr": f16, "A_ptr": f32, "B_ptr": f16, "C_ptr": f16, "D_ptr": f32,
-             "dt_bias_ptr": f32, "state_ptr": f32, "y_ptr": f16, "state_out_ptr": f32,
-             "seqlen": "i32", "nheads": "i32", "headdim": "i32", "dstate": "i32", "ngroups": "i32"},
-            ssd_scan.constexprs(64, 128)),
-        "causal_conv1d": (
-            causal_conv1d._causal_conv1d_kernel,
-            {"x_ptr": f16, "w_ptr": f16, "bias_ptr": f16, "state_ptr": f16, "y_ptr": f16, "state_out_ptr": f16,
-             "seqlen": "i32", "dim": "i32", "width": "i32"},
-            causal_conv1d.constexprs(1792, 4)),
-        "selective_scan": (
-            selective_scan._selective_scan_kernel,
-            {"u_ptr": f16, "delta_ptr": f16, "A_ptr": f32, "B_ptr": f16, "C_ptr": f16, "D_ptr": f32, "z_ptr": f16,
-             "delta_bias_ptr": f32, "state_ptr": f32, "y_ptr": f16, "state_out_ptr": f32,
-             "seqlen": "i32", "dim": "i32", "dstate": "i32", "ngroups": "i32"},
-            selective_scan.constexprs(1536, 16)),
-        "ssd_chunk_state": (
-            ssd_chunked._ssd_chunk_state_kernel,
-            {"x_ptr": f16, "dt_ptr": f16, "A_ptr": f32, "B_ptr": f16, "dt_bias_ptr": f32, "dt_out_ptr": f32,
-             "dA_cumsum_ptr": f32, "states_ptr": f32, **dims, "ngroups": "i32"},
-            chain["ssd_chunk_state"]),
-        "ssd_state_passing": (
-            ssd_chunked._ssd_state_passing_kernel,
-            {"states_ptr": f32, "dA_cumsum_ptr": f32, "state_ptr": f32, "state_out_ptr": f32, **dims},
-            chain["ssd_state_passing"]),
-        "ssd_chunk_scan": (
-            ssd_chunked._ssd_chunk_scan_kernel,
-            {"x_ptr": f16, "B_ptr": f16, "C_ptr": f16, "D_ptr": f32, "dt_out_ptr": f32, "dA_cumsum_ptr": f32,
-             "states_ptr": f32, "y_ptr": f16, **dims, "ngroups": "i32"},
-            chain["ssd_chunk_scan"]),
-        "selective_chunk_state": (
-            selective_chunked._selective_chunk_state_kernel,
-            {"u_ptr": f16, "delta_ptr": f16, "A_ptr": f32, "B_ptr": f16, "delta_bias_ptr": f32, "states_ptr": f32,
-             "delta_sum_ptr": f32, "seqlen": "i32", "dim": "i32", "dstate": "i32", "ngroups": "i32"},
-            sel["selective_chunk_state"]),
-        "selective_state_passing": (
-            selective_chunked._selective_state_passing_kernel,
-            {"states_ptr": f32, "delta_sum_ptr": f32, "A_ptr": f32, "state_ptr": f32, "state_out_ptr": f32,
-             "seqlen": "i32", "dim": "i32", "dstate": "i32"},
-            sel["selective_state_passing"]),
-        "selective_chunk_scan": (
-            selective_chunked._selective_chunk_scan_kernel,
-            {"u_ptr": f16, "delta_ptr": f16, "A_ptr": f32, "B_ptr": f16, "C_ptr": f16, "D_ptr": f32, "z_ptr": f16,
-             "delta_bias_ptr": f32, "states_ptr": f32, "y_ptr": f16,
-             "seqlen": "i32", "dim": "i32", "dstate": "i32", "ngroups": "i32"},
-            sel["selective_chunk_scan"]),
-        "add_rmsnorm": (
-            rmsnorm._add_rmsnorm_kernel,
-            {"x_ptr": f16, "residual_ptr": f32, "w_ptr": f16, "out_ptr": f16, "residual_out_ptr": f32, "dim": "i32"},
-            rmsnorm.add_constexprs(768, 1e-5)),
-        "gated_rmsnorm": (
-            rmsnorm._gated_rmsnorm_kernel,
-            {"x_ptr": f16, "z_ptr": f16, "w_ptr": f16, "y_ptr": f16,
-             "dim": "i32", "stride_x": "i32", "stride_z": "i32"},
-            rmsnorm.gated_constexprs(1536, 1e-5)),
+    typical = {
+        "ssd_scan": ssd_scan.constexprs(64, 128),
+        "causal_conv1d": causal_conv1d.constexprs(1792, 4),
+        "selective_scan": selective_scan.constexprs(1536, 16),
+        **chain,
+        **sel,
     }
+    table = {}
+    for name, k in KERNELS.items():
+        raw = getattr(importlib.import_module(f"ssmrt.kernels.{k.module}"), k.raw)
+        table[name] = (raw, k.signature(act), typical[name])
+    f16 = f"*{act}"
+    table["add_rmsnorm"] = (
+        rmsnorm._add_rmsnorm_kernel,
+        {"x_ptr": f16, "residual_ptr": "*fp32", "w_ptr": f16, "out_ptr": f16, "residual_out_ptr": "*fp32",
+         "dim": "i32"},
+        rmsnorm.add_constexprs(768, 1e-5))
+    table["gated_rmsnorm"] = (
+        rmsnorm._gated_rmsnorm_kernel,
+        {"x_ptr": f16, "z_ptr": f16, "w_ptr": f16, "y_ptr": f16, "dim": "i32", "stride_x": "i32", "stride_z": "i32"},
+        rmsnorm.gated_constexprs(1536, 1e-5))
+    return table
 
 
 def compile_kernel(name: str, cc: int, act: str = "fp16"):
@@ -167,6 +133,7 @@ def main() -> int:
             ptx = contract_ptx(k, len(signature))
             print(json.dumps({
                 "kernel": name, "sm": cc, "params": ptx_params(ptx),
+                "signature": ["u64" if t.startswith("*") else "u32" for t in signature.values()],
                 "triton_params": ptx_params(k.asm["ptx"]),
                 "pointers": sum(t.startswith("*") for t in signature.values()),
                 "int32": sum(t == "i32" for t in signature.values()), **ptxas_usage(ptx, cc),

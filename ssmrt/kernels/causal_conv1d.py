@@ -1,7 +1,8 @@
 """CausalConv1d as one Triton kernel for any seqlen (seqlen 1 is the decode step). Its reference twin is
 ssmrt.ops.causal_conv1d_ref (same signature).
 
-Contract (one launch; tensor pointers and int32 scalars; the activation a compile-time constant):
+Contract (one launch: input pointers, int32 scalars, output pointers, as ssmrt.plugins.launch says; the
+activation a compile-time constant):
     0 x           (batch, seqlen, dim)     contiguous
     1 weight      (dim, width)
     2 bias        (dim,)                   optional
@@ -9,7 +10,7 @@ Contract (one launch; tensor pointers and int32 scalars; the activation a compil
   ->
     y (batch, seqlen, dim), present_conv_state (may be conv_state itself: a program reads all the state it
     needs before writing it)
-Grid: (cdiv(dim, BLOCK_C), batch).
+The launch (argument order, int32 scalars, grid) is in ssmrt.plugins.launch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..plugins.launch import launch
 from ._checks import check_outputs
+from ._jit import silu
 
 
 @triton.jit
@@ -33,8 +36,9 @@ def _window(x_ptr, state_ptr, b, j, offs_c, mask_c, valid, seqlen, dim, nstate):
 
 
 def _causal_conv1d_kernel(
-    x_ptr, w_ptr, bias_ptr, state_ptr, y_ptr, state_out_ptr,
+    x_ptr, w_ptr, bias_ptr, state_ptr,
     seqlen, dim, width,
+    y_ptr, state_out_ptr,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -58,7 +62,7 @@ def _causal_conv1d_kernel(
         if HAS_BIAS:
             y += bias
         if SILU:
-            y = y / (1.0 + tl.exp(-y))  # silu; spelled out so the kernel needs no Triton library function
+            y = silu(y)
         tl.store(y_ptr + (b * seqlen + t) * dim + offs_c, y.to(y_ptr.dtype.element_ty), mask=mask_c)
     tl.store(state_out_ptr + (b * dim + offs_c[:, None]) * nstate + offs_k[None, :],
              new.to(state_out_ptr.dtype.element_ty), mask=mask_c[:, None] & (offs_k[None, :] < nstate))
@@ -96,7 +100,6 @@ def causal_conv1d(
     y = out if out is not None else torch.empty_like(x)
     s_out = state_out if state_out is not None else torch.empty_like(conv_state)
     meta = constexprs(dim, width, has_bias=bias is not None, activation=activation or "none")
-    grid = (triton.cdiv(dim, meta["BLOCK_C"]), batch)
-    causal_conv1d_kernel[grid](x, weight, bias.contiguous() if bias is not None else weight, conv_state, y, s_out,
-                               seqlen, dim, width, **meta)
+    launch("causal_conv1d", {"x": x, "w": weight, "bias": bias.contiguous() if bias is not None else weight,
+                             "state": conv_state, "y": y, "state_out": s_out}, meta)
     return y, s_out

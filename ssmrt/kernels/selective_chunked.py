@@ -11,19 +11,20 @@ over time of (exp(delta A), delta u B) pairs, the state carried in registers bet
                               S_c, and sum(delta) over the chunk (its total decay is exp(A sum(delta)))
   2. selective_state_passing  serial over chunks only: the state entering each chunk,
                               H_c = exp(A sum_{c-1}(delta)) H_{c-1} + S_{c-1},  H_0 = ssm_state,
-                              written over S in place; the state leaving the last chunk is the output state
+                              written to its own tensor; the state leaving the last chunk is the output state
   3. selective_chunk_scan     per (chunk, channel block), from H_c: y = (h C + D u) * silu(z)
 
-Contract of the chain (each kernel: one launch, arguments are tensor pointers and int32 scalars, flags
-compile-time constants; the intermediates are tensors between nodes, not a workspace):
+Contract of the chain (each kernel: one launch with input pointers, int32 scalars, output pointers, as
+ssmrt.plugins.launch says; flags compile-time constants; the intermediates are tensors between nodes, not a
+workspace):
     selective_chunk_state(u, delta, A, B, delta_bias) -> chunk_states, delta_sum
         u, delta (batch, seqlen, dim); A (dim, dstate) fp32; B (batch, seqlen, ngroups, dstate);
         delta_bias (dim,) fp32
         chunk_states: (batch, nchunks, dim, dstate) fp32; delta_sum: (batch, nchunks, dim) fp32
-    selective_state_passing(chunk_states, delta_sum, A, ssm_state) -> chunk_states (in place), present_ssm_state
+    selective_state_passing(chunk_states, delta_sum, A, ssm_state) -> entering_states, present_ssm_state
         ssm_state (batch, dim, dstate) fp32 (or fp16 / bf16); present_ssm_state may alias it
-    selective_chunk_scan(u, delta, A, B, C, D, z, delta_bias, chunk_states) -> y (batch, seqlen, dim)
-Grids: (cdiv(dim, BD), nchunks, batch), (cdiv(dim * dstate, BS), batch), (cdiv(dim, BD), nchunks, batch).
+    selective_chunk_scan(u, delta, A, B, C, D, z, delta_bias, entering_states) -> y (batch, seqlen, dim)
+The grids are in ssmrt.plugins.launch.
 No TensorRT types here.
 """
 
@@ -33,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..plugins.launch import launch
 from ._checks import check_groups, fp32, scan_io
 from ._jit import dt_transform, silu
 
@@ -74,8 +76,9 @@ def _chunk_program(dim, dstate, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 def _selective_chunk_state_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, delta_bias_ptr, states_ptr, delta_sum_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, delta_bias_ptr,
     seqlen, dim, dstate, ngroups,
+    states_ptr, delta_sum_ptr,
     CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
 ):
@@ -99,31 +102,31 @@ def _selective_chunk_state_kernel(
 
 
 def _selective_state_passing_kernel(
-    states_ptr, delta_sum_ptr, A_ptr, state_ptr, state_out_ptr,
-    seqlen, dim, dstate,
+    states_ptr, delta_sum_ptr, A_ptr, state_ptr,
+    nchunks, dim, dstate,
+    entering_ptr, state_out_ptr,
     CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     b = tl.program_id(1)
-    nchunks = tl.cdiv(seqlen, CHUNK)
     size = dim * dstate
     offs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)  # (d, n) flattened
     mask = offs < size
     A = tl.load(A_ptr + offs, mask=mask, other=0.0)
     s = tl.load(state_ptr + b * size + offs, mask=mask, other=0.0).to(tl.float32)
     for c in range(nchunks):
-        # the chunk's own contribution is read before the entering state is written over it
         at = (b * nchunks + c) * size + offs
         own = tl.load(states_ptr + at, mask=mask, other=0.0)
-        tl.store(states_ptr + at, s, mask=mask)
+        tl.store(entering_ptr + at, s, mask=mask)
         delta_sum = tl.load(delta_sum_ptr + (b * nchunks + c) * dim + offs // dstate, mask=mask, other=0.0)
         s = s * tl.exp(A * delta_sum) + own
     tl.store(state_out_ptr + b * size + offs, s.to(state_out_ptr.dtype.element_ty), mask=mask)
 
 
 def _selective_chunk_scan_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, states_ptr, y_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, states_ptr,
     seqlen, dim, dstate, ngroups,
+    y_ptr,
     CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
 ):
@@ -212,13 +215,11 @@ def selective_scan_chunked(
     states = torch.empty(batch, nchunks, dim, dstate, device=u.device, dtype=torch.float32)
     delta_sum = torch.empty(batch, nchunks, dim, device=u.device, dtype=torch.float32)
 
-    m = meta["selective_chunk_state"]
-    grid = (triton.cdiv(dim, m["BLOCK_D"]), nchunks, batch)
-    selective_chunk_state_kernel[grid](u, delta, A, B, db, states, delta_sum, seqlen, dim, dstate, ngroups, **m)
-    m = meta["selective_state_passing"]
-    grid = (triton.cdiv(dim * dstate, m["BLOCK_S"]), batch)
-    selective_state_passing_kernel[grid](states, delta_sum, A, ssm_state, s_out, seqlen, dim, dstate, **m)
-    m = meta["selective_chunk_scan"]
-    grid = (triton.cdiv(dim, m["BLOCK_D"]), nchunks, batch)
-    selective_chunk_scan_kernel[grid](u, delta, A, B, C, Df, zc, db, states, y, seqlen, dim, dstate, ngroups, **m)
+    entering = torch.empty_like(states)
+    launch("selective_chunk_state", {"u": u, "delta": delta, "A": A, "B": B, "delta_bias": db, "states": states,
+                                     "delta_sum": delta_sum}, meta["selective_chunk_state"])
+    launch("selective_state_passing", {"states": states, "delta_sum": delta_sum, "A": A, "state": ssm_state,
+                                       "entering": entering, "state_out": s_out}, meta["selective_state_passing"])
+    launch("selective_chunk_scan", {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": Df, "z": zc,
+                                    "delta_bias": db, "states": entering, "y": y}, meta["selective_chunk_scan"])
     return y, s_out

@@ -3,7 +3,7 @@ y = (h C + D u) * silu(z), step by step with the state tile in registers (seqlen
 Its reference twin is ssmrt.ops.selective_scan_ref (same signature). Long prompts go to the chain split over
 time instead (selective_chunked.py): `selective_scan` picks one by seqlen.
 
-Contract (one launch; tensor pointers and int32 scalars; flags compile-time constants):
+Contract (one launch: input pointers, int32 scalars, output pointers; flags compile-time constants):
     0 u, 1 delta  (batch, seqlen, dim)      contiguous
     2 A           (dim, dstate)             fp32
     3 B, 4 C      (batch, seqlen, ngroups, dstate)
@@ -13,7 +13,8 @@ Contract (one launch; tensor pointers and int32 scalars; flags compile-time cons
     8 ssm_state   (batch, dim, dstate)      fp32
   ->
     y (batch, seqlen, dim), present_ssm_state (may be ssm_state itself)
-Grid: (cdiv(dim, BLOCK_D), batch). Channel d reads group d // (dim // ngroups).
+The launch (argument order, int32 scalars, grid) is in ssmrt.plugins.launch. Channel d reads group
+d // (dim // ngroups).
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..plugins.launch import launch
 from ._checks import check_groups, fp32, scan_io
 from ._jit import dt_transform, silu
 
 
 def _selective_scan_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, state_ptr, y_ptr, state_out_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, state_ptr,
     seqlen, dim, dstate, ngroups,
+    y_ptr, state_out_ptr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
 ):
@@ -99,10 +102,9 @@ def selective_scan_recurrent(
     A = A.float().contiguous()
     meta = constexprs(dim, dstate, has_D=D is not None, has_z=z is not None, has_delta_bias=delta_bias is not None,
                       delta_softplus=delta_softplus)
-    grid = (triton.cdiv(dim, meta["BLOCK_D"]), batch)
-    selective_scan_kernel[grid](
-        u, delta, A, B, C, fp32(D, A), z.contiguous() if z is not None else u, fp32(delta_bias, A), ssm_state, y,
-        s_out, seqlen, dim, dstate, ngroups, **meta)
+    launch("selective_scan", {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": fp32(D, A),
+                              "z": z.contiguous() if z is not None else u, "delta_bias": fp32(delta_bias, A),
+                              "state": ssm_state, "y": y, "state_out": s_out}, meta)
     return y, s_out
 
 

@@ -10,22 +10,23 @@ last chunk may be partial). With dt after bias, softplus and limit, and a = cums
                        and, as side outputs, dt and a per position (the later kernels read them).
   2. ssd_state_passing the short serial part, over chunks only: the state entering each chunk,
                          H_c = exp(a_last(c-1)) H_{c-1} + S_{c-1},  H_0 = ssm_state,
-                       written over S in place; the state leaving the last chunk is present_ssm_state.
+                       written to its own tensor (no tensor is both read and written: TensorRT plugins cannot alias
+                       without a preview feature); the state leaving the last chunk is present_ssm_state.
   3. ssd_chunk_scan    per chunk, the output: y_l = exp(a_l) C_l H_c + sum_{s<=l} exp(a_l - a_s) dt_s
                        (C_l . B_s) x_s + D x_l.
 
-Contract of the chain (each kernel: one launch, arguments are tensor pointers and int32 scalars, float
-attributes compile-time constants; the intermediates are tensors between nodes, not a workspace):
+Contract of the chain (each kernel: one launch with input pointers, int32 scalars, output pointers, as
+ssmrt.plugins.launch says; float attributes compile-time constants; the intermediates are tensors between
+nodes, not a workspace):
     ssd_chunk_state(x, dt, A, B, dt_bias) -> dt_out, dA_cumsum, chunk_states
         x (batch, seqlen, nheads, headdim), dt (batch, seqlen, nheads), A (nheads,) fp32,
         B (batch, seqlen, ngroups, dstate), dt_bias (nheads,) fp32
         dt_out, dA_cumsum: (batch, nheads, nchunks, chunk_size) fp32 (zero dt past the end)
         chunk_states: (batch, nchunks, nheads, headdim, dstate) fp32
-    ssd_state_passing(chunk_states, dA_cumsum, ssm_state) -> chunk_states (in place), present_ssm_state
+    ssd_state_passing(chunk_states, dA_cumsum, ssm_state) -> entering_states, present_ssm_state
         ssm_state (batch, nheads, headdim, dstate) fp32 (or fp16 / bf16); present_ssm_state may alias it
-    ssd_chunk_scan(x, B, C, D, dt_out, dA_cumsum, chunk_states) -> y (batch, seqlen, nheads, headdim)
-Grids: (cdiv(headdim, BP) * cdiv(dstate, BN), batch * nchunks * nheads), (cdiv(headdim * dstate, BS),
-batch * nheads), (cdiv(Q, BM) * cdiv(headdim, BP), batch * nchunks * nheads). No TensorRT types here.
+    ssd_chunk_scan(x, B, C, D, dt_out, dA_cumsum, entering_states) -> y (batch, seqlen, nheads, headdim)
+The grids are in ssmrt.plugins.launch. No TensorRT types here.
 
 Products run in the activation dtype (fp16 / bf16 tensor cores, fp32 accumulation), or in exact fp32
 (`input_precision="ieee"`, no TF32) for fp32 activations; the decays, dt and the carried state stay fp32.
@@ -41,8 +42,9 @@ import triton
 import triton.language as tl
 
 from ..ops.spec import NO_DT_LIMIT
+from ..plugins.launch import launch
 from ._checks import check_groups, fp32, scan_io
-from ._jit import chunk_grid, chunk_program, dt_limit_constexprs, dt_transform
+from ._jit import chunk_program, dt_limit_constexprs, dt_transform
 
 
 @triton.jit
@@ -57,8 +59,9 @@ def _dt_block(dt_ptr, dt_bias_ptr, rows, h, nheads, mask, HAS_DT_BIAS: tl.conste
 
 
 def _ssd_chunk_state_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr, dt_out_ptr, dA_cumsum_ptr, states_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr,
     seqlen, nheads, headdim, dstate, ngroups,
+    dt_out_ptr, dA_cumsum_ptr, states_ptr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr,
     DT_MIN: tl.constexpr, DT_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
@@ -116,32 +119,32 @@ def _ssd_chunk_state_kernel(
 
 
 def _ssd_state_passing_kernel(
-    states_ptr, dA_cumsum_ptr, state_ptr, state_out_ptr,
-    seqlen, nheads, headdim, dstate,
+    states_ptr, dA_cumsum_ptr, state_ptr,
+    nchunks, nheads, headdim, dstate,
+    entering_ptr, state_out_ptr,
     CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
     h = pid_bh % nheads
-    nchunks = tl.cdiv(seqlen, CHUNK)
     size = headdim * dstate
     offs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     mask = offs < size
     s = tl.load(state_ptr + pid_bh * size + offs, mask=mask, other=0.0).to(tl.float32)
     for c in range(nchunks):
-        # the chunk's own contribution is read before the entering state is written over it
         at = ((b * nchunks + c) * nheads + h) * size + offs
         own = tl.load(states_ptr + at, mask=mask, other=0.0)
-        tl.store(states_ptr + at, s, mask=mask)
+        tl.store(entering_ptr + at, s, mask=mask)
         dA_last = tl.load(dA_cumsum_ptr + ((b * nheads + h) * nchunks + c) * CHUNK + CHUNK - 1)
         s = s * tl.exp(dA_last) + own
     tl.store(state_out_ptr + pid_bh * size + offs, s.to(state_out_ptr.dtype.element_ty), mask=mask)
 
 
 def _ssd_chunk_scan_kernel(
-    x_ptr, B_ptr, C_ptr, D_ptr, dt_out_ptr, dA_cumsum_ptr, states_ptr, y_ptr,
+    x_ptr, B_ptr, C_ptr, D_ptr, dt_out_ptr, dA_cumsum_ptr, states_ptr,
     seqlen, nheads, headdim, dstate, ngroups,
+    y_ptr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -283,15 +286,11 @@ def ssd_scan_chunked(
     dA_cumsum = torch.empty(batch, nheads, nchunks, chunk, **f32)
     states = torch.empty(batch, nchunks, nheads, headdim, dstate, **f32)
 
-    m = meta["ssd_chunk_state"]
-    grid = (triton.cdiv(headdim, m["BLOCK_P"]) * triton.cdiv(dstate, m["BLOCK_N"]), chunk_grid(batch, nchunks, nheads))
-    ssd_chunk_state_kernel[grid](x, dt, A, B, db, dt_out, dA_cumsum, states,
-                                 seqlen, nheads, headdim, dstate, ngroups, **m)
-    m = meta["ssd_state_passing"]
-    grid = (triton.cdiv(headdim * dstate, m["BLOCK_S"]), batch * nheads)
-    ssd_state_passing_kernel[grid](states, dA_cumsum, ssm_state, s_out, seqlen, nheads, headdim, dstate, **m)
-    m = meta["ssd_chunk_scan"]
-    grid = (triton.cdiv(chunk, m["BLOCK_M"]) * triton.cdiv(headdim, m["BLOCK_P"]), chunk_grid(batch, nchunks, nheads))
-    ssd_chunk_scan_kernel[grid](x, B, C, Df, dt_out, dA_cumsum, states, y,
-                                seqlen, nheads, headdim, dstate, ngroups, **m)
+    entering = torch.empty_like(states)
+    launch("ssd_chunk_state", {"x": x, "dt": dt, "A": A, "B": B, "dt_bias": db, "dt_out": dt_out,
+                               "dA_cumsum": dA_cumsum, "states": states}, meta["ssd_chunk_state"])
+    launch("ssd_state_passing", {"states": states, "dA_cumsum": dA_cumsum, "state": ssm_state, "entering": entering,
+                                 "state_out": s_out}, meta["ssd_state_passing"])
+    launch("ssd_chunk_scan", {"x": x, "B": B, "C": C, "D": Df, "dt_out": dt_out, "dA_cumsum": dA_cumsum,
+                              "states": entering, "y": y}, meta["ssd_chunk_scan"])
     return y, s_out

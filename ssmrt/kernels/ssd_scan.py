@@ -3,7 +3,7 @@ step by step with the state tile held in registers (seqlen 1 is the decode step)
 ssmrt.ops.ssd_scan_ref (same signature). Long prompts go to the chunked tensor-core chain instead
 (ssd_chunked.py): `ssd_scan` picks one by seqlen.
 
-Contract (the AOT-plugin shape: one launch, arguments are tensor pointers and int32 scalars only, float
+Contract (the AOT-plugin shape: one launch, arguments are input pointers, int32 scalars, output pointers, float
 attributes as compile-time constants):
     0 x          (batch, seqlen, nheads, headdim)    fp32 / fp16 / bf16, contiguous
     1 dt         (batch, seqlen, nheads)
@@ -15,7 +15,7 @@ attributes as compile-time constants):
   ->
     y (batch, seqlen, nheads, headdim), present_ssm_state (may be ssm_state itself: each program reads its
     whole tile before writing it)
-Grid: (cdiv(headdim, BLOCK_P), batch * nheads). No TensorRT types here: plugins wrap this.
+The launch (argument order, int32 scalars, grid) is in ssmrt.plugins.launch. No TensorRT types here.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ import triton
 import triton.language as tl
 
 from ..ops.spec import NO_DT_LIMIT
+from ..plugins.launch import launch
 from ._checks import check_groups, fp32, scan_io
 from ._jit import dt_limit_constexprs, dt_transform
 
 
 def _ssd_scan_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, state_ptr, y_ptr, state_out_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, state_ptr,
     seqlen, nheads, headdim, dstate, ngroups,
+    y_ptr, state_out_ptr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr, DT_MIN: tl.constexpr, DT_MAX: tl.constexpr,
@@ -118,9 +120,8 @@ def ssd_scan_recurrent(
     Df, db = fp32(D, A), fp32(dt_bias, A)
     meta = constexprs(headdim, dstate, has_D=D is not None, D_has_hdim=D is not None and D.dim() == 2,
                       has_dt_bias=dt_bias is not None, dt_softplus=dt_softplus, dt_limit=dt_limit)
-    grid = (triton.cdiv(headdim, meta["BLOCK_P"]), batch * nheads)
-    ssd_scan_kernel[grid](x, dt, A, B, C, Df, db, ssm_state, y, s_out, seqlen, nheads, headdim, dstate, ngroups,
-                          **meta)
+    launch("ssd_scan", {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": Df, "dt_bias": db, "state": ssm_state,
+                        "y": y, "state_out": s_out}, meta)
     return y, s_out
 
 
