@@ -241,36 +241,32 @@ def run_every_fault(home, out, monkeypatch, setup, tweak=None) -> int:
         at += 1
 
 
-def test_a_fault_at_any_step_of_an_atomic_exchange(home, monkeypatch):
-    out = home / "art"
+def fresh_old_export(home: Path, out: Path):
+    """setup() for run_every_fault: `out` an old export again, and nothing of ssmrt's left beside it."""
+    import shutil
 
     def setup():
-        import shutil
-
         shutil.rmtree(out, ignore_errors=True)
-        for p in home.glob(".art.ssmrt-*"):
+        for p in home.glob(f".{out.name}.ssmrt-*"):
             shutil.rmtree(p)
         export_like(out, "old")
 
-    steps = run_every_fault(home, out, monkeypatch, setup)
+    return setup
+
+
+def test_a_fault_at_any_step_of_an_atomic_exchange(home, monkeypatch):
+    out = home / "art"
+    steps = run_every_fault(home, out, monkeypatch, fresh_old_export(home, out))
     assert steps == 2  # exchange, remove the old
 
 
 def test_a_fault_at_any_step_of_rename_aside(home, monkeypatch):
     out = home / "art"
 
-    def setup():
-        import shutil
-
-        shutil.rmtree(out, ignore_errors=True)
-        for p in home.glob(".art.ssmrt-*"):
-            shutil.rmtree(p)
-        export_like(out, "old")
-
     def tweak(m):
         m.setattr(fsutil._Ops, "exchange", staticmethod(no_exchange))
 
-    steps = run_every_fault(home, out, monkeypatch, setup, tweak)
+    steps = run_every_fault(home, out, monkeypatch, fresh_old_export(home, out), tweak)
     assert steps == 4  # (exchange refused), old aside, new in, remove the old
 
 
@@ -278,16 +274,10 @@ def test_a_fault_at_any_step_of_an_entry_by_entry_swap(home, monkeypatch):
     """The path a mount point takes (forced here; the real mount point is tested below)."""
     out = home / "art"
 
-    def setup():
-        import shutil
-
-        shutil.rmtree(out, ignore_errors=True)
-        export_like(out, "old")
-
     def tweak(m):
         m.setattr(fsutil, "is_mount_point", lambda p: Path(p) == out)
 
-    steps = run_every_fault(home, out, monkeypatch, setup, tweak)
+    steps = run_every_fault(home, out, monkeypatch, fresh_old_export(home, out), tweak)
     assert steps == 3 + 3 + 2  # three old entries aside, three new in, two directories removed
 
 

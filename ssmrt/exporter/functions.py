@@ -413,6 +413,19 @@ def _selective_step(b: Builder) -> onnx.GraphProto:
     return b.graph("selective_scan_step", [("y", 3), ("h", 3)])
 
 
+def _pad_to_chunks(b: Builder, chunk: str) -> None:
+    """Binds pad (how many steps make L a multiple of `chunk`), nc (the number of chunks) and pads (Pad's pads
+    for the end of the time axis); needs L, zero and the chunk length bound."""
+    b.add(f"""
+        L_mod = Mod (L, {chunk})
+        short = Sub ({chunk}, L_mod)
+        pad = Mod (short, {chunk})
+        L_pad = Add (L, pad)
+        nc = Div (L_pad, {chunk})
+        pads = Concat <axis = 0> (zero, pad)                            # at the end of the time axis
+    """)
+
+
 def _selective_prefill(b: Builder) -> onnx.GraphProto:
     """Prefill: pad to whole chunks of SCAN_CHUNK tokens (dt = 0 there: decay 1, no input), Scan over chunks."""
     b.let(T=b.ints(SCAN_CHUNK))
@@ -424,12 +437,9 @@ def _selective_prefill(b: Builder) -> onnx.GraphProto:
         A_g = Reshape (A, A_shape)                                      # (G, Dg, N)
         state_shape = Concat <axis = 0> (zero, one, G, Dg, N)
         h0 = Reshape (ssm_state, state_shape)                           # (B, 1, G, Dg, N)
-        L_mod = Mod (L, T)
-        short = Sub (T, L_mod)
-        pad = Mod (short, T)
-        L_pad = Add (L, pad)
-        nc = Div (L_pad, T)
-        pads = Concat <axis = 0> (zero, pad)                            # at the end of the time axis
+    """)
+    _pad_to_chunks(b, "T")
+    b.add("""
         dt_pad = Pad (dt, pads, , one)
         dtu_pad = Pad (dtu, pads, , one)
         B_pad = Pad (B, pads, , one)
@@ -616,12 +626,9 @@ def _ssd_prefill(b: Builder) -> onnx.GraphProto:
         end = Constant <value_ints = [9223372036854775807]> ()         # INT64_MAX: to the last
         neg_inf = Constant <value = float {-inf}> ()
         cs = Min (chunk, L)
-        L_mod = Mod (L, cs)
-        short = Sub (cs, L_mod)
-        pad = Mod (short, cs)
-        L_pad = Add (L, pad)
-        nc = Div (L_pad, cs)
-        pads = Concat <axis = 0> (zero, pad)                            # at the end of the time axis
+    """)
+    _pad_to_chunks(b, "cs")
+    b.add("""
         x_pad = Pad (x_dt, pads, , one)
         B_pad = Pad (B_h, pads, , one)
         C_pad = Pad (C_h, pads, , one)

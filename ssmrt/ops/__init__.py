@@ -6,7 +6,7 @@ models call (and a backend overrides) is in `ssmrt.ops.dispatch`.
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_attributes
 
 _WHERE = {
     "OPS": ".spec",
@@ -23,12 +23,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_WHERE[name], __name__), name)
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE)
