@@ -58,14 +58,20 @@ def _table(act: str = "fp16"):
     return table
 
 
-def compile_kernel(name: str, cc: int, act: str = "fp16"):
-    """triton.compile of one kernel for compute capability cc (e.g. 87) and activation type act ("fp16",
-    "bf16", "fp32"); returns Triton's CompiledKernel."""
+def compile_kernel(name: str, cc: int, act: str = "fp16", meta: dict | None = None, state: str = "fp32"):
+    """triton.compile of one kernel for compute capability cc (e.g. 87), activation type act ("fp16", "bf16",
+    "fp32") and SSM-state type `state`, with the constexprs (and launch options) `meta`, by default a typical
+    specialisation; returns Triton's CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
-    fn, signature, meta = _table(act)[name]
+    from ..plugins.launch import KERNELS
+
+    fn, signature, typical = _table(act)[name]
+    if name in KERNELS:
+        signature = KERNELS[name].signature(act, state)
+    meta = typical if meta is None else meta
     options = {k: meta[k] for k in LAUNCH_OPTIONS if k in meta}
     meta = {k: v for k, v in meta.items() if k not in LAUNCH_OPTIONS}
     src = triton.compiler.ASTSource(fn=JITFunction(fn), signature={**signature, **dict.fromkeys(meta, "constexpr")},

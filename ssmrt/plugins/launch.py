@@ -14,6 +14,8 @@ imports neither TensorRT nor Triton nor torch.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from ..ops.spec import OPS
@@ -160,11 +162,31 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
 )}
 
 
+# Who executes launch(): None for Triton's own launcher; ssmrt.plugins.launcher.DriverLauncher runs the AOT
+# artifacts (PTX through the CUDA driver) as TensorRT would. Per thread and task, like the op dispatch.
+_launcher: ContextVar[Callable | None] = ContextVar("ssmrt_kernel_launcher", default=None)
+
+
+@contextmanager
+def use_launcher(launcher: Callable | None):
+    """Within the block, in this thread, every kernel launch goes through launcher(name, tensors, meta)."""
+    token = _launcher.set(launcher)
+    try:
+        yield
+    finally:
+        _launcher.reset(token)
+
+
 def launch(name: str, tensors: Mapping, meta: Mapping) -> None:
-    """Launches kernel `name` through Triton as TensorRT would: tensors by parameter name (without _ptr), the
-    int32 scalars from the tensors' shapes, the grid from those sizes and the constexprs `meta`."""
+    """Launches kernel `name` as TensorRT would: tensors by parameter name (without _ptr), the int32 scalars from
+    the tensors' shapes, the grid from those sizes and the constexprs `meta`; through Triton, or through the
+    launcher use_launcher set."""
     import importlib
 
+    custom = _launcher.get()
+    if custom is not None:
+        custom(name, tensors, meta)
+        return
     k = KERNELS[name]
     sizes = k.resolve({n: tuple(t.shape) for n, t in tensors.items()})
     fn = getattr(importlib.import_module(f"ssmrt.kernels.{k.module}"), k.jit)

@@ -64,7 +64,9 @@ class TorchRunner(Runner):
     """The reference models (ssmrt.models) in PyTorch.
 
     kernels: run the ops on the Triton kernels (default: on CUDA; on the CPU they run in Triton's
-    interpreter). decode: how a one-token step runs: "eager"; "cuda_graph" (the default on CUDA): captured
+    interpreter); "aot": on CUDA, their ahead-of-time PTX launched through the CUDA driver as a TensorRT AOT
+    plugin launches it (ssmrt.plugins.launcher), so a whole model runs on what an engine would embed.
+    decode: how a one-token step runs: "eager"; "cuda_graph" (the default on CUDA): captured
     once per batch size and replayed, the state in static buffers updated in place (see decode_graph);
     "static": the same buffers without the capture. Off the eager CPU path the runner freezes the model's
     derived constants (MambaLM.freeze): change the weights, make a new runner.
@@ -72,7 +74,7 @@ class TorchRunner(Runner):
 
     name = "torch"
 
-    def __init__(self, model, kernels: bool | None = None, decode: str | None = None):
+    def __init__(self, model, kernels: bool | str | None = None, decode: str | None = None):
         import torch
 
         from .decode_graph import MODES
@@ -84,6 +86,15 @@ class TorchRunner(Runner):
         self.device = model.backbone.embeddings.weight.device
         self.device_kind = self.device.type
         on_cuda = self.device.type == "cuda"
+        self.launcher = None
+        if kernels == "aot":
+            if not on_cuda:
+                raise SsmrtError(f"kernels 'aot' launches PTX on a CUDA GPU; the model is on {self.device}")
+            from ..plugins.launcher import DriverLauncher
+
+            self.launcher = DriverLauncher()
+        elif kernels not in (None, True, False):
+            raise SsmrtError(f"kernels must be True, False or 'aot', got {kernels!r}")
         self.kernels = on_cuda if kernels is None else bool(kernels)
         self.decode = decode or ("cuda_graph" if on_cuda else "eager")
         if self.decode not in MODES:
@@ -99,9 +110,16 @@ class TorchRunner(Runner):
 
         if not self.kernels:
             return nullcontext()
-        from ..kernels.dispatch import use_kernels
+        from contextlib import ExitStack
 
-        return use_kernels(force=True, inplace_state=inplace_state)
+        from ..kernels.dispatch import use_kernels
+        from ..plugins.launch import use_launcher
+
+        stack = ExitStack()
+        stack.enter_context(use_kernels(force=True, inplace_state=inplace_state))
+        if self.launcher is not None:
+            stack.enter_context(use_launcher(self.launcher))
+        return stack
 
     def zero_state(self, batch: int) -> list:
         return flatten_states(self.model.zero_state(batch, self.device))
@@ -136,7 +154,8 @@ class TorchRunner(Runner):
         return [s.float().cpu().numpy() for s in state]
 
     def describe(self) -> str:
-        extra = (", kernels" if self.kernels else "") + (f", decode {self.decode}" if self.decode != "eager" else "")
+        kernels = ", aot kernels" if self.launcher is not None else (", kernels" if self.kernels else "")
+        extra = kernels + (f", decode {self.decode}" if self.decode != "eager" else "")
         return f"torch ({self.dtype}, {self.device}{extra})"
 
 
