@@ -113,3 +113,16 @@ def test_cpu_benchmark_matmul_chain_is_the_models_matmuls(arch):
     h = np.ones((1, 1, runner.config.d_model), np.float32)
     (logits,) = sess.run(None, {"h": h})
     assert logits.shape == (1, 1, runner.config.padded_vocab_size) and np.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_gpu_plugin_check_smoke():
+    """benchmarks/gpu_plugins.py --smoke: without a GPU it compiles a launch spec and says what is left."""
+    pytest.importorskip("triton")
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_plugins.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600)
+    print(res.stdout, res.stderr[-2000:])
+    assert res.returncode == 0
+    entry, block, shared, ptx_chars = res.stdout.splitlines()[0].split()
+    assert entry == "_ssd_scan_kernel" and int(block) % 32 == 0 and int(ptx_chars) > 1000
+    assert "no GPU here" in res.stdout
