@@ -69,13 +69,13 @@ def _prompt(path, prompt, prompt_ids):
 
 
 def _runner(path, backend, threads=0, provider="auto", opt_level="all", native_ops="auto", device=None,
-            decode=None, dtype=None):
+            decode=None, dtype=None, kernels=None):
     """A runner for PATH: the ONNX Runtime options apply to an artifact, device / decode / dtype to a
     checkpoint directory on the torch backend."""
     from .runtime import is_artifact, runner_from_path
 
     if is_artifact(path):
-        for name, value in (("--device", device), ("--decode", decode)):
+        for name, value in (("--device", device), ("--decode", decode), ("--kernels", kernels)):
             if value is not None:
                 raise SsmrtError(f"{name} applies to the torch backend (a checkpoint directory); "
                                  f"{path} is an artifact: choose its device with --provider")
@@ -83,7 +83,8 @@ def _runner(path, backend, threads=0, provider="auto", opt_level="all", native_o
                                 native_ops=native_ops)
     if native_ops != "auto":
         raise SsmrtError(f"--native-ops applies to an artifact on ONNX Runtime; {path} is not one")
-    return runner_from_path(path, backend, device=device or "cpu", decode=decode, dtype=dtype)
+    return runner_from_path(path, backend, device=device or "cpu", decode=decode, dtype=dtype,
+                            kernels={None: None, "triton": True, "aot": "aot"}[kernels])
 
 
 def _runner_options(f):
@@ -100,6 +101,9 @@ def _runner_options(f):
                           "bodies where they cannot be built."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
                      help="Torch backend: where the model runs (cuda: the Triton kernels). [default: cpu]"),
+        click.option("--kernels", type=click.Choice(["triton", "aot"]), default=None,
+                     help="Torch backend on cuda: the Triton kernels as Triton launches them, or their AOT PTX "
+                          "launched through the CUDA driver as a TensorRT plugin would. [default: triton]"),
         click.option("--decode", type=click.Choice(DECODE_MODES), default=None,
                      help="Torch backend: a one-token step eager, from static buffers, or as a replayed CUDA "
                           "graph. [default: cuda_graph on cuda, else eager]"),

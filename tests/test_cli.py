@@ -184,8 +184,10 @@ def test_inspect_and_bench(tiny):
     (["bench", "{art}", "--decode-steps", "0"], "--decode-steps must be >= 1"),
     (["compare", "{ckpt}", "{art}", "--device", "cuda"], "--device applies to the torch backend"),
     (["generate", "{ckpt}", "--prompt-ids", "1", "--decode", "cuda_graph"], "needs the model on a CUDA device"),
+    (["generate", "{art}", "--prompt-ids", "1", "--kernels", "aot"], "--kernels applies to the torch backend"),
 ] + ([] if torch.cuda.is_available() else [
     (["bench", "{ckpt}", "--device", "cuda"], "sees no CUDA device"),
+    (["generate", "{ckpt}", "--prompt-ids", "1", "--kernels", "aot"], "kernels 'aot' launches PTX on a CUDA GPU"),
 ]))
 def test_user_errors(tiny, tmp_path, args, fragment):
     ckpt, art = tiny
