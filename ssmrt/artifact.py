@@ -194,15 +194,27 @@ def earlier_export_problem(directory, names: list[str]) -> str | None:
         return f"holds {foreign[0]!r}, which ssmrt did not write"
     if MODEL_FILE not in names:
         return f"holds {names[0]!r} but no {MODEL_FILE}, so it is not an ssmrt export"
+    odd = not_regular_files(directory, names)
+    if odd:
+        return f"holds {odd!r}, which is not a regular file (ssmrt writes only files, never links or folders)"
     f = Path(directory) / MODEL_FILE
-    if f.is_symlink() or not f.is_file():
-        return f"its {MODEL_FILE} is not a regular file"
     try:
         props = read_metadata_props(f)
     except SsmrtError as e:
         return f"its {MODEL_FILE} is not an ssmrt export ({str(e).split('(', 1)[-1].rstrip(')')})"
     if not all(k in props for k in META_KEYS):
         return f"holds a {MODEL_FILE} that ssmrt did not write (no ssmrt metadata)"
+    return None
+
+
+def not_regular_files(directory, names: list[str]) -> str | None:
+    """The first of `names` in `directory` that is not a regular file (a link, a folder, ...), or None."""
+    for name in names:
+        try:
+            if not os.path.isfile(os.path.join(directory, name)) or os.path.islink(os.path.join(directory, name)):
+                return name
+        except OSError:
+            return name
     return None
 
 

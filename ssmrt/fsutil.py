@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import logging
 import os
 import re
@@ -45,9 +46,13 @@ ASIDE_PREFIX = ".ssmrt-old-"
 
 # The filesystem operations a replacement is made of, in one place so that tests can fail any one of them.
 class _Ops:
-    rename = staticmethod(os.rename)
     rmtree = staticmethod(shutil.rmtree)
     rmdir = staticmethod(os.rmdir)
+
+    @staticmethod
+    def rename(a: Path, b: Path) -> None:
+        """Rename a to b, failing (FileExistsError) rather than replacing anything already at b."""
+        _rename_noreplace(a, b)
 
     @staticmethod
     def exchange(a: Path, b: Path) -> None:
@@ -58,14 +63,35 @@ class _Ops:
 _ops = _Ops()
 
 
-def _renameat2_exchange(a: Path, b: Path) -> None:
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(a: Path, b: Path, flags: int) -> None:
     fn = getattr(_libc(), "renameat2", None) if os.name == "posix" else None
     if fn is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available")
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), str(a), None, str(b))
+
+
+def _renameat2_exchange(a: Path, b: Path) -> None:
+    _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_noreplace(a: Path, b: Path) -> None:
+    """rename(a, b) that never replaces b: atomically where the kernel and filesystem support it, else after a
+    check (a narrow window remains there)."""
+    try:
+        _renameat2(a, b, _RENAME_NOREPLACE)
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    if os.path.lexists(b):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(b))
+    os.rename(a, b)
 
 
 _LIBC = None
@@ -143,9 +169,32 @@ def _probe_writable(directory: Path) -> str | None:
     return None
 
 
-def _ours(name: str) -> bool:
-    """A staging or set-aside directory of an earlier ssmrt run that was killed before it could clean up."""
-    return name.startswith((STAGE_PREFIX, ASIDE_PREFIX))
+# mkdtemp's names: the prefix and eight characters of [a-z0-9_]
+_OURS = re.compile(rf"^({re.escape(STAGE_PREFIX)}|{re.escape(ASIDE_PREFIX)})[a-z0-9_]{{8}}$")
+
+
+def _ours(directory: Path, name: str) -> bool:
+    """A staging or set-aside directory an earlier ssmrt run left when it was killed before it could clean up:
+    its exact name pattern, a real directory, and regular files only inside (never a user's folder)."""
+    path = directory / name
+    if not _OURS.match(name) or path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        return all(e.is_file(follow_symlinks=False) for e in os.scandir(path))
+    except OSError:
+        return False
+
+
+def _warn_leftovers(out: Path) -> None:
+    """Says where a killed earlier run left a staging or set-aside copy beside `out` (ssmrt's own, possibly
+    large; never removed without asking)."""
+    try:
+        found = sorted(p.name for p in out.parent.glob(f".{glob.escape(out.name)}.ssmrt-*-*"))
+    except OSError:
+        return
+    if found:
+        log.warning("ssmrt: %s holds copies an interrupted earlier run left (%s); delete them if unneeded",
+                    out.parent, ", ".join(found))
 
 
 def check_output_dir(
@@ -163,16 +212,27 @@ def check_output_dir(
     recognise(out, names) -> None when the entries `names` of an existing directory are an earlier output of
     this kind and nothing else, else what is in the way ("holds 'notes.txt', which ssmrt did not write").
     """
-    out = Path(out)
+    # absolute, so that "." has a real parent to stage beside
+    out = Path(os.path.abspath(out))
     keep = dict(recognise=recognise, overwrite=overwrite, what=what, flag=flag)
+    try:
+        return _check(out, keep, _ignore)
+    except OSError as e:  # a path that cannot even be examined (no search permission on a parent, ...)
+        raise SsmrtError(f"{out}: cannot be examined ({e.strerror or e})") from None
+
+
+def _check(out: Path, keep: dict, _ignore: tuple[str, ...]) -> OutputPlan:
+    recognise, overwrite, what, flag = keep["recognise"], keep["overwrite"], keep["what"], keep["flag"]
     if out.is_symlink():
         raise SsmrtError(f"{out}: is a symbolic link; give the directory itself (ssmrt does not write through "
                          "links)")
+    if not _ignore:  # the first check: later ones see this run's own staging copy
+        _warn_leftovers(out)
     if out.exists():
         if not out.is_dir():
             raise SsmrtError(f"{out}: exists and is not a directory; give a new or empty directory")
         try:
-            names = sorted(n for n in os.listdir(out) if n not in _ignore and not _ours(n))
+            names = sorted(n for n in os.listdir(out) if n not in _ignore and not _ours(out, n))
         except OSError as e:
             raise SsmrtError(f"{out}: cannot be listed ({e.strerror or e})") from None
         if not names:
@@ -210,15 +270,22 @@ def check_output_dir(
 def _sigint_held() -> Iterator[None]:
     """Holds Ctrl-C back inside the block and raises KeyboardInterrupt after it (main thread only: signal
     handlers can be set nowhere else, and only the main thread receives SIGINT)."""
-    if threading.current_thread() is not threading.main_thread():
+    # Only Python's own Ctrl-C handler is replaced: a process that ignores SIGINT, or handles it its own way,
+    # keeps what it chose.
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
     caught = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
         yield
-    finally:
+    except BaseException as e:
         signal.signal(signal.SIGINT, previous)
+        if caught and not isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt from e  # the failure is the cause; the Ctrl-C is not lost
+        raise
+    signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
 
@@ -242,8 +309,14 @@ def _move_all(src: Path, dst: Path, names: list[str], journal: list[tuple[Path, 
 
 
 def _undo(journal: list[tuple[Path, Path]]) -> None:
+    """Moves every journalled entry back, never over anything; SsmrtError saying where the entries are if that
+    fails."""
     for src, dst in reversed(journal):
-        os.rename(dst, src)
+        try:
+            _rename_noreplace(dst, src)
+        except OSError as e:
+            raise SsmrtError(f"the failed replacement could not be undone ({e.strerror or e} for {src}); the "
+                             f"entries not moved back are in {dst.parent}") from None
     journal.clear()
 
 
@@ -300,7 +373,10 @@ def output_directory(plan: OutputPlan, *, main_file: str | None = None) -> Itera
             if (now.mode, now.in_place) != (plan.mode, plan.in_place):
                 raise SsmrtError(f"{out}: changed while the output was being written (was to {plan.mode}, now "
                                  f"{now.mode}); nothing was replaced")
+            inside = _cwd_inside(out)
             leftover = _commit(plan, stage, main_file)
+            if inside:  # the process stood in the directory that was swapped away: stand in the new one
+                os.chdir(out)
         except BaseException as e:
             shutil.rmtree(stage, ignore_errors=True)
             _remove_created(created)
@@ -310,6 +386,14 @@ def output_directory(plan: OutputPlan, *, main_file: str | None = None) -> Itera
             raise
         for path in leftover:
             _clean_up(path)
+
+
+def _cwd_inside(out: Path) -> bool:
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return False
+    return cwd == str(out) or cwd.startswith(str(out) + os.sep)
 
 
 def _remove_created(created: list[Path]) -> None:
@@ -339,11 +423,22 @@ def _commit(plan: OutputPlan, stage: Path, main_file: str | None) -> list[Path]:
         _ops.exchange(stage, out)  # now `out` is the new output and `stage` the old one
     except OSError as e:
         if e.errno in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            return _rename_aside(out, stage)
+            return _rename_aside(plan, stage)
         if e.errno in (errno.EBUSY, errno.EXDEV):  # a mount point is_mount_point did not see
             return _swap_from_outside(out, stage, new, main_file)
         raise
+    problem = _foreign(plan, stage)
+    if problem is not None:  # added to the old output after the last check: put it back, delete nothing
+        _renameat2_exchange(stage, out)
+        raise SsmrtError(f"{plan.out}: {problem} (added while the new output was being put in place); the old "
+                         "output is back as it was")
     return [stage]
+
+
+def _foreign(plan: OutputPlan, old: Path) -> str | None:
+    """What, in the old output now set aside at `old`, ssmrt did not write (None: it may be deleted)."""
+    names = sorted(n for n in os.listdir(old) if not _ours(old, n))
+    return plan.recognise(old, names) if names else None
 
 
 def _swap_from_outside(out: Path, stage: Path, new: list[str], main_file: str | None) -> list[Path]:
@@ -359,17 +454,23 @@ def _swap_from_outside(out: Path, stage: Path, new: list[str], main_file: str | 
         raise
 
 
-def _rename_aside(out: Path, stage: Path) -> list[Path]:
+def _rename_aside(plan: OutputPlan, stage: Path) -> list[Path]:
     """Replaces `out` by `stage` without an atomic exchange: the old one aside, the new one in (the first
-    rename undone if the second fails)."""
+    rename undone if the second fails). The old one is deleted only if it still holds only ssmrt's files."""
+    out = plan.out
     aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{ASIDE_PREFIX}", dir=out.parent))
     os.rmdir(aside)  # mkdtemp reserved a fresh name; rename() needs it free
     _ops.rename(out, aside)
     try:
         _ops.rename(stage, out)
     except BaseException:
-        os.rename(aside, out)
+        _undo([(out, aside)])
         raise
+    problem = _foreign(plan, aside)
+    if problem is not None:
+        log.warning("ssmrt: %s: the earlier output, kept at %s: %s (added while the new output was being put in "
+                    "place)", out, aside, problem)
+        return []
     return [aside]
 
 

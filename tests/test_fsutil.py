@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -40,9 +41,12 @@ def snapshot(root: Path) -> dict[str, str]:
     return snap
 
 
+OURS = re.compile(r"^(\.[^/]*)?\.ssmrt-(new|old)-[a-z0-9_]{8}$")
+
+
 def ours(rel: str) -> bool:
-    """A path inside a staging or set-aside directory of ssmrt's."""
-    return any(".ssmrt-" in part for part in Path(rel).parts)
+    """A path inside a staging or set-aside directory of ssmrt's (mkdtemp's exact names, nothing looser)."""
+    return any(OURS.match(part) for part in Path(rel).parts)
 
 
 def write_artifact(d: Path, tag: str, data: bool = True) -> None:
@@ -185,11 +189,12 @@ def test_a_failing_write_leaves_nothing_behind(home):
 
 
 class Faults:
-    """Replaces the replacement's filesystem operations with ones that raise KeyboardInterrupt at call `at`
-    (counted from 0) and pass every other call through."""
+    """Replaces the replacement's filesystem operations with ones that raise `error` (KeyboardInterrupt, or an
+    OSError as a full disk or a vanished device gives) at call `at` (counted from 0) and pass every other call
+    through."""
 
-    def __init__(self, monkeypatch, at: int):
-        self.at, self.calls = at, 0
+    def __init__(self, monkeypatch, at: int, error=KeyboardInterrupt):
+        self.at, self.calls, self.error = at, 0, error
         for name in ("rename", "exchange", "rmtree", "rmdir"):
             real = getattr(fsutil._Ops, name)
             monkeypatch.setattr(fsutil._ops, name, self._wrap(real))
@@ -198,7 +203,7 @@ class Faults:
         def op(*args, **kwargs):
             self.calls += 1
             if self.calls - 1 == self.at:
-                raise KeyboardInterrupt
+                raise self.error()
             return real(*args, **kwargs)
 
         return op
@@ -427,3 +432,165 @@ def test_save_model_replaces_only_its_own_files(home):
     after = snapshot(home)
     assert {k: v for k, v in after.items() if not k.startswith("ckpt")} == \
         {k: v for k, v in before.items() if not k.startswith("ckpt")}
+
+
+# ------------------------------------------------------------------------------------------ what a review found
+
+
+@pytest.mark.parametrize("kind", ["a folder", "a link to a folder", "a link to a file"])
+def test_an_entry_with_an_artifact_name_that_is_not_a_file_is_refused(home, kind):
+    out = export_like(home / "art", "old")
+    (out / "tokenizer.json").unlink()
+    (home / "mine").mkdir()
+    (home / "mine" / "precious.txt").write_text("keep")
+    target = out / "tokenizer.json"
+    if kind == "a folder":
+        target.mkdir()
+        (target / "precious.txt").write_text("keep")
+    else:
+        target.symlink_to(home / "mine" if kind == "a link to a folder" else home / "mine" / "precious.txt")
+    before = snapshot(home)
+    with pytest.raises(SsmrtError, match="holds 'tokenizer.json', which is not a regular file"):
+        export_like(out, "new", overwrite=True)
+    assert snapshot(home) == before
+
+
+def test_only_ssmrts_own_leftovers_are_taken_for_its_own(home):
+    out = export_like(home / "art", "old")
+    (out / ".ssmrt-old-my-backup").mkdir()
+    (out / ".ssmrt-old-my-backup" / "thesis.tex").write_text("keep")
+    before = snapshot(home)
+    with pytest.raises(SsmrtError, match="holds '.ssmrt-old-my-backup', which ssmrt did not write"):
+        export_like(out, "new", overwrite=True)
+    assert snapshot(home) == before
+    (out / ".ssmrt-old-my-backup" / "thesis.tex").unlink()
+    (out / ".ssmrt-old-my-backup").rmdir()
+    # the exact name of a killed run's staging copy, but with a folder inside: not ssmrt's
+    (out / ".ssmrt-new-abcd1234" / "sub").mkdir(parents=True)
+    with pytest.raises(SsmrtError, match="holds '.ssmrt-new-abcd1234', which ssmrt did not write"):
+        export_like(out, "new", overwrite=True)
+    (out / ".ssmrt-new-abcd1234" / "sub").rmdir()
+    (out / ".ssmrt-new-abcd1234" / "model.onnx").write_text("half")  # what a killed run leaves: files only
+    export_like(out, "new", overwrite=True)
+    assert snapshot(out) == expected_artifact(home, "new")
+
+
+def test_a_file_added_between_the_last_check_and_the_exchange_is_kept(home, monkeypatch):
+    out = export_like(home / "art", "old")
+    old = snapshot(out)
+    real = fsutil._Ops.exchange
+
+    def late_write_then_exchange(a, b):
+        (out / "late.csv").write_text("written meanwhile")
+        real(a, b)
+
+    monkeypatch.setattr(fsutil._ops, "exchange", late_write_then_exchange)
+    with pytest.raises(SsmrtError, match="holds 'late.csv'.*added while the new output was being put in place"):
+        export_like(out, "new", overwrite=True)
+    assert snapshot(out) == {**old, "late.csv": snapshot(out)["late.csv"]}
+    assert (out / "late.csv").read_text() == "written meanwhile"
+    assert not [k for k in snapshot(home) if ours(k)]
+
+
+def test_filling_never_replaces_a_file_that_appears(home, monkeypatch):
+    out = home / "empty"
+    out.mkdir()
+    real = fsutil._Ops.rename
+    calls = []
+
+    def rename(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            (out / "model.onnx").write_text("the user's")  # the main file, moved last, appears meanwhile
+        real(a, b)
+
+    monkeypatch.setattr(fsutil._ops, "rename", rename)
+    with pytest.raises(SsmrtError, match="could not be put in place"):
+        export_like(out, "new")
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+    assert (out / "model.onnx").read_text() == "the user's"
+
+
+def test_extra_file_names_cannot_leave_the_directory(home):
+    import torch
+
+    from ssmrt.models import MambaLM, SSMConfig, save_model
+
+    cfg = SSMConfig(arch="mamba2", d_model=32, n_layer=1, vocab_size=64, d_state=8, headdim=16, ngroups=1,
+                    chunk_size=4)
+    torch.manual_seed(0)
+    before = snapshot(home)
+    for name in ("../notes.txt", str(home / "notes.txt"), "sub/x.json", "..", ""):
+        with pytest.raises(SsmrtError, match="is not a plain file name"):
+            save_model(MambaLM(cfg), home / "ckpt", extra_files={name: "x"})
+    assert snapshot(home) == before
+
+
+def test_exporting_into_the_current_directory(home, monkeypatch):
+    out = export_like(home / "art", "old")
+    monkeypatch.chdir(out)
+    export_like(Path("."), "new", overwrite=True)
+    assert os.getcwd() == str(out) and snapshot(Path(".")) == expected_artifact(home, "new")
+    assert not [k for k in snapshot(home) if ours(k)]
+
+
+@pytest.mark.parametrize("mode", ["exchange", "rename aside", "entry by entry", "fill"])
+def test_an_os_error_at_any_step_is_one_line_and_leaves_one_output(home, monkeypatch, mode):
+    out = home / "art"
+
+    def setup():
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        for p in home.glob(".art.ssmrt-*"):
+            shutil.rmtree(p)
+        if mode == "fill":
+            out.mkdir()
+        else:
+            export_like(out, "old")
+
+    new = expected_artifact(home, "new")
+    at = 0
+    while True:
+        setup()
+        before = snapshot(out)
+        with monkeypatch.context() as m:
+            if mode == "rename aside":
+                m.setattr(fsutil._Ops, "exchange", staticmethod(no_exchange))
+            if mode == "entry by entry":
+                m.setattr(fsutil, "is_mount_point", lambda p: Path(p) == out)
+            faults = Faults(m, at, error=lambda: OSError(28, "No space left on device"))
+            try:
+                export_like(out, "new", overwrite=True)
+                failed = False
+            except SsmrtError as e:
+                assert "could not be put in place (No space left on device)" in str(e), e
+                failed = True
+        visible = {k: v for k, v in snapshot(out).items() if not ours(k)}
+        assert visible in (before, new), (mode, at)
+        if failed:
+            assert snapshot(out) == before, (mode, at)
+        if faults.calls <= at:
+            assert not failed
+            break
+        at += 1
+
+
+def test_ctrl_c_is_left_alone_where_the_process_ignores_it(home, monkeypatch):
+    import signal
+
+    out = export_like(home / "art", "old")
+    real = fsutil._Ops.exchange
+
+    def exchange_then_sigint(a, b):
+        os.kill(os.getpid(), signal.SIGINT)
+        real(a, b)
+
+    monkeypatch.setattr(fsutil._ops, "exchange", exchange_then_sigint)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        export_like(out, "new", overwrite=True)  # no KeyboardInterrupt: the process chose to ignore SIGINT
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert snapshot(out) == expected_artifact(home, "new")

@@ -13,7 +13,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, SsmrtError
 from ..fsutil import check_output_dir, output_directory
 from .config import SSMConfig
 
@@ -441,13 +441,21 @@ def save_model(
 
     if layout not in ("hf", "mamba_ssm"):
         raise ValueError(f"layout must be 'hf' or 'mamba_ssm', got {layout!r}")
+    from ..artifact import not_regular_files
+
     weights = "model.safetensors" if layout == "hf" else "pytorch_model.bin"
+    for name in extra_files or {}:
+        if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+            raise SsmrtError(f"extra_files: {name!r} is not a plain file name (no directories)")
     ours = {CONFIG_FILE, weights, *(extra_files or {})}
 
     def recognise(directory: Path, names: list[str]) -> str | None:
         foreign = [n for n in names if n not in ours]
         if foreign:
             return f"holds {foreign[0]!r}, which this save would not write"
+        odd = not_regular_files(directory, names)
+        if odd:
+            return f"holds {odd!r}, which is not a regular file"
         return None if CONFIG_FILE in names else f"holds no {CONFIG_FILE}, so it is not a checkpoint"
 
     plan = check_output_dir(out_dir, recognise=recognise, overwrite=overwrite, what="a checkpoint",
