@@ -77,8 +77,13 @@ def build_and_run(op: str, inputs: dict, attrs: dict, aot: bool):
 
 
 def test_register_once_and_again():
+    import tensorrt as trt
+
     plugins.register()
-    plugins.register()  # idempotent: a second call registers nothing twice
+    plugins.register()  # idempotent: a second call registers nothing twice (TensorRT would refuse a duplicate)
+    registry = trt.get_plugin_registry()
+    for op in OPS:
+        assert registry.get_creator(op, str(OPSET_VERSION), DOMAIN) is not None, op
 
 
 @pytest.mark.parametrize("aot", [True, False], ids=["aot", "jit"])

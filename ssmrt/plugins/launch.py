@@ -1,8 +1,10 @@
 """How each ssmrt kernel is launched, in the form a TensorRT AOT plugin launches it, with no TensorRT here.
 
 TensorRT's AOT plugin runtime calls one compiled kernel with its input pointers, then int32 scalars, then its
-output pointers, on a grid and block it computed from the plugin's launch parameters. Every kernel in
-ssmrt.kernels takes its arguments in exactly that order, and this table says, per kernel, which tensors go where,
+output pointers, on a grid and block it computed from the plugin's launch parameters. Every kernel of an ssmrt
+op (the one-launch kernels and the chained prefill kernels) takes its arguments in exactly that order; the two
+fused norms of the torch backend are no plugin's and launch directly. This table says, per kernel, which tensors
+go where,
 which int32 scalars follow (each one an input's dimension, so TensorRT can pass it as a symbolic expression of
 the input shapes) and how the grid follows from those dimensions and the kernel's compile-time constants.
 

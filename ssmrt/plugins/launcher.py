@@ -6,10 +6,12 @@ For each kernel specialisation (kernel, target SM, activation and state types, c
 compiles the kernel with Triton, cuts its PTX entry down to the launch's parameters (ssmrt.kernels.aot:
 contract_ptx) and records what TensorRT's `aot_impl` returns: the entry name, the PTX, the block size and the
 dynamic shared memory; the grid and the int32 scalars follow from the input shapes (ssmrt.plugins.launch).
-`DriverLauncher` loads each PTX once with cuModuleLoadData, raises the dynamic shared memory limit where a
-kernel needs more than 48 KB, and calls cuLaunchKernel with input pointers, int32 scalars, output pointers, in
-that order, on torch's current stream. `with use_launcher(DriverLauncher()):` routes every launch of the
-kernel wrappers through it (TorchRunner(kernels="aot") does so for a whole model).
+`DriverLauncher` loads each PTX once per device with cuModuleLoadData (into torch's primary context of the
+tensors' device), raises the dynamic shared memory limit where a kernel needs more than 48 KB, and calls
+cuLaunchKernel with input pointers, int32 scalars, output pointers, in that order, on torch's current stream.
+`with use_launcher(DriverLauncher()):` routes every launch of the ops' kernels through it;
+TorchRunner(kernels="aot") runs a model's SSM ops that way (the two fused norms, which are no plugin's, keep
+Triton's launcher).
 """
 
 from __future__ import annotations
@@ -83,15 +85,21 @@ class DriverLauncher:
         import torch
         from cuda.bindings import driver
 
-        major, minor = torch.cuda.get_device_capability(device)
-        key = (kernel, major * 10 + minor, act, state, tuple(sorted(meta.items())))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        # a module is loaded into one device's context: the device is part of the key
+        key = (kernel, index, major * 10 + minor, act, state, tuple(sorted(meta.items())))
         if key not in self._loaded:
             spec = launch_spec(kernel, major * 10 + minor, act, state, dict(meta))
             torch.cuda.init()  # torch's primary context, current on this thread: the module lives beside its tensors
-            ctx = _check(driver.cuDevicePrimaryCtxRetain(_check(driver.cuDeviceGet(device.index or 0),
-                                                                "cuDeviceGet")), "cuDevicePrimaryCtxRetain")
+            ctx = _check(driver.cuDevicePrimaryCtxRetain(_check(driver.cuDeviceGet(index), "cuDeviceGet")),
+                         "cuDevicePrimaryCtxRetain")
+            previous = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
             _check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-            module = _check(driver.cuModuleLoadData(spec.ptx.encode() + b"\0"), f"cuModuleLoadData({kernel})")
+            try:
+                module = _check(driver.cuModuleLoadData(spec.ptx.encode() + b"\0"), f"cuModuleLoadData({kernel})")
+            finally:
+                _check(driver.cuCtxSetCurrent(previous), "cuCtxSetCurrent")
             fn = _check(driver.cuModuleGetFunction(module, spec.entry.encode()), f"cuModuleGetFunction({kernel})")
             if spec.shared > DEFAULT_MAX_SHARED:
                 attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
@@ -112,6 +120,8 @@ class DriverLauncher:
         act, state = triton_type("act"), triton_type("state")
         spec, fn = self._function(kernel, first.device, act, state, dict(meta))
         sizes = k.resolve({n: tuple(t.shape) for n, t in tensors.items()})
+        if any(t.device != first.device for t in tensors.values()):
+            raise SsmrtError(f"{kernel}: every tensor must be on {first.device}")
         values = ([ctypes.c_void_p(tensors[p.name].data_ptr()) for p in k.inputs]
                   + [ctypes.c_int32(int(sizes[n])) for n in k.scalars]
                   + [ctypes.c_void_p(tensors[p.name].data_ptr()) for p in k.outputs])

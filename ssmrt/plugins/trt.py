@@ -89,6 +89,7 @@ def selective_aot_impl(u: "TensorDesc", delta: "TensorDesc", A: "TensorDesc", B:
                        ) -> "tuple[str | bytes, str | bytes, KernelLaunchParams, SymIntExprs]":
     from ..kernels import selective_scan
 
+    _float32_state(ssm_state, "SelectiveScan")
     meta = selective_scan.constexprs(_static(A, 0, "SelectiveScan", "A"), _static(A, 1, "SelectiveScan", "A"),
                                      delta_softplus=bool(delta_softplus))
     return _aot("selective_scan", {"u": u, "B": B}, u, meta)
@@ -126,6 +127,7 @@ def ssd_aot_impl(x: "TensorDesc", dt: "TensorDesc", A: "TensorDesc", B: "TensorD
                  ) -> "tuple[str | bytes, str | bytes, KernelLaunchParams, SymIntExprs]":
     from ..kernels import ssd_scan
 
+    _float32_state(ssm_state, "SSDScan")
     meta = ssd_scan.constexprs(_static(x, 3, "SSDScan", "x"), _static(B, 3, "SSDScan", "B"), has_D=True,
                                D_has_hdim=len(D.shape) == 2, has_dt_bias=True, dt_softplus=bool(dt_softplus),
                                dt_limit=(float(dt_min), float(dt_max) if math.isfinite(dt_max) else math.inf))
@@ -192,14 +194,25 @@ def _static(desc, axis: int, op: str, name: str) -> int:
     return size
 
 
+def _float32_state(desc, op: str) -> None:
+    """The plugins keep the SSM state float32, as the op contract does (an artifact exported with
+    --state-dtype float16 / bfloat16 builds with --plugins none, on the fallback bodies)."""
+    if desc.dtype.name != "FLOAT":
+        raise SsmrtError(f"ssmrt::{op}: the plugin's SSM state must be float32, got {desc.dtype.name} (export with "
+                         "--state-dtype float32, or build on the fallback bodies)")
+
+
 def _build_sm() -> int:
-    """The compute capability of the GPU the engine is built on (the PTX is compiled for it)."""
+    """The compute capability of the GPU the engine is built on, the current context's device (the builder's),
+    else device 0: the PTX is compiled for it."""
     from cuda.bindings import driver
 
     from .launcher import _check
 
     _check(driver.cuInit(0), "cuInit")
-    dev = _check(driver.cuDeviceGet(0), "cuDeviceGet")
+    err, dev = driver.cuCtxGetDevice()
+    if err != driver.CUresult.CUDA_SUCCESS:
+        dev = _check(driver.cuDeviceGet(0), "cuDeviceGet")
     attr = driver.CUdevice_attribute
     major = _check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "attribute")
     minor = _check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "attribute")
