@@ -22,7 +22,7 @@ from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, Session, TorchRunnerFro
 def small_checkpoint(path: Path) -> Path:
     config = SSMConfig(arch="mamba2", d_model=64, n_layer=2, vocab_size=128, d_state=32, headdim=16, ngroups=2,
                        chunk_size=16)
-    return save_model(MambaLM(config), path)
+    return save_model(MambaLM(config), path, overwrite=True)  # this sample's own directory, rewritten each run
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     print(f"loaded {model_dir}: {model.config.arch}, {model.config.n_layer} layers")
 
     # 2. Export: one graph for prefill and decode, the scans as ssmrt::* nodes with fallback bodies.
-    artifact = export(model_dir, args.workdir / "artifact")
+    artifact = export(model_dir, args.workdir / "artifact", overwrite=True)  # replaces only an earlier export
     print(f"exported to {artifact}")
 
     # 3. Decode on ONNX Runtime: prefill, then one token at a time, the state kept between calls.
