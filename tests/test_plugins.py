@@ -179,3 +179,47 @@ def test_a_low_precision_state_is_refused_in_one_line():
 
     with pytest.raises(SsmrtError, match="ssmrt::SSDScan: the plugin's SSM state must be float32, got HALF"):
         trt._float32_state(Desc(), "SSDScan")
+
+
+NVIDIA_CHECKS = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import trt_stub
+trtp = trt_stub.install()
+from ssmrt.ops.spec import OPS
+from ssmrt.plugins import trt
+trt.register()
+trt.register()  # idempotent
+for op in OPS:
+    d = getattr(trtp.op.ssmrt, op)
+    assert d.aot_impl_func is not None and d.impl_func is not None and d.autotune_func is not None, op
+# the checks are live: a schema tensorrt.plugin must refuse is refused
+import inspect
+bad = trt._resolved(trt.ssd_aot_impl, {"TensorDesc": trtp.TensorDesc, "KernelLaunchParams": trtp.KernelLaunchParams,
+                                        "SymIntExprs": trtp.SymIntExprs})
+refused = []
+def drop_tactic(*a, **k): pass
+drop_tactic.__signature__ = inspect.signature(bad).replace(
+    parameters=[p for p in inspect.signature(bad).parameters.values() if p.name != "tactic"])
+for fn in (drop_tactic,):
+    try:
+        trtp.aot_impl("ssmrt::SSDScan")(fn)
+    except Exception as e:
+        refused.append(type(e).__name__)
+print("ok", refused)
+"""
+
+
+def test_the_registrations_pass_nvidias_own_checks():
+    """NVIDIA's tensorrt.plugin sources (the tensorrt-cu13-bindings wheel) run their decoration-time checks on
+    ssmrt's registrations, over a stand-in for TensorRT's native module (tests/trt_stub.py says what that
+    proves: the schemas, not TensorRT); and the same checks refuse a schema without `tactic`."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt_bindings") is None:
+        pytest.skip("tensorrt-cu13-bindings (NVIDIA's tensorrt.plugin sources) is not installed")
+    here = os.path.dirname(__file__)
+    res = subprocess.run([sys.executable, "-c", NVIDIA_CHECKS, here], capture_output=True, text=True, timeout=300)
+    print(res.stdout, res.stderr[-3000:])
+    assert res.returncode == 0
+    assert res.stdout.strip().splitlines()[-1] == "ok ['ValueError']"
