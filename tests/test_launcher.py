@@ -129,6 +129,19 @@ def driver():
     return DriverLauncher()
 
 
+def through_the_driver(driver, wrapper, reference, kw, y_name, state_name, dtype, name):
+    """wrapper(**kw) with every launch through the driver, outputs poisoned first, against reference in float64."""
+    kw = on_cuda(kw)
+    y_out, s_out = poisoned(kw[y_name]), poisoned(kw[state_name])
+    with use_launcher(driver):
+        y, s = wrapper(**kw, out=y_out, state_out=s_out)
+    torch.cuda.synchronize()
+    assert y.data_ptr() == y_out.data_ptr() and s.data_ptr() == s_out.data_ptr()
+    y_ref, s_ref = reference(**to64(kw))
+    assert_close(y, y_ref.to(y.dtype), dtype=dtype, name=f"{name} aot y {dtype}")
+    assert_close(s, s_ref.to(s.dtype), dtype=dtype, name=f"{name} aot state {dtype}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seqlen", [1, 7, 300])
@@ -136,14 +149,8 @@ def driver():
 def test_ssd_through_the_driver(driver, dtype, seqlen, batch, nheads, headdim, dstate, ngroups):
     from ssmrt.kernels.ssd_scan import ssd_scan
 
-    kw = on_cuda(ssd_inputs(batch, seqlen, nheads, headdim, dstate, ngroups, dtype=dtype, chunk_size=64))
-    y_out, s_out = poisoned(kw["x"]), poisoned(kw["ssm_state"])
-    with use_launcher(driver):
-        y, s = ssd_scan(**kw, out=y_out, state_out=s_out)
-    torch.cuda.synchronize()
-    y_ref, s_ref = ssd_scan_ref(**to64(kw))
-    assert_close(y, y_ref.to(y.dtype), dtype=dtype, name=f"ssd aot y {dtype}")
-    assert_close(s, s_ref.to(s.dtype), dtype=dtype, name=f"ssd aot state {dtype}")
+    kw = ssd_inputs(batch, seqlen, nheads, headdim, dstate, ngroups, dtype=dtype, chunk_size=64)
+    through_the_driver(driver, ssd_scan, ssd_scan_ref, kw, "x", "ssm_state", dtype, "ssd")
 
 
 @pytest.mark.gpu
@@ -153,14 +160,8 @@ def test_ssd_through_the_driver(driver, dtype, seqlen, batch, nheads, headdim, d
 def test_selective_through_the_driver(driver, dtype, seqlen, batch, dim, dstate, ngroups):
     from ssmrt.kernels.selective_scan import selective_scan
 
-    kw = on_cuda(selective_inputs(batch, seqlen, dim, dstate, ngroups, dtype=dtype))
-    y_out, s_out = poisoned(kw["u"]), poisoned(kw["ssm_state"])
-    with use_launcher(driver):
-        y, s = selective_scan(**kw, out=y_out, state_out=s_out)
-    torch.cuda.synchronize()
-    y_ref, s_ref = selective_scan_ref(**to64(kw))
-    assert_close(y, y_ref.to(y.dtype), dtype=dtype, name=f"selective aot y {dtype}")
-    assert_close(s, s_ref.to(s.dtype), dtype=dtype, name=f"selective aot state {dtype}")
+    kw = selective_inputs(batch, seqlen, dim, dstate, ngroups, dtype=dtype)
+    through_the_driver(driver, selective_scan, selective_scan_ref, kw, "u", "ssm_state", dtype, "selective")
 
 
 @pytest.mark.gpu
@@ -170,14 +171,8 @@ def test_selective_through_the_driver(driver, dtype, seqlen, batch, dim, dstate,
 def test_conv_through_the_driver(driver, dtype, seqlen, dim, width):
     from ssmrt.kernels.causal_conv1d import causal_conv1d
 
-    kw = on_cuda(conv_inputs(2, seqlen, dim, width, dtype=dtype))
-    y_out, s_out = poisoned(kw["x"]), poisoned(kw["conv_state"])
-    with use_launcher(driver):
-        y, s = causal_conv1d(**kw, out=y_out, state_out=s_out)
-    torch.cuda.synchronize()
-    y_ref, s_ref = causal_conv1d_ref(**to64(kw))
-    assert_close(y, y_ref.to(y.dtype), dtype=dtype, name=f"conv aot y {dtype}")
-    assert_close(s, s_ref.to(s.dtype), dtype=dtype, name=f"conv aot state {dtype}")
+    kw = conv_inputs(2, seqlen, dim, width, dtype=dtype)
+    through_the_driver(driver, causal_conv1d, causal_conv1d_ref, kw, "x", "conv_state", dtype, "conv")
 
 
 @pytest.mark.gpu
