@@ -223,3 +223,47 @@ def test_the_registrations_pass_nvidias_own_checks():
     print(res.stdout, res.stderr[-3000:])
     assert res.returncode == 0
     assert res.stdout.strip().splitlines()[-1] == "ok ['ValueError']"
+
+
+COMBINATIONS_SCRIPT = r"""
+import json
+from itertools import product
+from ssmrt.kernels import causal_conv1d, selective_scan, ssd_scan
+from ssmrt.ops.spec import NO_DT_LIMIT
+from ssmrt.plugins.launch import KERNELS
+from ssmrt.plugins.launcher import launch_spec
+
+# Every specialisation the plugins can build from an exported node: the exporter supplies every input, so only
+# the attributes and the D layout vary (and the activation type).
+cases = []
+for act in ("fp32", "fp16", "bf16"):
+    for d_hdim, soft, clamp in product([False, True], repeat=3):
+        cases.append(("ssd_scan", act, ssd_scan.constexprs(64, 128, D_has_hdim=d_hdim, dt_softplus=soft,
+                                                           dt_limit=(0.0, 0.1) if clamp else NO_DT_LIMIT)))
+    for soft in (False, True):
+        cases.append(("selective_scan", act, selective_scan.constexprs(1536, 16, delta_softplus=soft)))
+    for activation in ("silu", "none"):
+        cases.append(("causal_conv1d", act, causal_conv1d.constexprs(1792, 4, activation=activation)))
+bad = []
+for kernel, act, meta in cases:
+    s = launch_spec(kernel, 90, act, "fp32", meta)  # refuses a kernel that uses scratch memory
+    entry = s.ptx[s.ptx.index(".entry"):s.ptx.index(")", s.ptx.index(".entry"))]
+    kinds = ["u64" if ".u64" in line else "u32" for line in entry.splitlines() if ".param" in line]
+    k = KERNELS[kernel]
+    if kinds != ["u64"] * len(k.inputs) + ["u32"] * len(k.scalars) + ["u64"] * len(k.outputs):
+        bad.append([kernel, act, str(meta), kinds])
+print(json.dumps({"cases": len(cases), "bad": bad}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_every_plugin_specialisation_compiles_with_tensorrts_parameters():
+    """Each attribute combination an exported node can carry, in each activation type, compiles for sm_90 with
+    TensorRT's parameters (input pointers, int32 scalars, output pointers) and no scratch memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", COMBINATIONS_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"cases": 36, "bad": []}
