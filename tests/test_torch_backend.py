@@ -17,6 +17,10 @@ from ssmrt.compare import compare_runners
 from ssmrt.runtime import Session, TorchRunner
 from ssmrt.runtime.decode_graph import StaticState
 
+# The kernels run where the tests can run them: on the GPU when there is one, else on the CPU in Triton's
+# interpreter (conftest.py sets it only where there is no GPU).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 # The tests on the kernels are marked triton (skipped without it, conftest.py); the decode-mode errors and the
 # per-thread op choice need no kernels and run without it.
 FAMILIES = {
@@ -37,7 +41,7 @@ def test_static_decode_on_kernels_matches_reference(family, prefill):
     that the kernels update in place: the compare report passes at the fp32 tolerance."""
     model = random_lm(**FAMILIES[family])
     reference = TorchRunner(model)
-    candidate = TorchRunner(random_lm(**FAMILIES[family]), kernels=True, decode="static")
+    candidate = TorchRunner(random_lm(**FAMILIES[family]).to(DEVICE), kernels=True, decode="static")
     report = compare_runners(reference, candidate, prompt(prefill), steps=6)
     print(report.format())
     assert report.passed and len(report.steps) == 7
@@ -50,18 +54,18 @@ def test_kernels_update_the_state_in_place(family):
     """With inplace_state every op writes its new state over the one given: a step needs no copies."""
     from ssmrt.kernels.dispatch import use_kernels
 
-    model = random_lm(**FAMILIES[family])
-    state = model.zero_state(2)
+    model = random_lm(**FAMILIES[family]).to(DEVICE)
+    state = model.zero_state(2, DEVICE)
     ptrs = [t.data_ptr() for pair in state for t in pair]
     with torch.no_grad(), use_kernels(force=True, inplace_state=True):
-        _, new = model(torch.tensor([[5], [7]]), state)
+        _, new = model(torch.tensor([[5], [7]], device=DEVICE), state)
     assert [t.data_ptr() for pair in new for t in pair] == ptrs
     assert any(t.abs().sum() > 0 for pair in state for t in pair)
 
 
 @pytest.mark.triton
 def test_static_state_is_fed_back_without_copies_and_stale_states_are_refused():
-    runner = TorchRunner(random_lm(**FAMILIES["mamba2"]), kernels=True, decode="static")
+    runner = TorchRunner(random_lm(**FAMILIES["mamba2"]).to(DEVICE), kernels=True, decode="static")
     _, state = runner.forward(np.array([prompt(5)]), runner.zero_state(1))
     _, s1 = runner.forward(np.array([[3]]), state)
     assert isinstance(s1, StaticState)
@@ -81,9 +85,10 @@ def test_static_state_is_fed_back_without_copies_and_stale_states_are_refused():
 @pytest.mark.triton
 def test_session_on_static_decode_equals_eager():
     """Mixed-length batch, snapshot / fork and sampling go through the static step as through the eager one."""
-    model = random_lm(**FAMILIES["mamba1"])
+    model = random_lm(**FAMILIES["mamba1"]).to(DEVICE)
     outs = []
-    for runner in (TorchRunner(model), TorchRunner(model, kernels=True, decode="static")):
+    eager = TorchRunner(model, kernels=False, decode="eager")
+    for runner in (eager, TorchRunner(model, kernels=True, decode="static")):
         s = Session(runner)
         s.prefill([prompt(4, 1), prompt(7, 2)])
         snap = s.snapshot()
@@ -153,7 +158,8 @@ def test_two_runners_in_two_threads_give_what_each_gives_alone(family):
     import threading
 
     model = random_lm(**FAMILIES[family])
-    runners = {"kernels": TorchRunner(random_lm(**FAMILIES[family]), kernels=True), "reference": TorchRunner(model)}
+    runners = {"kernels": TorchRunner(random_lm(**FAMILIES[family]).to(DEVICE), kernels=True, decode="eager"),
+               "reference": TorchRunner(model)}
     ids = np.array([prompt(7)])
     alone = {k: r.forward(ids, r.zero_state(1))[0] for k, r in runners.items()}
     assert not np.array_equal(alone["kernels"], alone["reference"])  # else the test could not see a mix-up
@@ -173,3 +179,13 @@ def test_two_runners_in_two_threads_give_what_each_gives_alone(family):
         t.join()
     for kind in runners:
         assert len(got[kind]) == 4 and all(np.array_equal(g, alone[kind]) for g in got[kind]), kind
+
+
+def test_kernels_on_cpu_tensors_need_the_interpreter(monkeypatch):
+    """Outside Triton's interpreter a kernel cannot read CPU tensors: the runner says so in one line, up front,
+    rather than failing inside Triton's launcher at the first call."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SsmrtError, match="runs only in Triton's interpreter"):
+        TorchRunner(random_lm(**FAMILIES["mamba1"]), kernels=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert TorchRunner(random_lm(**FAMILIES["mamba1"]), kernels=True).kernels

@@ -9,9 +9,15 @@ with static state buffers needs.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 from ..ops import add_rmsnorm_ref, causal_conv1d_ref, dispatch, gated_rmsnorm_ref, selective_scan_ref, ssd_scan_ref
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (read as Triton reads it; no Triton import)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 def _routes(force: bool, inplace_state: bool):

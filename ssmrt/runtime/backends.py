@@ -77,6 +77,7 @@ class TorchRunner(Runner):
     def __init__(self, model, kernels: bool | str | None = None, decode: str | None = None):
         import torch
 
+        from ..kernels.dispatch import interpreting
         from .decode_graph import MODES
 
         self._torch = torch
@@ -96,6 +97,9 @@ class TorchRunner(Runner):
         elif kernels not in (None, True, False):
             raise SsmrtError(f"kernels must be True, False or 'aot', got {kernels!r}")
         self.kernels = on_cuda if kernels is None else bool(kernels)
+        if self.kernels and not on_cuda and not interpreting():
+            raise SsmrtError(f"kernels=True on {self.device} tensors runs only in Triton's interpreter "
+                             "(TRITON_INTERPRET=1 before Triton is imported); move the model to a CUDA device")
         self.decode = decode or ("cuda_graph" if on_cuda else "eager")
         if self.decode not in MODES:
             raise SsmrtError(f"decode must be one of {', '.join(MODES)}, got {self.decode!r}")
