@@ -34,8 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.spec import SELECTIVE_CHAIN_CHUNK
 from ..plugins.launch import launch
-from ._checks import check_groups, fp32, scan_io
+from ._checks import check_groups, check_outputs, fp32
 from ._jit import dt_transform, silu
 
 
@@ -163,7 +164,7 @@ selective_chunk_state_kernel = triton.jit(_selective_chunk_state_kernel)
 selective_state_passing_kernel = triton.jit(_selective_state_passing_kernel)
 selective_chunk_scan_kernel = triton.jit(_selective_chunk_scan_kernel)
 
-CHUNK = 256  # tokens a program walks; the serial state passing takes seqlen / CHUNK steps
+CHUNK = SELECTIVE_CHAIN_CHUNK  # tokens a program walks; the serial state passing takes seqlen / CHUNK steps
 
 
 def constexprs(dim: int, dstate: int, *, has_D=True, has_z=True, has_delta_bias=True, delta_softplus=True,
@@ -181,6 +182,97 @@ def constexprs(dim: int, dstate: int, *, has_D=True, has_z=True, has_delta_bias=
         "selective_state_passing": {"CHUNK": chunk, "BLOCK_S": 1024},
         "selective_chunk_scan": {**tile, "HAS_D": bool(has_D), "HAS_Z": bool(has_z), **flags},
     }
+
+
+def _check_chunk(chunk_size: int):
+    if chunk_size < 2 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 2, got {chunk_size}")
+
+
+def selective_chunk_state(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk_size: int = CHUNK,
+    *,
+    chunk_states: torch.Tensor | None = None,
+    delta_sum: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ssmrt.ops.chains.selective_chunk_state_ref as one kernel; the outputs may be given. chunk_size: tokens per
+    program (a power of two; tests use small ones)."""
+    _check_chunk(chunk_size)
+    batch, seqlen, dim = u.shape
+    ngroups, dstate = B.shape[-2], B.shape[-1]
+    check_groups(dim, ngroups, "dim")
+    check_outputs(chunk_states=chunk_states, delta_sum=delta_sum)
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    u, delta, B = u.contiguous(), delta.contiguous(), B.contiguous()
+    A = A.float().contiguous()
+    f32 = {"device": u.device, "dtype": torch.float32}
+    states = chunk_states if chunk_states is not None else torch.empty(batch, nchunks, dim, dstate, **f32)
+    dsum = delta_sum if delta_sum is not None else torch.empty(batch, nchunks, dim, **f32)
+    meta = constexprs(dim, dstate, has_delta_bias=delta_bias is not None, delta_softplus=delta_softplus,
+                      chunk=chunk_size)["selective_chunk_state"]
+    launch("selective_chunk_state", {"u": u, "delta": delta, "A": A, "B": B, "delta_bias": fp32(delta_bias, A),
+                                     "states": states, "delta_sum": dsum}, meta)
+    return states, dsum
+
+
+def selective_state_passing(
+    chunk_states: torch.Tensor,
+    delta_sum: torch.Tensor,
+    A: torch.Tensor,
+    ssm_state: torch.Tensor,
+    chunk_size: int = CHUNK,
+    *,
+    entering_states: torch.Tensor | None = None,
+    state_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ssmrt.ops.chains.selective_state_passing_ref as one kernel; the outputs may be given (state_out may be
+    ssm_state: each element is read before it is written, by the same program)."""
+    _check_chunk(chunk_size)
+    check_outputs(entering_states=entering_states, state_out=state_out)
+    chunk_states, delta_sum, ssm_state = chunk_states.contiguous(), delta_sum.contiguous(), ssm_state.contiguous()
+    entering = entering_states if entering_states is not None else torch.empty_like(chunk_states)
+    s_out = state_out if state_out is not None else torch.empty_like(ssm_state)
+    launch("selective_state_passing", {"states": chunk_states, "delta_sum": delta_sum, "A": A.float().contiguous(),
+                                       "state": ssm_state, "entering": entering, "state_out": s_out},
+           {"CHUNK": chunk_size, "BLOCK_S": 1024})
+    return entering, s_out
+
+
+def selective_chunk_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    entering_states: torch.Tensor,
+    delta_softplus: bool = False,
+    chunk_size: int = CHUNK,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ssmrt.ops.chains.selective_chunk_scan_ref as one kernel; out may be given."""
+    _check_chunk(chunk_size)
+    dim, dstate = u.shape[-1], B.shape[-1]
+    check_groups(dim, B.shape[-2], "dim")
+    check_outputs(out=out)
+    u, delta, B, C, entering = (t.contiguous() for t in (u, delta, B, C, entering_states))
+    A = A.float().contiguous()
+    y = out if out is not None else torch.empty_like(u)
+    meta = constexprs(dim, dstate, has_D=D is not None, has_z=z is not None, has_delta_bias=delta_bias is not None,
+                      delta_softplus=delta_softplus, chunk=chunk_size)["selective_chunk_scan"]
+    launch("selective_chunk_scan", {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": fp32(D, A),
+                                    "z": z.contiguous() if z is not None else u, "delta_bias": fp32(delta_bias, A),
+                                    "states": entering, "y": y}, meta)
+    return y
 
 
 def selective_scan_chunked(
@@ -201,25 +293,10 @@ def selective_scan_chunked(
     """selective_scan_ref's signature, as the three-kernel chain; out / state_out may be given (state_out may be
     ssm_state). chunk: tokens per program (a power of two; tests use small ones)."""
     batch, seqlen, dim = u.shape
-    ngroups, dstate = B.shape[-2], B.shape[-1]
-    check_groups(dim, ngroups, "dim")
-    if chunk < 2 or chunk & (chunk - 1):
-        raise ValueError(f"chunk must be a power of two >= 2, got {chunk}")
-    nchunks = triton.cdiv(seqlen, chunk)
-    u, (delta, B, C), ssm_state, y, s_out = scan_io(u, (delta, B, C), ssm_state, (batch, dim, dstate), out, state_out)
-    A = A.float().contiguous()
-    Df, db = fp32(D, A), fp32(delta_bias, A)
-    zc = z.contiguous() if z is not None else u
-    meta = constexprs(dim, dstate, has_D=D is not None, has_z=z is not None, has_delta_bias=delta_bias is not None,
-                      delta_softplus=delta_softplus, chunk=chunk)
-    states = torch.empty(batch, nchunks, dim, dstate, device=u.device, dtype=torch.float32)
-    delta_sum = torch.empty(batch, nchunks, dim, device=u.device, dtype=torch.float32)
-
-    entering = torch.empty_like(states)
-    launch("selective_chunk_state", {"u": u, "delta": delta, "A": A, "B": B, "delta_bias": db, "states": states,
-                                     "delta_sum": delta_sum}, meta["selective_chunk_state"])
-    launch("selective_state_passing", {"states": states, "delta_sum": delta_sum, "A": A, "state": ssm_state,
-                                       "entering": entering, "state_out": s_out}, meta["selective_state_passing"])
-    launch("selective_chunk_scan", {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": Df, "z": zc,
-                                    "delta_bias": db, "states": entering, "y": y}, meta["selective_chunk_scan"])
+    check_outputs(out=out, state_out=state_out)
+    if ssm_state is None:
+        ssm_state = torch.zeros(batch, dim, B.shape[-1], device=u.device, dtype=torch.float32)
+    states, delta_sum = selective_chunk_state(u, delta, A, B, delta_bias, delta_softplus, chunk)
+    entering, s_out = selective_state_passing(states, delta_sum, A, ssm_state, chunk, state_out=state_out)
+    y = selective_chunk_scan(u, delta, A, B, C, D, z, delta_bias, entering, delta_softplus, chunk, out=out)
     return y, s_out

@@ -41,9 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.spec import NO_DT_LIMIT
+from ..ops.spec import NO_DT_LIMIT, SSD_CHAIN_CHUNKS, ssd_chain_chunk
 from ..plugins.launch import launch
-from ._checks import check_groups, fp32, scan_io
+from ._checks import check_groups, check_outputs, fp32
 from ._jit import chunk_program, dt_limit_constexprs, dt_transform
 
 
@@ -219,11 +219,14 @@ ssd_chunk_scan_kernel = triton.jit(_ssd_chunk_scan_kernel)
 
 
 def chunk_of(chunk_size: int) -> int:
-    """The chain's chunk: chunk_size rounded up to a power of two in [16, 256] (the result does not depend on
-    it; tl.dot needs 16 at least, and the block tiles assume at most 256)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return min(max(triton.next_power_of_2(chunk_size), 16), 256)
+    """The chain's chunk for a model's chunk_size (ssmrt.ops.spec.ssd_chain_chunk)."""
+    return ssd_chain_chunk(chunk_size)
+
+
+def _check_chunk(chunk_size: int):
+    lo, hi = SSD_CHAIN_CHUNKS
+    if chunk_size != ssd_chain_chunk(chunk_size) or not lo <= chunk_size <= hi:
+        raise ValueError(f"the SSD chain's chunk_size must be a power of two in [{lo}, {hi}], got {chunk_size}")
 
 
 def constexprs(headdim: int, dstate: int, dtype: torch.dtype, chunk: int, *, has_D=True, D_has_hdim=False,
@@ -250,6 +253,95 @@ def constexprs(headdim: int, dstate: int, dtype: torch.dtype, chunk: int, *, has
     }
 
 
+def ssd_chunk_state(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
+    chunk_size: int = 256,
+    *,
+    dt_out: torch.Tensor | None = None,
+    dA_cumsum: torch.Tensor | None = None,
+    chunk_states: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ssmrt.ops.chains.ssd_chunk_state_ref as one kernel; the outputs may be given. chunk_size: the chain's
+    chunk (a power of two, 16 to 256)."""
+    _check_chunk(chunk_size)
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2], B.shape[-1]
+    check_groups(nheads, ngroups, "nheads")
+    if dstate > 256:
+        raise ValueError(f"dstate must be at most 256, got {dstate}")
+    check_outputs(dt_out=dt_out, dA_cumsum=dA_cumsum, chunk_states=chunk_states)
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    x, dt, B = x.contiguous(), dt.contiguous(), B.contiguous()
+    A = A.float().contiguous()
+    f32 = {"device": x.device, "dtype": torch.float32}
+    side = (batch, nheads, nchunks, chunk_size)
+    dt_out = dt_out if dt_out is not None else torch.empty(side, **f32)
+    dA_cumsum = dA_cumsum if dA_cumsum is not None else torch.empty(side, **f32)
+    states = chunk_states if chunk_states is not None else torch.empty(batch, nchunks, nheads, headdim, dstate, **f32)
+    meta = constexprs(headdim, dstate, x.dtype, chunk_size, has_dt_bias=dt_bias is not None,
+                      dt_softplus=dt_softplus, dt_limit=dt_limit)["ssd_chunk_state"]
+    launch("ssd_chunk_state", {"x": x, "dt": dt, "A": A, "B": B, "dt_bias": fp32(dt_bias, A), "dt_out": dt_out,
+                               "dA_cumsum": dA_cumsum, "states": states}, meta)
+    return dt_out, dA_cumsum, states
+
+
+def ssd_state_passing(
+    chunk_states: torch.Tensor,
+    dA_cumsum: torch.Tensor,
+    ssm_state: torch.Tensor,
+    chunk_size: int = 256,
+    *,
+    entering_states: torch.Tensor | None = None,
+    state_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ssmrt.ops.chains.ssd_state_passing_ref as one kernel; the outputs may be given (state_out may be
+    ssm_state: each element is read before it is written, by the same program)."""
+    _check_chunk(chunk_size)
+    if dA_cumsum.shape[-1] != chunk_size:
+        raise ValueError(f"dA_cumsum has chunks of {dA_cumsum.shape[-1]}, chunk_size is {chunk_size}")
+    check_outputs(entering_states=entering_states, state_out=state_out)
+    chunk_states, dA_cumsum, ssm_state = chunk_states.contiguous(), dA_cumsum.contiguous(), ssm_state.contiguous()
+    entering = entering_states if entering_states is not None else torch.empty_like(chunk_states)
+    s_out = state_out if state_out is not None else torch.empty_like(ssm_state)
+    meta = {"CHUNK": chunk_size, "BLOCK_S": 1024}
+    launch("ssd_state_passing", {"states": chunk_states, "dA_cumsum": dA_cumsum, "state": ssm_state,
+                                 "entering": entering, "state_out": s_out}, meta)
+    return entering, s_out
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    dt_out: torch.Tensor,
+    dA_cumsum: torch.Tensor,
+    entering_states: torch.Tensor,
+    chunk_size: int = 256,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ssmrt.ops.chains.ssd_chunk_scan_ref as one kernel; out may be given."""
+    _check_chunk(chunk_size)
+    headdim, dstate = x.shape[-1], B.shape[-1]
+    check_groups(x.shape[2], B.shape[-2], "nheads")
+    check_outputs(out=out)
+    x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+    dt_out, dA_cumsum, entering = (t.contiguous() for t in (dt_out, dA_cumsum, entering_states))
+    y = out if out is not None else torch.empty_like(x)
+    meta = constexprs(headdim, dstate, x.dtype, chunk_size, has_D=D is not None,
+                      D_has_hdim=D is not None and D.dim() == 2)["ssd_chunk_scan"]
+    launch("ssd_chunk_scan", {"x": x, "B": B, "C": C, "D": fp32(D, dA_cumsum), "dt_out": dt_out,
+                              "dA_cumsum": dA_cumsum, "states": entering, "y": y}, meta)
+    return y
+
+
 def ssd_scan_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -268,29 +360,12 @@ def ssd_scan_chunked(
     """ssd_scan_ref's signature, as the three-kernel chain; out / state_out may be given (state_out may be
     ssm_state). chunk_size is rounded by chunk_of()."""
     batch, seqlen, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[-2], B.shape[-1]
-    check_groups(nheads, ngroups, "nheads")
-    if dstate > 256:
-        raise ValueError(f"dstate must be at most 256, got {dstate}")
+    dstate = B.shape[-1]
+    check_outputs(out=out, state_out=state_out)
     chunk = chunk_of(chunk_size)
-    nchunks = triton.cdiv(seqlen, chunk)
-    x, (dt, B, C), ssm_state, y, s_out = scan_io(x, (dt, B, C), ssm_state, (batch, nheads, headdim, dstate), out,
-                                                 state_out)
-    A = A.float().contiguous()
-    Df, db = fp32(D, A), fp32(dt_bias, A)
-    meta = constexprs(headdim, dstate, x.dtype, chunk, has_D=D is not None,
-                      D_has_hdim=D is not None and D.dim() == 2, has_dt_bias=dt_bias is not None,
-                      dt_softplus=dt_softplus, dt_limit=dt_limit)
-    f32 = {"device": x.device, "dtype": torch.float32}
-    dt_out = torch.empty(batch, nheads, nchunks, chunk, **f32)
-    dA_cumsum = torch.empty(batch, nheads, nchunks, chunk, **f32)
-    states = torch.empty(batch, nchunks, nheads, headdim, dstate, **f32)
-
-    entering = torch.empty_like(states)
-    launch("ssd_chunk_state", {"x": x, "dt": dt, "A": A, "B": B, "dt_bias": db, "dt_out": dt_out,
-                               "dA_cumsum": dA_cumsum, "states": states}, meta["ssd_chunk_state"])
-    launch("ssd_state_passing", {"states": states, "dA_cumsum": dA_cumsum, "state": ssm_state, "entering": entering,
-                                 "state_out": s_out}, meta["ssd_state_passing"])
-    launch("ssd_chunk_scan", {"x": x, "B": B, "C": C, "D": Df, "dt_out": dt_out, "dA_cumsum": dA_cumsum,
-                              "states": entering, "y": y}, meta["ssd_chunk_scan"])
+    if ssm_state is None:
+        ssm_state = torch.zeros(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32)
+    dt_out, dA_cumsum, states = ssd_chunk_state(x, dt, A, B, dt_bias, dt_softplus, dt_limit, chunk)
+    entering, s_out = ssd_state_passing(states, dA_cumsum, ssm_state, chunk, state_out=state_out)
+    y = ssd_chunk_scan(x, B, C, D, dt_out, dA_cumsum, entering, chunk, out=out)
     return y, s_out

@@ -10,6 +10,13 @@ from .._lazy import lazy_attributes
 
 _WHERE = {
     "OPS": ".spec",
+    "CHAIN_OPS": ".spec",
+    "ssd_chunk_state_ref": ".chains",
+    "ssd_state_passing_ref": ".chains",
+    "ssd_chunk_scan_ref": ".chains",
+    "selective_chunk_state_ref": ".chains",
+    "selective_state_passing_ref": ".chains",
+    "selective_chunk_scan_ref": ".chains",
     "TOLERANCES": ".spec",
     "tolerance": ".spec",
     "add_rmsnorm_ref": ".rmsnorm",
