@@ -42,7 +42,7 @@ def test_sizes_and_grids_on_concrete_shapes():
     k = KERNELS["ssd_chunk_scan"]
     assert k.grid(k.resolve(ssd), {"CHUNK": 256, "BLOCK_M": 32, "BLOCK_P": 64}) == (8, 2 * 2 * 24)
     k = KERNELS["ssd_state_passing"]
-    s = k.resolve({"states": (2, 2, 24, 64, 128), "state": (2, 24, 64, 128)})
+    s = k.resolve({"chunk_states": (2, 2, 24, 64, 128), "state": (2, 24, 64, 128)})
     assert [s[n] for n in k.scalars] == [2, 24, 64, 128]
     assert k.grid(s, {"BLOCK_S": 1024}) == (8, 48)
     sel = {"u": (3, 40, 1536), "B": (3, 40, 1, 16)}

@@ -79,7 +79,7 @@ def _chunk_program(dim, dstate, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
 def _selective_chunk_state_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, delta_bias_ptr,
     seqlen, dim, dstate, ngroups,
-    states_ptr, delta_sum_ptr,
+    chunk_states_ptr, delta_sum_ptr,
     CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
 ):
@@ -98,14 +98,14 @@ def _selective_chunk_state_kernel(
                                       HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         delta_sum += tl.sum(delta, axis=0)
     out = ((b * nchunks + c) * dim + offs_d[:, None]) * dstate + offs_n[None, :]
-    tl.store(states_ptr + out, h, mask=mask_d[:, None] & mask_n[None, :])
+    tl.store(chunk_states_ptr + out, h, mask=mask_d[:, None] & mask_n[None, :])
     tl.store(delta_sum_ptr + (b * nchunks + c) * dim + offs_d, delta_sum, mask=mask_d)
 
 
 def _selective_state_passing_kernel(
-    states_ptr, delta_sum_ptr, A_ptr, state_ptr,
+    chunk_states_ptr, delta_sum_ptr, A_ptr, state_ptr,
     nchunks, dim, dstate,
-    entering_ptr, state_out_ptr,
+    entering_states_ptr, state_out_ptr,
     CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -117,15 +117,15 @@ def _selective_state_passing_kernel(
     s = tl.load(state_ptr + b * size + offs, mask=mask, other=0.0).to(tl.float32)
     for c in range(nchunks):
         at = (b * nchunks + c) * size + offs
-        own = tl.load(states_ptr + at, mask=mask, other=0.0)
-        tl.store(entering_ptr + at, s, mask=mask)
+        own = tl.load(chunk_states_ptr + at, mask=mask, other=0.0)
+        tl.store(entering_states_ptr + at, s, mask=mask)
         delta_sum = tl.load(delta_sum_ptr + (b * nchunks + c) * dim + offs // dstate, mask=mask, other=0.0)
         s = s * tl.exp(A * delta_sum) + own
     tl.store(state_out_ptr + b * size + offs, s.to(state_out_ptr.dtype.element_ty), mask=mask)
 
 
 def _selective_chunk_scan_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, states_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, entering_states_ptr,
     seqlen, dim, dstate, ngroups,
     y_ptr,
     CHUNK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -139,8 +139,8 @@ def _selective_chunk_scan_kernel(
     delta_bias = tl.load(delta_bias_ptr + offs_d, mask=mask_d, other=0.0) if HAS_DELTA_BIAS else 0.0
     Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0) if HAS_D else 0.0
 
-    h = tl.load(states_ptr + ((b * nchunks + c) * dim + offs_d[:, None]) * dstate + offs_n[None, :], mask=mask_dn,
-                other=0.0)
+    h = tl.load(entering_states_ptr + ((b * nchunks + c) * dim + offs_d[:, None]) * dstate + offs_n[None, :],
+                mask=mask_dn, other=0.0)
     for t0 in range(0, tl.minimum(CHUNK, seqlen - c * CHUNK), SUB):
         t = c * CHUNK + t0 + tl.arange(0, SUB)
         rows = b * seqlen + t
@@ -217,7 +217,7 @@ def selective_chunk_state(
     meta = constexprs(dim, dstate, has_delta_bias=delta_bias is not None, delta_softplus=delta_softplus,
                       chunk=chunk_size)["selective_chunk_state"]
     launch("selective_chunk_state", {"u": u, "delta": delta, "A": A, "B": B, "delta_bias": fp32(delta_bias, A),
-                                     "states": states, "delta_sum": dsum}, meta)
+                                     "chunk_states": states, "delta_sum": dsum}, meta)
     return states, dsum
 
 
@@ -238,9 +238,10 @@ def selective_state_passing(
     chunk_states, delta_sum, ssm_state = chunk_states.contiguous(), delta_sum.contiguous(), ssm_state.contiguous()
     entering = entering_states if entering_states is not None else torch.empty_like(chunk_states)
     s_out = state_out if state_out is not None else torch.empty_like(ssm_state)
-    launch("selective_state_passing", {"states": chunk_states, "delta_sum": delta_sum, "A": A.float().contiguous(),
-                                       "state": ssm_state, "entering": entering, "state_out": s_out},
-           {"CHUNK": chunk_size, "BLOCK_S": 1024})
+    launch("selective_state_passing", {"chunk_states": chunk_states, "delta_sum": delta_sum,
+                                       "A": A.float().contiguous(), "state": ssm_state, "entering_states": entering,
+                                       "state_out": s_out},
+           constexprs(chunk_states.shape[2], chunk_states.shape[3], chunk=chunk_size)["selective_state_passing"])
     return entering, s_out
 
 
@@ -271,7 +272,7 @@ def selective_chunk_scan(
                       delta_softplus=delta_softplus, chunk=chunk_size)["selective_chunk_scan"]
     launch("selective_chunk_scan", {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": fp32(D, A),
                                     "z": z.contiguous() if z is not None else u, "delta_bias": fp32(delta_bias, A),
-                                    "states": entering, "y": y}, meta)
+                                    "entering_states": entering, "y": y}, meta)
     return y
 
 

@@ -61,7 +61,7 @@ def _dt_block(dt_ptr, dt_bias_ptr, rows, h, nheads, mask, HAS_DT_BIAS: tl.conste
 def _ssd_chunk_state_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, dt_bias_ptr,
     seqlen, nheads, headdim, dstate, ngroups,
-    dt_out_ptr, dA_cumsum_ptr, states_ptr,
+    dt_out_ptr, dA_cumsum_ptr, chunk_states_ptr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DT_CLAMP: tl.constexpr,
     DT_MIN: tl.constexpr, DT_MAX: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
@@ -115,13 +115,13 @@ def _ssd_chunk_state_kernel(
         if SPLIT:
             states += tl.dot((xs - xs_hi.to(tl.float32)).to(dtype), Bk)
     out = (((b * nchunks + c) * nheads + h) * headdim + offs_p[:, None]) * dstate + offs_n[None, :]
-    tl.store(states_ptr + out, states, mask=mask_p[:, None] & mask_n[None, :])
+    tl.store(chunk_states_ptr + out, states, mask=mask_p[:, None] & mask_n[None, :])
 
 
 def _ssd_state_passing_kernel(
-    states_ptr, dA_cumsum_ptr, state_ptr,
+    chunk_states_ptr, dA_cumsum_ptr, state_ptr,
     nchunks, nheads, headdim, dstate,
-    entering_ptr, state_out_ptr,
+    entering_states_ptr, state_out_ptr,
     CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -134,15 +134,15 @@ def _ssd_state_passing_kernel(
     s = tl.load(state_ptr + pid_bh * size + offs, mask=mask, other=0.0).to(tl.float32)
     for c in range(nchunks):
         at = ((b * nchunks + c) * nheads + h) * size + offs
-        own = tl.load(states_ptr + at, mask=mask, other=0.0)
-        tl.store(entering_ptr + at, s, mask=mask)
+        own = tl.load(chunk_states_ptr + at, mask=mask, other=0.0)
+        tl.store(entering_states_ptr + at, s, mask=mask)
         dA_last = tl.load(dA_cumsum_ptr + ((b * nheads + h) * nchunks + c) * CHUNK + CHUNK - 1)
         s = s * tl.exp(dA_last) + own
     tl.store(state_out_ptr + pid_bh * size + offs, s.to(state_out_ptr.dtype.element_ty), mask=mask)
 
 
 def _ssd_chunk_scan_kernel(
-    x_ptr, B_ptr, C_ptr, D_ptr, dt_out_ptr, dA_cumsum_ptr, states_ptr,
+    x_ptr, B_ptr, C_ptr, D_ptr, dt_out_ptr, dA_cumsum_ptr, entering_states_ptr,
     seqlen, nheads, headdim, dstate, ngroups,
     y_ptr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -171,7 +171,7 @@ def _ssd_chunk_scan_kernel(
     dA_m = tl.load(dA_cumsum_ptr + side + offs_m, mask=mask_m, other=0.0)
     Cm = tl.load(C_ptr + (row_m[:, None] * ngroups + g) * dstate + offs_n[None, :],
                  mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(dtype)
-    HT = tl.load(states_ptr + (((b * nchunks + c) * nheads + h) * headdim + offs_p[None, :]) * dstate
+    HT = tl.load(entering_states_ptr + (((b * nchunks + c) * nheads + h) * headdim + offs_p[None, :]) * dstate
                  + offs_n[:, None], mask=mask_n[:, None] & mask_p[None, :], other=0.0)
     HT_hi = HT.to(dtype)
     acc = tl.dot(Cm, HT_hi, input_precision=DOT_PRECISION)
@@ -287,7 +287,7 @@ def ssd_chunk_state(
     meta = constexprs(headdim, dstate, x.dtype, chunk_size, has_dt_bias=dt_bias is not None,
                       dt_softplus=dt_softplus, dt_limit=dt_limit)["ssd_chunk_state"]
     launch("ssd_chunk_state", {"x": x, "dt": dt, "A": A, "B": B, "dt_bias": fp32(dt_bias, A), "dt_out": dt_out,
-                               "dA_cumsum": dA_cumsum, "states": states}, meta)
+                               "dA_cumsum": dA_cumsum, "chunk_states": states}, meta)
     return dt_out, dA_cumsum, states
 
 
@@ -309,9 +309,9 @@ def ssd_state_passing(
     chunk_states, dA_cumsum, ssm_state = chunk_states.contiguous(), dA_cumsum.contiguous(), ssm_state.contiguous()
     entering = entering_states if entering_states is not None else torch.empty_like(chunk_states)
     s_out = state_out if state_out is not None else torch.empty_like(ssm_state)
-    meta = {"CHUNK": chunk_size, "BLOCK_S": 1024}
-    launch("ssd_state_passing", {"states": chunk_states, "dA_cumsum": dA_cumsum, "state": ssm_state,
-                                 "entering": entering, "state_out": s_out}, meta)
+    meta = constexprs(chunk_states.shape[3], chunk_states.shape[4], torch.float32, chunk_size)["ssd_state_passing"]
+    launch("ssd_state_passing", {"chunk_states": chunk_states, "dA_cumsum": dA_cumsum, "state": ssm_state,
+                                 "entering_states": entering, "state_out": s_out}, meta)
     return entering, s_out
 
 
@@ -338,7 +338,7 @@ def ssd_chunk_scan(
     meta = constexprs(headdim, dstate, x.dtype, chunk_size, has_D=D is not None,
                       D_has_hdim=D is not None and D.dim() == 2)["ssd_chunk_scan"]
     launch("ssd_chunk_scan", {"x": x, "B": B, "C": C, "D": fp32(D, dA_cumsum), "dt_out": dt_out,
-                              "dA_cumsum": dA_cumsum, "states": entering, "y": y}, meta)
+                              "dA_cumsum": dA_cumsum, "entering_states": entering, "y": y}, meta)
     return y
 
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from ..ops.spec import OPS
+from ..ops.spec import ALL_OPS, CHAIN_OPS
 
 
 def cdiv(a, b):
@@ -82,7 +82,7 @@ class Kernel:
 def _op_pointers(op: str, names: dict[str, str], state: tuple[str, ...]) -> tuple[tuple[Pointer, ...], ...]:
     """Input and output pointers of an op's one-launch kernel, from the op's contract: the kernel parameter
     name for each spec tensor (names), fp32 where the spec keeps it fp32, the state's own type for `state`."""
-    spec = OPS[op]
+    spec = ALL_OPS[op]
 
     def ptr(t):
         return Pointer(names.get(t.name, t.name), "state" if t.name in state else ("fp32" if t.fp32 else "act"))
@@ -106,6 +106,10 @@ _sel_in, _sel_out = _op_pointers("SelectiveScan", {"ssm_state": "state", "presen
 _ssd_in, _ssd_out = _op_pointers("SSDScan", {"ssm_state": "state", "present_ssm_state": "state_out"},
                                  ("ssm_state", "present_ssm_state"))
 
+# The chain kernels' parameters are their nodes' tensor names, but for the SSM state (as the one-node ops')
+_STATE = {"ssm_state": "state", "present_ssm_state": "state_out"}
+_io = {op: _op_pointers(op, _STATE, tuple(_STATE)) for op in CHAIN_OPS}
+
 SSD_SIZES = {"batch": ("x", 0), "seqlen": ("x", 1), "nheads": ("x", 2), "headdim": ("x", 3), "dstate": ("B", 3),
              "ngroups": ("B", 2)}
 SEL_SIZES = {"batch": ("u", 0), "seqlen": ("u", 1), "dim": ("u", 2), "dstate": ("B", 3), "ngroups": ("B", 2)}
@@ -124,42 +128,32 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("ssd_scan", "ssd_scan", _ssd_in, ("seqlen", "nheads", "headdim", "dstate", "ngroups"), _ssd_out, SSD_SIZES,
        lambda s, m: (cdiv(s["headdim"], m["BLOCK_P"]), s["batch"] * s["nheads"])),
     # The SSD chain (ssd_chunked.py): the intermediates are tensors between the kernels, all fp32.
-    _k("ssd_chunk_state", "ssd_chunked",
-       [P("x"), P("dt"), P("A", "fp32"), P("B"), P("dt_bias", "fp32")],
+    _k("ssd_chunk_state", "ssd_chunked", _io["SSDChunkState"][0],
        ("seqlen", "nheads", "headdim", "dstate", "ngroups"),
-       [P("dt_out", "fp32"), P("dA_cumsum", "fp32"), P("states", "fp32")], SSD_SIZES,
+       _io["SSDChunkState"][1], SSD_SIZES,
        lambda s, m: (cdiv(s["headdim"], m["BLOCK_P"]) * cdiv(s["dstate"], m["BLOCK_N"]),
                      s["batch"] * _nchunks(s, m) * s["nheads"])),
-    _k("ssd_state_passing", "ssd_chunked",
-       [P("states", "fp32"), P("dA_cumsum", "fp32"), P("state", "state")],
-       ("nchunks", "nheads", "headdim", "dstate"),
-       [P("entering", "fp32"), P("state_out", "state")],
+    _k("ssd_state_passing", "ssd_chunked", _io["SSDStatePassing"][0], ("nchunks", "nheads", "headdim", "dstate"),
+       _io["SSDStatePassing"][1],
        {"batch": ("state", 0), "nheads": ("state", 1), "headdim": ("state", 2), "dstate": ("state", 3),
-        "nchunks": ("states", 1)},
+        "nchunks": ("chunk_states", 1)},
        lambda s, m: (cdiv(s["headdim"] * s["dstate"], m["BLOCK_S"]), s["batch"] * s["nheads"])),
-    _k("ssd_chunk_scan", "ssd_chunked",
-       [P("x"), P("B"), P("C"), P("D", "fp32"), P("dt_out", "fp32"), P("dA_cumsum", "fp32"), P("states", "fp32")],
-       ("seqlen", "nheads", "headdim", "dstate", "ngroups"),
-       [P("y")], SSD_SIZES,
+    _k("ssd_chunk_scan", "ssd_chunked", _io["SSDChunkScan"][0], ("seqlen", "nheads", "headdim", "dstate", "ngroups"),
+       _io["SSDChunkScan"][1], SSD_SIZES,
        lambda s, m: (cdiv(s["headdim"], m["BLOCK_P"]) * cdiv(m["CHUNK"], m["BLOCK_M"]),
                      s["batch"] * _nchunks(s, m) * s["nheads"])),
     # The selective-scan chain (selective_chunked.py).
-    _k("selective_chunk_state", "selective_chunked",
-       [P("u"), P("delta"), P("A", "fp32"), P("B"), P("delta_bias", "fp32")],
+    _k("selective_chunk_state", "selective_chunked", _io["SelectiveChunkState"][0],
        ("seqlen", "dim", "dstate", "ngroups"),
-       [P("states", "fp32"), P("delta_sum", "fp32")], SEL_SIZES,
+       _io["SelectiveChunkState"][1], SEL_SIZES,
        lambda s, m: (cdiv(s["dim"], m["BLOCK_D"]), _nchunks(s, m), s["batch"])),
-    _k("selective_state_passing", "selective_chunked",
-       [P("states", "fp32"), P("delta_sum", "fp32"), P("A", "fp32"), P("state", "state")],
-       ("nchunks", "dim", "dstate"),
-       [P("entering", "fp32"), P("state_out", "state")],
-       {"batch": ("state", 0), "dim": ("state", 1), "dstate": ("state", 2), "nchunks": ("states", 1)},
+    _k("selective_state_passing", "selective_chunked", _io["SelectiveStatePassing"][0], ("nchunks", "dim", "dstate"),
+       _io["SelectiveStatePassing"][1],
+       {"batch": ("state", 0), "dim": ("state", 1), "dstate": ("state", 2), "nchunks": ("chunk_states", 1)},
        lambda s, m: (cdiv(s["dim"] * s["dstate"], m["BLOCK_S"]), s["batch"])),
-    _k("selective_chunk_scan", "selective_chunked",
-       [P("u"), P("delta"), P("A", "fp32"), P("B"), P("C"), P("D", "fp32"), P("z"), P("delta_bias", "fp32"),
-        P("states", "fp32")],
+    _k("selective_chunk_scan", "selective_chunked", _io["SelectiveChunkScan"][0],
        ("seqlen", "dim", "dstate", "ngroups"),
-       [P("y")], SEL_SIZES,
+       _io["SelectiveChunkScan"][1], SEL_SIZES,
        lambda s, m: (cdiv(s["dim"], m["BLOCK_D"]), _nchunks(s, m), s["batch"])),
 )}
 

@@ -2,7 +2,8 @@
 is a small function keyed by the op's id, as in TensorRT's quickly-deployable-plugins sample, and the kernels
 know nothing of TensorRT.
 
-Per op (ssmrt::CausalConv1d, ssmrt::SelectiveScan, ssmrt::SSDScan):
+Per op (ssmrt::CausalConv1d, ssmrt::SelectiveScan, ssmrt::SSDScan, and the six chain ops of a TensorRT export's
+prefill graph, whose functions are made from their contracts: see "the chain ops" below):
 - register: the outputs' shapes and types (y like the activations; the SSM state float32, the conv state like
   the activations), from ssmrt.ops.spec;
 - aot_impl: the op's one-launch kernel (the recurrence, for any sequence length) compiled for the build GPU:
@@ -27,7 +28,7 @@ import math
 from typing import TYPE_CHECKING
 
 from ..errors import SsmrtError
-from ..ops.spec import DOMAIN, OPS
+from ..ops.spec import ALL_OPS, CHAIN_OPS, DOMAIN
 from .launch import KERNELS
 
 if TYPE_CHECKING:  # the names the string annotations below use; register() resolves them at run time
@@ -159,6 +160,178 @@ PLUGINS = {
 }
 
 
+# --------------------------------------------------------------------------------------------- the chain ops
+#
+# A prefill graph (ssmrt export --target tensorrt) carries each scan as three nodes of one kernel each. Their
+# plugin functions are made from the chain ops' contracts (CHAIN_OPS): each takes the op's inputs, then its
+# attributes, in the contract's order, with the parameters tensorrt.plugin reads through inspect.signature.
+
+_TORCH_OF = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
+_CHAIN_MODULE = {"SSD": "ssd_chunked", "Selective": "selective_chunked"}
+_WRAPPER_OUT = {"y": "out", "present_ssm_state": "state_out"}  # a wrapper's keyword for each given output
+
+
+def _chain_module(op: str):
+    import importlib
+
+    family = "SSD" if op.startswith("SSD") else "Selective"
+    return importlib.import_module(f"ssmrt.kernels.{_CHAIN_MODULE[family]}")
+
+
+def _dims(op: str, descs, attrs: dict) -> dict:
+    """Each dimension the contract names, as the first input having it gives it (a shape expression), plus
+    chunk_size (the attribute) and nchunks = cdiv(seqlen, chunk_size) where no input has it."""
+    import tensorrt.plugin as trtp
+
+    dims = {}
+    for t, d in zip(CHAIN_OPS[op].inputs, descs, strict=True):
+        for axis, name in enumerate(t.shape):
+            dims.setdefault(name, d.shape_expr[axis])
+    dims["chunk_size"] = int(attrs["chunk_size"])
+    if "nchunks" not in dims:
+        dims["nchunks"] = trtp.cdiv(dims["seqlen"], dims["chunk_size"])
+    return dims
+
+
+def chain_outputs(op: str, descs, attrs: dict) -> tuple:
+    """register: each output like the input of the same contract shape and type (y like x, the new state like the
+    state, the entering states like the chunk states), else float32 of the contract's shape."""
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    spec = CHAIN_OPS[op]
+    dims = _dims(op, descs, attrs)
+    out = []
+    for o in spec.outputs:
+        like = next((d for t, d in zip(spec.inputs, descs, strict=True) if (t.shape, t.fp32) == (o.shape, o.fp32)),
+                    None)
+        out.append(like.like() if like is not None else
+                   trtp.from_shape_expr(tuple(dims[n] for n in o.shape), dtype=trt.float32))
+    return tuple(out)
+
+
+def chain_constexprs(op: str, static, attrs: dict, act: str, D_rank: int = 1) -> dict:
+    """The chain kernel's compile-time constants for a node: static(name) gives a dimension the kernel is
+    specialised on, act the activations' torch dtype name. The exporter supplies every input (zeros where a model
+    lacks D or a bias), so only the attributes and D's layout vary. The same function the wrappers use
+    (ssd_chunked / selective_chunked.constexprs) makes them."""
+    import torch
+
+    kernel = CHAIN_OPS[op].function
+    chunk = int(attrs["chunk_size"])
+    module = _chain_module(op)
+    if op.startswith("SSD"):
+        dt_limit = None
+        if "dt_min" in attrs:
+            hi = float(attrs["dt_max"])
+            dt_limit = (float(attrs["dt_min"]), hi if math.isfinite(hi) else math.inf)
+        extra = {"dt_softplus": bool(attrs["dt_softplus"]), "dt_limit": dt_limit} if dt_limit else {}
+        return module.constexprs(static("headdim"), static("dstate"), getattr(torch, act), chunk, has_D=True,
+                                 D_has_hdim=D_rank == 2, has_dt_bias=True, **extra)[kernel]
+    extra = {"delta_softplus": bool(attrs["delta_softplus"])} if "delta_softplus" in attrs else {}
+    return module.constexprs(static("dim"), static("dstate"), has_D=True, has_z=True, has_delta_bias=True,
+                             chunk=chunk, **extra)[kernel]
+
+
+def chain_aot(op: str, descs, attrs: dict):
+    """aot_impl: the node's kernel compiled for the build GPU, its launch from ssmrt.plugins.launch."""
+    spec = CHAIN_OPS[op]
+    named = dict(zip((t.name for t in spec.inputs), descs, strict=True))
+    if "ssm_state" in named:
+        _float32_state(named["ssm_state"], op)
+    axes = {}
+    for t, d in zip(spec.inputs, descs, strict=True):
+        for axis, name in enumerate(t.shape):
+            axes.setdefault(name, (d, axis, t.name))
+
+    def static(name):
+        d, axis, tensor = axes[name]
+        return _static(d, axis, op, tensor)
+
+    act_desc = next((d for t, d in zip(spec.inputs, descs, strict=True) if not t.fp32), descs[0])
+    meta = chain_constexprs(op, static, attrs, _TORCH_OF[act_desc.dtype.name],
+                            len(named["D"].shape) if "D" in named else 1)
+    k = KERNELS[spec.function]
+    return _aot(spec.function, dict(zip((p.name for p in k.inputs), descs, strict=True)), act_desc, meta)
+
+
+def chain_impl(op: str, tensors, attrs: dict, outputs, stream: int) -> None:
+    """impl (JIT): the node's kernel wrapper on TensorRT's stream, writing into TensorRT's outputs."""
+    spec = CHAIN_OPS[op]
+    fn = getattr(_chain_module(op), spec.function)
+    t = _torch(*tensors, *outputs)
+    given = dict(zip((x.name for x in spec.inputs), t, strict=False))
+    args = []
+    for name in spec.params:
+        if name in given:
+            args.append(given[name])
+        elif name == "dt_limit":
+            args.append((float(attrs["dt_min"]), float(attrs["dt_max"])))
+        elif spec.attributes[name] is int and name != "chunk_size":
+            args.append(bool(attrs[name]))
+        else:
+            args.append(spec.attributes[name](attrs[name]))
+    outs = {_WRAPPER_OUT.get(o.name, o.name): x for o, x in zip(spec.outputs, t[len(spec.inputs):], strict=True)}
+    with _on(stream):
+        fn(*args, **outs)
+
+
+def chain_functions(op: str, types: dict) -> tuple:
+    """(register, aot_impl, impl, autotune) for chain op `op`, their signatures from its contract with TensorRT's
+    types (types: name -> class, as register() resolves them)."""
+    import inspect
+
+    spec = CHAIN_OPS[op]
+    desc, tensor = types["TensorDesc"], types["Tensor"]
+    n_out = len(spec.outputs)
+
+    def params(kind):
+        P = inspect.Parameter  # noqa: N806
+        return ([P(t.name, P.POSITIONAL_OR_KEYWORD, annotation=kind) for t in spec.inputs]
+                + [P(n, P.POSITIONAL_OR_KEYWORD, annotation=a) for n, a in spec.attributes.items()])
+
+    def split(sig, args, kwargs):
+        bound = sig.bind(*args, **kwargs).arguments
+        return [bound[t.name] for t in spec.inputs], {n: bound[n] for n in spec.attributes}, bound
+
+    P = inspect.Parameter  # noqa: N806
+    out_descs, out_tensors = tuple[(desc,) * n_out], tuple[(tensor,) * n_out]
+    reg_sig = inspect.Signature(params(desc), return_annotation=out_descs if n_out > 1 else desc)
+    aot_sig = inspect.Signature(
+        params(desc) + [P("outputs", P.POSITIONAL_OR_KEYWORD, annotation=out_descs),
+                        P("tactic", P.POSITIONAL_OR_KEYWORD, annotation=int)],
+        return_annotation=tuple[str | bytes, str | bytes, types["KernelLaunchParams"], types["SymIntExprs"]])
+    impl_sig = inspect.Signature(
+        params(tensor) + [P("outputs", P.POSITIONAL_OR_KEYWORD, annotation=out_tensors),
+                          P("stream", P.POSITIONAL_OR_KEYWORD, annotation=int)], return_annotation=None)
+    tune_sig = inspect.Signature(params(desc) + [P("outputs", P.POSITIONAL_OR_KEYWORD, annotation=out_descs)],
+                                 return_annotation=list[types["AutoTuneCombination"]])
+
+    def register_fn(*args, **kwargs):
+        descs, attrs, _ = split(reg_sig, args, kwargs)
+        out = chain_outputs(op, descs, attrs)
+        return out if n_out > 1 else out[0]
+
+    def aot_impl_fn(*args, **kwargs):
+        descs, attrs, _ = split(aot_sig, args, kwargs)
+        return chain_aot(op, descs, attrs)
+
+    def impl_fn(*args, **kwargs):
+        tensors, attrs, bound = split(impl_sig, args, kwargs)
+        chain_impl(op, tensors, attrs, bound["outputs"], bound["stream"])
+
+    def autotune_fn(*args, **kwargs):
+        return _combinations(op)
+
+    fns = []
+    for fn, sig, part in ((register_fn, reg_sig, "register"), (aot_impl_fn, aot_sig, "aot_impl"),
+                          (impl_fn, impl_sig, "impl"), (autotune_fn, tune_sig, "autotune")):
+        fn.__signature__ = sig
+        fn.__name__ = fn.__qualname__ = f"{spec.function}_{part}"
+        fns.append(fn)
+    return tuple(fns)
+
+
 # ------------------------------------------------------------------------------------------------- helpers
 
 
@@ -166,7 +339,7 @@ def autotune_types(op: str) -> str:
     """The AutoTuneCombination type string of an op: its inputs then outputs, "FP32|FP16|BF16" where a tensor
     follows the activations (dependent: all of them take the same type) and "FP32" where the spec keeps it
     float32."""
-    spec = OPS[op]
+    spec = ALL_OPS[op]
     act = "|".join(PLUGIN_TYPES.values())
     return ", ".join("FP32" if t.fp32 else act for t in (*spec.inputs, *spec.outputs))
 
@@ -298,12 +471,14 @@ def register() -> None:
     types = {"TensorDesc": trtp.TensorDesc, "Tensor": trtp.Tensor,
              "KernelLaunchParams": trtp.KernelLaunchParams, "SymIntExprs": trtp.SymIntExprs,
              "AutoTuneCombination": trtp.AutoTuneCombination}
-    for op, (desc, aot_impl, impl, autotune) in PLUGINS.items():
+    functions = {op: tuple(_resolved(fn, types) for fn in fns) for op, fns in PLUGINS.items()}
+    functions |= {op: chain_functions(op, types) for op in CHAIN_OPS}
+    for op, (desc, aot_impl, impl, autotune) in functions.items():
         plugin_id = f"{DOMAIN}::{op}"
-        trtp.register(plugin_id)(_resolved(desc, types))
-        trtp.aot_impl(plugin_id)(_resolved(aot_impl, types))
-        trtp.impl(plugin_id)(_resolved(impl, types))
-        trtp.autotune(plugin_id)(_resolved(autotune, types))
+        trtp.register(plugin_id)(desc)
+        trtp.aot_impl(plugin_id)(aot_impl)
+        trtp.impl(plugin_id)(impl)
+        trtp.autotune(plugin_id)(autotune)
     _registered = True
 
 
