@@ -13,9 +13,13 @@ to plugins instead. The math is the ops/ references', in float32 whatever the ac
   working set stays in cache and nothing of size (L, dim, dstate) is ever written.
 - SSDScan: decode is one step; prefill is the chunked matmul form (Mamba-2 paper, listing 1) with a chunk of
   min(SSD_CHUNK, L), the inter-chunk recurrence done as one masked-decay matmul: no Loop or Scan at all.
+- The chains (three nodes per scan, for TensorRT's one-kernel plugins; ssmrt.ops.chains): SSDChunkState and
+  SSDChunkScan are _ssd_prefill's chunked matmul form cut at the chain's chunk_size, SSDStatePassing and
+  SelectiveStatePassing a Scan over the chunks, SelectiveChunkState and SelectiveChunkScan a Scan over the positions
+  within a chunk that runs all chunks at once, unrolled as the Mamba-1 prefill body is.
 
-Each body is an If on L == 1 between a decode helper and a prefill helper, each filling one Builder of its own
-(one graph). The fixed maths is ONNX text (onnx.parser), as ONNX's own schemas write their function bodies; only
+Each one-node body is an If on L == 1 between a decode helper and a prefill helper, each filling one Builder of
+its own (one graph). The fixed maths is ONNX text (onnx.parser), as ONNX's own schemas write their function bodies; only
 what an export specialises is made in Python, from the Static passed in: dimensions the export knows become
 constants (ONNX Runtime folds them instead of evaluating a Shape on every call), inputs already float32 get no
 Cast and outputs no cast back, attribute values the export saw at every node decide at build time what would
@@ -27,13 +31,29 @@ presence tests.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, parser
 
-from ..ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SOFTPLUS_THRESHOLD, SSD_SCAN, dt_limit_active
+from ..ops.spec import (
+    CAUSAL_CONV1D,
+    DOMAIN,
+    OPS,
+    SELECTIVE_CHUNK_SCAN,
+    SELECTIVE_CHUNK_STATE,
+    SELECTIVE_SCAN,
+    SELECTIVE_STATE_PASSING,
+    SOFTPLUS_THRESHOLD,
+    SSD_CHUNK_SCAN,
+    SSD_CHUNK_STATE,
+    SSD_SCAN,
+    SSD_STATE_PASSING,
+    dt_limit_active,
+)
 
 # Tokens per Scan iteration in the Mamba-1 prefill body: long enough that the Scan runs L/16 iterations,
 # short enough that a chunk's (16, dim, dstate) decay and input tensors stay in cache.
@@ -179,18 +199,44 @@ def _dims(b: Builder, static: Static, value: str, **axes: int) -> None:
         b.let(**{name: b.dim(value, axis, static.dim(value, axis))})
 
 
+def _output_like(spec, out) -> str | None:
+    """The input whose type output `out` takes: a present_<state> that of its <state> input, a float32 intermediate
+    (spec fp32) none (it stays float32), y that of the activations (the first input)."""
+    if out.name.startswith("present_"):
+        return out.name.removeprefix("present_")
+    return None if out.fp32 else spec.inputs[0].name
+
+
 def _function(spec, b: Builder, static: Static, opset: int) -> onnx.FunctionProto:
     """The FunctionProto of b's nodes. b binds each of spec's outputs by name to its float32 value; y is cast back
-    to the type of the first input, the state to that of the state input, unless that is float32 already."""
+    to the type of the first input, a state to that of its state input, unless that is float32 already; float32
+    intermediates (the chains' dt_out, dA_cumsum, chunk and entering states, delta_sum) stay as they are."""
+    inputs = [t.name for t in spec.inputs]
     outputs = []
-    for out, like in zip(spec.outputs, (spec.inputs[0], spec.inputs[-1]), strict=True):
-        value = b[out.name]
-        if not static.is_float32(like.name):
-            value = b.op("CastLike", value, like.name, hint=out.name)
+    for out in spec.outputs:
+        value, like = b[out.name], _output_like(spec, out)
+        if like is not None:
+            if like not in inputs:
+                raise ValueError(f"{spec.name}: no input {like!r} gives {out.name!r} its type")
+            if not static.is_float32(like):
+                value = b.op("CastLike", value, like, hint=out.name)
         outputs.append(value)
     attrs = list(spec.attributes) + list(PLUGIN_ATTRS)
-    return helper.make_function(DOMAIN, spec.name, [t.name for t in spec.inputs], outputs, b.nodes,
+    return helper.make_function(DOMAIN, spec.name, inputs, outputs, b.nodes,
                                 [helper.make_opsetid("", opset)], attributes=attrs)
+
+
+def _chunk_len(b: Builder, static: Static) -> None:
+    """Binds Q, the chunk_size attribute as a 1-D int64 of one element: a constant where the export knows it."""
+    chunk = static.attrs.get("chunk_size")
+    if chunk is not None:
+        b.let(Q=b.ints(int(chunk)))
+    else:
+        b.add("""
+            Q_scalar = Constant <value_int: int = @chunk_size> ()
+            Q_axis = Constant <value_ints = [0]> ()
+            Q = Unsqueeze (Q_scalar, Q_axis)
+        """)
 
 
 # ---------------------------------------------------------------------------------------- CausalConv1d
@@ -295,10 +341,29 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
     # With the sizes known these are constants, and the shape arithmetic on them is folded.
     _dims(b, static, "u", L=1, dim=2)
     _dims(b, static, "B", G=2, N=3)
+    b.add("Dg = Div (dim, G)")                                          # channel d reads group d // Dg
+    _selective_dt(b, static)
+    b.add("dtu = Mul (dt, u)")                                          # (B, L, dim)
+
+    shared = b.values("dt", "dtu", "A", "B", "C", "ssm_state", "L", "dim", "G", "N", "Dg")
+    if static.dim("B", 2) == 1:
+        step = _selective_step_one_group(Builder("dec_", shared))
+    else:
+        step = _selective_step(Builder("dec_", shared))
+    prefill = _selective_prefill(Builder("pre_", shared))
     b.add("""
-        Dg = Div (dim, G)                                               # channel d reads group d // Dg
-        delta_biased = Add (delta, delta_bias)
+        one = Constant <value_ints = [1]> ()
+        is_step = Equal (L, one)                                        # shape (1,): what If takes, no Squeeze
     """)
+    b.op("If", b["is_step"], out=("y_scan", "present_ssm_state"), then_branch=step, else_branch=prefill)
+    _selective_gate(b)
+    return _function(SELECTIVE_SCAN, b, static, opset)
+
+
+def _selective_dt(b: Builder, static: Static) -> None:
+    """dt (B, L, dim): delta + delta_bias, softplus'd where delta_softplus says so (decided at build time where the
+    export knows it)."""
+    b.add("delta_biased = Add (delta, delta_bias)")
     softplus = static.attrs.get("delta_softplus")
     if softplus is None:
         _softplus(b)
@@ -313,19 +378,10 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
         b.let(dt=b["delta_soft"])
     else:
         b.let(dt=b["delta_biased"])
-    b.add("dtu = Mul (dt, u)")                                          # (B, L, dim)
 
-    shared = b.values("dt", "dtu", "A", "B", "C", "ssm_state", "L", "dim", "G", "N", "Dg")
-    if static.dim("B", 2) == 1:
-        step = _selective_step_one_group(Builder("dec_", shared))
-    else:
-        step = _selective_step(Builder("dec_", shared))
-    prefill = _selective_prefill(Builder("pre_", shared))
-    b.add("""
-        one = Constant <value_ints = [1]> ()
-        is_step = Equal (L, one)                                        # shape (1,): what If takes, no Squeeze
-    """)
-    b.op("If", b["is_step"], out=("y_scan", "present_ssm_state"), then_branch=step, else_branch=prefill)
+
+def _selective_gate(b: Builder) -> None:
+    """y = (y_scan + D u) silu(z)."""
     b.add("""
         u_D = Mul (u, D)
         y_skip = Add (y_scan, u_D)
@@ -333,7 +389,6 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
         z_silu = Mul (z, z_sigmoid)
         y = Mul (y_skip, z_silu)
     """)
-    return _function(SELECTIVE_SCAN, b, static, opset)
 
 
 def _softplus(b: Builder) -> None:
@@ -506,32 +561,7 @@ def ssd_scan_function(opset: int, static: Static | None = None) -> onnx.Function
     one_group = static.dim("B", 2) == 1
     _dims(b, static, "x", L=1, H=2, P=3)
     _dims(b, static, "B", N=3)
-    b.add("dt_biased = Add (dt, dt_bias)")
-    # dt is a value per head, a few dozen a token: ONNX's Softplus, one node (abs error <= 5e-7 vs float64; the
-    # kernels' threshold changes the value by < 2e-9)
-    softplus = static.attrs.get("dt_softplus")
-    if softplus is None:
-        b.add("""
-            dt_soft_all = Softplus (dt_biased)
-            softplus_on = Constant <value_int: int = @dt_softplus> ()
-            zero_i = Constant <value = int64 {0}> ()
-            softplus_off = Equal (softplus_on, zero_i)
-            dt_soft = Where (softplus_off, dt_biased, dt_soft_all)
-        """)
-    elif softplus:
-        b.add("dt_soft = Softplus (dt_biased)")
-    else:
-        b.let(dt_soft=b["dt_biased"])
-    lo, hi = static.attrs.get("dt_min"), static.attrs.get("dt_max")
-    if lo is None or hi is None or dt_limit_active((lo, hi)):  # the limit, unless known to be none
-        b.add("""
-            dt_max = Constant <value_float: float = @dt_max> ()
-            dt_min = Constant <value_float: float = @dt_min> ()
-            dt_below = Min (dt_soft, dt_max)
-            dt_step = Max (dt_below, dt_min)
-        """)
-    else:
-        b.let(dt_step=b["dt_soft"])
+    _ssd_dt(b, static)
     b.add("""
         three = Constant <value_ints = [3]> ()
         dt_4 = Unsqueeze (dt_step, three)
@@ -569,14 +599,50 @@ def ssd_scan_function(opset: int, static: Static | None = None) -> onnx.Function
         is_step = Equal (L, one)                                        # shape (1,): what If takes, no Squeeze
     """)
     b.op("If", b["is_step"], out=("y_scan", "present_ssm_state"), then_branch=step, else_branch=prefill)
+    b.add("minus_one = Constant <value_ints = [-1]> ()")
+    _ssd_d_skip(b)
+    return _function(SSD_SCAN, b, static, opset)
+
+
+def _ssd_dt(b: Builder, static: Static) -> None:
+    """dt_step (B, L, H): dt + dt_bias, softplus'd where dt_softplus says so, clamped to [dt_min, dt_max] unless the
+    limit is known to be none (each decided at build time where the export knows the attributes)."""
+    b.add("dt_biased = Add (dt, dt_bias)")
+    # dt is a value per head, a few dozen a token: ONNX's Softplus, one node (abs error <= 5e-7 vs float64; the
+    # kernels' threshold changes the value by < 2e-9)
+    softplus = static.attrs.get("dt_softplus")
+    if softplus is None:
+        b.add("""
+            dt_soft_all = Softplus (dt_biased)
+            softplus_on = Constant <value_int: int = @dt_softplus> ()
+            zero_i = Constant <value = int64 {0}> ()
+            softplus_off = Equal (softplus_on, zero_i)
+            dt_soft = Where (softplus_off, dt_biased, dt_soft_all)
+        """)
+    elif softplus:
+        b.add("dt_soft = Softplus (dt_biased)")
+    else:
+        b.let(dt_soft=b["dt_biased"])
+    lo, hi = static.attrs.get("dt_min"), static.attrs.get("dt_max")
+    if lo is None or hi is None or dt_limit_active((lo, hi)):  # the limit, unless known to be none
+        b.add("""
+            dt_max = Constant <value_float: float = @dt_max> ()
+            dt_min = Constant <value_float: float = @dt_min> ()
+            dt_below = Min (dt_soft, dt_max)
+            dt_step = Max (dt_below, dt_min)
+        """)
+    else:
+        b.let(dt_step=b["dt_soft"])
+
+
+def _ssd_d_skip(b: Builder) -> None:
+    """y = y_scan + D x, D (H,) or (H, P); needs H and minus_one bound."""
     b.add("""
-        minus_one = Constant <value_ints = [-1]> ()
         D_shape = Concat <axis = 0> (H, minus_one)
         D_r = Reshape (D, D_shape)                                      # D (H,) or (H, P) -> (H, 1) or (H, P)
         x_D = Mul (x, D_r)
         y = Add (y_scan, x_D)
     """)
-    return _function(SSD_SCAN, b, static, opset)
 
 
 def _ssd_step(b: Builder, one_group: bool) -> onnx.GraphProto:
@@ -724,14 +790,351 @@ def _ssd_prefill(b: Builder) -> onnx.GraphProto:
     return b.graph("ssd_prefill", [("y", 4), ("h", 4)])
 
 
-def all_functions(opset: int, static: dict[str, Static] | None = None) -> list[onnx.FunctionProto]:
-    """The three bodies. static: op name -> what the export saw at every node of it (shapes, dtypes, attribute
-    values), which turns the bodies' shape arithmetic into constants and drops casts and tests it decides."""
+# ------------------------------------------------------------------------------------------- the chains
+#
+# Each chain node pads its time axis to whole chunks of Q = chunk_size (dt = 0 past the end: decay 1, no input) and
+# reshapes it to (B, c, Q, ...). Everything is float32; the intermediates leave as float32 (_function).
+
+
+def ssd_chunk_state_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
+    """dt_out, dA_cumsum (B, H, c, Q) and chunk_states (B, c, H, P, N), S_c = sum_l exp(a_last - a_l) dt_l x_l B_l^T:
+    one batched matmul per (chunk, group), the heads of a group side by side in its rows, so B is never repeated
+    per head."""
+    static = static or Static()
+    b = Builder()
+    _float32_inputs(b, SSD_CHUNK_STATE, static)
+    _dims(b, static, "x", L=1, H=2, P=3)
+    _dims(b, static, "B", G=2, N=3)
+    _ssd_dt(b, static)                                                  # dt_step (B, L, H)
+    _chunk_len(b, static)
+    b.add("""
+        zero = Constant <value_ints = [0]> ()                           # a Reshape's 0 keeps that axis
+        one = Constant <value_ints = [1]> ()
+        minus_one = Constant <value_ints = [-1]> ()
+        three = Constant <value_ints = [3]> ()
+        four = Constant <value_ints = [4]> ()
+        end = Constant <value_ints = [9223372036854775807]> ()         # INT64_MAX: to the last
+    """)
+    _pad_to_chunks(b, "Q")
+    b.add("""
+        dt_pad = Pad (dt_step, pads, , one)                             # (B, T, H), 0 past the end
+        dt_shape = Concat <axis = 0> (zero, nc, Q, H)
+        dt_r = Reshape (dt_pad, dt_shape)                               # (B, c, Q, H)
+        dt_out = Transpose <perm = [0, 3, 1, 2]> (dt_r)                 # (B, H, c, Q)
+        A_shape = Constant <value_ints = [-1, 1, 1]> ()
+        A_3 = Reshape (A, A_shape)                                      # (H, 1, 1)
+        dA = Mul (dt_out, A_3)
+        three_i = Constant <value = int64 {3}> ()
+        dA_cumsum = CumSum (dA, three_i)                                # within each chunk
+        last = Slice (dA_cumsum, minus_one, end, three)                 # (B, H, c, 1)
+        to_end_log = Sub (last, dA_cumsum)
+        to_end = Exp (to_end_log)
+        w = Mul (to_end, dt_out)                                        # exp(a_last - a_l) dt_l, (B, H, c, Q)
+        w_t = Transpose <perm = [0, 2, 3, 1]> (w)                       # (B, c, Q, H)
+        w_5 = Unsqueeze (w_t, four)
+        x_pad = Pad (x, pads, , one)
+        x_shape = Concat <axis = 0> (zero, nc, Q, H, P)
+        x_r = Reshape (x_pad, x_shape)                                  # (B, c, Q, H, P)
+        x_w = Mul (x_r, w_5)
+        by_group = Concat <axis = 0> (zero, zero, zero, G, minus_one)
+        x_g = Reshape (x_w, by_group)                                   # (B, c, Q, G, Hg P): head h in group h // Hg
+        x_gt = Transpose <perm = [0, 1, 3, 4, 2]> (x_g)                 # (B, c, G, Hg P, Q)
+        B_pad = Pad (B, pads, , one)
+        B_shape = Concat <axis = 0> (zero, nc, Q, G, N)
+        B_r = Reshape (B_pad, B_shape)
+        B_c = Transpose <perm = [0, 1, 3, 2, 4]> (B_r)                  # (B, c, G, Q, N)
+        S_g = MatMul (x_gt, B_c)                                        # (B, c, G, Hg P, N)
+        S_shape = Concat <axis = 0> (zero, zero, H, P, N)
+        chunk_states = Reshape (S_g, S_shape)                           # (B, c, H, P, N)
+    """)
+    return _function(SSD_CHUNK_STATE, b, static, opset)
+
+
+# The state passing is a Scan over the chunks, not the masked-decay matmul of _ssd_prefill: it is state-sized work
+# per chunk (read S_c, write H_c, which the outputs need anyway: c H P N multiply-adds), where the matmul does
+# (c+1)^2 H P N of them plus the (c+1, c+1) segsum and the transposes into and out of its (c+1, P N) layout, and the
+# SSD chain's chunks are short (Q >= 16: c reaches L / 16). Measured on 2 CPU threads, H P N = 24 x 64 x 128, batch 1:
+# c = 16, 7 ms against 12; c = 64, 30 against 37; c = 256, 372 against 389 (the matmul form wins only for a small
+# state and few chunks, where both take about a millisecond). Mamba-1's chunk decay exp(A delta_sum) differs per
+# state entry, so a matmul cannot carry it at all: its state passing is the same Scan.
+
+
+def ssd_state_passing_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
+    """entering_states (B, c, H, P, N) and present_ssm_state: H_0 = ssm_state, H_{c+1} = exp(a_last(c)) H_c + S_c."""
+    static = static or Static()
+    b = Builder()
+    _float32_inputs(b, SSD_STATE_PASSING, static)
+    b.add("""
+        minus_one = Constant <value_ints = [-1]> ()
+        three = Constant <value_ints = [3]> ()
+        four = Constant <value_ints = [4]> ()
+        end = Constant <value_ints = [9223372036854775807]> ()         # INT64_MAX: to the last
+        last = Slice (dA_cumsum, minus_one, end, three)                 # (B, H, c, 1): each chunk's log decay
+        last_t = Transpose <perm = [0, 2, 1, 3]> (last)                 # (B, c, H, 1)
+        log_decay = Unsqueeze (last_t, four)                            # (B, c, H, 1, 1)
+        decay = Exp (log_decay)
+    """)
+    _pass_states(b, 4)
+    return _function(SSD_STATE_PASSING, b, static, opset)
+
+
+def _pass_states(b: Builder, rank: int) -> None:
+    """present_ssm_state and entering_states by a Scan over axis 1 of decay and chunk_states, from ssm_state."""
+    body = Builder("body_")
+    body.declare("h_in", "decay_c", "S_c")
+    body.add("""
+        h_decayed = Mul (decay_c, h_in)
+        h_out = Add (h_decayed, S_c)
+        h_entering = Identity (h_in)
+    """)
+    graph = body.graph("state_passing", [("h_out", rank), ("h_entering", rank)],
+                       [("h_in", rank), ("decay_c", rank), ("S_c", rank)])
+    b.op("Scan", b["ssm_state"], b["decay"], b["chunk_states"], out=("present_ssm_state", "entering_states"),
+         body=graph, num_scan_inputs=2, scan_input_axes=[1, 1], scan_output_axes=[1])
+
+
+def ssd_chunk_scan_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
+    """y from each chunk's entering state: y_l = exp(a_l) C_l H_c + sum_{s<=l} exp(a_l - a_s) dt_s (C_l . B_s) x_s
+    + D x_l, the chunked matmul form of _ssd_prefill with the chunk's dt and cumsum given. C B^T is one (Q, Q)
+    matmul per group, not per head: the heads of a group share it."""
+    static = static or Static()
+    b = Builder()
+    _float32_inputs(b, SSD_CHUNK_SCAN, static)
+    _dims(b, static, "x", L=1, H=2, P=3)
+    _dims(b, static, "B", G=2, N=3)
+    _chunk_len(b, static)
+    b.add("""
+        zero = Constant <value_ints = [0]> ()                           # a Reshape's 0 keeps that axis
+        one = Constant <value_ints = [1]> ()
+        minus_one = Constant <value_ints = [-1]> ()
+        three = Constant <value_ints = [3]> ()
+        four = Constant <value_ints = [4]> ()
+        five = Constant <value_ints = [5]> ()
+        neg_inf = Constant <value = float {-inf}> ()
+        Hg = Div (H, G)                                                 # head h reads group h // Hg
+    """)
+    _pad_to_chunks(b, "Q")
+    b.add("""
+        x_pad = Pad (x, pads, , one)
+        x_shape = Concat <axis = 0> (zero, nc, Q, G, Hg, P)
+        x_r = Reshape (x_pad, x_shape)
+        x_c = Transpose <perm = [0, 1, 3, 4, 2, 5]> (x_r)               # (B, c, G, Hg, Q, P)
+        BC_shape = Concat <axis = 0> (zero, nc, Q, G, N)
+        B_pad = Pad (B, pads, , one)
+        B_r = Reshape (B_pad, BC_shape)
+        B_t = Transpose <perm = [0, 1, 3, 4, 2]> (B_r)                  # (B, c, G, N, Q)
+        C_pad = Pad (C, pads, , one)
+        C_r = Reshape (C_pad, BC_shape)
+        C_c = Transpose <perm = [0, 1, 3, 2, 4]> (C_r)                  # (B, c, G, Q, N)
+
+        # 1. within chunks: y_l = sum_{s<=l} exp(a_l - a_s) dt_s (C_l . B_s) x_s
+        side_shape = Concat <axis = 0> (zero, zero, G, Hg, Q)
+        a_t = Transpose <perm = [0, 2, 1, 3]> (dA_cumsum)               # (B, c, H, Q)
+        a_g = Reshape (a_t, side_shape)                                 # (B, c, G, Hg, Q)
+        dt_t = Transpose <perm = [0, 2, 1, 3]> (dt_out)
+        dt_g = Reshape (dt_t, side_shape)
+        square = Concat <axis = 0> (Q, Q)
+        ones = ConstantOfShape <value = float[1] {1.0}> (square)
+        causal_f = Trilu <upper = 0> (ones)
+        causal = Cast <to = 9> (causal_f)
+        a_l = Unsqueeze (a_g, five)
+        a_s = Unsqueeze (a_g, four)
+        diff = Sub (a_l, a_s)                                           # (B, c, G, Hg, l, s)
+        diff_causal = Where (causal, diff, neg_inf)
+        decay = Exp (diff_causal)
+        dt_s = Unsqueeze (dt_g, four)
+        decay_dt = Mul (decay, dt_s)
+        scores = MatMul (C_c, B_t)                                      # (B, c, G, l, s)
+        scores_6 = Unsqueeze (scores, three)
+        weights = Mul (decay_dt, scores_6)
+        Y_diag = MatMul (weights, x_c)                                  # (B, c, G, Hg, Q, P)
+
+        # 2. the entering state, decayed to each position: exp(a_l) C_l H_c
+        H_shape = Concat <axis = 0> (zero, zero, G, Hg, P, N)
+        H_g = Reshape (entering_states, H_shape)
+        H_t = Transpose <perm = [0, 1, 2, 3, 5, 4]> (H_g)               # (B, c, G, Hg, N, P)
+        C_6 = Unsqueeze (C_c, three)                                    # (B, c, G, 1, Q, N)
+        C_H = MatMul (C_6, H_t)                                         # (B, c, G, Hg, Q, P)
+        a_exp = Exp (a_g)
+        a_exp_6 = Unsqueeze (a_exp, five)
+        Y_off = Mul (C_H, a_exp_6)
+        Y_sum = Add (Y_diag, Y_off)
+        Y_t = Transpose <perm = [0, 1, 4, 2, 3, 5]> (Y_sum)             # (B, c, Q, G, Hg, P)
+        Y_shape = Concat <axis = 0> (zero, minus_one, H, P)
+        Y = Reshape (Y_t, Y_shape)                                      # (B, c Q, H, P)
+        y_scan = Slice (Y, zero, L, one)                                # (B, L, H, P)
+    """)
+    _ssd_d_skip(b)
+    return _function(SSD_CHUNK_SCAN, b, static, opset)
+
+
+def selective_chunk_state_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
+    """chunk_states (B, c, dim, N), each chunk's final state from a zero state, and delta_sum (B, c, dim)."""
+    static = static or Static()
+    b = Builder()
+    _float32_inputs(b, SELECTIVE_CHUNK_STATE, static)
+    steps = _selective_blocks(b, static)
+    _dims(b, static, "u", batch=0)
+    b.add("""
+        dt_q_shape = Concat <axis = 0> (zero, nc, Q, dim)
+        dt_q = Reshape (dt_pad, dt_q_shape)                             # (B, c, Q, dim)
+        two = Constant <value_ints = [2]> ()
+        delta_sum = ReduceSum <keepdims = 0> (dt_q, two)                # (B, c, dim)
+        h0_shape = Concat <axis = 0> (batch, nc, one, G, Dg, N)
+        h0 = ConstantOfShape <value = float[1] {0.0}> (h0_shape)
+    """)
+    body = _selective_steps(Builder("body_", b.values("A_g")), steps, read=False)
+    b.op("Scan", *(b[n] for n in ("h0", "dt_b", "dtu_b", "B_b")), out="h_last", body=body,
+         num_scan_inputs=3, scan_input_axes=[2, 2, 2])
+    b.add("""
+        S_shape = Concat <axis = 0> (zero, zero, dim, N)
+        chunk_states = Reshape (h_last, S_shape)                        # (B, c, dim, N)
+    """)
+    return _function(SELECTIVE_CHUNK_STATE, b, static, opset)
+
+
+def selective_state_passing_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
+    """entering_states (B, c, dim, N) and present_ssm_state: H_0 = ssm_state, H_{c+1} = exp(A delta_sum_c) H_c + S_c."""
+    static = static or Static()
+    b = Builder()
+    _float32_inputs(b, SELECTIVE_STATE_PASSING, static)
+    b.add("""
+        minus_one = Constant <value_ints = [-1]> ()
+        delta_4 = Unsqueeze (delta_sum, minus_one)                      # (B, c, dim, 1)
+        log_decay = Mul (delta_4, A)                                    # (B, c, dim, N)
+        decay = Exp (log_decay)
+    """)
+    _pass_states(b, 3)
+    return _function(SELECTIVE_STATE_PASSING, b, static, opset)
+
+
+def selective_chunk_scan_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
+    """y = (h C + D u) silu(z), h running from each chunk's entering state."""
+    static = static or Static()
+    b = Builder()
+    _float32_inputs(b, SELECTIVE_CHUNK_SCAN, static)
+    steps = _selective_blocks(b, static)
+    b.add("""
+        C_pad = Pad (C, pads, , one)
+        C_b = Reshape (C_pad, blocks_n)
+        h0_shape = Concat <axis = 0> (zero, zero, one, G, Dg, N)
+        h0 = Reshape (entering_states, h0_shape)                        # (B, c, 1, G, Dg, N)
+    """)
+    body = _selective_steps(Builder("body_", b.values("A_g")), steps, read=True)
+    b.op("Scan", *(b[n] for n in ("h0", "dt_b", "dtu_b", "B_b", "C_b")), out=("h_last", "y_blocks"), body=body,
+         num_scan_inputs=4, scan_input_axes=[2, 2, 2, 2], scan_output_axes=[2])
+    b.add("""
+        y_shape = Concat <axis = 0> (zero, minus_one, dim)
+        y_all = Reshape (y_blocks, y_shape)                             # (B, c Q, dim)
+        y_scan = Slice (y_all, zero, L, one)                            # (B, L, dim)
+    """)
+    _selective_gate(b)
+    return _function(SELECTIVE_CHUNK_SCAN, b, static, opset)
+
+
+def _selective_blocks(b: Builder, static: Static) -> int:
+    """The Mamba-1 chain's time axis for a Scan over the positions within a chunk, all chunks at once: dt, dt u and
+    B padded to whole chunks and cut into (B, c, Q / U, U, G, ...), U tokens per iteration (dt_b, dtu_b, B_b; and
+    dt_pad, A_g, the dims, pads, nc). U, the steps one iteration unrolls, is SCAN_CHUNK where Q is known (at most Q,
+    dividing it), else 1: then the Scan runs Q iterations. Returns U.
+
+    This carries a (B, c, dim, N) state through Q / U iterations and never writes (L, dim, N) at once; the chunks'
+    closed form (sum_l exp(A (a_end - a_l)) dt_l u_l B_l) would."""
+    _dims(b, static, "u", L=1, dim=2)
+    _dims(b, static, "B", G=2, N=3)
+    b.add("Dg = Div (dim, G)")                                          # channel d reads group d // Dg
+    _selective_dt(b, static)
+    b.add("dtu = Mul (dt, u)")                                          # (B, L, dim)
+    _chunk_len(b, static)
+    chunk = static.attrs.get("chunk_size")
+    steps = math.gcd(int(chunk), SCAN_CHUNK) if chunk is not None else 1
+    b.let(U=b.ints(steps), K=b.ints(int(chunk) // steps) if chunk is not None else b["Q"])
+    b.add("""
+        zero = Constant <value_ints = [0]> ()                           # a Reshape's 0 keeps that axis
+        one = Constant <value_ints = [1]> ()
+        minus_one = Constant <value_ints = [-1]> ()
+        A_shape = Concat <axis = 0> (G, Dg, N)
+        A_g = Reshape (A, A_shape)                                      # (G, Dg, N)
+    """)
+    _pad_to_chunks(b, "Q")
+    b.add("""
+        dt_pad = Pad (dt, pads, , one)                                  # (B, T, dim), 0 past the end
+        dtu_pad = Pad (dtu, pads, , one)
+        B_pad = Pad (B, pads, , one)
+        blocks_dg = Concat <axis = 0> (zero, nc, K, U, G, Dg)
+        blocks_n = Concat <axis = 0> (zero, nc, K, U, G, N)
+        dt_b = Reshape (dt_pad, blocks_dg)                              # (B, c, Q / U, U, G, Dg)
+        dtu_b = Reshape (dtu_pad, blocks_dg)
+        B_b = Reshape (B_pad, blocks_n)                                 # (B, c, Q / U, U, G, N)
+    """)
+    return steps
+
+
+def _selective_steps(b: Builder, steps: int, read: bool) -> onnx.GraphProto:
+    """The Scan body: `steps` positions of every chunk, (B, c, U, G, ...), discretised in bulk, the recurrence
+    unrolled with two ops per position; with `read`, also their outputs h C by one batched matmul (as
+    _selective_chunk)."""
+    names = ["h_in", "dt_s", "dtu_s", "B_s"] + (["C_s"] if read else [])
+    b.declare(*names)
+    b.add("""
+        four = Constant <value_ints = [4]> ()
+        five = Constant <value_ints = [5]> ()
+        dt_6 = Unsqueeze (dt_s, five)
+        dA = Mul (dt_6, A_g)
+        decay = Exp (dA)                                                # (B, c, U, G, Dg, N)
+        dtu_6 = Unsqueeze (dtu_s, five)
+        B_6 = Unsqueeze (B_s, four)
+        dBu = MatMul (dtu_6, B_6)                                       # (B, c, U, G, Dg, N), a K = 1 MatMul
+    """)
+    if steps == 1:
+        b.add("""
+            h_decayed = Mul (decay, h_in)
+            h_out = Add (h_decayed, dBu)                                # (B, c, 1, G, Dg, N)
+        """)
+        b.let(states=b["h_out"])
+    else:
+        decay = b.op("Split", b["decay"], outputs=steps, axis=2, num_outputs=steps)
+        dBu = b.op("Split", b["dBu"], outputs=steps, axis=2, num_outputs=steps)
+        h, hs = b["h_in"], []
+        for j in range(steps):  # h = decay_j h + dBu_j, (B, c, 1, G, Dg, N)
+            h = b.op("Add", b.op("Mul", decay[j], h), dBu[j], out="h_out" if j == steps - 1 else None)
+            hs.append(h)
+        b.op("Concat", *hs, axis=2, out="states")
+    outputs = [("h_out", 6)]
+    if read:
+        b.add("""
+            C_6 = Unsqueeze (C_s, five)                                 # (B, c, U, G, N, 1)
+            y_6 = MatMul (states, C_6)                                  # (B, c, U, G, Dg, 1)
+            y_s = Squeeze (y_6, five)                                   # (B, c, U, G, Dg)
+        """)
+        outputs.append(("y_s", 5))
+    return b.graph("selective_chunk_steps", outputs, [("h_in", 6)] + [(n, 5) for n in names[1:]])
+
+
+# The body builders by op name.
+BODIES = {
+    CAUSAL_CONV1D.name: causal_conv1d_function,
+    SELECTIVE_SCAN.name: selective_scan_function,
+    SSD_SCAN.name: ssd_scan_function,
+    SSD_CHUNK_STATE.name: ssd_chunk_state_function,
+    SSD_STATE_PASSING.name: ssd_state_passing_function,
+    SSD_CHUNK_SCAN.name: ssd_chunk_scan_function,
+    SELECTIVE_CHUNK_STATE.name: selective_chunk_state_function,
+    SELECTIVE_STATE_PASSING.name: selective_state_passing_function,
+    SELECTIVE_CHUNK_SCAN.name: selective_chunk_scan_function,
+}
+
+
+def all_functions(opset: int, static: dict[str, Static] | None = None,
+                  ops: Sequence[str] | None = None) -> list[onnx.FunctionProto]:
+    """The bodies of `ops` (op names, in that order; by default the three one-node ops). static: op name -> what
+    the export saw at every node of it (shapes, dtypes, attribute values), which turns the bodies' shape arithmetic
+    into constants and drops casts and tests it decides."""
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old for the fallback bodies; use {MIN_OPSET} or newer")
     static = static or {}
-    return [
-        causal_conv1d_function(opset, static.get(CAUSAL_CONV1D.name)),
-        selective_scan_function(opset, static.get(SELECTIVE_SCAN.name)),
-        ssd_scan_function(opset, static.get(SSD_SCAN.name)),
-    ]
+    ops = tuple(OPS) if ops is None else tuple(ops)
+    unknown = [op for op in ops if op not in BODIES]
+    if unknown:
+        raise KeyError(f"no fallback body for {unknown}; known: {sorted(BODIES)}")
+    return [BODIES[op](opset, static.get(op)) for op in ops]
