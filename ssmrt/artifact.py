@@ -21,7 +21,10 @@ DATA_FILE = MODEL_FILE + ".data"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json")
 # Every name ssmrt writes into an artifact directory; anything else there was put there by someone else.
-ARTIFACT_FILES = (MODEL_FILE, DATA_FILE, *TOKENIZER_FILES)
+# A TensorRT-target export adds the prefill graph: each scan as its chain of one-kernel nodes (the weights are
+# the same external data file's).
+PREFILL_FILE = "prefill.onnx"
+ARTIFACT_FILES = (MODEL_FILE, DATA_FILE, PREFILL_FILE, *TOKENIZER_FILES)
 
 META_CONFIG = "ssmrt.config"
 META_STATES = "ssmrt.states"
@@ -30,6 +33,8 @@ META_KEYS = (META_CONFIG, META_STATES, META_EXPORT)
 
 DTYPES = ("float32", "float16", "bfloat16")
 LOGITS_MODES = ("all", "last")  # logits for every position, or only the last
+# portable: one node per op, for any runtime; tensorrt: also prefill.onnx, for engines of one-kernel plugins
+TARGETS = ("portable", "tensorrt")
 DEFAULT_OPSET = 21
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .artifact import DEFAULT_OPSET, DTYPES, LOGITS_MODES
+from .artifact import DEFAULT_OPSET, DTYPES, LOGITS_MODES, TARGETS
 from .errors import SsmrtError
 from .runtime.backends import BACKENDS, NATIVE_OPS_MODES, OPT_LEVELS, PROVIDERS
 from .runtime.decode_graph import MODES as DECODE_MODES
@@ -130,7 +130,10 @@ def _runner_options(f):
 @click.option("--overwrite", is_flag=True,
               help="Replace an earlier ssmrt export in the output directory (a directory holding anything "
                    "else is refused all the same).")
-def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite):
+@click.option("--target", type=click.Choice(TARGETS), default="portable", show_default=True,
+              help="portable: one node per op, for any runtime. tensorrt: also prefill.onnx, each scan as a chain "
+                   "of one-kernel nodes for TensorRT's AOT plugins (long prompts); the weights in one shared file.")
+def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite, target):
     """Export MODEL_DIR (HF or mamba_ssm checkpoint) to ONNX with ssmrt::* ops.
 
     The output directory must be new, empty, or (with --overwrite) an earlier ssmrt export with nothing else
@@ -138,7 +141,7 @@ def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite):
     from .exporter import export as do_export
 
     out = do_export(model_dir, out_dir, dtype=dtype, state_dtype=state_dtype, opset=opset, logits=logits,
-                    overwrite=overwrite)
+                    overwrite=overwrite, target=target)
     size = sum(p.stat().st_size for p in out.iterdir())
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
 

@@ -1,7 +1,8 @@
 """The chain ops (ssmrt.ops.spec.CHAIN_OPS): composed, each chain equals its one-node op; each chain kernel, on
 the inputs its node is given, equals that node's reference (intermediates as strictly as outputs).
 
-On the CPU the kernels run in Triton's interpreter (fp32 / fp16); on a GPU also bf16 and longer inputs."""
+On the CPU the kernels run in Triton's interpreter (fp32 / fp16); on a GPU also bf16 and longer inputs, each
+through Triton's launcher and through the driver-API launcher that runs the PTX a TensorRT plugin embeds."""
 
 from __future__ import annotations
 
@@ -81,6 +82,25 @@ def test_a_node_refuses_intermediates_of_another_chunk():
 # ------------------------------------------------------------------------------------- each kernel, alone
 
 
+LAUNCHERS = ["triton"] + (["aot"] if DEVICE == "cuda" else [])
+_driver = []
+
+
+@pytest.fixture(params=LAUNCHERS)
+def launcher(request):
+    """Every launch in the test through Triton's own launcher, or ("aot") through the driver-API launcher."""
+    if request.param == "triton":
+        yield
+        return
+    from ssmrt.plugins.launch import use_launcher
+    from ssmrt.plugins.launcher import DriverLauncher
+
+    if not _driver:
+        _driver.append(DriverLauncher())
+    with use_launcher(_driver[0]):
+        yield
+
+
 def on_device(kw):
     return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
 
@@ -100,7 +120,7 @@ SSD_KERNEL_CASES = [(1, 16), (45, 16)] + ([(300, 64), (1000, 256)] if DEVICE == 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seqlen,chunk", SSD_KERNEL_CASES)
 @pytest.mark.parametrize("D_per_channel,dt_limit", [(False, (0.0, math.inf)), (True, (0.05, 0.5))])
-def test_ssd_chain_kernels_match_their_nodes(dtype, seqlen, chunk, D_per_channel, dt_limit):
+def test_ssd_chain_kernels_match_their_nodes(launcher, dtype, seqlen, chunk, D_per_channel, dt_limit):
     """Each node's kernel gets exactly its node's inputs (the previous node's reference outputs), writes into
     poisoned outputs, and matches its node's float64 reference: dt_out, dA_cumsum, chunk states, entering
     states, the final state and y."""
@@ -138,7 +158,7 @@ SEL_KERNEL_CASES = [(1, 4), (13, 4)] + ([(300, 64), (1000, 256)] if DEVICE == "c
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seqlen,chunk", SEL_KERNEL_CASES)
 @pytest.mark.parametrize("optional", [True, False])
-def test_selective_chain_kernels_match_their_nodes(dtype, seqlen, chunk, optional):
+def test_selective_chain_kernels_match_their_nodes(launcher, dtype, seqlen, chunk, optional):
     from ssmrt.kernels import selective_chunked
 
     kw = selective_inputs(2, seqlen, 20, 7, ngroups=2, optional=optional, dtype=dtype)

@@ -3,11 +3,15 @@
 Graph inputs: input_ids (batch, seqlen) int64, then per layer i conv_state.{i}, ssm_state.{i}.
 Graph outputs: logits (batch, seqlen | 1, vocab), then present_conv_state.{i}, present_ssm_state.{i}.
 The model's config and the state specs go into metadata_props, so a runtime needs only the .onnx file.
+
+With target "tensorrt" the artifact also holds prefill.onnx: the same graph (inputs, outputs, weights) with each
+scan as its chain of three nodes (ssmrt.ops.spec.CHAINS), each of which a TensorRT AOT plugin runs as one
+kernel; model.onnx keeps one node per op, the recurrence, for decode and short prompts. Both graphs read the
+weights from the one external data file.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import warnings
@@ -20,6 +24,8 @@ from ..artifact import (
     DTYPES,
     LOGITS_MODES,
     MODEL_FILE,
+    PREFILL_FILE,
+    TARGETS,
     TOKENIZER_FILES,
     flatten_states,
     pair_states,
@@ -27,11 +33,12 @@ from ..artifact import (
 )
 from ..errors import SsmrtError
 from ..fsutil import output_directory
-from ..ops.spec import DOMAIN, OPS, OPSET_VERSION
+from ..ops.spec import ALL_OPS, DOMAIN, OPSET_VERSION, SELECTIVE_CHAIN_CHUNK, ssd_chain_chunk
 from .functions import MIN_OPSET, Static, all_functions
 
 # Above this many bytes of weights the tensors go to an external data file (protobuf stops at 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+EXTERNAL_SIZE = 1024  # in external data, the tensors of at least this many bytes (smaller ones stay inline)
 PLUGIN_ATTRS = {"plugin_namespace": DOMAIN, "plugin_version": str(OPSET_VERSION)}
 
 
@@ -47,7 +54,7 @@ class _StaticInfo:
         self.static: dict[str, Static] = {}
 
     def record(self, op_name: str, inputs, attrs: dict):
-        spec = OPS[op_name]
+        spec = ALL_OPS[op_name]
         first = op_name not in self.static
         seen = self.static.setdefault(op_name, Static())
         for tspec, t in zip(spec.inputs, inputs, strict=True):
@@ -75,19 +82,22 @@ class _SymbolicOps:
     becomes zeros. A missing z cannot be expressed (no z has silu(z) == 1 exactly) and is refused.
     """
 
-    def __init__(self, recorder: _StaticInfo):
+    def __init__(self, recorder: _StaticInfo, chains: bool = False):
         self.recorder = recorder
+        self.chains = chains  # each scan as its chain of three nodes (the prefill graph of a TensorRT export)
 
     def _emit(self, op_name, inputs, attrs, like):
+        """One ssmrt::op_name node; `like`: per output, a tensor of its dtype and shape, or a (dtype, shape)."""
         import torch
 
         self.recorder.record(op_name, inputs, attrs)
+        like = [(t.dtype, t.shape) if isinstance(t, torch.Tensor) else t for t in like]
         return tuple(torch.onnx.ops.symbolic_multi_out(
             f"{DOMAIN}::{op_name}",
             inputs,
             {**attrs, **PLUGIN_ATTRS},
-            dtypes=tuple(t.dtype for t in like),
-            shapes=tuple(t.shape for t in like),
+            dtypes=tuple(dtype for dtype, _ in like),
+            shapes=tuple(tuple(shape) for _, shape in like),
             version=OPSET_VERSION,
         ))
 
@@ -105,8 +115,23 @@ class _SymbolicOps:
         dim = u.shape[-1]
         D = D if D is not None else torch.zeros(dim, dtype=torch.float32)
         delta_bias = delta_bias if delta_bias is not None else torch.zeros(dim, dtype=torch.float32)
-        return self._emit("SelectiveScan", (u, delta, A, B, C, D, z, delta_bias, ssm_state),
-                          {"delta_softplus": int(bool(delta_softplus))}, (u, ssm_state))
+        softplus = int(bool(delta_softplus))
+        if not self.chains:
+            return self._emit("SelectiveScan", (u, delta, A, B, C, D, z, delta_bias, ssm_state),
+                              {"delta_softplus": softplus}, (u, ssm_state))
+        Q = SELECTIVE_CHAIN_CHUNK
+        batch, seqlen, _ = u.shape
+        dstate = A.shape[-1]
+        nchunks = (seqlen + Q - 1) // Q
+        f32 = torch.float32
+        states, delta_sum = self._emit(
+            "SelectiveChunkState", (u, delta, A, B, delta_bias), {"chunk_size": Q, "delta_softplus": softplus},
+            [(f32, (batch, nchunks, dim, dstate)), (f32, (batch, nchunks, dim))])
+        entering, present = self._emit("SelectiveStatePassing", (states, delta_sum, A, ssm_state), {"chunk_size": Q},
+                                       [(f32, (batch, nchunks, dim, dstate)), ssm_state])
+        (y,) = self._emit("SelectiveChunkScan", (u, delta, A, B, C, D, z, delta_bias, entering),
+                          {"chunk_size": Q, "delta_softplus": softplus}, [u])
+        return y, present
 
     def ssd_scan(self, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, ssm_state, chunk_size):
         import torch
@@ -115,9 +140,22 @@ class _SymbolicOps:
         D = D if D is not None else torch.zeros(nheads, dtype=torch.float32)
         dt_bias = dt_bias if dt_bias is not None else torch.zeros(nheads, dtype=torch.float32)
         lo, hi = dt_limit
-        attrs = {"chunk_size": int(chunk_size), "dt_softplus": int(bool(dt_softplus)), "dt_min": float(lo),
-                 "dt_max": float(hi)}
-        return self._emit("SSDScan", (x, dt, A, B, C, D, dt_bias, ssm_state), attrs, (x, ssm_state))
+        dt_attrs = {"dt_softplus": int(bool(dt_softplus)), "dt_min": float(lo), "dt_max": float(hi)}
+        if not self.chains:
+            return self._emit("SSDScan", (x, dt, A, B, C, D, dt_bias, ssm_state),
+                              {"chunk_size": int(chunk_size), **dt_attrs}, (x, ssm_state))
+        Q = ssd_chain_chunk(int(chunk_size))
+        batch, seqlen, _, headdim = x.shape
+        dstate = B.shape[-1]
+        nchunks = (seqlen + Q - 1) // Q
+        f32 = torch.float32
+        side, states_shape = (batch, nheads, nchunks, Q), (batch, nchunks, nheads, headdim, dstate)
+        dt_out, dA_cumsum, states = self._emit("SSDChunkState", (x, dt, A, B, dt_bias), {"chunk_size": Q, **dt_attrs},
+                                               [(f32, side), (f32, side), (f32, states_shape)])
+        entering, present = self._emit("SSDStatePassing", (states, dA_cumsum, ssm_state), {"chunk_size": Q},
+                                       [(f32, states_shape), ssm_state])
+        (y,) = self._emit("SSDChunkScan", (x, B, C, D, dt_out, dA_cumsum, entering), {"chunk_size": Q}, [x])
+        return y, present
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -149,6 +187,77 @@ def _graph_module(model, logits: str):
     return GraphModule()
 
 
+def _trace(model, ids, states, opset: int, logits: str, chains: bool):
+    """The ModelProto of the model's graph (ssmrt::* nodes, each op's fallback body attached), without metadata.
+    chains: each scan as its chain of three nodes."""
+    import logging
+
+    import onnx
+    import torch
+
+    from ..ops import dispatch
+
+    cfg = model.config
+    in_states, out_states = state_names(cfg.n_layer)
+    B = torch.export.Dim("batch", min=1)
+    L = torch.export.Dim("seqlen", min=1)
+    dynamic = ({0: B, 1: L}, tuple({0: B} for _ in states))  # forward(input_ids, *states)
+    # the exporter logs a warning per torchvision op it cannot register; torchvision is not ours to need
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    recorder = _StaticInfo()
+    symbolic = _SymbolicOps(recorder, chains=chains)
+    with warnings.catch_warnings(), dispatch.override(
+        causal_conv1d=symbolic.causal_conv1d, selective_scan=symbolic.selective_scan, ssd_scan=symbolic.ssd_scan
+    ):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                _graph_module(model, logits), (ids, *states), dynamo=True, opset_version=opset,
+                input_names=["input_ids", *in_states], output_names=["logits", *out_states],
+                dynamic_shapes=dynamic, verbose=False,
+            )
+        except Exception as e:  # the exporter's own errors are long; keep the first line
+            raise SsmrtError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
+    proto = program.model_proto
+    # the one-node graph carries every one-node op's body (as it always has); the prefill graph those it uses
+    proto.functions.extend(all_functions(opset, recorder.static, ops=tuple(recorder.static)) if chains
+                           else all_functions(opset, recorder.static))
+    if not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
+    proto.producer_name = "ssmrt"
+    from .. import __version__
+
+    proto.producer_version = __version__
+    return proto
+
+
+def _share_weights(proto, saved: Path) -> None:
+    """Points proto's initializers at the bytes the saved model (saved: its .onnx file) keeps in its external data
+    file, where type, shape and contents agree (the exporter names folded constants by position, so names may
+    differ between two graphs of one model): one copy of the weights for both. Anything else stays inline."""
+    import hashlib
+
+    import onnx
+
+    def key(data_type, dims, data: bytes):
+        return data_type, tuple(dims), len(data), hashlib.sha256(data).digest()
+
+    kept = {}
+    with open(saved.parent / DATA_FILE, "rb") as f:
+        for t in onnx.load(str(saved), load_external_data=False).graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                where = {kv.key: kv.value for kv in t.external_data}
+                f.seek(int(where.get("offset", 0)))
+                kept.setdefault(key(t.data_type, t.dims, f.read(int(where["length"]))), t)
+    for t in proto.graph.initializer:
+        e = kept.get(key(t.data_type, t.dims, t.raw_data)) if t.HasField("raw_data") else None
+        if e is not None:
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            t.external_data.extend(e.external_data)
+
+
 def export_model(
     model,
     out_dir: str | os.PathLike,
@@ -158,6 +267,7 @@ def export_model(
     logits: str = "all",
     source_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    target: str = "portable",
 ) -> Path:
     """Export a MambaLM to out_dir/model.onnx (+ model.onnx.data for large models, + the tokenizer files).
 
@@ -169,18 +279,21 @@ def export_model(
         a directory holding anything ssmrt did not write is still refused. The new export is staged beside
         the old one and swapped in, so a failure or Ctrl-C leaves the old export or the new one, complete
         (ssmrt.fsutil).
+    target: "portable" (one node per op), or "tensorrt": also prefill.onnx, the graph with each scan as its
+        chain of one-kernel nodes, for long prompts on TensorRT AOT plugins; the weights then always go to
+        model.onnx.data, which both graphs read.
     """
     import copy
 
     import onnx
     import torch
 
-    from ..ops import dispatch
-
     act_dtype = _torch_dtype(dtype, "--dtype")
     st_dtype = _torch_dtype(state_dtype, "--state-dtype")
     if logits not in LOGITS_MODES:
         raise SsmrtError(f"--logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
+    if target not in TARGETS:
+        raise SsmrtError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if opset < MIN_OPSET:
         raise SsmrtError(f"--opset must be {MIN_OPSET} or newer (the fallback bodies need it), got {opset}")
     plan = artifact.check_output(out_dir, overwrite)  # before the (long) trace, not after it
@@ -195,49 +308,33 @@ def export_model(
     ids = torch.zeros(batch, seqlen, dtype=torch.long)
     states = [t.to(st_dtype) if j == 1 else t
               for pair in model.zero_state(batch, "cpu", ssm_state_dtype=st_dtype) for j, t in enumerate(pair)]
-    in_states, out_states = state_names(cfg.n_layer)
-    B = torch.export.Dim("batch", min=1)
-    L = torch.export.Dim("seqlen", min=1)
-    dynamic = ({0: B, 1: L}, tuple({0: B} for _ in states))  # forward(input_ids, *states)
+    graphs = {MODEL_FILE: _trace(model, ids, states, opset, logits, chains=False)}
+    if target == "tensorrt":
+        graphs[PREFILL_FILE] = _trace(model, ids, states, opset, logits, chains=True)
 
-    # the exporter logs a warning per torchvision op it cannot register; torchvision is not ours to need
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    recorder = _StaticInfo()
-    symbolic = _SymbolicOps(recorder)
-    with warnings.catch_warnings(), dispatch.override(
-        causal_conv1d=symbolic.causal_conv1d, selective_scan=symbolic.selective_scan, ssd_scan=symbolic.ssd_scan
-    ):
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(
-                _graph_module(model, logits), (ids, *states), dynamo=True, opset_version=opset,
-                input_names=["input_ids", *in_states], output_names=["logits", *out_states],
-                dynamic_shapes=dynamic, verbose=False,
-            )
-        except Exception as e:  # the exporter's own errors are long; keep the first line
-            raise SsmrtError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from e
-    proto = program.model_proto
-    proto.functions.extend(all_functions(opset, recorder.static))
-    if not any(o.domain == DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OPSET_VERSION))
-    proto.producer_name = "ssmrt"
     from .. import __version__
 
-    proto.producer_version = __version__
     conv_shape, ssm_shape = cfg.state_shapes("batch")
-    artifact.write_metadata(
-        proto,
-        cfg.to_dict(),
-        artifact.state_specs(cfg.n_layer, conv_shape, ssm_shape, dtype, state_dtype),
-        {"dtype": dtype, "state_dtype": state_dtype, "logits": logits, "opset": opset, "ssmrt_version": __version__},
-    )
+    export_info = {"dtype": dtype, "state_dtype": state_dtype, "logits": logits, "opset": opset, "target": target,
+                   "ssmrt_version": __version__}
+    if target == "tensorrt":
+        export_info["prefill"] = PREFILL_FILE
+    for name, proto in graphs.items():
+        # prefill.onnx says it is the prefill graph, so a runtime handed that file knows its scans are chains
+        graph = {"graph": "prefill"} if name == PREFILL_FILE else {}
+        artifact.write_metadata(proto, cfg.to_dict(),
+                                artifact.state_specs(cfg.n_layer, conv_shape, ssm_shape, dtype, state_dtype),
+                                {**export_info, **graph})
+        onnx.checker.check_model(proto, full_check=proto.ByteSize() < (1 << 31) - 1)
 
-    onnx.checker.check_model(proto, full_check=proto.ByteSize() < (1 << 31) - 1)
     with output_directory(plan, main_file=MODEL_FILE) as tmp:
         weight_bytes = sum(t.nbytes for t in model.state_dict().values())
-        external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-        onnx.save_model(proto, tmp / MODEL_FILE, save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
+        external = weight_bytes > EXTERNAL_DATA_THRESHOLD or target == "tensorrt"
+        onnx.save_model(graphs[MODEL_FILE], tmp / MODEL_FILE, save_as_external_data=external,
+                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=EXTERNAL_SIZE)
+        if PREFILL_FILE in graphs:
+            _share_weights(graphs[PREFILL_FILE], tmp / MODEL_FILE)
+            onnx.save_model(graphs[PREFILL_FILE], tmp / PREFILL_FILE)
         if source_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(source_dir) / name).is_file():

@@ -235,7 +235,7 @@ class OnnxRuntimeRunner(Runner):
                              ) -> tuple[tuple[str, ...], str]:
         """Registers ssmrt.ort_ops's library on `opts` where it applies: (the ops it runs, why not if none)."""
         from .. import ort_ops
-        from ..ops.spec import OPS_BY_ARCH
+        from ..ops.spec import CHAINS, OPS_BY_ARCH
 
         if mode not in NATIVE_OPS_MODES:
             raise SsmrtError(f"native_ops must be one of {', '.join(NATIVE_OPS_MODES)}, got {mode!r}")
@@ -243,7 +243,8 @@ class OnnxRuntimeRunner(Runner):
             return (), "off by request"
         why = None
         info = {**meta["export"], "arch": meta["config"].get("arch")}
-        ops = tuple(op for op in ort_ops.OPS if op in OPS_BY_ARCH.get(info.get("arch"), ()))
+        ops = tuple(op for op in ort_ops.OPS if op in OPS_BY_ARCH.get(info.get("arch"), ())
+                    and not (info.get("graph") == "prefill" and op in CHAINS))  # a chain runs on its bodies
         if providers[0] != "CPUExecutionProvider":
             why = f"the native ops are CPU kernels and this session runs on {providers[0]}"
         elif info.get("dtype") != "float32":
