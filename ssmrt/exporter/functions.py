@@ -853,10 +853,9 @@ def ssd_chunk_state_function(opset: int, static: Static | None = None) -> onnx.F
 # The state passing is a Scan over the chunks, not the masked-decay matmul of _ssd_prefill: it is state-sized work
 # per chunk (read S_c, write H_c, which the outputs need anyway: c H P N multiply-adds), where the matmul does
 # (c+1)^2 H P N of them plus the (c+1, c+1) segsum and the transposes into and out of its (c+1, P N) layout, and the
-# SSD chain's chunks are short (Q >= 16: c reaches L / 16). Measured on 2 CPU threads, H P N = 24 x 64 x 128, batch 1:
-# c = 16, 7 ms against 12; c = 64, 30 against 37; c = 256, 372 against 389 (the matmul form wins only for a small
-# state and few chunks, where both take about a millisecond). Mamba-1's chunk decay exp(A delta_sum) differs per
-# state entry, so a matmul cannot carry it at all: its state passing is the same Scan.
+# SSD chain's chunks are short (Q >= 16: c reaches L / 16); the matmul form only pays for a small state and few
+# chunks, where both are cheap. Mamba-1's chunk decay exp(A delta_sum) differs per state entry, so a matmul cannot
+# carry it at all: its state passing is the same Scan.
 
 
 def ssd_state_passing_function(opset: int, static: Static | None = None) -> onnx.FunctionProto:
