@@ -46,11 +46,11 @@ def environment() -> dict:
     return env
 
 
-def run_gpu_tests(limit_s: int) -> dict:
+def run_gpu_tests(limit_s: int, select: str = "") -> dict:
     """The driver launcher's tests (each op, whole models) and the chain kernels' (each node against its reference,
     through Triton's launcher and the driver's), in a subprocess with a time limit."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_launcher.py",
-           "tests/test_chains.py", "-m", "gpu or triton", "--no-header"]
+           "tests/test_chains.py", "-m", "gpu or triton", "--no-header", *(["-k", select] if select else [])]
     try:
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit_s)
     except subprocess.TimeoutExpired:
@@ -161,6 +161,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="no GPU: compile one launch spec, time nothing")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--test-limit", type=int, default=300, help="seconds for the gpu tests")
+    ap.add_argument("--tests", default="", help="only the tests pytest's -k selects (default: all of them)")
     args = ap.parse_args()
     if args.smoke:
         return smoke()
@@ -171,7 +172,7 @@ def main() -> int:
         return 2
     env = environment()
     print(json.dumps(env))
-    tests = run_gpu_tests(args.test_limit)
+    tests = run_gpu_tests(args.test_limit, args.tests)
     rows = time_launchers()
     if args.json:
         args.json.write_text(json.dumps({"env": env, "tests": tests, "timings": rows}, indent=2))

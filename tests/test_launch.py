@@ -93,3 +93,17 @@ def test_grids_and_scalars_are_expressions_of_the_input_shapes(name):
 
 def test_cdiv():
     assert [cdiv(n, 16) for n in (1, 16, 17, 32)] == [1, 1, 2, 2]
+
+
+def test_what_a_compile_may_assume_divisible_by_16():
+    """Pointers (when aligned) and the model's dimensions that are multiples of 16; never the batch, sequence or
+    chunk count, which a plugin sees change from call to call."""
+    k = KERNELS["ssd_chunk_scan"]
+    sizes = k.resolve({"x": (2, 64, 24, 64), "B": (2, 64, 2, 128)})
+    ptrs = tuple(f"{p.name}_ptr" for p in k.pointers)
+    assert k.divisible(sizes) == (*ptrs, "headdim", "dstate")  # seqlen 64 is per call; 24 heads, 2 groups are not
+    assert k.divisible(sizes, aligned=False) == ("headdim", "dstate")
+    assert k.divisible(sizes, static=lambda n: n != "dstate") == (*ptrs, "headdim")
+    k = KERNELS["ssd_state_passing"]
+    sizes = k.resolve({"chunk_states": (32, 16, 16, 16, 16), "state": (32, 16, 16, 16)})
+    assert k.divisible(sizes, aligned=False) == ("nheads", "headdim", "dstate")  # not nchunks

@@ -109,6 +109,36 @@ print(json.dumps(out))
     assert specs[2]["grid"] == [1 * 8, 2 * 2 * 24, 1]  # (headdim / 64) * (256 / 32), batch * chunks * heads
 
 
+VECTOR_SCRIPT = r"""
+import json, re
+import torch
+from ssmrt.kernels import ssd_chunked
+from ssmrt.plugins.launch import KERNELS
+from ssmrt.plugins.launcher import launch_spec
+
+k = KERNELS["ssd_chunk_scan"]
+meta = ssd_chunked.constexprs(64, 128, torch.float16, 256)["ssd_chunk_scan"]
+sizes = k.resolve({"x": (1, 300, 24, 64), "B": (1, 300, 1, 128)})
+out = {}
+for name, divisible in (("none", ()), ("aligned", k.divisible(sizes)), ("unaligned", k.divisible(sizes, False))):
+    ptx = launch_spec("ssd_chunk_scan", 90, "fp16", "fp32", meta, divisible).ptx
+    out[name] = len(re.findall(r"ld\.global[^\n]*\.v4", ptx))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.triton
+def test_an_aligned_compile_loads_16_bytes_at_a_time():
+    """Compiled for 16-byte aligned buffers and the model's dimensions (headdim 64, dstate 128), the chunk scan's
+    tiles are read with 16-byte vector loads, as Triton's own launcher specialises; without the alignment (a
+    buffer at an odd offset), or without the sizes, it cannot."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", VECTOR_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["aligned"] > 0 and got["none"] == got["unaligned"] == 0, got
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -173,6 +203,25 @@ def test_conv_through_the_driver(driver, dtype, seqlen, dim, width):
 
     kw = conv_inputs(2, seqlen, dim, width, dtype=dtype)
     through_the_driver(driver, causal_conv1d, causal_conv1d_ref, kw, "x", "conv_state", dtype, "conv")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen", [1, 300])
+def test_a_buffer_at_an_odd_offset_takes_the_unaligned_compile(driver, seqlen):
+    """x as a view 2 bytes into its storage: the driver launcher compiles for unaligned buffers (an aligned
+    compile would read it with misaligned vector loads) and the result is still the reference's."""
+    from ssmrt.kernels.ssd_scan import ssd_scan
+
+    kw = on_cuda(ssd_inputs(1, seqlen, 4, 64, 128, dtype=torch.float16, chunk_size=64))
+    x = torch.empty(kw["x"].numel() + 1, dtype=torch.float16, device="cuda")[1:].view_as(kw["x"])
+    x.copy_(kw["x"])
+    assert x.data_ptr() % 16 and x.is_contiguous()
+    with use_launcher(driver):
+        y, s = ssd_scan(**{**kw, "x": x})
+    y_ref, s_ref = ssd_scan_ref(**to64(kw))
+    assert_close(y, y_ref.to(y.dtype), dtype=torch.float16, name="odd offset y")
+    assert_close(s, s_ref.to(s.dtype), dtype=torch.float16, name="odd offset state")
+    assert any(not spec.divisible or "x_ptr" not in spec.divisible for spec, _ in driver._loaded.values())
 
 
 @pytest.mark.gpu

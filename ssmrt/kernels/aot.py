@@ -58,10 +58,15 @@ def _table(act: str = "fp16"):
     return table
 
 
-def compile_kernel(name: str, cc: int, act: str = "fp16", meta: dict | None = None, state: str = "fp32"):
+def compile_kernel(name: str, cc: int, act: str = "fp16", meta: dict | None = None, state: str = "fp32",
+                   divisible: tuple[str, ...] = ()):
     """triton.compile of one kernel for compute capability cc (e.g. 87), activation type act ("fp16", "bf16",
     "fp32") and SSM-state type `state`, with the constexprs (and launch options) `meta`, by default a typical
-    specialisation; returns Triton's CompiledKernel."""
+    specialisation; returns Triton's CompiledKernel.
+
+    divisible: runtime parameters the kernel may assume multiples of 16 (pointers: 16-byte aligned; sizes: the
+    dimensions known when the engine is built), as Triton's own launcher specialises on the values it sees. With
+    a 16-aligned base and a row length that is a multiple of 16, a tile's loads become 16-byte vector loads."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
@@ -74,8 +79,12 @@ def compile_kernel(name: str, cc: int, act: str = "fp16", meta: dict | None = No
     meta = typical if meta is None else meta
     options = {k: meta[k] for k in LAUNCH_OPTIONS if k in meta}
     meta = {k: v for k, v in meta.items() if k not in LAUNCH_OPTIONS}
+    unknown = set(divisible) - set(signature)
+    if unknown:
+        raise ValueError(f"{name} has no runtime parameter {sorted(unknown)[0]!r}")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(signature) if p in divisible}
     src = triton.compiler.ASTSource(fn=JITFunction(fn), signature={**signature, **dict.fromkeys(meta, "constexpr")},
-                                    constexprs=meta)
+                                    constexprs=meta, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
 
 
@@ -132,10 +141,22 @@ def ptx_params(ptx: str) -> list[str]:
     return re.findall(r"\.param \.(u64|u32|u16|u8|f32|f64|b32|b64|s32)", ptx[start : ptx.index(")", start)])
 
 
+# The dimensions of the typical specialisations above (a Mamba-2 layer of 24 heads of 64, dstate 128; a Mamba-1
+# layer of 1536 channels): the plugin kernels are compiled as a TensorRT engine builds them, aligned and with
+# the model's dimensions that are multiples of 16 known as such.
+TYPICAL_SIZES = {"headdim": 64, "dstate": 128, "dim": 1536, "nheads": 24, "ngroups": 1, "width": 4}
+
+
 def main() -> int:
+    from ..plugins.launch import KERNELS
+
     for name, (_, signature, _) in _table().items():
+        divisible = ()
+        if name in KERNELS:
+            k = KERNELS[name]
+            divisible = k.divisible({n: TYPICAL_SIZES.get(n, 1) for n in k.scalars})
         for cc in TARGETS:
-            k = compile_kernel(name, cc)
+            k = compile_kernel(name, cc, divisible=divisible)
             ptx = contract_ptx(k, len(signature))
             print(json.dumps({
                 "kernel": name, "sm": cc, "params": ptx_params(ptx),
@@ -143,7 +164,7 @@ def main() -> int:
                 "triton_params": ptx_params(k.asm["ptx"]),
                 "pointers": sum(t.startswith("*") for t in signature.values()),
                 "int32": sum(t == "i32" for t in signature.values()), **ptxas_usage(ptx, cc),
-                "ptx_target": f".target sm_{cc}" in ptx,
+                "ptx_target": f".target sm_{cc}" in ptx, "divisible": list(divisible),
             }))
     return 0
 

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 from ..ops.spec import ALL_OPS, CHAIN_OPS
 
+# The sizes that change from call to call (a plugin sees them as run-time values); the others are the model's.
+PER_CALL = frozenset({"batch", "seqlen", "nchunks"})
+
 
 def cdiv(a, b):
     """Ceiling division for ints and for symbolic sizes that support + and //. A grid keeps a symbolic size on
@@ -70,6 +73,14 @@ class Kernel:
     def resolve(self, shapes: Mapping[str, tuple]) -> dict:
         """The named sizes for tensors of the given shapes (tensor name -> shape)."""
         return {name: shapes[tensor][axis] for name, (tensor, axis) in self.sizes.items()}
+
+    def divisible(self, sizes: Mapping, aligned: bool = True, static: Callable[[str], bool] = lambda n: True
+                  ) -> tuple[str, ...]:
+        """The runtime parameters a compile may assume multiples of 16 (ssmrt.kernels.aot.compile_kernel): every
+        pointer where `aligned` (16-byte aligned buffers), and each int32 size that is a model dimension (not the
+        batch, sequence or chunk count, which change from call to call), known (`static`) and a multiple of 16."""
+        ptrs = [f"{p.name}_ptr" for p in self.pointers] if aligned else []
+        return (*ptrs, *(n for n in self.scalars if n not in PER_CALL and static(n) and int(sizes[n]) % 16 == 0))
 
     def signature(self, act: str, state: str = "fp32") -> dict[str, str]:
         """The runtime-argument signature triton.compile takes, for Triton types act / state ("fp16", ...)."""

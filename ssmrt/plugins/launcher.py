@@ -37,6 +37,7 @@ class LaunchSpec:
     num_warps: int
     shared: int
     constexprs: dict = field(hash=False)
+    divisible: tuple[str, ...] = ()  # the parameters compiled as multiples of 16 (see aot.compile_kernel)
 
     @property
     def block(self) -> int:
@@ -48,15 +49,17 @@ class LaunchSpec:
         return g + (1,) * (3 - len(g))
 
 
-def launch_spec(kernel: str, sm: int, act: str, state: str, meta: dict) -> LaunchSpec:
+def launch_spec(kernel: str, sm: int, act: str, state: str, meta: dict, divisible: tuple[str, ...] = ()
+                ) -> LaunchSpec:
     """Compiles `kernel` for compute capability `sm` with activation / state types act / state (Triton names:
-    fp32, fp16, bf16) and constexprs `meta`. Needs Triton outside its interpreter (TRITON_INTERPRET unset)."""
+    fp32, fp16, bf16), constexprs `meta` and the parameters `divisible` by 16 (Kernel.divisible). Needs Triton
+    outside its interpreter (TRITON_INTERPRET unset)."""
     from ..kernels.aot import compile_kernel, contract_ptx
 
-    compiled = compile_kernel(kernel, sm, act, meta, state)
+    compiled = compile_kernel(kernel, sm, act, meta, state, divisible)
     ptx = contract_ptx(compiled, len(KERNELS[kernel].parameters))
     md = compiled.metadata
-    return LaunchSpec(kernel, sm, md.name, ptx, md.num_warps, md.shared, dict(meta))
+    return LaunchSpec(kernel, sm, md.name, ptx, md.num_warps, md.shared, dict(meta), tuple(divisible))
 
 
 def _check(result, what: str):
@@ -81,16 +84,16 @@ class DriverLauncher:
             raise SsmrtError("the AOT launcher needs cuda-python (pip install 'ssmrt[gpu]')") from None
         self._loaded: dict[tuple, tuple[LaunchSpec, object]] = {}
 
-    def _function(self, kernel: str, device, act: str, state: str, meta: dict):
+    def _function(self, kernel: str, device, act: str, state: str, meta: dict, divisible: tuple[str, ...]):
         import torch
         from cuda.bindings import driver
 
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
         # a module is loaded into one device's context: the device is part of the key
-        key = (kernel, index, major * 10 + minor, act, state, tuple(sorted(meta.items())))
+        key = (kernel, index, major * 10 + minor, act, state, tuple(sorted(meta.items())), divisible)
         if key not in self._loaded:
-            spec = launch_spec(kernel, major * 10 + minor, act, state, dict(meta))
+            spec = launch_spec(kernel, major * 10 + minor, act, state, dict(meta), divisible)
             torch.cuda.init()  # torch's primary context, current on this thread: the module lives beside its tensors
             ctx = _check(driver.cuDevicePrimaryCtxRetain(_check(driver.cuDeviceGet(index), "cuDeviceGet")),
                          "cuDevicePrimaryCtxRetain")
@@ -118,8 +121,11 @@ class DriverLauncher:
 
         first = tensors[k.inputs[0].name]
         act, state = triton_type("act"), triton_type("state")
-        spec, fn = self._function(kernel, first.device, act, state, dict(meta))
         sizes = k.resolve({n: tuple(t.shape) for n, t in tensors.items()})
+        # compiled as a plugin is for an engine (16-byte aligned buffers, the model's dimensions known), unless a
+        # buffer here is not aligned (a view at an odd offset): then for no alignment
+        aligned = all(tensors[p.name].data_ptr() % 16 == 0 for p in k.pointers)
+        spec, fn = self._function(kernel, first.device, act, state, dict(meta), k.divisible(sizes, aligned))
         if any(t.device != first.device for t in tensors.values()):
             raise SsmrtError(f"{kernel}: every tensor must be on {first.device}")
         values = ([ctypes.c_void_p(tensors[p.name].data_ptr()) for p in k.inputs]

@@ -402,7 +402,12 @@ def _aot(kernel: str, shaped: dict, act_desc, meta: dict):
 
     k = KERNELS[kernel]
     act = TRITON_OF[act_desc.dtype.name]
-    spec = launch_spec(kernel, _build_sm(), act, "fp32", meta)
+    # TensorRT's buffers are 16-byte aligned (it allocates them 256-byte aligned), and a model dimension known at
+    # build time is compiled in as a multiple of 16 where it is one: the tiles' loads become vector loads
+    static = k.resolve({name: tuple(desc.shape) for name, desc in shaped.items()})
+    known = {n for n, v in static.items() if int(v) >= 0}
+    spec = launch_spec(kernel, _build_sm(), act, "fp32", meta,
+                       k.divisible(static, aligned=True, static=known.__contains__))
     sizes = k.resolve({name: desc.shape_expr for name, desc in shaped.items()})
     gx, gy, gz = spec.grid(sizes)
     params = trtp.KernelLaunchParams(grid_x=gx, grid_y=gy, grid_z=gz, block_x=spec.block, shared_mem=spec.shared)
