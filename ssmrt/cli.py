@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .artifact import DEFAULT_OPSET, DTYPES, LOGITS_MODES, TARGETS
+from .engine import ENGINE_KINDS, PLUGIN_MODES
 from .errors import SsmrtError
 from .runtime.backends import BACKENDS, NATIVE_OPS_MODES, OPT_LEVELS, PROVIDERS
 from .runtime.decode_graph import MODES as DECODE_MODES
@@ -72,8 +73,16 @@ def _runner(path, backend, threads=0, provider="auto", opt_level="all", native_o
             decode=None, dtype=None, kernels=None):
     """A runner for PATH: the ONNX Runtime options apply to an artifact, device / decode / dtype to a
     checkpoint directory on the torch backend."""
+    from .engine import is_engine_dir
     from .runtime import is_artifact, runner_from_path
 
+    if is_engine_dir(path) or backend == "tensorrt":
+        for name, value in (("--device", device), ("--kernels", kernels), ("--dtype", dtype)):
+            if value is not None:
+                raise SsmrtError(f"{name} applies to the torch backend; {path} runs on TensorRT as it was built")
+        if decode not in (None, "eager", "cuda_graph"):
+            raise SsmrtError(f"--decode {decode}: the TensorRT backend decodes eager or cuda_graph")
+        return runner_from_path(path, "tensorrt", decode=decode or "cuda_graph")
     if is_artifact(path):
         for name, value in (("--device", device), ("--decode", decode), ("--kernels", kernels)):
             if value is not None:
@@ -105,8 +114,8 @@ def _runner_options(f):
                      help="Torch backend on cuda: the Triton kernels as Triton launches them, or their AOT PTX "
                           "launched through the CUDA driver as a TensorRT plugin would. [default: triton]"),
         click.option("--decode", type=click.Choice(DECODE_MODES), default=None,
-                     help="Torch backend: a one-token step eager, from static buffers, or as a replayed CUDA "
-                          "graph. [default: cuda_graph on cuda, else eager]"),
+                     help="Torch and TensorRT backends: a one-token step eager, from static buffers (torch), or "
+                          "as a replayed CUDA graph. [default: cuda_graph on a GPU, else eager]"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -261,9 +270,25 @@ def compare(model_dir, artifact, backend, steps, dtype, tolerance_dtype, atol, r
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 def inspect(artifact, as_json):
-    """Ops, inputs/outputs, state sizes and config of an exported artifact."""
+    """Ops, inputs/outputs, state sizes and config of an exported artifact (or what an engine directory from
+    `ssmrt build` was built for)."""
     from .artifact import describe
+    from .engine import is_engine_dir, read_sidecar
 
+    if is_engine_dir(artifact):
+        doc = read_sidecar(artifact)
+        doc["engines"] = {name: [vars(p) for p in ps] for name, ps in doc["engines"].items()}
+        if as_json:
+            click.echo(json.dumps(doc))
+            return
+        cfg = doc["config"]
+        click.echo(f"{artifact}: {cfg['arch']}, {cfg['n_layer']} layers, d_model {cfg['d_model']} "
+                   f"({doc['export']['dtype']}); {doc['engine']} {doc['tensorrt']} for {doc.get('gpu')} "
+                   f"({doc.get('sm')}), plugins {doc['plugins']}")
+        for name, ps in doc["engines"].items():
+            click.echo(f"  {name}: " + "; ".join(f"{p['name']} batch {p['batch'][0]}..{p['batch'][2]}, tokens "
+                                                 f"{p['seqlen'][0]}..{p['seqlen'][2]}" for p in ps))
+        return
     info = describe(artifact)
     if as_json:
         click.echo(json.dumps(info))
@@ -285,6 +310,59 @@ def inspect(artifact, as_json):
     click.echo("  ..." if len(info["outputs"]) > 3 else "", nl=len(info["outputs"]) > 3)
     click.echo(f"state per sequence: {info['state_bytes_per_sequence'] / 1024:.1f} KiB "
                f"({info['state_layers']} layers x conv {info['conv_state_shape']} + ssm {info['ssm_state_shape']})")
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Engine directory: model.engine (+ prefill.engine), engine.json, the tokenizer files.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Largest batch the engines take.")
+@click.option("--max-seq", type=int, default=2048, show_default=True, help="Longest prompt (tokens) in one call.")
+@click.option("--opt-batch", type=int, default=None, help="Batch TensorRT tunes for. [default: 1]")
+@click.option("--opt-seq", type=int, default=None, help="Prompt length TensorRT tunes for. [default: min(512, max)]")
+@click.option("--plugins", type=click.Choice(PLUGIN_MODES), default="aot", show_default=True,
+              help="aot: the ssmrt plugins' kernels embedded (no Python at run time; TensorRT >= 10.9); jit: "
+                   "their Python on TensorRT's stream; none: the ops' fallback bodies (any TensorRT, e.g. "
+                   "JetPack 6's 10.3).")
+@click.option("--engine", "engine_kind", type=click.Choice(ENGINE_KINDS), default="tensorrt", show_default=True,
+              help="tensorrt, or tensorrt-rtx (--plugins none only).")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Read TensorRT's timing cache from this file if it exists, and write it back updated.")
+@click.option("--workspace", type=int, default=None, help="Workspace memory limit in MiB. [default: TensorRT's]")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier engine directory (nothing else).")
+@click.option("--verbose", "build_verbose", is_flag=True, help="TensorRT's own messages.")
+def build(artifact, out_dir, max_batch, max_seq, opt_batch, opt_seq, plugins, engine_kind, timing_cache, workspace,
+          overwrite, build_verbose):
+    """Build TensorRT engines from an ARTIFACT (ssmrt export) into a directory that appears whole or not at all.
+
+    Profiles: decode (1 token) and prefill (2..--max-seq tokens), batch 1..--max-batch. An artifact exported
+    with --target tensorrt gets a second engine for prompts, its scans as chains of one-kernel plugins."""
+    from .engine.build import build as do_build
+
+    out = do_build(artifact, out_dir, max_batch=max_batch, max_seq=max_seq, opt_batch=opt_batch, opt_seq=opt_seq,
+                   plugins=plugins, timing_cache=timing_cache,
+                   workspace=workspace * (1 << 20) if workspace else None, verbose=build_verbose,
+                   overwrite=overwrite, engine=engine_kind, echo=click.echo)
+    click.echo(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Where the tiny models, artifacts and engines go. [default: a temporary directory]")
+def selftest(as_json, workdir):
+    """What this machine can run, proved: for each family a tiny random model through export, every backend and
+    build this machine has, 32 decode steps each, against the PyTorch reference. Exit 0 only if all it could
+    run passed."""
+    from .selftest import format_table, run_selftest
+
+    report = run_selftest(workdir)
+    click.echo(json.dumps(report) if as_json else format_table(report))
+    if not report["passed"]:
+        sys.exit(1)
 
 
 # --------------------------------------------------------------------------------------------- bench

@@ -20,7 +20,7 @@ from ..artifact import MODEL_FILE, flatten_states, pair_states
 from ..errors import SsmrtError
 from ..models.config import SSMConfig
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 # ONNX Runtime options, as the runner and the CLI take them
 PROVIDERS = ("auto", "cpu", "cuda")
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -302,12 +302,21 @@ def is_artifact(path) -> bool:
 
 
 def runner_from_path(path: str | os.PathLike, backend: str | None = None, **opts) -> Runner:
-    """An artifact (model.onnx) runs on onnxruntime by default; a checkpoint directory on torch."""
+    """An engine directory (ssmrt build) runs on tensorrt; an artifact (model.onnx) on onnxruntime by default; a
+    checkpoint directory on torch."""
+    from ..engine import is_engine_dir
+
     p = Path(path)
     if not p.exists():
         raise SsmrtError(f"{p}: no such file or directory")
     if backend is not None and backend not in BACKENDS:
         raise SsmrtError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if is_engine_dir(p) or backend == "tensorrt":
+        if backend not in (None, "tensorrt"):
+            raise SsmrtError(f"{p}: is a TensorRT engine directory; it runs on --backend tensorrt")
+        from ..engine.runner import TensorRTRunner
+
+        return TensorRTRunner(p, **opts)
     if is_artifact(p):
         if backend == "torch":
             raise SsmrtError(f"{p}: is an ONNX artifact; the torch backend runs a checkpoint directory")
