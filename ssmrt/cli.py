@@ -344,7 +344,7 @@ def build(artifact, out_dir, max_batch, max_seq, opt_batch, opt_seq, plugins, en
 
     out = do_build(artifact, out_dir, max_batch=max_batch, max_seq=max_seq, opt_batch=opt_batch, opt_seq=opt_seq,
                    plugins=plugins, timing_cache=timing_cache,
-                   workspace=workspace * (1 << 20) if workspace else None, verbose=build_verbose,
+                   workspace=workspace * (1 << 20) if workspace is not None else None, verbose=build_verbose,
                    overwrite=overwrite, engine=engine_kind, echo=click.echo)
     click.echo(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
 

@@ -110,7 +110,7 @@ class _Messages:
             def log(inner, severity, msg):  # noqa: N805
                 if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
                     self.errors.append(str(msg))
-                if verbose or severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
+                if verbose:  # otherwise the first error is the one line a failure prints
                     echo(f"  [TensorRT] {msg}")
 
         self.logger = Logger()
@@ -145,7 +145,8 @@ def build_one(trt, onnx_path: Path, engine_profiles: list[Profile], states: list
     t0 = time.monotonic()
     if not parser.parse(graph_bytes(onnx_path, plugins), str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise SsmrtError(f"{onnx_path}: TensorRT's ONNX parser refused it ({(errors or [messages.last()])[0]})")
+        first = (errors or [messages.last()])[0].strip().splitlines()[0]
+        raise SsmrtError(f"{onnx_path}: TensorRT's ONNX parser refused it ({first}; --verbose for the rest)")
     echo(f"parse {onnx_path.name}: {network.num_layers} layers, {time.monotonic() - t0:.1f} s")
 
     config = builder.create_builder_config()
@@ -167,7 +168,8 @@ def build_one(trt, onnx_path: Path, engine_profiles: list[Profile], states: list
             biggest = engine_profiles[-1]
             raise SsmrtError(f"{onnx_path.name}: the profiles (batch up to {biggest.batch[2]}, sequence up to "
                              f"{biggest.seqlen[2]}) do not fit the GPU's memory; lower --max-batch / --max-seq")
-        raise SsmrtError(f"{onnx_path.name}: TensorRT could not build an engine ({messages.last()})")
+        raise SsmrtError(f"{onnx_path.name}: TensorRT could not build an engine ({messages.last()}; --verbose for "
+                         "the rest)")
     echo(f"build {onnx_path.name}: {time.monotonic() - t0:.1f} s")
     new_cache = None
     if cache is not None:
@@ -199,7 +201,7 @@ def build(
     if plugins not in PLUGIN_MODES:
         raise SsmrtError(f"--plugins must be one of {', '.join(PLUGIN_MODES)}, got {plugins!r}")
     if workspace is not None and (not isinstance(workspace, int) or workspace < 1):
-        raise SsmrtError(f"--workspace must be a positive number of bytes, got {workspace!r}")
+        raise SsmrtError(f"--workspace must be positive, got {workspace!r}")
     art = Path(artifact_dir)
     model_path = artifact.model_file(art)
     meta = artifact.read_metadata(model_path)  # one line for anything that is not an ssmrt artifact
