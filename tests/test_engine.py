@@ -169,16 +169,17 @@ def test_plugins_refuse_a_low_precision_state(tmp_path, fake_trt):
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("plugins", ["aot", "jit", "none"])
 def test_build_calls_tensorrt_as_documented(artifacts, tmp_path, fake_trt, family, plugins):
-    """The portable artifact: one engine, decode and prefill profiles over every input. The tensorrt-target
-    artifact with plugins: model.engine for decode and prefill.engine (the chains) for prompts; with --plugins
-    none it builds from model.onnx alone, every plugin attribute gone."""
+    """model.engine decodes, prefill.engine takes prompts, each profile over every input: with plugins from a
+    tensorrt-target artifact (prefill.engine from prefill.onnx's chains); with --plugins none both from
+    model.onnx's bodies, every plugin attribute gone."""
     kind = "portable" if plugins == "none" else "tensorrt"
     art = artifacts[family][kind]
     out = tmp_path / "engine"
     res = run(["build", str(art), "-o", str(out), "--max-batch", "4", "--max-seq", "300", "--opt-seq", "64",
                "--plugins", plugins, "--workspace", "64"])
     assert res.exit_code == 0, res.output
-    assert "parse model.onnx" in res.output and "build model.onnx" in res.output and "serialise" in res.output
+    assert "parse model.onnx for model.engine" in res.output and "build model.engine (decode" in res.output
+    assert "serialise" in res.output
     flags = 1 << fake_trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
     if plugins != "none":
         flags |= 1 << getattr(fake_trt.NetworkDefinitionCreationFlag, f"PREFER_{plugins.upper()}_PYTHON_PLUGINS")
@@ -189,21 +190,24 @@ def test_build_calls_tensorrt_as_documented(artifacts, tmp_path, fake_trt, famil
     for name, rec in engines.items():
         assert rec["flags"] == flags and rec["pools"] == {"WORKSPACE": 64 << 20}
         assert rec["parsed"]["plugin_attrs"] == ([] if plugins == "none" else ["plugin_namespace", "plugin_version"])
-        assert rec["parsed"]["path"] == str(art / ("prefill.onnx" if name == PREFILL_ENGINE_FILE else "model.onnx"))
+        chains = name == PREFILL_ENGINE_FILE and plugins != "none"
+        assert rec["parsed"]["path"] == str(art / ("prefill.onnx" if chains else "model.onnx"))
         assert len(rec["profiles"]) == len(doc["engines"][name])
         for shapes, profile in zip(rec["profiles"], doc["engines"][name], strict=True):
             assert shapes["input_ids"] == [[1, profile.seqlen[0]], [1, profile.seqlen[1]], [4, profile.seqlen[2]]]
             assert len(shapes) == 1 + 2 * n and shapes["ssm_state.1"][2][0] == 4
-    if plugins == "none":
-        assert list(engines) == [ENGINE_FILE] and [p.name for p in doc["engines"][ENGINE_FILE]] == ["decode",
-                                                                                                    "prefill"]
+    assert engines[ENGINE_FILE]["profiles"][0]["input_ids"] == [[1, 1], [1, 1], [4, 1]]
+    assert [p.name for p in doc["engines"][ENGINE_FILE]] == ["decode"]
+    assert [p.name for p in doc["engines"][PREFILL_ENGINE_FILE]] == ["prefill"]
+    if plugins == "none":  # both engines on model.onnx's bodies (the decode one on their step branch)
+        scan = "SelectiveScan" if family == "mamba1" else "SSDScan"
+        assert engines[PREFILL_ENGINE_FILE]["parsed"]["ops"] == ["CausalConv1d", scan]
         assert fake_trt.registered == []
     else:
         assert sorted(engines) == sorted([ENGINE_FILE, PREFILL_ENGINE_FILE]) and fake_trt.registered
         assert engines[PREFILL_ENGINE_FILE]["parsed"]["ops"] == sorted(
             ["CausalConv1d", *(("SelectiveChunkScan", "SelectiveChunkState", "SelectiveStatePassing")
                                if family == "mamba1" else ("SSDChunkScan", "SSDChunkState", "SSDStatePassing"))])
-        assert engines[ENGINE_FILE]["profiles"][0]["input_ids"] == [[1, 1], [1, 1], [4, 1]]
         assert (out / "tokenizer.json").is_file()
     assert doc["tensorrt"] == "10.13.0" and doc["sm"] == "sm_90" and doc["plugins"] == plugins
     assert doc["config"]["arch"] == family and doc["build"]["max_seq"] == 300 and doc["build"]["opt_seq"] == 64
@@ -228,7 +232,7 @@ def test_timing_cache_is_read_and_written_back(artifacts, tmp_path, fake_trt):
     art = artifacts["mamba2"]["portable"]
     assert run(["build", str(art), "-o", str(tmp_path / "e"), "--plugins", "none",
                 "--timing-cache", str(cache)]).exit_code == 0
-    assert cache.read_bytes() == b"CACHE+"  # what the builder's cache serialised
+    assert cache.read_bytes() == b"CACHE++"  # updated by each of the two builds in turn
     assert read_sidecar(tmp_path / "e")["build"]["timing_cache"] == str(cache)
 
 
@@ -238,11 +242,11 @@ def test_rebuild_over_an_engine_directory_and_inspect_it(artifacts, tmp_path, fa
     res = run(["build", str(art), "-o", str(out)])
     assert res.exit_code == 2 and "--overwrite" in res.output
     assert run(["build", str(art), "-o", str(out), "--overwrite", "--plugins", "none"]).exit_code == 0
-    assert sorted(os.listdir(out)) == sorted([ENGINE_FILE, SIDECAR_FILE, "tokenizer.json"])
+    assert sorted(os.listdir(out)) == sorted([ENGINE_FILE, PREFILL_ENGINE_FILE, SIDECAR_FILE, "tokenizer.json"])
     res = run(["inspect", str(out)])
     assert res.exit_code == 0 and "plugins none" in res.output and "decode batch 1..8, tokens 1..1" in res.output
     doc = json.loads(run(["inspect", str(out), "--json"]).output)
-    assert doc["engines"][ENGINE_FILE][1] == {"name": "prefill", "batch": [1, 1, 8], "seqlen": [2, 512, 2048]}
+    assert doc["engines"][PREFILL_ENGINE_FILE] == [{"name": "prefill", "batch": [1, 1, 8], "seqlen": [2, 512, 2048]}]
 
 
 KILL_SCRIPT = r"""
@@ -261,7 +265,7 @@ def test_a_build_killed_midway_leaves_no_engine_directory(artifacts, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, os.path.dirname(__file__),
                              str(artifacts["mamba1"]["portable"]), str(out)], stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip().startswith("parse model.onnx")
+        assert proc.stdout.readline().strip().startswith("parse model.onnx for model.engine")
         assert proc.stdout.readline().strip() == "building"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
@@ -290,7 +294,7 @@ def test_sidecar_round_trip_and_refusals(artifacts, tmp_path, fake_trt):
     build_mod.build(artifacts["mamba1"]["portable"], out, plugins="none", max_batch=2, max_seq=64,
                     echo=lambda line: None)
     doc = read_sidecar(out)
-    assert doc["engines"][ENGINE_FILE] == profiles(2, 64)[ENGINE_FILE]
+    assert doc["engines"] == profiles(2, 64, prefill_engine=True)
     check_compatible(doc, "10.13.0", "sm_90", out)  # the same: accepted
     with pytest.raises(SsmrtError, match="built with TensorRT 10.13.0, this is TensorRT 10.14.1; rebuild it here"):
         check_compatible(doc, "10.14.1", "sm_90", out)
@@ -343,3 +347,69 @@ def test_selftest_runs_what_this_machine_can_and_skips_the_rest_with_a_reason(tm
         assert by[family, "onnxruntime, prefill graph (chains' bodies)"]["status"] == "pass"
         assert all(c["detail"] for c in report["checks"] if c["status"] == "skip")
     assert report["passed"]
+
+
+# ------------------------------------------------------------------------------ the bodies, one branch
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_an_engine_graph_on_the_bodies_takes_one_branch_and_still_computes_the_op(artifacts, tmp_path, family):
+    """--plugins none: the decode engine's graph takes the bodies' step branch, the prompt engine's the prefill
+    branch, and no ssmrt body branches any more; on ONNX Runtime each gives the artifact's own results for the
+    lengths its profile takes (the step: one token; the prefill: any)."""
+    import numpy as np
+    import onnx
+
+    from ssmrt.engine.build import graph_bytes
+    from ssmrt.runtime import OnnxRuntimeRunner
+
+    art = artifacts[family]["portable"]
+    original = OnnxRuntimeRunner(art / "model.onnx", native_ops="off")
+    for branch, lengths in (("step", [1]), ("prefill", [1, 5, 37])):
+        m = onnx.ModelProto()
+        m.ParseFromString(graph_bytes(art / "model.onnx", "none", branch))
+        assert not [n for f in m.functions for n in f.node if n.op_type == "If"]
+        assert not [a for n in m.graph.node for a in n.attribute if a.name.startswith("plugin_")]
+        path = art / f"{branch}.onnx"  # beside model.onnx, so its external data resolves
+        path.write_bytes(m.SerializeToString())
+        try:
+            runner = OnnxRuntimeRunner(path, native_ops="off")
+            for n in lengths:
+                ids = np.random.default_rng(n).integers(0, 97, (2, n))
+                want, want_state = original.forward(ids, original.zero_state(2))
+                got, got_state = runner.forward(ids, runner.zero_state(2))
+                np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=f"{branch} L {n}")
+                for g, w in zip(got_state, want_state, strict=True):
+                    np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+        finally:
+            os.remove(path)
+
+
+RTX_SCRIPT = r"""
+import json, sys
+from ssmrt.engine.build import build
+out = build(sys.argv[1], sys.argv[2], plugins="none", engine="tensorrt-rtx", max_batch=2, max_seq=64,
+            echo=lambda line: print(line, file=sys.stderr))
+print(json.dumps(sorted(p.name for p in out.iterdir())))
+"""
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tensorrt_rtx_builds_the_artifact_from_its_bodies(artifacts, tmp_path, family):
+    """TensorRT-RTX's parser and builder, which run with no GPU, take both families' artifacts on the fallback
+    bodies: a decode engine and a prompt engine, serialised (running them needs an RTX GPU). In a subprocess, so a
+    crash of the builder cannot take the test run down."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("tensorrt-rtx is not installed (pip install tensorrt-rtx)")
+    out = tmp_path / "engine"
+    res = subprocess.run([sys.executable, "-c", RTX_SCRIPT, str(artifacts[family]["portable"]), str(out)],
+                         capture_output=True, text=True, timeout=600)
+    print(res.stderr[-3000:])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == sorted([ENGINE_FILE, PREFILL_ENGINE_FILE, SIDECAR_FILE])
+    doc = read_sidecar(out)
+    assert doc["engine"] == "tensorrt-rtx" and doc["plugins"] == "none" and doc["sm"] is None
+    assert [p.name for ps in doc["engines"].values() for p in ps] == ["decode", "prefill"]
+    assert all((out / name).stat().st_size > 1000 for name in (ENGINE_FILE, PREFILL_ENGINE_FILE))

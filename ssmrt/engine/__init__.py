@@ -3,8 +3,10 @@
 An engine directory (`ssmrt build ARTIFACT -o ENGINE_DIR`) holds:
 - `model.engine`: from the artifact's model.onnx (one node per op). Its optimisation profiles: "decode"
   (seqlen 1, batch 1..max) and, unless a prefill engine takes prompts, "prefill" (seqlen 2..max_seq);
-- `prefill.engine`, where the artifact has prefill.onnx (`export --target tensorrt`) and the plugins are on:
-  the graph whose scans are chains of one-kernel nodes, one profile "prefill" (seqlen 2..max_seq);
+- `prefill.engine`, one profile "prefill" (seqlen 2..max_seq): with the plugins on, from prefill.onnx where the
+  artifact has it (`export --target tensorrt`: the scans as chains of one-kernel plugins); on the fallback
+  bodies (`--plugins none`), from model.onnx with the scan bodies' prefill branch, while model.engine takes
+  their step branch (TensorRT checks both branches of an If against every shape of a profile);
 - `engine.json`, the sidecar: the artifact's model config, state specs and export options, the TensorRT
   version and GPU the engines were built for, the plugin mode, each engine's profiles and the build flags.
 

@@ -78,12 +78,15 @@ def gpu_info() -> tuple[str | None, str | None]:
         return None, None
 
 
-def graph_bytes(onnx_path: Path, plugins: str) -> bytes:
+def graph_bytes(onnx_path: Path, plugins: str, branch: str | None = None) -> bytes:
     """The graph as the parser gets it. With plugins "none" the ssmrt nodes lose plugin_namespace /
-    plugin_version, so the parser takes their fallback bodies whatever its version prefers."""
+    plugin_version, so the parser takes their fallback bodies whatever its version prefers, and the scan bodies'
+    If on seqlen == 1 becomes the one branch this engine's profiles need (`branch`: "step" for the decode
+    engine, "prefill" for the prompt engine): TensorRT checks both branches of an If against every shape of
+    a profile, and a step branch shaped for one token fails (or crashes the builder) for longer ones."""
     import onnx
 
-    from ..exporter.functions import PLUGIN_ATTRS
+    from ..exporter.functions import PLUGIN_ATTRS, single_branch
     from ..ops.spec import DOMAIN
 
     if plugins != "none":
@@ -94,6 +97,8 @@ def graph_bytes(onnx_path: Path, plugins: str) -> bytes:
             keep = [a for a in node.attribute if a.name not in PLUGIN_ATTRS]
             del node.attribute[:]
             node.attribute.extend(keep)
+    if branch is not None:
+        single_branch(model, branch)
     return model.SerializeToString()
 
 
@@ -135,19 +140,21 @@ def _network_flags(trt, plugins: str) -> int:
 
 
 def build_one(trt, onnx_path: Path, engine_profiles: list[Profile], states: list[dict], plugins: str, *,
-              workspace: int | None, timing_cache: bytes | None, verbose: bool, echo: Callable[[str], None]
-              ) -> tuple[bytes, bytes | None]:
+              workspace: int | None, timing_cache: bytes | None, verbose: bool, echo: Callable[[str], None],
+              label: str = "") -> tuple[bytes, bytes | None]:
     """One engine: (serialised engine, serialised timing cache or None)."""
+    label = label or onnx_path.name
     messages = _Messages(trt, verbose, echo)
     builder = trt.Builder(messages.logger)
     network = builder.create_network(_network_flags(trt, plugins))
     parser = trt.OnnxParser(network, messages.logger)
     t0 = time.monotonic()
-    if not parser.parse(graph_bytes(onnx_path, plugins), str(onnx_path)):
+    branch = "step" if all(p.seqlen[2] == 1 for p in engine_profiles) else "prefill"
+    if not parser.parse(graph_bytes(onnx_path, plugins, branch), str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         first = (errors or [messages.last()])[0].strip().splitlines()[0]
         raise SsmrtError(f"{onnx_path}: TensorRT's ONNX parser refused it ({first}; --verbose for the rest)")
-    echo(f"parse {onnx_path.name}: {network.num_layers} layers, {time.monotonic() - t0:.1f} s")
+    echo(f"parse {onnx_path.name} for {label}: {network.num_layers} layers, {time.monotonic() - t0:.1f} s")
 
     config = builder.create_builder_config()
     if workspace:
@@ -170,7 +177,7 @@ def build_one(trt, onnx_path: Path, engine_profiles: list[Profile], states: list
                              f"{biggest.seqlen[2]}) do not fit the GPU's memory; lower --max-batch / --max-seq")
         raise SsmrtError(f"{onnx_path.name}: TensorRT could not build an engine ({messages.last()}; --verbose for "
                          "the rest)")
-    echo(f"build {onnx_path.name}: {time.monotonic() - t0:.1f} s")
+    echo(f"build {label} ({', '.join(p.name for p in engine_profiles)}): {time.monotonic() - t0:.1f} s")
     new_cache = None
     if cache is not None:
         new_cache = bytes(memoryview(config.get_timing_cache().serialize()))
@@ -206,13 +213,15 @@ def build(
     model_path = artifact.model_file(art)
     meta = artifact.read_metadata(model_path)  # one line for anything that is not an ssmrt artifact
     prefill_path = model_path.parent / artifact.PREFILL_FILE
+    # with plugins, prompts take prefill.onnx's chains where the export made them; on the bodies, a second
+    # engine from model.onnx with the bodies' prefill branch (graph_bytes)
     use_prefill = plugins != "none" and meta["export"].get("prefill") == artifact.PREFILL_FILE
     if use_prefill and not prefill_path.is_file():
         raise SsmrtError(f"{prefill_path}: missing; the artifact's metadata names it (export it again)")
     if plugins != "none" and meta["export"].get("state_dtype", "float32") != "float32":
         raise SsmrtError(f"{model_path}: its SSM state is {meta['export']['state_dtype']}; the plugins keep it "
                          "float32 (export with --state-dtype float32, or build with --plugins none)")
-    engines = profiles(max_batch, max_seq, opt_batch, opt_seq, prefill_engine=use_prefill)
+    engines = profiles(max_batch, max_seq, opt_batch, opt_seq, prefill_engine=use_prefill or plugins == "none")
     plan = check_output_dir(out_dir, recognise=recognise_engine_dir, overwrite=overwrite,
                             what="an earlier engine directory")
     cache_path = Path(timing_cache) if timing_cache is not None else None
@@ -229,7 +238,7 @@ def build(
                          f"{'.'.join(map(str, MIN_TENSORRT_PLUGINS))}); build with --plugins none")
     if plugins != "none" and engine != "tensorrt":
         raise SsmrtError(f"{engine} has no ssmrt plugins; build with --plugins none")
-    gpu, sm = gpu_info()
+    gpu, sm = gpu_info() if engine == "tensorrt" else (None, None)  # TensorRT-RTX builds without a GPU
     if gpu is None and engine == "tensorrt":
         raise SsmrtError("no CUDA GPU here: TensorRT builds on the GPU it builds for (`ssmrt selftest` says what "
                          "this machine can run)")
@@ -240,11 +249,11 @@ def build(
 
     built: dict[str, bytes] = {}
     new_cache = cache if cache_path is not None else None
-    sources = {ENGINE_FILE: model_path, PREFILL_ENGINE_FILE: prefill_path}
+    sources = {ENGINE_FILE: model_path, PREFILL_ENGINE_FILE: prefill_path if use_prefill else model_path}
     for name, engine_profiles in engines.items():
         built[name], produced = build_one(trt, sources[name], engine_profiles, meta["states"], plugins,
                                           workspace=workspace, timing_cache=new_cache if cache_path else None,
-                                          verbose=verbose, echo=echo)
+                                          verbose=verbose, echo=echo, label=name)
         new_cache = produced if produced is not None else new_cache
 
     t0 = time.monotonic()

@@ -62,6 +62,9 @@ SCAN_CHUNK = 16
 # tensors grow with it, the (chunks, chunks) inter-chunk decay with its inverse: 64 balances them on CPU.
 SSD_CHUNK = 64
 PLUGIN_ATTRS = ("plugin_namespace", "plugin_version")
+# The value the scan bodies branch on: seqlen == 1 (the decode step) or not (the prefill form).
+STEP_CONDITION = "is_step"
+BRANCHES = {"step": "then_branch", "prefill": "else_branch"}
 MIN_OPSET = 19  # Equal on strings (the activation attribute)
 
 
@@ -355,7 +358,7 @@ def selective_scan_function(opset: int, static: Static | None = None) -> onnx.Fu
         one = Constant <value_ints = [1]> ()
         is_step = Equal (L, one)                                        # shape (1,): what If takes, no Squeeze
     """)
-    b.op("If", b["is_step"], out=("y_scan", "present_ssm_state"), then_branch=step, else_branch=prefill)
+    b.op("If", b[STEP_CONDITION], out=("y_scan", "present_ssm_state"), then_branch=step, else_branch=prefill)
     _selective_gate(b)
     return _function(SELECTIVE_SCAN, b, static, opset)
 
@@ -598,7 +601,7 @@ def ssd_scan_function(opset: int, static: Static | None = None) -> onnx.Function
         one = Constant <value_ints = [1]> ()
         is_step = Equal (L, one)                                        # shape (1,): what If takes, no Squeeze
     """)
-    b.op("If", b["is_step"], out=("y_scan", "present_ssm_state"), then_branch=step, else_branch=prefill)
+    b.op("If", b[STEP_CONDITION], out=("y_scan", "present_ssm_state"), then_branch=step, else_branch=prefill)
     b.add("minus_one = Constant <value_ints = [-1]> ()")
     _ssd_d_skip(b)
     return _function(SSD_SCAN, b, static, opset)
@@ -1122,6 +1125,33 @@ BODIES = {
     SELECTIVE_STATE_PASSING.name: selective_state_passing_function,
     SELECTIVE_CHUNK_SCAN.name: selective_chunk_scan_function,
 }
+
+
+def single_branch(model: onnx.ModelProto, branch: str) -> int:
+    """Inlines, in every ssmrt function body of `model`, the If on seqlen == 1 as one of its branches: "step" (the
+    one-token recurrence: right for seqlen 1 only) or "prefill" (right for any length). Returns how many If
+    nodes it inlined. For builders that check both branches of an If against every shape of a profile
+    (TensorRT does, and refuses or crashes on a branch whose shapes only hold for the other case): an engine
+    for one token takes the step, an engine for prompts the prefill."""
+    if branch not in BRANCHES:
+        raise ValueError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+    count = 0
+    for f in model.functions:
+        if f.domain != DOMAIN:
+            continue
+        nodes = []
+        for node in f.node:
+            if node.op_type != "If" or list(node.input) != [STEP_CONDITION]:
+                nodes.append(node)
+                continue
+            graph = next(a.g for a in node.attribute if a.name == BRANCHES[branch])
+            nodes.extend(graph.node)
+            nodes.extend(helper.make_node("Identity", [out.name], [name])
+                         for out, name in zip(graph.output, node.output, strict=True))
+            count += 1
+        del f.node[:]
+        f.node.extend(nodes)
+    return count
 
 
 def all_functions(opset: int, static: dict[str, Static] | None = None,
