@@ -72,10 +72,11 @@ def fake_trt(monkeypatch):
 # ------------------------------------------------------------------------------------------- profiles
 
 
-def test_profiles_for_an_artifact_with_and_without_a_prefill_graph():
+def test_profiles_one_per_engine():
     p = profiles(8, 2048)
-    assert p == {ENGINE_FILE: [Profile("decode", (1, 1, 8), (1, 1, 1)), Profile("prefill", (1, 1, 8), (2, 512, 2048))]}
-    p = profiles(4, 300, opt_batch=2, opt_seq=100, prefill_engine=True)
+    assert p == {ENGINE_FILE: [Profile("decode", (1, 1, 8), (1, 1, 1))],
+                 PREFILL_ENGINE_FILE: [Profile("prefill", (1, 1, 8), (2, 512, 2048))]}
+    p = profiles(4, 300, opt_batch=2, opt_seq=100)
     assert p == {ENGINE_FILE: [Profile("decode", (1, 2, 4), (1, 1, 1))],
                  PREFILL_ENGINE_FILE: [Profile("prefill", (1, 2, 4), (2, 100, 300))]}
     specs = [{"name": "conv_state.0", "shape": ["batch", 96, 3]}, {"name": "ssm_state.0", "shape": ["batch", 96, 8]}]
@@ -226,14 +227,17 @@ def test_parser_and_builder_errors_are_one_line(artifacts, tmp_path, fake_trt):
     assert "batch up to 64" in res.output and not (tmp_path / "e").exists()
 
 
-def test_timing_cache_is_read_and_written_back(artifacts, tmp_path, fake_trt):
+def test_timing_cache_is_created_read_and_written_back(artifacts, tmp_path, fake_trt):
     cache = tmp_path / "timing.cache"
-    cache.write_bytes(b"CACHE")
     art = artifacts["mamba2"]["portable"]
     assert run(["build", str(art), "-o", str(tmp_path / "e"), "--plugins", "none",
                 "--timing-cache", str(cache)]).exit_code == 0
-    assert cache.read_bytes() == b"CACHE++"  # updated by each of the two builds in turn
+    assert cache.read_bytes() == b"++"  # a new cache, updated by each of the two builds in turn
+    assert run(["build", str(art), "-o", str(tmp_path / "f"), "--plugins", "none",
+                "--timing-cache", str(cache)]).exit_code == 0
+    assert cache.read_bytes() == b"++++"  # read, and written back
     assert read_sidecar(tmp_path / "e")["build"]["timing_cache"] == str(cache)
+    assert sorted(os.listdir(tmp_path)) == ["e", "f", "timing.cache"]  # no temporary file left beside it
 
 
 def test_rebuild_over_an_engine_directory_and_inspect_it(artifacts, tmp_path, fake_trt):
@@ -294,7 +298,7 @@ def test_sidecar_round_trip_and_refusals(artifacts, tmp_path, fake_trt):
     build_mod.build(artifacts["mamba1"]["portable"], out, plugins="none", max_batch=2, max_seq=64,
                     echo=lambda line: None)
     doc = read_sidecar(out)
-    assert doc["engines"] == profiles(2, 64, prefill_engine=True)
+    assert doc["engines"] == profiles(2, 64)
     check_compatible(doc, "10.13.0", "sm_90", out)  # the same: accepted
     with pytest.raises(SsmrtError, match="built with TensorRT 10.13.0, this is TensorRT 10.14.1; rebuild it here"):
         check_compatible(doc, "10.14.1", "sm_90", out)

@@ -1,12 +1,13 @@
 """TensorRT engines from an ssmrt artifact: what an engine directory holds and promises, without TensorRT.
 
 An engine directory (`ssmrt build ARTIFACT -o ENGINE_DIR`) holds:
-- `model.engine`: from the artifact's model.onnx (one node per op). Its optimisation profiles: "decode"
-  (seqlen 1, batch 1..max) and, unless a prefill engine takes prompts, "prefill" (seqlen 2..max_seq);
-- `prefill.engine`, one profile "prefill" (seqlen 2..max_seq): with the plugins on, from prefill.onnx where the
-  artifact has it (`export --target tensorrt`: the scans as chains of one-kernel plugins); on the fallback
-  bodies (`--plugins none`), from model.onnx with the scan bodies' prefill branch, while model.engine takes
-  their step branch (TensorRT checks both branches of an If against every shape of a profile);
+- `model.engine`: the decode step (one profile "decode": seqlen 1, batch 1..max), from model.onnx;
+- `prefill.engine`: prompts (one profile "prefill": seqlen 2..max_seq): with the plugins on, from prefill.onnx
+  where the artifact has it (`export --target tensorrt`: the scans as chains of one-kernel plugins), else from
+  model.onnx; on the fallback bodies (`--plugins none`) model.engine takes the scan bodies' step branch and
+  prefill.engine their prefill branch (TensorRT checks both branches of an If against every shape of a profile).
+  Two engines, not two profiles of one: a different graph for prompts, and each execution context holds one
+  profile's memory (the weights are in each engine);
 - `engine.json`, the sidecar: the artifact's model config, state specs and export options, the TensorRT
   version and GPU the engines were built for, the plugin mode, each engine's profiles and the build flags.
 
@@ -54,11 +55,12 @@ class Profile:
         return self.batch[0] <= batch <= self.batch[2] and self.seqlen[0] <= seqlen <= self.seqlen[2]
 
 
-def profiles(max_batch: int, max_seq: int, opt_batch: int | None = None, opt_seq: int | None = None,
-             prefill_engine: bool = False) -> dict[str, list[Profile]]:
-    """Each engine file's profiles for these limits (SsmrtError, naming the option, for values that cannot make
-    one): model.engine decodes (seqlen 1); prompts go to prefill.engine where there is one, else to a second
-    profile of model.engine. opt_batch defaults to 1, opt_seq to min(max_seq, 512)."""
+def profiles(max_batch: int, max_seq: int, opt_batch: int | None = None, opt_seq: int | None = None
+             ) -> dict[str, list[Profile]]:
+    """Each engine file's profile for these limits (SsmrtError, naming the option, for values that cannot make
+    one): model.engine decodes (seqlen 1), prefill.engine takes prompts (seqlen 2..max_seq). One profile per
+    engine: an execution context then holds that profile's memory alone. opt_batch defaults to 1, opt_seq to
+    min(max_seq, 512)."""
     for name, value in (("--max-batch", max_batch), ("--max-seq", max_seq)):
         if not isinstance(value, int) or value < 1:
             raise SsmrtError(f"{name} must be a positive integer, got {value!r}")
@@ -71,11 +73,8 @@ def profiles(max_batch: int, max_seq: int, opt_batch: int | None = None, opt_seq
     if not isinstance(opt_seq, int) or not 2 <= opt_seq <= max_seq:
         raise SsmrtError(f"--opt-seq must be between 2 and --max-seq ({max_seq}), got {opt_seq!r}")
     batch = (1, opt_batch, max_batch)
-    decode = Profile("decode", batch, (1, 1, 1))
-    prefill = Profile("prefill", batch, (2, opt_seq, max_seq))
-    if prefill_engine:
-        return {ENGINE_FILE: [decode], PREFILL_ENGINE_FILE: [prefill]}
-    return {ENGINE_FILE: [decode, prefill]}
+    return {ENGINE_FILE: [Profile("decode", batch, (1, 1, 1))],
+            PREFILL_ENGINE_FILE: [Profile("prefill", batch, (2, opt_seq, max_seq))]}
 
 
 def write_sidecar(path: Path, meta: dict, *, tensorrt: str, engine: str, sm: str | None, gpu: str | None,

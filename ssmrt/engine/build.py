@@ -10,6 +10,7 @@ of ssmrt.engine.profiles, and the serialised engine goes into a directory that a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -162,12 +163,16 @@ def build_one(trt, onnx_path: Path, engine_profiles: list[Profile], states: list
     cache = None
     if timing_cache is not None and hasattr(config, "create_timing_cache"):
         cache = config.create_timing_cache(timing_cache)
-        config.set_timing_cache(cache, False)
+        if not config.set_timing_cache(cache, False):  # one from another GPU or TensorRT: start a new one
+            echo(f"the timing cache does not fit this GPU / TensorRT; {onnx_path.name} starts a new one")
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, False)
     for p in engine_profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in p.shapes(states).items():
             profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
+        if config.add_optimization_profile(profile) < 0:
+            raise SsmrtError(f"{onnx_path.name}: TensorRT refused the {p.name} profile ({messages.last()})")
     t0 = time.monotonic()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -179,7 +184,7 @@ def build_one(trt, onnx_path: Path, engine_profiles: list[Profile], states: list
                          "the rest)")
     echo(f"build {label} ({', '.join(p.name for p in engine_profiles)}): {time.monotonic() - t0:.1f} s")
     new_cache = None
-    if cache is not None:
+    if cache is not None and config.get_timing_cache() is not None:
         new_cache = bytes(memoryview(config.get_timing_cache().serialize()))
     return bytes(memoryview(serialized)), new_cache
 
@@ -213,31 +218,31 @@ def build(
     model_path = artifact.model_file(art)
     meta = artifact.read_metadata(model_path)  # one line for anything that is not an ssmrt artifact
     prefill_path = model_path.parent / artifact.PREFILL_FILE
-    # with plugins, prompts take prefill.onnx's chains where the export made them; on the bodies, a second
-    # engine from model.onnx with the bodies' prefill branch (graph_bytes)
+    # prompts take prefill.onnx's chains where the export made them and the plugins are on; else a second engine
+    # of model.onnx (on the bodies, with their prefill branch: graph_bytes)
     use_prefill = plugins != "none" and meta["export"].get("prefill") == artifact.PREFILL_FILE
     if use_prefill and not prefill_path.is_file():
         raise SsmrtError(f"{prefill_path}: missing; the artifact's metadata names it (export it again)")
     if plugins != "none" and meta["export"].get("state_dtype", "float32") != "float32":
         raise SsmrtError(f"{model_path}: its SSM state is {meta['export']['state_dtype']}; the plugins keep it "
                          "float32 (export with --state-dtype float32, or build with --plugins none)")
-    engines = profiles(max_batch, max_seq, opt_batch, opt_seq, prefill_engine=use_prefill or plugins == "none")
+    engines = profiles(max_batch, max_seq, opt_batch, opt_seq)
     plan = check_output_dir(out_dir, recognise=recognise_engine_dir, overwrite=overwrite,
                             what="an earlier engine directory")
     cache_path = Path(timing_cache) if timing_cache is not None else None
     cache = None
-    if cache_path is not None and cache_path.exists():
-        if not cache_path.is_file():
+    if cache_path is not None:
+        if cache_path.exists() and not cache_path.is_file():
             raise SsmrtError(f"{cache_path}: --timing-cache must be a file")
-        cache = cache_path.read_bytes()
+        cache = cache_path.read_bytes() if cache_path.exists() else b""  # b"": a new, empty cache
 
+    if plugins != "none" and engine != "tensorrt":
+        raise SsmrtError(f"{engine} has no ssmrt plugins; build with --plugins none")
     trt = import_tensorrt(engine)
     version = trt.__version__
     if plugins != "none" and version_tuple(version) < MIN_TENSORRT_PLUGINS:
         raise SsmrtError(f"TensorRT {version} has no AOT plugin support (needs >= "
                          f"{'.'.join(map(str, MIN_TENSORRT_PLUGINS))}); build with --plugins none")
-    if plugins != "none" and engine != "tensorrt":
-        raise SsmrtError(f"{engine} has no ssmrt plugins; build with --plugins none")
     gpu, sm = gpu_info() if engine == "tensorrt" else (None, None)  # TensorRT-RTX builds without a GPU
     if gpu is None and engine == "tensorrt":
         raise SsmrtError("no CUDA GPU here: TensorRT builds on the GPU it builds for (`ssmrt selftest` says what "
@@ -256,6 +261,8 @@ def build(
                                           verbose=verbose, echo=echo, label=name)
         new_cache = produced if produced is not None else new_cache
 
+    if cache_path is not None and new_cache is not None:
+        _write_atomically(cache_path, new_cache)
     t0 = time.monotonic()
     with output_directory(plan, main_file=SIDECAR_FILE) as tmp:
         for name, data in built.items():
@@ -270,14 +277,20 @@ def build(
                                  p.seqlen[1] for ps in engines.values() for p in ps if p.name == "prefill"),
                              "workspace": workspace, "timing_cache": str(cache_path) if cache_path else None},
                       ssmrt_version=__version__)
-    if cache_path is not None and new_cache is not None:
-        _write_atomically(cache_path, new_cache)
     echo(f"serialise: {', '.join(built)} + {SIDECAR_FILE} into {plan.out}, {time.monotonic() - t0:.1f} s")
     return plan.out
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
     """The timing cache is the user's file: written beside, then renamed over, so it is never half-written."""
-    tmp = path.with_name(f".{path.name}.ssmrt-tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

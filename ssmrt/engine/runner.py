@@ -36,9 +36,13 @@ def _check(result, what: str):
 
 
 class _Memory:
-    """Device buffers by size, reused: a decode step allocates its outputs without a driver call."""
+    """Device buffers by size, reused: a decode step allocates its outputs without a driver call. At most KEEP
+    free buffers of a size are kept; the rest are freed (after the stream has finished with them)."""
 
-    def __init__(self):
+    KEEP = 4
+
+    def __init__(self, stream):
+        self.stream = stream
         self.free: dict[int, list[int]] = {}
 
     def get(self, nbytes: int) -> int:
@@ -51,7 +55,25 @@ class _Memory:
         return int(_check(driver.cuMemAlloc(nbytes), "cuMemAlloc"))
 
     def put(self, ptr: int, nbytes: int) -> None:
-        self.free.setdefault(max(nbytes, 1), []).append(ptr)
+        pool = self.free.setdefault(max(nbytes, 1), [])
+        pool.append(ptr)
+        if len(pool) > self.KEEP:
+            self.release(pool[self.KEEP:])
+            del pool[self.KEEP:]
+
+    def release(self, ptrs) -> None:
+        from cuda.bindings import driver
+
+        if not ptrs:
+            return
+        driver.cuStreamSynchronize(self.stream)  # queued work may still read or write them
+        for ptr in ptrs:
+            driver.cuMemFree(ptr)
+
+    def close(self) -> None:
+        for pool in self.free.values():
+            self.release(pool)
+        self.free.clear()
 
 
 class DeviceArray:
@@ -81,25 +103,27 @@ class GraphState(list):
 
 
 class _StepGraphs:
-    """The decode step of one batch size captured twice: reading set A writing set B, and back."""
+    """The decode step of one batch size captured twice: reading set A writing set B, and back. Each capture has
+    an execution context of its own, set up once and never changed after (TensorRT's rule for captured
+    contexts)."""
 
     def __init__(self, runner, batch: int):
+        runner._route(batch, 1)  # refuses a batch outside the decode profile before anything is allocated
         self.runner, self.batch = runner, batch
         specs = runner.state_specs
         self.sets = [[runner._empty(runner._state_shape(s, batch), s["dtype"]) for s in specs] for _ in range(2)]
         self.ids = runner._empty((batch, 1), "int64")
         self.logits = None
         self.graphs = [None, None]
+        self.contexts = []  # each graph's own execution context, alive as long as the graph
         self.versions = [0, 0]  # bumped each time a set is written
 
     def run(self, ids: np.ndarray, state: list) -> tuple[np.ndarray, GraphState]:
         from cuda.bindings import driver
 
         r = self.runner
+        r._fresh(state)
         if isinstance(state, GraphState) and state.owner is self:
-            if state.version != self.versions[state.side]:
-                raise RuntimeError("this state is stale: a later decode step of the same batch size overwrote its "
-                                   "buffers (keep a state with runner.copy(state))")
             src = state.side
         else:
             src = 0
@@ -108,20 +132,41 @@ class _StepGraphs:
             self.versions[0] += 1  # whatever state set A held is gone
         dst = 1 - src
         r._upload(self.ids, ids)
-        if self.graphs[src] is None:
-            self.logits = r._enqueue(self.ids, self.sets[src], self.sets[dst], logits=self.logits)  # warm-up
-            stream = r.stream
-            _check(driver.cuStreamBeginCapture(stream, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL),
-                   "cuStreamBeginCapture")
-            try:
-                r._enqueue(self.ids, self.sets[src], self.sets[dst], logits=self.logits)
-            finally:
-                graph = _check(driver.cuStreamEndCapture(stream), "cuStreamEndCapture")
-            self.graphs[src] = _check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
-            # the warm-up already computed this step: the replay below computes it again, from the same inputs
-        _check(driver.cuGraphLaunch(self.graphs[src], r.stream), "cuGraphLaunch")
         self.versions[dst] += 1
+        if self.graphs[src] is None:
+            self.graphs[src] = self._capture(src, dst)
+        _check(driver.cuGraphLaunch(self.graphs[src], r.stream), "cuGraphLaunch")
         return r._download(self.logits), GraphState(self.sets[dst], self, dst, self.versions[dst])
+
+    def _capture(self, src: int, dst: int):
+        """Warm-up (TensorRT does its deferred work on a context's first enqueue), then capture, on a context of
+        this graph's own. The warm-up computes the same step the first replay computes again."""
+        from cuda.bindings import driver
+
+        r = self.runner
+        context = r._new_context("decode")
+        self.logits = r._enqueue(self.ids, self.sets[src], self.sets[dst], logits=self.logits, context=context)
+        _check(driver.cuStreamSynchronize(r.stream), "cuStreamSynchronize")
+        mode = driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        _check(driver.cuStreamBeginCapture(r.stream, mode), "cuStreamBeginCapture")
+        failure = None
+        try:
+            r._enqueue(self.ids, self.sets[src], self.sets[dst], logits=self.logits, context=context)
+        except Exception as e:
+            failure = e
+        err, graph = driver.cuStreamEndCapture(r.stream)
+        if failure is not None or err != driver.CUresult.CUDA_SUCCESS:
+            if err == driver.CUresult.CUDA_SUCCESS:
+                driver.cuGraphDestroy(graph)
+            if failure is not None:
+                raise failure
+            _check((err,), "capturing the decode step (run with --decode eager)")
+        try:
+            executable = _check(driver.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
+        finally:
+            driver.cuGraphDestroy(graph)
+        self.contexts.append(context)
+        return executable
 
 
 class TensorRTRunner(Runner):
@@ -130,11 +175,19 @@ class TensorRTRunner(Runner):
     name = "tensorrt"
     device_kind = "cuda"
 
-    def __init__(self, engine_dir, decode: str = "cuda_graph"):
+    def __init__(self, engine_dir, decode: str | None = None):
         self.path = Path(engine_dir)
         doc = read_sidecar(self.path)  # refuses anything that is not an engine directory, before TensorRT loads
+        if decode is None:  # a TensorRT-RTX engine is captured only when built for user allocation: not ours
+            decode = "cuda_graph" if doc["engine"] == "tensorrt" else "eager"
         if decode not in DECODE_MODES:
             raise SsmrtError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        if decode == "cuda_graph" and doc["engine"] != "tensorrt":
+            raise SsmrtError(f"{self.path}: a {doc['engine']} engine decodes eagerly here (--decode eager)")
+        wide = sorted({s["dtype"] for s in doc["states"]} - set(_NP))
+        if wide or doc["export"].get("dtype") == "bfloat16":
+            raise SsmrtError(f"{self.path}: bfloat16 tensors cannot be handed to numpy yet; build from a float16 or "
+                             "float32 export (--dtype, --state-dtype)")
         trt = import_tensorrt(doc["engine"])
         gpu, sm = gpu_info()
         if gpu is None:
@@ -150,8 +203,9 @@ class TensorRTRunner(Runner):
         dev = _check(driver.cuDeviceGet(0), "cuDeviceGet")
         self._ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
         _check(driver.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
-        self.stream = _check(driver.cuStreamCreate(0), "cuStreamCreate")
-        self.memory = _Memory()
+        flags = int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)  # no implicit sync with the legacy stream
+        self.stream = _check(driver.cuStreamCreate(flags), "cuStreamCreate")
+        self.memory = _Memory(self.stream)
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
@@ -160,25 +214,48 @@ class TensorRTRunner(Runner):
         self.state_specs = doc["states"]
         self.logits_mode = doc["export"]["logits"]
         self.dtype = doc["export"]["dtype"]
-        if self.dtype == "bfloat16":
-            raise SsmrtError(f"{self.path}: bfloat16 engines cannot hand their logits to numpy yet; build from a "
-                             "float16 or float32 export")
         self.decode = decode
-        self._engines, self._contexts = {}, {}
+        self._profiles = {}  # profile name -> (engine, profile index, Profile)
         for name, engine_profiles in doc["engines"].items():
             engine = runtime.deserialize_cuda_engine((self.path / name).read_bytes())
             if engine is None:
                 raise SsmrtError(f"{self.path / name}: TensorRT cannot load it (rebuild it with `ssmrt build`)")
-            self._engines[name] = engine
             for index, profile in enumerate(engine_profiles):
-                context = engine.create_execution_context()
-                if context is None:
-                    raise SsmrtError(f"{self.path / name}: no execution context for profile {profile.name} "
-                                     "(out of GPU memory?)")
-                context.set_optimization_profile_async(index, self.stream)
-                self._contexts[profile.name, name] = (context, profile, engine)
+                self._profiles[profile.name] = (engine, index, profile)
+        # eager steps share one context per profile; each captured decode graph has its own (_StepGraphs)
+        self._contexts = {name: self._new_context(name) for name in self._profiles}
         _check(driver.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
         self._graphs: dict[int, _StepGraphs] = {}
+
+    def _new_context(self, profile_name: str):
+        """An execution context of the engine holding that profile, switched to it."""
+        engine, index, profile = self._profiles[profile_name]
+        strategy = getattr(getattr(self.trt, "ExecutionContextAllocationStrategy", None), "ON_PROFILE_CHANGE", None)
+        context = engine.create_execution_context(strategy) if strategy is not None else \
+            engine.create_execution_context()
+        if context is None:
+            raise SsmrtError(f"{self.path}: no execution context for the {profile_name} profile (out of GPU memory?)")
+        try:
+            context.set_optimization_profile_async(index, self.stream)
+        except Exception as e:  # TensorRT raises rather than returning False
+            raise SsmrtError(f"{self.path}: cannot select the {profile_name} profile ({str(e).splitlines()[0]})") \
+                from None
+        return context
+
+    def close(self) -> None:
+        """Frees the device memory the runner keeps for reuse (states still held stay valid until dropped)."""
+        self.memory.close()
+
+    def _bind(self) -> None:
+        """The runner's CUDA context current on the calling thread (driver calls need it)."""
+        from cuda.bindings import driver
+
+        _check(driver.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+
+    def _fresh(self, state) -> None:
+        if isinstance(state, GraphState) and state.version != state.owner.versions[state.side]:
+            raise RuntimeError("this state is stale: a later decode step of the same batch size overwrote its "
+                               "buffers (keep a state with runner.copy(state))")
 
     # ------------------------------------------------------------------------------------------ buffers
 
@@ -218,35 +295,42 @@ class TensorRTRunner(Runner):
 
     # ------------------------------------------------------------------------------------------ the steps
 
-    def _route(self, batch: int, seqlen: int):
+    def _route(self, batch: int, seqlen: int) -> str:
+        """The profile that takes (batch, seqlen): decode for one token, prefill for more."""
         want = "decode" if seqlen == 1 else "prefill"
-        for (profile_name, _), (context, profile, engine) in self._contexts.items():
-            if profile_name == want:
-                if not profile.covers(batch, seqlen):
-                    raise SsmrtError(f"{self.path}: batch {batch} x {seqlen} tokens is outside the engine's "
-                                     f"{want} profile (batch {profile.batch[0]}..{profile.batch[2]}, tokens "
-                                     f"{profile.seqlen[0]}..{profile.seqlen[2]}); rebuild with larger --max-batch "
-                                     "/ --max-seq")
-                return context, engine
-        raise SsmrtError(f"{self.path}: the engine has no {want} profile")
+        if want not in self._profiles:
+            raise SsmrtError(f"{self.path}: the engine has no {want} profile")
+        profile = self._profiles[want][2]
+        if not profile.covers(batch, seqlen):
+            raise SsmrtError(f"{self.path}: batch {batch} x {seqlen} tokens is outside the engine's {want} profile "
+                             f"(batch {profile.batch[0]}..{profile.batch[2]}, tokens {profile.seqlen[0]}.."
+                             f"{profile.seqlen[2]}); rebuild with larger --max-batch / --max-seq")
+        return want
 
-    def _enqueue(self, ids: DeviceArray, state_in: list, state_out: list, logits: DeviceArray | None = None
-                 ) -> DeviceArray:
+    def _enqueue(self, ids: DeviceArray, state_in: list, state_out: list, logits: DeviceArray | None = None,
+                 context=None) -> DeviceArray:
         """One execute_async_v3 on the stream: ids (batch, seqlen) and state_in -> logits and state_out."""
         batch, seqlen = ids.shape
-        context, engine = self._route(batch, seqlen)
-        context.set_input_shape("input_ids", (batch, seqlen))
-        context.set_tensor_address("input_ids", ids.ptr)
+        name = self._route(batch, seqlen)
+        engine = self._profiles[name][0]
+        context = context if context is not None else self._contexts[name]
+
+        def bind(ok, what):
+            if not ok:
+                raise SsmrtError(f"{self.path}: TensorRT refused {what} (batch {batch}, {seqlen} tokens)")
+
+        bind(context.set_input_shape("input_ids", (batch, seqlen)), "the input_ids shape")
+        bind(context.set_tensor_address("input_ids", ids.ptr), "the input_ids buffer")
         for spec, arr in zip(self.state_specs, state_in, strict=True):
-            context.set_input_shape(spec["name"], arr.shape)
-            context.set_tensor_address(spec["name"], arr.ptr)
+            bind(context.set_input_shape(spec["name"], arr.shape), f"the shape of {spec['name']}")
+            bind(context.set_tensor_address(spec["name"], arr.ptr), f"the buffer of {spec['name']}")
         shape = tuple(context.get_tensor_shape("logits"))
         dtype = self.trt.nptype(engine.get_tensor_dtype("logits"))
         if logits is None or logits.shape != shape or logits.dtype != np.dtype(dtype):
             logits = self._empty(shape, dtype)
-        context.set_tensor_address("logits", logits.ptr)
+        bind(context.set_tensor_address("logits", logits.ptr), "the logits buffer")
         for spec, arr in zip(self.state_specs, state_out, strict=True):
-            context.set_tensor_address(spec["output"], arr.ptr)
+            bind(context.set_tensor_address(spec["output"], arr.ptr), f"the buffer of {spec['output']}")
         if not context.execute_async_v3(self.stream):
             raise SsmrtError(f"{self.path}: TensorRT could not run the step (batch {batch}, {seqlen} tokens)")
         return logits
@@ -254,16 +338,19 @@ class TensorRTRunner(Runner):
     def zero_state(self, batch: int) -> list:
         from cuda.bindings import driver
 
+        self._bind()
         state = [self._empty(self._state_shape(s, batch), s["dtype"]) for s in self.state_specs]
         for arr in state:
             _check(driver.cuMemsetD8Async(arr.ptr, 0, arr.nbytes, self.stream), "cuMemsetD8Async")
         return state
 
     def forward(self, input_ids, state):
+        self._bind()
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if ids.ndim != 2:
             raise SsmrtError(f"input_ids must be (batch, seqlen), got shape {ids.shape}")
         batch, seqlen = ids.shape
+        self._fresh(state)
         if seqlen == 1 and self.decode == "cuda_graph":
             graphs = self._graphs.get(batch)
             if graphs is None:
@@ -288,6 +375,11 @@ class TensorRTRunner(Runner):
     def take(self, state: list, index: list[int]) -> list:
         from cuda.bindings import driver
 
+        self._bind()
+        self._fresh(state)
+        rows = state[0].shape[0] if state else 0
+        if any(not 0 <= int(i) < rows for i in index):
+            raise IndexError(f"state rows {list(index)} out of range for a batch of {rows}")
         out = []
         for s in state:
             arr = self._empty((len(index), *s.shape[1:]), s.dtype)
@@ -300,6 +392,9 @@ class TensorRTRunner(Runner):
     def concat(self, states: list[list]) -> list:
         from cuda.bindings import driver
 
+        self._bind()
+        for state in states:
+            self._fresh(state)
         out = []
         for parts in zip(*states, strict=True):
             rows = sum(p.shape[0] for p in parts)
@@ -312,6 +407,8 @@ class TensorRTRunner(Runner):
         return out
 
     def copy(self, state: list) -> list:
+        self._bind()
+        self._fresh(state)
         out = []
         for s in state:
             arr = self._empty(s.shape, s.dtype)
@@ -322,6 +419,8 @@ class TensorRTRunner(Runner):
     def to_numpy(self, state: list) -> list[np.ndarray]:
         from cuda.bindings import driver
 
+        self._bind()
+        self._fresh(state)
         out = []
         for s in state:
             host = np.empty(s.shape, dtype=s.dtype)
