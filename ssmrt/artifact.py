@@ -181,6 +181,62 @@ def read_metadata(path) -> dict:
     return out
 
 
+MAX_STATE_BYTES = 1 << 40  # per sequence: any real model's state is orders of magnitude smaller
+
+
+def check_states(states: list, where) -> None:
+    """The state specs of an artifact's metadata, checked before anything is allocated from them: each a dict
+    with a name, an output, a kind, a dtype ssmrt writes and a shape of "batch" then positive sizes."""
+    for i, spec in enumerate(states):
+        if not isinstance(spec, dict) or not {"name", "output", "kind", "shape", "dtype"} <= set(spec):
+            raise SsmrtError(f"{where}: metadata state {i} must name its name, output, kind, shape and dtype")
+        shape = spec["shape"]
+        if spec["dtype"] not in ITEMSIZE:
+            raise SsmrtError(f"{where}: metadata state {spec['name']!r} has dtype {spec['dtype']!r}; expected one of "
+                             f"{', '.join(ITEMSIZE)}")
+        if (not isinstance(shape, list) or not shape or shape[0] != "batch"
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape[1:])):
+            raise SsmrtError(f"{where}: metadata state {spec['name']!r} has shape {shape!r}; expected "
+                             "[\"batch\", positive sizes...]")
+    if states and state_bytes(states) > MAX_STATE_BYTES:
+        raise SsmrtError(f"{where}: metadata states total {state_bytes(states):,} bytes a sequence, which no model "
+                         "has; the metadata is not this model's")
+
+
+def check_graph(meta: dict, inputs: list, outputs: list, where) -> None:
+    """The metadata against the graph it describes: inputs [(name, dtype, shape)] must be input_ids then the
+    states in metadata order, with the metadata's dtypes and sizes; outputs the logits (as wide as the
+    config's padded vocabulary) then the new states. dtype: "float32" etc.; a shape entry is an int or a name
+    (a dynamic size). SsmrtError in one line for the first disagreement: a runtime must not decode by lying
+    metadata."""
+    states = meta["states"]
+    check_states(states, where)
+    want_in = ["input_ids", *(s["name"] for s in states)]
+    want_out = ["logits", *(s["output"] for s in states)]
+    got_in, got_out = [t[0] for t in inputs], [t[0] for t in outputs]
+    if got_in != want_in:
+        raise SsmrtError(f"{where}: the graph's inputs {got_in[:4]}{'...' if len(got_in) > 4 else ''} are not "
+                         f"the metadata's {want_in[:4]}{'...' if len(want_in) > 4 else ''}")
+    if got_out != want_out:
+        raise SsmrtError(f"{where}: the graph's outputs {got_out[:4]}{'...' if len(got_out) > 4 else ''} are not "
+                         f"the metadata's {want_out[:4]}{'...' if len(want_out) > 4 else ''}")
+    for spec, (name, dtype, shape) in zip(states, inputs[1:], strict=True):
+        static = [d if isinstance(d, int) and d > 0 else None for d in shape]
+        want = [None, *spec["shape"][1:]]
+        if dtype != spec["dtype"] or len(static) != len(want) or any(
+                g is not None and g != w for g, w in zip(static, want, strict=True)):
+            raise SsmrtError(f"{where}: state {name} is {dtype} {list(shape)} in the graph, {spec['dtype']} "
+                             f"{spec['shape']} in the metadata")
+    cfg = meta["config"]
+    vocab, multiple = cfg.get("vocab_size"), cfg.get("pad_vocab_size_multiple", 1) or 1
+    width = outputs[0][2][-1] if outputs[0][2] else None
+    if isinstance(vocab, int) and isinstance(width, int) and width > 0:
+        padded = -(-vocab // multiple) * multiple
+        if width != padded:
+            raise SsmrtError(f"{where}: the graph's logits are {width} wide, the metadata's vocabulary {vocab} "
+                             f"(padded to {padded})")
+
+
 def export_info(path) -> dict:
     """The export options (dtype, logits, ...) and the model's `arch`, from the metadata alone; empty where the
     file is not an ssmrt export."""
@@ -257,6 +313,9 @@ def describe(path) -> dict:
             n *= int(d)
         return n
 
+    ins, outs = [tensor(v) for v in m.graph.input], [tensor(v) for v in m.graph.output]
+    check_graph(meta, [(t["name"], t["dtype"], t["shape"]) for t in ins],
+                [(t["name"], t["dtype"], t["shape"]) for t in outs], f)
     ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in m.graph.node)
     conv = next(s for s in states if s["kind"] == "conv")
     ssm = next(s for s in states if s["kind"] == "ssm")
@@ -268,8 +327,8 @@ def describe(path) -> dict:
         "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         "functions": [f"{fn.domain}::{fn.name}" for fn in m.functions],
         "parameters": sum(count(t.dims) for t in m.graph.initializer),
-        "inputs": [tensor(v) for v in m.graph.input],
-        "outputs": [tensor(v) for v in m.graph.output],
+        "inputs": ins,
+        "outputs": outs,
         "state_layers": len(states) // 2,
         "conv_state_shape": conv["shape"],
         "ssm_state_shape": ssm["shape"],

@@ -36,6 +36,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-pthread", "-fvisibilit
 FAST_MATH = {"kernels.cc": ("-ffast-math",), "ops.cc": ()}
 # The ssmrt ops the library implements.
 OPS = ("CausalConv1d", "SelectiveScan", "SSDScan")
+DIGEST_SUFFIX = ".digest"  # beside the library: its size and sha256, recorded when it was built
 
 
 class NativeOpsUnavailable(SsmrtError):
@@ -62,7 +63,34 @@ def _compiler() -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SSMRT_CACHE_DIR", Path.home() / ".cache" / "ssmrt")) / "ort_ops"
+    """$SSMRT_CACHE_DIR/ort_ops (default ~/.cache/ssmrt/ort_ops), absolute. An empty SSMRT_CACHE_DIR is refused
+    rather than read as the current directory."""
+    value = os.environ.get("SSMRT_CACHE_DIR")
+    if value is not None and not value.strip():
+        raise NativeOpsUnavailable("SSMRT_CACHE_DIR is set but empty; unset it or name a directory")
+    return Path(os.path.abspath(value or Path.home() / ".cache" / "ssmrt")) / "ort_ops"
+
+
+def _digest(path: Path) -> str:
+    """size:sha256 of a file: what a cached library must still be before ONNX Runtime maps it (a truncated
+    shared library kills the loading process with SIGBUS, with no message)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return f"{size}:{h.hexdigest()}"
+
+
+def _verified(out: Path) -> bool:
+    """Whether the cached library is the one its build recorded (DIGEST beside it); False for a missing,
+    truncated or altered one, which is then built again."""
+    record = out.with_name(out.name + DIGEST_SUFFIX)
+    try:
+        return out.is_file() and record.read_text().strip() == _digest(out)
+    except OSError:
+        return False
 
 
 def contract_header() -> str:
@@ -103,8 +131,11 @@ def library_path() -> Path:
     for part in (*FLAGS, *(f for v in FAST_MATH.values() for f in v), *version, _cpu_model(), platform.machine()):
         key.update(part.encode())
     out = cache_dir() / key.hexdigest()[:16] / LIBRARY
-    if out.is_file():
+    if _verified(out):
         return out
+    if out.exists():
+        log.warning("the cached native ops library %s does not match its build record (truncated, altered, or "
+                    "from an older ssmrt); building it again", out)
     log.info("building the native ONNX Runtime ops with %s into %s (once per machine)", cxx, out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +148,9 @@ def library_path() -> Path:
                 objects.append(str(Path(tmp) / f"{source}.o"))
                 _run([cxx, *FLAGS, *extra, f"-I{tmp}", "-c", str(here / source), "-o", objects[-1]], here / source)
             _run([cxx, "-shared", "-pthread", "-o", str(Path(tmp) / LIBRARY), *objects], here / "ops.cc")
+            # the digest first, then the library: a library in place always has its record
+            (Path(tmp) / "digest").write_text(_digest(Path(tmp) / LIBRARY))
+            os.replace(Path(tmp) / "digest", out.with_name(out.name + DIGEST_SUFFIX))
             os.replace(Path(tmp) / LIBRARY, out)
     except OSError as e:
         raise NativeOpsUnavailable(f"cannot build into {out.parent} ({e.strerror or e}); set SSMRT_CACHE_DIR") from None

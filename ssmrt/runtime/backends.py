@@ -221,6 +221,14 @@ class OnnxRuntimeRunner(Runner):
                 why = (f"this bfloat16 artifact needs bfloat16 kernels, which {', '.join(providers)} lacks; "
                        "run it with the CUDA provider or TensorRT, or export float16/float32")
             raise SsmrtError(f"{self.path}: ONNX Runtime cannot load it ({why})") from None
+        ort_types = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+                     "tensor(int64)": "int64"}
+
+        def described(args):
+            return [(a.name, ort_types.get(a.type, a.type), list(a.shape)) for a in args]
+
+        artifact.check_graph(meta, described(self.session.get_inputs()), described(self.session.get_outputs()),
+                             self.path)
         self.config = SSMConfig.from_dict(meta["config"])
         self.state_specs = meta["states"]
         export = meta["export"]
