@@ -210,7 +210,7 @@ class TensorRTRunner(Runner):
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
         self.doc = doc
-        self.config = SSMConfig.from_dict(doc["config"])
+        self.config = SSMConfig.from_dict(doc["config"], where=self.path / "engine.json")
         self.state_specs = doc["states"]
         self.logits_mode = doc["export"]["logits"]
         self.dtype = doc["export"]["dtype"]

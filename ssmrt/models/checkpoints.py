@@ -10,12 +10,13 @@ import json
 import math
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError, SsmrtError
 from ..fsutil import check_output_dir, output_directory
-from .config import SSMConfig
+from .config import ConfigError, SSMConfig
 
 CONFIG_FILE = "config.json"
 HF_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba")
@@ -44,53 +45,130 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+class _Keys:
+    """Typed reads of one config.json object: a value of the wrong kind is refused in one line naming its key
+    (prefix + key), never converted into something else (int(2.5), bool("false"))."""
+
+    def __init__(self, raw: dict, path: Path, prefix: str = ""):
+        self.raw, self.path, self.prefix = raw, path, prefix
+
+    def _bad(self, key: str, expected: str, v) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {self.prefix}{key} must be {expected}, got {v!r}")
+
+    def int(self, key: str, default, positive: bool = True) -> int:
+        v = self.raw.get(key, default)
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or (positive and v < 1):
+            raise self._bad(key, "a positive integer" if positive else "an integer", v)
+        return v
+
+    def float(self, key: str, default) -> float:
+        v = self.raw.get(key, default)
+        try:
+            return _float(v)
+        except (TypeError, ValueError):
+            raise self._bad(key, "a number", v) from None
+
+    def bool(self, key: str, default) -> bool:
+        v = self.raw.get(key, default)
+        if not isinstance(v, bool):
+            raise self._bad(key, "true or false", v)
+        return v
+
+    def token(self, key: str) -> int | None:
+        v = _first_id(self.raw.get(key))
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise self._bad(key, "a token id (an integer or null)", self.raw.get(key))
+        return v
+
+    def limit(self, key: str) -> tuple[float, float]:
+        v = self.raw.get(key, (0.0, math.inf))
+        try:
+            lo, hi = v
+            return _float(lo), _float(hi)
+        except (TypeError, ValueError):
+            raise self._bad(key, "[min, max]", v) from None
+
+
 def _float(v) -> float:
     """JSON floats, including transformers' {"__float__": "Infinity"} and the bare Infinity literal."""
     if isinstance(v, dict) and "__float__" in v:
-        return float(v["__float__"])
+        v = float(v["__float__"])
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise TypeError(f"expected a number, got {v!r}")
     return float(v)
 
 
 def _first_id(v):
-    return v[0] if isinstance(v, list) and v else v
+    if isinstance(v, list):
+        return v[0] if v else None
+    return v
+
+
+# The config.json keys behind each SSMConfig field, for messages about a value the file gave.
+HF_KEYS = {
+    "d_model": "hidden_size", "n_layer": "num_hidden_layers", "norm_eps": "layer_norm_epsilon",
+    "gated_norm_eps": "layer_norm_epsilon", "d_inner": "intermediate_size", "d_conv": "conv_kernel",
+    "d_state": "state_size", "dt_rank": "time_step_rank", "headdim": "head_dim", "ngroups": "n_groups",
+    "dt_limit": "time_step_limit", "d_ssm": "num_heads * head_dim", "tie_embeddings": "tie_word_embeddings",
+    "conv_bias": "use_conv_bias", "bias": "use_bias",
+}
+MAMBA_SSM_KEYS = {
+    "norm_eps": "norm_epsilon", "d_inner": "ssm_cfg.expand * d_model", "dt_limit": "ssm_cfg.dt_limit",
+    **{k: f"ssm_cfg.{k}" for k in ("d_state", "d_conv", "dt_rank", "headdim", "ngroups", "d_ssm", "chunk_size",
+                                   "conv_bias", "bias", "D_has_hdim", "rmsnorm", "norm_before_gate")},
+}
+
+
+def config_keys(config: SSMConfig) -> dict[str, str]:
+    """SSMConfig field -> the config.json key it was read from, for the reader that made config."""
+    return MAMBA_SSM_KEYS if config.source == "mamba_ssm" else HF_KEYS
 
 
 def _config_from_hf(raw: dict, path: Path) -> SSMConfig:
     model_type = raw["model_type"]
-    d_model = int(raw.get("hidden_size", 768))
-    expand = raw.get("expand", 2)
+    k = _Keys(raw, path)
+    d_model = k.int("hidden_size", 768)
+    if raw.get("intermediate_size"):
+        d_inner = k.int("intermediate_size", None)
+    else:
+        expand = k.float("expand", 2)
+        if not (math.isfinite(expand) and expand > 0):
+            raise CheckpointError(f"{path}: expand must be a positive number, got {raw.get('expand')!r}")
+        d_inner = int(expand * d_model)
     common = dict(
         d_model=d_model,
-        n_layer=int(raw.get("num_hidden_layers", 32)),
-        vocab_size=int(raw.get("vocab_size", 50280)),
+        n_layer=k.int("num_hidden_layers", 32),
+        vocab_size=k.int("vocab_size", 50280),
         pad_vocab_size_multiple=1,  # HF checkpoints store the embedding at vocab_size rows
-        residual_in_fp32=bool(raw.get("residual_in_fp32", True)),
-        norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
-        d_inner=int(raw.get("intermediate_size") or int(expand * d_model)),
-        d_conv=int(raw.get("conv_kernel", 4)),
-        conv_bias=bool(raw.get("use_conv_bias", True)),
-        bias=bool(raw.get("use_bias", False)),
-        bos_token_id=_first_id(raw.get("bos_token_id")),
-        eos_token_id=_first_id(raw.get("eos_token_id")),
-        pad_token_id=_first_id(raw.get("pad_token_id")),
+        residual_in_fp32=k.bool("residual_in_fp32", True),
+        norm_eps=k.float("layer_norm_epsilon", 1e-5),
+        d_inner=d_inner,
+        d_conv=k.int("conv_kernel", 4),
+        conv_bias=k.bool("use_conv_bias", True),
+        bias=k.bool("use_bias", False),
+        bos_token_id=k.token("bos_token_id"),
+        eos_token_id=k.token("eos_token_id"),
+        pad_token_id=k.token("pad_token_id"),
         source=f"hf:{model_type}",
     )
-    rank = raw.get("time_step_rank", "auto")
-    dt_rank = math.ceil(d_model / 16) if rank == "auto" else int(rank)
+    # 0 would mean "auto" to SSMConfig, so an explicit rank must be positive.
+    dt_rank = -(-d_model // 16) if raw.get("time_step_rank", "auto") == "auto" else k.int("time_step_rank", 0)
     if raw.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only 'silu')")
     if model_type in ("mamba", "falcon_mamba"):
         return SSMConfig(
             arch="mamba1",
-            tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
-            d_state=int(raw.get("state_size", 16)),
+            tie_embeddings=k.bool("tie_word_embeddings", True),
+            d_state=k.int("state_size", 16),
             dt_rank=dt_rank,
-            mixer_rms_eps=float(raw.get("mixer_rms_eps", 1e-6)) if model_type == "falcon_mamba" else None,
+            mixer_rms_eps=k.float("mixer_rms_eps", 1e-6) if model_type == "falcon_mamba" else None,
             **common,
         )
-    lo, hi = raw.get("time_step_limit", (0.0, math.inf))
-    num_heads = int(raw.get("num_heads", 128))
-    head_dim = int(raw.get("head_dim", 64))
+    lo, hi = k.limit("time_step_limit")
+    num_heads = k.int("num_heads", 128)
+    head_dim = k.int("head_dim", 64)
     if num_heads * head_dim != common["d_inner"]:
         raise CheckpointError(
             f"{path}: num_heads * head_dim ({num_heads} * {head_dim}) must equal "
@@ -98,20 +176,23 @@ def _config_from_hf(raw: dict, path: Path) -> SSMConfig:
         )
     return SSMConfig(
         arch="mamba2",
-        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        d_state=int(raw.get("state_size", 128)),
+        tie_embeddings=k.bool("tie_word_embeddings", False),
+        d_state=k.int("state_size", 128),
         headdim=head_dim,
-        ngroups=int(raw.get("n_groups", 8)),
-        chunk_size=int(raw.get("chunk_size", 256)),
+        ngroups=k.int("n_groups", 8),
+        chunk_size=k.int("chunk_size", 256),
         gated_norm_eps=common["norm_eps"],
-        dt_min_limit=_float(lo),
-        dt_max_limit=_float(hi),
+        dt_min_limit=lo,
+        dt_max_limit=hi,
         **common,
     )
 
 
 def _config_from_mamba_ssm(raw: dict, path: Path) -> SSMConfig:
+    if not isinstance(raw.get("ssm_cfg") or {}, dict):
+        raise CheckpointError(f"{path}: ssm_cfg must be an object, got {raw['ssm_cfg']!r}")
     ssm_cfg = dict(raw.get("ssm_cfg") or {})
+    k, sk = _Keys(raw, path), _Keys(ssm_cfg, path, "ssm_cfg.")
     layer = ssm_cfg.pop("layer", "Mamba1")
     if layer not in MAMBA_SSM_LAYERS:
         raise CheckpointError(f"{path}: unknown ssm_cfg.layer {layer!r}; expected one of {MAMBA_SSM_LAYERS}")
@@ -121,54 +202,59 @@ def _config_from_mamba_ssm(raw: dict, path: Path) -> SSMConfig:
         raise CheckpointError(f"{path}: MLP blocks (d_intermediate > 0) are not supported")
     if not raw.get("rms_norm", True):
         raise CheckpointError(f"{path}: rms_norm=false (LayerNorm blocks) is not supported")
-    d_model = int(raw["d_model"])
-    expand = ssm_cfg.pop("expand", 2)
+    d_model = k.int("d_model", None)
+    expand = sk.float("expand", 2)
+    if not (math.isfinite(expand) and expand > 0):
+        raise CheckpointError(f"{path}: ssm_cfg.expand must be a positive number, got {ssm_cfg['expand']!r}")
     common = dict(
         d_model=d_model,
-        n_layer=int(raw["n_layer"]),
-        vocab_size=int(raw.get("vocab_size", 50277)),
-        pad_vocab_size_multiple=int(raw.get("pad_vocab_size_multiple", 8)),
-        tie_embeddings=bool(raw.get("tie_embeddings", True)),
-        residual_in_fp32=bool(raw.get("residual_in_fp32", False)),
-        norm_eps=float(raw.get("norm_epsilon", 1e-5)),
+        n_layer=k.int("n_layer", None),
+        vocab_size=k.int("vocab_size", 50277),
+        pad_vocab_size_multiple=k.int("pad_vocab_size_multiple", 8),
+        tie_embeddings=k.bool("tie_embeddings", True),
+        residual_in_fp32=k.bool("residual_in_fp32", False),
+        norm_eps=k.float("norm_epsilon", 1e-5),
         d_inner=int(expand * d_model),
-        d_conv=int(ssm_cfg.pop("d_conv", 4)),
-        conv_bias=bool(ssm_cfg.pop("conv_bias", True)),
-        bias=bool(ssm_cfg.pop("bias", False)),
+        d_conv=sk.int("d_conv", 4),
+        conv_bias=sk.bool("conv_bias", True),
+        bias=sk.bool("bias", False),
         source="mamba_ssm",
     )
+    for key in ("expand", "d_conv", "conv_bias", "bias"):
+        ssm_cfg.pop(key, None)
     # Initialisation-only settings do not change the forward pass.
     for k in ("dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "A_init_range", "use_fast_path",
               "layer_idx", "device", "dtype", "process_group", "sequence_parallel", "use_mem_eff_path"):
         ssm_cfg.pop(k, None)
     if layer == "Mamba1":
-        rank = ssm_cfg.pop("dt_rank", "auto")
-        cfg = SSMConfig(
+        cfg_kw = dict(
             arch="mamba1",
-            d_state=int(ssm_cfg.pop("d_state", 16)),
-            dt_rank=math.ceil(d_model / 16) if rank == "auto" else int(rank),
-            **common,
+            d_state=sk.int("d_state", 16),
+            # 0 would mean "auto" to SSMConfig, so an explicit rank must be positive.
+            dt_rank=-(-d_model // 16) if ssm_cfg.get("dt_rank", "auto") == "auto" else sk.int("dt_rank", 0),
         )
     else:
-        lo, hi = ssm_cfg.pop("dt_limit", (0.0, math.inf))
-        d_ssm = ssm_cfg.pop("d_ssm", None)
-        cfg = SSMConfig(
+        lo, hi = sk.limit("dt_limit")
+        cfg_kw = dict(
             arch="mamba2",
-            d_state=int(ssm_cfg.pop("d_state", 128)),
-            headdim=int(ssm_cfg.pop("headdim", 64)),
-            ngroups=int(ssm_cfg.pop("ngroups", 1)),
-            d_ssm=int(d_ssm) if d_ssm else 0,
-            chunk_size=int(ssm_cfg.pop("chunk_size", 256)),
-            D_has_hdim=bool(ssm_cfg.pop("D_has_hdim", False)),
-            rmsnorm=bool(ssm_cfg.pop("rmsnorm", True)),
-            norm_before_gate=bool(ssm_cfg.pop("norm_before_gate", False)),
-            dt_min_limit=_float(lo),
-            dt_max_limit=_float(hi),
-            **common,
+            d_state=sk.int("d_state", 128),
+            headdim=sk.int("headdim", 64),
+            ngroups=sk.int("ngroups", 1),
+            d_ssm=sk.int("d_ssm", 0, positive=False) if ssm_cfg.get("d_ssm") else 0,
+            chunk_size=sk.int("chunk_size", 256),
+            D_has_hdim=sk.bool("D_has_hdim", False),
+            rmsnorm=sk.bool("rmsnorm", True),
+            norm_before_gate=sk.bool("norm_before_gate", False),
+            dt_min_limit=lo,
+            dt_max_limit=hi,
         )
+    for key in ("d_state", "dt_rank", "dt_limit", "headdim", "ngroups", "d_ssm", "chunk_size", "D_has_hdim",
+                "rmsnorm", "norm_before_gate"):
+        if layer == "Mamba2" or key in ("d_state", "dt_rank"):
+            ssm_cfg.pop(key, None)
     if ssm_cfg:
         raise CheckpointError(f"{path}: unsupported ssm_cfg settings for {layer}: {sorted(ssm_cfg)}")
-    return cfg
+    return SSMConfig(**cfg_kw, **common)
 
 
 def load_config(model_dir: str | os.PathLike) -> SSMConfig:
@@ -182,6 +268,7 @@ def load_config(model_dir: str | os.PathLike) -> SSMConfig:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a checkpoint directory needs config.json beside its weights")
     raw = _read_json(path)
+    keys = HF_KEYS if "model_type" in raw else MAMBA_SSM_KEYS
     try:
         if "model_type" in raw:
             if raw["model_type"] not in HF_MODEL_TYPES:
@@ -191,7 +278,9 @@ def load_config(model_dir: str | os.PathLike) -> SSMConfig:
             return _config_from_hf(raw, path)
         if "d_model" in raw and "n_layer" in raw:
             return _config_from_mamba_ssm(raw, path)
-    except (TypeError, ValueError, KeyError) as e:
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e.render(keys)}") from None
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
         raise CheckpointError(f"{path}: invalid config ({e})") from None
     raise CheckpointError(
         f"{path}: neither an HF config (model_type) nor a mamba_ssm config (d_model, n_layer)"
@@ -207,6 +296,17 @@ def _load_safetensors(path: Path) -> dict:
 
     try:
         return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or unreadable safetensors file ({e})") from None
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape from the file's header, reading no tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: truncated or unreadable safetensors file ({e})") from None
 
@@ -236,41 +336,105 @@ def _load_torch_bin(path: Path) -> dict:
     return sd
 
 
-def _load_sharded(index_path: Path, load_one) -> tuple[dict, dict]:
-    index = _read_json(index_path)
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path}: missing or empty 'weight_map'")
-    tensors, origin = {}, {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = index_path.parent / shard
-        if not shard_path.is_file():
-            raise CheckpointError(f"{shard_path}: shard named in {index_path.name} is missing")
-        for k, v in load_one(shard_path).items():
-            tensors[k] = v
-            origin[k] = shard_path
-    listed_missing = sorted(k for k in weight_map if k not in tensors)
+def _allowed_roots(d: Path) -> list[Path]:
+    root = d.resolve()
+    roots = [root]
+    # The Hugging Face hub cache keeps a revision's files as links snapshots/<rev>/<file> -> ../../blobs/<hash>,
+    # so a shard linked into that repository's blobs is still the checkpoint's own.
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def _shard_path(index_path: Path, key: str, shard, roots: list[Path]) -> Path:
+    """The file a weight_map entry names. An index is part of a checkpoint that may come from anyone: a shard
+    outside the checkpoint directory (absolute, through "..", or a link out of it) would have ssmrt read and
+    report on any file of this machine, so it is refused."""
+    if not isinstance(shard, str) or not shard or "\0" in shard:
+        raise CheckpointError(f"{index_path}: weight_map entry {key!r}: expected a shard file name, got {shard!r}")
+    if os.path.isabs(shard) or shard.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", shard) \
+            or ".." in re.split(r"[/\\]", shard):
+        raise CheckpointError(
+            f"{index_path}: weight_map entry {key!r} names {shard!r}, outside the checkpoint directory"
+        )
+    path = index_path.parent / shard
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:  # a loop of links
+        raise CheckpointError(f"{index_path}: weight_map entry {key!r} names {shard!r}, which cannot be "
+                              f"resolved ({_first_sentence(e)})") from None
+    if not any(real.is_relative_to(root) for root in roots):
+        raise CheckpointError(
+            f"{index_path}: weight_map entry {key!r} names {shard!r}, a link to {real}, outside the checkpoint "
+            "directory"
+        )
+    return path
+
+
+def _weight_source(model_dir: str | os.PathLike) -> tuple[Path, list[Path], dict | None]:
+    """(the weights file or index found, the files that hold the tensors, the index's weight_map (tensor name ->
+    shard) or None). Only an index is read; every shard it names is checked to be inside the directory and
+    present. safetensors first, then pytorch_model.bin."""
+    d = Path(model_dir)
+    for name in WEIGHT_FILES:
+        p = d / name
+        if not p.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return p, [p], None
+        weight_map = _read_json(p).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{p}: missing or empty 'weight_map'")
+        roots, shards = _allowed_roots(d), {}
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or shard not in shards:
+                shards[shard] = _shard_path(p, key, shard, roots)
+        files = [shards[s] for s in sorted(shards)]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: shard named in {p.name} is missing")
+        return p, files, weight_map
+    raise CheckpointError(f"{d}: no weights found; expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _check_listed(source: Path, weight_map: dict | None, names) -> None:
+    if weight_map is None:
+        return
+    listed_missing = sorted(k for k in weight_map if k not in names)
     if listed_missing:
-        raise CheckpointError(f"{index_path}: tensors listed in weight_map are in no shard: {listed_missing[:5]}")
+        raise CheckpointError(f"{source}: tensors listed in weight_map are in no shard: {listed_missing[:5]}")
+
+
+def _tensor_shapes(source: Path, files: list[Path], weight_map: dict | None) -> tuple[dict, dict] | None:
+    """(name -> shape, name -> file) from what is known before any tensor data is read: safetensors headers, or
+    a pytorch_model.bin index's names (shape None). None for a lone pytorch_model.bin (only loading it tells)."""
+    if source.name == "pytorch_model.bin":
+        return None
+    if source.name == "pytorch_model.bin.index.json":
+        return {k: None for k in weight_map}, {k: source.parent / v for k, v in weight_map.items()}
+    shapes, origin = {}, {}
+    for f in files:
+        for k, shape in _safetensors_shapes(f).items():
+            shapes[k], origin[k] = shape, f
+    _check_listed(source, weight_map, shapes)
+    return shapes, origin
+
+
+def _read_tensors(source: Path, files: list[Path], weight_map: dict | None) -> tuple[dict, dict]:
+    load_one = _load_safetensors if "safetensors" in source.name else _load_torch_bin
+    tensors, origin = {}, {}
+    for f in files:
+        for k, v in load_one(f).items():
+            tensors[k], origin[k] = v, f
+    _check_listed(source, weight_map, tensors)
     return tensors, origin
 
 
 def load_weights(model_dir: str | os.PathLike) -> tuple[dict, dict, Path]:
     """Returns (name -> tensor, name -> file it came from, the weights file or index read).
     safetensors first, then pytorch_model.bin."""
-    d = Path(model_dir)
-    for name in WEIGHT_FILES:
-        p = d / name
-        if not p.is_file():
-            continue
-        if name == "model.safetensors":
-            sd = _load_safetensors(p)
-        elif name == "pytorch_model.bin":
-            sd = _load_torch_bin(p)
-        else:
-            return (*_load_sharded(p, _load_safetensors if "safetensors" in name else _load_torch_bin), p)
-        return sd, {k: p for k in sd}, p
-    raise CheckpointError(f"{d}: no weights found; expected one of {', '.join(WEIGHT_FILES)}")
+    source, files, weight_map = _weight_source(model_dir)
+    return (*_read_tensors(source, files, weight_map), source)
 
 
 def _map_mamba_ssm_names(sd: dict) -> dict:
@@ -281,57 +445,172 @@ def _to_mamba_ssm_names(sd: dict) -> dict:
     return {("backbone.embedding.weight" if k == "backbone.embeddings.weight" else k): v for k, v in sd.items()}
 
 
+# Non-persistent or derived entries some writers include.
+IGNORED_SUFFIXES = ("_layernorm.weight", "rotary_emb.inv_freq")
+
+
+def _model_names(d: dict, config: SSMConfig) -> dict:
+    """A checkpoint's name -> x in MambaLM's names, less the entries no model holds."""
+    if config.source == "mamba_ssm":
+        d = _map_mamba_ssm_names(d)
+    return {k: v for k, v in d.items() if not k.endswith(IGNORED_SUFFIXES)}
+
+
+def _file_name(k: str, config: SSMConfig) -> str:
+    """The name a tensor has in the checkpoint's file (for messages)."""
+    return "backbone.embedding.weight" if config.source == "mamba_ssm" and k == "backbone.embeddings.weight" else k
+
+
+def expected_shapes(config: SSMConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """What MambaLM(config) holds, computed without building it (tests compare the two): (the tensors outside
+    the layers, name -> shape; the tensors of each layer, name after "backbone.layers.{i}." -> shape).
+    lm_head.weight is listed only when untied."""
+    c = config
+    top = {"backbone.embeddings.weight": (c.padded_vocab_size, c.d_model), "backbone.norm_f.weight": (c.d_model,)}
+    if not c.tie_embeddings:
+        top["lm_head.weight"] = (c.padded_vocab_size, c.d_model)
+    if c.arch == "mamba1":
+        mixer = {
+            "in_proj.weight": (2 * c.d_inner, c.d_model),
+            "conv1d.weight": (c.d_inner, 1, c.d_conv),
+            "x_proj.weight": (c.dt_rank + 2 * c.d_state, c.d_inner),
+            "dt_proj.weight": (c.d_inner, c.dt_rank),
+            "dt_proj.bias": (c.d_inner,),
+            "A_log": (c.d_inner, c.d_state),
+            "D": (c.d_inner,),
+        }
+        in_width = 2 * c.d_inner
+    else:
+        in_width = 2 * c.d_inner + 2 * c.ngroups * c.d_state + c.nheads
+        mixer = {
+            "in_proj.weight": (in_width, c.d_model),
+            "conv1d.weight": (c.conv_dim, 1, c.d_conv),
+            "dt_bias": (c.nheads,),
+            "A_log": (c.nheads,),
+            "D": (c.d_ssm if c.D_has_hdim else c.nheads,),
+        }
+        if c.rmsnorm:
+            mixer["norm.weight"] = (c.d_ssm,)
+    mixer["out_proj.weight"] = (c.d_model, c.d_inner)
+    if c.bias:
+        mixer["in_proj.bias"] = (in_width,)
+        mixer["out_proj.bias"] = (c.d_model,)
+    if c.conv_bias:
+        mixer["conv1d.bias"] = (mixer["conv1d.weight"][0],)
+    layer = {"norm.weight": (c.d_model,), **{f"mixer.{k}": v for k, v in mixer.items()}}
+    return top, layer
+
+
+_LAYER_NAME = re.compile(r"backbone\.layers\.(0|[1-9][0-9]*)\.(.+)")
+TIED_HEAD = ("lm_head.weight differs from the embedding but the config says the embeddings are tied (set "
+             "tie_embeddings / tie_word_embeddings to false)")
+
+
+def _check_tensor_index(config: SSMConfig, shapes: dict, origin: dict, source: Path) -> None:
+    """The checkpoint's tensor names and shapes (None: not known yet) against what the config builds, from the
+    names and shapes alone: a config that disagrees with its weights (a layer count of 10**8, another
+    d_model) is refused before anything of its size is allocated."""
+    n = config.n_layer
+    n_layer_key = config_keys(config).get("n_layer", "n_layer")
+    top, per_layer = expected_shapes(config)
+    layer_of = {}
+    for k in shapes:
+        m = _LAYER_NAME.fullmatch(k)
+        if m:
+            layer_of[k] = (int(m[1]), m[2])
+    held = {i for i, _ in layer_of.values()}
+    if len({i for i in held if i < n}) < n:
+        first = next(i for i in range(n) if i not in held)  # found within len(held) + 1 steps
+        raise CheckpointError(f"{source}: holds no tensors of layer {first}, but {CONFIG_FILE} has {n_layer_key} "
+                              f"{n} (the weights have {len(held)} layers)")
+    # From here n <= the number of tensors, so walking the layers is bounded by the checkpoint's own size.
+    missing = [k for k in top if k not in shapes]
+    missing += [f"backbone.layers.{i}.{s}" for i in range(n) for s in per_layer
+                if f"backbone.layers.{i}.{s}" not in shapes]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing tensor {_file_name(missing[0], config)!r}{more}")
+
+    def expected(k: str):
+        if k in top:
+            return top[k]
+        if k == "lm_head.weight" and config.tie_embeddings:
+            return top["backbone.embeddings.weight"]
+        i, suffix = layer_of.get(k, (n, None))
+        return per_layer.get(suffix) if i < n else None
+
+    unexpected = [k for k in shapes if expected(k) is None]
+    if unexpected:
+        k = unexpected[0]
+        beyond = f"; {CONFIG_FILE} has {n_layer_key} {n}" if k in layer_of and layer_of[k][0] >= n else ""
+        raise CheckpointError(
+            f"{origin[k]}: unexpected tensor {_file_name(k, config)!r}"
+            f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''} for a {config.arch} model "
+            f"of this config{beyond}"
+        )
+    # The tensors outside the layers first: a wrong d_model or vocabulary shows in the embedding's shape.
+    for k in sorted(shapes, key=lambda k: layer_of.get(k, (-1,))[0]):
+        shape, want = shapes[k], expected(k)
+        if shape is not None and tuple(shape) != want:
+            if k == "lm_head.weight" and config.tie_embeddings:
+                raise CheckpointError(f"{origin[k]}: {TIED_HEAD}")
+            raise CheckpointError(
+                f"{origin[k]}: tensor {_file_name(k, config)!r} has shape {tuple(shape)}, expected {want} from the "
+                "config"
+            )
+
+
+def _check_values(sd: dict, origin: dict, config: SSMConfig) -> None:
+    """Floating tensors without NaN or infinity: either would run, and answer NaN for every token."""
+    import torch
+
+    for k, t in sd.items():
+        if not t.is_floating_point():
+            raise CheckpointError(
+                f"{origin[k]}: tensor {_file_name(k, config)!r} has dtype {t.dtype}, expected a floating type"
+            )
+        if not bool(torch.isfinite(t).all()):
+            what = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+            raise CheckpointError(f"{origin[k]}: tensor {_file_name(k, config)!r} has {what} values")
+
+
 def load_model(model_dir: str | os.PathLike, dtype=None, device="cpu"):
     """Load an HF or mamba_ssm checkpoint directory as an ssmrt MambaLM (eval mode).
 
     model_dir: directory with config.json and model.safetensors / its sharded index / pytorch_model.bin
     dtype: torch dtype of the weights (default float32); A_log, D and the dt biases stay float32
+
+    The config is checked against the tensors' names and shapes (from the safetensors headers, or an index's
+    names, where they are known before reading) before any tensor data is read or any module built.
     """
     import torch
 
     from .mamba import MambaLM
 
     config = load_config(model_dir)
-    sd, origin, source = load_weights(model_dir)
-    if config.source == "mamba_ssm":
-        sd = _map_mamba_ssm_names(sd)
-        origin = _map_mamba_ssm_names(origin)
-    # Non-persistent or derived entries some writers include.
-    for k in [k for k in sd if k.endswith(("_layernorm.weight", "rotary_emb.inv_freq"))]:
-        sd.pop(k)
-        origin.pop(k)
+    source, files, weight_map = _weight_source(model_dir)
+    index = _tensor_shapes(source, files, weight_map)
+    if index is not None:
+        _check_tensor_index(config, _model_names(index[0], config), _model_names(index[1], config), source)
+    sd, origin = _read_tensors(source, files, weight_map)
+    sd, origin = _model_names(sd, config), _model_names(origin, config)
+    _check_tensor_index(config, {k: tuple(v.shape) for k, v in sd.items()}, origin, source)
+    _check_values(sd, origin, config)
+    if config.tie_embeddings and "lm_head.weight" in sd:
+        # Some writers store the tied matrix twice; keep it only if it really is the embedding.
+        lm = sd.pop("lm_head.weight")
+        if not torch.equal(lm, sd["backbone.embeddings.weight"]):
+            raise CheckpointError(f"{origin['lm_head.weight']}: {TIED_HEAD}")
 
+    # The checks above hold the names and shapes to expected_shapes; the model itself has the last word (and
+    # is now known to be no larger than the checkpoint).
     with torch.device("meta"):
         model = MambaLM(config)
     expected = model.state_dict()
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
-        if "lm_head.weight" in sd:
-            # Some writers store the tied matrix twice; keep it only if it really is the embedding.
-            lm, emb = sd.pop("lm_head.weight"), sd.get("backbone.embeddings.weight")
-            if emb is not None and (lm.shape != emb.shape or not torch.equal(lm, emb)):
-                raise CheckpointError(
-                    f"{origin['lm_head.weight']}: lm_head.weight differs from the embedding but the config "
-                    "says the embeddings are tied (set tie_embeddings / tie_word_embeddings to false)"
-                )
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")
-    if unexpected:
-        raise CheckpointError(
-            f"{origin[unexpected[0]]}: unexpected tensor {unexpected[0]!r}"
-            f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''} for a {config.arch} model "
-            "of this config"
-        )
-    for k, t in expected.items():
-        if tuple(sd[k].shape) != tuple(t.shape):
-            raise CheckpointError(
-                f"{origin[k]}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(t.shape)} from the config"
-            )
-        if not sd[k].is_floating_point():
-            raise CheckpointError(f"{origin[k]}: tensor {k!r} has dtype {sd[k].dtype}, expected a floating type")
+    if set(expected) != set(sd) or any(tuple(sd[k].shape) != tuple(t.shape) for k, t in expected.items()):
+        raise RuntimeError(f"ssmrt bug: expected_shapes disagrees with MambaLM for {config}")
 
     model = MambaLM(config)
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)

@@ -229,7 +229,7 @@ class OnnxRuntimeRunner(Runner):
 
         artifact.check_graph(meta, described(self.session.get_inputs()), described(self.session.get_outputs()),
                              self.path)
-        self.config = SSMConfig.from_dict(meta["config"])
+        self.config = SSMConfig.from_dict(meta["config"], where=self.path)
         self.state_specs = meta["states"]
         export = meta["export"]
         self.logits_mode = export["logits"]
