@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -19,7 +20,8 @@ EXIT_MISMATCH = 1
 
 
 class _Group(click.Group):
-    """Turns SsmrtError into one line on stderr and exit 2; -v shows the traceback."""
+    """Turns SsmrtError, and click's own refusals of a command's arguments (a value of the wrong type, an unknown
+    option), into one line on stderr and exit 2; -v shows the traceback (or click's usage text)."""
 
     def invoke(self, ctx):
         try:
@@ -28,6 +30,13 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
             click.echo(f"ssmrt: error: {e}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except click.UsageError as e:
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            message = " ".join(e.format_message().split())
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"ssmrt: error: {message}{hint}", err=True)
             sys.exit(EXIT_USER_ERROR)
 
 
@@ -40,13 +49,16 @@ def main(ctx, verbose):
     ctx.obj = {"verbose": verbose}
 
 
-def _parse_ids(text: str) -> list[int]:
+def _parse_ids(text: str, option: str = "--prompt-ids") -> list[int]:
+    """Comma-separated token ids; a float, a word or a negative number is refused naming `option`."""
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise SsmrtError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+        raise SsmrtError(f"{option} must be comma-separated integers, got {text!r}") from None
     if not ids:
-        raise SsmrtError("--prompt-ids is empty")
+        raise SsmrtError(f"{option} is empty")
+    if any(i < 0 for i in ids):
+        raise SsmrtError(f"{option} must be token ids >= 0, got {text!r}")
     return ids
 
 
@@ -179,11 +191,15 @@ def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top
              as_json, dtype, **runner_opts):
     """Generate from an artifact (ssmrt export) or a checkpoint directory."""
     from .runtime import Session
+    from .runtime.sampling import check_generation
 
+    # every argument before the model loads: a typo costs no load, and names its option
+    check_generation(max_new_tokens, temperature, top_k, top_p, seed, (), cli=True)
+    stops = _parse_ids(stop_ids, "--stop-ids") if stop_ids else None
     ids, tok = _prompt(path, prompt, prompt_ids)
     runner = _runner(path, backend, dtype=dtype, **runner_opts)
-    stops = _parse_ids(stop_ids) if stop_ids else ([runner.config.eos_token_id]
-                                                   if runner.config.eos_token_id is not None else [])
+    if stops is None:
+        stops = [runner.config.eos_token_id] if runner.config.eos_token_id is not None else []
     session = Session(runner)
     kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stops)
     new: list[int] = []
@@ -248,13 +264,16 @@ def compare(model_dir, artifact, backend, steps, dtype, tolerance_dtype, atol, r
 
     if steps < 0:
         raise SsmrtError(f"--steps must be >= 0, got {steps}")
+    for name, v in (("--atol", atol), ("--rtol", rtol)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise SsmrtError(f"{name} must be a finite number >= 0, got {v}")
+    if prompt is None and prompt_ids is None and prompt_len < 1:
+        raise SsmrtError(f"--prompt-len must be >= 1, got {prompt_len}")
     reference = TorchRunnerFromCheckpoint(model_dir)
     candidate = _runner(artifact, backend, dtype=dtype, **runner_opts)
     if candidate.config.to_dict() | {"source": ""} != reference.config.to_dict() | {"source": ""}:
         raise SsmrtError(f"{artifact}: its config differs from {model_dir}'s; compare an artifact with its own model")
     if prompt is None and prompt_ids is None:
-        if prompt_len < 1:
-            raise SsmrtError(f"--prompt-len must be >= 1, got {prompt_len}")
         ids = np.random.default_rng(0).integers(0, reference.config.vocab_size, prompt_len).tolist()
     else:
         ids, _ = _prompt(model_dir, prompt, prompt_ids)
@@ -427,7 +446,9 @@ def bench(path, backend, prompt_len, decode_steps, batch, repeat, dtype, floors,
 def demo(model_dir, workdir, train_seconds, prompt, max_new_tokens, temperature, top_k, seed):
     """The whole pipeline on CPU: model -> export -> generate on ONNX Runtime -> compare report."""
     from .demo import run_demo
+    from .runtime.sampling import check_generation
 
+    check_generation(max_new_tokens, temperature, top_k, 1.0, seed, (), cli=True)  # before minutes of training
     ok = run_demo(model_dir, workdir, train_seconds, prompt, max_new_tokens, temperature, top_k, seed,
                   log=click.echo)
     sys.exit(0 if ok else EXIT_MISMATCH)
