@@ -100,8 +100,13 @@ def _runner(path, backend, threads=0, provider="auto", opt_level="all", native_o
             if value is not None:
                 raise SsmrtError(f"{name} applies to the torch backend (a checkpoint directory); "
                                  f"{path} is an artifact: choose its device with --provider")
-        return runner_from_path(path, backend, threads=threads, provider=provider, opt_level=opt_level,
-                                native_ops=native_ops)
+        runner = runner_from_path(path, backend, threads=threads, provider=provider, opt_level=opt_level,
+                                  native_ops=native_ops)
+        ctx = click.get_current_context(silent=True)
+        if not runner.native_ops and native_ops == "auto" and ctx is not None and (ctx.find_root().obj or {}).get(
+                "verbose"):
+            click.echo(f"ssmrt: the ssmrt ops run on their fallback bodies: {runner.native_ops_note}", err=True)
+        return runner
     if native_ops != "auto":
         raise SsmrtError(f"--native-ops applies to an artifact on ONNX Runtime; {path} is not one")
     return runner_from_path(path, backend, device=device or "cpu", decode=decode, dtype=dtype,

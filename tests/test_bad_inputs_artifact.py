@@ -168,3 +168,13 @@ def test_an_empty_cache_dir_is_not_the_current_directory(clean, tmp_path):
                 env={"SSMRT_CACHE_DIR": ""})
     assert res.returncode == 0, res.stderr  # auto: the bodies, and nothing written into the current directory
     assert tree(tmp_path) == before
+
+
+def test_verbose_says_once_why_the_native_ops_are_not_used(clean, tmp_path):
+    """--native-ops auto falling back to the bodies is said, once, with -v (here: an empty cache directory)."""
+    res = ssmrt("-v", "generate", clean, "--prompt-ids", "1,2", "--max-new-tokens", "2", cwd=tmp_path,
+                env={"SSMRT_CACHE_DIR": ""})
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stderr.splitlines() if "fallback bodies" in line]
+    assert lines == ["ssmrt: the ssmrt ops run on their fallback bodies: SSMRT_CACHE_DIR is set but empty; unset it "
+                     "or name a directory"]
