@@ -80,3 +80,20 @@ def test_build_to_a_bad_place_is_refused_and_touches_nothing(ckpt, tmp_path):
     before = tree(root)
     assert_refused(ssmrt("build", art, "-o", out, "--overwrite", "--plugins", "none"), "notes.txt")
     assert tree(root) == before
+
+
+def test_export_refuses_non_finite_weights_and_an_opset_onnx_does_not_know(tmp_path):
+    import onnx
+    import torch
+
+    from ssmrt.errors import SsmrtError
+
+    model = random_lm(arch="mamba1", d_model=32, n_layer=2, d_state=8)
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.D[3] = float("inf")
+    with pytest.raises(SsmrtError, match=r"weight backbone.layers.1.mixer.D has NaN or Inf values"):
+        export_model(model, tmp_path / "a")
+    too_new = onnx.defs.onnx_opset_version() + 1
+    with pytest.raises(SsmrtError, match=f"--opset {too_new} is newer than the installed onnx"):
+        export_model(random_lm(arch="mamba1", d_model=32, n_layer=2, d_state=8), tmp_path / "b", opset=too_new)
+    assert os.listdir(tmp_path) == []

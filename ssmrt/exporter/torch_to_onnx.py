@@ -296,6 +296,12 @@ def export_model(
         raise SsmrtError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     if opset < MIN_OPSET:
         raise SsmrtError(f"--opset must be {MIN_OPSET} or newer (the fallback bodies need it), got {opset}")
+    if opset > onnx.defs.onnx_opset_version():
+        raise SsmrtError(f"--opset {opset} is newer than the installed onnx {onnx.__version__} knows (up to "
+                         f"{onnx.defs.onnx_opset_version()})")
+    for name, t in model.state_dict().items():  # a NaN weight would export, and decode garbage, without a word
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise SsmrtError(f"the model's weight {name} has NaN or Inf values; refusing to export it")
     plan = artifact.check_output(out_dir, overwrite)  # before the (long) trace, not after it
 
     # Export needs an eval-mode CPU model in the target dtype; copy only if getting there would change the
