@@ -178,3 +178,22 @@ def test_verbose_says_once_why_the_native_ops_are_not_used(clean, tmp_path):
     lines = [line for line in res.stderr.splitlines() if "fallback bodies" in line]
     assert lines == ["ssmrt: the ssmrt ops run on their fallback bodies: SSMRT_CACHE_DIR is set but empty; unset it "
                      "or name a directory"]
+
+
+def test_a_model_file_declaring_an_enormous_field_is_refused_without_reading_it(tmp_path):
+    """A protobuf length of 2^62 bytes (a MemoryError for a parser that believes it): one line, nothing read."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            if not n:
+                return out + bytes([byte])
+            out += bytes([byte | 0x80])
+
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "model.onnx").write_bytes(varint((14 << 3) | 2) + varint(1 << 62) + b"xx")
+    before = tree(tmp_path)
+    assert_refused(ssmrt("inspect", art), "field 14 runs past the end of the file")
+    assert_refused(ssmrt("generate", art, "--prompt-ids", "1"), "field 14 runs past the end of the file")
+    assert tree(tmp_path) == before
