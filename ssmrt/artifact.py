@@ -247,17 +247,27 @@ def export_info(path) -> dict:
     return {**meta["export"], "arch": meta["config"].get("arch")}
 
 
-def earlier_export_problem(directory, names: list[str]) -> str | None:
-    """None if the entries `names` of `directory` are an earlier ssmrt export and nothing else (so replacing
-    it touches no file ssmrt did not write); otherwise what is in the way, in words."""
-    foreign = [n for n in names if n not in ARTIFACT_FILES]
+def only_our_files(directory, names: list[str], allowed, main_file: str, kind: str) -> str | None:
+    """What every recogniser of an earlier ssmrt output checks first: the entries `names` are all files ssmrt
+    writes there (`allowed`), regular files, and include `main_file` (whose contents the caller checks). None,
+    or what is in the way, in words (`kind`: "an ssmrt export", ...)."""
+    foreign = [n for n in names if n not in allowed]
     if foreign:
         return f"holds {foreign[0]!r}, which ssmrt did not write"
-    if MODEL_FILE not in names:
-        return f"holds {names[0]!r} but no {MODEL_FILE}, so it is not an ssmrt export"
+    if main_file not in names:
+        return f"holds {names[0]!r} but no {main_file}, so it is not {kind}"
     odd = not_regular_files(directory, names)
     if odd:
         return f"holds {odd!r}, which is not a regular file (ssmrt writes only files, never links or folders)"
+    return None
+
+
+def earlier_export_problem(directory, names: list[str]) -> str | None:
+    """None if the entries `names` of `directory` are an earlier ssmrt export and nothing else (so replacing
+    it touches no file ssmrt did not write); otherwise what is in the way, in words."""
+    problem = only_our_files(directory, names, ARTIFACT_FILES, MODEL_FILE, "an ssmrt export")
+    if problem:
+        return problem
     f = Path(directory) / MODEL_FILE
     try:
         props = read_metadata_props(f)

@@ -136,16 +136,11 @@ def check_compatible(doc: dict, tensorrt: str, sm: str | None, where) -> None:
 
 def recognise_engine_dir(directory, names: list[str]) -> str | None:
     """For fsutil.check_output_dir: None if `names` are an earlier engine directory's files and nothing else."""
-    from ..artifact import not_regular_files
+    from ..artifact import only_our_files
 
-    foreign = [n for n in names if n not in ENGINE_DIR_FILES]
-    if foreign:
-        return f"holds {foreign[0]!r}, which ssmrt did not write"
-    if SIDECAR_FILE not in names:
-        return f"holds {names[0]!r} but no {SIDECAR_FILE}, so it is not an engine directory from ssmrt"
-    odd = not_regular_files(directory, names)
-    if odd:
-        return f"holds {odd!r}, which is not a regular file (ssmrt writes only files)"
+    problem = only_our_files(directory, names, ENGINE_DIR_FILES, SIDECAR_FILE, "an engine directory from ssmrt")
+    if problem:
+        return problem
     try:
         doc = json.loads((Path(directory) / SIDECAR_FILE).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
