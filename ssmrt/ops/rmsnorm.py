@@ -29,14 +29,14 @@ def add_rmsnorm_ref(
     eps: float,
     residual_in_fp32: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block entry (mamba_ssm's Add -> Norm): residual = x (+ residual), in float32 when residual_in_fp32;
-    returns (rmsnorm(residual) in weight's dtype, residual).
+    """The block entry (mamba_ssm's Add -> Norm): residual = x (+ residual), in float32 when residual_in_fp32
+    (float64 stays float64); returns (rmsnorm(residual) in weight's dtype, residual).
 
     x: (..., dim); residual: (..., dim) or None (the first block); weight: (dim,)
     """
     residual = x if residual is None else residual + x
     if residual_in_fp32:
-        residual = residual.float()
+        residual = residual.to(acc_dtype(residual))  # float32, or float64 in a float64 witness
     return rmsnorm_ref(residual.to(weight.dtype), weight, eps), residual
 
 

@@ -60,6 +60,13 @@ class Runner:
         return self.name
 
 
+def _numpy(t) -> np.ndarray:
+    """A torch tensor as numpy: float32, or float64 for a float64 one (the compare reference's precision)."""
+    import torch
+
+    return (t.double() if t.dtype == torch.float64 else t.float()).cpu().numpy()
+
+
 class TorchRunner(Runner):
     """The reference models (ssmrt.models) in PyTorch.
 
@@ -126,7 +133,10 @@ class TorchRunner(Runner):
         return stack
 
     def zero_state(self, batch: int) -> list:
-        return flatten_states(self.model.zero_state(batch, self.device))
+        torch = self._torch
+        # float64 models (the compare reference) carry a float64 SSM state; every other dtype float32
+        ssm = torch.float64 if self.model.dtype == torch.float64 else torch.float32
+        return flatten_states(self.model.zero_state(batch, self.device, ssm_state_dtype=ssm))
 
     def forward(self, input_ids, state):
         torch = self._torch
@@ -139,10 +149,10 @@ class TorchRunner(Runner):
                 self._graphs[batch] = StepGraph(self.model, batch, self.device, self.decode,
                                                 lambda: self._routes(inplace_state=True))
             logits, new = self._graphs[batch](ids, state)
-            return logits.float().cpu().numpy(), new
+            return _numpy(logits), new
         with torch.no_grad(), self._routes():
             logits, new = self.model(ids, pair_states(state))
-        return logits.float().cpu().numpy(), flatten_states(new)
+        return _numpy(logits), flatten_states(new)
 
     def take(self, state, index):
         idx = self._torch.as_tensor(index, dtype=self._torch.long, device=self.device)
@@ -155,7 +165,7 @@ class TorchRunner(Runner):
         return [s.clone() for s in state]
 
     def to_numpy(self, state):
-        return [s.float().cpu().numpy() for s in state]
+        return [_numpy(s) for s in state]
 
     def describe(self) -> str:
         kernels = ", aot kernels" if self.launcher is not None else (", kernels" if self.kernels else "")
