@@ -104,9 +104,9 @@ def run_demo(model_dir, workdir, train_seconds=60.0, prompt="class Parser:\n    
     """Model -> export -> generate on ONNX Runtime -> compare with the reference. Returns the parity verdict."""
     from pathlib import Path
 
-    from .compare import compare_runners
+    from .compare import baseline_runner, compare_runners, reference_runner
     from .exporter import export
-    from .runtime import OnnxRuntimeRunnerFromArtifact, Session, TorchRunnerFromCheckpoint
+    from .runtime import OnnxRuntimeRunnerFromArtifact, Session
     from .runtime.tokenizer import load_tokenizer
 
     workdir = Path(workdir)
@@ -133,6 +133,7 @@ def run_demo(model_dir, workdir, train_seconds=60.0, prompt="class Parser:\n    
     log(tok.decode(ids + new) if tok is not None else " ".join(map(str, ids + new)))
     log("-" * 72)
     log("[4/4] parity of the artifact against the PyTorch reference (prefill, then teacher-forced steps)")
-    report = compare_runners(TorchRunnerFromCheckpoint(model_dir), runner, ids, steps=16)
+    report = compare_runners(reference_runner(model_dir), runner, ids, steps=16,
+                             baseline=baseline_runner(model_dir, runner))
     log(report.format())
     return report.passed
