@@ -93,7 +93,9 @@ def write_metadata(model, config: dict, states: list[dict], export: dict) -> Non
 
 def model_file(path) -> Path:
     """The .onnx file of an artifact directory (or the file itself)."""
-    p = Path(path)
+    from .fsutil import user_path
+
+    p = user_path(path, "the artifact")
     return p / MODEL_FILE if p.is_dir() else p
 
 

@@ -13,6 +13,26 @@ import time
 import numpy as np
 
 from .artifact import ITEMSIZE
+from .errors import SsmrtError
+
+# Upper bounds of bench's counts. A prompt or a decode run longer than a million tokens, or more than a thousand
+# prefill repeats (the median of a thousand says nothing the median of fewer does not), is likelier a typo than
+# a plan, and would run for hours before saying anything; batch times prompt length is checked against memory.
+MAX_TOKENS = 1_000_000
+MAX_REPEAT = 1000
+MAX_BATCH = 65_536
+
+
+def check_bench_args(prompt_len, decode_steps, batch, repeat, cli: bool = False) -> None:
+    """Each count an integer from 1 to its bound; `cli` names the options as the command line spells them."""
+    from .runtime.sampling import is_int
+
+    for arg, v, top in (("prompt_len", prompt_len, MAX_TOKENS), ("decode_steps", decode_steps, MAX_TOKENS),
+                        ("batch", batch, MAX_BATCH), ("repeat", repeat, MAX_REPEAT)):
+        flag = "--" + arg.replace("_", "-")
+        name = flag if cli else f"{arg} ({flag})"
+        if not is_int(v) or not 1 <= v <= top:
+            raise SsmrtError(f"{name} must be an integer from 1 to {top:_}, got {v!r}")
 
 
 def matmul_shapes(config) -> tuple[list[tuple[int, int]], tuple[int, int]]:
@@ -122,6 +142,10 @@ def bench_runner(runner, prompt_len: int = 512, decode_steps: int = 64, batch: i
     them (decode_vs_floor, prefill_vs_floor: 1.0 is the device's limit; None where they cannot be timed)."""
     from tqdm import tqdm
 
+    from .runtime.limits import check_prefill_fits
+
+    check_bench_args(prompt_len, decode_steps, batch, repeat)
+    check_prefill_fits(runner, batch, prompt_len, "bench")
     rng = np.random.default_rng(0)
     ids = rng.integers(0, runner.config.vocab_size, (batch, prompt_len), dtype=np.int64)
     for _ in range(warmup):

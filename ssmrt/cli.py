@@ -19,6 +19,19 @@ EXIT_USER_ERROR = 2
 EXIT_MISMATCH = 1
 
 
+class _Path(click.Path):
+    """click.Path that refuses an empty string: click would hand on Path(""), which is the current directory, so
+    `-o "$UNSET"` would write into wherever the command was run."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value == "":
+            self.fail("is empty; give a path ('.' for the current directory)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+PATH = _Path(path_type=Path)
+
+
 class _Group(click.Group):
     """Turns SsmrtError, and click's own refusals of a command's arguments (a value of the wrong type, an unknown
     option), into one line on stderr and exit 2; -v shows the traceback (or click's usage text)."""
@@ -87,11 +100,22 @@ def _runner(path, backend, threads=0, provider="auto", opt_level="all", native_o
     checkpoint directory on the torch backend."""
     from .engine import is_engine_dir
     from .runtime import is_artifact, runner_from_path
+    from .runtime.limits import check_threads
 
+    if not Path(path).exists():
+        raise SsmrtError(f"{path}: no such file or directory")
+    check_threads(threads, "--threads")
+    # ONNX Runtime's options, given their non-default values: silently ignored, they would answer another
+    # question than the one asked (--provider cuda, and the model ran on the CPU)
+    ort_given = [name for name, value, default in (("--threads", threads, 0), ("--provider", provider, "auto"),
+                                                   ("--opt-level", opt_level, "all"),
+                                                   ("--native-ops", native_ops, "auto")) if value != default]
     if is_engine_dir(path) or backend == "tensorrt":
         for name, value in (("--device", device), ("--kernels", kernels), ("--dtype", dtype)):
             if value is not None:
                 raise SsmrtError(f"{name} applies to the torch backend; {path} runs on TensorRT as it was built")
+        if ort_given:
+            raise SsmrtError(f"{ort_given[0]} applies to an artifact on ONNX Runtime; {path} runs on TensorRT")
         if decode not in (None, "eager", "cuda_graph"):
             raise SsmrtError(f"--decode {decode}: the TensorRT backend decodes eager or cuda_graph")
         return runner_from_path(path, "tensorrt", decode=decode or "cuda_graph")
@@ -107,8 +131,13 @@ def _runner(path, backend, threads=0, provider="auto", opt_level="all", native_o
                 "verbose"):
             click.echo(f"ssmrt: the ssmrt ops run on their fallback bodies: {runner.native_ops_note}", err=True)
         return runner
-    if native_ops != "auto":
-        raise SsmrtError(f"--native-ops applies to an artifact on ONNX Runtime; {path} is not one")
+    ort_given = [name for name in ort_given if name != "--threads"]  # the torch backend takes --threads too
+    if ort_given:
+        raise SsmrtError(f"{ort_given[0]} applies to an artifact on ONNX Runtime; {path} is not one")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     return runner_from_path(path, backend, device=device or "cpu", decode=decode, dtype=dtype,
                             kernels={None: None, "triton": True, "aot": "aot"}[kernels])
 
@@ -116,7 +145,8 @@ def _runner(path, backend, threads=0, provider="auto", opt_level="all", native_o
 def _runner_options(f):
     """The options of every command that runs a model: ONNX Runtime's and the torch backend's."""
     options = [
-        click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)."),
+        click.option("--threads", type=int, default=0,
+                     help="Intra-op threads of ONNX Runtime or torch (0: its default; at most the machine's CPUs)."),
         click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True,
                      help="ONNX Runtime execution provider."),
         click.option("--opt-level", type=click.Choice(OPT_LEVELS), default="all",
@@ -143,8 +173,8 @@ def _runner_options(f):
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+@click.argument("model_dir", type=PATH)
+@click.option("-o", "--output", "out_dir", type=PATH, required=True,
               help="Directory for model.onnx (+ external data) and the tokenizer files.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32",
               show_default=True, help="Weights and activations (A, D, dt biases stay float32).")
@@ -176,7 +206,7 @@ def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite, tar
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH)
 @click.option("--prompt", default=None, help="Text, encoded with the model's tokenizer.json.")
 @click.option("--prompt-ids", default=None, help="Comma-separated token ids.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
@@ -319,7 +349,7 @@ def compare(model_dir, artifact, backend, steps, free_steps, dtype, reference_dt
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=PATH)
 @click.option("--json", "as_json", is_flag=True)
 def inspect(artifact, as_json):
     """Ops, inputs/outputs, state sizes and config of an exported artifact (or what an engine directory from
@@ -368,8 +398,8 @@ def inspect(artifact, as_json):
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+@click.argument("artifact", type=PATH)
+@click.option("-o", "--output", "out_dir", type=PATH, required=True,
               help="Engine directory: model.engine (+ prefill.engine), engine.json, the tokenizer files.")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Largest batch the engines take.")
 @click.option("--max-seq", type=int, default=2048, show_default=True, help="Longest prompt (tokens) in one call.")
@@ -381,7 +411,7 @@ def inspect(artifact, as_json):
                    "JetPack 6's 10.3).")
 @click.option("--engine", "engine_kind", type=click.Choice(ENGINE_KINDS), default="tensorrt", show_default=True,
               help="tensorrt, or tensorrt-rtx (--plugins none only).")
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+@click.option("--timing-cache", type=PATH, default=None,
               help="Read TensorRT's timing cache from this file if it exists, and write it back updated.")
 @click.option("--workspace", type=int, default=None, help="Workspace memory limit in MiB. [default: TensorRT's]")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier engine directory (nothing else).")
@@ -394,6 +424,8 @@ def build(artifact, out_dir, max_batch, max_seq, opt_batch, opt_seq, plugins, en
     with --target tensorrt gets a second engine for prompts, its scans as chains of one-kernel plugins."""
     from .engine.build import build as do_build
 
+    if workspace is not None and workspace < 1:  # in MiB here; build() sees bytes
+        raise SsmrtError(f"--workspace must be positive, got {workspace} (MiB)")
     out = do_build(artifact, out_dir, max_batch=max_batch, max_seq=max_seq, opt_batch=opt_batch, opt_seq=opt_seq,
                    plugins=plugins, timing_cache=timing_cache,
                    workspace=workspace * (1 << 20) if workspace is not None else None, verbose=build_verbose,
@@ -403,7 +435,7 @@ def build(artifact, out_dir, max_batch, max_seq, opt_batch, opt_seq, plugins, en
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+@click.option("--workdir", type=PATH, default=None,
               help="Where the tiny models, artifacts and engines go. [default: a temporary directory]")
 def selftest(as_json, workdir):
     """What this machine can run, proved: for each family a tiny random model through export, every backend and
@@ -421,7 +453,7 @@ def selftest(as_json, workdir):
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH)
 @click.option("--backend", type=click.Choice(BACKENDS), default=None)
 @click.option("--prompt-len", type=int, default=512, show_default=True)
 @click.option("--decode-steps", type=int, default=64, show_default=True)
@@ -436,13 +468,12 @@ def selftest(as_json, workdir):
 @click.option("--json", "as_json", is_flag=True)
 def bench(path, backend, prompt_len, decode_steps, batch, repeat, dtype, floors, as_json, **runner_opts):
     """Prefill tokens/s and decode ms/token of an artifact or checkpoint, against the device's floors."""
-    from .bench import bench_runner
+    from .bench import bench_runner, check_bench_args
+    from .runtime.limits import check_prefill_fits
 
-    for name, v in (("--prompt-len", prompt_len), ("--decode-steps", decode_steps), ("--batch", batch),
-                    ("--repeat", repeat)):
-        if v < 1:
-            raise SsmrtError(f"{name} must be >= 1, got {v}")
+    check_bench_args(prompt_len, decode_steps, batch, repeat, cli=True)
     runner = _runner(path, backend, dtype=dtype, **runner_opts)
+    check_prefill_fits(runner, batch, prompt_len, "--batch x --prompt-len")
     res = bench_runner(runner, prompt_len, decode_steps, batch, repeat, progress=not as_json, floors=floors)
     if as_json:
         click.echo(json.dumps(res))
@@ -465,12 +496,12 @@ def bench(path, backend, prompt_len, decode_steps, batch, repeat, dtype, floors,
 
 
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--model", "model_dir", type=PATH, default=None,
               help="A checkpoint directory to use instead of training the demo model.")
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
+@click.option("--workdir", type=PATH, default=Path("demo_out"), show_default=True,
               help="Where the trained model and the artifact go.")
 @click.option("--train-seconds", type=float, default=60.0, show_default=True,
-              help="How long to train the byte-level demo model (reused if already trained).")
+              help="How long to train the byte-level demo model (reused if already trained); at most a day.")
 @click.option("--prompt", default="class Parser:\n    def ", show_default=True)
 @click.option("--max-new-tokens", type=int, default=160, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="0 is greedy.")
@@ -478,10 +509,9 @@ def bench(path, backend, prompt_len, decode_steps, batch, repeat, dtype, floors,
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(model_dir, workdir, train_seconds, prompt, max_new_tokens, temperature, top_k, seed):
     """The whole pipeline on CPU: model -> export -> generate on ONNX Runtime -> compare report."""
-    from .demo import run_demo
-    from .runtime.sampling import check_generation
+    from .demo import check_demo_args, run_demo
 
-    check_generation(max_new_tokens, temperature, top_k, 1.0, seed, (), cli=True)  # before minutes of training
+    check_demo_args(train_seconds, prompt, max_new_tokens, temperature, top_k, seed, cli=True)  # before training
     ok = run_demo(model_dir, workdir, train_seconds, prompt, max_new_tokens, temperature, top_k, seed,
                   log=click.echo)
     sys.exit(0 if ok else EXIT_MISMATCH)

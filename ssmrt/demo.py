@@ -11,6 +11,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from .errors import SsmrtError
+
 BYTE_VOCAB = 256
 
 
@@ -92,34 +94,67 @@ def train_char_model(out_dir, seconds: float = 60.0, arch: str = "mamba2", seed:
         step += 1
         if step % 50 == 0:
             log(f"  step {step:4d}  loss {loss_avg:.3f} nats/byte  ({time.monotonic() - start:.0f}s)")
-    log(f"  trained {step} steps in {time.monotonic() - start:.0f}s, final loss {loss_avg:.3f} nats/byte")
+    loss = "no step taken" if loss_avg is None else f"final loss {loss_avg:.3f} nats/byte"
+    log(f"  trained {step} steps in {time.monotonic() - start:.0f}s, {loss}")
     model.eval()
     from .runtime.tokenizer import TOKENIZER_FILE, byte_level_tokenizer_json
 
     return save_model(model, out_dir, layout="hf", extra_files={TOKENIZER_FILE: byte_level_tokenizer_json()})
 
 
+# A day: a longer run of this small model learns nothing more, and a typo (an extra digit or three) would hold
+# the machine for weeks before the demo said anything.
+MAX_TRAIN_SECONDS = 86_400
+
+
+def check_demo_args(train_seconds, prompt, max_new_tokens, temperature, top_k, seed, cli: bool = False) -> None:
+    """Every argument of the demo, before any training; `cli` names the options as the command line spells
+    them."""
+    import math
+
+    from .runtime.sampling import check_generation
+
+    name = "--train-seconds" if cli else "train_seconds (--train-seconds)"
+    if (isinstance(train_seconds, bool) or not isinstance(train_seconds, (int, float))
+            or not math.isfinite(train_seconds) or not 0 < train_seconds <= MAX_TRAIN_SECONDS):
+        raise SsmrtError(f"{name} must be a number of seconds in (0, {MAX_TRAIN_SECONDS:_}], got {train_seconds!r}")
+    if not isinstance(prompt, str) or not prompt:
+        raise SsmrtError(f"{'--prompt' if cli else 'prompt (--prompt)'} must be some text, got {prompt!r}")
+    check_generation(max_new_tokens, temperature, top_k, 1.0, seed, (), cli=cli)
+
+
 def run_demo(model_dir, workdir, train_seconds=60.0, prompt="class Parser:\n    def ", max_new_tokens=160,
              temperature=0.8, top_k=20, seed=0, log=print) -> bool:
-    """Model -> export -> generate on ONNX Runtime -> compare with the reference. Returns the parity verdict."""
-    from pathlib import Path
+    """Model -> export -> generate on ONNX Runtime -> compare with the reference. Returns the parity verdict.
 
+    Every argument and both output directories (the trained model's, the artifact's) are checked first, so a
+    mistake is refused before the training, not after it."""
+    from .artifact import check_output
     from .compare import baseline_runner, compare_runners, reference_runner
     from .exporter import export
+    from .fsutil import user_path
+    from .models.checkpoints import check_save
     from .runtime import OnnxRuntimeRunnerFromArtifact, Session
-    from .runtime.tokenizer import load_tokenizer
+    from .runtime.tokenizer import TOKENIZER_FILE, load_tokenizer
 
-    workdir = Path(workdir)
+    check_demo_args(train_seconds, prompt, max_new_tokens, temperature, top_k, seed)
+    workdir = user_path(workdir, "workdir (--workdir)")
+    if model_dir is not None:
+        model_dir = user_path(model_dir, "model_dir (--model)")
+    artifact = workdir / "artifact"
+    train = model_dir is None and not (workdir / "char-mamba2" / "config.json").is_file()
+    if train:
+        check_save(workdir / "char-mamba2", "hf", {TOKENIZER_FILE: ""})
+    check_output(artifact, overwrite=True)  # the demo's own directory, rewritten on every run
     if model_dir is None:
         model_dir = workdir / "char-mamba2"
-        if not (model_dir / "config.json").is_file():
+        if train:
             log(f"[1/4] training a byte-level Mamba-2 on the standard library's source for {train_seconds:.0f}s")
             train_char_model(model_dir, seconds=train_seconds, log=log)
         else:
             log(f"[1/4] reusing {model_dir}")
     else:
         log(f"[1/4] model: {model_dir}")
-    artifact = workdir / "artifact"
     log(f"[2/4] exporting to {artifact}")
     export(model_dir, artifact, overwrite=True)  # the demo's own directory, rewritten on every run
     runner = OnnxRuntimeRunnerFromArtifact(artifact)

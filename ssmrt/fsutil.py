@@ -110,6 +110,55 @@ def _libc():
 # ------------------------------------------------------------------------------------------ checking
 
 
+def user_path(value, what: str = "path") -> Path:
+    """`value` as a Path, or SsmrtError naming `what`: not a str or os.PathLike, empty, or holding a NUL byte.
+    An empty string is refused rather than taken as "." (Path("") is the current directory): an unset
+    variable in a script would otherwise read, or write, wherever the script happens to stand."""
+    if isinstance(value, Path):
+        text = str(value)
+    elif isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        if isinstance(text, bytes):
+            text = os.fsdecode(text)
+    else:
+        raise SsmrtError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
+    if text == "":
+        raise SsmrtError(f"{what} is empty; give a path ('.' for the current directory)")
+    if "\0" in text:
+        raise SsmrtError(f"{what} {text!r} holds a NUL byte, which no file name can")
+    return Path(text)
+
+
+def make_work_dir(path, what: str) -> Path:
+    """A directory ssmrt writes its own, named entries into (the self-test's models): created with its parents
+    where missing, refused in one line naming `what` where it is a file, lies under one, or cannot be written."""
+    p = user_path(path, what)
+    if p.exists() and not p.is_dir():
+        raise SsmrtError(f"{p}: {what} exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SsmrtError(f"{p}: {what} cannot be created ({e.strerror or e})") from None
+    why = _probe_writable(p)
+    if why is not None:
+        raise SsmrtError(f"{p}: {what} cannot be written ({why})")
+    return p
+
+
+def probe_file_writable(path) -> str | None:
+    """None if a file can be created beside `path` (in its directory, which must exist), else why not. A real
+    file is created and removed: permission bits say nothing to root, and nothing about a read-only mount."""
+    directory = Path(os.path.abspath(path)).parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.ssmrt-probe-", dir=directory)
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.remove(probe)
+    return None
+
+
 @dataclass(frozen=True)
 class OutputPlan:
     """How `output_directory` will write `out`: "create" (a new path), "fill" (an empty directory) or
@@ -213,7 +262,7 @@ def check_output_dir(
     this kind and nothing else, else what is in the way ("holds 'notes.txt', which ssmrt did not write").
     """
     # absolute, so that "." has a real parent to stage beside
-    out = Path(os.path.abspath(out))
+    out = Path(os.path.abspath(user_path(out, "the output directory")))
     keep = dict(recognise=recognise, overwrite=overwrite, what=what, flag=flag)
     try:
         return _check(out, keep, _ignore)

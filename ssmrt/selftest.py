@@ -106,11 +106,13 @@ def _trt_modes(env: dict) -> dict[str, str | None]:
 
 def run_selftest(workdir=None) -> dict:
     """Runs every check this machine can run; returns {"environment", "checks": [...], "passed"}."""
+    from .fsutil import make_work_dir
+
+    root = make_work_dir(workdir, "--workdir") if workdir is not None else None  # before any check runs
     env = environment()
     checks = []
     with tempfile.TemporaryDirectory(prefix="ssmrt-selftest-") as tmp:
-        root = Path(workdir) if workdir is not None else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
+        root = root if root is not None else Path(tmp)
         for family, kw in FAMILIES.items():
             checks += _family_checks(family, kw, root / family, env)
     ran = [c for c in checks if c["status"] != "skip"]

@@ -68,6 +68,27 @@ CLI_CASES = [
     (["bench", "{art}", "--prompt-len", "0", "--no-floors"], ["--prompt-len", "0"]),
     (["bench", "{art}", "--prompt-len", "-5", "--no-floors"], ["--prompt-len", "-5"]),
     (["generate", "{nan}", "--prompt-ids", "1,2", "--max-new-tokens", "3"], ["not finite", "after prefill"]),
+    (GEN + ["--stop-ids", "97"], ["stop id 97", "outside the vocabulary"]),
+    (["generate", "", "--prompt-ids", "1"], ["PATH", "is empty"]),  # not the current directory
+    (GEN + ["--threads", "-1"], ["--threads", "-1"]),
+    (GEN + ["--threads", "100000"], ["--threads", "100000", "this machine's CPUs"]),
+    (["generate", "{ckpt}", "--prompt-ids", "1", "--provider", "cpu"], ["--provider applies to an artifact"]),
+    (["generate", "{ckpt}", "--prompt-ids", "1", "--opt-level", "basic"], ["--opt-level applies to an artifact"]),
+    (["bench", "{art}", "--prompt-len", "1000000001"], ["--prompt-len", "1_000_000"]),
+    (["bench", "{art}", "--prompt-len", "99999999999999999999"], ["--prompt-len"]),
+    (["bench", "{art}", "--decode-steps", "1000000001"], ["--decode-steps", "1_000_000"]),
+    (["bench", "{art}", "--batch", "0"], ["--batch", "0"]),
+    (["bench", "{art}", "--batch", "100000000"], ["--batch", "65_536"]),
+    (["bench", "{art}", "--repeat", "1000000000"], ["--repeat", "1_000"]),
+    # within every bound, and still more than any machine has: refused before a token is fed
+    (["bench", "{art}", "--batch", "65536", "--prompt-len", "1000000"], ["--batch x --prompt-len", "65,536 x 1,000,000",
+                                                                         "needs at least"]),
+    (["demo", "--train-seconds", "nan"], ["--train-seconds", "nan"]),
+    (["demo", "--train-seconds", "-1"], ["--train-seconds", "-1"]),
+    (["demo", "--train-seconds", "inf"], ["--train-seconds", "inf"]),
+    (["demo", "--train-seconds", "1e9"], ["--train-seconds", "86_400"]),
+    (["demo", "--prompt", ""], ["--prompt", "''"]),
+    (["demo", "--top-k", "-1"], ["--top-k", "-1"]),
 ]
 
 
@@ -177,6 +198,56 @@ def test_sample_refuses_bad_arguments_and_logits():
         sample(np.array([-np.inf, -np.inf]), temperature=1.0)
     assert sample(np.array([-np.inf, 0.0, -np.inf]), temperature=1.0, rng=np.random.default_rng(0)) == 1  # a mask
     assert sample(logits, temperature=1e-308, rng=np.random.default_rng(0)) == 2  # no overflow to NaN
+
+
+def test_runner_calls_refuse_what_is_not_their_arguments(tiny, runner):
+    from ssmrt.runtime import TorchRunnerFromCheckpoint
+
+    state = runner.zero_state(1)
+    with pytest.raises(SsmrtError, match="input_ids must be token ids .integers., got a float64 array"):
+        runner.forward(np.array([[1.5]]), state)  # would run token 1
+    with pytest.raises(SsmrtError, match=r"token id 97 is outside the vocabulary \[0, 97\)"):
+        runner.forward(np.array([[97]]), state)
+    with pytest.raises(SsmrtError, match=r"input_ids must be \(batch, seqlen\)"):
+        runner.forward(np.array([1, 2]), state)
+    with pytest.raises(SsmrtError, match="state must be 4 arrays"):
+        runner.forward(np.array([[1]]), state[:1])
+    with pytest.raises(SsmrtError, match="batch must be an integer >= 0, got -1"):
+        runner.zero_state(-1)
+    with pytest.raises(SsmrtError, match="threads .--threads. must be an integer from 0"):
+        OnnxRuntimeRunnerFromArtifact(tiny.art, threads=-1)
+    with pytest.raises(SsmrtError, match="got '2'"):
+        OnnxRuntimeRunnerFromArtifact(tiny.art, threads="2")
+    with pytest.raises(SsmrtError, match=r"Session\(runner\) takes a runner .*got str"):
+        Session("runner")
+    with pytest.raises(SsmrtError, match=r"TorchRunner\(model\) takes an ssmrt model .*got str"):
+        TorchRunner("model")
+    with pytest.raises(SsmrtError, match="logits must be numbers"):
+        sample(["a", "b"])
+    with pytest.raises(SsmrtError, match="dtype must be one of float32, float16, bfloat16 .*'float64'"):
+        TorchRunnerFromCheckpoint(tiny.ckpt, dtype="float64")
+    with pytest.raises(SsmrtError, match="device must be 'cpu' or 'cuda'.*'tpu'"):
+        TorchRunnerFromCheckpoint(tiny.ckpt, device="tpu")
+    logits, _ = runner.forward(np.array([[1, 2]], dtype=np.int32), runner.zero_state(1))  # any integer dtype
+    assert logits.shape[:2] == (1, 2)
+
+
+def test_requests_that_cannot_fit_in_memory_are_refused_before_they_run(runner, monkeypatch):
+    from ssmrt.bench import bench_runner
+    from ssmrt.runtime import limits
+
+    session = Session(runner)
+    session.prefill([1, 2, 3])
+    with pytest.raises(SsmrtError, match=r"restore\(fork=...\): a batch of 1,000,000,000 sequences needs at least"):
+        session.restore(session.snapshot(), fork=10**9)  # a billion states, not a billion-entry index first
+    with pytest.raises(SsmrtError, match=r"prompt_len \(--prompt-len\) must be an integer from 1 to 1_000_000"):
+        bench_runner(runner, prompt_len=10**9, progress=False)
+    # a prompt this machine could hold, on a machine that has 100 MiB free
+    monkeypatch.setattr(limits, "available_memory", lambda device: 100 << 20)
+    with pytest.raises(SsmrtError, match=r"prompt_ids: a prefill of 1 x 100,000 tokens needs at least .* MiB, and "
+                                         r"cpu memory has 100.0 MiB free"):
+        Session(runner).generate([1] * 100_000, 1)
+    assert Session(runner).generate([1, 2, 3], 2)  # small ones are not even measured
 
 
 # ------------------------------------------------------------------------------------ a stub runner

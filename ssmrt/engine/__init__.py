@@ -55,6 +55,9 @@ class Profile:
         return self.batch[0] <= batch <= self.batch[2] and self.seqlen[0] <= seqlen <= self.seqlen[2]
 
 
+INT32_MAX = 2**31 - 1
+
+
 def profiles(max_batch: int, max_seq: int, opt_batch: int | None = None, opt_seq: int | None = None
              ) -> dict[str, list[Profile]]:
     """Each engine file's profile for these limits (SsmrtError, naming the option, for values that cannot make
@@ -64,6 +67,8 @@ def profiles(max_batch: int, max_seq: int, opt_batch: int | None = None, opt_seq
     for name, value in (("--max-batch", max_batch), ("--max-seq", max_seq)):
         if not isinstance(value, int) or value < 1:
             raise SsmrtError(f"{name} must be a positive integer, got {value!r}")
+        if value > INT32_MAX:  # TensorRT's dimensions are 32-bit: refused here rather than by the builder later
+            raise SsmrtError(f"{name} must be at most {INT32_MAX:_} (TensorRT's dimensions are 32-bit), got {value}")
     if max_seq < 2:
         raise SsmrtError(f"--max-seq must be at least 2 (the prefill profile takes 2..max-seq tokens), got {max_seq}")
     opt_batch = 1 if opt_batch is None else opt_batch
@@ -93,7 +98,9 @@ def write_sidecar(path: Path, meta: dict, *, tensorrt: str, engine: str, sm: str
 def read_sidecar(engine_dir) -> dict:
     """engine.json of an engine directory, checked; profiles as Profile objects. SsmrtError, naming the file,
     for anything else."""
-    d = Path(engine_dir)
+    from ..fsutil import user_path
+
+    d = user_path(engine_dir, "the engine directory")
     f = d / SIDECAR_FILE
     if not d.is_dir():
         raise SsmrtError(f"{d}: not an engine directory (build one with `ssmrt build ARTIFACT -o {d}`)")

@@ -208,7 +208,7 @@ def build(
     """Engines for the artifact in artifact_dir, into out_dir (new, empty, or with overwrite an earlier engine
     directory). Every check that needs no TensorRT runs first; then TensorRT's, then the builds."""
     from .. import __version__
-    from ..fsutil import check_output_dir, output_directory
+    from ..fsutil import check_output_dir, output_directory, probe_file_writable, user_path
 
     if plugins not in PLUGIN_MODES:
         raise SsmrtError(f"--plugins must be one of {', '.join(PLUGIN_MODES)}, got {plugins!r}")
@@ -229,12 +229,23 @@ def build(
     engines = profiles(max_batch, max_seq, opt_batch, opt_seq)
     plan = check_output_dir(out_dir, recognise=recognise_engine_dir, overwrite=overwrite,
                             what="an earlier engine directory")
-    cache_path = Path(timing_cache) if timing_cache is not None else None
+    cache_path = user_path(timing_cache, "--timing-cache") if timing_cache is not None else None
     cache = None
     if cache_path is not None:
+        if cache_path.is_symlink():  # the file it names is updated; the link stays a link
+            cache_path = Path(os.path.realpath(cache_path))
         if cache_path.exists() and not cache_path.is_file():
             raise SsmrtError(f"{cache_path}: --timing-cache must be a file")
-        cache = cache_path.read_bytes() if cache_path.exists() else b""  # b"": a new, empty cache
+        if not cache_path.parent.is_dir():
+            raise SsmrtError(f"{cache_path}: --timing-cache's directory {cache_path.parent} does not exist")
+        try:
+            cache = cache_path.read_bytes() if cache_path.exists() else b""  # b"": a new, empty cache
+        except OSError as e:
+            raise SsmrtError(f"{cache_path}: --timing-cache cannot be read ({e.strerror or e})") from None
+        # written back after the builds: a place it cannot go is refused now, not after minutes of building
+        why = probe_file_writable(cache_path)
+        if why is not None:
+            raise SsmrtError(f"{cache_path}: --timing-cache cannot be written back ({why})")
 
     if plugins != "none" and engine != "tensorrt":
         raise SsmrtError(f"{engine} has no ssmrt plugins; build with --plugins none")

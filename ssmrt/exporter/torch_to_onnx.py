@@ -288,8 +288,15 @@ def export_model(
     import onnx
     import torch
 
+    from ..models.mamba import MambaLM
+    from ..runtime.sampling import is_int
+
+    if not isinstance(model, MambaLM):
+        raise SsmrtError(f"export_model(model) takes an ssmrt model (ssmrt.load_model), got {type(model).__name__}")
     act_dtype = _torch_dtype(dtype, "--dtype")
     st_dtype = _torch_dtype(state_dtype, "--state-dtype")
+    if not is_int(opset):
+        raise SsmrtError(f"--opset must be an integer, got {opset!r}")
     if logits not in LOGITS_MODES:
         raise SsmrtError(f"--logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
     if target not in TARGETS:

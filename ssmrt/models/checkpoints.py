@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError, SsmrtError
-from ..fsutil import check_output_dir, output_directory
+from ..fsutil import check_output_dir, output_directory, user_path
 from .config import ConfigError, SSMConfig
 
 CONFIG_FILE = "config.json"
@@ -259,7 +259,7 @@ def _config_from_mamba_ssm(raw: dict, path: Path) -> SSMConfig:
 
 def load_config(model_dir: str | os.PathLike) -> SSMConfig:
     """Read and validate the config.json of an HF or mamba_ssm checkpoint directory."""
-    d = Path(model_dir)
+    d = user_path(model_dir, "the checkpoint directory")
     if not d.exists():
         raise CheckpointError(f"{d}: no such directory")
     if not d.is_dir():
@@ -574,6 +574,41 @@ def _check_values(sd: dict, origin: dict, config: SSMConfig) -> None:
             raise CheckpointError(f"{origin[k]}: tensor {_file_name(k, config)!r} has {what} values")
 
 
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _dtype_arg(dtype):
+    """None, or one of the dtypes a model runs in (by name or as a torch.dtype), as a torch.dtype."""
+    import torch
+
+    if dtype is None:
+        return None
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.") if isinstance(
+        dtype, torch.dtype) else None
+    if name not in _DTYPES:
+        raise SsmrtError(f"dtype must be one of {', '.join(_DTYPES)} (or None: float32), got {dtype!r}")
+    return getattr(torch, name)
+
+
+def _device_arg(device):
+    """A torch.device this PyTorch has: "cpu", or "cuda" / "cuda:N" where it sees that GPU."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SsmrtError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}") from None
+    if d.type == "cpu":
+        return d
+    if d.type != "cuda":
+        raise SsmrtError(f"device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+    if not torch.cuda.is_available():
+        raise SsmrtError(f"device {device!r}: this PyTorch sees no CUDA device")
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise SsmrtError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+
 def load_model(model_dir: str | os.PathLike, dtype=None, device="cpu"):
     """Load an HF or mamba_ssm checkpoint directory as an ssmrt MambaLM (eval mode).
 
@@ -587,6 +622,7 @@ def load_model(model_dir: str | os.PathLike, dtype=None, device="cpu"):
 
     from .mamba import MambaLM
 
+    dtype, device = _dtype_arg(dtype), _device_arg(device)  # before the weights are read
     config = load_config(model_dir)
     source, files, weight_map = _weight_source(model_dir)
     index = _tensor_shapes(source, files, weight_map)
@@ -701,25 +737,11 @@ def _mamba_ssm_config(config: SSMConfig) -> dict:
     }
 
 
-def save_model(
-    model,
-    out_dir: str | os.PathLike,
-    layout: str = "hf",
-    extra_files: dict[str, str] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write model (a MambaLM) as a checkpoint directory: layout "hf" (config.json + model.safetensors) or
-    "mamba_ssm" (its config.json + pytorch_model.bin), plus extra_files (name -> text, e.g. a tokenizer).
-
-    out_dir must be new or empty; overwrite=True replaces a directory that holds only the files this call
-    writes (anything else there is refused). Staged, then swapped in (ssmrt.fsutil): a failure leaves the
-    old directory or the new one, complete.
-    """
-    import torch
-    from safetensors.torch import save_file
-
+def check_save(out_dir, layout: str = "hf", extra_files=None, overwrite: bool = False):
+    """save_model's checks of its arguments and of out_dir, alone: call it before the work that makes the model
+    (the demo's training), so that a bad place is refused before, not after. Returns the output plan."""
     if layout not in ("hf", "mamba_ssm"):
-        raise ValueError(f"layout must be 'hf' or 'mamba_ssm', got {layout!r}")
+        raise SsmrtError(f"layout must be 'hf' or 'mamba_ssm', got {layout!r}")
     from ..artifact import not_regular_files
 
     weights = "model.safetensors" if layout == "hf" else "pytorch_model.bin"
@@ -737,8 +759,29 @@ def save_model(
             return f"holds {odd!r}, which is not a regular file"
         return None if CONFIG_FILE in names else f"holds no {CONFIG_FILE}, so it is not a checkpoint"
 
-    plan = check_output_dir(out_dir, recognise=recognise, overwrite=overwrite, what="a checkpoint",
+    return check_output_dir(out_dir, recognise=recognise, overwrite=overwrite, what="a checkpoint",
                             flag="overwrite=True")
+
+
+def save_model(
+    model,
+    out_dir: str | os.PathLike,
+    layout: str = "hf",
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write model (a MambaLM) as a checkpoint directory: layout "hf" (config.json + model.safetensors) or
+    "mamba_ssm" (its config.json + pytorch_model.bin), plus extra_files (name -> text, e.g. a tokenizer).
+
+    out_dir must be new or empty; overwrite=True replaces a directory that holds only the files this call
+    writes (anything else there is refused). Staged, then swapped in (ssmrt.fsutil): a failure leaves the
+    old directory or the new one, complete.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    weights = "model.safetensors" if layout == "hf" else "pytorch_model.bin"
+    plan = check_save(out_dir, layout, extra_files, overwrite)
     cfg = _hf_config(model.config) if layout == "hf" else _mamba_ssm_config(model.config)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:

@@ -68,6 +68,12 @@ def cache_dir() -> Path:
     value = os.environ.get("SSMRT_CACHE_DIR")
     if value is not None and not value.strip():
         raise NativeOpsUnavailable("SSMRT_CACHE_DIR is set but empty; unset it or name a directory")
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # ONNX Runtime takes the library's path as UTF-8 only: found after the build
+            raise NativeOpsUnavailable(f"SSMRT_CACHE_DIR {value!r} is not valid UTF-8; name another directory"
+                                       ) from None
     return Path(os.path.abspath(value or Path.home() / ".cache" / "ssmrt")) / "ort_ops"
 
 
@@ -160,5 +166,6 @@ def library_path() -> Path:
 def _run(cmd: list[str], source: Path) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        why = " / ".join(line for line in res.stderr.splitlines() if "error" in line)[:500] or res.stderr[:500]
+        why = (" / ".join(line for line in res.stderr.splitlines() if "error" in line)[:500]
+               or " ".join(res.stderr.split())[:500] or f"exit status {res.returncode}, no message")
         raise NativeOpsUnavailable(f"{cmd[0]} could not build {source}: {why}")

@@ -18,6 +18,7 @@ import numpy as np
 from .. import artifact
 from ..artifact import MODEL_FILE, flatten_states, pair_states
 from ..errors import SsmrtError
+from ..fsutil import user_path
 from ..models.config import SSMConfig
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -25,6 +26,33 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PROVIDERS = ("auto", "cpu", "cuda")
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 NATIVE_OPS_MODES = ("auto", "on", "off")
+
+
+def checked_ids(input_ids, state, config) -> np.ndarray:
+    """forward()'s input_ids as a contiguous int64 (batch, seqlen) array of token ids in the vocabulary, and its
+    state a list: anything else refused in one line (a float id would be truncated to another token, an id
+    outside the vocabulary read another row or crash the runtime)."""
+    ids = np.asarray(input_ids)
+    if ids.dtype.kind not in "iu":
+        raise SsmrtError(f"input_ids must be token ids (integers), got a {ids.dtype} array")
+    if ids.ndim != 2 or 0 in ids.shape:
+        raise SsmrtError(f"input_ids must be (batch, seqlen) with both >= 1, got shape {ids.shape}")
+    v = config.padded_vocab_size
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= v:
+        raise SsmrtError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {v})")
+    if not isinstance(state, (list, tuple)):
+        raise SsmrtError(f"state must be the list zero_state() or forward() returned, got {type(state).__name__}")
+    return np.ascontiguousarray(ids, dtype=np.int64)
+
+
+def checked_batch(batch) -> int:
+    """zero_state()'s batch: an integer >= 0."""
+    from .sampling import is_int
+
+    if not is_int(batch) or batch < 0:
+        raise SsmrtError(f"batch must be an integer >= 0, got {batch!r}")
+    return int(batch)
 
 
 class Runner:
@@ -85,8 +113,11 @@ class TorchRunner(Runner):
         import torch
 
         from ..kernels.dispatch import interpreting
+        from ..models.mamba import MambaLM
         from .decode_graph import MODES
 
+        if not isinstance(model, MambaLM):
+            raise SsmrtError(f"TorchRunner(model) takes an ssmrt model (ssmrt.load_model), got {type(model).__name__}")
         self._torch = torch
         self.model = model.eval()
         self.config = model.config
@@ -133,14 +164,21 @@ class TorchRunner(Runner):
         return stack
 
     def zero_state(self, batch: int) -> list:
+        batch = checked_batch(batch)
         torch = self._torch
         # float64 models (the compare reference) carry a float64 SSM state; every other dtype float32
         ssm = torch.float64 if self.model.dtype == torch.float64 else torch.float32
-        return flatten_states(self.model.zero_state(batch, self.device, ssm_state_dtype=ssm))
+        try:
+            return flatten_states(self.model.zero_state(batch, self.device, ssm_state_dtype=ssm))
+        except (MemoryError, RuntimeError) as e:  # torch's allocator raises RuntimeError
+            raise SsmrtError(f"zero_state({batch}): cannot allocate the state ({str(e).splitlines()[0]})") from None
 
     def forward(self, input_ids, state):
         torch = self._torch
-        ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64), device=self.device)
+        ids = torch.as_tensor(checked_ids(input_ids, state, self.config), device=self.device)
+        if len(state) != 2 * self.config.n_layer:
+            raise SsmrtError(f"state must be {2 * self.config.n_layer} arrays (zero_state() makes one), got "
+                             f"{len(state)}")
         if ids.shape[1] == 1 and self.decode != "eager":
             from .decode_graph import StepGraph
 
@@ -174,14 +212,8 @@ class TorchRunner(Runner):
 
 
 def TorchRunnerFromCheckpoint(model_dir, dtype=None, device="cpu", kernels=None, decode=None) -> TorchRunner:  # noqa: N802
-    import torch
-
     from ..models.checkpoints import load_model
 
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise SsmrtError(f"device {device!r}: this PyTorch sees no CUDA device")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     return TorchRunner(load_model(model_dir, dtype=dtype, device=device), kernels=kernels, decode=decode)
 
 
@@ -217,6 +249,9 @@ class OnnxRuntimeRunner(Runner):
             providers = [want]
         else:
             raise SsmrtError(f"provider must be auto, cpu or cuda, got {provider!r}")
+        from .limits import check_threads
+
+        threads = check_threads(threads)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = levels[opt_level]
         if threads:
@@ -285,11 +320,18 @@ class OnnxRuntimeRunner(Runner):
         return (), why
 
     def zero_state(self, batch: int) -> list:
-        return [np.zeros([batch if d == "batch" else d for d in s["shape"]], dtype=self._np_dtypes[s["name"]])
-                for s in self.state_specs]
+        batch = checked_batch(batch)
+        try:
+            return [np.zeros([batch if d == "batch" else d for d in s["shape"]], dtype=self._np_dtypes[s["name"]])
+                    for s in self.state_specs]
+        except MemoryError as e:
+            raise SsmrtError(f"zero_state({batch}): cannot allocate the state ({e})") from None
 
     def forward(self, input_ids, state):
-        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64)}
+        feeds = {"input_ids": checked_ids(input_ids, state, self.config)}
+        if len(state) != len(self.state_specs):
+            raise SsmrtError(f"state must be {len(self.state_specs)} arrays (zero_state() makes one), got "
+                             f"{len(state)}")
         for spec, value in zip(self.state_specs, state, strict=True):
             feeds[spec["name"]] = value
         outs = self.session.run(self._out_names, feeds)
@@ -307,7 +349,7 @@ def _numpy_dtype(name: str, path) -> np.dtype:
 
 
 def OnnxRuntimeRunnerFromArtifact(path, **opts) -> OnnxRuntimeRunner:  # noqa: N802
-    p = Path(path)
+    p = user_path(path, "the artifact")
     onnx_path = p / MODEL_FILE if p.is_dir() else p
     if not onnx_path.is_file():
         raise SsmrtError(f"{onnx_path}: not found; expected an artifact directory from `ssmrt export`")
@@ -324,7 +366,7 @@ def runner_from_path(path: str | os.PathLike, backend: str | None = None, **opts
     checkpoint directory on torch."""
     from ..engine import is_engine_dir
 
-    p = Path(path)
+    p = user_path(path)
     if not p.exists():
         raise SsmrtError(f"{p}: no such file or directory")
     if backend is not None and backend not in BACKENDS:

@@ -73,7 +73,10 @@ def sample(
     """logits: (vocab,) float. temperature 0 is greedy (the lowest id among ties). -inf masks a token out; NaN,
     +inf, or no finite logit at all is refused (no token can be chosen from them)."""
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
-    logits = np.asarray(logits, dtype=np.float64)
+    try:
+        logits = np.asarray(logits, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SsmrtError(f"logits must be numbers, got {type(logits).__name__}") from None
     if logits.ndim != 1 or logits.size == 0:
         raise SsmrtError(f"logits must be one position's scores, shape (vocab,), got shape {logits.shape}")
     if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():

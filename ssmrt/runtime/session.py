@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import SsmrtError
 from .backends import Runner
+from .limits import check_batch_fits, check_prefill_fits
 from .sampling import check_generation, is_int, sample
 
 
@@ -93,6 +94,9 @@ class Session:
     """
 
     def __init__(self, runner: Runner):
+        if not isinstance(runner, Runner):
+            raise SsmrtError(f"Session(runner) takes a runner (ssmrt.runtime.runner_from_path, TorchRunner, ...), "
+                             f"got {type(runner).__name__}")
         self.runner = runner
         self.config = runner.config
         self.state: list | None = None
@@ -150,6 +154,8 @@ class Session:
         for i, p in enumerate(prompts):
             by_len.setdefault(len(p), []).append(i)
         order, states, logits = [], [], []
+        for length, idx in by_len.items():
+            check_prefill_fits(self.runner, len(idx), length, "prompt_ids")
         for idx in by_len.values():
             ids = np.array([prompts[i] for i in idx], dtype=np.int64)
             out, st = self.runner.forward(ids, self.runner.zero_state(len(idx)))
@@ -203,6 +209,7 @@ class Session:
             if not is_int(fork) or fork < 1:
                 raise SsmrtError(f"fork must be an integer >= 1, got {fork!r}")
             self._check_snapshot(snap)
+            check_batch_fits(self.runner, len(snap.lengths) * fork, "restore(fork=...)")
             index = [i for i in range(len(snap.lengths)) for _ in range(fork)]
             state = self.runner.take(snap.state, index) if fork > 1 else self.runner.copy(snap.state)
             self._set(state, snap.last_logits[index], [snap.lengths[i] for i in index])
@@ -249,6 +256,10 @@ class Session:
     def _begin(self, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids):
         """Every argument checked before anything runs: (checked arguments, prompts or None, one prompt?)."""
         args = check_generation(max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+        v = self.config.padded_vocab_size
+        outside = sorted(s for s in args["stop_ids"] if s >= v)
+        if outside:  # it could never be sampled, so it would never stop anything
+            raise SsmrtError(f"stop id {outside[0]} (stop_ids, --stop-ids) is outside the vocabulary [0, {v})")
         if prompt_ids is None:
             if self.state is None:
                 raise SsmrtError("nothing to continue from: give prompt_ids")
