@@ -524,10 +524,10 @@ def check_plot_path(path) -> None:
     if importlib.util.find_spec("matplotlib") is None:
         raise SsmrtError("--plot needs matplotlib, which is not installed: pip install 'ssmrt[plot]'")
     path = Path(path)
-    if path.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise SsmrtError(f"--plot {path}: name a .png, .pdf or .svg file")
     if path.is_dir():
         raise SsmrtError(f"--plot {path}: is a directory; name the image file to write")
+    if path.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise SsmrtError(f"--plot {path}: name a .png, .pdf or .svg file")
     parent = path.parent
     if not parent.is_dir():
         raise SsmrtError(f"--plot {path}: directory {parent} does not exist")

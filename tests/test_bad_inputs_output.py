@@ -253,7 +253,7 @@ def test_api_refuses_paths_that_are_empty_or_not_paths(ckpt, tmp_path, monkeypat
         (lambda: export_model(random_lm(arch="mamba1", d_model=32, n_layer=2, d_state=8), 123), "got int"),
         (lambda: export_model("model", tmp_path / "a"), r"export_model\(model\) takes an ssmrt model"),
         (lambda: load_model(""), "the checkpoint directory is empty"),
-        (lambda: load_model(ckpt, dtype="float64"), "dtype must be one of"),
+        (lambda: load_model(ckpt, dtype="int8"), "dtype must be one of"),
         (lambda: runner_from_path(None), "path must be a path"),
         (lambda: runner_from_path(str(tmp_path / "a\0b")), "NUL byte"),
         (lambda: save_model(random_lm(arch="mamba1", d_model=32, n_layer=2, d_state=8), ""), "is empty"),

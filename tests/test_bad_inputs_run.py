@@ -224,8 +224,8 @@ def test_runner_calls_refuse_what_is_not_their_arguments(tiny, runner):
         TorchRunner("model")
     with pytest.raises(SsmrtError, match="logits must be numbers"):
         sample(["a", "b"])
-    with pytest.raises(SsmrtError, match="dtype must be one of float32, float16, bfloat16 .*'float64'"):
-        TorchRunnerFromCheckpoint(tiny.ckpt, dtype="float64")
+    with pytest.raises(SsmrtError, match="dtype must be one of float32, float16, bfloat16, float64 .*'int8'"):
+        TorchRunnerFromCheckpoint(tiny.ckpt, dtype="int8")
     with pytest.raises(SsmrtError, match="device must be 'cpu' or 'cuda'.*'tpu'"):
         TorchRunnerFromCheckpoint(tiny.ckpt, device="tpu")
     logits, _ = runner.forward(np.array([[1, 2]], dtype=np.int32), runner.zero_state(1))  # any integer dtype

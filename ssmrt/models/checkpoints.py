@@ -574,7 +574,8 @@ def _check_values(sd: dict, origin: dict, config: SSMConfig) -> None:
             raise CheckpointError(f"{origin[k]}: tensor {_file_name(k, config)!r} has {what} values")
 
 
-_DTYPES = ("float32", "float16", "bfloat16")
+# float64: the parity reference (compare), float32 weights computed exactly
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def _dtype_arg(dtype):
