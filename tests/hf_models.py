@@ -56,7 +56,12 @@ def hf_model(config_id: str, seed: int = 0):
     family, kw = hf_config(config_id)
     config_cls, model_cls = hf_classes(family)
     torch.manual_seed(seed)
-    model = model_cls(config_cls(vocab_size=VOCAB, **kw)).eval()
+    return perturbed(model_cls(config_cls(vocab_size=VOCAB, **kw)).eval(), seed)
+
+
+def perturbed(model, seed: int):
+    """model with its norm weights, D and biases (not the dt ones) moved off HF's init, whose 1 / 0 values
+    would hide a missing or misplaced one."""
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():

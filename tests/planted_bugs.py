@@ -150,17 +150,13 @@ def parity_model(arch: str, path, seed: int = 0):
     """A random HF checkpoint of PARITY_CONFIGS[arch] saved at path (norms, D and biases perturbed as
     hf_models does); returns path."""
     import torch
-    from hf_models import hf_classes, save_hf
+    from hf_models import hf_classes, perturbed, save_hf
 
     family, kw = PARITY_CONFIGS[arch]
     config_cls, model_cls = hf_classes(family)
     torch.manual_seed(seed)
-    model = model_cls(config_cls(vocab_size=PARITY_VOCAB, **kw)).eval()
-    g = torch.Generator().manual_seed(seed + 1)
+    model = perturbed(model_cls(config_cls(vocab_size=PARITY_VOCAB, **kw)).eval(), seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".D") or name.endswith("bias") and "dt" not in name:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
         head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
         head.mul_(LOGIT_SCALE)
         if head.data_ptr() != emb.data_ptr():
