@@ -200,6 +200,42 @@ def test_logits_last_and_external_data(exported, tmp_path, monkeypatch):
     assert_close(logits[:, 0], full[:, -1], atol=1e-4, rtol=1e-4, name="last logits")
 
 
+def _lm_head_input(model: onnx.ModelProto) -> str:
+    """The data input of the MatMul / Gemm that produces `logits` (walking back through any Cast or Reshape)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    node = producer["logits"]
+    while node.op_type not in ("MatMul", "Gemm"):
+        node = producer[node.input[0]]
+    return node.input[0]
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2-g1"])
+def test_logits_last_slices_before_the_lm_head(family, exported, tmp_path):
+    """--logits last runs the lm_head on one position per sequence: the head's input has sequence dimension 1 in the
+    graph (static shape) and at run time, and its logits are the all-positions graph's last ones."""
+    ckpt, art_all, _ = exported(family)
+    art_last = export(ckpt, tmp_path / "last", logits="last")
+    ids = np.random.default_rng(3).integers(0, VOCAB, (2, 5))
+    got = {}
+    for mode, art in (("all", art_all), ("last", art_last)):
+        model = onnx.load(str(art / "model.onnx"))
+        head_in = _lm_head_input(model)
+        info = {v.name: v for v in model.graph.value_info}[head_in]
+        seq_dim = info.type.tensor_type.shape.dim[1]
+        assert seq_dim.HasField("dim_value") == (mode == "last"), seq_dim
+        assert mode == "all" or seq_dim.dim_value == 1
+        model.graph.output.append(info)  # the head's input as an extra output, to see its shape at run time
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": ids}
+        for i in sess.get_inputs()[1:]:
+            feeds[i.name] = np.zeros([2 if d == "batch" else d for d in i.shape], np.float32)
+        logits, hidden = sess.run(["logits", head_in], feeds)
+        assert hidden.shape[:2] == ((2, 5) if mode == "all" else (2, 1))
+        got[mode] = logits
+    assert got["last"].shape[1] == 1
+    assert_close(got["last"][:, 0], got["all"][:, -1], atol=1e-5, rtol=1e-5, name="last-position logits")
+
+
 def test_runner_reads_the_metadata_without_parsing_the_graph(exported, tmp_path, monkeypatch):
     """The runner reads dtype and arch from metadata_props by walking the file's top-level protobuf fields: the same
     entries as onnx's full parse, whether the weights are inside model.onnx or in external data."""
