@@ -42,6 +42,12 @@ class Runner:
     def forward(self, input_ids: np.ndarray, state: list) -> tuple[np.ndarray, list]:
         raise NotImplementedError
 
+    def forward_last(self, input_ids: np.ndarray, state: list) -> tuple[np.ndarray, list]:
+        """forward, with the logits of the last position only: (batch, 1, vocab). A prompt's prefill needs no
+        more; a runner that can skip the other positions' lm_head overrides this."""
+        logits, new = self.forward(input_ids, state)
+        return logits[:, -1:], new
+
     # state operations; numpy-backed runners share these
     def take(self, state: list, index: list[int]) -> list:
         idx = np.asarray(index, dtype=np.int64)
@@ -129,6 +135,12 @@ class TorchRunner(Runner):
         return flatten_states(self.model.zero_state(batch, self.device))
 
     def forward(self, input_ids, state):
+        return self._forward(input_ids, state, last_only=False)
+
+    def forward_last(self, input_ids, state):
+        return self._forward(input_ids, state, last_only=True)
+
+    def _forward(self, input_ids, state, last_only: bool):
         torch = self._torch
         ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64), device=self.device)
         if ids.shape[1] == 1 and self.decode != "eager":
@@ -141,7 +153,7 @@ class TorchRunner(Runner):
             logits, new = self._graphs[batch](ids, state)
             return logits.float().cpu().numpy(), new
         with torch.no_grad(), self._routes():
-            logits, new = self.model(ids, pair_states(state))
+            logits, new = self.model(ids, pair_states(state), last_only=last_only)
         return logits.float().cpu().numpy(), flatten_states(new)
 
     def take(self, state, index):
