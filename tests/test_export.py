@@ -18,6 +18,7 @@ from ssmrt.closeness import assert_close
 from ssmrt.compare import compare_runners
 from ssmrt.exporter import export, export_model
 from ssmrt.exporter import torch_to_onnx as export_mod
+from ssmrt.ops.spec import OPS_BY_ARCH
 from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, Session, TorchRunnerFromCheckpoint
 
 # test family -> HF config id (hf_models.HF_CONFIGS). The tests that export one of these skip without
@@ -185,6 +186,37 @@ def test_float16_artifact_runs_within_model_tolerance(exported, tmp_path):
                              list(range(1, 9)), steps=8)
     print(report.format())
     assert report.dtype == "float16" and report.passed
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2-g2"])
+def test_float16_artifact_runs_its_ops_on_the_native_kernels(family, exported, tmp_path, monkeypatch):
+    """On the CPU a float16 artifact runs its ssmrt ops as the native float16 kernels, not silently as their bodies:
+    ONNX Runtime's profile of the run names the ops (with the bodies it names none of them). Logits and states are
+    within the float16 model tolerance of the fp32 reference, as on the bodies."""
+    import json
+
+    ckpt, _, _ = exported(family)
+    art = export(ckpt, tmp_path / "fp16", dtype="float16")
+    native_library()
+    make_options = ort.SessionOptions
+
+    def profiled():
+        opts = make_options()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(tmp_path / "profile")
+        return opts
+
+    monkeypatch.setattr(ort, "SessionOptions", profiled)
+    ran = {}
+    for mode in ("on", "off"):
+        runner = OnnxRuntimeRunnerFromArtifact(art, native_ops=mode)
+        report = compare_runners(TorchRunnerFromCheckpoint(ckpt), runner, list(range(1, 12)), steps=6)
+        print(report.format())
+        assert report.dtype == "float16" and report.passed
+        events = json.loads(open(runner.session.end_profiling()).read())
+        ran[mode] = {e["args"].get("op_name") for e in events if e.get("cat") == "Node"}
+    ops = set(OPS_BY_ARCH[ssmrt.load_model(ckpt).config.arch])
+    assert ops <= ran["on"] and not ops & ran["off"], (ran["on"], ran["off"])
 
 
 def test_logits_last_and_external_data(exported, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Native ONNX Runtime CPU kernels for the ssmrt ops (float32): CausalConv1d, SelectiveScan, SSDScan.
+"""Native ONNX Runtime CPU kernels for the ssmrt ops (float32 and float16): CausalConv1d, SelectiveScan, SSDScan.
 
 An exported model runs on stock ONNX Runtime through its ops' fallback bodies (model-local functions in
 standard ops). A session that registers this library runs each of those ops as one native node instead: a
@@ -9,6 +9,9 @@ The library is C++ compiled on first use with the machine's compiler (`$CXX`, el
 (-march=native) and cached under `$SSMRT_CACHE_DIR` (default ~/.cache/ssmrt), keyed by the sources, the flags,
 the compiler and the CPU. The kernels (kernels.cc, no ONNX Runtime in it) split their work over the session's
 intra-op thread pool; ops.cc validates every input and attribute and reports errors through ONNX Runtime;
+each op is registered twice, for float32 and for float16 activations (the inputs and outputs the contract keeps
+float32, A, D, the dt biases and the SSM state, stay float32 in both), and a float16 node's activations are
+widened to float32 on the way in and rounded back on the way out (half.h), so both compute alike;
 ort_abi.h declares the part of ONNX Runtime's C ABI they use. This module does not import ONNX Runtime:
 `library_path()` gives the file that `SessionOptions.register_custom_ops_library` takes.
 """
@@ -28,7 +31,7 @@ from ..errors import SsmrtError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("ops.cc", "kernels.cc", "kernels.h", "ort_abi.h")
+SOURCES = ("ops.cc", "kernels.cc", "kernels.h", "ort_abi.h", "half.h")
 LIBRARY = "libssmrt_ort_ops.so"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-pthread", "-fvisibility=hidden")
 # Only the kernels' loops are compiled with -ffast-math (vector exp / log); the glue that reads attributes such as
@@ -95,21 +98,28 @@ def _verified(out: Path) -> bool:
 
 def contract_header() -> str:
     """contract.h, generated from ssmrt.ops.spec at build time: the ops' names, input and output counts, which
-    inputs are optional, and the softplus threshold. The C++ glue registers the ops from it, so the library
-    cannot disagree with the contract."""
+    inputs are optional, which inputs and outputs stay float32 in a float16 model, and the softplus threshold.
+    The C++ glue registers the ops from it, so the library cannot disagree with the contract."""
     from ..ops.spec import OPS, SOFTPLUS_THRESHOLD
 
     lines = ["// Generated from ssmrt/ops/spec.py when the library is built; do not edit.", "#pragma once",
              "#include <cstddef>", "", "namespace ssmrt_contract {", "",
              "struct OpContract {", "  const char* name;", "  size_t inputs;", "  size_t outputs;",
-             "  const bool* optional;  // per input", "};", "",
+             "  const bool* optional;  // per input",
+             "  const bool* fp32_inputs;  // per input: float32 whatever the activations' dtype",
+             "  const bool* fp32_outputs;  // per output: the same", "};", "",
              f"constexpr float kSoftplusThreshold = {SOFTPLUS_THRESHOLD!r}f;", ""]
+    def flags(values):
+        return ", ".join("true" if v else "false" for v in values)
+
     for name in OPS:
         spec = OPS[name]
-        flags = ", ".join("true" if t.optional else "false" for t in spec.inputs)
         counts = f"{len(spec.inputs)}, {len(spec.outputs)}"
-        lines += [f"constexpr bool k{name}Optional[] = {{{flags}}};",
-                  f'constexpr OpContract k{name}{{"{name}", {counts}, k{name}Optional}};']
+        lines += [f"constexpr bool k{name}Optional[] = {{{flags(t.optional for t in spec.inputs)}}};",
+                  f"constexpr bool k{name}Fp32Inputs[] = {{{flags(t.fp32 for t in spec.inputs)}}};",
+                  f"constexpr bool k{name}Fp32Outputs[] = {{{flags(t.fp32 for t in spec.outputs)}}};",
+                  f'constexpr OpContract k{name}{{"{name}", {counts}, k{name}Optional, k{name}Fp32Inputs, '
+                  f"k{name}Fp32Outputs}};"]
     lines += ["", "}  // namespace ssmrt_contract", ""]
     return "\n".join(lines)
 

@@ -190,10 +190,10 @@ def TorchRunnerFromCheckpoint(model_dir, dtype=None, device="cpu", kernels=None,
 class OnnxRuntimeRunner(Runner):
     """An exported model.onnx on ONNX Runtime: CPU by default, CUDA when asked for and present.
 
-    native_ops: on the CPU provider with a float32 artifact, run the ssmrt ops the native library implements
-    (ssmrt.ort_ops) instead of their fallback bodies. "auto" uses it where it applies and builds, else the
-    bodies (`native_ops_note` says why); "on" raises where it cannot; "off" always runs the bodies.
-    `self.native_ops` lists the ops running natively."""
+    native_ops: on the CPU provider with a float32 or float16 artifact (its SSM state float32, as exported by
+    default), run the ssmrt ops the native library implements (ssmrt.ort_ops) instead of their fallback bodies.
+    "auto" uses it where it applies and builds, else the bodies (`native_ops_note` says why); "on" raises where it
+    cannot; "off" always runs the bodies. `self.native_ops` lists the ops running natively."""
 
     name = "onnxruntime"
 
@@ -267,8 +267,11 @@ class OnnxRuntimeRunner(Runner):
                     and not (info.get("graph") == "prefill" and op in CHAINS))  # a chain runs on its bodies
         if providers[0] != "CPUExecutionProvider":
             why = f"the native ops are CPU kernels and this session runs on {providers[0]}"
-        elif info.get("dtype") != "float32":
-            why = f"the native ops are float32 kernels and this artifact is {info.get('dtype')}"
+        elif info.get("dtype") not in ("float32", "float16"):
+            why = f"the native ops are float32 and float16 kernels and this artifact is {info.get('dtype')}"
+        elif info.get("state_dtype", "float32") != "float32":
+            why = (f"the native ops keep the SSM state float32, as the op contract does, and this artifact's is "
+                   f"{info.get('state_dtype')}")
         elif not ops:
             why = f"the artifact has none of the ops the native library implements ({', '.join(ort_ops.OPS)})"
         else:
