@@ -232,6 +232,42 @@ def test_float16_decode_steps_carry_the_state():
         assert_close(state, state_ref, atol=atol, rtol=rtol, name=f"step {t} state")
 
 
+def half_matmul_session(trans_b: int) -> ort.InferenceSession:
+    """ssmrt.cpu::HalfMatMul (the float16 runner's decode-step MatMul) alone in a graph."""
+    vis = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT16, [f"{n}{i}" for i in range(r)])
+           for n, r in (("a", 3), ("b", 2))]
+    node = helper.make_node("HalfMatMul", ["a", "b"], ["y"], domain=ort_ops.HALF_MATMUL_DOMAIN, trans_b=trans_b)
+    model = helper.make_model(
+        helper.make_graph([node], "g", vis, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, None)]),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ort_ops.HALF_MATMUL_DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native_library()))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+# (batch, seqlen, K, N): one row (a decode step) and a few, more rows than one pass takes (4), K not a multiple of
+# the four rows of b summed at once, N not a multiple of a vector, and the 130M models' in_proj / lm_head sizes,
+# which split over many pieces.
+@pytest.mark.parametrize("batch,seqlen,K,N", [(1, 1, 16, 8), (1, 1, 37, 13), (2, 1, 5, 300), (3, 5, 64, 33),
+                                              (1, 1, 768, 3352), (2, 1, 1536, 768), (1, 1, 768, 50280)])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_half_matmul(batch, seqlen, K, N, trans_b):
+    """HalfMatMul against the plain torch reference (float32 matmul of the float16 operands, rounded to float16)."""
+    g = torch.Generator().manual_seed(K + N)
+    a = torch.randn(batch, seqlen, K, generator=g).half()
+    b = (torch.randn(K, N, generator=g) / K**0.5).half()
+    want = (a.float() @ b.float()).half()
+    (y,) = half_matmul_session(trans_b).run(None, {"a": a.numpy(), "b": (b.t() if trans_b else b).contiguous().numpy()})
+    assert y.dtype == np.float16 and y.shape == (batch, seqlen, N)
+    atol, rtol = tolerance("float16", "op")
+    assert_close(torch.from_numpy(y).float(), want.float(), atol=atol, rtol=rtol, name="HalfMatMul")
+
+
+def test_half_matmul_shape_errors():
+    with pytest.raises(Exception, match=r"HalfMatMul: A \(1, 1, 8\) and B \(7, 4\) do not multiply"):
+        half_matmul_session(0).run(None, {"a": np.zeros((1, 1, 8), np.float16), "b": np.zeros((7, 4), np.float16)})
+
+
 def test_a_float16_input_where_the_contract_keeps_float32_is_refused():
     """A float16 SSM state matches neither registered variant: ONNX Runtime refuses the node rather than run it."""
     kw = ssd_inputs(1, 2, 4, 8, 16, dtype=F16)

@@ -172,3 +172,53 @@ def _run(cmd: list[str], source: Path) -> None:
     if res.returncode != 0:
         why = " / ".join(line for line in res.stderr.splitlines() if "error" in line)[:500] or res.stderr[:500]
         raise NativeOpsUnavailable(f"{cmd[0]} could not build {source}: {why}")
+
+
+# ONNX Runtime's CPU float16 MatMul reads its weights at float32 cost (it computes through float32), so a float16
+# artifact's decode step would stream as many bytes as a float32 one. The library's ssmrt.cpu::HalfMatMul reads
+# them as stored; it is written for the few rows of a decode step, so the graph asks for it only there.
+HALF_MATMUL_DOMAIN = "ssmrt.cpu"
+DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
+
+
+def route_half_matmuls(model) -> int:
+    """Rewrites an onnx.ModelProto in place: every main-graph MatMul of an activation by a float16 (K, N)
+    initializer becomes If(input_ids has one position, HalfMatMul, the MatMul as it was). Returns how many.
+    The artifact on disk is not touched; a runner that loads the native library hands ONNX Runtime the result."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    weights = {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT16 and len(t.dims) == 2}
+    # a tied lm_head multiplies by Transpose(embedding): HalfMatMul reads the embedding itself, with trans_b
+    transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights
+                  and [a.ints for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])}
+    targets = {i for i, n in enumerate(graph.node)
+               if n.op_type == "MatMul" and n.domain == "" and (n.input[1] in weights or n.input[1] in transposed)}
+    if not targets:
+        return 0
+    flag = [helper.make_node("Shape", ["input_ids"], [f"{DECODE_FLAG}.len"], start=1, end=2),
+            helper.make_node("Constant", [], [f"{DECODE_FLAG}.one"], value_ints=[1]),
+            helper.make_node("Equal", [f"{DECODE_FLAG}.len", f"{DECODE_FLAG}.one"], [f"{DECODE_FLAG}.eq"]),
+            helper.make_node("Constant", [], [f"{DECODE_FLAG}.axes"], value_ints=[0]),
+            helper.make_node("Squeeze", [f"{DECODE_FLAG}.eq", f"{DECODE_FLAG}.axes"], [DECODE_FLAG])]
+    nodes = []
+    for i, node in enumerate(graph.node):
+        if i in targets:
+            a, w = node.input
+            (y,) = node.output
+            branch = {}
+            step = (helper.make_node("HalfMatMul", [a, transposed[w]], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN,
+                                     trans_b=1) if w in transposed
+                    else helper.make_node("HalfMatMul", [a, w], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN))
+            for name, inner in (("step", step), ("prompt", helper.make_node("MatMul", [a, w], [f"{y}.prompt"]))):
+                branch[name] = helper.make_graph([inner], f"{y}_{name}", [],
+                                                 [helper.make_tensor_value_info(f"{y}.{name}", TensorProto.FLOAT16,
+                                                                                None)])
+            node = helper.make_node("If", [DECODE_FLAG], [y], name=f"{node.name or y}.routed",
+                                    then_branch=branch["step"], else_branch=branch["prompt"])
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(flag + nodes)
+    if not any(o.domain == HALF_MATMUL_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(HALF_MATMUL_DOMAIN, 1))
+    return len(targets)

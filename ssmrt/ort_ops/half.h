@@ -4,8 +4,7 @@
 //
 // Two paths: F16C (8 values per instruction) where the compiler targets it, and plain integer code everywhere.
 // The integer path is the reference the tests hold the F16C one to (SsmrtHalfConvert in ops.cc runs either).
-// This header is included only from ops.cc, which is compiled without -ffast-math: nothing here may be
-// reassociated.
+// Neither does float arithmetic, so -ffast-math (kernels.cc) cannot change what they compute.
 #pragma once
 
 #include <cstdint>

@@ -398,6 +398,77 @@ Status* scan_compute(void* kernel, KernelContext* ctx) {
   return nullptr;
 }
 
+// ------------------------------------------------------------------------------------------ HalfMatMul
+//
+// ssmrt.cpu::HalfMatMul(A (..., K) float16, B (K, N) float16) -> Y (..., N) float16: MatMul with float32 sums and
+// float16 weights read as stored; attribute trans_b 1: B is given as (N, K). Not an artifact op: the ONNX Runtime runner routes a float16 graph's decode-step
+// MatMuls here (ONNX Runtime's CPU float16 MatMul reads its weights at float32 cost).
+
+struct HalfMatMulKernel {
+  Calls api;
+  bool trans_b = false;
+};
+
+Status* half_matmul_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
+  Calls api(raw);
+  int64_t trans_b = 0;
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "trans_b", &trans_b)) api.ReleaseStatus(s);  // absent: 0
+  if (trans_b != 0 && trans_b != 1)
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument,
+                            ("ssmrt.cpu::HalfMatMul: attribute trans_b must be 0 or 1, got " +
+                             std::to_string(trans_b)).c_str());
+  *out = new HalfMatMulKernel{api, trans_b == 1};
+  return nullptr;
+}
+
+Status* half_matmul_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<HalfMatMulKernel*>(kernel);
+  const Calls& api = k->api;
+  auto error = [&](const std::string& msg) {
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::HalfMatMul: " + msg).c_str());
+  };
+  const void* data[2] = {nullptr, nullptr};
+  std::vector<int64_t> shape[2];
+  for (size_t i = 0; i < 2; ++i) {
+    const Value* value = nullptr;
+    SSMRT_TRY(api.KernelContextGetInput(ctx, i, &value));
+    if (value == nullptr) return error("both inputs are required");
+    ssmrt_ort::TensorTypeAndShapeInfo* info = nullptr;
+    SSMRT_TRY(api.GetTensorTypeAndShape(value, &info));
+    int type = 0;
+    size_t n = 0;
+    Status* s = api.GetTensorElementType(info, &type);
+    if (!s) s = api.GetDimensionsCount(info, &n);
+    if (!s) {
+      shape[i].resize(n);
+      s = api.GetDimensions(info, shape[i].data(), n);
+    }
+    api.ReleaseTensorTypeAndShapeInfo(info);
+    if (s) return s;
+    if (type != ssmrt_ort::kFloat16) return error(std::string(i ? "B" : "A") + " must be float16");
+    void* p = nullptr;
+    SSMRT_TRY(api.GetTensorMutableData(const_cast<Value*>(value), &p));
+    data[i] = p;
+  }
+  const size_t k_dim = k->trans_b ? 1 : 0;
+  if (shape[1].size() != 2 || shape[0].empty() || shape[0].back() != shape[1][k_dim])
+    return error("A " + shape_str(shape[0]) + " and B " + shape_str(shape[1]) + " do not multiply: B must be " +
+                 (k->trans_b ? "(N, K)" : "(K, N)") + " with K A's last dimension");
+  const int64_t K = shape[1][k_dim], N = shape[1][1 - k_dim];
+  int64_t M = 1;
+  for (size_t i = 0; i + 1 < shape[0].size(); ++i) M *= shape[0][i];
+  std::vector<int64_t> out_shape(shape[0]);
+  out_shape.back() = N;
+  Value* out = nullptr;
+  SSMRT_TRY(api.KernelContextGetOutput(ctx, 0, out_shape.data(), out_shape.size(), &out));
+  void* y = nullptr;
+  SSMRT_TRY(api.GetTensorMutableData(out, &y));
+  (k->trans_b ? ssmrt_cpu::half_matmul_nt : ssmrt_cpu::half_matmul)(
+      PoolExecutor(api, ctx), static_cast<const uint16_t*>(data[0]), static_cast<const uint16_t*>(data[1]),
+      static_cast<uint16_t*>(y), M, K, N);
+  return nullptr;
+}
+
 // ------------------------------------------------------------------------------------------ ABI probe
 //
 // ssmrt.abi_probe::AbiProbe exists to check, through behaviour, that every OrtApi slot this library calls is the
@@ -576,6 +647,11 @@ Op make_probe() {
 }
 const Op kAbiProbeOp = make_probe();
 
+constexpr bool kHalfMatMulFlags[] = {false, false};
+constexpr OpContract kHalfMatMul{"HalfMatMul", 2, 1, kHalfMatMulFlags, kHalfMatMulFlags, kHalfMatMulFlags};
+const Op kHalfMatMulOp =
+    make_op<kHalfMatMul, ssmrt_ort::kFloat16>(half_matmul_create, half_matmul_compute, destroy<HalfMatMulKernel>);
+
 }  // namespace
 
 // The ops as ONNX Runtime sees them, asked through the registered structs themselves: "name inputs outputs
@@ -643,8 +719,10 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
       make_domain("ssmrt", {&kOpVariants[0], &kOpVariants[1], &kOpVariants[2], &kOpVariants[3], &kOpVariants[4],
                             &kOpVariants[5]});
   static ssmrt_ort::CustomOpDomain* const probe = make_domain("ssmrt.abi_probe", {&kAbiProbeOp});
-  if (domain == nullptr || probe == nullptr)
+  static ssmrt_ort::CustomOpDomain* const cpu = make_domain("ssmrt.cpu", {&kHalfMatMulOp});
+  if (domain == nullptr || probe == nullptr || cpu == nullptr)
     return api.CreateStatus(ssmrt_ort::kFail, "ssmrt: ONNX Runtime refused the ssmrt custom-op domain");
   SSMRT_TRY(api.AddCustomOpDomain(options, domain));
+  SSMRT_TRY(api.AddCustomOpDomain(options, cpu));
   return api.AddCustomOpDomain(options, probe);
 }

@@ -225,8 +225,10 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.native_ops, self.native_ops_note = self._register_native_ops(opts, native_ops, providers, meta)
+        self.half_matmuls = 0
+        model = self._route_half_matmuls(opts, meta) if self.native_ops else None
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+            self.session = ort.InferenceSession(model or str(self.path), sess_options=opts, providers=providers)
         except Exception as e:
             why = str(e).splitlines()[0]
             if "Could not find an implementation" in why and meta["export"].get("dtype") == "bfloat16":
@@ -289,6 +291,24 @@ class OnnxRuntimeRunner(Runner):
             raise SsmrtError(f"{self.path}: native ops asked for, but {why}")
         return (), why
 
+    def _route_half_matmuls(self, opts, meta: dict) -> bytes | None:
+        """For a float16 artifact with the native library registered: the graph with its decode step's weight
+        MatMuls on the library's HalfMatMul (ssmrt.ort_ops.route_half_matmuls), as bytes for ONNX Runtime; None
+        (load the file as it is) for any other artifact. `self.half_matmuls` counts them."""
+        if meta["export"].get("dtype") != "float16":
+            return None
+        import onnx
+
+        from .. import ort_ops
+
+        model = onnx.load(str(self.path), load_external_data=False)
+        self.half_matmuls = ort_ops.route_half_matmuls(model)
+        if not self.half_matmuls:
+            return None
+        # the bytes have no location of their own: external weights are found beside the artifact
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
+        return model.SerializeToString()
+
     def zero_state(self, batch: int) -> list:
         return [np.zeros([batch if d == "batch" else d for d in s["shape"]], dtype=self._np_dtypes[s["name"]])
                 for s in self.state_specs]
@@ -302,6 +322,7 @@ class OnnxRuntimeRunner(Runner):
 
     def describe(self) -> str:
         native = f", native {'/'.join(self.native_ops)}" if self.native_ops else ""
+        native += f", {self.half_matmuls} float16 decode matmuls native" if self.half_matmuls else ""
         return f"onnxruntime ({self.dtype}, {self.providers[0]}{native})"
 
 
