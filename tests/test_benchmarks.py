@@ -126,3 +126,19 @@ def test_gpu_plugin_check_smoke():
     entry, block, shared, ptx_chars = res.stdout.splitlines()[0].split()
     assert entry == "_ssd_scan_kernel" and int(block) % 32 == 0 and int(ptx_chars) > 1000
     assert "no GPU here" in res.stdout
+
+
+@pytest.mark.slow
+def test_cpu_precision_benchmark_smoke(tmp_path):
+    """benchmarks/cpu_precision.py (float16 against float32 decode, --logits last prefill) runs on a one-layer model:
+    the float16 artifact runs the native ops, and each paired ratio is the median of its per-block ratios."""
+    from test_ort_ops import native_library
+
+    native_library()  # the script runs the native ops; skips where they cannot be built
+    (r,) = smoke_report("cpu_precision.py", tmp_path / "precision.json", timeout=600)
+    assert r["native_ops_f16"] == ["CausalConv1d", "SSDScan"]
+    blocks = r["decode_ms_blocks"]
+    assert r["decode_f16_over_f32_paired"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(blocks["f16"], blocks["f32"], strict=True)))
+    assert {"HalfMatMul", "SSDScan", "CausalConv1d"} <= set(r["profile_ms_per_step"]["f16"])
+    assert r["half_matmuls_f16"] == 2 * 1 + 1  # a Mamba-2 layer's in_proj and out_proj, and the lm_head

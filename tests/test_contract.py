@@ -156,7 +156,11 @@ def test_the_native_ops_register_the_contract():
     lib = ctypes.CDLL(str(path))
     lib.SsmrtOpTable.restype = ctypes.c_char_p
     got = [entry.split() for entry in lib.SsmrtOpTable().decode().strip(";").split(";")]
+    # each op twice: float32 activations, then float16 ones with the contract's float32 tensors kept float32
     want = [[name, str(len(OPS[name].inputs)), str(len(OPS[name].outputs)),
-             "".join("1" if t.optional else "0" for t in OPS[name].inputs)] for name in ort_ops.OPS]
+             "".join("1" if t.optional else "0" for t in OPS[name].inputs),
+             "".join("f" if t.fp32 else act for t in OPS[name].inputs),
+             "".join("f" if t.fp32 else act for t in OPS[name].outputs)]
+            for act in ("f", "h") for name in ort_ops.OPS]
     assert got == want
     assert "kSoftplusThreshold" in ort_ops.contract_header()

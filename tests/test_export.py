@@ -18,6 +18,7 @@ from ssmrt.closeness import assert_close
 from ssmrt.compare import compare_runners
 from ssmrt.exporter import export, export_model
 from ssmrt.exporter import torch_to_onnx as export_mod
+from ssmrt.ops.spec import OPS_BY_ARCH
 from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, Session, TorchRunnerFromCheckpoint
 
 # test family -> HF config id (hf_models.HF_CONFIGS). The tests that export one of these skip without
@@ -187,6 +188,41 @@ def test_float16_artifact_runs_within_model_tolerance(exported, tmp_path):
     assert report.dtype == "float16" and report.passed
 
 
+@pytest.mark.parametrize("family", ["mamba1", "mamba2-g2"])
+def test_float16_artifact_runs_its_ops_on_the_native_kernels(family, exported, tmp_path, monkeypatch):
+    """On the CPU a float16 artifact runs its ssmrt ops as the native float16 kernels, not silently as their bodies:
+    ONNX Runtime's profile of the run names the ops (with the bodies it names none of them). Logits and states are
+    within the float16 model tolerance of the fp32 reference, as on the bodies. Each matmul by a weight (the lm_head
+    tied to the embedding too) is routed to HalfMatMul in a decode step."""
+    import json
+
+    ckpt, _, _ = exported(family)
+    art = export(ckpt, tmp_path / "fp16", dtype="float16")
+    native_library()
+    make_options = ort.SessionOptions
+
+    def profiled():
+        opts = make_options()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(tmp_path / "profile")
+        return opts
+
+    monkeypatch.setattr(ort, "SessionOptions", profiled)
+    ran = {}
+    for mode in ("on", "off"):
+        runner = OnnxRuntimeRunnerFromArtifact(art, native_ops=mode)
+        layers = runner.config.n_layer
+        assert runner.half_matmuls == ((4 if runner.config.arch == "mamba1" else 2) * layers + 1 if mode == "on" else 0)
+        report = compare_runners(TorchRunnerFromCheckpoint(ckpt), runner, list(range(1, 12)), steps=6)
+        print(report.format())
+        assert report.dtype == "float16" and report.passed
+        events = json.loads(open(runner.session.end_profiling()).read())
+        ran[mode] = {e["args"].get("op_name") for e in events if e.get("cat") == "Node"}
+    # the decode steps' weight matmuls run on HalfMatMul (ONNX Runtime's float16 MatMul reads float32's bytes)
+    ops = {*OPS_BY_ARCH[ssmrt.load_model(ckpt).config.arch], "HalfMatMul"}
+    assert ops <= ran["on"] and not ops & ran["off"], (ran["on"], ran["off"])
+
+
 def test_logits_last_and_external_data(exported, tmp_path, monkeypatch):
     ckpt, _, _ = exported("mamba2-g1")
     monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 0)
@@ -198,6 +234,42 @@ def test_logits_last_and_external_data(exported, tmp_path, monkeypatch):
     full, _ = ref.forward(np.array([[1, 2, 3, 4]]), ref.zero_state(1))
     assert logits.shape == (1, 1, VOCAB)
     assert_close(logits[:, 0], full[:, -1], atol=1e-4, rtol=1e-4, name="last logits")
+
+
+def _lm_head_input(model: onnx.ModelProto) -> str:
+    """The data input of the MatMul / Gemm that produces `logits` (walking back through any Cast or Reshape)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    node = producer["logits"]
+    while node.op_type not in ("MatMul", "Gemm"):
+        node = producer[node.input[0]]
+    return node.input[0]
+
+
+@pytest.mark.parametrize("family", ["mamba1", "mamba2-g1"])
+def test_logits_last_slices_before_the_lm_head(family, exported, tmp_path):
+    """--logits last runs the lm_head on one position per sequence: the head's input has sequence dimension 1 in the
+    graph (static shape) and at run time, and its logits are the all-positions graph's last ones."""
+    ckpt, art_all, _ = exported(family)
+    art_last = export(ckpt, tmp_path / "last", logits="last")
+    ids = np.random.default_rng(3).integers(0, VOCAB, (2, 5))
+    got = {}
+    for mode, art in (("all", art_all), ("last", art_last)):
+        model = onnx.load(str(art / "model.onnx"))
+        head_in = _lm_head_input(model)
+        info = {v.name: v for v in model.graph.value_info}[head_in]
+        seq_dim = info.type.tensor_type.shape.dim[1]
+        assert seq_dim.HasField("dim_value") == (mode == "last"), seq_dim
+        assert mode == "all" or seq_dim.dim_value == 1
+        model.graph.output.append(info)  # the head's input as an extra output, to see its shape at run time
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": ids}
+        for i in sess.get_inputs()[1:]:
+            feeds[i.name] = np.zeros([2 if d == "batch" else d for d in i.shape], np.float32)
+        logits, hidden = sess.run(["logits", head_in], feeds)
+        assert hidden.shape[:2] == ((2, 5) if mode == "all" else (2, 1))
+        got[mode] = logits
+    assert got["last"].shape[1] == 1
+    assert_close(got["last"][:, 0], got["all"][:, -1], atol=1e-5, rtol=1e-5, name="last-position logits")
 
 
 def test_runner_reads_the_metadata_without_parsing_the_graph(exported, tmp_path, monkeypatch):

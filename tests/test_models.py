@@ -169,3 +169,28 @@ def test_freeze_keeps_A_and_changes_nothing(arch):
         assert torch.equal(model(ids)[0], got)  # frozen: the change is not seen ...
         model.unfreeze()
         assert not torch.equal(model(ids)[0], got)  # ... until unfrozen
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_last_only_runs_the_head_on_the_last_position(arch):
+    """forward(last_only=True) gives forward()'s last-position logits and state, and the lm_head sees one position
+    per sequence (not all of them, sliced afterwards); a Session's prefill on the torch runner asks for that."""
+    from ssmrt.artifact import flatten_states
+    from ssmrt.runtime import Session, TorchRunner
+
+    model = random_lm(arch=arch, d_model=32, d_state=8, headdim=8)
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    ids = random_ids(3, 9, seed=5)
+    with torch.no_grad():
+        full, full_state = model(ids)
+        last, last_state = model(ids, last_only=True)
+    assert seen == [(3, 9, 32), (3, 1, 32)]
+    assert last.shape == (3, 1, model.config.padded_vocab_size)
+    assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5, name="last-position logits")
+    assert all(torch.equal(a, b) for a, b in zip(flatten_states(last_state), flatten_states(full_state), strict=True))
+    seen.clear()
+    session = Session(TorchRunner(model))
+    got = session.prefill(ids[0].tolist())
+    assert seen == [(1, 1, 32)]
+    assert_close(torch.from_numpy(got), full[0, -1], atol=1e-5, rtol=1e-5, name="prefill logits")

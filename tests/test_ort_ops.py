@@ -18,7 +18,7 @@ from ssmrt import ort_ops
 from ssmrt.closeness import assert_close
 from ssmrt.errors import SsmrtError
 from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
-from ssmrt.ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN
+from ssmrt.ops.spec import CAUSAL_CONV1D, DOMAIN, SELECTIVE_SCAN, SSD_SCAN, tolerance
 
 
 def native_library():
@@ -29,13 +29,22 @@ def native_library():
         pytest.skip(f"native ops cannot be built here: {e}")
 
 
+def elem_type(array) -> int:
+    """The ONNX element type of a numpy array or torch tensor (float32 or float16)."""
+    return onnx.TensorProto.FLOAT16 if str(array.dtype).removeprefix("torch.") == "float16" else onnx.TensorProto.FLOAT
+
+
 def native_session(spec, inputs: dict, attrs: dict, threads: int = 0) -> ort.InferenceSession:
     """A session of one `spec` node over `inputs` (name -> array or None for an absent optional input), with the
-    library registered and no fallback body in the model; `threads` ONNX Runtime intra-op threads (0: default)."""
+    library registered and no fallback body in the model; `threads` ONNX Runtime intra-op threads (0: default).
+    The graph's types are the inputs' own; the outputs' follow the first input, float32 where the spec keeps them
+    float32."""
     present = {k: v for k, v in inputs.items() if v is not None}
-    vis = [helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, [f"{k}_{i}" for i in range(v.ndim)])
+    vis = [helper.make_tensor_value_info(k, elem_type(v), [f"{k}_{i}" for i in range(v.ndim)])
            for k, v in present.items()]
-    outs = [helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, None) for t in spec.outputs]
+    act = elem_type(present[spec.inputs[0].name])  # the activations' type: the first input's
+    outs = [helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT if t.fp32 else act, None)
+            for t in spec.outputs]
     node = helper.make_node(spec.name, [t.name if t.name in present else "" for t in spec.inputs],
                             [t.name for t in spec.outputs], domain=DOMAIN, **attrs)
     model = helper.make_model(helper.make_graph([node], "g", vis, outs),
@@ -149,6 +158,167 @@ def test_ssd_scan_without_softplus_or_optional_inputs():
     assert_close(s, s_ref.float(), name="ssd state")
 
 
+# ------------------------------------------------------------------------------------------ float16
+#
+# The float16 variants against the references run on the same float16 inputs (which compute in float32 and round
+# the activations' outputs to float16, as the kernels do), at the float16 op tolerance of ssmrt.ops.spec; the SSM
+# state, float32 in a float16 model, at the same tolerance as the outputs, and the conv state, a copy of inputs,
+# exactly. Odd sizes, partial channel blocks, decode steps, and shapes large enough to be split across threads.
+
+F16 = torch.float16
+
+
+def check_f16(spec, ref, kw, names, attrs, exact_state=False):
+    ins = {k: kw[k] for k in names}
+    for name, t in ins.items():  # the contract's float32 tensors stay float32, the rest are float16
+        fp32 = next(s.fp32 for s in spec.inputs if s.name == name)
+        assert t is None or t.dtype == (torch.float32 if fp32 else F16), (name, t.dtype)
+    y, state = run_native(spec, ins, attrs)
+    y_ref, state_ref = ref(**kw)
+    assert y.dtype == y_ref.dtype == F16 and state.dtype == state_ref.dtype
+    atol, rtol = tolerance("float16", "op")
+    assert_close(y.float(), y_ref.float(), atol=atol, rtol=rtol, name=f"{spec.name} float16 y")
+    if exact_state:
+        assert torch.equal(state, state_ref)
+    else:
+        assert_close(state, state_ref, atol=atol, rtol=rtol, name=f"{spec.name} float16 state")
+    return y, state
+
+
+@pytest.mark.parametrize("batch,seqlen,dim,width",
+                         [(1, 1, 8, 4), (2, 7, 13, 4), (3, 2, 5, 3), (2, 1, 1536, 4), (2, 301, 24, 4), (2, 5, 7, 1)])
+def test_causal_conv1d_float16(batch, seqlen, dim, width):
+    kw = conv_inputs(batch, seqlen, dim, width, dtype=F16, seed=seqlen + dim)
+    check_f16(CAUSAL_CONV1D, causal_conv1d_ref, kw, ("x", "weight", "bias", "conv_state"), {"activation": "silu"},
+              exact_state=True)
+
+
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,ngroups",
+                         [(1, 1, 6, 4, 1), (2, 1, 1536, 16, 1), (2, 5, 37, 5, 1), (3, 40, 24, 8, 2),
+                          (2, 300, 256, 16, 1)])
+def test_selective_scan_float16(batch, seqlen, dim, dstate, ngroups):
+    kw = selective_inputs(batch, seqlen, dim, dstate, ngroups=ngroups, dtype=F16, seed=seqlen + dim)
+    check_f16(SELECTIVE_SCAN, selective_scan_ref, kw, SCAN_INPUTS, {"delta_softplus": 1})
+
+
+def test_selective_scan_float16_without_optional_inputs():
+    kw = selective_inputs(2, 6, 12, 4, optional=False, dtype=F16)
+    check_f16(SELECTIVE_SCAN, selective_scan_ref, kw, SCAN_INPUTS, {"delta_softplus": 1})
+
+
+@pytest.mark.parametrize("batch,seqlen,nheads,headdim,dstate,ngroups",
+                         [(1, 1, 4, 8, 16, 1), (2, 1, 24, 64, 128, 1), (2, 9, 6, 5, 7, 2), (1, 33, 3, 4, 5, 1),
+                          (2, 200, 24, 64, 128, 1)])
+@pytest.mark.parametrize("D_per_channel", [False, True])
+def test_ssd_scan_float16(batch, seqlen, nheads, headdim, dstate, ngroups, D_per_channel):
+    kw = ssd_inputs(batch, seqlen, nheads, headdim, dstate, ngroups=ngroups, D_per_channel=D_per_channel,
+                    dt_limit=(0.05, 0.3) if ngroups == 2 else (0.0, math.inf), dtype=F16, seed=seqlen)
+    check_f16(SSD_SCAN, ssd_scan_ref, kw, SSD_INPUTS, ssd_attrs(kw))
+
+
+def test_float16_decode_steps_carry_the_state():
+    """Eight float16 decode steps, each fed the state the last returned, against the reference doing the same:
+    the float32 state carries no float16 rounding from step to step (an SSM state rounded to float16 each step
+    would drift past the tolerance)."""
+    kw = ssd_inputs(1, 8, 4, 16, 32, dtype=F16, seed=7)
+    state, state_ref = kw["ssm_state"], kw["ssm_state"]
+    atol, rtol = tolerance("float16", "op")
+    for t in range(8):
+        step = {**kw, **{k: kw[k][:, t : t + 1].contiguous() for k in ("x", "dt", "B", "C")}}
+        (y, state) = run_native(SSD_SCAN, {**{k: step[k] for k in SSD_INPUTS}, "ssm_state": state}, ssd_attrs(kw))
+        y_ref, state_ref = ssd_scan_ref(**{**step, "ssm_state": state_ref})
+        assert state.dtype == torch.float32
+        assert_close(y.float(), y_ref.float(), atol=atol, rtol=rtol, name=f"step {t} y")
+        assert_close(state, state_ref, atol=atol, rtol=rtol, name=f"step {t} state")
+
+
+def half_matmul_session(trans_b: int) -> ort.InferenceSession:
+    """ssmrt.cpu::HalfMatMul (the float16 runner's decode-step MatMul) alone in a graph."""
+    vis = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT16, [f"{n}{i}" for i in range(r)])
+           for n, r in (("a", 3), ("b", 2))]
+    node = helper.make_node("HalfMatMul", ["a", "b"], ["y"], domain=ort_ops.HALF_MATMUL_DOMAIN, trans_b=trans_b)
+    model = helper.make_model(
+        helper.make_graph([node], "g", vis, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, None)]),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ort_ops.HALF_MATMUL_DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native_library()))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+# (batch, seqlen, K, N): one row (a decode step) and a few, more rows than one pass takes (4), K not a multiple of
+# the four rows of b summed at once, N not a multiple of a vector, and the 130M models' in_proj / lm_head sizes,
+# which split over many pieces.
+@pytest.mark.parametrize("batch,seqlen,K,N", [(1, 1, 16, 8), (1, 1, 37, 13), (2, 1, 5, 300), (3, 5, 64, 33),
+                                              (1, 1, 768, 3352), (2, 1, 1536, 768), (1, 1, 768, 50280)])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_half_matmul(batch, seqlen, K, N, trans_b):
+    """HalfMatMul against the plain torch reference (float32 matmul of the float16 operands, rounded to float16)."""
+    g = torch.Generator().manual_seed(K + N)
+    a = torch.randn(batch, seqlen, K, generator=g).half()
+    b = (torch.randn(K, N, generator=g) / K**0.5).half()
+    want = (a.float() @ b.float()).half()
+    (y,) = half_matmul_session(trans_b).run(None, {"a": a.numpy(), "b": (b.t() if trans_b else b).contiguous().numpy()})
+    assert y.dtype == np.float16 and y.shape == (batch, seqlen, N)
+    atol, rtol = tolerance("float16", "op")
+    assert_close(torch.from_numpy(y).float(), want.float(), atol=atol, rtol=rtol, name="HalfMatMul")
+
+
+def test_half_matmul_shape_errors():
+    with pytest.raises(Exception, match=r"HalfMatMul: A \(1, 1, 8\) and B \(7, 4\) do not multiply"):
+        half_matmul_session(0).run(None, {"a": np.zeros((1, 1, 8), np.float16), "b": np.zeros((7, 4), np.float16)})
+
+
+def test_a_float16_input_where_the_contract_keeps_float32_is_refused():
+    """A float16 SSM state matches neither registered variant: ONNX Runtime refuses the node rather than run it."""
+    kw = ssd_inputs(1, 2, 4, 8, 16, dtype=F16)
+    ins = {**{k: kw[k] for k in SSD_INPUTS}, "ssm_state": kw["ssm_state"].half()}
+    with pytest.raises(Exception, match="(?i)type|implementation"):
+        run_native(SSD_SCAN, ins, ssd_attrs(kw))
+
+
+def half_convert(values: np.ndarray, direction: int, portable: int) -> np.ndarray:
+    """SsmrtHalfConvert (ops.cc): direction 0 float16 bits -> float32, 1 float32 -> float16 bits."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(native_library()))
+    lib.SsmrtHalfConvert.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    values = np.ascontiguousarray(values)
+    out = np.empty(values.shape, np.float32 if direction == 0 else np.uint16)
+    lib.SsmrtHalfConvert(values.ctypes.data, out.ctypes.data, values.size, direction, portable)
+    return out
+
+
+@pytest.mark.parametrize("portable", [1, 0], ids=["integer", "fast"])
+def test_half_conversions_round_as_numpy_does(portable):
+    """Both conversion paths (the integer reference and the F16C one where built) against numpy, bit for bit:
+    every float16 value widened, and narrowing of every float16 value, each halfway point between neighbours
+    (ties to even), a float either side of it, subnormals, overflow, infinities and NaN."""
+    every = np.arange(1 << 16, dtype=np.uint16)
+    want = every.view(np.float16).astype(np.float32)
+    got = half_convert(every, 0, portable)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+    finite = want[np.isfinite(want)]
+    pos = np.unique(np.abs(finite))
+    mids = ((pos[:-1].astype(np.float64) + pos[1:]) / 2).astype(np.float32)  # exact: a float holds each midpoint
+    near = np.concatenate([np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(0))])
+    rng = np.random.default_rng(0)
+    wide = (rng.standard_normal(200_000) * np.exp2(rng.uniform(-30, 18, 200_000))).astype(np.float32)
+    special = np.array([65504, 65519.996, 65520, 65536, 1e30, np.inf, 2**-24, 2**-25, 2**-25 * 1.0000001, 2**-26,
+                        6.1035156e-05, 6.097555e-05, 1e-30, 0.0], np.float32)
+    floats = np.concatenate([finite, mids, near, wide, special])
+    floats = np.concatenate([floats, -floats, np.array([np.nan], np.float32)])
+    got = half_convert(floats, 1, portable)
+    with np.errstate(over="ignore"):  # the floats past 65520 are there to overflow
+        want = floats.astype(np.float16).view(np.uint16)
+    nan = np.isnan(floats)
+    assert np.isnan(got[nan].view(np.float16)).all()
+    bad = np.flatnonzero(got[~nan] != want[~nan])
+    assert bad.size == 0, [(floats[~nan][i], got[~nan][i], want[~nan][i]) for i in bad[:5]]
+
+
 def test_shape_errors_name_the_op_and_the_input():
     kw = conv_inputs(2, 3, 8, 4)
     ins = {k: kw[k] for k in ("x", "weight", "bias", "conv_state")}
@@ -229,7 +399,7 @@ def test_an_unwritable_cache_is_a_reason_not_a_crash(tmp_path, monkeypatch):
         ort_ops.library_path()
 
 
-def test_native_ops_apply_to_float32_cpu_artifacts_only(tmp_path):
+def test_native_ops_apply_to_float32_and_float16_cpu_artifacts_with_a_float32_state(tmp_path):
     from test_models import random_lm
 
     from ssmrt.exporter import export_model
@@ -239,10 +409,15 @@ def test_native_ops_apply_to_float32_cpu_artifacts_only(tmp_path):
     model = random_lm(arch="mamba1")
     f32 = OnnxRuntimeRunnerFromArtifact(export_model(model, tmp_path / "f32"))
     assert f32.native_ops == ("CausalConv1d", "SelectiveScan") and "native" in f32.describe()  # no SSDScan in it
-    f16 = OnnxRuntimeRunnerFromArtifact(export_model(model, tmp_path / "f16", dtype="float16"))
-    assert f16.native_ops == () and "float16" in f16.native_ops_note
-    with pytest.raises(SsmrtError, match="float32 kernels and this artifact is float16"):
-        OnnxRuntimeRunnerFromArtifact(tmp_path / "f16", native_ops="on")
+    f16 = OnnxRuntimeRunnerFromArtifact(export_model(model, tmp_path / "f16", dtype="float16"), native_ops="on")
+    assert f16.native_ops == ("CausalConv1d", "SelectiveScan") and "float16" in f16.describe()
+    export_model(model, tmp_path / "f16-state", dtype="float16", state_dtype="float16")
+    assert OnnxRuntimeRunnerFromArtifact(tmp_path / "f16-state").native_ops == ()
+    with pytest.raises(SsmrtError, match="keep the SSM state float32.* this artifact's is float16"):
+        OnnxRuntimeRunnerFromArtifact(tmp_path / "f16-state", native_ops="on")
+    export_model(model, tmp_path / "bf16", dtype="bfloat16")
+    with pytest.raises(SsmrtError, match="float32 and float16 kernels and this artifact is bfloat16"):
+        OnnxRuntimeRunnerFromArtifact(tmp_path / "bf16", native_ops="on")
     m2 = OnnxRuntimeRunnerFromArtifact(export_model(random_lm(arch="mamba2"), tmp_path / "m2"))
     assert m2.native_ops == ("CausalConv1d", "SSDScan")
     with pytest.raises(SsmrtError, match="native_ops must be one of auto, on, off"):

@@ -179,9 +179,8 @@ def _graph_module(model, logits: str):
             self.model = model
 
         def forward(self, input_ids, *states):
-            out, new = self.model(input_ids, pair_states(states))
-            if logits == "last":
-                out = out[:, -1:]
+            # "last" slices the hidden state before the head, not the logits after it (MambaLM.forward)
+            out, new = self.model(input_ids, pair_states(states), last_only=logits == "last")
             return (out, *flatten_states(new))
 
     return GraphModule()

@@ -191,7 +191,8 @@ class MambaLM(nn.Module):
     """Causal LM: embedding -> n_layer blocks -> norm_f(hidden + residual) -> lm_head (tied unless said).
 
     forward(input_ids (batch, seqlen) int, state=None) -> (logits (batch, seqlen, padded_vocab), new_state);
-    any seqlen >= 1, where seqlen == 1 is a decode step.
+    any seqlen >= 1, where seqlen == 1 is a decode step. last_only=True: logits (batch, 1, padded_vocab) of the
+    last position only, the only ones a prompt's prefill needs.
     """
 
     def __init__(self, config: SSMConfig):
@@ -248,6 +249,7 @@ class MambaLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         state: tuple[LayerState, ...] | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, tuple[LayerState, ...]]:
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (batch, seqlen) with seqlen >= 1, got {tuple(input_ids.shape)}")
@@ -260,6 +262,10 @@ class MambaLM(nn.Module):
             conv_state, ssm_state = state[i] if state is not None else (None, None)
             hidden, residual, conv_state, ssm_state = layer(hidden, residual, conv_state, ssm_state)
             new_state.append((conv_state, ssm_state))
+        if last_only:
+            # The final norm and the head act per position: the other positions' rows of the (vocab, d_model)
+            # head, the largest matmul of a prefill, would be computed only to be dropped.
+            hidden, residual = hidden[:, -1:], residual[:, -1:]
         norm_f = self.backbone.norm_f
         hidden, _ = dispatch.add_rmsnorm(hidden, residual, norm_f.weight, norm_f.eps, False)
         return self.lm_head(hidden), tuple(new_state)

@@ -1,4 +1,4 @@
-"""Native ONNX Runtime CPU kernels for the ssmrt ops (float32): CausalConv1d, SelectiveScan, SSDScan.
+"""Native ONNX Runtime CPU kernels for the ssmrt ops (float32 and float16): CausalConv1d, SelectiveScan, SSDScan.
 
 An exported model runs on stock ONNX Runtime through its ops' fallback bodies (model-local functions in
 standard ops). A session that registers this library runs each of those ops as one native node instead: a
@@ -9,6 +9,9 @@ The library is C++ compiled on first use with the machine's compiler (`$CXX`, el
 (-march=native) and cached under `$SSMRT_CACHE_DIR` (default ~/.cache/ssmrt), keyed by the sources, the flags,
 the compiler and the CPU. The kernels (kernels.cc, no ONNX Runtime in it) split their work over the session's
 intra-op thread pool; ops.cc validates every input and attribute and reports errors through ONNX Runtime;
+each op is registered twice, for float32 and for float16 activations (the inputs and outputs the contract keeps
+float32, A, D, the dt biases and the SSM state, stay float32 in both), and a float16 node's activations are
+widened to float32 on the way in and rounded back on the way out (half.h), so both compute alike;
 ort_abi.h declares the part of ONNX Runtime's C ABI they use. This module does not import ONNX Runtime:
 `library_path()` gives the file that `SessionOptions.register_custom_ops_library` takes.
 """
@@ -28,7 +31,7 @@ from ..errors import SsmrtError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("ops.cc", "kernels.cc", "kernels.h", "ort_abi.h")
+SOURCES = ("ops.cc", "kernels.cc", "kernels.h", "ort_abi.h", "half.h")
 LIBRARY = "libssmrt_ort_ops.so"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-pthread", "-fvisibility=hidden")
 # Only the kernels' loops are compiled with -ffast-math (vector exp / log); the glue that reads attributes such as
@@ -101,21 +104,28 @@ def _verified(out: Path) -> bool:
 
 def contract_header() -> str:
     """contract.h, generated from ssmrt.ops.spec at build time: the ops' names, input and output counts, which
-    inputs are optional, and the softplus threshold. The C++ glue registers the ops from it, so the library
-    cannot disagree with the contract."""
+    inputs are optional, which inputs and outputs stay float32 in a float16 model, and the softplus threshold.
+    The C++ glue registers the ops from it, so the library cannot disagree with the contract."""
     from ..ops.spec import OPS, SOFTPLUS_THRESHOLD
 
     lines = ["// Generated from ssmrt/ops/spec.py when the library is built; do not edit.", "#pragma once",
              "#include <cstddef>", "", "namespace ssmrt_contract {", "",
              "struct OpContract {", "  const char* name;", "  size_t inputs;", "  size_t outputs;",
-             "  const bool* optional;  // per input", "};", "",
+             "  const bool* optional;  // per input",
+             "  const bool* fp32_inputs;  // per input: float32 whatever the activations' dtype",
+             "  const bool* fp32_outputs;  // per output: the same", "};", "",
              f"constexpr float kSoftplusThreshold = {SOFTPLUS_THRESHOLD!r}f;", ""]
+    def flags(values):
+        return ", ".join("true" if v else "false" for v in values)
+
     for name in OPS:
         spec = OPS[name]
-        flags = ", ".join("true" if t.optional else "false" for t in spec.inputs)
         counts = f"{len(spec.inputs)}, {len(spec.outputs)}"
-        lines += [f"constexpr bool k{name}Optional[] = {{{flags}}};",
-                  f'constexpr OpContract k{name}{{"{name}", {counts}, k{name}Optional}};']
+        lines += [f"constexpr bool k{name}Optional[] = {{{flags(t.optional for t in spec.inputs)}}};",
+                  f"constexpr bool k{name}Fp32Inputs[] = {{{flags(t.fp32 for t in spec.inputs)}}};",
+                  f"constexpr bool k{name}Fp32Outputs[] = {{{flags(t.fp32 for t in spec.outputs)}}};",
+                  f'constexpr OpContract k{name}{{"{name}", {counts}, k{name}Optional, k{name}Fp32Inputs, '
+                  f"k{name}Fp32Outputs}};"]
     lines += ["", "}  // namespace ssmrt_contract", ""]
     return "\n".join(lines)
 
@@ -169,3 +179,53 @@ def _run(cmd: list[str], source: Path) -> None:
         why = (" / ".join(line for line in res.stderr.splitlines() if "error" in line)[:500]
                or " ".join(res.stderr.split())[:500] or f"exit status {res.returncode}, no message")
         raise NativeOpsUnavailable(f"{cmd[0]} could not build {source}: {why}")
+
+
+# ONNX Runtime's CPU float16 MatMul reads its weights at float32 cost (it computes through float32), so a float16
+# artifact's decode step would stream as many bytes as a float32 one. The library's ssmrt.cpu::HalfMatMul reads
+# them as stored; it is written for the few rows of a decode step, so the graph asks for it only there.
+HALF_MATMUL_DOMAIN = "ssmrt.cpu"
+DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
+
+
+def route_half_matmuls(model) -> int:
+    """Rewrites an onnx.ModelProto in place: every main-graph MatMul of an activation by a float16 (K, N)
+    initializer becomes If(input_ids has one position, HalfMatMul, the MatMul as it was). Returns how many.
+    The artifact on disk is not touched; a runner that loads the native library hands ONNX Runtime the result."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    weights = {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT16 and len(t.dims) == 2}
+    # a tied lm_head multiplies by Transpose(embedding): HalfMatMul reads the embedding itself, with trans_b
+    transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights
+                  and [a.ints for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])}
+    targets = {i for i, n in enumerate(graph.node)
+               if n.op_type == "MatMul" and n.domain == "" and (n.input[1] in weights or n.input[1] in transposed)}
+    if not targets:
+        return 0
+    flag = [helper.make_node("Shape", ["input_ids"], [f"{DECODE_FLAG}.len"], start=1, end=2),
+            helper.make_node("Constant", [], [f"{DECODE_FLAG}.one"], value_ints=[1]),
+            helper.make_node("Equal", [f"{DECODE_FLAG}.len", f"{DECODE_FLAG}.one"], [f"{DECODE_FLAG}.eq"]),
+            helper.make_node("Constant", [], [f"{DECODE_FLAG}.axes"], value_ints=[0]),
+            helper.make_node("Squeeze", [f"{DECODE_FLAG}.eq", f"{DECODE_FLAG}.axes"], [DECODE_FLAG])]
+    nodes = []
+    for i, node in enumerate(graph.node):
+        if i in targets:
+            a, w = node.input
+            (y,) = node.output
+            branch = {}
+            step = (helper.make_node("HalfMatMul", [a, transposed[w]], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN,
+                                     trans_b=1) if w in transposed
+                    else helper.make_node("HalfMatMul", [a, w], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN))
+            for name, inner in (("step", step), ("prompt", helper.make_node("MatMul", [a, w], [f"{y}.prompt"]))):
+                branch[name] = helper.make_graph([inner], f"{y}_{name}", [],
+                                                 [helper.make_tensor_value_info(f"{y}.{name}", TensorProto.FLOAT16,
+                                                                                None)])
+            node = helper.make_node("If", [DECODE_FLAG], [y], name=f"{node.name or y}.routed",
+                                    then_branch=branch["step"], else_branch=branch["prompt"])
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(flag + nodes)
+    if not any(o.domain == HALF_MATMUL_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(HALF_MATMUL_DOMAIN, 1))
+    return len(targets)

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "contract.h"  // generated from ssmrt/ops/spec.py
+#include "half.h"
 
 namespace ssmrt_cpu {
 namespace {
@@ -183,6 +184,125 @@ void ssd_scan(const Executor& exec, const float* x, const float* dt_in, const fl
       }
     }
   });
+}
+
+namespace {
+
+// acc[r][0, w) += sum over the kk rows b[k + i] (each at b + i * N) of a[r][k + i] * b[k + i][0, w), r < rows; the
+// float16 weights converted in registers where the compiler targets F16C and FMA.
+template <int kk>
+inline void half_axpy_rows(const uint16_t* b, int64_t N, const float* a, int64_t K, int64_t rows, float* acc,
+                           int64_t acc_stride, int64_t w) {
+  int64_t j = 0;
+#if defined(__F16C__) && defined(__FMA__)
+  if (kk == 4 && rows == 1) {
+    // A decode step's case: the four weights in registers, the products summed as a tree (no chain of four
+    // dependent FMAs per vector), two vectors per iteration.
+    __m256 av[4];
+    for (int i = 0; i < 4; ++i) av[i] = _mm256_broadcast_ss(a + i);
+    auto rows4 = [&](int64_t c) {
+      __m256 bv[4];
+      for (int i = 0; i < 4; ++i)
+        bv[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i * N + c)));
+      const __m256 s01 = _mm256_fmadd_ps(av[1], bv[1], _mm256_mul_ps(av[0], bv[0]));
+      const __m256 s23 = _mm256_fmadd_ps(av[3], bv[3], _mm256_mul_ps(av[2], bv[2]));
+      _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), _mm256_add_ps(s01, s23)));
+    };
+    for (; j + 16 <= w; j += 16) {
+      rows4(j);
+      rows4(j + 8);
+    }
+    for (; j + 8 <= w; j += 8) rows4(j);
+  }
+  for (; j + 8 <= w; j += 8) {
+    __m256 bv[kk];
+    for (int i = 0; i < kk; ++i)
+      bv[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i * N + j)));
+    for (int64_t r = 0; r < rows; ++r) {
+      float* ar = acc + r * acc_stride + j;
+      __m256 sum = _mm256_loadu_ps(ar);
+      for (int i = 0; i < kk; ++i) sum = _mm256_fmadd_ps(_mm256_broadcast_ss(a + r * K + i), bv[i], sum);
+      _mm256_storeu_ps(ar, sum);
+    }
+  }
+#endif
+  for (; j < w; ++j)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int i = 0; i < kk; ++i) acc[r * acc_stride + j] += a[r * K + i] * ssmrt_half::to_float_portable(b[i * N + j]);
+}
+
+}  // namespace
+
+void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uint16_t* y, int64_t M, int64_t K,
+                 int64_t N) {
+  // b is (K, N) row-major, so a run of whole rows is one contiguous stretch of memory: each piece takes a range of
+  // rows (split over K, not N) and sweeps it front to back, four rows at a time, into its own float32 partial sums
+  // of every column, loaded and stored once per four rows; the pieces' partials are then added. One sequential
+  // sweep per piece is what the hardware prefetchers stream at full bandwidth (column blocks would start a new page
+  // on every row). Up to kRows rows of a share each converted weight; more rows sweep b again.
+  constexpr int64_t kRows = 4, kMaxPieces = 16, kPieceWork = int64_t{1} << 18;
+  std::vector<float> af(M * K);
+  ssmrt_half::to_float(a, af.data(), M * K);
+  const int64_t pieces = std::max<int64_t>(1, std::min({kMaxPieces, (K + 3) / 4, K * N / kPieceWork}));
+  // The partials live in a buffer kept by the calling thread from call to call: a fresh one of a few MB each call
+  // would be mapped, faulted in and zeroed anew.
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < static_cast<size_t>(pieces * kRows * N)) scratch.resize(pieces * kRows * N);
+  float* const partial = scratch.data();  // the pieces run on other threads: they take this pointer, not `scratch`
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    const int64_t rows = std::min(kRows, M - m0);
+    const float* am = af.data() + m0 * K;
+    exec.run(pieces, [&](int64_t p) {
+      const int64_t k0 = K * p / pieces, k1 = K * (p + 1) / pieces;
+      float* acc = partial + p * kRows * N;
+      std::fill(acc, acc + rows * N, 0.0f);
+      int64_t k = k0;
+      for (; k + 4 <= k1; k += 4) half_axpy_rows<4>(b + k * N, N, am + k, K, rows, acc, N, N);
+      for (; k < k1; ++k) half_axpy_rows<1>(b + k * N, N, am + k, K, rows, acc, N, N);
+    });
+    parallel_for(exec, rows * N, pieces, [&](int64_t i0, int64_t i1) {
+      std::vector<float> sum(i1 - i0);
+      for (int64_t p = 0; p < pieces; ++p) {
+        const float* part = partial + p * kRows * N;
+        for (int64_t i = i0; i < i1; ++i) sum[i - i0] += part[i];
+      }
+      // i runs over (row, column) of this group of rows, which are consecutive rows of y
+      ssmrt_half::from_float(sum.data(), y + m0 * N + i0, i1 - i0);
+    });
+  }
+}
+
+void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt, uint16_t* y, int64_t M, int64_t K,
+                    int64_t N) {
+  // bt is (N, K): column n of the product is a dot of a's rows with row n of bt, and consecutive n read consecutive
+  // rows, one sequential sweep of bt per range of columns.
+  constexpr int64_t kRows = 4;
+  std::vector<float> af(M * K);
+  ssmrt_half::to_float(a, af.data(), M * K);
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    const int64_t rows = std::min(kRows, M - m0);
+    const float* am = af.data() + m0 * K;
+    parallel_for(exec, N, rows * K, [&](int64_t n0, int64_t n1) {
+      std::vector<float> out(rows * (n1 - n0));
+      float bf[256];
+      for (int64_t n = n0; n < n1; ++n) {
+        float sum[kRows] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int64_t k0 = 0; k0 < K; k0 += 256) {  // a row of bt, converted in runs that stay in L1
+          const int64_t len = std::min<int64_t>(256, K - k0);
+          ssmrt_half::to_float(bt + n * K + k0, bf, len);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* ar = am + r * K + k0;
+            float s = 0.0f;
+            for (int64_t k = 0; k < len; ++k) s += ar[k] * bf[k];
+            sum[r] += s;
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) out[r * (n1 - n0) + (n - n0)] = sum[r];
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        ssmrt_half::from_float(out.data() + r * (n1 - n0), y + (m0 + r) * N + n0, n1 - n0);
+    });
+  }
 }
 
 }  // namespace ssmrt_cpu

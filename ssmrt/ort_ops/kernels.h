@@ -47,3 +47,17 @@ void ssd_scan(const Executor& exec, const float* x, const float* dt, const float
               int64_t ngroups, bool dt_softplus, bool dt_clamp, float dt_min, float dt_max);
 
 }  // namespace ssmrt_cpu
+
+namespace ssmrt_cpu {
+
+// HalfMatMul (ssmrt.cpu domain; never in an artifact: the ONNX Runtime runner puts it in a float16 graph's decode
+// path). y (M, N) = a (M, K) @ b (K, N), a, b and y IEEE float16 as stored (uint16_t), the sums in float32 and
+// rounded once. Written for small M (a decode step's rows): b is streamed once per four rows of a, converted on
+// the fly, so a step reads its float16 weights, half the bytes of float32 ones; a large M is correct but slow.
+void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uint16_t* y, int64_t M, int64_t K,
+                 int64_t N);
+// The same with b given transposed, bt (N, K): y = a @ bt^T (a tied lm_head is the embedding, (vocab, d_model)).
+void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt, uint16_t* y, int64_t M, int64_t K,
+                    int64_t N);
+
+}  // namespace ssmrt_cpu

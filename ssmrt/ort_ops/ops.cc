@@ -1,4 +1,5 @@
-// ssmrt::CausalConv1d, ssmrt::SelectiveScan and ssmrt::SSDScan as native ONNX Runtime CPU kernels (float32).
+// ssmrt::CausalConv1d, ssmrt::SelectiveScan and ssmrt::SSDScan as native ONNX Runtime CPU kernels, for float32
+// and float16 activations.
 //
 // An exported model carries each op's fallback body as a model-local function; a session that registers
 // this library (SessionOptions.register_custom_ops_library) runs these kernels instead, one node per op.
@@ -10,6 +11,13 @@
 //
 // Every input is validated here (rank, each dimension against the others); a mismatch fails the run with a
 // message naming the op, the input and what was expected.
+//
+// Each op is registered twice under its one name: once with every tensor float32, once with float16 activations
+// and float32 where the contract keeps a tensor float32 (A, D, the dt biases, the SSM state: contract.h's fp32
+// flags); ONNX Runtime picks the one whose types match the node. A float16 node's activations are widened to
+// float32 once on the way in and its float16 outputs rounded once on the way out (half.h), around the same
+// float32 kernels: the references compute float16 inputs in float32 the same way, and an activation tensor of an
+// op is small next to the work done on it (a decode step's is one token's).
 
 #include <atomic>
 #include <chrono>
@@ -23,6 +31,7 @@
 #include <vector>
 
 #include "contract.h"  // generated from ssmrt/ops/spec.py: names, input / output counts, optional inputs
+#include "half.h"
 #include "kernels.h"
 #include "ort_abi.h"
 
@@ -31,6 +40,7 @@ using ssmrt_ort::KernelContext;
 using ssmrt_ort::KernelInfo;
 using ssmrt_ort::Status;
 using ssmrt_ort::Value;
+using ssmrt_contract::OpContract;
 
 #define SSMRT_TRY(expr)               \
   do {                                  \
@@ -46,6 +56,8 @@ struct Tensor {
   const float* or_null() const { return present ? data : nullptr; }
   int64_t operator[](size_t i) const { return shape[i]; }
 };
+
+const char* type_name(int type) { return type == ssmrt_ort::kFloat16 ? "float16" : "float32"; }
 
 std::string shape_str(const std::vector<int64_t>& shape) {
   std::string s = "(";
@@ -89,16 +101,22 @@ class PoolExecutor final : public ssmrt_cpu::Executor {
   const KernelContext* ctx_;
 };
 
-// One compute call: reads inputs, checks them, allocates outputs; errors name the op and the tensor.
+// One compute call: reads inputs, checks them, allocates outputs; errors name the op and the tensor. `act` is the
+// activations' type of the registered variant; a float16 input reaches the kernel widened to float32, and a
+// float16 output is written as float32 to a buffer that finish() rounds into it.
 class Call {
  public:
-  Call(const Calls& api, KernelContext* ctx, const char* op) : api_(api), ctx_(ctx), op_(op) {}
+  Call(const Calls& api, KernelContext* ctx, const OpContract& op, int act)
+      : api_(api), ctx_(ctx), contract_(op), op_(op.name), act_(act) {}
 
   Status* error(const std::string& msg) const {
     return api_.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt::" + std::string(op_) + ": " + msg).c_str());
   }
 
-  Status* input(size_t index, const char* name, size_t rank, Tensor* out) const {
+  int input_type(size_t index) const { return contract_.fp32_inputs[index] ? ssmrt_ort::kFloat32 : act_; }
+  int output_type(size_t index) const { return contract_.fp32_outputs[index] ? ssmrt_ort::kFloat32 : act_; }
+
+  Status* input(size_t index, const char* name, size_t rank, Tensor* out) {
     const Value* value = nullptr;
     SSMRT_TRY(api_.KernelContextGetInput(ctx_, index, &value));
     if (value == nullptr) return nullptr;
@@ -115,17 +133,25 @@ class Call {
     }
     api_.ReleaseTensorTypeAndShapeInfo(info);
     if (s) return s;
-    if (type != ssmrt_ort::kFloat32) return error(std::string("input ") + name + " must be float32");
+    if (type != input_type(index))
+      return error(std::string("input ") + name + " must be " + type_name(input_type(index)));
     if (rank != 0 && n != rank)  // rank 0: the caller checks
       return error(std::string("input ") + name + " must have rank " + std::to_string(rank) + ", got " +
                    shape_str(out->shape));
     void* data = nullptr;
     SSMRT_TRY(api_.GetTensorMutableData(const_cast<Value*>(value), &data));
-    out->data = static_cast<const float*>(data);
+    if (type == ssmrt_ort::kFloat32) {
+      out->data = static_cast<const float*>(data);
+      return nullptr;
+    }
+    const int64_t count = elements(out->shape);
+    owned_.emplace_back(count);
+    ssmrt_half::to_float(static_cast<const uint16_t*>(data), owned_.back().data(), count);
+    out->data = owned_.back().data();
     return nullptr;
   }
 
-  Status* required(size_t index, const char* name, size_t rank, Tensor* out) const {
+  Status* required(size_t index, const char* name, size_t rank, Tensor* out) {
     SSMRT_TRY(input(index, name, rank, out));
     return out->present ? nullptr : error(std::string("input ") + name + " is required");
   }
@@ -139,31 +165,60 @@ class Call {
                  shape_str(want) + " " + meaning);
   }
 
-  Status* output(size_t index, const std::vector<int64_t>& shape, float** out) const {
+  Status* output(size_t index, const std::vector<int64_t>& shape, float** out) {
     Value* value = nullptr;
     SSMRT_TRY(api_.KernelContextGetOutput(ctx_, index, shape.data(), shape.size(), &value));
     void* data = nullptr;
     SSMRT_TRY(api_.GetTensorMutableData(value, &data));
-    *out = static_cast<float*>(data);
+    if (output_type(index) == ssmrt_ort::kFloat32) {
+      *out = static_cast<float*>(data);
+      return nullptr;
+    }
+    const int64_t count = elements(shape);
+    owned_.emplace_back(count);
+    pending_.push_back({static_cast<uint16_t*>(data), owned_.back().data(), count});
+    *out = owned_.back().data();
     return nullptr;
   }
 
+  // After the kernel: the float16 outputs, rounded from their float32 buffers.
+  void finish() {
+    for (const Pending& p : pending_) ssmrt_half::from_float(p.src, p.dst, p.count);
+    pending_.clear();
+  }
+
  private:
+  static int64_t elements(const std::vector<int64_t>& shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+  struct Pending {
+    uint16_t* dst;
+    const float* src;
+    int64_t count;
+  };
   const Calls& api_;
   KernelContext* ctx_;
+  const OpContract& contract_;
   const char* op_;
+  int act_;
+  std::vector<std::vector<float>> owned_;  // widened inputs, outputs before rounding (moves keep their data)
+  std::vector<Pending> pending_;
 };
 
 // ------------------------------------------------------------------------------------------ CausalConv1d
 
 struct CausalConv1dKernel {
   Calls api;
+  int act;  // the activations' type of the variant this node runs
   bool silu = true;
 };
 
+template <int Act>
 Status* conv_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
   Calls api(raw);
-  auto* k = new CausalConv1dKernel{api};
+  auto* k = new CausalConv1dKernel{api, Act};
   size_t size = 0;
   // A model without the attribute gets the contract's default, silu.
   if (Status* s = api.KernelInfoGetAttributeString(info, "activation", nullptr, &size)) {
@@ -189,7 +244,7 @@ Status* conv_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const
 
 Status* conv_compute(void* kernel, KernelContext* ctx) {
   auto* k = static_cast<CausalConv1dKernel*>(kernel);
-  Call call(k->api, ctx, "CausalConv1d");
+  Call call(k->api, ctx, ssmrt_contract::kCausalConv1d, k->act);
   Tensor x, w, bias, state;
   SSMRT_TRY(call.required(0, "x", 3, &x));
   SSMRT_TRY(call.required(1, "weight", 2, &w));
@@ -205,6 +260,7 @@ Status* conv_compute(void* kernel, KernelContext* ctx) {
   SSMRT_TRY(call.output(1, {batch, dim, width - 1}, &state_out));
   ssmrt_cpu::causal_conv1d(PoolExecutor(k->api, ctx), x.data, w.data, bias.or_null(), state.data, y, state_out, batch,
                            seqlen, dim, width, k->silu);
+  call.finish();
   return nullptr;
 }
 
@@ -212,14 +268,16 @@ Status* conv_compute(void* kernel, KernelContext* ctx) {
 
 struct SsdScanKernel {
   Calls api;
+  int act;
   bool dt_softplus = false;
   float dt_min = 0.0f;
   float dt_max = std::numeric_limits<float>::infinity();
 };
 
+template <int Act>
 Status* ssd_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
   Calls api(raw);
-  auto* k = new SsdScanKernel{api};
+  auto* k = new SsdScanKernel{api, Act};
   int64_t softplus = 0;
   // Absent attributes take the contract's defaults: no softplus, no dt limit.
   if (Status* s = api.KernelInfoGetAttributeInt64(info, "dt_softplus", &softplus)) api.ReleaseStatus(s);
@@ -241,7 +299,7 @@ Status* ssd_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const 
 
 Status* ssd_compute(void* kernel, KernelContext* ctx) {
   auto* k = static_cast<SsdScanKernel*>(kernel);
-  Call call(k->api, ctx, "SSDScan");
+  Call call(k->api, ctx, ssmrt_contract::kSSDScan, k->act);
   Tensor x, dt, A, B, C, D, dt_bias, state;
   SSMRT_TRY(call.required(0, "x", 4, &x));
   SSMRT_TRY(call.required(1, "dt", 3, &dt));
@@ -273,6 +331,7 @@ Status* ssd_compute(void* kernel, KernelContext* ctx) {
   ssmrt_cpu::ssd_scan(PoolExecutor(k->api, ctx), x.data, dt.data, A.data, B.data, C.data, D.or_null(), d_per_channel,
                       dt_bias.or_null(), state.data, y, state_out, batch, seqlen, nheads, headdim, dstate, ngroups,
                       k->dt_softplus, clamp, k->dt_min, k->dt_max);
+  call.finish();
   return nullptr;
 }
 
@@ -280,12 +339,14 @@ Status* ssd_compute(void* kernel, KernelContext* ctx) {
 
 struct SelectiveScanKernel {
   Calls api;
+  int act;
   bool delta_softplus = false;
 };
 
+template <int Act>
 Status* scan_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
   Calls api(raw);
-  auto* k = new SelectiveScanKernel{api};
+  auto* k = new SelectiveScanKernel{api, Act};
   int64_t value = 0;
   if (Status* s = api.KernelInfoGetAttributeInt64(info, "delta_softplus", &value)) {
     api.ReleaseStatus(s);  // absent: the contract's default, 0
@@ -304,7 +365,7 @@ Status* scan_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const
 
 Status* scan_compute(void* kernel, KernelContext* ctx) {
   auto* k = static_cast<SelectiveScanKernel*>(kernel);
-  Call call(k->api, ctx, "SelectiveScan");
+  Call call(k->api, ctx, ssmrt_contract::kSelectiveScan, k->act);
   Tensor u, delta, A, B, C, D, z, delta_bias, state;
   SSMRT_TRY(call.required(0, "u", 3, &u));
   SSMRT_TRY(call.required(1, "delta", 3, &delta));
@@ -333,6 +394,78 @@ Status* scan_compute(void* kernel, KernelContext* ctx) {
   ssmrt_cpu::selective_scan(PoolExecutor(k->api, ctx), u.data, delta.data, A.data, B.data, C.data, D.or_null(),
                             z.or_null(), delta_bias.or_null(), state.data, y, state_out, batch, seqlen, dim, dstate,
                             ngroups, k->delta_softplus);
+  call.finish();
+  return nullptr;
+}
+
+// ------------------------------------------------------------------------------------------ HalfMatMul
+//
+// ssmrt.cpu::HalfMatMul(A (..., K) float16, B (K, N) float16) -> Y (..., N) float16: MatMul with float32 sums and
+// float16 weights read as stored; attribute trans_b 1: B is given as (N, K). Not an artifact op: the ONNX Runtime runner routes a float16 graph's decode-step
+// MatMuls here (ONNX Runtime's CPU float16 MatMul reads its weights at float32 cost).
+
+struct HalfMatMulKernel {
+  Calls api;
+  bool trans_b = false;
+};
+
+Status* half_matmul_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
+  Calls api(raw);
+  int64_t trans_b = 0;
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "trans_b", &trans_b)) api.ReleaseStatus(s);  // absent: 0
+  if (trans_b != 0 && trans_b != 1)
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument,
+                            ("ssmrt.cpu::HalfMatMul: attribute trans_b must be 0 or 1, got " +
+                             std::to_string(trans_b)).c_str());
+  *out = new HalfMatMulKernel{api, trans_b == 1};
+  return nullptr;
+}
+
+Status* half_matmul_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<HalfMatMulKernel*>(kernel);
+  const Calls& api = k->api;
+  auto error = [&](const std::string& msg) {
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::HalfMatMul: " + msg).c_str());
+  };
+  const void* data[2] = {nullptr, nullptr};
+  std::vector<int64_t> shape[2];
+  for (size_t i = 0; i < 2; ++i) {
+    const Value* value = nullptr;
+    SSMRT_TRY(api.KernelContextGetInput(ctx, i, &value));
+    if (value == nullptr) return error("both inputs are required");
+    ssmrt_ort::TensorTypeAndShapeInfo* info = nullptr;
+    SSMRT_TRY(api.GetTensorTypeAndShape(value, &info));
+    int type = 0;
+    size_t n = 0;
+    Status* s = api.GetTensorElementType(info, &type);
+    if (!s) s = api.GetDimensionsCount(info, &n);
+    if (!s) {
+      shape[i].resize(n);
+      s = api.GetDimensions(info, shape[i].data(), n);
+    }
+    api.ReleaseTensorTypeAndShapeInfo(info);
+    if (s) return s;
+    if (type != ssmrt_ort::kFloat16) return error(std::string(i ? "B" : "A") + " must be float16");
+    void* p = nullptr;
+    SSMRT_TRY(api.GetTensorMutableData(const_cast<Value*>(value), &p));
+    data[i] = p;
+  }
+  const size_t k_dim = k->trans_b ? 1 : 0;
+  if (shape[1].size() != 2 || shape[0].empty() || shape[0].back() != shape[1][k_dim])
+    return error("A " + shape_str(shape[0]) + " and B " + shape_str(shape[1]) + " do not multiply: B must be " +
+                 (k->trans_b ? "(N, K)" : "(K, N)") + " with K A's last dimension");
+  const int64_t K = shape[1][k_dim], N = shape[1][1 - k_dim];
+  int64_t M = 1;
+  for (size_t i = 0; i + 1 < shape[0].size(); ++i) M *= shape[0][i];
+  std::vector<int64_t> out_shape(shape[0]);
+  out_shape.back() = N;
+  Value* out = nullptr;
+  SSMRT_TRY(api.KernelContextGetOutput(ctx, 0, out_shape.data(), out_shape.size(), &out));
+  void* y = nullptr;
+  SSMRT_TRY(api.GetTensorMutableData(out, &y));
+  (k->trans_b ? ssmrt_cpu::half_matmul_nt : ssmrt_cpu::half_matmul)(
+      PoolExecutor(api, ctx), static_cast<const uint16_t*>(data[0]), static_cast<const uint16_t*>(data[1]),
+      static_cast<uint16_t*>(y), M, K, N);
   return nullptr;
 }
 
@@ -436,12 +569,12 @@ void destroy(void* kernel) {
 }
 
 int float32_type(const ssmrt_ort::CustomOp*, size_t) { return ssmrt_ort::kFloat32; }
+char type_letter(int type) { return type == ssmrt_ort::kFloat16 ? 'h' : 'f'; }
 int required_io(const ssmrt_ort::CustomOp*, size_t) { return ssmrt_ort::kRequired; }
 int default_memory(const ssmrt_ort::CustomOp*, size_t) { return 0; }  // OrtMemTypeDefault
 const char* cpu_provider(const ssmrt_ort::CustomOp*) { return nullptr; }  // null: the CPU provider
 
 using Op = ssmrt_ort::CustomOp;
-using ssmrt_contract::OpContract;
 
 // What ONNX Runtime asks an op about its inputs and outputs, answered from the op's contract.
 template <const OpContract& C>
@@ -454,17 +587,26 @@ template <const OpContract& C>
 int input_characteristic(const Op*, size_t i) {
   return i < C.inputs && C.optional[i] ? ssmrt_ort::kOptional : ssmrt_ort::kRequired;
 }
+// The variant with activations of type Act: float32 where the contract keeps a tensor float32, else Act.
+template <const OpContract& C, int Act>
+int input_type(const Op*, size_t i) {
+  return i < C.inputs && C.fp32_inputs[i] ? ssmrt_ort::kFloat32 : Act;
+}
+template <const OpContract& C, int Act>
+int output_type(const Op*, size_t i) {
+  return i < C.outputs && C.fp32_outputs[i] ? ssmrt_ort::kFloat32 : Act;
+}
 
-template <const OpContract& C>
+template <const OpContract& C, int Act = ssmrt_ort::kFloat32>
 Op make_op(Status* (*create)(const Op*, const ssmrt_ort::Api*, const KernelInfo*, void**),
            Status* (*compute)(void*, KernelContext*), void (*destroy_fn)(void*)) {
   ssmrt_ort::CustomOp op{};
   op.version = ssmrt_ort::kCustomOpVersion;
   op.GetName = op_name<C>;
   op.GetExecutionProviderType = cpu_provider;
-  op.GetInputType = float32_type;
+  op.GetInputType = input_type<C, Act>;
   op.GetInputTypeCount = input_count<C>;
-  op.GetOutputType = float32_type;
+  op.GetOutputType = output_type<C, Act>;
   op.GetOutputTypeCount = output_count<C>;
   op.KernelDestroy = destroy_fn;
   op.GetInputCharacteristic = input_characteristic<C>;
@@ -475,17 +617,29 @@ Op make_op(Status* (*create)(const Op*, const ssmrt_ort::Api*, const KernelInfo*
   return op;
 }
 
-const Op kCausalConv1d =
-    make_op<ssmrt_contract::kCausalConv1d>(conv_create, conv_compute, destroy<CausalConv1dKernel>);
-const Op kSelectiveScan =
-    make_op<ssmrt_contract::kSelectiveScan>(scan_create, scan_compute, destroy<SelectiveScanKernel>);
-const Op kSsdScan = make_op<ssmrt_contract::kSSDScan>(ssd_create, ssd_compute, destroy<SsdScanKernel>);
-const Op* const kOps[] = {&kCausalConv1d, &kSelectiveScan, &kSsdScan};
+template <int Act>
+Op conv_op() {
+  return make_op<ssmrt_contract::kCausalConv1d, Act>(conv_create<Act>, conv_compute, destroy<CausalConv1dKernel>);
+}
+template <int Act>
+Op scan_op() {
+  return make_op<ssmrt_contract::kSelectiveScan, Act>(scan_create<Act>, scan_compute,
+                                                      destroy<SelectiveScanKernel>);
+}
+template <int Act>
+Op ssd_op() {
+  return make_op<ssmrt_contract::kSSDScan, Act>(ssd_create<Act>, ssd_compute, destroy<SsdScanKernel>);
+}
+constexpr int kF32 = ssmrt_ort::kFloat32, kF16 = ssmrt_ort::kFloat16;
+const Op kOpVariants[] = {conv_op<kF32>(), scan_op<kF32>(), ssd_op<kF32>(),
+                          conv_op<kF16>(), scan_op<kF16>(), ssd_op<kF16>()};
 
 constexpr bool kAbiProbeOptional[] = {false};
-constexpr OpContract kAbiProbe{"AbiProbe", 1, 1, kAbiProbeOptional};
+constexpr OpContract kAbiProbe{"AbiProbe", 1, 1, kAbiProbeOptional, kAbiProbeOptional, kAbiProbeOptional};
 Op make_probe() {
   Op op = make_op<kAbiProbe>(probe_create, probe_compute, destroy<AbiProbeKernel>);
+  op.GetInputType = float32_type;
+  op.GetOutputType = float32_type;
   op.GetVariadicInputMinArity = [](const Op*) { return 1; };
   op.GetVariadicInputHomogeneity = [](const Op*) { return 1; };
   op.GetInputCharacteristic = [](const Op*, size_t) -> int { return ssmrt_ort::kVariadic; };
@@ -493,23 +647,43 @@ Op make_probe() {
 }
 const Op kAbiProbeOp = make_probe();
 
+constexpr bool kHalfMatMulFlags[] = {false, false};
+constexpr OpContract kHalfMatMul{"HalfMatMul", 2, 1, kHalfMatMulFlags, kHalfMatMulFlags, kHalfMatMulFlags};
+const Op kHalfMatMulOp =
+    make_op<kHalfMatMul, ssmrt_ort::kFloat16>(half_matmul_create, half_matmul_compute, destroy<HalfMatMulKernel>);
+
 }  // namespace
 
 // The ops as ONNX Runtime sees them, asked through the registered structs themselves: "name inputs outputs
-// optional-flags" per op, ";"-separated (a test compares it with ssmrt/ops/spec.py).
+// optional-flags input-types output-types" per registered variant (types: f float32, h float16), ";"-separated
+// (a test compares it with ssmrt/ops/spec.py).
 extern "C" __attribute__((visibility("default"))) const char* SsmrtOpTable() {
   static const std::string table = [] {
     std::string out;
-    for (const Op* op : kOps) {
-      const size_t n = op->GetInputTypeCount(op);
-      out += std::string(op->GetName(op)) + " " + std::to_string(n) + " ";
-      out += std::to_string(op->GetOutputTypeCount(op)) + " ";
+    for (const Op& v : kOpVariants) {
+      const Op* op = &v;
+      const size_t n = op->GetInputTypeCount(op), m = op->GetOutputTypeCount(op);
+      out += std::string(op->GetName(op)) + " " + std::to_string(n) + " " + std::to_string(m) + " ";
       for (size_t i = 0; i < n; ++i) out += op->GetInputCharacteristic(op, i) == ssmrt_ort::kOptional ? "1" : "0";
+      out += " ";
+      for (size_t i = 0; i < n; ++i) out += type_letter(op->GetInputType(op, i));
+      out += " ";
+      for (size_t i = 0; i < m; ++i) out += type_letter(op->GetOutputType(op, i));
       out += ";";
     }
     return out;
   }();
   return table.c_str();
+}
+
+// The half conversions of half.h on n values, for the tests: to_float (direction 0, uint16 -> float) or from_float
+// (1, float -> uint16), through the integer reference path (portable 1) or the fast one this build uses (0).
+extern "C" __attribute__((visibility("default"))) void SsmrtHalfConvert(const void* in, void* out, int64_t n,
+                                                                        int direction, int portable) {
+  if (direction == 0)
+    ssmrt_half::to_float(static_cast<const uint16_t*>(in), static_cast<float*>(out), n, portable != 0);
+  else
+    ssmrt_half::from_float(static_cast<const float*>(in), static_cast<uint16_t*>(out), n, portable != 0);
 }
 
 extern "C" __attribute__((visibility("default"))) int SsmrtPoolThreadsSeen() { return g_threads_seen.load(); }
@@ -541,10 +715,14 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
     api.ReleaseStatus(s);
     return nullptr;
   };
-  static ssmrt_ort::CustomOpDomain* const domain = make_domain("ssmrt", {kOps[0], kOps[1], kOps[2]});
+  static ssmrt_ort::CustomOpDomain* const domain =
+      make_domain("ssmrt", {&kOpVariants[0], &kOpVariants[1], &kOpVariants[2], &kOpVariants[3], &kOpVariants[4],
+                            &kOpVariants[5]});
   static ssmrt_ort::CustomOpDomain* const probe = make_domain("ssmrt.abi_probe", {&kAbiProbeOp});
-  if (domain == nullptr || probe == nullptr)
+  static ssmrt_ort::CustomOpDomain* const cpu = make_domain("ssmrt.cpu", {&kHalfMatMulOp});
+  if (domain == nullptr || probe == nullptr || cpu == nullptr)
     return api.CreateStatus(ssmrt_ort::kFail, "ssmrt: ONNX Runtime refused the ssmrt custom-op domain");
   SSMRT_TRY(api.AddCustomOpDomain(options, domain));
+  SSMRT_TRY(api.AddCustomOpDomain(options, cpu));
   return api.AddCustomOpDomain(options, probe);
 }

@@ -70,6 +70,12 @@ class Runner:
     def forward(self, input_ids: np.ndarray, state: list) -> tuple[np.ndarray, list]:
         raise NotImplementedError
 
+    def forward_last(self, input_ids: np.ndarray, state: list) -> tuple[np.ndarray, list]:
+        """forward, with the logits of the last position only: (batch, 1, vocab). A prompt's prefill needs no
+        more; a runner that can skip the other positions' lm_head overrides this."""
+        logits, new = self.forward(input_ids, state)
+        return logits[:, -1:], new
+
     # state operations; numpy-backed runners share these
     def take(self, state: list, index: list[int]) -> list:
         idx = np.asarray(index, dtype=np.int64)
@@ -174,6 +180,12 @@ class TorchRunner(Runner):
             raise SsmrtError(f"zero_state({batch}): cannot allocate the state ({str(e).splitlines()[0]})") from None
 
     def forward(self, input_ids, state):
+        return self._forward(input_ids, state, last_only=False)
+
+    def forward_last(self, input_ids, state):
+        return self._forward(input_ids, state, last_only=True)
+
+    def _forward(self, input_ids, state, last_only: bool):
         torch = self._torch
         ids = torch.as_tensor(checked_ids(input_ids, state, self.config), device=self.device)
         if len(state) != 2 * self.config.n_layer:
@@ -189,7 +201,7 @@ class TorchRunner(Runner):
             logits, new = self._graphs[batch](ids, state)
             return _numpy(logits), new
         with torch.no_grad(), self._routes():
-            logits, new = self.model(ids, pair_states(state))
+            logits, new = self.model(ids, pair_states(state), last_only=last_only)
         return _numpy(logits), flatten_states(new)
 
     def take(self, state, index):
@@ -220,10 +232,10 @@ def TorchRunnerFromCheckpoint(model_dir, dtype=None, device="cpu", kernels=None,
 class OnnxRuntimeRunner(Runner):
     """An exported model.onnx on ONNX Runtime: CPU by default, CUDA when asked for and present.
 
-    native_ops: on the CPU provider with a float32 artifact, run the ssmrt ops the native library implements
-    (ssmrt.ort_ops) instead of their fallback bodies. "auto" uses it where it applies and builds, else the
-    bodies (`native_ops_note` says why); "on" raises where it cannot; "off" always runs the bodies.
-    `self.native_ops` lists the ops running natively."""
+    native_ops: on the CPU provider with a float32 or float16 artifact (its SSM state float32, as exported by
+    default), run the ssmrt ops the native library implements (ssmrt.ort_ops) instead of their fallback bodies.
+    "auto" uses it where it applies and builds, else the bodies (`native_ops_note` says why); "on" raises where it
+    cannot; "off" always runs the bodies. `self.native_ops` lists the ops running natively."""
 
     name = "onnxruntime"
 
@@ -258,8 +270,10 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.native_ops, self.native_ops_note = self._register_native_ops(opts, native_ops, providers, meta)
+        self.half_matmuls = 0
+        model = self._route_half_matmuls(opts, meta) if self.native_ops else None
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+            self.session = ort.InferenceSession(model or str(self.path), sess_options=opts, providers=providers)
         except Exception as e:
             why = str(e).splitlines()[0]
             if "Could not find an implementation" in why and meta["export"].get("dtype") == "bfloat16":
@@ -300,8 +314,11 @@ class OnnxRuntimeRunner(Runner):
                     and not (info.get("graph") == "prefill" and op in CHAINS))  # a chain runs on its bodies
         if providers[0] != "CPUExecutionProvider":
             why = f"the native ops are CPU kernels and this session runs on {providers[0]}"
-        elif info.get("dtype") != "float32":
-            why = f"the native ops are float32 kernels and this artifact is {info.get('dtype')}"
+        elif info.get("dtype") not in ("float32", "float16"):
+            why = f"the native ops are float32 and float16 kernels and this artifact is {info.get('dtype')}"
+        elif info.get("state_dtype", "float32") != "float32":
+            why = (f"the native ops keep the SSM state float32, as the op contract does, and this artifact's is "
+                   f"{info.get('state_dtype')}")
         elif not ops:
             why = f"the artifact has none of the ops the native library implements ({', '.join(ort_ops.OPS)})"
         else:
@@ -318,6 +335,24 @@ class OnnxRuntimeRunner(Runner):
         if mode == "on":
             raise SsmrtError(f"{self.path}: native ops asked for, but {why}")
         return (), why
+
+    def _route_half_matmuls(self, opts, meta: dict) -> bytes | None:
+        """For a float16 artifact with the native library registered: the graph with its decode step's weight
+        MatMuls on the library's HalfMatMul (ssmrt.ort_ops.route_half_matmuls), as bytes for ONNX Runtime; None
+        (load the file as it is) for any other artifact. `self.half_matmuls` counts them."""
+        if meta["export"].get("dtype") != "float16":
+            return None
+        import onnx
+
+        from .. import ort_ops
+
+        model = onnx.load(str(self.path), load_external_data=False)
+        self.half_matmuls = ort_ops.route_half_matmuls(model)
+        if not self.half_matmuls:
+            return None
+        # the bytes have no location of their own: external weights are found beside the artifact
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
+        return model.SerializeToString()
 
     def zero_state(self, batch: int) -> list:
         batch = checked_batch(batch)
@@ -339,6 +374,7 @@ class OnnxRuntimeRunner(Runner):
 
     def describe(self) -> str:
         native = f", native {'/'.join(self.native_ops)}" if self.native_ops else ""
+        native += f", {self.half_matmuls} float16 decode matmuls native" if self.half_matmuls else ""
         return f"onnxruntime ({self.dtype}, {self.providers[0]}{native})"
 
 

@@ -158,7 +158,7 @@ class Session:
             check_prefill_fits(self.runner, len(idx), length, "prompt_ids")
         for idx in by_len.values():
             ids = np.array([prompts[i] for i in idx], dtype=np.int64)
-            out, st = self.runner.forward(ids, self.runner.zero_state(len(idx)))
+            out, st = self.runner.forward_last(ids, self.runner.zero_state(len(idx)))
             order += idx
             states.append(st)
             logits.append(out[:, -1])
