@@ -35,13 +35,13 @@ REPORT_VERSION = 1
 # dtype -> (factor, floor in ulps): the candidate's RMS error may be `factor` times the baseline's at the same
 # step and layer, plus `floor` units in the last place of the dtype at the reference's RMS. Chosen from correct
 # candidates measured against their baselines (Mamba-1 and Mamba-2, 12 layers, three seeds, prompts of 16 and 100,
-# README's compare section). In float16 / bfloat16, rounding every activation to 11 / 8 bits dominates whatever
-# the implementation: the worst ratio measured was 1.44, so 2x. In float32 the error is made by how each
-# implementation evaluates exp / softplus / silu and associates its sums (a chunked scan differs from a
-# sequential one): ONNX Runtime's CPU kernels measured up to 5.3x PyTorch's RMS error, always within a few ulps
-# of the state's RMS, hence 4x plus a 16-ulp floor; a float32 bug worth finding (a layer's A off by 1e-3) sits
-# hundreds of times above either.
-CALIBRATION = {"float32": (4.0, 16.0), "float16": (2.0, 1.0), "bfloat16": (2.0, 1.0), "float64": (4.0, 16.0)}
+# and a trained byte-level model; README's compare section). In float16 / bfloat16, rounding every activation to
+# 11 / 8 bits dominates whatever the implementation: the worst ratio measured was 1.44, so 2x. In float32 the error
+# is made by how each implementation evaluates exp / softplus / silu and associates its sums (a chunked scan
+# differs from a sequential one, a block-quantised matmul from a dense one): ONNX Runtime's CPU kernels measured
+# up to 17x PyTorch's RMS error where PyTorch's is about one ulp, but never above 20 ulps of the state's RMS; hence
+# 4x plus a 64-ulp floor. A float32 bug worth finding (a layer's A off by 1e-3) sits 20x and more above that.
+CALIBRATION = {"float32": (4.0, 64.0), "float16": (2.0, 1.0), "bfloat16": (2.0, 1.0), "float64": (4.0, 64.0)}
 EPS = {"float64": 2.0 ** -52, "float32": 2.0 ** -23, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
 MODES = ("calibrated", "tolerance")
 # More decode steps than any drift study needs; a bound so that a typo (1e9) is refused, not run for days.
