@@ -188,6 +188,7 @@ def quantize_graph(proto, info: dict, expected: int):
         MatMulNBitsQuantizer,
     )
 
+    _fold_weight_transposes(proto)
     inits = {t.name: t for t in proto.graph.initializer}
     weights = [n.name for n in proto.graph.node
                if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
@@ -212,6 +213,34 @@ def quantize_graph(proto, info: dict, expected: int):
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return out
+
+
+def _fold_weight_transposes(proto) -> None:
+    """Each MatMul that reads a Transpose of an initializer (the exporter leaves a tied head as Transpose(embedding)
+    where it does not fold it) reads a transposed initializer of its own instead, so the quantiser sees a constant
+    weight; the embedding's Gather keeps the original table. A Transpose nothing else reads is dropped."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    producers = {n.output[0]: n for n in proto.graph.node if n.op_type == "Transpose" and n.input[0] in inits}
+    folded = set()
+    for node in proto.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in producers:
+            continue
+        tr = producers[node.input[1]]
+        perm = [a.ints for a in tr.attribute if a.name == "perm"]
+        w = numpy_helper.to_array(inits[tr.input[0]])
+        if w.ndim != 2 or (perm and list(perm[0]) != [1, 0]):
+            continue
+        name = tr.output[0] + ".folded"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(w.T.copy(), name)
+            proto.graph.initializer.append(inits[name])
+        node.input[1] = name
+        folded.add(tr.output[0])
+    readers = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    for tr in [producers[o] for o in folded if o not in readers]:
+        proto.graph.node.remove(tr)
 
 
 def unpack_matmul_nbits(node, initializers: dict):

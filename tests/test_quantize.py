@@ -226,3 +226,29 @@ def test_a_forged_weights_entry_is_refused(models, tmp_path):
     onnx.save(m, str(tmp_path / "art" / "model.onnx"))
     with pytest.raises(SsmrtError, match="export.weights"):
         OnnxRuntimeRunnerFromArtifact(tmp_path / "art")
+
+
+def test_the_decode_floor_counts_the_packed_weights(models):
+    from ssmrt.bench import step_read_bytes
+
+    _, arts = models["mamba2-g1"]
+    sizes = {w: step_read_bytes(OnnxRuntimeRunnerFromArtifact(a)) for w, a in arts.items()}
+    assert sizes["int4"] < sizes["int8"] < sizes[None]
+
+
+def test_a_tied_head_left_as_a_transpose_is_packed_too(tmp_path):
+    """The exporter may leave a tied head as Transpose(embedding) (the demo's byte model): the head is quantised
+    all the same, and the Gather keeps the float table."""
+    from ssmrt.demo import char_model_config
+    from ssmrt.exporter import export_model
+    from ssmrt.models.mamba import MambaLM
+
+    torch.manual_seed(0)
+    cfg = char_model_config("mamba2")
+    art = export_model(MambaLM(cfg).eval(), tmp_path / "art", weights="int8")
+    m = onnx.load(str(art / "model.onnx"))
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("MatMulNBits") == 2 * cfg.n_layer + 1 and "Transpose" not in ops
+    gather = next(n for n in m.graph.node if n.op_type == "Gather")
+    table = next(t for t in m.graph.initializer if t.name == gather.input[0])
+    assert table.data_type == onnx.TensorProto.FLOAT and list(table.dims) == [cfg.padded_vocab_size, cfg.d_model]
