@@ -329,6 +329,16 @@ def describe(path) -> dict:
     check_graph(meta, [(t["name"], t["dtype"], t["shape"]) for t in ins],
                 [(t["name"], t["dtype"], t["shape"]) for t in outs], f)
     ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in m.graph.node)
+    from .quantize import scheme_of
+
+    weights = scheme_of(meta["export"].get("weights"), f)
+    # a MatMulNBits weight counts its K x N parameters, not its packed bytes, scales and zero points
+    packed = {}
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits" and n.domain == "com.microsoft":
+            attrs = {a.name: a.i for a in n.attribute}
+            packed[n.input[1]] = attrs.get("K", 0) * attrs.get("N", 0)
+            packed.update({name: 0 for name in n.input[2:]})
     conv = next(s for s in states if s["kind"] == "conv")
     ssm = next(s for s in states if s["kind"] == "ssm")
     return {
@@ -338,7 +348,8 @@ def describe(path) -> dict:
         "nodes": len(m.graph.node),
         "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         "functions": [f"{fn.domain}::{fn.name}" for fn in m.functions],
-        "parameters": sum(count(t.dims) for t in m.graph.initializer),
+        "parameters": sum(packed.get(t.name, count(t.dims)) for t in m.graph.initializer),
+        "weights": weights,
         "inputs": ins,
         "outputs": outs,
         "state_layers": len(states) // 2,

@@ -49,17 +49,22 @@ def matmul_shapes(config) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     return layer, (c.d_model, c.padded_vocab_size)
 
 
-def step_bytes(config, dtype: str, state_bytes: int) -> int:
-    """Bytes a decode step must move at the least: its matmul weights (in `dtype`) once, and a state of
+def step_bytes(config, dtype: str, state_bytes: int, weights: dict | None = None) -> int:
+    """Bytes a decode step must move at the least: its matmul weights (in `dtype`, or packed as `weights`, an
+    artifact's quantisation scheme: the codes, a float32 scale and a zero point per block) once, and a state of
     `state_bytes` read and written."""
     layer, head = matmul_shapes(config)
-    weights = (config.n_layer * sum(i * o for i, o in layer) + head[0] * head[1]) * ITEMSIZE[dtype]
-    return weights + 2 * state_bytes
+    params = config.n_layer * sum(i * o for i, o in layer) + head[0] * head[1]
+    if weights:
+        per_block = 4 + (0 if weights["symmetric"] else weights["bits"] / 8)
+        return int(params * (weights["bits"] / 8 + per_block / weights["block_size"])) + 2 * state_bytes
+    return params * ITEMSIZE[dtype] + 2 * state_bytes
 
 
 def step_read_bytes(runner, batch: int = 1) -> int:
     """step_bytes of a runner's model and state (numpy arrays and torch tensors alike)."""
-    return step_bytes(runner.config, runner.dtype, sum(s.nbytes for s in runner.zero_state(batch)))
+    return step_bytes(runner.config, runner.dtype, sum(s.nbytes for s in runner.zero_state(batch)),
+                      getattr(runner, "weights", None))
 
 
 def prefill_flops(config, prompt_len: int, batch: int = 1, logits: str = "all") -> int:

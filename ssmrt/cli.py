@@ -12,6 +12,7 @@ import click
 from .artifact import DEFAULT_OPSET, DTYPES, LOGITS_MODES, TARGETS
 from .engine import ENGINE_KINDS, PLUGIN_MODES
 from .errors import SsmrtError
+from .quantize import SCHEMES as WEIGHT_SCHEMES
 from .runtime.backends import BACKENDS, NATIVE_OPS_MODES, OPT_LEVELS, PROVIDERS
 from .runtime.decode_graph import MODES as DECODE_MODES
 
@@ -189,7 +190,12 @@ def _runner_options(f):
 @click.option("--target", type=click.Choice(TARGETS), default="portable", show_default=True,
               help="portable: one node per op, for any runtime. tensorrt: also prefill.onnx, each scan as a chain "
                    "of one-kernel nodes for TensorRT's AOT plugins (long prompts); the weights in one shared file.")
-def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite, target):
+@click.option("--weights", type=click.Choice(tuple(WEIGHT_SCHEMES)), default=None,
+              help="Quantise the projections and the LM head to int8 or int4 (ONNX Runtime's block-wise "
+                   "MatMulNBits; float32 activations, ONNX Runtime only). [default: float weights]")
+@click.option("--block-size", type=int, default=None,
+              help="With --weights: input features per quantisation block, a power of two >= 16. [default: 32]")
+def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite, target, weights, block_size):
     """Export MODEL_DIR (HF or mamba_ssm checkpoint) to ONNX with ssmrt::* ops.
 
     The output directory must be new, empty, or (with --overwrite) an earlier ssmrt export with nothing else
@@ -197,7 +203,7 @@ def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite, tar
     from .exporter import export as do_export
 
     out = do_export(model_dir, out_dir, dtype=dtype, state_dtype=state_dtype, opset=opset, logits=logits,
-                    overwrite=overwrite, target=target)
+                    overwrite=overwrite, target=target, weights=weights, block_size=block_size)
     size = sum(p.stat().st_size for p in out.iterdir())
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
 
@@ -319,6 +325,9 @@ def compare(model_dir, artifact, backend, steps, free_steps, dtype, reference_dt
     candidate = _runner(artifact, backend, dtype=dtype, **runner_opts)
     if candidate.config.to_dict() | {"source": ""} != reference.config.to_dict() | {"source": ""}:
         raise SsmrtError(f"{artifact}: its config differs from {model_dir}'s; compare an artifact with its own model")
+    original = None
+    if candidate.weights is not None:  # judged against what its quantised weights mean; costed against the model
+        original, reference = reference, reference_runner(model_dir, reference_dtype, weights=candidate.weights)
     calibrated = atol is None and rtol is None and tolerance_dtype is None
     baseline = baseline_runner(model_dir, candidate) if calibrated else None
     if prompt is None and prompt_ids is None:
@@ -335,10 +344,11 @@ def compare(model_dir, artifact, backend, steps, free_steps, dtype, reference_dt
                 done[0] = n
 
             report = compare_runners(reference, candidate, ids, steps, atol, rtol, tolerance_dtype,
-                                     baseline=baseline, free_steps=free_steps, progress=progress)
+                                     baseline=baseline, free_steps=free_steps, progress=progress,
+                                     original=original)
     else:
         report = compare_runners(reference, candidate, ids, steps, atol, rtol, tolerance_dtype, baseline=baseline,
-                                 free_steps=free_steps)
+                                 free_steps=free_steps, original=original)
     if plot_path is not None:
         plot_drift(report, plot_path)
     click.echo(json.dumps(report.to_dict()) if as_json else report.format())
@@ -356,6 +366,7 @@ def inspect(artifact, as_json):
     `ssmrt build` was built for)."""
     from .artifact import describe
     from .engine import is_engine_dir, read_sidecar
+    from .quantize import describe_scheme
 
     if is_engine_dir(artifact):
         doc = read_sidecar(artifact)
@@ -379,6 +390,7 @@ def inspect(artifact, as_json):
     click.echo(f"{info['path']}: {cfg['arch']}, {cfg['n_layer']} layers, d_model {cfg['d_model']}, "
                f"vocab {cfg['vocab_size']} ({info['export']['dtype']}, state {info['export']['state_dtype']}, "
                f"logits {info['export']['logits']}, opset {info['export']['opset']})")
+    click.echo(f"weights: {describe_scheme(info['export'].get('weights'))}")
     click.echo(f"parameters: {info['parameters']:,}  nodes: {info['nodes']}")
     click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
     click.echo(f"fallback functions: {', '.join(info['functions'])}")

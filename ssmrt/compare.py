@@ -16,6 +16,13 @@ Two ways to judge:
   RMS rather than max: the largest error is one extreme value, whose ratio between two correct implementations
   swings widely; the RMS of thousands of values is steady, so the factor can be tight.
 - tolerance: an absolute + relative tolerance (the table in ops/spec.py, or the one given), as before.
+
+A candidate with quantised weights (an artifact exported with --weights int8 / int4) is judged against what its
+weights mean: the reference and the baseline are the model with every quantised matrix replaced by its
+dequantised values (ssmrt.quantize.dequantized_model), so the verdict says whether the runtime's quantised
+matmuls compute that model, to the rounding of the candidate's precision. What quantisation costs is a
+different question, answered by the figures against the unquantised model (`original`): per step the
+candidate's KL divergence, top-1 and top-5 agreement with it, and where their free-running texts part.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ class StepResult:
     candidate: LogitStats
     baseline: LogitStats | None = None
     bound: float | None = None  # calibrated: the largest RMS error that passes at this step
+    original: LogitStats | None = None  # quantised candidates: against the unquantised model
 
     # the candidate's figures as attributes, as the tolerance report always had them
     def __getattr__(self, name):
@@ -107,6 +115,8 @@ class FreeRun:
     first_difference: int | None  # the first generated position where candidate and reference differ
     baseline_first_difference: int | None = None
     agreement: float = 1.0  # fraction of positions equal
+    original_first_difference: int | None = None  # quantised candidates: against the unquantised model's text
+    original_agreement: float | None = None
 
 
 @dataclass
@@ -132,6 +142,7 @@ class Report:
     prompt_len: int
     mode: str = "tolerance"
     baseline: str | None = None
+    original: str | None = None  # quantised candidates: the unquantised model the cost figures are against
     factor: float | None = None  # default: CALIBRATION[dtype]
     floor_ulps: float | None = None
     steps: list[StepResult] = field(default_factory=list)
@@ -219,13 +230,14 @@ class Report:
     def to_dict(self) -> dict:
         v = self.verdict
         d = {"version": REPORT_VERSION, "mode": self.mode, "reference": self.reference, "baseline": self.baseline,
-             "candidate": self.candidate, "dtype": self.dtype, "prompt_len": self.prompt_len,
+             "candidate": self.candidate, "original": self.original, "dtype": self.dtype, "prompt_len": self.prompt_len,
              "decode_steps": len(self.steps) - 1, "atol": self.atol, "rtol": self.rtol,
              "calibration": {"factor": self.factor, "floor_ulps": self.floor_ulps},
              "passed": v.passed, "atol_needed": self.atol_needed, "verdict": asdict(v),
              "steps": [{"step": s.step, "positions": s.positions, "scale": s.scale, "bound": s.bound,
                         "candidate": asdict(s.candidate),
-                        "baseline": asdict(s.baseline) if s.baseline is not None else None} for s in self.steps],
+                        "baseline": asdict(s.baseline) if s.baseline is not None else None,
+                        "original": asdict(s.original) if s.original is not None else None} for s in self.steps],
              "states": [asdict(s) for s in self.states],
              "free_run": asdict(self.free_run) if self.free_run is not None else None}
         return _finite_json(d)
@@ -281,6 +293,19 @@ class Report:
             if self.baseline:
                 lines[-1] += ("; the baseline agrees on every token" if f.baseline_first_difference is None else
                               f"; the baseline first differs at {f.baseline_first_difference}")
+        if self.original:
+            lines += ["", f"what the quantised weights cost, against the unquantised model ({self.original}):"]
+            quality = [s.original for s in self.steps if s.original is not None]
+            if quality:
+                top1, top5 = np.mean([q.top1 for q in quality]), np.mean([q.top5 for q in quality])
+                lines.append(f"  over {len(quality)} steps: KL mean {np.mean([q.kl_mean for q in quality]):.3e} "
+                             f"(max {max(q.kl_max for q in quality):.3e}), top-1 {top1:.3f}, top-5 {top5:.3f}")
+            if self.free_run is not None and self.free_run.original_agreement is not None:
+                f = self.free_run
+                lines.append(f"  free-running greedy, {f.steps} tokens: " + (
+                    "the same text" if f.original_first_difference is None else
+                    f"first difference at generated token {f.original_first_difference} "
+                    f"(agreement {f.original_agreement:.2f})"))
         lines += ["", self.verdict.line]
         return "\n".join(lines)
 
@@ -389,6 +414,7 @@ def compare_runners(
     baseline: Runner | None = None,
     free_steps: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    original: Runner | None = None,
 ) -> Report:
     """Prefill prompt_ids on every runner, then `steps` decode steps fed with the reference's greedy tokens.
 
@@ -397,6 +423,9 @@ def compare_runners(
     candidate's; atol / rtol override it).
     free_steps: then this many greedy tokens generated by each side from the prompt, on its own tokens.
     progress: called with (steps done, steps in all) after every step.
+    original: for a candidate with quantised weights (the reference then being its dequantised model), the
+        unquantised model: fed the same tokens, for the candidate's KL / top-1 / top-5 against it per step and
+        the free-running texts' first difference (the report's `original` figures; they never judge).
     Memory stays flat in `steps`: only per-step figures are kept.
     """
     _check_tolerance("atol", atol)
@@ -419,12 +448,13 @@ def compare_runners(
     if mode == "tolerance":
         baseline = None
     report = Report(reference.describe(), candidate.describe(), dtype, atol, rtol, len(prompt_ids), mode=mode,
-                    baseline=baseline.describe() if baseline is not None else None)
+                    baseline=baseline.describe() if baseline is not None else None,
+                    original=original.describe() if original is not None else None)
     sides = [candidate] + ([baseline] if baseline is not None else [])
     last_only = "last" in tuple(r.logits_mode for r in [reference, *sides])
     total = steps + 1 + (free_steps if free_steps else 0)
 
-    def record(step, ref_out, outs):
+    def record(step, ref_out, outs, orig_out=None):
         lr, sr = ref_out
         if last_only:
             lr = lr[:, -1:]
@@ -440,6 +470,10 @@ def compare_runners(
                          stats[1] if baseline is not None else None)
         if baseline is not None:
             res.bound = report.bound(res.baseline.rms_abs, res.scale)
+        if orig_out is not None:
+            lo = (orig_out[0][:, -1:] if last_only else orig_out[0])[0, :, :vocab]
+            lc = (outs[0][0][:, -1:] if last_only else outs[0][0])[0, :, :vocab]
+            res.original = logit_stats(lc, lo, atol, rtol)
         report.steps.append(res)
         ref_states = reference.to_numpy(sr)
         side_states = [runner.to_numpy(sc) for runner, (_, sc) in zip(sides, outs, strict=True)]
@@ -462,12 +496,14 @@ def compare_runners(
     ids = np.asarray([list(map(int, prompt_ids))], dtype=np.int64)
     ref_out = reference.forward(ids, reference.zero_state(1))
     outs = [r.forward(ids, r.zero_state(1)) for r in sides]
-    tok = record(0, ref_out, outs)
+    orig_out = original.forward(ids, original.zero_state(1)) if original is not None else None
+    tok = record(0, ref_out, outs, orig_out)
     for k in range(1, steps + 1):
         step_ids = np.asarray([[tok]], dtype=np.int64)
         ref_out = reference.forward(step_ids, ref_out[1])
         outs = [r.forward(step_ids, out[1]) for r, out in zip(sides, outs, strict=True)]
-        tok = record(k, ref_out, outs)
+        orig_out = original.forward(step_ids, orig_out[1]) if original is not None else None
+        tok = record(k, ref_out, outs, orig_out)
     if free_steps:
         done = steps + 1
         runs = [_greedy(r, ids, free_steps, vocab) for r in [reference, *sides]]
@@ -481,6 +517,11 @@ def compare_runners(
         agree = float(np.mean(np.asarray(runs[1]) == np.asarray(ref_tokens)))
         report.free_run = FreeRun(free_steps, first_diff(runs[1]),
                                   first_diff(runs[2]) if baseline is not None else None, agree)
+        if original is not None:
+            orig_tokens = _greedy(original, ids, free_steps, vocab)
+            report.free_run.original_first_difference = next(
+                (i for i, (a, b) in enumerate(zip(runs[1], orig_tokens, strict=True)) if a != b), None)
+            report.free_run.original_agreement = float(np.mean(np.asarray(runs[1]) == np.asarray(orig_tokens)))
     return report
 
 
@@ -497,21 +538,43 @@ def _greedy(runner: Runner, ids: np.ndarray, n: int, vocab: int) -> list[int]:
 
 def baseline_runner(model_dir, candidate: Runner) -> Runner:
     """The same model in the candidate's precision on plain PyTorch ops (eager, no kernels): on the candidate's
-    device when that is CUDA and this PyTorch sees one, else on the CPU."""
+    device when that is CUDA and this PyTorch sees one, else on the CPU. For a candidate with quantised weights,
+    the model those weights mean (its quantised matrices dequantised), in float32."""
     import torch
 
     from .runtime import TorchRunnerFromCheckpoint
 
     device = "cuda" if candidate.device_kind == "cuda" and torch.cuda.is_available() else "cpu"
+    if candidate.weights is not None:
+        return _dequantized_runner(model_dir, candidate.weights, candidate.dtype, device)
     return TorchRunnerFromCheckpoint(model_dir, dtype=candidate.dtype, device=device, kernels=False, decode="eager")
 
 
-def reference_runner(model_dir, dtype: str = "float64") -> Runner:
+def reference_runner(model_dir, dtype: str = "float64", weights: dict | None = None) -> Runner:
     """The reference: plain PyTorch ops on the CPU, float64 by default (float32 weights computed exactly in
-    float64, so that a float32 candidate has a float32 baseline to be judged against)."""
+    float64, so that a float32 candidate has a float32 baseline to be judged against). weights: a quantised
+    artifact's scheme (its metadata export.weights): the model its quantised weights mean."""
     from .runtime import TorchRunnerFromCheckpoint
 
+    if weights is not None:
+        return _dequantized_runner(model_dir, weights, dtype, "cpu")
     return TorchRunnerFromCheckpoint(model_dir, dtype=dtype, device="cpu", kernels=False, decode="eager")
+
+
+def _dequantized_runner(model_dir, weights: dict, dtype: str, device: str) -> Runner:
+    """MODEL_DIR with its quantised matrices dequantised (from its float32 weights, as the export quantised them),
+    then in `dtype` on `device`, on plain PyTorch ops."""
+    import torch
+
+    from .models.checkpoints import load_model
+    from .quantize import dequantized_model
+    from .runtime import TorchRunner
+
+    model = dequantized_model(load_model(model_dir, dtype="float32"), weights)
+    model = model.cast(getattr(torch, dtype)).to(device)
+    runner = TorchRunner(model, kernels=False, decode="eager")
+    runner.describe = lambda: f"torch ({dtype}, {device}, {weights['scheme']} weights dequantized)"
+    return runner
 
 
 def check_plot_path(path) -> None:

@@ -267,6 +267,8 @@ def export_model(
     source_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     target: str = "portable",
+    weights: str | None = None,
+    block_size: int | None = None,
 ) -> Path:
     """Export a MambaLM to out_dir/model.onnx (+ model.onnx.data for large models, + the tokenizer files).
 
@@ -281,6 +283,9 @@ def export_model(
     target: "portable" (one node per op), or "tensorrt": also prefill.onnx, the graph with each scan as its
         chain of one-kernel nodes, for long prompts on TensorRT AOT plugins; the weights then always go to
         model.onnx.data, which both graphs read.
+    weights: None (float weights), "int8" or "int4": the projections and the LM head as ONNX Runtime's
+        block-wise MatMulNBits (ssmrt.quantize), blocks of block_size (default 32) input features. float32
+        activations and the portable target only.
     """
     import copy
 
@@ -300,6 +305,9 @@ def export_model(
         raise SsmrtError(f"--logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
     if target not in TARGETS:
         raise SsmrtError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    from ..quantize import check_weights, expected_matmuls, quantize_graph
+
+    quantized = check_weights(weights, block_size, dtype, target)
     if opset < MIN_OPSET:
         raise SsmrtError(f"--opset must be {MIN_OPSET} or newer (the fallback bodies need it), got {opset}")
     if opset > onnx.defs.onnx_opset_version():
@@ -323,6 +331,8 @@ def export_model(
     graphs = {MODEL_FILE: _trace(model, ids, states, opset, logits, chains=False)}
     if target == "tensorrt":
         graphs[PREFILL_FILE] = _trace(model, ids, states, opset, logits, chains=True)
+    if quantized is not None:
+        graphs[MODEL_FILE] = quantize_graph(graphs[MODEL_FILE], quantized, expected_matmuls(cfg))
 
     from .. import __version__
 
@@ -331,6 +341,8 @@ def export_model(
                    "ssmrt_version": __version__}
     if target == "tensorrt":
         export_info["prefill"] = PREFILL_FILE
+    if quantized is not None:
+        export_info["weights"] = quantized
     for name, proto in graphs.items():
         # prefill.onnx says it is the prefill graph, so a runtime handed that file knows its scans are chains
         graph = {"graph": "prefill"} if name == PREFILL_FILE else {}
@@ -358,6 +370,9 @@ def export(model_dir, out_dir, overwrite: bool = False, **kwargs) -> Path:
     """Load a checkpoint directory and export it (see export_model for the options). The output location is
     checked before the checkpoint is loaded."""
     from ..models.checkpoints import load_model
+    from ..quantize import check_weights
 
+    check_weights(kwargs.get("weights"), kwargs.get("block_size"), kwargs.get("dtype", "float32"),
+                  kwargs.get("target", "portable"))  # a typo costs no load either
     artifact.check_output(out_dir, overwrite)
     return export_model(load_model(model_dir), out_dir, source_dir=model_dir, overwrite=overwrite, **kwargs)

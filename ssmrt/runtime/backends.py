@@ -20,6 +20,7 @@ from ..artifact import MODEL_FILE, flatten_states, pair_states
 from ..errors import SsmrtError
 from ..fsutil import user_path
 from ..models.config import SSMConfig
+from ..quantize import describe_scheme, scheme_of
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 # ONNX Runtime options, as the runner and the CLI take them
@@ -63,6 +64,7 @@ class Runner:
     logits_mode = "all"  # "last" when the artifact returns only the last position
     dtype = "float32"
     device_kind = "cpu"  # where the weights live: "cpu" or "cuda"
+    weights = None  # an artifact's quantised weights (ssmrt.quantize's metadata entry); None: float weights
 
     def zero_state(self, batch: int) -> list:
         raise NotImplementedError
@@ -293,6 +295,7 @@ class OnnxRuntimeRunner(Runner):
         export = meta["export"]
         self.logits_mode = export["logits"]
         self.dtype = export["dtype"]
+        self.weights = scheme_of(export.get("weights"), self.path)
         self.providers = self.session.get_providers()
         self.device_kind = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._np_dtypes = {s["name"]: _numpy_dtype(s["dtype"], self.path) for s in self.state_specs}
@@ -375,7 +378,8 @@ class OnnxRuntimeRunner(Runner):
     def describe(self) -> str:
         native = f", native {'/'.join(self.native_ops)}" if self.native_ops else ""
         native += f", {self.half_matmuls} float16 decode matmuls native" if self.half_matmuls else ""
-        return f"onnxruntime ({self.dtype}, {self.providers[0]}{native})"
+        weights = f", {describe_scheme(self.weights)}" if self.weights else ""
+        return f"onnxruntime ({self.dtype}{weights}, {self.providers[0]}{native})"
 
 
 def _numpy_dtype(name: str, path) -> np.dtype:

@@ -1,0 +1,254 @@
+"""Weight-only quantisation (`export --weights int8|int4`): the graph ONNX Runtime's quantiser packs, the plain-torch
+reference of its arithmetic held to it bit for bit, the metadata and `inspect`, the compare against the model the
+quantised weights mean (and that a wrong dequantisation fails it), what int8 / int4 cost, and bad arguments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from bad_inputs import assert_refused, ssmrt, tree
+from hf_models import hf_model, save_hf
+from onnx import numpy_helper
+
+from ssmrt import quantize as Q
+from ssmrt.compare import _dequantized_runner, baseline_runner, compare_runners, reference_runner
+from ssmrt.errors import SsmrtError
+from ssmrt.exporter import export
+from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, TorchRunnerFromCheckpoint
+
+PROMPT = [5, 17, 3, 42, 8, 8, 61, 2, 90, 11, 33, 7]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """config id -> (checkpoint, {weights: artifact}) for a Mamba-1 with odd K (dt_rank 5, untied) and a Mamba-2."""
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    for cid in ("mamba-untied-d64-k3-bias", "mamba2-g1"):
+        ckpt = save_hf(hf_model(cid), root / f"{cid}-ckpt")
+        arts = {w: export(ckpt, root / f"{cid}-{w or 'float'}", weights=w) for w in (None, "int8", "int4")}
+        out[cid] = ckpt, arts
+    return out
+
+
+def _weight_matmuls(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """A float graph's MatMul output name -> its constant weight [K, N]."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return {n.output[0]: numpy_helper.to_array(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in inits}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("block", [16, 32])
+def test_quantize_ref_is_what_onnxruntime_packed_bit_for_bit(models, bits, symmetric, block):
+    for cid, (_, arts) in models.items():
+        float_graph = onnx.load(str(arts[None] / "model.onnx"))
+        weights = _weight_matmuls(float_graph)
+        info = {"scheme": f"int{bits}", "bits": bits, "block_size": block, "symmetric": symmetric}
+        graph = Q.quantize_graph(float_graph, info, len(weights))
+        inits = {t.name: t for t in graph.graph.initializer}
+        nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+        assert len(nodes) == len(weights)
+        for node in nodes:
+            w = weights[node.output[0]]
+            q, scales, zp = Q.unpack_matmul_nbits(node, inits)
+            rq, rs, rz = Q.quantize_ref(torch.from_numpy(w.copy()), bits, block, symmetric)
+            assert np.array_equal(q, rq.numpy()), (cid, node.name)
+            assert np.array_equal(scales.view(np.uint32), rs.numpy().view(np.uint32)), (cid, node.name)
+            assert np.array_equal(zp, rz.numpy()), (cid, node.name)
+            deq = Q.dequantize_ref(rq, rs, rz, w.shape[0]).numpy()
+            assert deq.shape == w.shape
+            # within a code's width of the weight (half of one inside the range; the range's ends can clip by one)
+            step = np.repeat(np.abs(rs.numpy()), block, axis=1)[:, :w.shape[0]].T
+            assert np.all(np.abs(deq - w) <= step * (1 + 1e-5)), (cid, node.name)
+
+
+def test_quantize_ref_can_fail():
+    """The bit-exact test above compares with something: a scheme one bit off gives other codes."""
+    w = torch.randn(64, 8)
+    assert not torch.equal(Q.quantize_ref(w, 4, 32, False)[0], Q.quantize_ref(w, 4, 16, False)[0])
+    assert not torch.equal(Q.fake_quantize(w, 4, 32, False), Q.fake_quantize(w, 4, 32, True))
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_export_packs_every_projection_and_the_head(models, weights):
+    for cid, (_, arts) in models.items():
+        art = arts[weights]
+        m = onnx.load(str(art / "model.onnx"))
+        cfg = json.loads({p.key: p.value for p in m.metadata_props}["ssmrt.config"])
+        per_layer = {"mamba1": 4, "mamba2": 2}[cfg["arch"]]  # in_proj, x_proj, dt_proj, out_proj / in_proj, out_proj
+        nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+        assert len(nbits) == cfg["n_layer"] * per_layer + 1, cid
+        assert all(n.domain == "com.microsoft" for n in nbits)
+        assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {int(weights[3:])}
+        inits = {t.name: t for t in m.graph.initializer}
+        assert not [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits], cid
+        # the head is the last MatMulNBits, N the padded vocabulary; the embedding's Gather reads float32
+        head = {a.name: a.i for a in nbits[-1].attribute}
+        assert head["N"] == cfg["vocab_size"] and head["K"] == cfg["d_model"]
+        gather = next(n for n in m.graph.node if n.op_type == "Gather")
+        assert inits[gather.input[0]].data_type == onnx.TensorProto.FLOAT
+        # the fallback bodies are the float export's
+        float_model = onnx.load(str(arts[None] / "model.onnx"), load_external_data=False)
+        assert [f.SerializeToString() for f in m.functions] == [f.SerializeToString() for f in float_model.functions]
+        meta = json.loads({p.key: p.value for p in m.metadata_props}["ssmrt.export"])
+        assert meta["weights"] == {"scheme": weights, "bits": int(weights[3:]), "block_size": 32,
+                                   "symmetric": Q.SYMMETRIC}
+        assert (art / "model.onnx").stat().st_size < (arts[None] / "model.onnx").stat().st_size
+
+
+def test_inspect_shows_the_scheme(models):
+    _, arts = models["mamba2-g1"]
+    res = ssmrt("inspect", arts["int4"])
+    assert res.returncode == 0, res.stderr
+    assert "weights: int4 weights (block 32, asymmetric)" in res.stdout
+    assert "com.microsoft::MatMulNBits x5" in res.stdout
+    info = json.loads(ssmrt("inspect", arts["int4"], "--json").stdout)
+    assert info["weights"]["scheme"] == "int4" and info["weights"]["block_size"] == 32
+    plain = json.loads(ssmrt("inspect", arts[None], "--json").stdout)
+    assert plain["weights"] is None
+    # the packed weights count as the parameters they stand for
+    assert info["parameters"] == plain["parameters"]
+
+
+def _report(ckpt, art, reference=None, baseline=None, steps=6, free_steps=8):
+    candidate = OnnxRuntimeRunnerFromArtifact(art)
+    original = reference_runner(ckpt)
+    reference = reference or reference_runner(ckpt, weights=candidate.weights)
+    baseline = baseline or baseline_runner(ckpt, candidate)
+    return compare_runners(reference, candidate, PROMPT, steps, baseline=baseline, free_steps=free_steps,
+                           original=original)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_a_quantised_artifact_computes_its_dequantised_model(models, weights):
+    for cid, (ckpt, arts) in models.items():
+        report = _report(ckpt, arts[weights])
+        assert report.mode == "calibrated"
+        assert report.passed, (cid, report.format())
+        assert "dequantized" in report.baseline and report.original is not None
+        assert all(s.original is not None for s in report.steps)
+        assert report.free_run.original_agreement is not None
+
+
+def test_a_wrong_dequantisation_fails_the_compare(models):
+    """Judged as a float32 artifact (the unquantised model as reference and baseline), or against the dequantised
+    model of another block size (reference and baseline alike), a quantised artifact fails: the compare sees what
+    its weights are."""
+    for cid, (ckpt, arts) in models.items():
+        art = arts["int4"]
+        plain = _report(ckpt, art, reference=reference_runner(ckpt),
+                        baseline=TorchRunnerFromCheckpoint(ckpt, dtype="float32", kernels=False, decode="eager"))
+        assert not plain.passed, cid
+        assert "FAILED (calibrated)" in plain.verdict.line
+        info = {**OnnxRuntimeRunnerFromArtifact(art).weights, "block_size": 16}
+        other = _report(ckpt, art, reference=reference_runner(ckpt, weights=info),
+                        baseline=_dequantized_runner(ckpt, info, "float32", "cpu"))
+        assert not other.passed, cid
+
+
+def test_int4_costs_more_than_int8(models):
+    for cid, (ckpt, arts) in models.items():
+        kl = {}
+        for weights in ("int8", "int4"):
+            report = _report(ckpt, arts[weights], steps=8, free_steps=0)
+            kl[weights] = float(np.mean([s.original.kl_mean for s in report.steps]))
+        assert kl["int4"] > kl["int8"] > 0, (cid, kl)
+
+
+def test_cli_compare_of_a_quantised_artifact(models):
+    ckpt, arts = models["mamba2-g1"]
+    res = ssmrt("compare", ckpt, arts["int8"], "--steps", "4", "--free-steps", "8")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "int8 weights dequantized" in res.stdout
+    assert "what the quantised weights cost, against the unquantised model" in res.stdout
+    doc = json.loads(ssmrt("compare", ckpt, arts["int8"], "--steps", "2", "--json").stdout)
+    assert doc["original"] and doc["steps"][0]["original"]["kl_mean"] > 0
+
+
+def test_a_quantised_artifact_runs_where_torch_cannot_be_imported(models):
+    _, arts = models["mamba-untied-d64-k3-bias"]
+    art = arts["int4"]
+    from ssmrt.runtime import Session
+
+    want = Session(OnnxRuntimeRunnerFromArtifact(art)).generate(PROMPT, 8)
+    code = f"""import sys; sys.modules['torch'] = None
+import json
+from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, Session
+runner = OnnxRuntimeRunnerFromArtifact({str(art)!r})
+print(json.dumps({{"tokens": Session(runner).generate({PROMPT!r}, 8), "scheme": runner.weights["scheme"]}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got == {"tokens": list(map(int, want)), "scheme": "int4"}
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--weights", "int3"], "--weights"),
+    (["--weights", "int4", "--block-size", "0"], "--block-size must be a power of two"),
+    (["--weights", "int4", "--block-size", "7"], "--block-size must be a power of two"),
+    (["--weights", "int8", "--block-size", "48"], "--block-size must be a power of two"),
+    (["--weights", "int4", "--block-size", "1000000"], "--block-size must be a power of two"),
+    (["--block-size", "32"], "--block-size applies to quantised weights"),
+    (["--weights", "int4", "--dtype", "float16"], "--dtype float32"),
+    (["--weights", "int8", "--target", "tensorrt"], "--target portable"),
+])
+def test_bad_weight_options_are_refused_and_write_nothing(models, tmp_path, args, fragment):
+    ckpt, _ = models["mamba2-g1"]
+    before = tree(tmp_path)
+    assert_refused(ssmrt("export", ckpt, "-o", tmp_path / "out", *args), fragment)
+    assert tree(tmp_path) == before
+
+
+def test_the_api_refuses_bad_weight_options_before_loading(tmp_path):
+    for kw in ({"weights": "int3"}, {"weights": "int4", "block_size": 24}, {"block_size": 32},
+               {"weights": "int4", "block_size": True}, {"weights": "int4", "dtype": "bfloat16"}):
+        with pytest.raises(SsmrtError):
+            export(tmp_path / "no-such-checkpoint", tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_forged_weights_entry_is_refused(models, tmp_path):
+    _, arts = models["mamba2-g1"]
+    m = onnx.load(str(arts["int8"] / "model.onnx"))
+    for p in m.metadata_props:
+        if p.key == "ssmrt.export":
+            p.value = json.dumps({**json.loads(p.value), "weights": {"scheme": "int3"}})
+    (tmp_path / "art").mkdir()
+    onnx.save(m, str(tmp_path / "art" / "model.onnx"))
+    with pytest.raises(SsmrtError, match="export.weights"):
+        OnnxRuntimeRunnerFromArtifact(tmp_path / "art")
+
+
+def test_the_decode_floor_counts_the_packed_weights(models):
+    from ssmrt.bench import step_read_bytes
+
+    _, arts = models["mamba2-g1"]
+    sizes = {w: step_read_bytes(OnnxRuntimeRunnerFromArtifact(a)) for w, a in arts.items()}
+    assert sizes["int4"] < sizes["int8"] < sizes[None]
+
+
+def test_a_tied_head_left_as_a_transpose_is_packed_too(tmp_path):
+    """The exporter may leave a tied head as Transpose(embedding) (the demo's byte model): the head is quantised
+    all the same, and the Gather keeps the float table."""
+    from ssmrt.demo import char_model_config
+    from ssmrt.exporter import export_model
+    from ssmrt.models.mamba import MambaLM
+
+    torch.manual_seed(0)
+    cfg = char_model_config("mamba2")
+    art = export_model(MambaLM(cfg).eval(), tmp_path / "art", weights="int8")
+    m = onnx.load(str(art / "model.onnx"))
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("MatMulNBits") == 2 * cfg.n_layer + 1 and "Transpose" not in ops
+    gather = next(n for n in m.graph.node if n.op_type == "Gather")
+    table = next(t for t in m.graph.initializer if t.name == gather.input[0])
+    assert table.data_type == onnx.TensorProto.FLOAT and list(table.dims) == [cfg.padded_vocab_size, cfg.d_model]
