@@ -83,12 +83,6 @@ class StepResult:
     bound: float | None = None  # calibrated: the largest RMS error that passes at this step
     original: LogitStats | None = None  # quantised candidates: against the unquantised model
 
-    # the candidate's figures as attributes, as the tolerance report always had them
-    def __getattr__(self, name):
-        if name in LogitStats.__dataclass_fields__:
-            return getattr(self.candidate, name)
-        raise AttributeError(name)
-
 
 @dataclass
 class StateSeries:

@@ -147,7 +147,7 @@ def _family_checks(family: str, kw: dict, root: Path, env: dict) -> list[dict]:
 
     def compared(candidate):
         report = compare_runners(reference, candidate, prompt, steps=STEPS)
-        worst = max(s.max_abs for s in report.steps)
+        worst = max(s.candidate.max_abs for s in report.steps)
         return report.passed, f"{candidate.describe()}: max |dlogit| {worst:.2e}, tolerance {report.atol:g}"
 
     art, art_trt = root / "artifact", root / "artifact-tensorrt"

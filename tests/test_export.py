@@ -67,7 +67,7 @@ def test_prefill_then_32_steps_match_reference(family, native_ops, exported):
     print(report.format())
     assert len(report.steps) == 33 and len(report.states) == 2 * ref.config.n_layer
     assert report.passed
-    assert all(s.top1 == 1.0 for s in report.steps)
+    assert all(s.candidate.top1 == 1.0 for s in report.steps)
 
 
 @pytest.mark.parametrize("native_ops", ["off", "on"])
