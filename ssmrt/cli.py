@@ -12,6 +12,8 @@ import click
 from .artifact import DEFAULT_OPSET, DTYPES, LOGITS_MODES, TARGETS
 from .engine import ENGINE_KINDS, PLUGIN_MODES
 from .errors import SsmrtError
+from .quantize import ACTIVATIONS as WEIGHT_ACTIVATIONS
+from .quantize import DEFAULT_ACTIVATIONS
 from .quantize import SCHEMES as WEIGHT_SCHEMES
 from .runtime.backends import BACKENDS, NATIVE_OPS_MODES, OPT_LEVELS, PROVIDERS
 from .runtime.decode_graph import MODES as DECODE_MODES
@@ -192,10 +194,15 @@ def _runner_options(f):
                    "of one-kernel nodes for TensorRT's AOT plugins (long prompts); the weights in one shared file.")
 @click.option("--weights", type=click.Choice(tuple(WEIGHT_SCHEMES)), default=None,
               help="Quantise the projections and the LM head to int8 or int4 (ONNX Runtime's block-wise "
-                   "MatMulNBits; float32 activations, ONNX Runtime only). [default: float weights]")
+                   "MatMulNBits; ONNX Runtime only). [default: float weights]")
 @click.option("--block-size", type=int, default=None,
               help="With --weights: input features per quantisation block, a power of two >= 16. [default: 32]")
-def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite, target, weights, block_size):
+@click.option("--activations", type=click.Choice(tuple(WEIGHT_ACTIVATIONS)), default=None,
+              help="With --weights: what the quantised matmuls multiply. int8: each block of a row's inputs "
+                   "quantised to int8 in the matmul (integer dot products, ONNX Runtime's fast kernels); float32: "
+                   f"float activations, the weights the only approximation (slower). [default: {DEFAULT_ACTIVATIONS}]")
+def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite, target, weights, block_size,
+           activations):
     """Export MODEL_DIR (HF or mamba_ssm checkpoint) to ONNX with ssmrt::* ops.
 
     The output directory must be new, empty, or (with --overwrite) an earlier ssmrt export with nothing else
@@ -203,7 +210,8 @@ def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite, tar
     from .exporter import export as do_export
 
     out = do_export(model_dir, out_dir, dtype=dtype, state_dtype=state_dtype, opset=opset, logits=logits,
-                    overwrite=overwrite, target=target, weights=weights, block_size=block_size)
+                    overwrite=overwrite, target=target, weights=weights, block_size=block_size,
+                    activations=activations)
     size = sum(p.stat().st_size for p in out.iterdir())
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
 
@@ -289,6 +297,9 @@ def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top
               help="The PyTorch reference's precision (on the CPU).")
 @click.option("--tolerance-dtype", type=click.Choice(DTYPES), default=None,
               help="Judge by this row of the tolerance table instead of the calibrated baseline.")
+@click.option("--band", type=click.Choice(("float32", "float16", "bfloat16")), default=None,
+              help="Judge against the unquantised model within the calibrated band of this precision (the baseline "
+                   "the model in it on plain PyTorch): e.g. is an int8 artifact as close as float16 would be?")
 @click.option("--atol", type=float, default=None, help="Judge by this absolute tolerance instead (with --rtol).")
 @click.option("--rtol", type=float, default=None)
 @click.option("--prompt", default=None)
@@ -299,17 +310,19 @@ def generate(path, prompt, prompt_ids, max_new_tokens, backend, temperature, top
               help="Draw error vs step (logits, conv and SSM states, the baseline's band) to this .png/.pdf/.svg.")
 @click.option("--json", "as_json", is_flag=True)
 @_runner_options
-def compare(model_dir, artifact, backend, steps, free_steps, dtype, reference_dtype, tolerance_dtype, atol, rtol,
-            prompt, prompt_ids, prompt_len, plot_path, as_json, **runner_opts):
+def compare(model_dir, artifact, backend, steps, free_steps, dtype, reference_dtype, tolerance_dtype, band, atol,
+            rtol, prompt, prompt_ids, prompt_len, plot_path, as_json, **runner_opts):
     """Parity of ARTIFACT against the PyTorch reference of MODEL_DIR; exit 1 when it fails.
 
     Judged calibrated by default: ARTIFACT's error may be a stated factor of the error of the same model in
     ARTIFACT's precision on plain PyTorch ops (the baseline), at every step, for the logits and every layer's
-    states. --atol / --rtol / --tolerance-dtype judge by a fixed tolerance instead.
+    states. A quantised artifact is judged against its dequantised model, or with int8 activations by what its
+    scheme costs (README). --band judges against another precision's band; --atol / --rtol / --tolerance-dtype
+    by a fixed tolerance instead.
     ARTIFACT may be MODEL_DIR itself, to check the torch backend (e.g. --device cuda --dtype float16)."""
     import numpy as np
 
-    from .compare import MAX_STEPS, baseline_runner, check_plot_path, compare_runners, plot_drift, reference_runner
+    from .compare import MAX_STEPS, check_plot_path, compare_runners, judges, plot_drift
 
     for name, v in (("--steps", steps), ("--free-steps", free_steps)):
         if not 0 <= v <= MAX_STEPS:
@@ -319,17 +332,17 @@ def compare(model_dir, artifact, backend, steps, free_steps, dtype, reference_dt
             raise SsmrtError(f"{name} must be a finite number >= 0, got {v}")
     if prompt is None and prompt_ids is None and prompt_len < 1:
         raise SsmrtError(f"--prompt-len must be >= 1, got {prompt_len}")
+    calibrated = atol is None and rtol is None and tolerance_dtype is None
+    if band is not None and not calibrated:
+        raise SsmrtError("--band judges calibrated; it cannot be given with --atol, --rtol or --tolerance-dtype")
     if plot_path is not None:
         check_plot_path(plot_path)
-    reference = reference_runner(model_dir, reference_dtype)
     candidate = _runner(artifact, backend, dtype=dtype, **runner_opts)
+    judged = judges(model_dir, candidate, reference_dtype, band)
+    reference, original = judged["reference"], judged["original"]
     if candidate.config.to_dict() | {"source": ""} != reference.config.to_dict() | {"source": ""}:
         raise SsmrtError(f"{artifact}: its config differs from {model_dir}'s; compare an artifact with its own model")
-    original = None
-    if candidate.weights is not None:  # judged against what its quantised weights mean; costed against the model
-        original, reference = reference, reference_runner(model_dir, reference_dtype, weights=candidate.weights)
-    calibrated = atol is None and rtol is None and tolerance_dtype is None
-    baseline = baseline_runner(model_dir, candidate) if calibrated else None
+    baseline = judged["baseline"] if calibrated else None
     if prompt is None and prompt_ids is None:
         ids = np.random.default_rng(0).integers(0, reference.config.vocab_size, prompt_len).tolist()
     else:
@@ -345,10 +358,10 @@ def compare(model_dir, artifact, backend, steps, free_steps, dtype, reference_dt
 
             report = compare_runners(reference, candidate, ids, steps, atol, rtol, tolerance_dtype,
                                      baseline=baseline, free_steps=free_steps, progress=progress,
-                                     original=original)
+                                     original=original, band=judged["band"])
     else:
         report = compare_runners(reference, candidate, ids, steps, atol, rtol, tolerance_dtype, baseline=baseline,
-                                 free_steps=free_steps, original=original)
+                                 free_steps=free_steps, original=original, band=judged["band"])
     if plot_path is not None:
         plot_drift(report, plot_path)
     click.echo(json.dumps(report.to_dict()) if as_json else report.format())
@@ -390,7 +403,7 @@ def inspect(artifact, as_json):
     click.echo(f"{info['path']}: {cfg['arch']}, {cfg['n_layer']} layers, d_model {cfg['d_model']}, "
                f"vocab {cfg['vocab_size']} ({info['export']['dtype']}, state {info['export']['state_dtype']}, "
                f"logits {info['export']['logits']}, opset {info['export']['opset']})")
-    click.echo(f"weights: {describe_scheme(info['export'].get('weights'))}")
+    click.echo(f"weights: {describe_scheme(info['weights'])}")
     click.echo(f"parameters: {info['parameters']:,}  nodes: {info['nodes']}")
     click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
     click.echo(f"fallback functions: {', '.join(info['functions'])}")

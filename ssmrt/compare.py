@@ -17,12 +17,27 @@ Two ways to judge:
   swings widely; the RMS of thousands of values is steady, so the factor can be tight.
 - tolerance: an absolute + relative tolerance (the table in ops/spec.py, or the one given), as before.
 
-A candidate with quantised weights (an artifact exported with --weights int8 / int4) is judged against what its
-weights mean: the reference and the baseline are the model with every quantised matrix replaced by its
-dequantised values (ssmrt.quantize.dequantized_model), so the verdict says whether the runtime's quantised
-matmuls compute that model, to the rounding of the candidate's precision. What quantisation costs is a
-different question, answered by the figures against the unquantised model (`original`): per step the
-candidate's KL divergence, top-1 and top-5 agreement with it, and where their free-running texts part.
+Who judges a candidate (`judges`):
+- float weights: the reference is the model in float64, the baseline the model in the candidate's precision.
+- quantised weights with float32 activations (export --weights int8|int4 --activations float32): against what its
+  weights mean: the reference and the baseline are the model with every quantised matrix replaced by its
+  dequantised values (ssmrt.quantize.dequantized_model), so the verdict says whether the runtime's quantised
+  matmuls compute that model, to the rounding of the candidate's precision. What quantisation costs is a
+  different question, answered by the figures against the unquantised model (`original`): per step the
+  candidate's KL divergence, top-1 and top-5 agreement with it, and where their free-running texts part.
+- quantised weights with int8 activations (the default): the activations' codes are a rounding of float values
+  that two correct implementations compute a few ulps apart, so now and then they round one activation to
+  neighbouring codes, and one such flip moves a matmul's outputs by about 1e-3 of their size: measured on correct
+  artifacts, their error against the exactly computed meaning reached 3000x the float32 band while wrong schemes
+  (another block size, symmetric for asymmetric, float activations) reached only 2300x. So their meaning cannot
+  be checked to float32 rounding. They are judged by what their scheme costs instead: the reference is the
+  unquantised model, the baseline the scheme computed on plain PyTorch in float32 (dequantised weights, each
+  matmul's input quantised as MatMulNBits does), the float32 band around it. That catches a scheme computed
+  wrongly enough to cost more than the scheme does (a wrong scale, zero point or layout), not one that costs
+  about the same.
+- `band` (compare --band DTYPE): any candidate against the unquantised model, the baseline that model in DTYPE
+  on plain PyTorch, DTYPE's band: "is this artifact as close to the model as a DTYPE deployment would be?", e.g.
+  an int8 artifact against the float16 band.
 """
 
 from __future__ import annotations
@@ -409,6 +424,7 @@ def compare_runners(
     free_steps: int = 0,
     progress: Callable[[int, int], None] | None = None,
     original: Runner | None = None,
+    band: str | None = None,
 ) -> Report:
     """Prefill prompt_ids on every runner, then `steps` decode steps fed with the reference's greedy tokens.
 
@@ -420,6 +436,8 @@ def compare_runners(
     original: for a candidate with quantised weights (the reference then being its dequantised model), the
         unquantised model: fed the same tokens, for the candidate's KL / top-1 / top-5 against it per step and
         the free-running texts' first difference (the report's `original` figures; they never judge).
+    band: in calibrated mode, the precision whose band (CALIBRATION) judges, when the baseline is not in the
+        candidate's (see `judges`).
     Memory stays flat in `steps`: only per-step figures are kept.
     """
     _check_tolerance("atol", atol)
@@ -441,6 +459,10 @@ def compare_runners(
     rtol = d_rtol if rtol is None else float(rtol)
     if mode == "tolerance":
         baseline = None
+    elif band is not None:
+        if band not in CALIBRATION:
+            raise SsmrtError(f"band must be one of {', '.join(CALIBRATION)}, got {band!r}")
+        dtype = band
     report = Report(reference.describe(), candidate.describe(), dtype, atol, rtol, len(prompt_ids), mode=mode,
                     baseline=baseline.describe() if baseline is not None else None,
                     original=original.describe() if original is not None else None)
@@ -530,18 +552,45 @@ def _greedy(runner: Runner, ids: np.ndarray, n: int, vocab: int) -> list[int]:
     return out
 
 
-def baseline_runner(model_dir, candidate: Runner) -> Runner:
-    """The same model in the candidate's precision on plain PyTorch ops (eager, no kernels): on the candidate's
-    device when that is CUDA and this PyTorch sees one, else on the CPU. For a candidate with quantised weights,
-    the model those weights mean (its quantised matrices dequantised), in float32."""
+BANDS = ("float32", "float16", "bfloat16")
+
+
+def judges(model_dir, candidate: Runner, reference_dtype: str = "float64", band: str | None = None) -> dict:
+    """The runners that judge `candidate` (see the module's docstring): {"reference", "baseline", "original" (the
+    unquantised model when the reference is not it, else None), "band" (the precision whose band applies when it
+    is not the candidate's, else None)}; compare_runners(**judges(...)-ish) takes them as they are."""
+    if band is not None and band not in BANDS:
+        raise SsmrtError(f"--band must be one of {', '.join(BANDS)}, got {band!r}")
+    model = reference_runner(model_dir, reference_dtype)
+    if band is not None:
+        return {"reference": model, "baseline": _plain_runner(model_dir, band, candidate), "original": None,
+                "band": band}
+    weights = candidate.weights
+    if weights is None or weights["activations"] == "int8":
+        # int8 activations: the scheme in float32, dequantised in the baseline, judged by its cost
+        return {"reference": model, "baseline": baseline_runner(model_dir, candidate), "original": None,
+                "band": None if weights is None else "float32"}
+    return {"reference": reference_runner(model_dir, reference_dtype, weights=weights),
+            "baseline": baseline_runner(model_dir, candidate), "original": model, "band": None}
+
+
+def _plain_runner(model_dir, dtype: str, candidate: Runner) -> Runner:
+    """MODEL_DIR in dtype on plain PyTorch ops (eager, no kernels), on the candidate's GPU when it is on one."""
     import torch
 
     from .runtime import TorchRunnerFromCheckpoint
 
     device = "cuda" if candidate.device_kind == "cuda" and torch.cuda.is_available() else "cpu"
+    return TorchRunnerFromCheckpoint(model_dir, dtype=dtype, device=device, kernels=False, decode="eager")
+
+
+def baseline_runner(model_dir, candidate: Runner) -> Runner:
+    """The same model in the candidate's precision on plain PyTorch ops (eager, no kernels): on the candidate's
+    device when that is CUDA and this PyTorch sees one, else on the CPU. For a candidate with quantised weights,
+    the model those weights mean (its quantised matrices dequantised, int8 activations quantised), in float32."""
     if candidate.weights is not None:
-        return _dequantized_runner(model_dir, candidate.weights, candidate.dtype, device)
-    return TorchRunnerFromCheckpoint(model_dir, dtype=candidate.dtype, device=device, kernels=False, decode="eager")
+        return _dequantized_runner(model_dir, candidate.weights, candidate.dtype, "cpu")
+    return _plain_runner(model_dir, candidate.dtype, candidate)
 
 
 def reference_runner(model_dir, dtype: str = "float64", weights: dict | None = None) -> Runner:
@@ -567,7 +616,8 @@ def _dequantized_runner(model_dir, weights: dict, dtype: str, device: str) -> Ru
     model = dequantized_model(load_model(model_dir, dtype="float32"), weights)
     model = model.cast(getattr(torch, dtype)).to(device)
     runner = TorchRunner(model, kernels=False, decode="eager")
-    runner.describe = lambda: f"torch ({dtype}, {device}, {weights['scheme']} weights dequantized)"
+    acts = ", int8 activations" if weights.get("activations") == "int8" else ""
+    runner.describe = lambda: f"torch ({dtype}, {device}, {weights['scheme']} weights dequantized{acts})"
     return runner
 
 

@@ -10,8 +10,15 @@ ONNX Runtime.
 
 What stays float: the embedding table (a Gather reads one row a token, so its size costs nothing in a decode
 step, and a tied head keeps its own transposed copy in the graph, which is quantised), the conv weights, A, D,
-the biases, the norms and the states. Activations stay float32 (MatMulNBits' accuracy level 0: it computes in
-float32 from the dequantised blocks), so the quantised weights are the only approximation.
+the biases, the norms and the states.
+
+The activations a quantised matmul reads (`activations`, recorded with the scheme):
+- "int8" (the default): each block of `block_size` input features of a row is quantised to int8 inside the
+  matmul, symmetric, scale max|a| / 127, rounded to nearest (MatMulNBits' accuracy level 4). Integer dot
+  products then read a quarter of float32's bytes: ONNX Runtime's fast CPU kernels, and what llama.cpp's q8_0 /
+  q4_0 dot products do too. `quantize_activations_ref` is that arithmetic, tested against ONNX Runtime.
+- "float32": the dequantised blocks times float32 activations (accuracy level 0); the quantised weights are then
+  the only approximation, at several times the decode time on CPUs without a fast float32-compute kernel.
 
 Loading or running a quantised artifact needs none of this module's torch code: MatMulNBits is a contrib op
 ONNX Runtime's CPU provider runs natively.
@@ -31,20 +38,31 @@ MAX_BLOCK_SIZE = 4096
 # block too): asymmetric, because it spends the whole range on the block's [min, max] instead of [-amax, amax].
 # Measured on the demo's trained model (benchmarks/RESULTS.md): lower KL for both int8 and int4.
 SYMMETRIC = False
+# The activations of a quantised matmul -> MatMulNBits' accuracy_level.
+ACTIVATIONS = {"int8": 4, "float32": 0}
+DEFAULT_ACTIVATIONS = "int8"
+# What an artifact exported before the choice existed computed (accuracy level 0).
+RECORDED_DEFAULT_ACTIVATIONS = "float32"
 # The per-layer projections whose weights are quantised, by architecture (module names in ssmrt.models.mamba),
 # and the LM head.
 LAYER_LINEARS = {"mamba1": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
 HEAD = "lm_head"
 
 
-def check_weights(weights, block_size, dtype: str = "float32", target: str = "portable") -> dict | None:
-    """The metadata entry of a `--weights` / `--block-size` choice ({"scheme", "bits", "block_size",
-    "symmetric"}), or None for float weights. SsmrtError in one line for anything MatMulNBits cannot take, and
-    for quantised weights with an export dtype or target they are not made for."""
+def check_weights(weights, block_size, dtype: str = "float32", target: str = "portable",
+                  activations: str | None = None) -> dict | None:
+    """The metadata entry of a `--weights` / `--block-size` / `--activations` choice ({"scheme", "bits",
+    "block_size", "symmetric", "activations"}), or None for float weights. SsmrtError in one line for anything
+    MatMulNBits cannot take, and for quantised weights with an export dtype or target they are not made for."""
     if weights is None:
-        if block_size is not None:
-            raise SsmrtError("--block-size applies to quantised weights; give --weights int8 or int4 with it")
+        for name, v in (("--block-size", block_size), ("--activations", activations)):
+            if v is not None:
+                raise SsmrtError(f"{name} applies to quantised weights; give --weights int8 or int4 with it")
         return None
+    if activations is None:
+        activations = DEFAULT_ACTIVATIONS
+    if activations not in ACTIVATIONS:
+        raise SsmrtError(f"--activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     if weights not in SCHEMES:
         raise SsmrtError(f"--weights must be one of {', '.join(SCHEMES)}, got {weights!r}")
     if block_size is None:
@@ -57,7 +75,8 @@ def check_weights(weights, block_size, dtype: str = "float32", target: str = "po
         # MatMulNBits runs on ONNX Runtime (float32 activations here); TensorRT's parser has no such op
         raise SsmrtError(f"--weights {weights} takes --dtype float32 and --target portable; got --dtype {dtype} "
                          f"--target {target}")
-    return {"scheme": weights, "bits": SCHEMES[weights], "block_size": block_size, "symmetric": SYMMETRIC}
+    return {"scheme": weights, "bits": SCHEMES[weights], "block_size": block_size, "symmetric": SYMMETRIC,
+            "activations": activations}
 
 
 def scheme_of(info: dict | None, where) -> dict | None:
@@ -67,19 +86,20 @@ def scheme_of(info: dict | None, where) -> dict | None:
     if (not isinstance(info, dict) or info.get("scheme") not in SCHEMES or info.get("bits") != SCHEMES[info["scheme"]]
             or not isinstance(info.get("symmetric"), bool)):
         raise SsmrtError(f"{where}: metadata export.weights {info!r} is not a weight scheme ssmrt writes")
+    info = {**info, "activations": info.get("activations", RECORDED_DEFAULT_ACTIVATIONS)}
     try:
-        check_weights(info["scheme"], info.get("block_size"))
+        check_weights(info["scheme"], info.get("block_size"), activations=info["activations"])
     except SsmrtError as e:
         raise SsmrtError(f"{where}: metadata export.weights: {e}") from None
     return info
 
 
 def describe_scheme(info: dict | None) -> str:
-    """'int4 weights (block 32, asymmetric)', or 'float weights'."""
+    """'int4 weights (block 32, asymmetric, int8 activations)', or 'float weights'."""
     if not info:
         return "float weights"
     return (f"{info['scheme']} weights (block {info['block_size']}, "
-            f"{'symmetric' if info['symmetric'] else 'asymmetric'})")
+            f"{'symmetric' if info['symmetric'] else 'asymmetric'}, {info['activations']} activations)")
 
 
 # ----------------------------------------------------------------------------- the reference arithmetic
@@ -141,10 +161,45 @@ def fake_quantize(w, bits: int, block_size: int, symmetric: bool):
     return dequantize_ref(*quantize_ref(w, bits, block_size, symmetric), w.shape[0])
 
 
+def quantize_activations_ref(x, block_size: int):
+    """What an int8-activation MatMulNBits multiplies instead of x (..., K): each block of block_size features of a
+    row (the last one maybe shorter) as int8 codes, symmetric, scale max|a| / 127, rounded to nearest, and
+    dequantised again, in x's dtype. A block of zeros stays zero."""
+    import torch
+
+    K = x.shape[-1]
+    blocks = -(-K // block_size)
+    padded = torch.nn.functional.pad(x, (0, blocks * block_size - K)).reshape(*x.shape[:-1], blocks, block_size)
+    scale = padded.abs().amax(-1, keepdim=True) / 127
+    codes = torch.round(padded / torch.where(scale > 0, scale, 1))
+    return (codes * scale).reshape(*x.shape[:-1], blocks * block_size)[..., :K]
+
+
+def _quantized_input(linear, block_size: int):
+    """`linear` behind a module that first quantises its input as an int8-activation MatMulNBits does."""
+    import torch
+
+    class QuantizedInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = linear
+
+        @property
+        def weight(self):
+            return self.linear.weight
+
+        def forward(self, x):
+            return self.linear(quantize_activations_ref(x, block_size))
+
+    return QuantizedInput()
+
+
 def dequantized_model(model, info: dict):
     """The MambaLM `model` (float32, changed in place and returned) with every weight the export quantises
-    replaced by what its codes mean: the model a quantised artifact computes, to fp32 rounding. A tied head gets
-    its own (dequantised) matrix; the embedding table stays as it was, as in the artifact."""
+    replaced by what its codes mean, and with int8 activations each quantised matmul's input quantised as
+    MatMulNBits does it: the model a quantised artifact computes, to fp32 rounding. A tied head gets its own
+    (dequantised) matrix; the embedding table stays as it was, as in the artifact. Cast it to float64 after for
+    a reference."""
     import torch
 
     from .models.mamba import MambaLM
@@ -154,17 +209,24 @@ def dequantized_model(model, info: dict):
     if model.dtype != torch.float32:
         raise SsmrtError(f"dequantized_model: the weights are quantised from float32, the model is {model.dtype}")
     bits, block, sym = info["bits"], info["block_size"], info["symmetric"]
+    int8_inputs = info.get("activations", RECORDED_DEFAULT_ACTIVATIONS) == "int8"
 
-    def swap(linear):
+    def swap(owner, name):
+        linear = getattr(owner, name)
         # nn.Linear weight [out, in] is the graph's B transposed: K = in
         w = fake_quantize(linear.weight.detach().t(), bits, block, sym).t().contiguous()
         linear.weight = torch.nn.Parameter(w, requires_grad=False)
+        if int8_inputs and name != "dt_proj":  # applied as a bare matmul of its weight: see below
+            setattr(owner, name, _quantized_input(linear, block))
 
     with torch.no_grad():
         for layer in model.backbone.layers:
             for name in LAYER_LINEARS[model.config.arch]:
-                swap(getattr(layer.mixer, name))
-        swap(getattr(model, HEAD))  # a new Parameter: unties a tied head from the embedding
+                swap(layer.mixer, name)
+            if int8_inputs and model.config.arch == "mamba1":
+                # dt_proj is applied as a bare matmul (its bias goes into the scan)
+                layer.mixer.dt_input = lambda dt, block=block: quantize_activations_ref(dt, block)
+        swap(model, HEAD)  # a new Parameter: unties a tied head from the embedding
     return model
 
 
@@ -196,15 +258,22 @@ def quantize_graph(proto, info: dict, expected: int):
         raise SsmrtError(f"the exported graph has {len(weights)} weight MatMuls where the model has {expected} "
                          "projections and a head; refusing to quantise a graph of unknown shape")
     config = DefaultWeightOnlyQuantConfig(block_size=info["block_size"], is_symmetric=info["symmetric"],
+                                          accuracy_level=ACTIVATIONS[info["activations"]],
                                           bits=info["bits"], op_types_to_quantize=("MatMul",))
     # the quantiser logs every node it visits at INFO on the root logger's handlers
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(proto, algo_config=config, nodes_to_include=weights)
     quantizer.process()
     out = quantizer.model.model
-    packed = sum(n.op_type == "MatMulNBits" for n in out.graph.node)
-    if packed != expected:
-        raise SsmrtError(f"ONNX Runtime's quantiser packed {packed} of the graph's {expected} weight MatMuls")
+    packed = [n for n in out.graph.node if n.op_type == "MatMulNBits"]
+    if len(packed) != expected:
+        raise SsmrtError(f"ONNX Runtime's quantiser packed {len(packed)} of the graph's {expected} weight MatMuls")
+    level = ACTIVATIONS[info["activations"]]
+    for node in packed:  # the quantiser leaves the attribute out where it is the default (0)
+        attrs = [a for a in node.attribute if a.name == "accuracy_level"]
+        if [a.i for a in attrs] not in ([level], [] if level == 0 else None):
+            raise SsmrtError(f"ONNX Runtime's quantiser set accuracy_level {[a.i for a in attrs]} on {node.name}, "
+                             f"not {level}")
     # the initializers the MatMuls read are gone; the quantiser keeps any still named by another node
     used = {i for n in out.graph.node for i in n.input}
     keep = [t for t in out.graph.initializer if t.name in used]

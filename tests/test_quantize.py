@@ -1,6 +1,7 @@
-"""Weight-only quantisation (`export --weights int8|int4`): the graph ONNX Runtime's quantiser packs, the plain-torch
-reference of its arithmetic held to it bit for bit, the metadata and `inspect`, the compare against the model the
-quantised weights mean (and that a wrong dequantisation fails it), what int8 / int4 cost, and bad arguments."""
+"""Weight-only quantisation (`export --weights int8|int4 [--activations int8|float32]`): the graph ONNX Runtime's
+quantiser packs, the plain-torch reference of its arithmetic held to it bit for bit (and the int8 activations' to
+its kernel), the metadata and `inspect`, the compare against the model the quantised weights mean (and that a wrong
+dequantisation fails it), what int8 / int4 cost, and bad arguments."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from hf_models import hf_model, save_hf
 from onnx import numpy_helper
 
 from ssmrt import quantize as Q
-from ssmrt.compare import _dequantized_runner, baseline_runner, compare_runners, reference_runner
+from ssmrt.compare import _dequantized_runner, compare_runners, judges, reference_runner
 from ssmrt.errors import SsmrtError
 from ssmrt.exporter import export
 from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, TorchRunnerFromCheckpoint
@@ -27,12 +28,15 @@ PROMPT = [5, 17, 3, 42, 8, 8, 61, 2, 90, 11, 33, 7]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """config id -> (checkpoint, {weights: artifact}) for a Mamba-1 with odd K (dt_rank 5, untied) and a Mamba-2."""
+    """config id -> (checkpoint, {weights: artifact}) for a Mamba-1 with odd K (dt_rank 5, untied) and a Mamba-2;
+    "int8" / "int4" with the default (int8) activations, "int8/float32" / "int4/float32" with float32 ones."""
     root = tmp_path_factory.mktemp("quant")
     out = {}
     for cid in ("mamba-untied-d64-k3-bias", "mamba2-g1"):
         ckpt = save_hf(hf_model(cid), root / f"{cid}-ckpt")
         arts = {w: export(ckpt, root / f"{cid}-{w or 'float'}", weights=w) for w in (None, "int8", "int4")}
+        for w in ("int8", "int4"):
+            arts[f"{w}/float32"] = export(ckpt, root / f"{cid}-{w}-f32", weights=w, activations="float32")
         out[cid] = ckpt, arts
     return out
 
@@ -51,7 +55,8 @@ def test_quantize_ref_is_what_onnxruntime_packed_bit_for_bit(models, bits, symme
     for cid, (_, arts) in models.items():
         float_graph = onnx.load(str(arts[None] / "model.onnx"))
         weights = _weight_matmuls(float_graph)
-        info = {"scheme": f"int{bits}", "bits": bits, "block_size": block, "symmetric": symmetric}
+        info = {"scheme": f"int{bits}", "bits": bits, "block_size": block, "symmetric": symmetric,
+                "activations": "int8"}
         graph = Q.quantize_graph(float_graph, info, len(weights))
         inits = {t.name: t for t in graph.graph.initializer}
         nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
@@ -77,17 +82,55 @@ def test_quantize_ref_can_fail():
     assert not torch.equal(Q.fake_quantize(w, 4, 32, False), Q.fake_quantize(w, 4, 32, True))
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("block", [16, 32])
+def test_int8_activations_are_what_onnxruntime_multiplies(bits, block):
+    """One MatMulNBits at accuracy level 4 (K not a multiple of the block, a row of zeros, rows of mixed scale)
+    equals quantize_activations_ref(x) @ the dequantised weight to float32 summation; the float activations'
+    product is hundreds of times further off, so the comparison can fail."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(bits + block)
+    K, N = 3 * block + block // 2, 40
+    w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    info = Q.check_weights(f"int{bits}", block)
+    assert info["activations"] == "int8"
+    import onnxruntime as ort
+
+    q = Q.quantize_graph(model, info, 1)
+    session = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = (rng.standard_normal((6, K)) * np.array([[1], [1e-3], [30], [1], [0], [5]])).astype(np.float32)
+    x[3, :block] = 0  # a block of zeros: scale 0, codes 0
+    got = session.run(None, {"x": x})[0].astype(np.float64)
+    wq = Q.fake_quantize(torch.from_numpy(w), bits, block, info["symmetric"]).double()
+    want = (Q.quantize_activations_ref(torch.from_numpy(x), block).double() @ wq).numpy()
+    plain = (torch.from_numpy(x).double() @ wq).numpy()
+    scale = np.abs(want).max(axis=1, keepdims=True) + 1e-30
+    err, plain_err = np.abs(got - want) / scale, np.abs(got - plain) / scale
+    assert err.max() < 2e-6, err.max()
+    assert plain_err[[0, 2, 5]].max() > 100 * err.max()
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4", "int8/float32"])
 def test_export_packs_every_projection_and_the_head(models, weights):
+    level, activations = (0, "float32") if weights.endswith("/float32") else (4, "int8")
     for cid, (_, arts) in models.items():
         art = arts[weights]
+        bits = int(weights[3])
         m = onnx.load(str(art / "model.onnx"))
         cfg = json.loads({p.key: p.value for p in m.metadata_props}["ssmrt.config"])
         per_layer = {"mamba1": 4, "mamba2": 2}[cfg["arch"]]  # in_proj, x_proj, dt_proj, out_proj / in_proj, out_proj
         nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
         assert len(nbits) == cfg["n_layer"] * per_layer + 1, cid
         assert all(n.domain == "com.microsoft" for n in nbits)
-        assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {int(weights[3:])}
+        assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {bits}
+        levels = [[a.i for a in n.attribute if a.name == "accuracy_level"] or [0] for n in nbits]
+        assert levels == [[level]] * len(nbits), cid
         inits = {t.name: t for t in m.graph.initializer}
         assert not [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits], cid
         # the head is the last MatMulNBits, N the padded vocabulary; the embedding's Gather reads float32
@@ -99,8 +142,8 @@ def test_export_packs_every_projection_and_the_head(models, weights):
         float_model = onnx.load(str(arts[None] / "model.onnx"), load_external_data=False)
         assert [f.SerializeToString() for f in m.functions] == [f.SerializeToString() for f in float_model.functions]
         meta = json.loads({p.key: p.value for p in m.metadata_props}["ssmrt.export"])
-        assert meta["weights"] == {"scheme": weights, "bits": int(weights[3:]), "block_size": 32,
-                                   "symmetric": Q.SYMMETRIC}
+        assert meta["weights"] == {"scheme": f"int{bits}", "bits": bits, "block_size": 32,
+                                   "symmetric": Q.SYMMETRIC, "activations": activations}
         assert (art / "model.onnx").stat().st_size < (arts[None] / "model.onnx").stat().st_size
 
 
@@ -108,7 +151,7 @@ def test_inspect_shows_the_scheme(models):
     _, arts = models["mamba2-g1"]
     res = ssmrt("inspect", arts["int4"])
     assert res.returncode == 0, res.stderr
-    assert "weights: int4 weights (block 32, asymmetric)" in res.stdout
+    assert "weights: int4 weights (block 32, asymmetric, int8 activations)" in res.stdout
     assert "com.microsoft::MatMulNBits x5" in res.stdout
     info = json.loads(ssmrt("inspect", arts["int4"], "--json").stdout)
     assert info["weights"]["scheme"] == "int4" and info["weights"]["block_size"] == 32
@@ -118,24 +161,44 @@ def test_inspect_shows_the_scheme(models):
     assert info["parameters"] == plain["parameters"]
 
 
-def _report(ckpt, art, reference=None, baseline=None, steps=6, free_steps=8):
+def _report(ckpt, art, reference=None, baseline=None, steps=6, free_steps=8, band=None):
+    """The compare of `art` by its judges, or by the reference / baseline given (with the unquantised model as
+    `original`)."""
     candidate = OnnxRuntimeRunnerFromArtifact(art)
-    original = reference_runner(ckpt)
-    reference = reference or reference_runner(ckpt, weights=candidate.weights)
-    baseline = baseline or baseline_runner(ckpt, candidate)
+    if reference is None:
+        return compare_runners(candidate=candidate, prompt_ids=PROMPT, steps=steps, free_steps=free_steps,
+                               **judges(ckpt, candidate, band=band))
     return compare_runners(reference, candidate, PROMPT, steps, baseline=baseline, free_steps=free_steps,
-                           original=original)
+                           original=reference_runner(ckpt))
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
-def test_a_quantised_artifact_computes_its_dequantised_model(models, weights):
+def _cost(report) -> list:
+    """The candidate's per-step figures against the unquantised model."""
+    return [s.original if report.original is not None else s.candidate for s in report.steps]
+
+
+@pytest.mark.parametrize("weights", ["int8/float32", "int4/float32"])
+def test_float32_activations_compute_their_dequantised_model(models, weights):
     for cid, (ckpt, arts) in models.items():
         report = _report(ckpt, arts[weights])
         assert report.mode == "calibrated"
         assert report.passed, (cid, report.format())
-        assert "dequantized" in report.baseline and report.original is not None
+        assert "dequantized" in report.reference and "dequantized" in report.baseline
+        assert "activations" not in report.baseline and report.original is not None
         assert all(s.original is not None for s in report.steps)
         assert report.free_run.original_agreement is not None
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_int8_activations_cost_what_their_scheme_costs(models, weights):
+    """Judged against the unquantised model, with the scheme computed in float32 on plain PyTorch as the baseline."""
+    for cid, (ckpt, arts) in models.items():
+        report = _report(ckpt, arts[weights])
+        assert report.mode == "calibrated" and report.original is None
+        assert "dequantized" not in report.reference
+        assert "dequantized, int8 activations" in report.baseline
+        assert report.passed, (cid, report.format())
+        assert all(s.candidate.kl_mean > 0 for s in report.steps)
 
 
 def test_a_wrong_dequantisation_fails_the_compare(models):
@@ -143,7 +206,7 @@ def test_a_wrong_dequantisation_fails_the_compare(models):
     model of another block size (reference and baseline alike), a quantised artifact fails: the compare sees what
     its weights are."""
     for cid, (ckpt, arts) in models.items():
-        art = arts["int4"]
+        art = arts["int4/float32"]
         plain = _report(ckpt, art, reference=reference_runner(ckpt),
                         baseline=TorchRunnerFromCheckpoint(ckpt, dtype="float32", kernels=False, decode="eager"))
         assert not plain.passed, cid
@@ -152,6 +215,13 @@ def test_a_wrong_dequantisation_fails_the_compare(models):
         other = _report(ckpt, art, reference=reference_runner(ckpt, weights=info),
                         baseline=_dequantized_runner(ckpt, info, "float32", "cpu"))
         assert not other.passed, cid
+        # int8 activations judged as float32 ones (and the other way round) fail too
+        for name, activations in (("int8", "float32"), ("int8/float32", "int8")):
+            art = arts[name]
+            info = {**OnnxRuntimeRunnerFromArtifact(art).weights, "activations": activations}
+            other = _report(ckpt, art, reference=reference_runner(ckpt, weights=info),
+                            baseline=_dequantized_runner(ckpt, info, "float32", "cpu"))
+            assert not other.passed, (cid, name)
 
 
 def test_int4_costs_more_than_int8(models):
@@ -159,18 +229,38 @@ def test_int4_costs_more_than_int8(models):
         kl = {}
         for weights in ("int8", "int4"):
             report = _report(ckpt, arts[weights], steps=8, free_steps=0)
-            kl[weights] = float(np.mean([s.original.kl_mean for s in report.steps]))
+            kl[weights] = float(np.mean([s.kl_mean for s in _cost(report)]))
         assert kl["int4"] > kl["int8"] > 0, (cid, kl)
 
 
 def test_cli_compare_of_a_quantised_artifact(models):
     ckpt, arts = models["mamba2-g1"]
-    res = ssmrt("compare", ckpt, arts["int8"], "--steps", "4", "--free-steps", "8")
+    res = ssmrt("compare", ckpt, arts["int8/float32"], "--steps", "4", "--free-steps", "8")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "int8 weights dequantized" in res.stdout
     assert "what the quantised weights cost, against the unquantised model" in res.stdout
-    doc = json.loads(ssmrt("compare", ckpt, arts["int8"], "--steps", "2", "--json").stdout)
+    doc = json.loads(ssmrt("compare", ckpt, arts["int8/float32"], "--steps", "2", "--json").stdout)
     assert doc["original"] and doc["steps"][0]["original"]["kl_mean"] > 0
+    res = ssmrt("compare", ckpt, arts["int8"], "--steps", "4")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "int8 weights dequantized, int8 activations" in res.stdout
+    assert "what the quantised weights cost" not in res.stdout
+
+
+def test_band_judges_against_another_precisions_band(models):
+    """--band float16: the unquantised model as reference, the model in float16 as baseline, float16's band. An
+    int4 artifact of these small random models costs more than float16 does; the float32 band judges the same
+    errors stricter still, and a float artifact passes the float32 band."""
+    ckpt, arts = models["mamba2-g1"]
+    rep = _report(ckpt, arts["int4"], band="float16")
+    assert "float16" in rep.baseline and "dequantized" not in rep.baseline + rep.reference
+    assert "2 x the float16 baseline's" in rep.verdict.line
+    assert not rep.passed, rep.verdict.line
+    assert _report(ckpt, arts[None], band="float32").passed
+    res = ssmrt("compare", ckpt, arts["int8"], "--steps", "2", "--band", "float16", "--json")
+    doc = json.loads(res.stdout)
+    assert res.returncode in (0, 1) and doc["mode"] == "calibrated" and "float16" in doc["baseline"]
+    assert_refused(ssmrt("compare", ckpt, arts["int8"], "--band", "float16", "--atol", "1"), "--band")
 
 
 def test_a_quantised_artifact_runs_where_torch_cannot_be_imported(models):
@@ -198,6 +288,8 @@ print(json.dumps({{"tokens": Session(runner).generate({PROMPT!r}, 8), "scheme": 
     (["--weights", "int8", "--block-size", "48"], "--block-size must be a power of two"),
     (["--weights", "int4", "--block-size", "1000000"], "--block-size must be a power of two"),
     (["--block-size", "32"], "--block-size applies to quantised weights"),
+    (["--activations", "float32"], "--activations applies to quantised weights"),
+    (["--weights", "int8", "--activations", "int4"], "--activations"),
     (["--weights", "int4", "--dtype", "float16"], "--dtype float32"),
     (["--weights", "int8", "--target", "tensorrt"], "--target portable"),
 ])
@@ -210,7 +302,8 @@ def test_bad_weight_options_are_refused_and_write_nothing(models, tmp_path, args
 
 def test_the_api_refuses_bad_weight_options_before_loading(tmp_path):
     for kw in ({"weights": "int3"}, {"weights": "int4", "block_size": 24}, {"block_size": 32},
-               {"weights": "int4", "block_size": True}, {"weights": "int4", "dtype": "bfloat16"}):
+               {"weights": "int4", "block_size": True}, {"weights": "int4", "dtype": "bfloat16"},
+               {"activations": "int8"}, {"weights": "int8", "activations": "float16"}):
         with pytest.raises(SsmrtError):
             export(tmp_path / "no-such-checkpoint", tmp_path / "out", **kw)
     assert not (tmp_path / "out").exists()
@@ -228,11 +321,26 @@ def test_a_forged_weights_entry_is_refused(models, tmp_path):
         OnnxRuntimeRunnerFromArtifact(tmp_path / "art")
 
 
+def test_an_artifact_without_the_activations_entry_computed_float32_ones(models, tmp_path):
+    """Artifacts exported before --activations existed have accuracy level 0 and no entry: read as float32."""
+    _, arts = models["mamba2-g1"]
+    m = onnx.load(str(arts["int8/float32"] / "model.onnx"))
+    for p in m.metadata_props:
+        if p.key == "ssmrt.export":
+            doc = json.loads(p.value)
+            del doc["weights"]["activations"]
+            p.value = json.dumps(doc)
+    (tmp_path / "art").mkdir()
+    onnx.save(m, str(tmp_path / "art" / "model.onnx"))
+    assert OnnxRuntimeRunnerFromArtifact(tmp_path / "art").weights["activations"] == "float32"
+    assert "asymmetric, float32 activations)" in ssmrt("inspect", tmp_path / "art").stdout
+
+
 def test_the_decode_floor_counts_the_packed_weights(models):
     from ssmrt.bench import step_read_bytes
 
     _, arts = models["mamba2-g1"]
-    sizes = {w: step_read_bytes(OnnxRuntimeRunnerFromArtifact(a)) for w, a in arts.items()}
+    sizes = {w: step_read_bytes(OnnxRuntimeRunnerFromArtifact(arts[w])) for w in (None, "int8", "int4")}
     assert sizes["int4"] < sizes["int8"] < sizes[None]
 
 

@@ -269,6 +269,7 @@ def export_model(
     target: str = "portable",
     weights: str | None = None,
     block_size: int | None = None,
+    activations: str | None = None,
 ) -> Path:
     """Export a MambaLM to out_dir/model.onnx (+ model.onnx.data for large models, + the tokenizer files).
 
@@ -284,8 +285,9 @@ def export_model(
         chain of one-kernel nodes, for long prompts on TensorRT AOT plugins; the weights then always go to
         model.onnx.data, which both graphs read.
     weights: None (float weights), "int8" or "int4": the projections and the LM head as ONNX Runtime's
-        block-wise MatMulNBits (ssmrt.quantize), blocks of block_size (default 32) input features. float32
-        activations and the portable target only.
+        block-wise MatMulNBits (ssmrt.quantize), blocks of block_size (default 32) input features; a float32
+        export for the portable target only. activations: what those matmuls multiply, "int8" (the default:
+        each block of inputs quantised in the matmul, ONNX Runtime's integer kernels) or "float32".
     """
     import copy
 
@@ -307,7 +309,7 @@ def export_model(
         raise SsmrtError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     from ..quantize import check_weights, expected_matmuls, quantize_graph
 
-    quantized = check_weights(weights, block_size, dtype, target)
+    quantized = check_weights(weights, block_size, dtype, target, activations)
     if opset < MIN_OPSET:
         raise SsmrtError(f"--opset must be {MIN_OPSET} or newer (the fallback bodies need it), got {opset}")
     if opset > onnx.defs.onnx_opset_version():
@@ -373,6 +375,6 @@ def export(model_dir, out_dir, overwrite: bool = False, **kwargs) -> Path:
     from ..quantize import check_weights
 
     check_weights(kwargs.get("weights"), kwargs.get("block_size"), kwargs.get("dtype", "float32"),
-                  kwargs.get("target", "portable"))  # a typo costs no load either
+                  kwargs.get("target", "portable"), kwargs.get("activations"))  # a typo costs no load either
     artifact.check_output(out_dir, overwrite)
     return export_model(load_model(model_dir), out_dir, source_dir=model_dir, overwrite=overwrite, **kwargs)

@@ -50,6 +50,10 @@ def _conv1d(channels: int, width: int, bias: bool) -> nn.Conv1d:
 class Mamba1Mixer(nn.Module):
     """Mamba-1: in_proj -> (x, z); x -> conv -> x_proj -> (dt, B, C); selective scan gated by z; out_proj."""
 
+    # A function of dt applied before dt_proj's matmul, or None: the reference of an int8-activation quantised
+    # artifact (ssmrt.quantize.dequantized_model) quantises what that matmul reads there.
+    dt_input = None
+
     def __init__(self, config: SSMConfig):
         super().__init__()
         c = config
@@ -81,6 +85,8 @@ class Mamba1Mixer(nn.Module):
             dt = rmsnorm_ref(dt, None, c.mixer_rms_eps)
             B = rmsnorm_ref(B, None, c.mixer_rms_eps)
             C = rmsnorm_ref(C, None, c.mixer_rms_eps)
+        if self.dt_input is not None:
+            dt = self.dt_input(dt)
         # dt_proj's bias goes into the scan (delta_bias, fp32), not into the matmul.
         delta = dt @ self.dt_proj.weight.t()
         A = _A(self)
