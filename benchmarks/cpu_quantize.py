@@ -2,14 +2,15 @@
 
     python benchmarks/cpu_quantize.py [--layers 24] [--blocks 6] [--block-steps 8] [--train-seconds 90] [--json OUT]
 
-- decode ms/token: the 130M-class random Mamba-2 of benchmarks/cpu_precision.py, exported float32, int8 and int4
-  (block 32), batch 1, ONNX Runtime's CPU provider with the native ops, in alternating blocks of --block-steps
+- decode ms/token: the 130M-class random Mamba-2 of benchmarks/cpu_precision.py, exported float32, float16, int8
+  and int4 (block 32; int8 and float32 activations), batch 1, ONNX Runtime's CPU provider with the native ops, in alternating blocks of --block-steps
   steps in one process; the figure is the median of the per-block ratios to float32.
 - quality: the demo's byte-level Mamba-2 trained for --train-seconds (random weights say nothing about what
-  quantisation costs a model that has learnt something), exported float32 / int8 / int4, symmetric and
-  asymmetric; `ssmrt compare`'s figures against the unquantised float64 model over a 64-byte prompt of held-out
-  text and 64 teacher-forced steps (KL mean, top-1, top-5), the free-running first difference over 64 bytes, and
-  the calibrated verdict against the dequantised model.
+  quantisation costs a model that has learnt something), exported float32, float16, int8 and int4 (block 32,
+  asymmetric; int8 and float32 activations); `ssmrt compare`'s figures against the unquantised float64 model over
+  a 64-byte prompt from the corpus and 64 teacher-forced steps (KL mean and max, top-1, top-5), the free-running
+  first difference over 64 bytes, the verdict of the float16 band (compare --band float16: as close to the model
+  as float16 is?) and the artifact's own verdict (compare's default judges).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def decode_ratios(layers: int, blocks: int, block_steps: int, tmp: Path) -> dict
 
     model = make_model("mamba2", layers)
     arts = {w or "float32": export_model(model, tmp / f"dec-{w or 'f32'}", weights=w) for w in (None, "int8", "int4")}
+    arts["float16"] = export_model(model, tmp / "dec-f16", dtype="float16")
+    for w in ("int8", "int4"):
+        arts[f"{w}, float32 activations"] = export_model(model, tmp / f"dec-{w}-f32a", weights=w, activations="float32")
     sizes = {k: sum(p.stat().st_size for p in v.iterdir()) for k, v in arts.items()}
     runners = {k: OnnxRuntimeRunnerFromArtifact(v, provider="cpu", native_ops="on") for k, v in arts.items()}
     states = {}
@@ -57,8 +61,7 @@ def decode_ratios(layers: int, blocks: int, block_steps: int, tmp: Path) -> dict
 
 
 def quality(train_seconds: float, tmp: Path) -> list[dict]:
-    from ssmrt import quantize
-    from ssmrt.compare import baseline_runner, compare_runners, reference_runner
+    from ssmrt.compare import compare_runners, judges
     from ssmrt.demo import stdlib_corpus, train_char_model
     from ssmrt.exporter import export
     from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
@@ -67,22 +70,25 @@ def quality(train_seconds: float, tmp: Path) -> list[dict]:
     train_char_model(ckpt, seconds=train_seconds, log=lambda *a: None)
     text = stdlib_corpus()
     prompt = list(text[len(text) // 2: len(text) // 2 + 64])  # the corpus's middle; a sample, not held out
-    original = reference_runner(ckpt)
+    variants = [("float32", {}), ("float16", {"dtype": "float16"}),
+                ("int8", {"weights": "int8"}), ("int8, float32 activations", {"weights": "int8", "activations": "float32"}),
+                ("int4", {"weights": "int4"}), ("int4, float32 activations", {"weights": "int4", "activations": "float32"})]
     rows = []
-    for weights in ("int8", "int4"):
-        for symmetric in (False, True):
-            quantize.SYMMETRIC = symmetric  # the scheme's one switch, for this measurement
-            art = export(ckpt, tmp / f"char-{weights}-{symmetric}", weights=weights)
-            cand = OnnxRuntimeRunnerFromArtifact(art, provider="cpu")
-            rep = compare_runners(reference_runner(ckpt, weights=cand.weights), cand, prompt, 64,
-                                  baseline=baseline_runner(ckpt, cand), free_steps=64, original=original)
-            q = [s.original for s in rep.steps]
-            rows.append({"weights": weights, "symmetric": symmetric, "kl_mean": float(np.mean([s.kl_mean for s in q])),
-                         "top1": float(np.mean([s.top1 for s in q])), "top5": float(np.mean([s.top5 for s in q])),
-                         "free_first_difference": rep.free_run.original_first_difference,
-                         "verdict": rep.verdict.line})
-            print(json.dumps(rows[-1]), flush=True)
-    quantize.SYMMETRIC = False
+    for i, (name, kw) in enumerate(variants):
+        art = export(ckpt, tmp / f"char-{i}", **kw)
+        cand = OnnxRuntimeRunnerFromArtifact(art, provider="cpu")
+        # the cost: against the unquantised model, judged by the float16 band
+        rep = compare_runners(candidate=cand, prompt_ids=prompt, steps=64, free_steps=64,
+                              **judges(ckpt, cand, band="float16"))
+        own = compare_runners(candidate=cand, prompt_ids=prompt, steps=64, **judges(ckpt, cand))
+        steps = [s.candidate for s in rep.steps]
+        rows.append({"artifact": name, "kl_mean": float(np.mean([s.kl_mean for s in steps])),
+                     "kl_max": float(np.max([s.kl_max for s in steps])),
+                     "top1": float(np.mean([s.top1 for s in steps])), "top5": float(np.mean([s.top5 for s in steps])),
+                     "free_first_difference": rep.free_run.first_difference,
+                     "float16_band": rep.verdict.line, "float16_band_passed": rep.passed,
+                     "own_verdict": own.verdict.line})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -142,3 +142,21 @@ def test_cpu_precision_benchmark_smoke(tmp_path):
         statistics.median(a / b for a, b in zip(blocks["f16"], blocks["f32"], strict=True)))
     assert {"HalfMatMul", "SSDScan", "CausalConv1d"} <= set(r["profile_ms_per_step"]["f16"])
     assert r["half_matmuls_f16"] == 2 * 1 + 1  # a Mamba-2 layer's in_proj and out_proj, and the lm_head
+
+
+@pytest.mark.slow
+def test_cpu_quantize_benchmark_runs(tmp_path):
+    """benchmarks/cpu_quantize.py on a one-layer decode model and a byte model trained for a second: a quality row
+    and a decode ratio for every artifact, float32 judged passing against itself."""
+    out = tmp_path / "quant.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_quantize.py"), "--layers", "1", "--blocks",
+                          "1", "--block-steps", "2", "--train-seconds", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    names = ["float32", "float16", "int8", "int8, float32 activations", "int4", "int4, float32 activations"]
+    assert [r["artifact"] for r in report["quality"]] == names
+    assert report["quality"][0]["float16_band_passed"] and report["quality"][0]["kl_mean"] < 1e-9
+    assert all(r["kl_mean"] > 0 for r in report["quality"][1:])
+    assert set(report["decode"]["ratio_to_float32"]) == set(names)
+    assert all(v > 0 for v in report["decode"]["ms_per_token_median"].values())
