@@ -193,6 +193,70 @@ def test_conv1d_pieces_in_place_equal_one_pass(split):
     assert_close(state, s_ref, name="conv pieces state")
 
 
+# The conv kernel's grid is over time tiles too: tile 0 alone reads the old state and writes the new one. The
+# sequences straddle the tile (as the JIT path picks it for a prompt: BLOCK_T) and the state's width-1, and go
+# to a thousand tokens, in batches of 1 and 8; the state updated in place or into its own tensor.
+CONV_TILE = 32
+CONV_SEQLENS = [1, 2, 3, 4, CONV_TILE - 1, CONV_TILE, CONV_TILE + 1, 300, 1029]
+
+
+@pytest.mark.triton
+def test_conv1d_tile_is_the_kernels():
+    from ssmrt.kernels import causal_conv1d as conv_mod
+
+    assert conv_mod.BLOCK_T == CONV_TILE
+    for width in (2, 3, 4, 5, 9, 40):
+        for seqlen in (None, 1, 2, 3, 1000):
+            meta = conv_mod.constexprs(70, width, seqlen=seqlen)
+            # BLOCK_T >= width-1 is what makes tile 0 the old state's only reader
+            assert meta["BLOCK_T"] >= width - 1 and meta["BLOCK_K"] >= width, (width, seqlen, meta)
+            assert meta["BLOCK_T"] <= max(CONV_TILE, meta["BLOCK_K"]), (width, seqlen, meta)
+
+
+# batch 8 at the long sequences: a minute in the interpreter
+CONV_CASES = [pytest.param(seqlen, batch, marks=[pytest.mark.slow] if batch > 1 and seqlen >= 300 else [])
+              for seqlen in CONV_SEQLENS for batch in (1, 8)]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("seqlen,batch", CONV_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias,activation,inplace", [(True, "silu", True), (False, "none", False),
+                                                     (True, "none", True), (False, "silu", False)])
+def test_conv1d_time_tiles(seqlen, batch, dtype, bias, activation, inplace):
+    """Two channel blocks (the second partial), width 4; in place, the state written over the one read."""
+    if seqlen > 300 and (bias, activation) not in ((True, "silu"), (False, "none")):
+        pytest.skip("the long sequences run the two main variants only (the interpreter is slow)")
+    kw = on_device(conv_inputs(batch, seqlen, 70, 4, bias=bias, dtype=dtype, seed=seqlen))
+    kw["activation"] = activation
+    y_ref, s_ref = causal_conv1d_ref(**kw)
+    state = kw["conv_state"].clone() if inplace else kw["conv_state"]
+    s_out = state if inplace else poisoned(state)
+    y, s = causal_conv1d(**{**kw, "conv_state": state}, out=poisoned(kw["x"]), state_out=s_out)
+    assert s.data_ptr() == s_out.data_ptr()
+    assert_close(y, y_ref, dtype=dtype, name=f"conv y, seqlen {seqlen}, batch {batch}, {dtype}")
+    assert_close(s, s_ref, dtype=dtype, name=f"conv state, seqlen {seqlen}, batch {batch}, {dtype}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("seqlen", [0, 1, 2, 3, 4, 33, 100])
+@pytest.mark.parametrize("width", [2, 3, 4, 5])
+def test_conv1d_plugin_tile_any_seqlen(seqlen, width, monkeypatch):
+    """An AOT plugin compiles one tile for every seqlen (constexprs without seqlen): the decode step and short
+    pieces then run in a tile mostly past the end, in place."""
+    from ssmrt.kernels import causal_conv1d as conv_mod
+
+    fixed = conv_mod.constexprs
+    monkeypatch.setattr(conv_mod, "constexprs", lambda *a, seqlen=None, **k: fixed(*a, **k))
+    kw = on_device(conv_inputs(2, seqlen, 24, width, seed=width))
+    y_ref, s_ref = causal_conv1d_ref(**kw)
+    state = kw["conv_state"].clone()
+    y, s = causal_conv1d(**{**kw, "conv_state": state}, state_out=state)
+    assert s.data_ptr() == state.data_ptr() and y.shape == y_ref.shape
+    assert_close(y, y_ref, name=f"conv y, plugin tile, seqlen {seqlen}, width {width}")
+    assert_close(state, s_ref, name=f"conv state, plugin tile, seqlen {seqlen}, width {width}")
+
+
 # ------------------------------------------------------------------------------------ SelectiveScan
 
 
