@@ -110,6 +110,69 @@ def test_ssd_chunked_any_chunk_size(chunk_size, dtype):
     assert_close(s, s_ref.float(), dtype=dtype, name=f"ssd chunked state, chunk {chunk_size}, {dtype}")
 
 
+def test_fp32_dots_take_full_precision():
+    """Every tl.dot of the kernels either takes the specialisation's DOT_PRECISION, "ieee" (no TF32) for fp32
+    activations, or sits under `if SPLIT:`, which only fp16 / bf16 activations compile (their operands are
+    exact in any precision). The numbers are test_ssd_chunked_any_chunk_size's: fp32 up to chunk 256 against
+    the float64 reference at the op tolerance."""
+    import ast
+    from pathlib import Path
+
+    import ssmrt.kernels
+
+    dots = []
+    for path in sorted(Path(ssmrt.kernels.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+
+        def walk(node, under_split, path=path):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "tl.dot":
+                kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                dots.append((path.name, node.lineno, kw.get("input_precision"), under_split))
+            split = isinstance(node, ast.If) and ast.unparse(node.test) == "SPLIT"
+            for child in ast.iter_child_nodes(node):
+                walk(child, under_split or (split and child in node.body))
+
+        walk(tree, False)
+    assert dots, "no tl.dot found: the check would pass vacuously"
+    assert [d for d in dots if d[2] != "DOT_PRECISION" and not d[3]] == [], dots
+    if importlib.util.find_spec("triton") is not None:
+        from ssmrt.kernels import ssd_chunked
+
+        for name, meta in ssd_chunked.constexprs(64, 128, torch.float32, 256).items():
+            assert meta.get("DOT_PRECISION", "ieee") == "ieee" and not meta.get("SPLIT", False), (name, meta)
+
+
+# Longer sequences and batch 8 through the dispatching wrappers (the chained kernels past CHUNKED_MIN_SEQLEN,
+# at the model's chunk), against the float64 reference: a minute or more each in the interpreter.
+LONG_CASES = [(8, 300), (1, 2049)]
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,seqlen", LONG_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ssd_scan_long_and_batched(batch, seqlen, dtype):
+    kw = on_device(ssd_inputs(batch, seqlen, 2, 16, 16, 1, dtype=dtype, chunk_size=256, seed=seqlen))
+    state = kw["ssm_state"].clone()
+    y, s = ssd_scan(**{**kw, "ssm_state": state}, state_out=state)
+    y_ref, s_ref = ssd_scan_ref(**to64(kw))
+    assert_close(y, y_ref.to(dtype), dtype=dtype, name=f"ssd y, batch {batch}, seqlen {seqlen}, {dtype}")
+    assert_close(s, s_ref.float(), dtype=dtype, name=f"ssd state, batch {batch}, seqlen {seqlen}, {dtype}")
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,seqlen", LONG_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_selective_scan_long_and_batched(batch, seqlen, dtype):
+    kw = on_device(selective_inputs(batch, seqlen, 32, 16, ngroups=1, dtype=dtype, seed=seqlen))
+    state = kw["ssm_state"].clone()
+    y, s = selective_scan(**{**kw, "ssm_state": state}, state_out=state)
+    y_ref, s_ref = selective_scan_ref(**to64(kw))
+    assert_close(y, y_ref.to(dtype), dtype=dtype, name=f"selective y, batch {batch}, seqlen {seqlen}, {dtype}")
+    assert_close(s, s_ref.to(s.dtype), dtype=dtype, name=f"selective state, batch {batch}, seqlen {seqlen}, {dtype}")
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("state_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("impl", SSD_IMPLS)
