@@ -143,7 +143,8 @@ def test_fp32_dots_take_full_precision():
 
 
 # Longer sequences and batch 8 through the dispatching wrappers (the chained kernels past CHUNKED_MIN_SEQLEN,
-# at the model's chunk), against the float64 reference: a minute or more each in the interpreter.
+# at the model's chunk), against the float64 reference: minutes each in the interpreter (the selective chain's
+# scans the most: one channel block, fp32 only there; fp16 runs at the short lengths above).
 LONG_CASES = [(8, 300), (1, 2049)]
 
 
@@ -163,9 +164,9 @@ def test_ssd_scan_long_and_batched(batch, seqlen, dtype):
 @pytest.mark.triton
 @pytest.mark.slow
 @pytest.mark.parametrize("batch,seqlen", LONG_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.float16] if DEVICE == "cuda" else []))
 def test_selective_scan_long_and_batched(batch, seqlen, dtype):
-    kw = on_device(selective_inputs(batch, seqlen, 32, 16, ngroups=1, dtype=dtype, seed=seqlen))
+    kw = on_device(selective_inputs(batch, seqlen, 16, 16, ngroups=1, dtype=dtype, seed=seqlen))
     state = kw["ssm_state"].clone()
     y, s = selective_scan(**{**kw, "ssm_state": state}, state_out=state)
     y_ref, s_ref = selective_scan_ref(**to64(kw))
