@@ -18,15 +18,23 @@ per-dtype op / model tolerance), then times it. Cases:
 - SSDScan prefill, bf16, d_state 128, headdim 64, 24 heads: the recurrence and the chunked chain at short L
   (where ssd_scan switches, CHUNKED_MIN_SEQLEN), then L 2K-16K, batch 1 and 8, against mamba_ssm's
   mamba_chunk_scan_combined (target: at least its throughput);
-- end-to-end decode of a 130M-class Mamba-2 (random weights) in fp16 at batch 1 on the torch backend: the
-  replayed CUDA graph and the whole runner step, against the weight-read floor (ssmrt.bench.step_read_bytes:
-  matmul weights once, state read and written, over copy bandwidth; target within 2x) and against the same
-  model's eager step.
+- end to end, both families (130M-class Mamba-1 and Mamba-2, random weights, fp16) on the kernels:
+  prefill at L 512, 2048 and 8192 with the last position's logits kept on the device, against the matmul
+  floor (ssmrt.bench: the prefill's matmul FLOPs at the device's GEMM rate, measured now); the decode step
+  at batch 1 and 64, the replayed CUDA graph and the whole runner step, against the copy floor
+  (ssmrt.bench.step_read_bytes: matmul weights once, the state read and written, over copy bandwidth);
+  each against mamba_ssm's own MambaLMHeadModel on the same weights (prefill with num_last_tokens=1; its
+  CUDA-graph decode step from update_graph_cache) when mamba_ssm is importable and runs the family, else
+  the row says why not. Parity first: the prefill's logits against the same model on the plain torch ops
+  (and mamba_ssm's), the decode step likewise, and at batch 1 a short generation against the fp32 CPU
+  reference.
+Every ratio is of two times measured in this run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +51,6 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
-    import numpy as np
     import torch
 
     from ssmrt.closeness import diff
@@ -180,46 +187,164 @@ def main():
             row["vs_mamba_ssm"] = row["ssd_scan_tokens_per_s"] / row["mamba_ssm_tokens_per_s"]
         return row
 
-    def e2e_decode_case(dtype):
-        """130M-class Mamba-2 decode on the torch backend: parity with the fp32 CPU reference, then the
-        replayed graph alone, the whole runner step (ids in, logits out to numpy), and the eager step."""
-        from ssmrt.bench import bench_runner, step_read_bytes
-        from ssmrt.compare import compare_runners
-        from ssmrt.models import MambaLM, SSMConfig
-        from ssmrt.runtime import TorchRunner
+    # ---- end to end: both families, 130M-class, random weights, fp16 (the shapes of mamba-130m / mamba2-130m)
+    from ssmrt.bench import bench_floors, bench_runner, step_read_bytes
+    from ssmrt.compare import compare_runners
+    from ssmrt.models import MambaLM, SSMConfig
+    from ssmrt.runtime import TorchRunner
 
-        sizes = (dict(d_model=32, n_layer=2, vocab_size=256, headdim=8, d_state=16) if smoke else
-                 dict(d_model=768, n_layer=24, vocab_size=50280, headdim=64, d_state=128))
-        cfg = SSMConfig(arch="mamba2", pad_vocab_size_multiple=16, **sizes)
-        torch.manual_seed(0)
-        ref_model = MambaLM(cfg).eval()
-        with torch.no_grad():
-            for name, p in ref_model.named_parameters():
-                if name.endswith(("A_log", "dt_bias")):
-                    p.copy_(torch.rand_like(p) * 2.0 - 1.0)
-        model = MambaLM(cfg).eval()
-        model.load_state_dict(ref_model.state_dict())
-        model.cast(dtype).to(device)
-        decode = "static" if smoke else "cuda_graph"
-        runner = TorchRunner(model, kernels=True, decode=decode)
-        step_bytes = step_read_bytes(runner)  # matmul weights once, the state read and written
-        prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 16).tolist()
-        report = compare_runners(TorchRunner(ref_model), runner, prompt, steps=8)
-        row = {"case": "e2e decode", "model": "mamba2-130m-class" if not smoke else "tiny",
-               "dtype": str(dtype).removeprefix("torch."), "decode": decode, "step_MB": step_bytes / 1e6,
-               "parity_ok": report.passed, "parity_atol_needed": report.atol_needed}
-        graph = runner._graphs[1]
-        t_graph = timed(graph._run)
-        steps = 4 if smoke else 64
-        whole = bench_runner(runner, prompt_len=32 if smoke else 512, decode_steps=steps, repeat=1,
-                             progress=False, decode_blocks=3)["decode_ms_per_token"] / 1e3
-        eager = bench_runner(TorchRunner(model, kernels=True, decode="eager"), prompt_len=32 if smoke else 512,
-                             decode_steps=steps, repeat=1, progress=False, decode_blocks=3)["decode_ms_per_token"] / 1e3
-        floor = step_bytes / copy_bw
-        row.update({"floor_us": floor * 1e6, "graph_us": t_graph * 1e6, "graph_vs_floor": t_graph / floor,
-                    "step_us": whole * 1e6, "step_vs_floor": whole / floor, "eager_step_us": eager * 1e6,
-                    "eager_vs_graph_step": eager / whole})
+    def lm_config(arch):
+        if smoke:
+            sizes = dict(d_model=32, n_layer=2, vocab_size=256, d_state=8 if arch == "mamba1" else 16)
+        else:
+            sizes = dict(d_model=768, n_layer=24, vocab_size=50280, d_state=16 if arch == "mamba1" else 128)
+        if arch == "mamba2":
+            sizes["headdim"] = 8 if smoke else 64
+        return SSMConfig(arch=arch, pad_vocab_size_multiple=16, **sizes)
+
+    models = {}
+
+    def lm(arch, dtype=torch.float16):
+        """(fp32 CPU reference model, the same weights in `dtype` on the device, the kernels' runner), built once
+        per family: random weights with A_log and dt_bias spread as trained ones are."""
+        if arch not in models:
+            cfg = lm_config(arch)
+            torch.manual_seed(0)
+            ref_model = MambaLM(cfg).eval()
+            with torch.no_grad():
+                for name, p in ref_model.named_parameters():
+                    if name.endswith(("A_log", "dt_bias")):
+                        p.copy_(torch.rand_like(p) * 2.0 - 1.0)
+            model = MambaLM(cfg).eval()
+            model.load_state_dict(ref_model.state_dict())
+            model.cast(dtype).to(device)
+            runner = TorchRunner(model, kernels=True, decode="static" if smoke else "cuda_graph")
+            models[arch] = (ref_model, model, runner)
+        return models[arch]
+
+    peers = {}
+
+    def peer(arch):
+        """mamba_ssm's own MambaLMHeadModel with the same weights and dtype, or (None, why not)."""
+        if arch in peers:
+            return peers[arch]
+        try:
+            from mamba_ssm.models.config_mamba import MambaConfig
+            from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+            from ssmrt.models.checkpoints import _mamba_ssm_config, _to_mamba_ssm_names
+        except ImportError as e:
+            peers[arch] = (None, f"mamba_ssm is not importable ({e})")
+            return peers[arch]
+        if device != "cuda":
+            peers[arch] = (None, "mamba_ssm's model runs on CUDA only")
+            return peers[arch]
+        _, model, _ = lm(arch)
+        try:
+            fields = {f.name for f in dataclasses.fields(MambaConfig)}  # its versions differ in which they have
+            cfg = MambaConfig(**{k: v for k, v in _mamba_ssm_config(model.config).items() if k in fields})
+            m = MambaLMHeadModel(cfg, device=device, dtype=model.dtype)
+            missing, unexpected = m.load_state_dict(_to_mamba_ssm_names(model.state_dict()), strict=False)
+            if [k for k in missing if not k.endswith("lm_head.weight")] or unexpected:
+                raise RuntimeError(f"weights do not map: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            peers[arch] = (m.eval(), None)
+        except Exception as e:  # a family mamba_ssm cannot run here (Mamba-1 needs its CUDA extension)
+            peers[arch] = (None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return peers[arch]
+
+    def with_peer(row, arch, fn):
+        """row updated by fn(peer model), or the reason there is no mamba_ssm figure."""
+        m, why = peer(arch)
+        if m is None:
+            row["mamba_ssm_skipped"] = why
+            return row
+        try:
+            with torch.inference_mode():
+                row.update(fn(m))
+        except Exception as e:
+            row["mamba_ssm_skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         return row
+
+    def e2e_prefill_case(arch, L, batch=1, check_parity=False):
+        """A prompt's prefill on the kernels, the logits of the last position kept on the device (what
+        generation asks for): time against the matmul floor (ssmrt.bench: the prefill's matmul FLOPs at the
+        device's GEMM rate) and mamba_ssm's model on the same weights (num_last_tokens=1)."""
+        _, model, runner = lm(arch)
+        ids = torch.randint(0, model.config.vocab_size, (batch, L), generator=g, device=device)
+
+        def run():
+            with torch.no_grad(), runner._routes():
+                return model(ids, last_only=True)[0]
+
+        logits = run()
+        row = {"case": "e2e prefill", "arch": arch, "batch": batch, "L": L,
+               "dtype": str(model.dtype).removeprefix("torch."), "logits": tuple(logits.shape)}
+        if check_parity:  # against the same model on the plain torch ops
+            with torch.no_grad():
+                want = model(ids, last_only=True)[0]
+            row.update(check("logits", logits.float(), want.float(), model.dtype, "model"))
+        t = timed(run)
+        f = bench_floors(runner, L, batch, logits="last")
+        floor = batch * L / f["prefill_floor_tokens_per_s"]
+        row.update({"ms": t * 1e3, "tokens_per_s": batch * L / t, "matmul_floor_ms": floor * 1e3,
+                    "vs_matmul_floor": t / floor, "gemm_GFLOPps": f["gemm_GFLOPps"]})
+
+        def vs_peer(m):
+            out = {}
+            peer_logits = m(ids, num_last_tokens=1).logits
+            if check_parity:
+                atol, rtol = tolerance(model.dtype, "model")
+                d = diff(peer_logits[..., : logits.shape[-1]].float(), logits.float(), atol, rtol)
+                out.update({"mamba_ssm_logits_max_abs_diff": d.max_abs, "mamba_ssm_logits_ok": d.atol_needed <= atol})
+            t_peer = timed(lambda: m(ids, num_last_tokens=1).logits)
+            return out | {"mamba_ssm_ms": t_peer * 1e3, "vs_mamba_ssm": t / t_peer}
+
+        return with_peer(row, arch, vs_peer)
+
+    def e2e_decode_case(arch, batch):
+        """One decode step on the kernels: the replayed CUDA graph ("static" buffers run eagerly in the smoke
+        run) and the whole runner step (ids in, logits to numpy), against the copy floor (ssmrt.bench
+        .step_read_bytes: matmul weights once, the state read and written, over copy bandwidth) and mamba_ssm's
+        CUDA-graph step (its update_graph_cache callable: ids copied in, replay, logits cloned). Parity: at batch
+        1 the whole generation against the fp32 CPU reference (compare_runners); at any batch one graph step
+        against the same step on the plain torch ops."""
+        ref_model, model, runner = lm(arch)
+        cfg = model.config
+        prompt = torch.randint(0, cfg.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch)).numpy()
+        row = {"case": "e2e decode", "arch": arch, "batch": batch, "dtype": str(model.dtype).removeprefix("torch."),
+               "decode": runner.decode}
+        if batch == 1:
+            report = compare_runners(TorchRunner(ref_model), runner, prompt[0].tolist(), steps=8)
+            row.update({"parity_ok": report.passed, "parity_atol_needed": report.atol_needed})
+        eager = TorchRunner(model, kernels=False, decode="eager")
+        _, state = runner.forward_last(prompt, runner.zero_state(batch))
+        tok = prompt[:, -1:]
+        want, _ = eager.forward(tok, eager.copy(state))
+        got, _ = runner.forward(tok, runner.copy(state))
+        row.update(check("step_logits", torch.from_numpy(got), torch.from_numpy(want), model.dtype, "model"))
+        graph = runner._graphs[batch]
+        with torch.no_grad():
+            t_graph = timed(graph._run)
+        steps = 4 if smoke else 64
+        whole = bench_runner(runner, prompt_len=16, decode_steps=steps, batch=batch, repeat=1, progress=False,
+                             decode_blocks=3)["decode_ms_per_token"] / 1e3
+        step_bytes = step_read_bytes(runner, batch)
+        floor = step_bytes / copy_bw
+        row.update({"step_MB": step_bytes / 1e6, "copy_floor_us": floor * 1e6, "graph_us": t_graph * 1e6,
+                    "graph_vs_copy_floor": t_graph / floor, "step_us": whole * 1e6,
+                    "step_vs_copy_floor": whole / floor})
+
+        def vs_peer(m):
+            from mamba_ssm.utils.generation import update_graph_cache
+
+            cache = update_graph_cache(m, None, batch, seqlen_og=16, max_seqlen=16 + 8)
+            cache.inference_params.seqlen_offset = 16
+            ids = torch.as_tensor(tok, device=device)
+            pos = torch.full((batch, 1), 16, dtype=torch.long, device=device)
+            t_peer = timed(lambda: cache.run(ids, pos, 16))
+            return {"mamba_ssm_step_us": t_peer * 1e6, "vs_mamba_ssm": t_graph / t_peer}
+
+        return with_peer(row, arch, vs_peer)
 
     rows = []
     # 1. decode state update, Mamba-2 2.7B shape (80 heads x 64 x 128)
@@ -239,8 +364,12 @@ def main():
         rows.append(ssd_case(1, L, *shape, act, both))
     for batch, L in (((1, 64),) if smoke else ((1, 2048), (1, 8192), (1, 16384), (8, 2048), (8, 8192))):
         rows.append(ssd_case(batch, L, *shape, act, {"ssd_scan": ssd_scan}))
-    # 4. end-to-end decode, fp16, batch 1
-    rows.append(e2e_decode_case(torch.float16))
+    # 4. end to end, both families, fp16: prefill (the last position's logits), then the decode step
+    for arch in ("mamba1", "mamba2"):
+        for i, L in enumerate((8, 40) if smoke else (512, 2048, 8192)):
+            rows.append(e2e_prefill_case(arch, L, check_parity=i == 0))
+        for batch in ((1, 2) if smoke else (1, 64)):
+            rows.append(e2e_decode_case(arch, batch))
 
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
            "torch": torch.__version__, "triton": __import__("triton").__version__,

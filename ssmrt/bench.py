@@ -119,9 +119,11 @@ def gemm_rate(m: int, k: int, n: int, device: str = "cpu", dtype: str = "float32
     return 2 * m * k * n / t
 
 
-def bench_floors(runner, prompt_len: int, batch: int = 1) -> dict | None:
+def bench_floors(runner, prompt_len: int, batch: int = 1, logits: str | None = None) -> dict | None:
     """The decode and prefill floors of `runner`'s model on its device, measured now; None where this
-    process cannot time that device (a CUDA execution provider without a CUDA PyTorch)."""
+    process cannot time that device (a CUDA execution provider without a CUDA PyTorch). logits: the positions
+    whose logits the prefill was asked for ("last" or "all"; by default the runner's logits_mode): the floor
+    counts the lm_head for those only, the least work that answers the question."""
     device = runner.device_kind
     if device != "cpu":
         import torch
@@ -129,7 +131,7 @@ def bench_floors(runner, prompt_len: int, batch: int = 1) -> dict | None:
         if not torch.cuda.is_available():
             return None
     layer, _ = matmul_shapes(runner.config)
-    flops = prefill_flops(runner.config, prompt_len, batch, runner.logits_mode)
+    flops = prefill_flops(runner.config, prompt_len, batch, "last" if "last" in (logits, runner.logits_mode) else "all")
     moved = step_read_bytes(runner, batch)
     bandwidth = copy_bandwidth(device)
     gemm = gemm_rate(batch * prompt_len, *layer[0], device=device,
@@ -140,28 +142,35 @@ def bench_floors(runner, prompt_len: int, batch: int = 1) -> dict | None:
 
 
 def bench_runner(runner, prompt_len: int = 512, decode_steps: int = 64, batch: int = 1, repeat: int = 3,
-                 progress: bool = True, warmup: int = 1, decode_blocks: int = 1, floors: bool = False) -> dict:
+                 progress: bool = True, warmup: int = 1, decode_blocks: int = 1, floors: bool = False,
+                 logits: str = "last") -> dict:
     """Median prefill time over `repeat` runs, then `decode_blocks` blocks of `decode_steps` single-token
     steps: decode_ms_per_token is the median of the blocks' median steps, decode_ms_best_block the lowest (on
     a noisy machine, the least disturbed block). floors: also the bench_floors figures and the ratios to
-    them (decode_vs_floor, prefill_vs_floor: 1.0 is the device's limit; None where they cannot be timed)."""
+    them (decode_vs_floor, prefill_vs_floor: 1.0 is the device's limit; None where they cannot be timed).
+    logits: "last" (the default) asks the prefill for the last position's logits only (Runner.forward_last),
+    as generation does, so a runner that can skip the other positions' lm_head and their copy to the host
+    does; "all" asks for every position's."""
     from tqdm import tqdm
 
     from .runtime.limits import check_prefill_fits
 
     check_bench_args(prompt_len, decode_steps, batch, repeat)
+    if logits not in ("last", "all"):
+        raise SsmrtError(f"logits must be 'last' or 'all', got {logits!r}")
     check_prefill_fits(runner, batch, prompt_len, "bench")
+    prefill_fn = runner.forward_last if logits == "last" else runner.forward
     rng = np.random.default_rng(0)
     ids = rng.integers(0, runner.config.vocab_size, (batch, prompt_len), dtype=np.int64)
     for _ in range(warmup):
-        runner.forward(ids, runner.zero_state(batch))
+        prefill_fn(ids, runner.zero_state(batch))
     times = []
     for _ in tqdm(range(repeat), desc="prefill", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        logits, state = runner.forward(ids, runner.zero_state(batch))
+        out, state = prefill_fn(ids, runner.zero_state(batch))
         times.append(time.perf_counter() - t0)
     prefill = statistics.median(times)
-    tok = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+    tok = out[:, -1].argmax(-1)[:, None].astype(np.int64)
     for _ in range(warmup):
         runner.forward(tok, runner.copy(state))
     blocks, steps = [], []
@@ -169,15 +178,16 @@ def bench_runner(runner, prompt_len: int = 512, decode_steps: int = 64, batch: i
         block = []
         for _ in tqdm(range(decode_steps), desc="decode", disable=not progress, leave=False):
             t0 = time.perf_counter()
-            logits, state = runner.forward(tok, state)
+            out, state = runner.forward(tok, state)
             block.append(time.perf_counter() - t0)
-            tok = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            tok = out[:, -1].argmax(-1)[:, None].astype(np.int64)
         blocks.append(statistics.median(block))
         steps += block
     return {
         "backend": runner.describe(),
         "batch": batch,
         "prefill_tokens": prompt_len,
+        "prefill_logits": logits,
         "prefill_s": prefill,
         "prefill_tokens_per_s": batch * prompt_len / prefill,
         "decode_steps": decode_steps,
@@ -185,11 +195,11 @@ def bench_runner(runner, prompt_len: int = 512, decode_steps: int = 64, batch: i
         "decode_ms_per_token": 1e3 * statistics.median(blocks),
         "decode_ms_best_block": 1e3 * min(blocks),
         "decode_ms_mean": 1e3 * statistics.fmean(steps),
-    } | (_with_floors(runner, prompt_len, batch, prefill, statistics.median(blocks)) if floors else {})
+    } | (_with_floors(runner, prompt_len, batch, prefill, statistics.median(blocks), logits) if floors else {})
 
 
-def _with_floors(runner, prompt_len: int, batch: int, prefill_s: float, decode_s: float) -> dict:
-    f = bench_floors(runner, prompt_len, batch)
+def _with_floors(runner, prompt_len: int, batch: int, prefill_s: float, decode_s: float, logits: str) -> dict:
+    f = bench_floors(runner, prompt_len, batch, logits)
     if f is None:
         return {"floors": None, "decode_vs_floor": None, "prefill_vs_floor": None}
     return {"floors": f, "decode_vs_floor": 1e3 * decode_s / f["decode_floor_ms"],

@@ -489,9 +489,11 @@ def selftest(as_json, workdir):
 @click.option("--floors/--no-floors", default=True, show_default=True,
               help="Also time the device's copy bandwidth and GEMM rate (a few seconds) and report the decode "
                    "and prefill times against the floors they set.")
+@click.option("--logits", type=click.Choice(["last", "all"]), default="last", show_default=True,
+              help="The positions whose logits the prefill returns: the last only, as generation asks, or all.")
 @_runner_options
 @click.option("--json", "as_json", is_flag=True)
-def bench(path, backend, prompt_len, decode_steps, batch, repeat, dtype, floors, as_json, **runner_opts):
+def bench(path, backend, prompt_len, decode_steps, batch, repeat, dtype, floors, logits, as_json, **runner_opts):
     """Prefill tokens/s and decode ms/token of an artifact or checkpoint, against the device's floors."""
     from .bench import bench_runner, check_bench_args
     from .runtime.limits import check_prefill_fits
@@ -499,7 +501,8 @@ def bench(path, backend, prompt_len, decode_steps, batch, repeat, dtype, floors,
     check_bench_args(prompt_len, decode_steps, batch, repeat, cli=True)
     runner = _runner(path, backend, dtype=dtype, **runner_opts)
     check_prefill_fits(runner, batch, prompt_len, "--batch x --prompt-len")
-    res = bench_runner(runner, prompt_len, decode_steps, batch, repeat, progress=not as_json, floors=floors)
+    res = bench_runner(runner, prompt_len, decode_steps, batch, repeat, progress=not as_json, floors=floors,
+                       logits=logits)
     if as_json:
         click.echo(json.dumps(res))
         return

@@ -542,7 +542,7 @@ def compare_runners(
 
 
 def _greedy(runner: Runner, ids: np.ndarray, n: int, vocab: int) -> list[int]:
-    logits, state = runner.forward(ids, runner.zero_state(1))
+    logits, state = runner.forward_last(ids, runner.zero_state(1))
     out = []
     for i in range(n):
         tok = int(np.asarray(logits)[0, -1, :vocab].argmax())

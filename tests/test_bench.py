@@ -64,7 +64,7 @@ def test_bench_reports_its_times_against_the_floors(tmp_path):
     """Every figure of the report is consistent with the others it is derived from, and the floors' byte and FLOP
     counts are the hand-counted ones: what the benchmark's numbers mean, not their (machine-dependent) size."""
     runner = OnnxRuntimeRunnerFromArtifact(export_model(random_lm(), tmp_path / "art"))
-    res = bench_runner(runner, prompt_len=16, decode_steps=3, repeat=1, progress=False, floors=True)
+    res = bench_runner(runner, prompt_len=16, decode_steps=3, repeat=1, progress=False, floors=True, logits="all")
     f = res["floors"]
     print(res)
     exact = dict(rel=1e-9, abs=0)
@@ -89,3 +89,27 @@ def test_no_floors_for_a_device_this_process_cannot_time(monkeypatch):
     assert bench_floors(runner, prompt_len=8) is None
     res = bench_runner(runner, prompt_len=4, decode_steps=1, repeat=1, progress=False, floors=True)
     assert res["floors"] is None and res["decode_vs_floor"] is None
+
+
+@pytest.mark.parametrize("logits", ["last", "all"])
+def test_bench_prefill_asks_for_the_last_positions_logits_only(logits):
+    """By default the prefill's lm_head sees the last position only (what generation asks for), so neither its
+    FLOPs nor a (batch, prompt, vocab) copy to the host is paid; every position only when asked; the floor counts
+    the lm_head for the positions asked."""
+    runner = TorchRunner(random_lm())
+    seen = []
+    hook = runner.model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        res = bench_runner(runner, prompt_len=16, decode_steps=2, batch=3, repeat=1, warmup=0, progress=False,
+                           floors=True, logits=logits)
+    finally:
+        hook.remove()
+    prefill_positions = 1 if logits == "last" else 16
+    assert seen == [(3, prefill_positions, 48)] + [(3, 1, 48)] * 2, seen
+    assert res["prefill_logits"] == logits
+    f = res["floors"]
+    layer, head = matmul_shapes(runner.config)
+    flops = 2 * 3 * (16 * runner.config.n_layer * sum(i * o for i, o in layer) + prefill_positions * head[0] * head[1])
+    assert f["prefill_floor_tokens_per_s"] == pytest.approx(3 * 16 * f["gemm_GFLOPps"] * 1e9 / flops, rel=1e-9)
+    with pytest.raises(Exception, match="logits must be"):
+        bench_runner(runner, prompt_len=4, decode_steps=1, repeat=1, progress=False, logits="first")

@@ -146,7 +146,7 @@ def test_inspect_and_bench(tiny):
     assert info["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seqlen"]}
     assert run(["inspect", str(art)]).exit_code == 0
     res = run(["bench", str(art), "--prompt-len", "16", "--decode-steps", "4", "--repeat", "1", "--json",
-               "--threads", "1", "--opt-level", "basic"])
+               "--threads", "1", "--opt-level", "basic", "--logits", "all"])
     b, exact = json.loads(res.output), dict(rel=1e-9, abs=0)
     # the options reach the benchmark, and its figures agree with each other
     assert (b["batch"], b["prefill_tokens"], b["decode_steps"]) == (1, 16, 4)

@@ -110,6 +110,70 @@ def test_ssd_chunked_any_chunk_size(chunk_size, dtype):
     assert_close(s, s_ref.float(), dtype=dtype, name=f"ssd chunked state, chunk {chunk_size}, {dtype}")
 
 
+def test_fp32_dots_take_full_precision():
+    """Every tl.dot of the kernels either takes the specialisation's DOT_PRECISION, "ieee" (no TF32) for fp32
+    activations, or sits under `if SPLIT:`, which only fp16 / bf16 activations compile (their operands are
+    exact in any precision). The numbers are test_ssd_chunked_any_chunk_size's: fp32 up to chunk 256 against
+    the float64 reference at the op tolerance."""
+    import ast
+    from pathlib import Path
+
+    import ssmrt.kernels
+
+    dots = []
+    for path in sorted(Path(ssmrt.kernels.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+
+        def walk(node, under_split, path=path):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "tl.dot":
+                kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                dots.append((path.name, node.lineno, kw.get("input_precision"), under_split))
+            split = isinstance(node, ast.If) and ast.unparse(node.test) == "SPLIT"
+            for child in ast.iter_child_nodes(node):
+                walk(child, under_split or (split and child in node.body))
+
+        walk(tree, False)
+    assert dots, "no tl.dot found: the check would pass vacuously"
+    assert [d for d in dots if d[2] != "DOT_PRECISION" and not d[3]] == [], dots
+    if importlib.util.find_spec("triton") is not None:
+        from ssmrt.kernels import ssd_chunked
+
+        for name, meta in ssd_chunked.constexprs(64, 128, torch.float32, 256).items():
+            assert meta.get("DOT_PRECISION", "ieee") == "ieee" and not meta.get("SPLIT", False), (name, meta)
+
+
+# Longer sequences and batch 8 through the dispatching wrappers (the chained kernels past CHUNKED_MIN_SEQLEN,
+# at the model's chunk), against the float64 reference: minutes each in the interpreter (the selective chain's
+# scans the most: one channel block, fp32 only there; fp16 runs at the short lengths above).
+LONG_CASES = [(8, 300), (1, 2049)]
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,seqlen", LONG_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ssd_scan_long_and_batched(batch, seqlen, dtype):
+    kw = on_device(ssd_inputs(batch, seqlen, 2, 16, 16, 1, dtype=dtype, chunk_size=256, seed=seqlen))
+    state = kw["ssm_state"].clone()
+    y, s = ssd_scan(**{**kw, "ssm_state": state}, state_out=state)
+    y_ref, s_ref = ssd_scan_ref(**to64(kw))
+    assert_close(y, y_ref.to(dtype), dtype=dtype, name=f"ssd y, batch {batch}, seqlen {seqlen}, {dtype}")
+    assert_close(s, s_ref.float(), dtype=dtype, name=f"ssd state, batch {batch}, seqlen {seqlen}, {dtype}")
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,seqlen", LONG_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.float16] if DEVICE == "cuda" else []))
+def test_selective_scan_long_and_batched(batch, seqlen, dtype):
+    kw = on_device(selective_inputs(batch, seqlen, 16, 16, ngroups=1, dtype=dtype, seed=seqlen))
+    state = kw["ssm_state"].clone()
+    y, s = selective_scan(**{**kw, "ssm_state": state}, state_out=state)
+    y_ref, s_ref = selective_scan_ref(**to64(kw))
+    assert_close(y, y_ref.to(dtype), dtype=dtype, name=f"selective y, batch {batch}, seqlen {seqlen}, {dtype}")
+    assert_close(s, s_ref.to(s.dtype), dtype=dtype, name=f"selective state, batch {batch}, seqlen {seqlen}, {dtype}")
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("state_dtype", [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("impl", SSD_IMPLS)
@@ -191,6 +255,70 @@ def test_conv1d_pieces_in_place_equal_one_pass(split):
         ys.append(y)
     assert_close(torch.cat(ys, 1), y_ref, name="conv pieces y")
     assert_close(state, s_ref, name="conv pieces state")
+
+
+# The conv kernel's grid is over time tiles too: tile 0 alone reads the old state and writes the new one. The
+# sequences straddle the tile (as the JIT path picks it for a prompt: BLOCK_T) and the state's width-1, and go
+# to a thousand tokens, in batches of 1 and 8; the state updated in place or into its own tensor.
+CONV_TILE = 32
+CONV_SEQLENS = [1, 2, 3, 4, CONV_TILE - 1, CONV_TILE, CONV_TILE + 1, 300, 1029]
+
+
+@pytest.mark.triton
+def test_conv1d_tile_is_the_kernels():
+    from ssmrt.kernels import causal_conv1d as conv_mod
+
+    assert conv_mod.BLOCK_T == CONV_TILE
+    for width in (2, 3, 4, 5, 9, 40):
+        for seqlen in (None, 1, 2, 3, 1000):
+            meta = conv_mod.constexprs(70, width, seqlen=seqlen)
+            # BLOCK_T >= width-1 is what makes tile 0 the old state's only reader
+            assert meta["BLOCK_T"] >= width - 1 and meta["BLOCK_K"] >= width, (width, seqlen, meta)
+            assert meta["BLOCK_T"] <= max(CONV_TILE, meta["BLOCK_K"]), (width, seqlen, meta)
+
+
+# batch 8 at the long sequences: a minute in the interpreter
+CONV_CASES = [pytest.param(seqlen, batch, marks=[pytest.mark.slow] if batch > 1 and seqlen >= 300 else [])
+              for seqlen in CONV_SEQLENS for batch in (1, 8)]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("seqlen,batch", CONV_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias,activation,inplace", [(True, "silu", True), (False, "none", False),
+                                                     (True, "none", True), (False, "silu", False)])
+def test_conv1d_time_tiles(seqlen, batch, dtype, bias, activation, inplace):
+    """Two channel blocks (the second partial), width 4; in place, the state written over the one read."""
+    if seqlen > 300 and (bias, activation) not in ((True, "silu"), (False, "none")):
+        pytest.skip("the long sequences run the two main variants only (the interpreter is slow)")
+    kw = on_device(conv_inputs(batch, seqlen, 70, 4, bias=bias, dtype=dtype, seed=seqlen))
+    kw["activation"] = activation
+    y_ref, s_ref = causal_conv1d_ref(**kw)
+    state = kw["conv_state"].clone() if inplace else kw["conv_state"]
+    s_out = state if inplace else poisoned(state)
+    y, s = causal_conv1d(**{**kw, "conv_state": state}, out=poisoned(kw["x"]), state_out=s_out)
+    assert s.data_ptr() == s_out.data_ptr()
+    assert_close(y, y_ref, dtype=dtype, name=f"conv y, seqlen {seqlen}, batch {batch}, {dtype}")
+    assert_close(s, s_ref, dtype=dtype, name=f"conv state, seqlen {seqlen}, batch {batch}, {dtype}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("seqlen", [0, 1, 2, 3, 4, 33, 100])
+@pytest.mark.parametrize("width", [2, 3, 4, 5])
+def test_conv1d_plugin_tile_any_seqlen(seqlen, width, monkeypatch):
+    """An AOT plugin compiles one tile for every seqlen (constexprs without seqlen): the decode step and short
+    pieces then run in a tile mostly past the end, in place."""
+    from ssmrt.kernels import causal_conv1d as conv_mod
+
+    fixed = conv_mod.constexprs
+    monkeypatch.setattr(conv_mod, "constexprs", lambda *a, seqlen=None, **k: fixed(*a, **k))
+    kw = on_device(conv_inputs(2, seqlen, 24, width, seed=width))
+    y_ref, s_ref = causal_conv1d_ref(**kw)
+    state = kw["conv_state"].clone()
+    y, s = causal_conv1d(**{**kw, "conv_state": state}, state_out=state)
+    assert s.data_ptr() == state.data_ptr() and y.shape == y_ref.shape
+    assert_close(y, y_ref, name=f"conv y, plugin tile, seqlen {seqlen}, width {width}")
+    assert_close(state, s_ref, name=f"conv state, plugin tile, seqlen {seqlen}, width {width}")
 
 
 # ------------------------------------------------------------------------------------ SelectiveScan

@@ -51,7 +51,7 @@ def test_sizes_and_grids_on_concrete_shapes():
     k = KERNELS["causal_conv1d"]
     s = k.resolve({"x": (3, 40, 1536), "w": (1536, 4)})
     assert [s[n] for n in k.scalars] == [40, 1536, 4]
-    assert k.grid(s, {"BLOCK_C": 128}) == (12, 3)
+    assert k.grid(s, {"BLOCK_C": 128, "BLOCK_T": 32}) == (12, 2, 3)
 
 
 class Sym:
@@ -81,7 +81,8 @@ def test_grids_and_scalars_are_expressions_of_the_input_shapes(name):
     """Written so that they evaluate on symbolic shapes too (TensorRT's SymInt32 expressions), and equal the
     concrete values when the symbols are replaced by numbers."""
     k = KERNELS[name]
-    meta = {"CHUNK": 64, "BLOCK_C": 128, "BLOCK_D": 16, "BLOCK_P": 16, "BLOCK_N": 64, "BLOCK_M": 32, "BLOCK_S": 1024}
+    meta = {"CHUNK": 64, "BLOCK_C": 128, "BLOCK_T": 32, "BLOCK_D": 16, "BLOCK_P": 16, "BLOCK_N": 64, "BLOCK_M": 32,
+            "BLOCK_S": 1024}
     symbols = {p.name: tuple(Sym(f"{p.name}_{i}") for i in range(5)) for p in k.inputs}
     numbers = {p.name: (2, 70, 8, 16, 32) for p in k.inputs}
     values = {f"{p}_{i}": v for p, dims in numbers.items() for i, v in enumerate(dims)}

@@ -347,7 +347,7 @@ def test_aot_impl_returns_the_kernel_and_its_launch():
     assert got["SSDScan"]["grid"] == ["(((x[3] + 16) - 1) // 16)", "(x[0] * x[2])", 1]
     assert got["SelectiveScan"]["extra"] == ["u[1]", "u[2]", "B[3]", "B[2]"]
     assert got["CausalConv1d"]["extra"] == ["x[1]", "x[2]", "weight[1]"]
-    assert got["CausalConv1d"]["grid"] == ["(((x[2] + 128) - 1) // 128)", "x[0]", 1]
+    assert got["CausalConv1d"]["grid"] == ["(((x[2] + 64) - 1) // 64)", "(((x[1] + 32) - 1) // 32)", "x[0]"]
     # the chain kernels: the Mamba-2 chain reads its sizes from x and B, the passing from the states
     assert got["SSDChunkState"]["entry"] == "_ssd_chunk_state_kernel"
     assert got["SSDChunkState"]["extra"] == got["SSDChunkScan"]["extra"] == ["x[1]", "x[2]", "x[3]", "B[3]", "B[2]"]

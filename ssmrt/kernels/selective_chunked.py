@@ -170,11 +170,12 @@ CHUNK = SELECTIVE_CHAIN_CHUNK  # tokens a program walks; the serial state passin
 def constexprs(dim: int, dstate: int, *, has_D=True, has_z=True, has_delta_bias=True, delta_softplus=True,
                chunk: int = CHUNK) -> dict[str, dict]:
     """The compile-time constants (and launch options) of each kernel of the chain, by kernel name. A scan
-    tile holds SUB x BLOCK_D x BLOCK_N pairs: 8K elements, 16 channels (32 bytes of fp16 a row) for
-    dstate <= 16, fewer channels and tokens for larger states."""
+    tile holds SUB x BLOCK_D x BLOCK_N pairs: 4K elements, 16 channels (32 bytes of fp16 a row) for
+    dstate <= 16, fewer channels and tokens for larger states. (At 8K the scan's live tiles come within a
+    few dozen registers of the 255 cap at 8 warps, and some ptxas builds spill.)"""
     block_n = triton.next_power_of_2(dstate)
     block_d = max(min(triton.next_power_of_2(dim), 16, 256 // block_n), 1)
-    sub = max(min(8192 // (block_d * block_n), 32, chunk), 2)
+    sub = max(min(4096 // (block_d * block_n), 32, chunk), 2)
     flags = {"HAS_DELTA_BIAS": bool(has_delta_bias), "DELTA_SOFTPLUS": bool(delta_softplus)}
     tile = {"CHUNK": chunk, "SUB": sub, "BLOCK_D": block_d, "BLOCK_N": block_n, "num_warps": 8}
     return {

@@ -238,15 +238,17 @@ def constexprs(headdim: int, dstate: int, dtype: torch.dtype, chunk: int, *, has
     block_p = min(max(triton.next_power_of_2(headdim), 16), 64)
     block_n = max(triton.next_power_of_2(dstate), 16)
     return {
+        # 32 chunk rows a block in both: at 64 they come within a few registers of the 255 cap on sm_80 / sm_87,
+        # and some ptxas builds spill there
         "ssd_chunk_state": {
-            "CHUNK": chunk, "BLOCK_K": min(chunk, 64), "BLOCK_P": block_p, "BLOCK_N": min(block_n, 64),
+            "CHUNK": chunk, "BLOCK_K": min(chunk, 32), "BLOCK_P": block_p, "BLOCK_N": min(block_n, 64),
             "HAS_DT_BIAS": bool(has_dt_bias), "DT_SOFTPLUS": bool(dt_softplus), **dt_limit_constexprs(dt_limit),
             "DOT_PRECISION": precision, "SPLIT": dtype != torch.float32,
         },
         "ssd_state_passing": {"CHUNK": chunk, "BLOCK_S": 1024},
         "ssd_chunk_scan": {
             # 32 rows: at 64 the sm_87 build (mma.sync, accumulators in registers) spills
-            "CHUNK": chunk, "BLOCK_M": min(chunk, 32), "BLOCK_K": min(chunk, 64), "BLOCK_P": block_p,
+            "CHUNK": chunk, "BLOCK_M": min(chunk, 32), "BLOCK_K": min(chunk, 32), "BLOCK_P": block_p,
             "BLOCK_N": block_n, "HAS_D": bool(has_D), "D_HAS_HDIM": bool(D_has_hdim), "DOT_PRECISION": precision,
             "SPLIT": dtype != torch.float32, "num_warps": 4, "num_stages": 2,
         },

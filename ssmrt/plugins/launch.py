@@ -133,7 +133,7 @@ def _nchunks(s, m):
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("causal_conv1d", "causal_conv1d", _conv_in, ("seqlen", "dim", "width"), _conv_out,
        {"batch": ("x", 0), "seqlen": ("x", 1), "dim": ("x", 2), "width": ("w", 1)},
-       lambda s, m: (cdiv(s["dim"], m["BLOCK_C"]), s["batch"])),
+       lambda s, m: (cdiv(s["dim"], m["BLOCK_C"]), cdiv(s["seqlen"], m["BLOCK_T"]), s["batch"])),
     _k("selective_scan", "selective_scan", _sel_in, ("seqlen", "dim", "dstate", "ngroups"), _sel_out, SEL_SIZES,
        lambda s, m: (cdiv(s["dim"], m["BLOCK_D"]), s["batch"])),
     _k("ssd_scan", "ssd_scan", _ssd_in, ("seqlen", "nheads", "headdim", "dstate", "ngroups"), _ssd_out, SSD_SIZES,
