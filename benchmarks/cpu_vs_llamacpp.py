@@ -13,12 +13,13 @@
   built-in GPT-NeoX vocabulary, which the converter uses for a Mamba checkpoint without tokenizer files), and
   llama-quantize q8_0 and q4_0 from the f32 one. ssmrt exports the same checkpoint (`ssmrt export --logits last`:
   what a user prefills and decodes with) as float32, float16, int8 and int4 weights.
-- timing, --threads on both sides: decode ms/token over --decode-tokens steps after a 128-token prompt (llama-bench
-  -p 0 -n N -d 128), and prefill tokens/s of a 512-token prompt from an empty state (llama-bench -p 512 -n 0),
-  --prefill-reps each. Per precision, --blocks rounds of: an ssmrt decode block, a llama.cpp decode block (one
-  llama-bench run), an ssmrt prefill block, a llama.cpp prefill block. ssmrt runs in its own process (ONNX Runtime
-  alone, as a deployment runs it), llama.cpp in llama-bench's. The figure to read is the median of the
-  per-block-pair time ratios ssmrt / llama.cpp (below 1: ssmrt faster), each pair under the same machine load.
+- timing, --threads on both sides: decode ms/token over --decode-tokens steps after a 128-token prompt
+  (llama-bench -p 0 -n N -d 128 -r 1), and prefill tokens/s of a 512-token prompt from an empty state,
+  --prefill-reps times (llama-bench -p 512 -n 0 -r reps). Per precision, --blocks rounds of: an ssmrt decode
+  block, a llama.cpp decode block (one llama-bench run), an ssmrt prefill block, a llama.cpp prefill block.
+  ssmrt runs in its own process (ONNX Runtime alone, as a deployment runs it), llama.cpp in llama-bench's. The
+  figure to read is the median of the per-block-pair time ratios ssmrt / llama.cpp (below 1: ssmrt faster), each
+  pair under the same machine load.
 - sanity: greedy tokens of the float32 models from the same prompt token ids: ssmrt, llama.cpp (llama-simple; its
   text compared with the ssmrt tokens' text from the GGUF's vocabulary) and HF transformers (token ids).
 --smoke: a tiny model, ssmrt alone (no llama.cpp), every precision exported and timed for one block.
@@ -344,7 +345,9 @@ def greedy_check(llama: LlamaCpp, ssmrt: SsmrtProcess, hf_dir: Path, gguf: Path)
 # ------------------------------------------------------------------------------------------ the run
 
 
-def bench_arch(arch: str, a, llama: LlamaCpp | None, work: Path, log) -> tuple[list[dict], dict | None]:
+def bench_arch(arch: str, a, llama: LlamaCpp | None, work: Path, log, done=lambda rows, checks: None
+               ) -> tuple[list[dict], dict | None]:
+    """Every precision of one family; done(rows, checks) after each, so a long run interrupted keeps its rows."""
     vocab = a.vocab or (50280 if arch == "mamba1" else 50288)
     model_dir = work / "models" / f"{arch}-d{a.d_model}-L{a.layers}-v{vocab}-seed0"
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -371,12 +374,12 @@ def bench_arch(arch: str, a, llama: LlamaCpp | None, work: Path, log) -> tuple[l
                 log(f"{arch} greedy: ssmrt vs HF {checks['ssmrt_vs_hf']}/{GREEDY_TOKENS} tokens, ssmrt vs "
                     f"llama.cpp {checks['ssmrt_vs_llama_cpp_leading_text']}/{GREEDY_TOKENS} (text)")
                 ssmrt.ask("load", str(art))  # its decode state again, after the greedy run
-            s_dec, s_pre, l_dec, l_pre = [], [], [], []
+            s_dec, s_pre, l_dec, l_pre, load = [], [], [], [], []
             for b in range(a.blocks):
                 s_dec.append(1e3 * ssmrt.ask("decode", a.decode_tokens) / a.decode_tokens)
                 if llama:
                     rec = llama_bench(llama, ggufs[ltype], a.threads, ["-p", 0, "-n", a.decode_tokens,
-                                                                       "-d", a.prompt_len, "-r", a.prefill_reps])
+                                                                       "-d", a.prompt_len, "-r", 1])
                     l_dec.append(1e-6 * statistics.mean(rec["samples_ns"]) / a.decode_tokens)
                 s_pre.append(a.prefill_len * a.prefill_reps / ssmrt.ask("prefill", a.prefill_reps))
                 if llama:
@@ -384,9 +387,11 @@ def bench_arch(arch: str, a, llama: LlamaCpp | None, work: Path, log) -> tuple[l
                                                                        "-r", a.prefill_reps])
                     l_pre.append(a.prefill_len / (1e-9 * statistics.mean(rec["samples_ns"])))
                     llama_build = {k: rec.get(k) for k in ("build_commit", "build_number", "cpu_info", "type_k")}
+                load.append(os.getloadavg()[0])  # the machine is shared: how busy it was, block by block
                 log(f"{arch} {prec} block {b}: ssmrt {s_dec[-1]:.2f} ms/token, {s_pre[-1]:.0f} tok/s"
                     + (f"; llama.cpp {l_dec[-1]:.2f} ms/token, {l_pre[-1]:.0f} tok/s" if llama else ""))
             row = {"arch": arch, "precision": prec, "layers": a.layers, "d_model": a.d_model, "vocab": vocab,
+                   "load_average_1min_blocks": load,
                    "ssmrt": {"export": {**opts, "logits": "last"}, "export_s": export_s, "native_ops": native,
                              "file_MB": sum(p.stat().st_size for p in art.iterdir()) / 1e6,
                              "decode_ms_blocks": s_dec, "prefill_tok_s_blocks": s_pre,
@@ -402,6 +407,7 @@ def bench_arch(arch: str, a, llama: LlamaCpp | None, work: Path, log) -> tuple[l
                 row.update(decode_time_ratio_blocks=dec_r, decode_time_ratio=statistics.median(dec_r),
                            prefill_time_ratio_blocks=pre_r, prefill_time_ratio=statistics.median(pre_r))
             rows.append(row)
+            done(rows, checks)
             shutil.rmtree(exports / prec, ignore_errors=True)
     finally:
         ssmrt.close()
@@ -514,18 +520,24 @@ def main(argv=None):
     env = environment(a, llama)
     print(json.dumps(env), flush=True)
     rows, checks = [], {}
+
+    def write(arch_rows=(), arch_checks=None, arch=None):
+        env["load_average_end"] = os.getloadavg()
+        if a.json:
+            a.json.write_text(json.dumps({"env": env, "results": rows + list(arch_rows),
+                                          "greedy": {**checks, **({arch: arch_checks} if arch_checks else {})}},
+                                         indent=1))
+
     for arch in a.arch:
-        r, c = bench_arch(arch, a, llama, a.work, log)
+        r, c = bench_arch(arch, a, llama, a.work, log, done=lambda rs, cs, arch=arch: write(rs, cs, arch))
         rows += r
         if c:
             checks[arch] = c
-    env["load_average_end"] = os.getloadavg()
+    write()
     print(table(rows))
     for arch, c in checks.items():
         print(f"{arch} float32 greedy, {c['n']} tokens: ssmrt = HF on {c['ssmrt_vs_hf']}, ssmrt = llama.cpp on the "
               f"first {c['ssmrt_vs_llama_cpp_leading_text']} (by their text)")
-    if a.json:
-        a.json.write_text(json.dumps({"env": env, "results": rows, "greedy": checks}, indent=1))
     bad = [r for r in rows for v in (r["ssmrt"]["decode_ms_per_token"], r["ssmrt"]["prefill_tokens_per_s"])
            if not (math.isfinite(v) and v > 0)]
     return 1 if bad else 0
