@@ -310,7 +310,7 @@ def hf_greedy(hf_dir: Path, ids: list[int], n: int) -> list[int]:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, len(ids):].tolist()
@@ -373,7 +373,6 @@ def bench_arch(arch: str, a, llama: LlamaCpp | None, work: Path, log, done=lambd
                 checks = greedy_check(llama, ssmrt, hf_dir, ggufs["f32"])
                 log(f"{arch} greedy: ssmrt vs HF {checks['ssmrt_vs_hf']}/{GREEDY_TOKENS} tokens, ssmrt vs "
                     f"llama.cpp {checks['ssmrt_vs_llama_cpp_leading_text']}/{GREEDY_TOKENS} (text)")
-                ssmrt.ask("load", str(art))  # its decode state again, after the greedy run
             s_dec, s_pre, l_dec, l_pre, load = [], [], [], [], []
             for b in range(a.blocks):
                 s_dec.append(1e3 * ssmrt.ask("decode", a.decode_tokens) / a.decode_tokens)
