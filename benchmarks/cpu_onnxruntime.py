@@ -48,16 +48,17 @@ def timed(fn, repeat: int, warmup: bool = True) -> float:
     return statistics.median(times)
 
 
-def hf_model(arch: str, layers: int):
+def hf_model(arch: str, layers: int, vocab_size: int = 50280, d_model: int = 768):
+    """A random HF model of the 130M-class shape (Mamba-2: heads of 64 filling 2 * d_model)."""
     import transformers
 
-    common = dict(hidden_size=768, num_hidden_layers=layers, vocab_size=50280)
+    common = dict(hidden_size=d_model, num_hidden_layers=layers, vocab_size=vocab_size)
     if arch == "mamba1":
         cfg = transformers.MambaConfig(state_size=16, **common)
         model = transformers.MambaForCausalLM(cfg)
     else:
-        cfg = transformers.Mamba2Config(state_size=128, num_heads=24, head_dim=64, n_groups=1, chunk_size=256,
-                                        tie_word_embeddings=True, **common)
+        cfg = transformers.Mamba2Config(state_size=128, num_heads=2 * d_model // 64, head_dim=64, n_groups=1,
+                                        chunk_size=256, tie_word_embeddings=True, **common)
         model = transformers.Mamba2ForCausalLM(cfg)
     return model.eval()
 

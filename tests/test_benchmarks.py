@@ -170,3 +170,34 @@ def test_cpu_quantize_benchmark_runs(tmp_path):
     assert all(r["kl_mean"] > 0 for r in report["quality"][1:])
     assert set(report["decode"]["ratio_to_float32"]) == set(names)
     assert all(v > 0 for v in report["decode"]["ms_per_token_median"].values())
+
+
+def test_cpu_vs_llamacpp_benchmark_smoke(tmp_path):
+    """benchmarks/cpu_vs_llamacpp.py --smoke (ssmrt alone, no llama.cpp): each family's checkpoint exported at
+    every precision and timed, each figure finite and positive."""
+    import math
+
+    pytest.importorskip("transformers")
+    results = smoke_report("cpu_vs_llamacpp.py", tmp_path / "llamacpp.json", timeout=300)
+    assert [(r["arch"], r["precision"]) for r in results] == [
+        (arch, p) for arch in ("mamba1", "mamba2") for p in ("fp32", "fp16", "int8", "int4")]
+    for r in results:
+        s = r["ssmrt"]
+        assert len(s["decode_ms_blocks"]) == len(s["prefill_tok_s_blocks"]) == 1  # --smoke: one block
+        for v in (s["decode_ms_per_token"], s["prefill_tokens_per_s"], s["file_MB"]):
+            assert math.isfinite(v) and v > 0, r
+        assert "llama_cpp" not in r and "decode_time_ratio" not in r
+    exports = {r["precision"]: r["ssmrt"]["export"] for r in results}
+    assert exports["int8"]["weights"] == "int8" and exports["int4"]["weights"] == "int4"
+    assert exports["fp16"]["dtype"] == "float16" and {e["logits"] for e in exports.values()} == {"last"}
+
+
+def test_cpu_vs_llamacpp_refuses_bad_arguments():
+    """A bad argument: one line on stderr, exit 2, before anything is built or downloaded."""
+    for args in (["--threads", "0"], ["--llama-cpp", "/nonexistent/llama.cpp"], ["--arch", "rwkv"],
+                 ["--work", str(ROOT / "build")]):
+        res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_vs_llamacpp.py"), *args],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "error" in res.stderr, (args, res.stderr)
+        assert res.stdout == ""
