@@ -3,8 +3,9 @@
     python benchmarks/cpu_quantize.py [--layers 24] [--blocks 6] [--block-steps 8] [--train-seconds 90] [--json OUT]
 
 - decode ms/token: the 130M-class random Mamba-2 of benchmarks/cpu_precision.py, exported float32, float16, int8
-  and int4 (block 32; int8 and float32 activations), batch 1, ONNX Runtime's CPU provider with the native ops, in alternating blocks of --block-steps
-  steps in one process; the figure is the median of the per-block ratios to float32.
+  and int4 (block 32; int8 and float32 activations), batch 1, ONNX Runtime's CPU provider with the native ops, in
+  alternating blocks of --block-steps steps in one process; the figure is the median of the per-block ratios to
+  float32.
 - quality: the demo's byte-level Mamba-2 trained for --train-seconds (random weights say nothing about what
   quantisation costs a model that has learnt something), exported float32, float16, int8 and int4 (block 32,
   asymmetric; int8 and float32 activations); `ssmrt compare`'s figures against the unquantised float64 model over
@@ -70,9 +71,9 @@ def quality(train_seconds: float, tmp: Path) -> list[dict]:
     train_char_model(ckpt, seconds=train_seconds, log=lambda *a: None)
     text = stdlib_corpus()
     prompt = list(text[len(text) // 2: len(text) // 2 + 64])  # the corpus's middle; a sample, not held out
-    variants = [("float32", {}), ("float16", {"dtype": "float16"}),
-                ("int8", {"weights": "int8"}), ("int8, float32 activations", {"weights": "int8", "activations": "float32"}),
-                ("int4", {"weights": "int4"}), ("int4, float32 activations", {"weights": "int4", "activations": "float32"})]
+    variants = [("float32", {}), ("float16", {"dtype": "float16"})]
+    for w in ("int8", "int4"):
+        variants += [(w, {"weights": w}), (f"{w}, float32 activations", {"weights": w, "activations": "float32"})]
     rows = []
     for i, (name, kw) in enumerate(variants):
         art = export(ckpt, tmp / f"char-{i}", **kw)

@@ -227,7 +227,7 @@ def _ssmrt_worker(conn, threads: int, prompt_len: int, prefill_len: int, seed: i
     steps); ("decode", n) -> seconds for n single-token steps; ("prefill", reps) -> seconds for reps prefills of
     prefill_len tokens from the zero state; ("greedy", ids, n) -> n greedy tokens after the prompt ids;
     ("stop",)."""
-    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, Session
 
     r = None
     while True:
@@ -259,12 +259,7 @@ def _ssmrt_worker(conn, threads: int, prompt_len: int, prefill_len: int, seed: i
                 r.forward(long, r.zero_state(1))
             conn.send(time.perf_counter() - t0)
         elif msg[0] == "greedy":
-            ids, st, out = np.asarray([msg[1]], np.int64), r.zero_state(1), []
-            for _ in range(msg[2]):
-                logits, st = r.forward(ids, st)
-                out.append(int(logits[0, -1].argmax()))
-                ids = np.asarray([[out[-1]]], np.int64)
-            conn.send(out)
+            conn.send([int(t) for t in Session(r).generate(list(msg[1]), msg[2])])
 
 
 class SsmrtProcess:

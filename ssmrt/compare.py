@@ -567,9 +567,9 @@ def judges(model_dir, candidate: Runner, reference_dtype: str = "float64", band:
                 "band": band}
     weights = candidate.weights
     if weights is None or weights["activations"] == "int8":
-        # int8 activations: the scheme in float32, dequantised in the baseline, judged by its cost
+        # int8 activations: the scheme in float32 (baseline_runner), judged by its cost against the model
         return {"reference": model, "baseline": baseline_runner(model_dir, candidate), "original": None,
-                "band": None if weights is None else "float32"}
+                "band": None}
     return {"reference": reference_runner(model_dir, reference_dtype, weights=weights),
             "baseline": baseline_runner(model_dir, candidate), "original": model, "band": None}
 

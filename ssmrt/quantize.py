@@ -26,6 +26,8 @@ ONNX Runtime's CPU provider runs natively.
 
 from __future__ import annotations
 
+import functools
+
 from .errors import SsmrtError
 
 SCHEMES = {"int8": 8, "int4": 4}
@@ -175,23 +177,31 @@ def quantize_activations_ref(x, block_size: int):
     return (codes * scale).reshape(*x.shape[:-1], blocks * block_size)[..., :K]
 
 
-def _quantized_input(linear, block_size: int):
-    """`linear` behind a module that first quantises its input as an int8-activation MatMulNBits does."""
+@functools.cache
+def _quantized_input_class():
+    """The module class behind _quantized_input, made once (torch is imported lazily in this module)."""
     import torch
 
     class QuantizedInput(torch.nn.Module):
-        def __init__(self):
+        """A Linear whose input is first quantised as an int8-activation MatMulNBits quantises it."""
+
+        def __init__(self, linear, block_size: int):
             super().__init__()
-            self.linear = linear
+            self.linear, self.block_size = linear, block_size
 
         @property
         def weight(self):
             return self.linear.weight
 
         def forward(self, x):
-            return self.linear(quantize_activations_ref(x, block_size))
+            return self.linear(quantize_activations_ref(x, self.block_size))
 
-    return QuantizedInput()
+    return QuantizedInput
+
+
+def _quantized_input(linear, block_size: int):
+    """`linear` behind a module that first quantises its input as an int8-activation MatMulNBits does."""
+    return _quantized_input_class()(linear, block_size)
 
 
 def dequantized_model(model, info: dict):
