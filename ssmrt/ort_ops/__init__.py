@@ -184,6 +184,11 @@ def _run(cmd: list[str], source: Path) -> None:
 # ONNX Runtime's CPU float16 MatMul reads its weights at float32 cost (it computes through float32), so a float16
 # artifact's decode step would stream as many bytes as a float32 one. The library's ssmrt.cpu::HalfMatMul reads
 # them as stored; it is written for the few rows of a decode step, so the graph asks for it only there.
+#
+# One graph choosing per call (an If around each MatMul), not a second session holding the decode step's graph:
+# ONNX Runtime folds a float16 MatMul's weights into float32 copies where it can see them (the file as it is), which
+# speeds a prompt ~8% at three times the weights' memory; inside an If they stay float16, held once. The If costs a
+# decode step ~2.5%.
 HALF_MATMUL_DOMAIN = "ssmrt.cpu"
 DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
 
@@ -191,12 +196,15 @@ DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one pos
 def route_half_matmuls(model) -> int:
     """Rewrites an onnx.ModelProto in place: every main-graph MatMul of an activation by a float16 (K, N)
     initializer becomes If(input_ids has one position, HalfMatMul, the MatMul as it was). Returns how many.
-    The artifact on disk is not touched; a runner that loads the native library hands ONNX Runtime the result."""
+
+    A tied lm_head multiplies by Transpose(embedding): both branches read the embedding itself (HalfMatMul and
+    Gemm with trans_b over the activation's rows), and the Transpose, left with no reader, goes; ONNX Runtime would
+    have folded it into a second, transposed copy of the embedding. The artifact on disk is not touched; a runner
+    that loads the native library hands ONNX Runtime the result."""
     from onnx import TensorProto, helper
 
     graph = model.graph
-    weights = {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT16 and len(t.dims) == 2}
-    # a tied lm_head multiplies by Transpose(embedding): HalfMatMul reads the embedding itself, with trans_b
+    weights = {t.name: t for t in graph.initializer if t.data_type == TensorProto.FLOAT16 and len(t.dims) == 2}
     transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights
                   and [a.ints for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])}
     targets = {i for i, n in enumerate(graph.node)
@@ -213,17 +221,31 @@ def route_half_matmuls(model) -> int:
         if i in targets:
             a, w = node.input
             (y,) = node.output
-            branch = {}
-            step = (helper.make_node("HalfMatMul", [a, transposed[w]], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN,
-                                     trans_b=1) if w in transposed
-                    else helper.make_node("HalfMatMul", [a, w], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN))
-            for name, inner in (("step", step), ("prompt", helper.make_node("MatMul", [a, w], [f"{y}.prompt"]))):
-                branch[name] = helper.make_graph([inner], f"{y}_{name}", [],
-                                                 [helper.make_tensor_value_info(f"{y}.{name}", TensorProto.FLOAT16,
-                                                                                None)])
+            if w in transposed:
+                b = transposed[w]
+                n, k = weights[b].dims
+                step = helper.make_node("HalfMatMul", [a, b], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN, trans_b=1)
+                # the prompt's activation as rows (..., K) -> (rows, K), by the embedding, and back to (..., N)
+                prompt = [helper.make_node("Constant", [], [f"{y}.rows_shape"], value_ints=[-1, k]),
+                          helper.make_node("Reshape", [a, f"{y}.rows_shape"], [f"{y}.rows"]),
+                          helper.make_node("Gemm", [f"{y}.rows", b], [f"{y}.gemm"], transB=1),
+                          helper.make_node("Shape", [a], [f"{y}.lead"], end=-1),
+                          helper.make_node("Constant", [], [f"{y}.n"], value_ints=[n]),
+                          helper.make_node("Concat", [f"{y}.lead", f"{y}.n"], [f"{y}.shape"], axis=0),
+                          helper.make_node("Reshape", [f"{y}.gemm", f"{y}.shape"], [f"{y}.prompt"])]
+            else:
+                step = helper.make_node("HalfMatMul", [a, w], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN)
+                prompt = [helper.make_node("MatMul", [a, w], [f"{y}.prompt"])]
+            branch = {name: helper.make_graph(inner, f"{y}_{name}", [],
+                                              [helper.make_tensor_value_info(f"{y}.{name}", TensorProto.FLOAT16,
+                                                                             None)])
+                      for name, inner in (("step", [step]), ("prompt", prompt))}
             node = helper.make_node("If", [DECODE_FLAG], [y], name=f"{node.name or y}.routed",
                                     then_branch=branch["step"], else_branch=branch["prompt"])
         nodes.append(node)
+    read = {x for node in nodes for x in node.input} | {o.name for o in graph.output}
+    nodes = [node for node in nodes if not (node.op_type == "Transpose" and node.output[0] in transposed
+                                            and node.output[0] not in read)]
     del graph.node[:]
     graph.node.extend(flag + nodes)
     if not any(o.domain == HALF_MATMUL_DOMAIN for o in model.opset_import):

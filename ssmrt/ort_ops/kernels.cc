@@ -9,6 +9,11 @@
 #include "contract.h"  // generated from ssmrt/ops/spec.py
 #include "half.h"
 
+
+
+
+
+#define PFD 65536
 namespace ssmrt_cpu {
 namespace {
 
@@ -272,10 +277,65 @@ void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uin
   }
 }
 
+namespace {
+
+// out[r * out_stride + c] = dot(a[r], bt[c]) over K, r < R, c < C: C rows of bt (consecutive columns of the
+// product, one contiguous stretch of memory) against R rows of a, R * C independent float32 sums of eight lanes
+// each, the float16 weights converted in registers where the compiler targets F16C and FMA. Each weight is read
+// once for all R rows. C interleaved sweeps are more than the hardware prefetchers follow at full speed from memory,
+// so each step also asks for the bytes kPrefetchAhead further on (a prefetch past the end of b never faults).
+constexpr int64_t kPrefetchAhead = int64_t{1} << 16;
+template <int R, int C>
+inline void half_dots(const float* a, int64_t K, const uint16_t* bt, float* out, int64_t out_stride) {
+  int64_t k = 0;
+  float sum[R][C] = {};
+#if defined(__F16C__) && defined(__FMA__)
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    for (int line = 0; line < C * 16; line += 64)  // as many bytes as this step reads
+      _mm_prefetch(reinterpret_cast<const char*>(bt + k * C) + kPrefetchAhead + line, _MM_HINT_T0);
+    __m256 av[R];
+    for (int r = 0; r < R; ++r) av[r] = _mm256_loadu_ps(a + r * K + k);
+    for (int c = 0; c < C; ++c) {
+      const __m256 bv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bt + c * K + k)));
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(av[r], bv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {  // the eight lanes summed
+      const __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc[r][c]), _mm256_extractf128_ps(acc[r][c], 1));
+      const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+      sum[r][c] = _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+    }
+#endif
+  for (; k < K; ++k)
+    for (int c = 0; c < C; ++c) {
+      const float w = ssmrt_half::to_float_portable(bt[c * K + k]);
+      for (int r = 0; r < R; ++r) sum[r][c] += a[r * K + k] * w;
+    }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * out_stride + c] = sum[r][c];
+}
+
+// Columns [n0, n1) of R rows of the product: C columns at a time (R * C sums fill the vector registers without
+// spilling), the last few one at a time.
+template <int R, int C>
+void half_dots_range(const float* a, int64_t K, const uint16_t* bt, int64_t n0, int64_t n1, float* out,
+                     int64_t out_stride) {
+  int64_t n = n0;
+  for (; n + C <= n1; n += C) half_dots<R, C>(a, K, bt + n * K, out + (n - n0), out_stride);
+  for (; n < n1; ++n) half_dots<R, 1>(a, K, bt + n * K, out + (n - n0), out_stride);
+}
+
+}  // namespace
+
 void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt, uint16_t* y, int64_t M, int64_t K,
                     int64_t N) {
   // bt is (N, K): column n of the product is a dot of a's rows with row n of bt, and consecutive n read consecutive
-  // rows, one sequential sweep of bt per range of columns.
+  // rows, one sequential sweep of bt per range of columns. The sums are fused with the conversion: no float32 copy
+  // of a row of bt is written and read back.
   constexpr int64_t kRows = 4;
   std::vector<float> af(M * K);
   ssmrt_half::to_float(a, af.data(), M * K);
@@ -283,24 +343,15 @@ void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt,
     const int64_t rows = std::min(kRows, M - m0);
     const float* am = af.data() + m0 * K;
     parallel_for(exec, N, rows * K, [&](int64_t n0, int64_t n1) {
-      std::vector<float> out(rows * (n1 - n0));
-      float bf[256];
-      for (int64_t n = n0; n < n1; ++n) {
-        float sum[kRows] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int64_t k0 = 0; k0 < K; k0 += 256) {  // a row of bt, converted in runs that stay in L1
-          const int64_t len = std::min<int64_t>(256, K - k0);
-          ssmrt_half::to_float(bt + n * K + k0, bf, len);
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* ar = am + r * K + k0;
-            float s = 0.0f;
-            for (int64_t k = 0; k < len; ++k) s += ar[k] * bf[k];
-            sum[r] += s;
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) out[r * (n1 - n0) + (n - n0)] = sum[r];
+      const int64_t w = n1 - n0;
+      std::vector<float> out(rows * w);
+      switch (rows) {
+        case 1: half_dots_range<1, 8>(am, K, bt, n0, n1, out.data(), w); break;
+        case 2: half_dots_range<2, 4>(am, K, bt, n0, n1, out.data(), w); break;
+        case 3: half_dots_range<3, 2>(am, K, bt, n0, n1, out.data(), w); break;
+        default: half_dots_range<4, 2>(am, K, bt, n0, n1, out.data(), w); break;
       }
-      for (int64_t r = 0; r < rows; ++r)
-        ssmrt_half::from_float(out.data() + r * (n1 - n0), y + (m0 + r) * N + n0, n1 - n0);
+      for (int64_t r = 0; r < rows; ++r) ssmrt_half::from_float(out.data() + r * w, y + (m0 + r) * N + n0, w);
     });
   }
 }
