@@ -263,6 +263,38 @@ def test_half_matmul(batch, seqlen, K, N, trans_b):
     assert_close(torch.from_numpy(y).float(), want.float(), atol=atol, rtol=rtol, name="HalfMatMul")
 
 
+def test_route_half_matmuls_tied_head():
+    """A graph shaped like a tied lm_head (Gather from the embedding, MatMul by its Transpose) after routing: no
+    Transpose of the embedding is left (ONNX Runtime would fold it into a second copy), and both branches, a decode
+    step's HalfMatMul and a prompt's Gemm over rows, give the float32 product of the float16 operands."""
+    V, d = 37, 16
+    g = torch.Generator().manual_seed(3)
+    emb = (torch.randn(V, d, generator=g) / d**0.5).half()
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x"]),
+             helper.make_node("Transpose", ["emb"], ["emb_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "emb_t"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64,
+                                                                         ["batch", "seq"])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT16, None)],
+                              [onnx.numpy_helper.from_array(emb.numpy(), "emb")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert ort_ops.route_half_matmuls(model) == 1
+    assert [n.op_type for n in model.graph.node if n.op_type in ("Transpose", "MatMul")] == []
+    (branch,) = [n for n in model.graph.node if n.op_type == "If"]
+    prompt_ops = [n.op_type for a in branch.attribute if a.name == "else_branch" for n in a.g.node]
+    assert "Gemm" in prompt_ops
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native_library()))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    atol, rtol = tolerance("float16", "op")
+    for shape in ((2, 1), (2, 5)):  # a decode step, a prompt
+        ids = torch.randint(0, V, shape, generator=g)
+        (y,) = sess.run(None, {"input_ids": ids.numpy()})
+        want = (emb[ids].float() @ emb.float().t()).half()
+        assert y.shape == (*shape, V)
+        assert_close(torch.from_numpy(y).float(), want.float(), atol=atol, rtol=rtol, name=f"logits {shape}")
+
+
 def test_half_matmul_shape_errors():
     with pytest.raises(Exception, match=r"HalfMatMul: A \(1, 1, 8\) and B \(7, 4\) do not multiply"):
         half_matmul_session(0).run(None, {"a": np.zeros((1, 1, 8), np.float16), "b": np.zeros((7, 4), np.float16)})
