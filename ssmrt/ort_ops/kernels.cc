@@ -247,24 +247,28 @@ inline void half_axpy_rows(const uint16_t* b, int64_t N, const float* a, int64_t
                            int64_t acc_stride, int64_t w) {
   int64_t j = 0;
 #if defined(__F16C__) && defined(__FMA__)
-  if (kk == 4 && rows == 1) {
-    // A decode step's case: the four weights in registers, the products summed as a tree (no chain of four
-    // dependent FMAs per vector), two vectors per iteration.
-    __m256 av[4];
-    for (int i = 0; i < 4; ++i) av[i] = _mm256_broadcast_ss(a + i);
-    auto rows4 = [&](int64_t c) {
-      __m256 bv[4];
-      for (int i = 0; i < 4; ++i)
-        bv[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i * N + c)));
-      const __m256 s01 = _mm256_fmadd_ps(av[1], bv[1], _mm256_mul_ps(av[0], bv[0]));
-      const __m256 s23 = _mm256_fmadd_ps(av[3], bv[3], _mm256_mul_ps(av[2], bv[2]));
-      _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), _mm256_add_ps(s01, s23)));
+  if ((kk == 4 || kk == 8) && rows == 1) {
+    // A decode step's case: the kk weights of a column in registers, their products summed as a tree (no chain
+    // of kk dependent FMAs per vector), two vectors per iteration; each partial sum is loaded and stored once per
+    // kk rows of b.
+    __m256 av[kk];
+    for (int i = 0; i < kk; ++i) av[i] = _mm256_broadcast_ss(a + i);
+    auto rows_kk = [&](int64_t c) {
+      __m256 s[kk / 2];
+      for (int i = 0; i < kk / 2; ++i) {
+        const __m256 b0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 * i * N + c)));
+        const __m256 b1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (2 * i + 1) * N + c)));
+        s[i] = _mm256_fmadd_ps(av[2 * i + 1], b1, _mm256_mul_ps(av[2 * i], b0));
+      }
+      for (int width = kk / 2; width > 1; width /= 2)
+        for (int i = 0; i < width / 2; ++i) s[i] = _mm256_add_ps(s[2 * i], s[2 * i + 1]);
+      _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), s[0]));
     };
     for (; j + 16 <= w; j += 16) {
-      rows4(j);
-      rows4(j + 8);
+      rows_kk(j);
+      rows_kk(j + 8);
     }
-    for (; j + 8 <= w; j += 8) rows4(j);
+    for (; j + 8 <= w; j += 8) rows_kk(j);
   }
   for (; j + 8 <= w; j += 8) {
     __m256 bv[kk];
@@ -309,6 +313,8 @@ void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uin
       float* acc = partial + p * kRows * N;
       std::fill(acc, acc + rows * N, 0.0f);
       int64_t k = k0;
+      if (rows == 1)
+        for (; k + 8 <= k1; k += 8) half_axpy_rows<8>(b + k * N, N, am + k, K, rows, acc, N, N);
       for (; k + 4 <= k1; k += 4) half_axpy_rows<4>(b + k * N, N, am + k, K, rows, acc, N, N);
       for (; k < k1; ++k) half_axpy_rows<1>(b + k * N, N, am + k, K, rows, acc, N, N);
     });
