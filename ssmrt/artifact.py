@@ -332,12 +332,18 @@ def describe(path) -> dict:
     from .quantize import scheme_of
 
     weights = scheme_of(meta["export"].get("weights"), f)
-    # a MatMulNBits weight counts its K x N parameters, not its packed bytes, scales and zero points
+    # a MatMulNBits weight counts its K x N parameters, not its packed bytes, scales and zero points; so does a
+    # quantised embedding table
     packed = {}
     for n in m.graph.node:
         if n.op_type == "MatMulNBits" and n.domain == "com.microsoft":
             attrs = {a.name: a.i for a in n.attribute}
             packed[n.input[1]] = attrs.get("K", 0) * attrs.get("N", 0)
+            packed.update({name: 0 for name in n.input[2:]})
+        elif n.op_type == "GatherBlockQuantized" and n.domain == "com.microsoft":  # the embedding table
+            bits = next((a.i for a in n.attribute if a.name == "bits"), 4)
+            dims = next((list(t.dims) for t in m.graph.initializer if t.name == n.input[0]), [0, 0])
+            packed[n.input[0]] = count(dims) * (8 // bits)
             packed.update({name: 0 for name in n.input[2:]})
     conv = next(s for s in states if s["kind"] == "conv")
     ssm = next(s for s in states if s["kind"] == "ssm")

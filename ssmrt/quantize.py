@@ -8,9 +8,12 @@ own quantiser (onnxruntime.quantization.matmul_nbits_quantizer) packs the export
 `ssmrt compare` can build the model the quantised weights mean (dequantize(quantize(W)) in float32) without
 ONNX Runtime.
 
-What stays float: the embedding table (a Gather reads one row a token, so its size costs nothing in a decode
-step, and a tied head keeps its own transposed copy in the graph, which is quantised), the conv weights, A, D,
-the biases, the norms and the states.
+The embedding table is quantised with the same scheme and read through ONNX Runtime's `GatherBlockQuantized`
+(a row's codes dequantised as it is gathered): a Gather reads one row a token, so this costs a decode step
+nothing and keeps a float32 table (154 MB for a 50k x 768 vocabulary) out of the file. A tied head keeps its own
+packed copy for its MatMulNBits. Artifacts written before this (metadata without `embedding`) hold a float table.
+
+What stays float: the conv weights, A, D, the biases, the norms and the states.
 
 The activations a quantised matmul reads (`activations`, recorded with the scheme):
 - "int8" (the default): each block of `block_size` input features of a row is quantised to int8 inside the
@@ -78,7 +81,7 @@ def check_weights(weights, block_size, dtype: str = "float32", target: str = "po
         raise SsmrtError(f"--weights {weights} takes --dtype float32 and --target portable; got --dtype {dtype} "
                          f"--target {target}")
     return {"scheme": weights, "bits": SCHEMES[weights], "block_size": block_size, "symmetric": SYMMETRIC,
-            "activations": activations}
+            "activations": activations, "embedding": True}
 
 
 def scheme_of(info: dict | None, where) -> dict | None:
@@ -88,7 +91,11 @@ def scheme_of(info: dict | None, where) -> dict | None:
     if (not isinstance(info, dict) or info.get("scheme") not in SCHEMES or info.get("bits") != SCHEMES[info["scheme"]]
             or not isinstance(info.get("symmetric"), bool)):
         raise SsmrtError(f"{where}: metadata export.weights {info!r} is not a weight scheme ssmrt writes")
-    info = {**info, "activations": info.get("activations", RECORDED_DEFAULT_ACTIVATIONS)}
+    info = {**info, "activations": info.get("activations", RECORDED_DEFAULT_ACTIVATIONS),
+            "embedding": info.get("embedding", False)}
+    if not isinstance(info["embedding"], bool):
+        raise SsmrtError(f"{where}: metadata export.weights.embedding must be true or false, got "
+                         f"{info['embedding']!r}")
     try:
         check_weights(info["scheme"], info.get("block_size"), activations=info["activations"])
     except SsmrtError as e:
@@ -97,11 +104,12 @@ def scheme_of(info: dict | None, where) -> dict | None:
 
 
 def describe_scheme(info: dict | None) -> str:
-    """'int4 weights (block 32, asymmetric, int8 activations)', or 'float weights'."""
+    """'int4 weights (block 32, asymmetric, int8 activations, int4 embedding)', or 'float weights'."""
     if not info:
         return "float weights"
     return (f"{info['scheme']} weights (block {info['block_size']}, "
-            f"{'symmetric' if info['symmetric'] else 'asymmetric'}, {info['activations']} activations)")
+            f"{'symmetric' if info['symmetric'] else 'asymmetric'}, {info['activations']} activations, "
+            f"{info['scheme'] if info.get('embedding') else 'float32'} embedding)")
 
 
 # ----------------------------------------------------------------------------- the reference arithmetic
@@ -208,8 +216,8 @@ def dequantized_model(model, info: dict):
     """The MambaLM `model` (float32, changed in place and returned) with every weight the export quantises
     replaced by what its codes mean, and with int8 activations each quantised matmul's input quantised as
     MatMulNBits does it: the model a quantised artifact computes, to fp32 rounding. A tied head gets its own
-    (dequantised) matrix; the embedding table stays as it was, as in the artifact. Cast it to float64 after for
-    a reference."""
+    (dequantised) matrix; the embedding table's rows are what their codes mean where the scheme quantises it
+    (info["embedding"]), as they were otherwise. Cast it to float64 after for a reference."""
     import torch
 
     from .models.mamba import MambaLM
@@ -237,6 +245,11 @@ def dequantized_model(model, info: dict):
                 # dt_proj is applied as a bare matmul (its bias goes into the scan)
                 layer.mixer.dt_input = lambda dt, block=block: quantize_activations_ref(dt, block)
         swap(model, HEAD)  # a new Parameter: unties a tied head from the embedding
+        if info.get("embedding"):
+            table = model.backbone.embeddings
+            # a row of the table is quantised along d_model, as the head's columns are
+            w = fake_quantize(table.weight.detach().t(), bits, block, sym).t().contiguous()
+            table.weight = torch.nn.Parameter(w, requires_grad=False)
     return model
 
 
@@ -284,6 +297,8 @@ def quantize_graph(proto, info: dict, expected: int):
         if [a.i for a in attrs] not in ([level], [] if level == 0 else None):
             raise SsmrtError(f"ONNX Runtime's quantiser set accuracy_level {[a.i for a in attrs]} on {node.name}, "
                              f"not {level}")
+    if info.get("embedding"):
+        _quantize_embedding(out, info)
     # the initializers the MatMuls read are gone; the quantiser keeps any still named by another node
     used = {i for n in out.graph.node for i in n.input}
     keep = [t for t in out.graph.initializer if t.name in used]
@@ -292,6 +307,47 @@ def quantize_graph(proto, info: dict, expected: int):
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return out
+
+
+def _quantize_embedding(proto, info: dict) -> None:
+    """The embedding's Gather (the float 2-D table indexed by input_ids) becomes GatherBlockQuantized over the
+    table quantised with the scheme (quantize_ref, blocks along d_model: what the head's MatMulNBits holds for a
+    tied head). Raises if the graph has no such Gather, or more than one."""
+    import numpy as np
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    gathers = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in inits
+               and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == TensorProto.FLOAT
+               and n.input[1] == "input_ids"]
+    if len(gathers) != 1:
+        raise SsmrtError(f"the exported graph has {len(gathers)} float embedding Gathers of input_ids where the "
+                         "model has one; refusing to quantise a graph of unknown shape")
+    (node,) = gathers
+    table = numpy_helper.to_array(inits[node.input[0]])
+    bits, block = info["bits"], info["block_size"]
+    V, d = table.shape
+    q, scales, zp = quantize_ref(torch.from_numpy(table.copy()).t(), bits, block, info["symmetric"])
+    codes = q.numpy().reshape(V, -1)[:, :d]
+    zp = zp.numpy()
+    if bits == 4:  # two codes a byte, the first in the low nibble, as MatMulNBits packs them
+        def pack(a):
+            a = np.pad(a, ((0, 0), (0, a.shape[1] % 2)))
+            return (a[:, 0::2] | (a[:, 1::2] << 4)).astype(np.uint8)
+
+        codes, zp = pack(codes), pack(zp)
+    name = node.input[0] + ".q"
+    proto.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(codes), name),
+                                    numpy_helper.from_array(scales.numpy(), name + ".scales"),
+                                    numpy_helper.from_array(np.ascontiguousarray(zp), name + ".zero_points")])
+    quantized = helper.make_node("GatherBlockQuantized", [name, node.input[1], name + ".scales", name + ".zero_points"],
+                                 list(node.output), name=f"{node.name or node.output[0]}.quantized",
+                                 domain="com.microsoft", bits=bits, block_size=block, gather_axis=0,
+                                 quantize_axis=1)
+    nodes = [quantized if n is node else n for n in proto.graph.node]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
 
 
 def _fold_weight_transposes(proto) -> None:

@@ -5,6 +5,7 @@ dequantisation fails it), what int8 / int4 cost, and bad arguments."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from bad_inputs import assert_refused, ssmrt, tree
 from hf_models import hf_model, save_hf
 from onnx import numpy_helper
+from test_models import random_lm
 
 from ssmrt import quantize as Q
 from ssmrt.compare import _dequantized_runner, compare_runners, judges, reference_runner
@@ -83,6 +85,41 @@ def test_quantize_ref_can_fail():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("block", [16, 32])
+def test_quantized_embedding_gathers_what_its_codes_mean(models, bits, symmetric, block):
+    """The embedding's Gather becomes GatherBlockQuantized over quantize_ref's codes of the table (blocks along
+    d_model): ONNX Runtime's gathered rows equal the dequantised table's rows exactly, the float table is gone, and
+    the rows differ from the float ones (so the check can fail)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    for cid, (_, arts) in models.items():
+        float_graph = onnx.load(str(arts[None] / "model.onnx"))
+        (gather,) = [n for n in float_graph.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
+        table = numpy_helper.to_array(next(t for t in float_graph.graph.initializer if t.name == gather.input[0]))
+        info = {"scheme": f"int{bits}", "bits": bits, "block_size": block, "symmetric": symmetric,
+                "activations": "int8", "embedding": True}
+        graph = Q.quantize_graph(float_graph, info, len(_weight_matmuls(float_graph)))
+        (node,) = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+        assert node.output[0] == gather.output[0]
+        assert not any(n.op_type == "Gather" and n.input[1] == "input_ids" for n in graph.graph.node)
+        assert gather.input[0] not in {t.name for t in graph.graph.initializer} or any(
+            gather.input[0] in n.input for n in graph.graph.node), cid
+        inits = [t for t in graph.graph.initializer if t.name in node.input]
+        alone = helper.make_graph([node], "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                                              [None, None])],
+                                  [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)], inits)
+        session = ort.InferenceSession(helper.make_model(alone, opset_imports=graph.opset_import).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        ids = np.array([[0, table.shape[0] - 1, 3], [5, 5, 1]], np.int64)
+        got = session.run(None, {"input_ids": ids})[0]
+        want = Q.fake_quantize(torch.from_numpy(table.T.copy()), bits, block, symmetric).t().numpy()[ids]
+        assert np.array_equal(got, want), (cid, np.abs(got - want).max())
+        assert not np.array_equal(got, table[ids]), cid
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("block", [16, 32])
 def test_int8_activations_are_what_onnxruntime_multiplies(bits, block):
     """One MatMulNBits at accuracy level 4 (K not a multiple of the block, a row of zeros, rows of mixed scale)
@@ -98,7 +135,7 @@ def test_int8_activations_are_what_onnxruntime_multiplies(bits, block):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
                               [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    info = Q.check_weights(f"int{bits}", block)
+    info = {**Q.check_weights(f"int{bits}", block), "embedding": False}  # a bare MatMul: no table to gather
     assert info["activations"] == "int8"
     import onnxruntime as ort
 
@@ -133,17 +170,21 @@ def test_export_packs_every_projection_and_the_head(models, weights):
         assert levels == [[level]] * len(nbits), cid
         inits = {t.name: t for t in m.graph.initializer}
         assert not [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits], cid
-        # the head is the last MatMulNBits, N the padded vocabulary; the embedding's Gather reads float32
+        # the head is the last MatMulNBits, N the padded vocabulary; the embedding is gathered from its codes, and
+        # no float table is left
         head = {a.name: a.i for a in nbits[-1].attribute}
         assert head["N"] == cfg["vocab_size"] and head["K"] == cfg["d_model"]
-        gather = next(n for n in m.graph.node if n.op_type == "Gather")
-        assert inits[gather.input[0]].data_type == onnx.TensorProto.FLOAT
+        (gather,) = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+        assert {a.name: a.i for a in gather.attribute if a.name in ("bits", "block_size")} == {"bits": bits,
+                                                                                              "block_size": 32}
+        assert not [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                    and list(t.dims) == [cfg["vocab_size"], cfg["d_model"]]], cid
         # the fallback bodies are the float export's
         float_model = onnx.load(str(arts[None] / "model.onnx"), load_external_data=False)
         assert [f.SerializeToString() for f in m.functions] == [f.SerializeToString() for f in float_model.functions]
         meta = json.loads({p.key: p.value for p in m.metadata_props}["ssmrt.export"])
         assert meta["weights"] == {"scheme": f"int{bits}", "bits": bits, "block_size": 32,
-                                   "symmetric": Q.SYMMETRIC, "activations": activations}
+                                   "symmetric": Q.SYMMETRIC, "activations": activations, "embedding": True}
         assert (art / "model.onnx").stat().st_size < (arts[None] / "model.onnx").stat().st_size
 
 
@@ -151,8 +192,9 @@ def test_inspect_shows_the_scheme(models):
     _, arts = models["mamba2-g1"]
     res = ssmrt("inspect", arts["int4"])
     assert res.returncode == 0, res.stderr
-    assert "weights: int4 weights (block 32, asymmetric, int8 activations)" in res.stdout
+    assert "weights: int4 weights (block 32, asymmetric, int8 activations, int4 embedding)" in res.stdout
     assert "com.microsoft::MatMulNBits x5" in res.stdout
+    assert "com.microsoft::GatherBlockQuantized x1" in res.stdout
     info = json.loads(ssmrt("inspect", arts["int4"], "--json").stdout)
     assert info["weights"]["scheme"] == "int4" and info["weights"]["block_size"] == 32
     plain = json.loads(ssmrt("inspect", arts[None], "--json").stdout)
@@ -270,6 +312,7 @@ def test_a_quantised_artifact_runs_where_torch_cannot_be_imported(models):
 
     want = Session(OnnxRuntimeRunnerFromArtifact(art)).generate(PROMPT, 8)
     code = f"""import sys; sys.modules['torch'] = None
+import copy
 import json
 from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, Session
 runner = OnnxRuntimeRunnerFromArtifact({str(art)!r})
@@ -333,7 +376,24 @@ def test_an_artifact_without_the_activations_entry_computed_float32_ones(models,
     (tmp_path / "art").mkdir()
     onnx.save(m, str(tmp_path / "art" / "model.onnx"))
     assert OnnxRuntimeRunnerFromArtifact(tmp_path / "art").weights["activations"] == "float32"
-    assert "asymmetric, float32 activations)" in ssmrt("inspect", tmp_path / "art").stdout
+    assert "asymmetric, float32 activations, int8 embedding)" in ssmrt("inspect", tmp_path / "art").stdout
+
+
+def test_a_weights_entry_without_the_embedding_entry_has_a_float_table():
+    """Artifacts exported before the embedding was quantised record no `embedding`: their table is float32, and
+    the model they mean keeps it so (dequantized_model)."""
+    old = {"scheme": "int8", "bits": 8, "block_size": 32, "symmetric": False, "activations": "int8"}
+    info = Q.scheme_of(old, "art")
+    assert info["embedding"] is False
+    assert Q.describe_scheme(info).endswith("int8 activations, float32 embedding)")
+    with pytest.raises(SsmrtError, match="embedding must be true or false"):
+        Q.scheme_of({**old, "embedding": "yes"}, "art")
+    model = random_lm(arch="mamba2", d_model=64, d_state=16, headdim=16)
+    table = model.backbone.embeddings.weight.detach().clone()
+    kept = Q.dequantized_model(copy.deepcopy(model), info).backbone.embeddings.weight
+    quantized = Q.dequantized_model(copy.deepcopy(model), {**info, "embedding": True}).backbone.embeddings.weight
+    assert torch.equal(kept, table) and not torch.equal(quantized, table)
+    assert torch.equal(quantized, Q.fake_quantize(table.t(), 8, 32, False).t())
 
 
 def test_the_decode_floor_counts_the_packed_weights(models):
@@ -346,7 +406,7 @@ def test_the_decode_floor_counts_the_packed_weights(models):
 
 def test_a_tied_head_left_as_a_transpose_is_packed_too(tmp_path):
     """The exporter may leave a tied head as Transpose(embedding) (the demo's byte model): the head is quantised
-    all the same, and the Gather keeps the float table."""
+    all the same, and the embedding is gathered from its own codes of the table."""
     from ssmrt.demo import char_model_config
     from ssmrt.exporter import export_model
     from ssmrt.models.mamba import MambaLM
@@ -357,6 +417,6 @@ def test_a_tied_head_left_as_a_transpose_is_packed_too(tmp_path):
     m = onnx.load(str(art / "model.onnx"))
     ops = [n.op_type for n in m.graph.node]
     assert ops.count("MatMulNBits") == 2 * cfg.n_layer + 1 and "Transpose" not in ops
-    gather = next(n for n in m.graph.node if n.op_type == "Gather")
+    (gather,) = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
     table = next(t for t in m.graph.initializer if t.name == gather.input[0])
-    assert table.data_type == onnx.TensorProto.FLOAT and list(table.dims) == [cfg.padded_vocab_size, cfg.d_model]
+    assert table.data_type == onnx.TensorProto.UINT8 and list(table.dims) == [cfg.padded_vocab_size, cfg.d_model]
