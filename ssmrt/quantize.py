@@ -8,10 +8,14 @@ own quantiser (onnxruntime.quantization.matmul_nbits_quantizer) packs the export
 `ssmrt compare` can build the model the quantised weights mean (dequantize(quantize(W)) in float32) without
 ONNX Runtime.
 
-The embedding table is quantised with the same scheme and read through ONNX Runtime's `GatherBlockQuantized`
-(a row's codes dequantised as it is gathered): a Gather reads one row a token, so this costs a decode step
-nothing and keeps a float32 table (154 MB for a 50k x 768 vocabulary) out of the file. A tied head keeps its own
-packed copy for its MatMulNBits. Artifacts written before this (metadata without `embedding`) hold a float table.
+The embedding table is quantised to int8 (the scheme's blocks along d_model, whatever the projections' bits) and
+read through ONNX Runtime's `GatherBlockQuantized` (a row's codes dequantised as it is gathered): a Gather reads
+one row a token, so this costs a decode step nothing and keeps a float32 table (154 MB for a 50k x 768
+vocabulary) out of the file. Not int4 for int4 weights: the table's values enter the residual stream as they
+are, and on the demo's trained byte model a 4-bit table multiplied int4's KL by 5.6 (an 8-bit one, 1.1x;
+benchmarks/RESULTS.md), as llama.cpp keeps a tied table at 6 bits in its q4_0 files. A tied head keeps its own
+packed copy, at the scheme's bits. Artifacts written before this (metadata without `embedding`) hold a float32
+table.
 
 What stays float: the conv weights, A, D, the biases, the norms and the states.
 
@@ -48,6 +52,10 @@ ACTIVATIONS = {"int8": 4, "float32": 0}
 DEFAULT_ACTIVATIONS = "int8"
 # What an artifact exported before the choice existed computed (accuracy level 0).
 RECORDED_DEFAULT_ACTIVATIONS = "float32"
+# The embedding table of a quantised export (see the module docstring), and what one exported before it held.
+EMBEDDING, EMBEDDING_BITS = "int8", 8
+EMBEDDINGS = ("int8", "float32")
+RECORDED_DEFAULT_EMBEDDING = "float32"
 # The per-layer projections whose weights are quantised, by architecture (module names in ssmrt.models.mamba),
 # and the LM head.
 LAYER_LINEARS = {"mamba1": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
@@ -81,7 +89,7 @@ def check_weights(weights, block_size, dtype: str = "float32", target: str = "po
         raise SsmrtError(f"--weights {weights} takes --dtype float32 and --target portable; got --dtype {dtype} "
                          f"--target {target}")
     return {"scheme": weights, "bits": SCHEMES[weights], "block_size": block_size, "symmetric": SYMMETRIC,
-            "activations": activations, "embedding": True}
+            "activations": activations, "embedding": EMBEDDING}
 
 
 def scheme_of(info: dict | None, where) -> dict | None:
@@ -92,9 +100,9 @@ def scheme_of(info: dict | None, where) -> dict | None:
             or not isinstance(info.get("symmetric"), bool)):
         raise SsmrtError(f"{where}: metadata export.weights {info!r} is not a weight scheme ssmrt writes")
     info = {**info, "activations": info.get("activations", RECORDED_DEFAULT_ACTIVATIONS),
-            "embedding": info.get("embedding", False)}
-    if not isinstance(info["embedding"], bool):
-        raise SsmrtError(f"{where}: metadata export.weights.embedding must be true or false, got "
+            "embedding": info.get("embedding", RECORDED_DEFAULT_EMBEDDING)}
+    if info["embedding"] not in EMBEDDINGS:
+        raise SsmrtError(f"{where}: metadata export.weights.embedding must be one of {', '.join(EMBEDDINGS)}, got "
                          f"{info['embedding']!r}")
     try:
         check_weights(info["scheme"], info.get("block_size"), activations=info["activations"])
@@ -104,12 +112,12 @@ def scheme_of(info: dict | None, where) -> dict | None:
 
 
 def describe_scheme(info: dict | None) -> str:
-    """'int4 weights (block 32, asymmetric, int8 activations, int4 embedding)', or 'float weights'."""
+    """'int4 weights (block 32, asymmetric, int8 activations, int8 embedding)', or 'float weights'."""
     if not info:
         return "float weights"
     return (f"{info['scheme']} weights (block {info['block_size']}, "
             f"{'symmetric' if info['symmetric'] else 'asymmetric'}, {info['activations']} activations, "
-            f"{info['scheme'] if info.get('embedding') else 'float32'} embedding)")
+            f"{info.get('embedding', RECORDED_DEFAULT_EMBEDDING)} embedding)")
 
 
 # ----------------------------------------------------------------------------- the reference arithmetic
@@ -216,8 +224,8 @@ def dequantized_model(model, info: dict):
     """The MambaLM `model` (float32, changed in place and returned) with every weight the export quantises
     replaced by what its codes mean, and with int8 activations each quantised matmul's input quantised as
     MatMulNBits does it: the model a quantised artifact computes, to fp32 rounding. A tied head gets its own
-    (dequantised) matrix; the embedding table's rows are what their codes mean where the scheme quantises it
-    (info["embedding"]), as they were otherwise. Cast it to float64 after for a reference."""
+    (dequantised) matrix; the embedding table's rows are what their int8 codes mean where the artifact quantised
+    it (info["embedding"]), as they were otherwise. Cast it to float64 after for a reference."""
     import torch
 
     from .models.mamba import MambaLM
@@ -245,10 +253,10 @@ def dequantized_model(model, info: dict):
                 # dt_proj is applied as a bare matmul (its bias goes into the scan)
                 layer.mixer.dt_input = lambda dt, block=block: quantize_activations_ref(dt, block)
         swap(model, HEAD)  # a new Parameter: unties a tied head from the embedding
-        if info.get("embedding"):
+        if info.get("embedding", RECORDED_DEFAULT_EMBEDDING) != "float32":
             table = model.backbone.embeddings
             # a row of the table is quantised along d_model, as the head's columns are
-            w = fake_quantize(table.weight.detach().t(), bits, block, sym).t().contiguous()
+            w = fake_quantize(table.weight.detach().t(), EMBEDDING_BITS, block, sym).t().contiguous()
             table.weight = torch.nn.Parameter(w, requires_grad=False)
     return model
 
@@ -297,7 +305,7 @@ def quantize_graph(proto, info: dict, expected: int):
         if [a.i for a in attrs] not in ([level], [] if level == 0 else None):
             raise SsmrtError(f"ONNX Runtime's quantiser set accuracy_level {[a.i for a in attrs]} on {node.name}, "
                              f"not {level}")
-    if info.get("embedding"):
+    if info.get("embedding", RECORDED_DEFAULT_EMBEDDING) != "float32":
         _quantize_embedding(out, info)
     # the initializers the MatMuls read are gone; the quantiser keeps any still named by another node
     used = {i for n in out.graph.node for i in n.input}
@@ -311,8 +319,8 @@ def quantize_graph(proto, info: dict, expected: int):
 
 def _quantize_embedding(proto, info: dict) -> None:
     """The embedding's Gather (the float 2-D table indexed by input_ids) becomes GatherBlockQuantized over the
-    table quantised with the scheme (quantize_ref, blocks along d_model: what the head's MatMulNBits holds for a
-    tied head). Raises if the graph has no such Gather, or more than one."""
+    table quantised to EMBEDDING_BITS with the scheme's blocks and symmetry (quantize_ref, blocks along d_model).
+    Raises if the graph has no such Gather, or more than one."""
     import numpy as np
     import torch
     from onnx import TensorProto, helper, numpy_helper
@@ -326,17 +334,11 @@ def _quantize_embedding(proto, info: dict) -> None:
                          "model has one; refusing to quantise a graph of unknown shape")
     (node,) = gathers
     table = numpy_helper.to_array(inits[node.input[0]])
-    bits, block = info["bits"], info["block_size"]
+    bits, block = EMBEDDING_BITS, info["block_size"]
     V, d = table.shape
     q, scales, zp = quantize_ref(torch.from_numpy(table.copy()).t(), bits, block, info["symmetric"])
-    codes = q.numpy().reshape(V, -1)[:, :d]
+    codes = q.numpy().reshape(V, -1)[:, :d]  # one code a byte
     zp = zp.numpy()
-    if bits == 4:  # two codes a byte, the first in the low nibble, as MatMulNBits packs them
-        def pack(a):
-            a = np.pad(a, ((0, 0), (0, a.shape[1] % 2)))
-            return (a[:, 0::2] | (a[:, 1::2] << 4)).astype(np.uint8)
-
-        codes, zp = pack(codes), pack(zp)
     name = node.input[0] + ".q"
     proto.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(codes), name),
                                     numpy_helper.from_array(scales.numpy(), name + ".scales"),

@@ -88,9 +88,9 @@ def test_quantize_ref_can_fail():
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("block", [16, 32])
 def test_quantized_embedding_gathers_what_its_codes_mean(models, bits, symmetric, block):
-    """The embedding's Gather becomes GatherBlockQuantized over quantize_ref's codes of the table (blocks along
-    d_model): ONNX Runtime's gathered rows equal the dequantised table's rows exactly, the float table is gone, and
-    the rows differ from the float ones (so the check can fail)."""
+    """The embedding's Gather becomes GatherBlockQuantized over quantize_ref's int8 codes of the table (the
+    scheme's blocks along d_model, whatever its bits): ONNX Runtime's gathered rows equal the dequantised table's
+    rows exactly, the float table is gone, and the rows differ from the float ones (so the check can fail)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -99,7 +99,7 @@ def test_quantized_embedding_gathers_what_its_codes_mean(models, bits, symmetric
         (gather,) = [n for n in float_graph.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
         table = numpy_helper.to_array(next(t for t in float_graph.graph.initializer if t.name == gather.input[0]))
         info = {"scheme": f"int{bits}", "bits": bits, "block_size": block, "symmetric": symmetric,
-                "activations": "int8", "embedding": True}
+                "activations": "int8", "embedding": "int8"}
         graph = Q.quantize_graph(float_graph, info, len(_weight_matmuls(float_graph)))
         (node,) = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
         assert node.output[0] == gather.output[0]
@@ -114,7 +114,7 @@ def test_quantized_embedding_gathers_what_its_codes_mean(models, bits, symmetric
                                        providers=["CPUExecutionProvider"])
         ids = np.array([[0, table.shape[0] - 1, 3], [5, 5, 1]], np.int64)
         got = session.run(None, {"input_ids": ids})[0]
-        want = Q.fake_quantize(torch.from_numpy(table.T.copy()), bits, block, symmetric).t().numpy()[ids]
+        want = Q.fake_quantize(torch.from_numpy(table.T.copy()), 8, block, symmetric).t().numpy()[ids]
         assert np.array_equal(got, want), (cid, np.abs(got - want).max())
         assert not np.array_equal(got, table[ids]), cid
 
@@ -135,7 +135,7 @@ def test_int8_activations_are_what_onnxruntime_multiplies(bits, block):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
                               [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    info = {**Q.check_weights(f"int{bits}", block), "embedding": False}  # a bare MatMul: no table to gather
+    info = {**Q.check_weights(f"int{bits}", block), "embedding": "float32"}  # a bare MatMul: no table
     assert info["activations"] == "int8"
     import onnxruntime as ort
 
@@ -175,7 +175,7 @@ def test_export_packs_every_projection_and_the_head(models, weights):
         head = {a.name: a.i for a in nbits[-1].attribute}
         assert head["N"] == cfg["vocab_size"] and head["K"] == cfg["d_model"]
         (gather,) = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
-        assert {a.name: a.i for a in gather.attribute if a.name in ("bits", "block_size")} == {"bits": bits,
+        assert {a.name: a.i for a in gather.attribute if a.name in ("bits", "block_size")} == {"bits": 8,
                                                                                               "block_size": 32}
         assert not [t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
                     and list(t.dims) == [cfg["vocab_size"], cfg["d_model"]]], cid
@@ -184,7 +184,7 @@ def test_export_packs_every_projection_and_the_head(models, weights):
         assert [f.SerializeToString() for f in m.functions] == [f.SerializeToString() for f in float_model.functions]
         meta = json.loads({p.key: p.value for p in m.metadata_props}["ssmrt.export"])
         assert meta["weights"] == {"scheme": f"int{bits}", "bits": bits, "block_size": 32,
-                                   "symmetric": Q.SYMMETRIC, "activations": activations, "embedding": True}
+                                   "symmetric": Q.SYMMETRIC, "activations": activations, "embedding": "int8"}
         assert (art / "model.onnx").stat().st_size < (arts[None] / "model.onnx").stat().st_size
 
 
@@ -192,7 +192,7 @@ def test_inspect_shows_the_scheme(models):
     _, arts = models["mamba2-g1"]
     res = ssmrt("inspect", arts["int4"])
     assert res.returncode == 0, res.stderr
-    assert "weights: int4 weights (block 32, asymmetric, int8 activations, int4 embedding)" in res.stdout
+    assert "weights: int4 weights (block 32, asymmetric, int8 activations, int8 embedding)" in res.stdout
     assert "com.microsoft::MatMulNBits x5" in res.stdout
     assert "com.microsoft::GatherBlockQuantized x1" in res.stdout
     info = json.loads(ssmrt("inspect", arts["int4"], "--json").stdout)
@@ -381,17 +381,17 @@ def test_an_artifact_without_the_activations_entry_computed_float32_ones(models,
 
 def test_a_weights_entry_without_the_embedding_entry_has_a_float_table():
     """Artifacts exported before the embedding was quantised record no `embedding`: their table is float32, and
-    the model they mean keeps it so (dequantized_model)."""
-    old = {"scheme": "int8", "bits": 8, "block_size": 32, "symmetric": False, "activations": "int8"}
+    the model they mean keeps it so (dequantized_model); a quantised table is int8 whatever the weights' bits."""
+    old = {"scheme": "int4", "bits": 4, "block_size": 32, "symmetric": False, "activations": "int8"}
     info = Q.scheme_of(old, "art")
-    assert info["embedding"] is False
+    assert info["embedding"] == "float32"
     assert Q.describe_scheme(info).endswith("int8 activations, float32 embedding)")
-    with pytest.raises(SsmrtError, match="embedding must be true or false"):
-        Q.scheme_of({**old, "embedding": "yes"}, "art")
+    with pytest.raises(SsmrtError, match="embedding must be one of int8, float32"):
+        Q.scheme_of({**old, "embedding": True}, "art")
     model = random_lm(arch="mamba2", d_model=64, d_state=16, headdim=16)
     table = model.backbone.embeddings.weight.detach().clone()
     kept = Q.dequantized_model(copy.deepcopy(model), info).backbone.embeddings.weight
-    quantized = Q.dequantized_model(copy.deepcopy(model), {**info, "embedding": True}).backbone.embeddings.weight
+    quantized = Q.dequantized_model(copy.deepcopy(model), {**info, "embedding": "int8"}).backbone.embeddings.weight
     assert torch.equal(kept, table) and not torch.equal(quantized, table)
     assert torch.equal(quantized, Q.fake_quantize(table.t(), 8, 32, False).t())
 
