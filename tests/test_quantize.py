@@ -352,6 +352,23 @@ def test_the_api_refuses_bad_weight_options_before_loading(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_export_with_activations_records_and_runs_them(models, tmp_path):
+    """`ssmrt export --weights int4 --block-size 16 --activations float32` on the command line: the artifact records
+    the choice, every MatMulNBits carries it (accuracy level 0), and the runner reads it back."""
+    ckpt, _ = models["mamba2-g1"]
+    res = ssmrt("export", ckpt, "-o", tmp_path / "art", "--weights", "int4", "--block-size", "16",
+                "--activations", "float32")
+    assert res.returncode == 0, res.stderr
+    m = onnx.load(str(tmp_path / "art" / "model.onnx"))
+    meta = json.loads({p.key: p.value for p in m.metadata_props}["ssmrt.export"])
+    assert meta["weights"] == {"scheme": "int4", "bits": 4, "block_size": 16, "symmetric": Q.SYMMETRIC,
+                               "activations": "float32", "embedding": "int8"}
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all({a.name: a.i for a in n.attribute}.get("accuracy_level", 0) == 0 for n in nbits)
+    assert all({a.name: a.i for a in n.attribute}["block_size"] == 16 for n in nbits)
+    assert OnnxRuntimeRunnerFromArtifact(tmp_path / "art").weights["activations"] == "float32"
+
+
 def test_a_forged_weights_entry_is_refused(models, tmp_path):
     _, arts = models["mamba2-g1"]
     m = onnx.load(str(arts["int8"] / "model.onnx"))
