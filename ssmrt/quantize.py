@@ -327,13 +327,14 @@ def _quantize_embedding(proto, info: dict) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     inits = {t.name: t for t in proto.graph.initializer}
-    gathers = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in inits
+    gathers = [i for i, n in enumerate(proto.graph.node) if n.op_type == "Gather" and n.input[0] in inits
                and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == TensorProto.FLOAT
                and n.input[1] == "input_ids"]
     if len(gathers) != 1:
         raise SsmrtError(f"the exported graph has {len(gathers)} float embedding Gathers of input_ids where the "
                          "model has one; refusing to quantise a graph of unknown shape")
-    (node,) = gathers
+    (index,) = gathers
+    node = proto.graph.node[index]
     table = numpy_helper.to_array(inits[node.input[0]])
     bits, block = EMBEDDING_BITS, info["block_size"]
     V, d = table.shape
@@ -348,9 +349,7 @@ def _quantize_embedding(proto, info: dict) -> None:
                                  list(node.output), name=f"{node.name or node.output[0]}.quantized",
                                  domain="com.microsoft", bits=bits, block_size=block, gather_axis=0,
                                  quantize_axis=1)
-    nodes = [quantized if n is node else n for n in proto.graph.node]
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
+    proto.graph.node[index].CopyFrom(quantized)
 
 
 def _fold_weight_transposes(proto) -> None:

@@ -9,11 +9,6 @@
 #include "contract.h"  // generated from ssmrt/ops/spec.py
 #include "half.h"
 
-
-
-
-
-#define PFD 65536
 namespace ssmrt_cpu {
 namespace {
 
