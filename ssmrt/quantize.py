@@ -54,7 +54,7 @@ DEFAULT_ACTIVATIONS = "int8"
 # What an artifact exported before the choice existed computed (accuracy level 0).
 RECORDED_DEFAULT_ACTIVATIONS = "float32"
 # The embedding table of a quantised export (see the module docstring), and what one exported before it held.
-EMBEDDING, EMBEDDING_BITS = "int8", 8
+EMBEDDING = "int8"
 EMBEDDINGS = ("int8", "float32")
 RECORDED_DEFAULT_EMBEDDING = "float32"
 # The per-layer projections whose weights are quantised, by architecture (module names in ssmrt.models.mamba),
@@ -257,7 +257,7 @@ def dequantized_model(model, info: dict):
         if info.get("embedding", RECORDED_DEFAULT_EMBEDDING) != "float32":
             table = model.backbone.embeddings
             # a row of the table is quantised along d_model, as the head's columns are
-            w = fake_quantize(table.weight.detach().t(), EMBEDDING_BITS, block, sym).t().contiguous()
+            w = fake_quantize(table.weight.detach().t(), SCHEMES[EMBEDDING], block, sym).t().contiguous()
             table.weight = torch.nn.Parameter(w, requires_grad=False)
     return model
 
@@ -320,7 +320,7 @@ def quantize_graph(proto, info: dict, expected: int):
 
 def _quantize_embedding(proto, info: dict) -> None:
     """The embedding's Gather (the float 2-D table indexed by input_ids) becomes GatherBlockQuantized over the
-    table quantised to EMBEDDING_BITS with the scheme's blocks and symmetry (quantize_ref, blocks along d_model).
+    table quantised to EMBEDDING with the scheme's blocks and symmetry (quantize_ref, blocks along d_model).
     Raises if the graph has no such Gather, or more than one."""
     import numpy as np
     import torch
@@ -336,7 +336,7 @@ def _quantize_embedding(proto, info: dict) -> None:
     (index,) = gathers
     node = proto.graph.node[index]
     table = numpy_helper.to_array(inits[node.input[0]])
-    bits, block = EMBEDDING_BITS, info["block_size"]
+    bits, block = SCHEMES[EMBEDDING], info["block_size"]
     V, d = table.shape
     q, scales, zp = quantize_ref(torch.from_numpy(table.copy()).t(), bits, block, info["symmetric"])
     codes = q.numpy().reshape(V, -1)[:, :d]  # one code a byte

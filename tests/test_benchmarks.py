@@ -138,6 +138,14 @@ def test_gpu_plugin_check_smoke():
     assert "no GPU here" in res.stdout
 
 
+def test_cpu_kernel_benchmark_smoke(tmp_path):
+    results = smoke_report("cpu_kernels.py", tmp_path / "kernels.json", timeout=300)
+    assert [r["case"] for r in results] == ["half_matmul projections", "half_matmul tied lm_head", "ssd decode step"]
+    assert all(r["ok"] for r in results), results
+    # every figure is a ratio to one measured in the same run
+    assert all(r["time_float16_over_float32"] > 0 for r in results[:2]) and results[2]["time_step_over_copy"] > 0
+
+
 @pytest.mark.slow
 def test_cpu_precision_benchmark_smoke(tmp_path):
     """benchmarks/cpu_precision.py (float16 against float32 decode, --logits last prefill) runs on a one-layer model:
