@@ -67,7 +67,8 @@ def f64(kw: dict) -> dict:
 
 @pytest.mark.parametrize("batch,seqlen,dim,width",
                          [(1, 1, 8, 4), (2, 7, 13, 4), (3, 2, 5, 4), (2, 33, 24, 3), (2, 1, 6, 2), (1, 300, 16, 4),
-                          (2, 5, 7, 1), (3, 1, 9, 1), (2, 1, 1536, 4), (2, 600, 1536, 4)])
+                          (2, 5, 7, 1), (3, 1, 9, 1), (2, 1, 10, 3), (2, 1, 11, 6), (2, 1, 1536, 4),
+                          (2, 600, 1536, 4)])
 @pytest.mark.parametrize("activation", ["silu", "none"])
 def test_causal_conv1d(batch, seqlen, dim, width, activation):
     kw = conv_inputs(batch, seqlen, dim, width, seed=seqlen)
@@ -250,7 +251,8 @@ def half_matmul_session(trans_b: int) -> ort.InferenceSession:
 # the four rows of b summed at once, N not a multiple of a vector, and the 130M models' in_proj / lm_head sizes,
 # which split over many pieces.
 @pytest.mark.parametrize("batch,seqlen,K,N", [(1, 1, 16, 8), (1, 1, 37, 13), (2, 1, 5, 300), (3, 5, 64, 33),
-                                              (1, 1, 768, 3352), (2, 1, 1536, 768), (1, 1, 768, 50280)])
+                                              (1, 1, 768, 3352), (1, 1, 1536, 768), (2, 1, 1536, 768),
+                                              (1, 1, 768, 50280)])
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_half_matmul(batch, seqlen, K, N, trans_b):
     """HalfMatMul against the plain torch reference (float32 matmul of the float16 operands, rounded to float16)."""

@@ -36,6 +36,23 @@ void parallel_for(const Executor& exec, int64_t n, int64_t cost_per_item, F fn) 
   exec.run(chunks, [&](int64_t c) { fn(c * n / chunks, (c + 1) * n / chunks); });
 }
 
+// One decode step of CausalConv1d for one sequence: y[c] = bias[c] + w[c] . (state row c, x[c]), and the state row
+// shifted left by one with x[c] appended. kK1 is the state's row length (width - 1), or 0 for "k1 at run time".
+template <int kK1>
+void conv_step(const float* __restrict x, const float* __restrict weight, const float* __restrict bias,
+               const float* __restrict s, float* __restrict y, float* __restrict so, int64_t dim, int64_t k1 = kK1) {
+  const int64_t K1 = kK1 > 0 ? kK1 : k1, width = K1 + 1;
+  for (int64_t c = 0; c < dim; ++c) {
+    const float* w = weight + c * width;
+    const float* sc = s + c * K1;
+    float acc = (bias ? bias[c] : 0.0f) + w[K1] * x[c];
+    for (int64_t k = 0; k < K1; ++k) acc += w[k] * sc[k];
+    for (int64_t k = 0; k + 1 < K1; ++k) so[c * K1 + k] = sc[k + 1];
+    if (K1 > 0) so[c * K1 + K1 - 1] = x[c];
+    y[c] = acc;
+  }
+}
+
 }  // namespace
 
 void causal_conv1d(const Executor& exec, const float* x, const float* weight, const float* bias,
@@ -44,20 +61,17 @@ void causal_conv1d(const Executor& exec, const float* x, const float* weight, co
   const int64_t K1 = width - 1;
   if (seqlen == 1) {
     // A decode step: per channel, one dot of the state's row and x with the weight's row, and the row shifted
-    // by one. Every read is the row as stored: no window buffer, no transposed copy of the weights.
+    // by one. Every read is the row as stored: no window buffer, no transposed copy of the weights. The common
+    // widths have their own loop: with the row length a constant the channel loop is straight-line code.
     for (int64_t b = 0; b < batch; ++b) {
       const float* s = conv_state + b * dim * K1;
-      const float* xb = x + b * dim;
       float* so = state_out + b * dim * K1;
       float* yb = y + b * dim;
-      for (int64_t c = 0; c < dim; ++c) {
-        const float* w = weight + c * width;
-        const float* sc = s + c * K1;
-        float acc = (bias ? bias[c] : 0.0f) + w[K1] * xb[c];
-        for (int64_t k = 0; k < K1; ++k) acc += w[k] * sc[k];
-        for (int64_t k = 0; k + 1 < K1; ++k) so[c * K1 + k] = sc[k + 1];
-        if (K1 > 0) so[c * K1 + K1 - 1] = xb[c];
-        yb[c] = acc;
+      switch (K1) {
+        case 1: conv_step<1>(x + b * dim, weight, bias, s, yb, so, dim); break;
+        case 2: conv_step<2>(x + b * dim, weight, bias, s, yb, so, dim); break;
+        case 3: conv_step<3>(x + b * dim, weight, bias, s, yb, so, dim); break;
+        default: conv_step<0>(x + b * dim, weight, bias, s, yb, so, dim, K1); break;
       }
       if (silu_activation)
         for (int64_t c = 0; c < dim; ++c) yb[c] = silu(yb[c]);
@@ -235,6 +249,10 @@ void ssd_scan(const Executor& exec, const float* x, const float* dt_in, const fl
 
 namespace {
 
+// Rows of b a decode step's sweep asks for ahead of the ones it reads: with short rows (out_proj's 768 columns are
+// 1.5 KB) a group of rows is too short a stretch for the hardware prefetchers to ramp up on before the next starts.
+constexpr int64_t kPrefetchRows = 8;
+
 // acc[r][0, w) += sum over the kk rows b[k + i] (each at b + i * N) of a[r][k + i] * b[k + i][0, w), r < rows; the
 // float16 weights converted in registers where the compiler targets F16C and FMA.
 template <int kk>
@@ -244,7 +262,7 @@ inline void half_axpy_rows(const uint16_t* b, int64_t N, const float* a, int64_t
 #if defined(__F16C__) && defined(__FMA__)
   if ((kk == 4 || kk == 8) && rows == 1) {
     // A decode step's case: the kk weights of a column in registers, their products summed as a tree (no chain
-    // of kk dependent FMAs per vector), two vectors per iteration; each partial sum is loaded and stored once per
+    // of kk dependent FMAs per vector), four vectors per iteration; each partial sum is loaded and stored once per
     // kk rows of b.
     __m256 av[kk];
     for (int i = 0; i < kk; ++i) av[i] = _mm256_broadcast_ss(a + i);
@@ -259,9 +277,13 @@ inline void half_axpy_rows(const uint16_t* b, int64_t N, const float* a, int64_t
         for (int i = 0; i < width / 2; ++i) s[i] = _mm256_add_ps(s[2 * i], s[2 * i + 1]);
       _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), s[0]));
     };
-    for (; j + 16 <= w; j += 16) {
+    for (; j + 32 <= w; j += 32) {  // 64 bytes of each row: one prefetch a row
+      for (int i = 0; i < kk; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(b + (kPrefetchRows + i) * N + j), _MM_HINT_T0);
       rows_kk(j);
       rows_kk(j + 8);
+      rows_kk(j + 16);
+      rows_kk(j + 24);
     }
     for (; j + 8 <= w; j += 8) rows_kk(j);
   }
@@ -308,8 +330,6 @@ void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uin
       float* acc = partial + p * kRows * N;
       std::fill(acc, acc + rows * N, 0.0f);
       int64_t k = k0;
-      if (rows == 1)
-        for (; k + 8 <= k1; k += 8) half_axpy_rows<8>(b + k * N, N, am + k, K, rows, acc, N, N);
       for (; k + 4 <= k1; k += 4) half_axpy_rows<4>(b + k * N, N, am + k, K, rows, acc, N, N);
       for (; k < k1; ++k) half_axpy_rows<1>(b + k * N, N, am + k, K, rows, acc, N, N);
     });
