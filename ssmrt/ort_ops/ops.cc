@@ -65,6 +65,21 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
+// A tensor's element type and shape, the type-and-shape info released on every path.
+Status* type_and_shape(const Calls& api, const Value* value, int* type, std::vector<int64_t>* shape) {
+  ssmrt_ort::TensorTypeAndShapeInfo* info = nullptr;
+  SSMRT_TRY(api.GetTensorTypeAndShape(value, &info));
+  size_t n = 0;
+  Status* s = api.GetTensorElementType(info, type);
+  if (!s) s = api.GetDimensionsCount(info, &n);
+  if (!s) {
+    shape->resize(n);
+    s = api.GetDimensions(info, shape->data(), n);
+  }
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  return s;
+}
+
 // How many distinct threads have run kernel pieces since the last SsmrtPoolThreadsReset(): what a test reads to
 // see the work really spread over the session's threads. One relaxed load per piece.
 std::atomic<uint64_t> g_epoch{1};
@@ -121,18 +136,9 @@ class Call {
     SSMRT_TRY(api_.KernelContextGetInput(ctx_, index, &value));
     if (value == nullptr) return nullptr;
     out->present = true;
-    ssmrt_ort::TensorTypeAndShapeInfo* info = nullptr;
-    SSMRT_TRY(api_.GetTensorTypeAndShape(value, &info));
     int type = 0;
-    size_t n = 0;
-    Status* s = api_.GetTensorElementType(info, &type);
-    if (!s) s = api_.GetDimensionsCount(info, &n);
-    if (!s) {
-      out->shape.resize(n);
-      s = api_.GetDimensions(info, out->shape.data(), n);
-    }
-    api_.ReleaseTensorTypeAndShapeInfo(info);
-    if (s) return s;
+    SSMRT_TRY(type_and_shape(api_, value, &type, &out->shape));
+    const size_t n = out->shape.size();
     if (type != input_type(index))
       return error(std::string("input ") + name + " must be " + type_name(input_type(index)));
     if (rank != 0 && n != rank)  // rank 0: the caller checks
@@ -401,8 +407,8 @@ Status* scan_compute(void* kernel, KernelContext* ctx) {
 // ------------------------------------------------------------------------------------------ HalfMatMul
 //
 // ssmrt.cpu::HalfMatMul(A (..., K) float16, B (K, N) float16) -> Y (..., N) float16: MatMul with float32 sums and
-// float16 weights read as stored; attribute trans_b 1: B is given as (N, K). Not an artifact op: the ONNX Runtime runner routes a float16 graph's decode-step
-// MatMuls here (ONNX Runtime's CPU float16 MatMul reads its weights at float32 cost).
+// float16 weights read as stored; attribute trans_b 1: B is given as (N, K). Not an artifact op: the ONNX Runtime
+// runner routes a float16 graph's decode-step MatMuls here (ONNX Runtime's CPU float16 MatMul reads its weights at float32 cost).
 
 struct HalfMatMulKernel {
   Calls api;
@@ -433,18 +439,8 @@ Status* half_matmul_compute(void* kernel, KernelContext* ctx) {
     const Value* value = nullptr;
     SSMRT_TRY(api.KernelContextGetInput(ctx, i, &value));
     if (value == nullptr) return error("both inputs are required");
-    ssmrt_ort::TensorTypeAndShapeInfo* info = nullptr;
-    SSMRT_TRY(api.GetTensorTypeAndShape(value, &info));
     int type = 0;
-    size_t n = 0;
-    Status* s = api.GetTensorElementType(info, &type);
-    if (!s) s = api.GetDimensionsCount(info, &n);
-    if (!s) {
-      shape[i].resize(n);
-      s = api.GetDimensions(info, shape[i].data(), n);
-    }
-    api.ReleaseTensorTypeAndShapeInfo(info);
-    if (s) return s;
+    SSMRT_TRY(type_and_shape(api, value, &type, &shape[i]));
     if (type != ssmrt_ort::kFloat16) return error(std::string(i ? "B" : "A") + " must be float16");
     void* p = nullptr;
     SSMRT_TRY(api.GetTensorMutableData(const_cast<Value*>(value), &p));
@@ -514,15 +510,10 @@ Status* probe_compute(void* kernel, KernelContext* ctx) {
   SSMRT_TRY(api.KernelContextGetInputCount(ctx, &n_inputs));
   const Value* value = nullptr;
   SSMRT_TRY(api.KernelContextGetInput(ctx, 0, &value));
-  ssmrt_ort::TensorTypeAndShapeInfo* info = nullptr;
-  SSMRT_TRY(api.GetTensorTypeAndShape(value, &info));
   int type = 0;
-  size_t rank = 0;
-  SSMRT_TRY(api.GetTensorElementType(info, &type));
-  SSMRT_TRY(api.GetDimensionsCount(info, &rank));
-  std::vector<int64_t> dims(rank);
-  SSMRT_TRY(api.GetDimensions(info, dims.data(), rank));
-  api.ReleaseTensorTypeAndShapeInfo(info);
+  std::vector<int64_t> dims;
+  SSMRT_TRY(type_and_shape(api, value, &type, &dims));
+  const size_t rank = dims.size();
   int64_t count = 1;
   for (int64_t d : dims) count *= d;
   void* data = nullptr;
