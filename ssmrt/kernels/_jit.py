@@ -19,8 +19,16 @@ NO_DT_MAX = 3.0e38
 
 @triton.jit
 def softplus(x):
-    """x <= SOFTPLUS_THRESHOLD ? log(1 + exp(x)) : x (ssmrt.ops.spec)."""
-    return tl.where(x <= SOFTPLUS_THRESHOLD, tl.log(1.0 + tl.exp(x)), x)
+    """x <= SOFTPLUS_THRESHOLD ? log1p(exp(x)) : x (ssmrt.ops.spec).
+
+    Triton has no log1p outside the CUDA / HIP libdevice (which the interpreter cannot run), and log(1 + e) rounds
+    away up to 6e-8 of a small e = exp(x): at Mamba's small dt (x near -7) that is 6e-5 of dt, summed into the
+    state every step. Goldberg's log1p(e) = log(u) * e / (u - 1), u = 1 + e, cancels u's rounding (a few ulps;
+    tl.log is libdevice's logf on the GPU), and is e itself where u rounds to 1."""
+    e = tl.exp(x)
+    u = 1.0 + e
+    soft = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    return tl.where(x <= SOFTPLUS_THRESHOLD, soft, x)
 
 
 @triton.jit
