@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper
-from test_ops import conv_inputs, selective_inputs, ssd_inputs
+from test_ops import conv_inputs, selective_inputs, small_dt_inputs, ssd_inputs, state_ulps
 
 from ssmrt.closeness import assert_close
 from ssmrt.exporter.functions import SCAN_CHUNK, SSD_CHUNK, Builder, Static, all_functions
@@ -99,34 +99,19 @@ def test_selective_scan_body_no_softplus(static):
 @pytest.mark.parametrize("op", ["selective", "ssd"])
 @pytest.mark.parametrize("seqlen", [1, 64])
 def test_scan_bodies_hold_float32_precision_at_small_dt(op, seqlen):
-    """At Mamba's initial dt (1e-3 to 1e-1: softplus's input near -7, exp of it small) the bodies' float32 state
-    stays as close to float64 as the float32 reference's, prefill (chunked) and decode step alike. A softplus
-    computed as Log(Exp(x) + 1) rounds away thousands of ulps of dt there (the state twice as far from float64 over
-    64 steps); the op tolerance cannot see it."""
-    g = torch.Generator().manual_seed(7)
-    dt = torch.exp(torch.empty(8).uniform_(math.log(1e-3), math.log(1e-1), generator=g))
-    dt_bias = torch.log(torch.expm1(dt))  # softplus(dt_bias) = dt, as mamba_ssm initialises it
+    """At Mamba's initial dt the bodies' float32 state stays as close to float64 as the float32 reference's,
+    prefill (chunked) and decode step alike (Log(Exp(x) + 1) put it twice as far over 64 steps)."""
+    kw = small_dt_inputs(op, seqlen)
     if op == "selective":
-        kw = selective_inputs(1, seqlen, 8, 16, seed=3)
-        kw["delta"], kw["delta_bias"], kw["delta_softplus"] = 0.1 * kw["delta"], dt_bias, True
         names, spec, ref, attrs = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "ssm_state"), \
             SELECTIVE_SCAN, selective_scan_ref, {"delta_softplus": 1}
     else:
-        kw = ssd_inputs(1, seqlen, 8, 16, 32, seed=3)
-        kw["dt"], kw["dt_bias"], kw["dt_softplus"], kw["dt_limit"] = 0.1 * kw["dt"], dt_bias, True, (0.0, math.inf)
         names, spec, ref = ("x", "dt", "A", "B", "C", "D", "dt_bias", "ssm_state"), SSD_SCAN, ssd_scan_ref
         attrs = {"chunk_size": kw["chunk_size"], "dt_softplus": 1, "dt_min": 0.0, "dt_max": math.inf}
     _, s = run_node(spec, {k: kw[k] for k in names}, attrs)
-    _, s64 = ref(**{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
-    _, s32 = ref(**kw)
-
-    def rms(t):
-        return float(t.double().pow(2).mean().sqrt())
-
-    body, reference = rms(s.double() - s64), rms(s32.double() - s64)
-    ulp = rms(s64) * 2.0**-23
-    assert body <= 1.5 * reference + 0.5 * ulp, (f"{op}: the body's state {body / ulp:.1f} ulps of its RMS from "
-                                                 f"float64, the float32 reference's {reference / ulp:.1f}")
+    body, reference = state_ulps(s, kw, ref)
+    assert body <= 1.5 * reference + 0.5, (f"{op}: the body's state {body:.1f} ulps of its RMS from float64, the "
+                                           f"float32 reference's {reference:.1f}")
 
 
 @pytest.mark.parametrize("seqlen,chunk_size",

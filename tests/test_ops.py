@@ -77,6 +77,36 @@ def to64(kw):
     return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
 
 
+def small_dt_inputs(op: str, seqlen: int, chunk_size: int = 16) -> dict:
+    """A scan's inputs ("selective" or "ssd", 8 channels / heads, zero initial state) at Mamba's initial dt: the
+    bias such that softplus(bias) spans 1e-3 to 1e-1, as mamba_ssm initialises it, plus a little noise. There
+    softplus's input is near -7 and exp of it small, where a softplus computed as log(1 + exp(x)) rounds away up
+    to 6e-5 of dt."""
+    g = torch.Generator().manual_seed(7)
+    dt_bias = torch.log(torch.expm1(torch.exp(torch.empty(8).uniform_(math.log(1e-3), math.log(1e-1), generator=g))))
+    if op == "selective":
+        kw = selective_inputs(1, seqlen, 8, 16, seed=3)
+        kw.update(delta=0.1 * kw["delta"], delta_bias=dt_bias, delta_softplus=True)
+    else:
+        kw = ssd_inputs(1, seqlen, 8, 16, 32, seed=3, chunk_size=chunk_size)
+        kw.update(dt=0.1 * kw["dt"], dt_bias=dt_bias, dt_softplus=True, dt_limit=(0.0, math.inf))
+    kw["ssm_state"] = torch.zeros_like(kw["ssm_state"])
+    return kw
+
+
+def state_ulps(state, kw: dict, ref) -> tuple[float, float]:
+    """(state's, float32 reference's) RMS distance from the float64 reference's state, in ulps of that state's RMS
+    (float32): how much precision an implementation keeps, which the op tolerance is too coarse to see."""
+    _, s64 = ref(**to64(kw))
+    _, s32 = ref(**kw)
+
+    def rms(t):
+        return float(t.double().cpu().pow(2).mean().sqrt())
+
+    ulp = rms(s64) * 2.0**-23
+    return rms(state.double().cpu() - s64) / ulp, rms(s32.double() - s64) / ulp
+
+
 def check_pair(name, got, want, dtype=None, **tol):
     (y, s), (y_ref, s_ref) = got, want
     assert_close(y, y_ref, dtype=dtype, name=f"{name} y", **tol)
