@@ -303,7 +303,8 @@ inline void half_axpy_rows(const uint16_t* b, int64_t N, const float* a, int64_t
 #endif
   for (; j < w; ++j)
     for (int64_t r = 0; r < rows; ++r)
-      for (int i = 0; i < kk; ++i) acc[r * acc_stride + j] += a[r * K + i] * ssmrt_half::to_float_portable(b[i * N + j]);
+      for (int i = 0; i < kk; ++i)
+        acc[r * acc_stride + j] += a[r * K + i] * ssmrt_half::to_float_portable(b[i * N + j]);
 }
 
 }  // namespace

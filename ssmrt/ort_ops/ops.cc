@@ -408,7 +408,8 @@ Status* scan_compute(void* kernel, KernelContext* ctx) {
 //
 // ssmrt.cpu::HalfMatMul(A (..., K) float16, B (K, N) float16) -> Y (..., N) float16: MatMul with float32 sums and
 // float16 weights read as stored; attribute trans_b 1: B is given as (N, K). Not an artifact op: the ONNX Runtime
-// runner routes a float16 graph's decode-step MatMuls here (ONNX Runtime's CPU float16 MatMul reads its weights at float32 cost).
+// runner routes a float16 graph's decode-step MatMuls here (ONNX Runtime's CPU float16 MatMul reads its weights at
+// float32 cost).
 
 struct HalfMatMulKernel {
   Calls api;
