@@ -62,7 +62,8 @@ REPORT_VERSION = 1
 # is made by how each implementation evaluates exp / softplus / silu and associates its sums (a chunked scan
 # differs from a sequential one, a block-quantised matmul from a dense one): ONNX Runtime's CPU kernels measured
 # up to 17x PyTorch's RMS error where PyTorch's is about one ulp (while they computed softplus as log(1 + exp(x)),
-# since log1p), but never above 20 ulps of the state's RMS; hence 4x plus a 64-ulp floor. A float32 bug worth finding (a layer's A off by 1e-3) sits 20x and more above that.
+# since log1p), but never above 20 ulps of the state's RMS; hence 4x plus a 64-ulp floor. A float32 bug worth
+# finding (a layer's A off by 1e-3) sits 20x and more above that.
 CALIBRATION = {"float32": (4.0, 64.0), "float16": (2.0, 1.0), "bfloat16": (2.0, 1.0), "float64": (4.0, 64.0)}
 EPS = {"float64": 2.0 ** -52, "float32": 2.0 ** -23, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
 MODES = ("calibrated", "tolerance")
