@@ -310,20 +310,16 @@ inline void half_axpy_rows(const uint16_t* b, int64_t N, const float* a, int64_t
 }  // namespace
 
 void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uint16_t* y, int64_t M, int64_t K,
-                 int64_t N, int64_t threads) {
+                 int64_t N) {
   // b is (K, N) row-major, so a run of whole rows is one contiguous stretch of memory: each piece takes a range of
   // rows (split over K, not N) and sweeps it front to back, four rows at a time, into its own float32 partial sums
   // of every column, loaded and stored once per four rows; the pieces' partials are then added. One sequential
   // sweep per piece is what the hardware prefetchers stream at full bandwidth (column blocks would start a new page
   // on every row). Up to kRows rows of a share each converted weight; more rows sweep b again.
-  // Where the pool's size is known, no more pieces than threads: each thread's one long sweep streams faster than
-  // several short ones, which restart the prefetchers and leave more partials to add (an in_proj of a 130M Mamba-2
-  // at two threads: 2 pieces stream ~1.25x as fast as 9; benchmarks/cpu_kernels.py).
   constexpr int64_t kRows = 4, kMaxPieces = 16, kPieceWork = int64_t{1} << 18;
   std::vector<float> af(M * K);
   ssmrt_half::to_float(a, af.data(), M * K);
-  const int64_t most = threads > 0 ? std::min(kMaxPieces, threads) : kMaxPieces;
-  const int64_t pieces = std::max<int64_t>(1, std::min({most, (K + 3) / 4, K * N / kPieceWork}));
+  const int64_t pieces = std::max<int64_t>(1, std::min({kMaxPieces, (K + 3) / 4, K * N / kPieceWork}));
   // The partials live in a buffer kept by the calling thread from call to call: a fresh one of a few MB each call
   // would be mapped, faulted in and zeroed anew.
   thread_local std::vector<float> scratch;

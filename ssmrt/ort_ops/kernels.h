@@ -54,9 +54,8 @@ namespace ssmrt_cpu {
 // path). y (M, N) = a (M, K) @ b (K, N), a, b and y IEEE float16 as stored (uint16_t), the sums in float32 and
 // rounded once. Written for small M (a decode step's rows): b is streamed once per four rows of a, converted on
 // the fly, so a step reads its float16 weights, half the bytes of float32 ones; a large M is correct but slow.
-// threads: how many threads `exec` runs pieces on (0: not known); the sweep is cut into no more pieces than that.
 void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uint16_t* y, int64_t M, int64_t K,
-                 int64_t N, int64_t threads = 0);
+                 int64_t N);
 // The same with b given transposed, bt (N, K): y = a @ bt^T (a tied lm_head is the embedding, (vocab, d_model)).
 void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt, uint16_t* y, int64_t M, int64_t K,
                     int64_t N);
