@@ -2,10 +2,12 @@
 
     python benchmarks/cpu_kernels.py [--threads 2] [--json OUT] [--smoke]
 
-1. HalfMatMul (ssmrt.cpu), one row (a decode step), against ONNX Runtime's float32 MatMul of the same shapes in
-   alternating blocks: a 130M-class Mamba-2's 24 layers of in_proj (768 x 3352) and out_proj (1536 x 768), each
-   layer its own weights so that they come from memory as in a step, then the tied lm_head (the embedding,
-   50280 x 768, read transposed) alone. float16 reads half float32's bytes: 0.5 is the time ratio's floor.
+1. HalfMatMul (ssmrt.cpu), one row (a decode step), told the session's threads as the runner tells it, against
+   ONNX Runtime's float32 MatMul of the same shapes and against HalfMatMul not told them (blocks of rows dealt to
+   the pool one at a time), in alternating blocks: a 130M-class Mamba-2's 24 layers of in_proj (768 x 3352) and
+   out_proj (1536 x 768), each layer its own weights so that they come from memory as in a step, then the tied
+   lm_head (the embedding, 50280 x 768, read transposed) alone. float16 reads half float32's bytes: 0.5 is the
+   time ratio's floor.
 2. SSDScan's decode step at that model's shape (24 heads x 64 x 128, float32 state), cycling through 24 states
    (one a layer): GB/s of the state read and written, against a numpy copy of the same bytes in the same run.
 Every case checks its result against a reference before it is timed. --smoke: small shapes, few repeats (the
@@ -65,35 +67,38 @@ def _paired(a: list, b: list) -> float:
 
 
 def half_matmul_case(name, shapes, threads, blocks, per_block, rng) -> dict:
-    """shapes: [(K, N, trans_b)], multiplied one after another by one row; float16 HalfMatMul against float32
-    MatMul of the same weights."""
+    """shapes: [(K, N, trans_b)], multiplied one after another by one row; float16 HalfMatMul (told the session's
+    threads, as the runner tells it) against float32 MatMul of the same weights, and against HalfMatMul not told
+    them ("float16 dealt out": its blocks of rows dealt to the pool one at a time, not one run per thread)."""
     from onnx import TensorProto, helper, numpy_helper
 
     weights = [(rng.standard_normal((n, k) if t else (k, n)) / k**0.5).astype(np.float16) for k, n, t in shapes]
     sessions, feeds = {}, {}
-    for dtype in ("float16", "float32"):
+    for dtype in ("float16", "float32", "float16 dealt out"):
         nodes, inits, vis_in, outs = [], [], [], []
         for i, ((k, _, t), w) in enumerate(zip(shapes, weights, strict=True)):
             a, y = f"a{i}", f"y{i}"
-            if dtype == "float16":
+            if dtype.startswith("float16"):
                 inits.append(numpy_helper.from_array(w, f"w{i}"))
-                nodes.append(helper.make_node("HalfMatMul", [a, f"w{i}"], [y], domain="ssmrt.cpu", trans_b=int(t)))
+                nodes.append(helper.make_node("HalfMatMul", [a, f"w{i}"], [y], domain="ssmrt.cpu", trans_b=int(t),
+                                              threads=0 if dtype.endswith("out") else threads))
             else:
                 inits.append(numpy_helper.from_array((w.T if t else w).astype(np.float32), f"w{i}"))
                 nodes.append(helper.make_node("MatMul", [a, f"w{i}"], [y]))
-            elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+            elem = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
             vis_in.append(helper.make_tensor_value_info(a, elem, [1, 1, k]))
             outs.append(helper.make_tensor_value_info(y, elem, None))
         sessions[dtype] = _session(nodes, vis_in, outs, inits, threads)
-        feeds[dtype] = {f"a{i}": rng.standard_normal((1, 1, k)).astype(np.float16 if dtype == "float16"
-                                                                        else np.float32)
+        feeds[dtype] = {f"a{i}": rng.standard_normal((1, 1, k)).astype(np.float32 if dtype == "float32"
+                                                                        else np.float16)
                         for i, (k, _, _) in enumerate(shapes)}
-    # the check: HalfMatMul against the float32 product of the float16 operands
-    got = sessions["float16"].run(None, feeds["float16"])
+    # the check: HalfMatMul, both ways, against the float32 product of the float16 operands
     worst = 0.0
-    for i, (w, (_, _, t)) in enumerate(zip(weights, shapes, strict=True)):
-        want = feeds["float16"][f"a{i}"].astype(np.float32) @ (w.T if t else w).astype(np.float32)
-        worst = max(worst, float(np.abs(got[i].astype(np.float32) - want).max() / (np.abs(want).max() + 1e-30)))
+    for dtype in ("float16", "float16 dealt out"):
+        got = sessions[dtype].run(None, feeds[dtype])
+        for i, (w, (_, _, t)) in enumerate(zip(weights, shapes, strict=True)):
+            want = feeds[dtype][f"a{i}"].astype(np.float32) @ (w.T if t else w).astype(np.float32)
+            worst = max(worst, float(np.abs(got[i].astype(np.float32) - want).max() / (np.abs(want).max() + 1e-30)))
     ok = worst < 4e-3  # float16 rounding of the result
     times = _alternate({d: (lambda s=s, f=feeds[d]: s.run(None, f)) for d, s in sessions.items()}, blocks,
                        per_block)
@@ -102,7 +107,8 @@ def half_matmul_case(name, shapes, threads, blocks, per_block, rng) -> dict:
     return {"case": name, "ok": ok, "max_rel_error": worst, "weight_MB_float16": nbytes / 1e6,
             "ms": {d: v * 1e3 for d, v in med.items()},
             "GB_per_s": {"float16": nbytes / med["float16"] / 1e9, "float32": 2 * nbytes / med["float32"] / 1e9},
-            "time_float16_over_float32": _paired(times["float16"], times["float32"])}
+            "time_float16_over_float32": _paired(times["float16"], times["float32"]),
+            "time_float16_over_dealt_out": _paired(times["float16"], times["float16 dealt out"])}
 
 
 def ssd_step_case(nheads, headdim, dstate, states, threads, blocks, per_block, rng) -> dict:

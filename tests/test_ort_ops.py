@@ -249,15 +249,17 @@ def test_float16_decode_steps_carry_the_state():
         assert_close(state, state_ref, atol=atol, rtol=rtol, name=f"step {t} state")
 
 
-def half_matmul_session(trans_b: int) -> ort.InferenceSession:
+def half_matmul_session(trans_b: int, pool: int = 0, **attrs) -> ort.InferenceSession:
     """ssmrt.cpu::HalfMatMul (the float16 runner's decode-step MatMul) alone in a graph."""
     vis = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT16, [f"{n}{i}" for i in range(r)])
            for n, r in (("a", 3), ("b", 2))]
-    node = helper.make_node("HalfMatMul", ["a", "b"], ["y"], domain=ort_ops.HALF_MATMUL_DOMAIN, trans_b=trans_b)
+    node = helper.make_node("HalfMatMul", ["a", "b"], ["y"], domain=ort_ops.HALF_MATMUL_DOMAIN, trans_b=trans_b,
+                            **attrs)
     model = helper.make_model(
         helper.make_graph([node], "g", vis, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, None)]),
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ort_ops.HALF_MATMUL_DOMAIN, 1)])
     so = ort.SessionOptions()
+    so.intra_op_num_threads = pool
     so.register_custom_ops_library(str(native_library()))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -269,16 +271,44 @@ def half_matmul_session(trans_b: int) -> ort.InferenceSession:
                                               (1, 1, 768, 3352), (1, 1, 1536, 768), (2, 1, 1536, 768),
                                               (1, 1, 768, 50280)])
 @pytest.mark.parametrize("trans_b", [0, 1])
-def test_half_matmul(batch, seqlen, K, N, trans_b):
+def test_half_matmul(batch, seqlen, K, N, trans_b, threads=0):
     """HalfMatMul against the plain torch reference (float32 matmul of the float16 operands, rounded to float16)."""
     g = torch.Generator().manual_seed(K + N)
     a = torch.randn(batch, seqlen, K, generator=g).half()
     b = (torch.randn(K, N, generator=g) / K**0.5).half()
     want = (a.float() @ b.float()).half()
-    (y,) = half_matmul_session(trans_b).run(None, {"a": a.numpy(), "b": (b.t() if trans_b else b).contiguous().numpy()})
+    (y,) = half_matmul_session(trans_b, threads=threads).run(
+        None, {"a": a.numpy(), "b": (b.t() if trans_b else b).contiguous().numpy()})
     assert y.dtype == np.float16 and y.shape == (batch, seqlen, N)
     atol, rtol = tolerance("float16", "op")
     assert_close(torch.from_numpy(y).float(), want.float(), atol=atol, rtol=rtol, name="HalfMatMul")
+
+
+# threads: b's rows in one run, two, three (more than a small b has blocks), eight, and in a pool larger than eight
+# (a block a thread), in sessions of one and two threads; up to eight the blocks are the same and their partial sums
+# are added in block order, so every way gives the same bits.
+@pytest.mark.parametrize("batch,seqlen,K,N", [(1, 1, 768, 3352), (1, 1, 1536, 768), (5, 1, 1536, 768),
+                                              (2, 1, 37, 300)])
+def test_half_matmul_threads(batch, seqlen, K, N):
+    g = torch.Generator().manual_seed(K * N)
+    a = torch.randn(batch, seqlen, K, generator=g).half()
+    b = (torch.randn(K, N, generator=g) / K**0.5).half()
+    want = (a.float() @ b.float()).half()
+    atol, rtol = tolerance("float16", "op")
+    first = None
+    for threads in (0, 1, 2, 3, 8, 64):
+        for pool in (1, 2):
+            (y,) = half_matmul_session(0, pool, threads=threads).run(None, {"a": a.numpy(), "b": b.numpy()})
+            assert_close(torch.from_numpy(y).float(), want.float(), atol=atol, rtol=rtol,
+                         name=f"HalfMatMul threads={threads} in a pool of {pool}")
+            first = y if first is None else first
+            if threads <= 8:
+                assert np.array_equal(y.view(np.uint16), first.view(np.uint16)), (threads, pool)
+
+
+def test_half_matmul_refuses_negative_threads():
+    with pytest.raises(Exception, match="HalfMatMul: attribute threads must be 0 or more, got -1"):
+        half_matmul_session(0, threads=-1)
 
 
 def test_route_half_matmuls_tied_head():
@@ -296,11 +326,13 @@ def test_route_half_matmuls_tied_head():
                               [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT16, None)],
                               [onnx.numpy_helper.from_array(emb.numpy(), "emb")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    assert ort_ops.route_half_matmuls(model) == 1
+    assert ort_ops.route_half_matmuls(model, threads=3) == 1
     assert [n.op_type for n in model.graph.node if n.op_type in ("Transpose", "MatMul")] == []
     (branch,) = [n for n in model.graph.node if n.op_type == "If"]
     prompt_ops = [n.op_type for a in branch.attribute if a.name == "else_branch" for n in a.g.node]
     assert "Gemm" in prompt_ops
+    (step,) = [n for a in branch.attribute if a.name == "then_branch" for n in a.g.node]
+    assert (step.op_type, helper.get_node_attr_value(step, "threads")) == ("HalfMatMul", 3)
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(native_library()))
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

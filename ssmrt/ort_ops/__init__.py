@@ -193,9 +193,11 @@ HALF_MATMUL_DOMAIN = "ssmrt.cpu"
 DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
 
 
-def route_half_matmuls(model) -> int:
+def route_half_matmuls(model, threads: int = 0) -> int:
     """Rewrites an onnx.ModelProto in place: every main-graph MatMul of an activation by a float16 (K, N)
     initializer becomes If(input_ids has one position, HalfMatMul, the MatMul as it was). Returns how many.
+    threads: the session's intra-op threads where known (0: not), given to each HalfMatMul, which sweeps one run
+    of the weight's rows a thread.
 
     A tied lm_head multiplies by Transpose(embedding): both branches read the embedding itself (HalfMatMul and
     Gemm with trans_b over the activation's rows), and the Transpose, left with no reader, goes; ONNX Runtime would
@@ -224,7 +226,8 @@ def route_half_matmuls(model) -> int:
             if w in transposed:
                 b = transposed[w]
                 n, k = weights[b].dims
-                step = helper.make_node("HalfMatMul", [a, b], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN, trans_b=1)
+                step = helper.make_node("HalfMatMul", [a, b], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN, trans_b=1,
+                                        threads=threads)
                 # the prompt's activation as rows (..., K) -> (rows, K), by the embedding, and back to (..., N)
                 prompt = [helper.make_node("Constant", [], [f"{y}.rows_shape"], value_ints=[-1, k]),
                           helper.make_node("Reshape", [a, f"{y}.rows_shape"], [f"{y}.rows"]),
@@ -234,7 +237,8 @@ def route_half_matmuls(model) -> int:
                           helper.make_node("Concat", [f"{y}.lead", f"{y}.n"], [f"{y}.shape"], axis=0),
                           helper.make_node("Reshape", [f"{y}.gemm", f"{y}.shape"], [f"{y}.prompt"])]
             else:
-                step = helper.make_node("HalfMatMul", [a, w], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN)
+                step = helper.make_node("HalfMatMul", [a, w], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN,
+                                        threads=threads)
                 prompt = [helper.make_node("MatMul", [a, w], [f"{y}.prompt"])]
             branch = {name: helper.make_graph(inner, f"{y}_{name}", [],
                                               [helper.make_tensor_value_info(f"{y}.{name}", TensorProto.FLOAT16,

@@ -3,6 +3,7 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -309,42 +310,94 @@ inline void half_axpy_rows(const uint16_t* b, int64_t N, const float* a, int64_t
 
 }  // namespace
 
+namespace {
+
+// The rows of b cut into `blocks` fixed blocks of whole groups of four (the last takes the remainder), the blocks
+// into `regions` runs of consecutive blocks, one per task. A task sweeps its own run front to back, then takes
+// blocks from the back of the others' runs until none is left: a task that starts late (a pool thread still waking)
+// finds part of its run done, not the others waiting on it. Each block is claimed once, by a compare-and-swap on
+// its run's word: the next block from the front in the low 32 bits, one past the last from the back in the high.
+class BlockRuns {
+ public:
+  BlockRuns(int64_t blocks, int64_t regions) : regions_(regions), runs_(regions) {
+    for (int64_t r = 0; r < regions; ++r)
+      runs_[r].store((uint64_t(blocks * (r + 1) / regions) << 32) | uint64_t(blocks * r / regions));
+  }
+  // The next block of run r from its front (owner) or its back (anyone else); -1 once the run is used up.
+  int64_t claim(int64_t r, bool front) {
+    uint64_t w = runs_[r].load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t f = w & 0xffffffffu, b = w >> 32;
+      if (f >= b) return -1;
+      const uint64_t next = front ? ((b << 32) | (f + 1)) : (((b - 1) << 32) | f);
+      if (runs_[r].compare_exchange_weak(w, next, std::memory_order_relaxed)) return int64_t(front ? f : b - 1);
+    }
+  }
+  template <typename F>
+  void task(int64_t r, F sweep) {
+    for (int64_t blk; (blk = claim(r, true)) >= 0;) sweep(blk);
+    for (int64_t d = 1; d < regions_; ++d)
+      for (int64_t blk; (blk = claim((r + d) % regions_, false)) >= 0;) sweep(blk);
+  }
+
+ private:
+  int64_t regions_;
+  std::vector<std::atomic<uint64_t>> runs_;
+};
+
+}  // namespace
+
 void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uint16_t* y, int64_t M, int64_t K,
-                 int64_t N) {
-  // b is (K, N) row-major, so a run of whole rows is one contiguous stretch of memory: each piece takes a range of
-  // rows (split over K, not N) and sweeps it front to back, four rows at a time, into its own float32 partial sums
-  // of every column, loaded and stored once per four rows; the pieces' partials are then added. One sequential
-  // sweep per piece is what the hardware prefetchers stream at full bandwidth (column blocks would start a new page
-  // on every row). Up to kRows rows of a share each converted weight; more rows sweep b again.
-  constexpr int64_t kRows = 4, kMaxPieces = 16, kPieceWork = int64_t{1} << 18;
+                 int64_t N, int64_t threads) {
+  // b is (K, N) row-major, so a run of whole rows is one contiguous stretch of memory: the sweep is split over K,
+  // not N (column blocks would start a new page on every row), into fixed blocks of rows, each swept front to back,
+  // four rows at a time, into its own float32 partial sums of every column, loaded and stored once per four rows;
+  // the blocks' partials are then added in block order, so the result does not depend on which thread swept which
+  // block. Each thread sweeps one run of consecutive blocks (BlockRuns), one sequential stretch that the hardware
+  // prefetchers stream at full bandwidth; blocks dealt out one at a time would leave each thread a series of short
+  // stretches. Eight blocks at most, or one a thread in a larger pool (up to 32): the blocks, the order their
+  // partials are added and so the result are the same for every pool of up to eight threads. Up to kRows rows of a
+  // share each converted weight; more rows sweep b again.
+  constexpr int64_t kRows = 4, kBlockWork = int64_t{1} << 17, kInlineSum = int64_t{1} << 16;
+  const int64_t most_blocks = std::min<int64_t>(32, std::max<int64_t>(8, threads));
   std::vector<float> af(M * K);
   ssmrt_half::to_float(a, af.data(), M * K);
-  const int64_t pieces = std::max<int64_t>(1, std::min({kMaxPieces, (K + 3) / 4, K * N / kPieceWork}));
+  const int64_t groups = std::max<int64_t>(1, K / 4);
+  const int64_t blocks = std::max<int64_t>(1, std::min({most_blocks, groups, K * N / kBlockWork}));
+  // threads unknown: a run per block, the pool dealing them out
+  const int64_t regions = threads > 0 ? std::min(threads, blocks) : blocks;
   // The partials live in a buffer kept by the calling thread from call to call: a fresh one of a few MB each call
   // would be mapped, faulted in and zeroed anew.
   thread_local std::vector<float> scratch;
-  if (scratch.size() < static_cast<size_t>(pieces * kRows * N)) scratch.resize(pieces * kRows * N);
-  float* const partial = scratch.data();  // the pieces run on other threads: they take this pointer, not `scratch`
+  if (scratch.size() < static_cast<size_t>(blocks * kRows * N)) scratch.resize(blocks * kRows * N);
+  float* const partial = scratch.data();  // the blocks run on other threads: they take this pointer, not `scratch`
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
     const int64_t rows = std::min(kRows, M - m0);
     const float* am = af.data() + m0 * K;
-    exec.run(pieces, [&](int64_t p) {
-      const int64_t k0 = K * p / pieces, k1 = K * (p + 1) / pieces;
-      float* acc = partial + p * kRows * N;
+    auto sweep = [&](int64_t blk) {
+      const int64_t k0 = 4 * (groups * blk / blocks), k1 = blk + 1 == blocks ? K : 4 * (groups * (blk + 1) / blocks);
+      float* acc = partial + blk * kRows * N;
       std::fill(acc, acc + rows * N, 0.0f);
       int64_t k = k0;
       for (; k + 4 <= k1; k += 4) half_axpy_rows<4>(b + k * N, N, am + k, K, rows, acc, N, N);
       for (; k < k1; ++k) half_axpy_rows<1>(b + k * N, N, am + k, K, rows, acc, N, N);
-    });
-    parallel_for(exec, rows * N, pieces, [&](int64_t i0, int64_t i1) {
+    };
+    BlockRuns runs(blocks, regions);
+    exec.run(regions, [&](int64_t r) { runs.task(r, sweep); });
+    auto add = [&](int64_t i0, int64_t i1) {
       std::vector<float> sum(i1 - i0);
-      for (int64_t p = 0; p < pieces; ++p) {
-        const float* part = partial + p * kRows * N;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const float* part = partial + blk * kRows * N;
         for (int64_t i = i0; i < i1; ++i) sum[i - i0] += part[i];
       }
       // i runs over (row, column) of this group of rows, which are consecutive rows of y
       ssmrt_half::from_float(sum.data(), y + m0 * N + i0, i1 - i0);
-    });
+    };
+    // a few partials are added here: handing them to the pool would wake its threads once more for little work
+    if (rows * N * blocks <= kInlineSum)
+      add(0, rows * N);
+    else
+      parallel_for(exec, rows * N, blocks, add);
   }
 }
 

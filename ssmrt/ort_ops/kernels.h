@@ -54,8 +54,10 @@ namespace ssmrt_cpu {
 // path). y (M, N) = a (M, K) @ b (K, N), a, b and y IEEE float16 as stored (uint16_t), the sums in float32 and
 // rounded once. Written for small M (a decode step's rows): b is streamed once per four rows of a, converted on
 // the fly, so a step reads its float16 weights, half the bytes of float32 ones; a large M is correct but slow.
+// threads: how many threads `exec` runs on (0: not known), each given one run of b's rows; the result is the same
+// for any pool of up to eight.
 void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uint16_t* y, int64_t M, int64_t K,
-                 int64_t N);
+                 int64_t N, int64_t threads = 0);
 // The same with b given transposed, bt (N, K): y = a @ bt^T (a tied lm_head is the embedding, (vocab, d_model)).
 void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt, uint16_t* y, int64_t M, int64_t K,
                     int64_t N);

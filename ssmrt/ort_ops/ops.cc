@@ -409,11 +409,15 @@ Status* scan_compute(void* kernel, KernelContext* ctx) {
 // ssmrt.cpu::HalfMatMul(A (..., K) float16, B (K, N) float16) -> Y (..., N) float16: MatMul with float32 sums and
 // float16 weights read as stored; attribute trans_b 1: B is given as (N, K). Not an artifact op: the ONNX Runtime
 // runner routes a float16 graph's decode-step MatMuls here (ONNX Runtime's CPU float16 MatMul reads its weights at
-// float32 cost).
+// float32 cost). Attribute threads (default 0: not known): the session's intra-op thread count, each of which the
+// (K, N) kernel gives one run of b's rows (ONNX Runtime's C API does not tell a custom op its pool's size); the
+// (N, K) kernel splits by columns, with no partial sums to add, and deals them to the pool in small blocks (one
+// run per thread measured no faster there).
 
 struct HalfMatMulKernel {
   Calls api;
   bool trans_b = false;
+  int64_t threads = 0;
 };
 
 Status* half_matmul_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
@@ -424,7 +428,13 @@ Status* half_matmul_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw
     return api.CreateStatus(ssmrt_ort::kInvalidArgument,
                             ("ssmrt.cpu::HalfMatMul: attribute trans_b must be 0 or 1, got " +
                              std::to_string(trans_b)).c_str());
-  *out = new HalfMatMulKernel{api, trans_b == 1};
+  int64_t threads = 0;
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "threads", &threads)) api.ReleaseStatus(s);  // absent: 0
+  if (threads < 0)
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument,
+                            ("ssmrt.cpu::HalfMatMul: attribute threads must be 0 or more, got " +
+                             std::to_string(threads)).c_str());
+  *out = new HalfMatMulKernel{api, trans_b == 1, threads};
   return nullptr;
 }
 
@@ -460,9 +470,12 @@ Status* half_matmul_compute(void* kernel, KernelContext* ctx) {
   SSMRT_TRY(api.KernelContextGetOutput(ctx, 0, out_shape.data(), out_shape.size(), &out));
   void* y = nullptr;
   SSMRT_TRY(api.GetTensorMutableData(out, &y));
-  (k->trans_b ? ssmrt_cpu::half_matmul_nt : ssmrt_cpu::half_matmul)(
-      PoolExecutor(api, ctx), static_cast<const uint16_t*>(data[0]), static_cast<const uint16_t*>(data[1]),
-      static_cast<uint16_t*>(y), M, K, N);
+  const auto* a = static_cast<const uint16_t*>(data[0]);
+  const auto* b = static_cast<const uint16_t*>(data[1]);
+  if (k->trans_b)
+    ssmrt_cpu::half_matmul_nt(PoolExecutor(api, ctx), a, b, static_cast<uint16_t*>(y), M, K, N);
+  else
+    ssmrt_cpu::half_matmul(PoolExecutor(api, ctx), a, b, static_cast<uint16_t*>(y), M, K, N, k->threads);
   return nullptr;
 }
 

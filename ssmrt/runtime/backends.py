@@ -273,7 +273,7 @@ class OnnxRuntimeRunner(Runner):
         opts.log_severity_level = 3
         self.native_ops, self.native_ops_note = self._register_native_ops(opts, native_ops, providers, meta)
         self.half_matmuls = 0
-        model = self._route_half_matmuls(opts, meta) if self.native_ops else None
+        model = self._route_half_matmuls(opts, meta, threads) if self.native_ops else None
         try:
             self.session = ort.InferenceSession(model or str(self.path), sess_options=opts, providers=providers)
         except Exception as e:
@@ -339,7 +339,7 @@ class OnnxRuntimeRunner(Runner):
             raise SsmrtError(f"{self.path}: native ops asked for, but {why}")
         return (), why
 
-    def _route_half_matmuls(self, opts, meta: dict) -> bytes | None:
+    def _route_half_matmuls(self, opts, meta: dict, threads: int) -> bytes | None:
         """For a float16 artifact with the native library registered: the graph with its decode step's weight
         MatMuls on the library's HalfMatMul (ssmrt.ort_ops.route_half_matmuls), as bytes for ONNX Runtime; None
         (load the file as it is) for any other artifact. `self.half_matmuls` counts them."""
@@ -350,7 +350,8 @@ class OnnxRuntimeRunner(Runner):
         from .. import ort_ops
 
         model = onnx.load(str(self.path), load_external_data=False)
-        self.half_matmuls = ort_ops.route_half_matmuls(model)
+        # ONNX Runtime's default pool (threads 0) is at most one thread per CPU this process may run on
+        self.half_matmuls = ort_ops.route_half_matmuls(model, threads or len(os.sched_getaffinity(0)))
         if not self.half_matmuls:
             return None
         # the bytes have no location of their own: external weights are found beside the artifact
