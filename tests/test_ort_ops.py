@@ -135,11 +135,12 @@ def ssd_attrs(kw) -> dict:
     return {"chunk_size": kw["chunk_size"], "dt_softplus": int(kw["dt_softplus"]), "dt_min": lo, "dt_max": hi}
 
 
-# The last two cases are the 130M Mamba-2's head shape in a decode step (its own single-pass loop) and at a prefill
-# length, split across threads.
+# Decode steps (seqlen 1, their own single-pass loop) with dstate a multiple of eight (rows of eight lanes, streamed
+# out), shorter than eight and neither (eight lanes, then the rest one at a time). The last two cases are the 130M
+# Mamba-2's head shape in a decode step and at a prefill length, split across threads.
 @pytest.mark.parametrize("batch,seqlen,nheads,headdim,dstate,ngroups",
-                         [(1, 1, 4, 8, 16, 1), (2, 1, 6, 5, 7, 2), (2, 9, 4, 8, 16, 2), (1, 33, 3, 4, 5, 1),
-                          (2, 1, 24, 64, 128, 1), (2, 300, 24, 64, 128, 1)])
+                         [(1, 1, 4, 8, 16, 1), (2, 1, 6, 5, 7, 2), (1, 1, 3, 4, 21, 1), (2, 9, 4, 8, 16, 2),
+                          (1, 33, 3, 4, 5, 1), (2, 1, 24, 64, 128, 1), (2, 300, 24, 64, 128, 1)])
 @pytest.mark.parametrize("D_per_channel", [False, True])
 @pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.05, 0.3)])
 def test_ssd_scan(batch, seqlen, nheads, headdim, dstate, ngroups, D_per_channel, dt_limit):
