@@ -395,3 +395,21 @@ def test_restore_takes_a_snapshot_of_the_same_model(tiny, runner):
     shared = Session(runner)  # another Session over the same runner
     shared.restore(snap)
     assert shared.generate(None, 6) == want
+
+
+def test_physical_cores_counts_cores_not_hyperthreads(tmp_path, monkeypatch):
+    """The pool size the float16 decode matmuls are told when the session's threads are left to ONNX Runtime: one
+    a physical core among the CPUs the process may run on; 0 (not known) where /sys has no topology."""
+    from ssmrt.runtime import limits
+
+    for cpu, (package, core) in enumerate([(0, 0), (0, 0), (0, 1), (0, 1), (1, 0), (1, 0)]):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text(f"{package}\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    monkeypatch.setattr(limits.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    assert limits.physical_cores(str(tmp_path)) == 3
+    monkeypatch.setattr(limits.os, "sched_getaffinity", lambda pid: {2, 3, 4})
+    assert limits.physical_cores(str(tmp_path)) == 2
+    monkeypatch.setattr(limits.os, "sched_getaffinity", lambda pid: {6})
+    assert limits.physical_cores(str(tmp_path)) == 0

@@ -20,6 +20,7 @@ from ssmrt.exporter import export, export_model
 from ssmrt.exporter import torch_to_onnx as export_mod
 from ssmrt.ops.spec import OPS_BY_ARCH
 from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, Session, TorchRunnerFromCheckpoint
+from ssmrt.runtime.limits import physical_cores
 
 # test family -> HF config id (hf_models.HF_CONFIGS). The tests that export one of these skip without
 # transformers (hf_model); the others in this module run whether or not it is installed.
@@ -213,6 +214,8 @@ def test_float16_artifact_runs_its_ops_on_the_native_kernels(family, exported, t
         runner = OnnxRuntimeRunnerFromArtifact(art, native_ops=mode)
         layers = runner.config.n_layer
         assert runner.half_matmuls == ((4 if runner.config.arch == "mamba1" else 2) * layers + 1 if mode == "on" else 0)
+        # the default pool (threads 0): the matmuls are told a thread a physical core
+        assert runner.half_matmul_threads == (physical_cores() if mode == "on" else 0)
         report = compare_runners(TorchRunnerFromCheckpoint(ckpt), runner, list(range(1, 12)), steps=6)
         print(report.format())
         assert report.dtype == "float16" and report.passed

@@ -179,7 +179,8 @@ namespace {
 // step, 24 layers of state and all the weights later, and a streaming store does not first read the line it
 // writes, as an ordinary store does (a third of what the row costs in memory traffic). A state read back from the
 // cache soon after would lose by it, which is why benchmarks/cpu_kernels.py cycles through more states than a
-// last-level cache holds. The sums are the same either way.
+// last-level cache holds. Streamed or not, the sums are the same (not bit for bit those of the general loop that a
+// prompt runs, whose sums run in another order).
 inline float ssd_row(const float* __restrict row0, const float* __restrict B, const float* __restrict C,
                      float* __restrict row, int64_t N, float decay, float xdt, bool stream) {
   int64_t n = 0;
@@ -217,6 +218,10 @@ void ssd_step(const Executor& exec, const float* x, const float* dt_in, const fl
               float* state_out, int64_t batch, int64_t nheads, int64_t P, int64_t N, int64_t ngroups,
               bool dt_softplus, bool dt_clamp, float dt_min, float dt_max) {
   const int64_t per_group = nheads / ngroups;
+  // Streaming stores for a state of a quarter MB or more (a 130M Mamba-2's layer: 0.79 MB); a small model's
+  // states and weights may all stay in the cache from one step to the next.
+  constexpr int64_t kStreamBytes = int64_t{1} << 18;
+  const bool big = batch * nheads * P * N * int64_t{sizeof(float)} >= kStreamBytes;
   parallel_for(exec, batch * nheads, P * N, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nheads, hd = i % nheads, g = hd / per_group;
@@ -230,15 +235,15 @@ void ssd_step(const Executor& exec, const float* x, const float* dt_in, const fl
       float* yt = y + i * P;
       const float* h0 = ssm_state + i * P * N;
       float* h = state_out + i * P * N;
-      const bool stream = reinterpret_cast<uintptr_t>(h) % 32 == 0 && N % 8 == 0;
+      const bool stream = big && reinterpret_cast<uintptr_t>(h) % 32 == 0 && N % 8 == 0;
       for (int64_t p = 0; p < P; ++p) {
         const float acc = ssd_row(h0 + p * N, Bt, Ct, h + p * N, N, decay, xt[p] * dt, stream);
         const float skip = D ? (d_per_channel ? D[hd * P + p] : D[hd]) : 0.0f;
         yt[p] = acc + skip * xt[p];
       }
     }
-#if defined(__AVX__)
-    _mm_sfence();  // the streamed rows in memory before the pool reports this piece done
+#if defined(__AVX__) && defined(__FMA__)
+    if (big) _mm_sfence();  // the streamed rows in memory before the pool reports this piece done
 #endif
   });
 }

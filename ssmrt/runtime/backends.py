@@ -272,7 +272,7 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.native_ops, self.native_ops_note = self._register_native_ops(opts, native_ops, providers, meta)
-        self.half_matmuls = 0
+        self.half_matmuls = self.half_matmul_threads = 0
         model = self._route_half_matmuls(opts, meta, threads) if self.native_ops else None
         try:
             self.session = ort.InferenceSession(model or str(self.path), sess_options=opts, providers=providers)
@@ -342,7 +342,8 @@ class OnnxRuntimeRunner(Runner):
     def _route_half_matmuls(self, opts, meta: dict, threads: int) -> bytes | None:
         """For a float16 artifact with the native library registered: the graph with its decode step's weight
         MatMuls on the library's HalfMatMul (ssmrt.ort_ops.route_half_matmuls), as bytes for ONNX Runtime; None
-        (load the file as it is) for any other artifact. `self.half_matmuls` counts them."""
+        (load the file as it is) for any other artifact. `self.half_matmuls` counts them; `self.half_matmul_threads`
+        is the pool size they are told."""
         if meta["export"].get("dtype") != "float16":
             return None
         import onnx
@@ -350,8 +351,12 @@ class OnnxRuntimeRunner(Runner):
         from .. import ort_ops
 
         model = onnx.load(str(self.path), load_external_data=False)
-        # ONNX Runtime's default pool (threads 0) is at most one thread per CPU this process may run on
-        self.half_matmuls = ort_ops.route_half_matmuls(model, threads or len(os.sched_getaffinity(0)))
+        from .limits import physical_cores
+
+        # threads 0: ONNX Runtime's default pool, a thread a physical core (0 where that is not known: the matmuls
+        # then deal their blocks out to whatever pool there is)
+        self.half_matmul_threads = threads or physical_cores()
+        self.half_matmuls = ort_ops.route_half_matmuls(model, self.half_matmul_threads)
         if not self.half_matmuls:
             return None
         # the bytes have no location of their own: external weights are found beside the artifact

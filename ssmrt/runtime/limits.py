@@ -13,6 +13,21 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> int:
+    """The physical cores among the CPUs this process may run on (ONNX Runtime's default intra-op pool is a thread
+    a physical core; hyperthreads share one core's bandwidth), read from `sysfs`; 0 where it does not say."""
+    try:
+        cores = set()
+        for cpu in os.sched_getaffinity(0):
+            topology = f"{sysfs}/cpu{cpu}/topology/"
+            with open(topology + "physical_package_id", encoding="ascii") as f, \
+                    open(topology + "core_id", encoding="ascii") as g:
+                cores.add((f.read().strip(), g.read().strip()))
+        return len(cores)
+    except (OSError, AttributeError):  # no /sys topology, or no sched_getaffinity (not Linux)
+        return 0
+
+
 def check_threads(threads, name: str = "threads (--threads)") -> int:
     """An integer from 0 (the runtime's default) to the machine's CPU count. More threads than cores only wait
     for each other: ONNX Runtime's spin, and 1024 of them on 2 cores turn milliseconds into minutes."""
