@@ -151,7 +151,8 @@ def _worker(conn, arts: dict, prompt_len: int, decode_steps: int, repeat: int, p
     profiles = {name: op_profile(arts[name], profile_steps, os.path.join(tmp, f"profile-{name}"))
                 for name in ("f32", "f16")}
     conn.send({"decode_s_blocks": decode, "prefill_s_blocks": prefill, "profile_ms_per_step": profiles,
-               "native_ops": list(runners["f16"].native_ops), "half_matmuls": runners["f16"].half_matmuls})
+               "native_ops": list(runners["f16"].native_ops), "half_matmuls": runners["f16"].half_matmuls,
+               "fused_mixers": runners["f16"].fused_mixers})
 
 
 def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repeat: int, profile_steps: int,
@@ -177,7 +178,7 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
 
     return {
         "arch": arch, "layers": layers, "prompt_len": prompt_len, "native_ops_f16": r["native_ops"],
-        "half_matmuls_f16": r["half_matmuls"],
+        "half_matmuls_f16": r["half_matmuls"], "fused_mixers_f16": r["fused_mixers"],
         "decode_ms_per_token": {k: 1e3 * statistics.median(v) for k, v in d.items()},
         "decode_ms_blocks": {k: [1e3 * t for t in v] for k, v in d.items()},
         "decode_f16_over_f32_paired": paired(d["f16"], d["f32"]),

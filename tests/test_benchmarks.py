@@ -159,8 +159,11 @@ def test_cpu_precision_benchmark_smoke(tmp_path):
     blocks = r["decode_ms_blocks"]
     assert r["decode_f16_over_f32_paired"] == pytest.approx(
         statistics.median(a / b for a, b in zip(blocks["f16"], blocks["f32"], strict=True)))
-    assert {"HalfMatMul", "SSDScan", "CausalConv1d"} <= set(r["profile_ms_per_step"]["f16"])
+    # the layer's mixer runs as one fused node: no SSDScan or CausalConv1d node of its own is left
+    assert {"HalfMatMul", "SSDMixer"} <= set(r["profile_ms_per_step"]["f16"])
+    assert not {"SSDScan", "CausalConv1d"} & set(r["profile_ms_per_step"]["f16"])
     assert r["half_matmuls_f16"] == 2 * 1 + 1  # a Mamba-2 layer's in_proj and out_proj, and the lm_head
+    assert r["fused_mixers_f16"] == 1
 
 
 @pytest.mark.slow

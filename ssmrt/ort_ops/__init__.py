@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SsmrtError
+from .fusion import FUSION_DOMAIN, fuse_ssd_mixers  # noqa: F401  (the runner's Mamba-2 mixer fusion)
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX__)
@@ -520,6 +521,76 @@ void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt,
       for (int64_t r = 0; r < rows; ++r) ssmrt_half::from_float(out.data() + r * w, y + (m0 + r) * N + n0, w);
     });
   }
+}
+
+}  // namespace ssmrt_cpu
+
+// ------------------------------------------------------------------------------------------------ SSDMixer
+
+namespace ssmrt_cpu {
+namespace {
+
+// A float buffer left uninitialised (every element is written before it is read): a prompt's buffers are MBs,
+// and zeroing them first would be another pass over memory.
+using Buffer = std::unique_ptr<float[]>;
+Buffer buffer(int64_t n) { return Buffer(new float[static_cast<size_t>(n)]); }
+
+// Columns [begin, begin + width) of a (rows, row_len) matrix, as a contiguous (rows, width) one.
+Buffer columns(const Executor& exec, const float* m, int64_t rows, int64_t row_len, int64_t begin, int64_t width) {
+  Buffer out = buffer(rows * width);
+  float* o = out.get();
+  parallel_for(exec, rows, width, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) std::copy(m + r * row_len + begin, m + r * row_len + begin + width, o + r * width);
+  });
+  return out;
+}
+
+// The values a float16 tensor would have held.
+void round_to_half(float* v, int64_t n) {
+  std::vector<uint16_t> h(static_cast<size_t>(n));
+  ssmrt_half::from_float(v, h.data(), n);
+  ssmrt_half::to_float(h.data(), v, n);
+}
+
+}  // namespace
+
+void ssd_mixer(const Executor& exec, const float* zxbcdt, const float* conv_weight, const float* conv_bias,
+               const float* conv_state, const float* A, const float* D, bool d_per_channel, const float* dt_bias,
+               const float* ssm_state, const float* norm_weight, float* y, float* conv_state_out,
+               float* ssm_state_out, int64_t batch, int64_t seqlen, int64_t nheads, int64_t headdim, int64_t dstate,
+               int64_t ngroups, int64_t width, bool dt_softplus, bool dt_clamp, float dt_min, float dt_max,
+               float eps, bool round_half) {
+  const int64_t rows = batch * seqlen, d_ssm = nheads * headdim, gn = ngroups * dstate;
+  const int64_t conv_dim = d_ssm + 2 * gn, row_len = d_ssm + conv_dim + nheads;
+  Buffer xbc = columns(exec, zxbcdt, rows, row_len, d_ssm, conv_dim);
+  Buffer dt = columns(exec, zxbcdt, rows, row_len, d_ssm + conv_dim, nheads);
+  Buffer conv_y = buffer(rows * conv_dim);
+  causal_conv1d(exec, xbc.get(), conv_weight, conv_bias, conv_state, conv_y.get(), conv_state_out, batch, seqlen,
+                conv_dim, width, true);
+  if (round_half) round_to_half(conv_y.get(), rows * conv_dim);
+  Buffer x = columns(exec, conv_y.get(), rows, conv_dim, 0, d_ssm);
+  Buffer B = columns(exec, conv_y.get(), rows, conv_dim, d_ssm, gn);
+  Buffer C = columns(exec, conv_y.get(), rows, conv_dim, d_ssm + gn, gn);
+  Buffer scan_y = buffer(rows * d_ssm);
+  ssd_scan(exec, x.get(), dt.get(), A, B.get(), C.get(), D, d_per_channel, dt_bias, ssm_state, scan_y.get(),
+           ssm_state_out, batch, seqlen, nheads, headdim, dstate, ngroups, dt_softplus, dt_clamp, dt_min, dt_max);
+  if (round_half) round_to_half(scan_y.get(), rows * d_ssm);
+  // The gate and the norm, a row at a time: h = y silu(z), y = h / sqrt(mean(h^2) + eps) w.
+  parallel_for(exec, rows, 4 * d_ssm, [&](int64_t r0, int64_t r1) {
+    std::vector<float> h(static_cast<size_t>(d_ssm));
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* z = zxbcdt + r * row_len;
+      const float* s = scan_y.get() + r * d_ssm;
+      float sum = 0.0f;
+      for (int64_t c = 0; c < d_ssm; ++c) {
+        h[c] = s[c] * silu(z[c]);
+        sum += h[c] * h[c];
+      }
+      const float scale = 1.0f / std::sqrt(sum / static_cast<float>(d_ssm) + eps);
+      float* out = y + r * d_ssm;
+      for (int64_t c = 0; c < d_ssm; ++c) out[c] = h[c] * scale * norm_weight[c];
+    }
+  });
 }
 
 }  // namespace ssmrt_cpu

@@ -63,3 +63,26 @@ void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt,
                     int64_t N);
 
 }  // namespace ssmrt_cpu
+
+namespace ssmrt_cpu {
+
+// SSDMixer (ssmrt.cpu domain; never in an artifact: the ONNX Runtime runner puts it in a Mamba-2 graph in place
+// of the nodes between the mixer's two projections, which it computes in one call instead of ~13 graph nodes).
+//   zxbcdt (batch, seqlen, d_ssm + conv_dim + nheads): in_proj's output, [z, xBC, dt] (no MLP part);
+//   conv_weight (conv_dim, width), conv_bias (conv_dim,) or null, conv_state (batch, conv_dim, width - 1);
+//   A (nheads,), D (nheads,) or (nheads, headdim) (d_per_channel) or null, dt_bias (nheads,) or null,
+//   ssm_state (batch, nheads, headdim, dstate); norm_weight (d_ssm,)
+//   -> y (batch, seqlen, d_ssm), present_conv_state, present_ssm_state
+// conv_dim = d_ssm + 2 ngroups dstate, d_ssm = nheads headdim. What it computes is Mamba2Mixer's middle:
+//   xBC = silu(causal_conv1d(xBC)); x, B, C = split(xBC); y = SSDScan(x, dt, A, B, C, D, dt_bias);
+//   y = rmsnorm(y * silu(z)) * norm_weight   (one norm group, the gate before the norm)
+// round_half: the graph it replaces held xBC and the scan's y as float16 (a float16 artifact); they are rounded
+// to float16 at the same two points, so the fused op computes what the nodes did.
+void ssd_mixer(const Executor& exec, const float* zxbcdt, const float* conv_weight, const float* conv_bias,
+               const float* conv_state, const float* A, const float* D, bool d_per_channel, const float* dt_bias,
+               const float* ssm_state, const float* norm_weight, float* y, float* conv_state_out,
+               float* ssm_state_out, int64_t batch, int64_t seqlen, int64_t nheads, int64_t headdim, int64_t dstate,
+               int64_t ngroups, int64_t width, bool dt_softplus, bool dt_clamp, float dt_min, float dt_max,
+               float eps, bool round_half);
+
+}  // namespace ssmrt_cpu

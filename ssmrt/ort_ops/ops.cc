@@ -121,11 +121,12 @@ class PoolExecutor final : public ssmrt_cpu::Executor {
 // float16 output is written as float32 to a buffer that finish() rounds into it.
 class Call {
  public:
-  Call(const Calls& api, KernelContext* ctx, const OpContract& op, int act)
-      : api_(api), ctx_(ctx), contract_(op), op_(op.name), act_(act) {}
+  Call(const Calls& api, KernelContext* ctx, const OpContract& op, int act, const char* domain = "ssmrt")
+      : api_(api), ctx_(ctx), contract_(op), op_(op.name), domain_(domain), act_(act) {}
 
   Status* error(const std::string& msg) const {
-    return api_.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt::" + std::string(op_) + ": " + msg).c_str());
+    return api_.CreateStatus(ssmrt_ort::kInvalidArgument,
+                             (std::string(domain_) + "::" + op_ + ": " + msg).c_str());
   }
 
   int input_type(size_t index) const { return contract_.fp32_inputs[index] ? ssmrt_ort::kFloat32 : act_; }
@@ -208,6 +209,7 @@ class Call {
   KernelContext* ctx_;
   const OpContract& contract_;
   const char* op_;
+  const char* domain_;
   int act_;
   std::vector<std::vector<float>> owned_;  // widened inputs, outputs before rounding (moves keep their data)
   std::vector<Pending> pending_;
@@ -479,6 +481,103 @@ Status* half_matmul_compute(void* kernel, KernelContext* ctx) {
   return nullptr;
 }
 
+// ------------------------------------------------------------------------------------------ SSDMixer
+//
+// ssmrt.cpu::SSDMixer: the Mamba-2 mixer between its projections in one node (kernels.h says what it computes;
+// ssmrt.ort_ops.fuse_ssd_mixers puts it in a graph). Inputs zxbcdt, conv_weight, conv_bias (optional),
+// conv_state, A, D (optional), dt_bias (optional), ssm_state, norm_weight; outputs y, present_conv_state,
+// present_ssm_state. Every size is read from the inputs: nheads, headdim and dstate from ssm_state, ngroups from
+// what the conv's width leaves for B and C. Attributes: dt_softplus, dt_min, dt_max as SSDScan's; eps the norm's.
+
+constexpr bool kSsdMixerOptional[] = {false, false, true, false, false, true, true, false, false};
+constexpr bool kSsdMixerFp32Inputs[] = {false, false, false, false, true, true, true, true, true};
+constexpr bool kSsdMixerFp32Outputs[] = {false, false, true};
+constexpr OpContract kSsdMixer{"SSDMixer", 9, 3, kSsdMixerOptional, kSsdMixerFp32Inputs, kSsdMixerFp32Outputs};
+
+struct SsdMixerKernel {
+  Calls api;
+  int act;
+  bool dt_softplus = false;
+  float dt_min = 0.0f;
+  float dt_max = std::numeric_limits<float>::infinity();
+  float eps = 1e-5f;
+};
+
+template <int Act>
+Status* ssd_mixer_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info,
+                         void** out) {
+  Calls api(raw);
+  auto* k = new SsdMixerKernel{api, Act};
+  int64_t softplus = 0;
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "dt_softplus", &softplus)) api.ReleaseStatus(s);
+  if (Status* s = api.KernelInfoGetAttributeFloat(info, "dt_min", &k->dt_min)) api.ReleaseStatus(s);
+  if (Status* s = api.KernelInfoGetAttributeFloat(info, "dt_max", &k->dt_max)) api.ReleaseStatus(s);
+  if (Status* s = api.KernelInfoGetAttributeFloat(info, "eps", &k->eps)) api.ReleaseStatus(s);
+  std::string bad;
+  if (softplus != 0 && softplus != 1) bad = "attribute dt_softplus must be 0 or 1, got " + std::to_string(softplus);
+  if (!(k->dt_min >= 0.0f) || !(k->dt_max >= k->dt_min))
+    bad = "attributes dt_min / dt_max must satisfy 0 <= dt_min <= dt_max, got " + std::to_string(k->dt_min) +
+          " / " + std::to_string(k->dt_max);
+  if (!(k->eps >= 0.0f)) bad = "attribute eps must be 0 or more, got " + std::to_string(k->eps);
+  if (!bad.empty()) {
+    delete k;
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::SSDMixer: " + bad).c_str());
+  }
+  k->dt_softplus = softplus == 1;
+  *out = k;
+  return nullptr;
+}
+
+Status* ssd_mixer_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<SsdMixerKernel*>(kernel);
+  Call call(k->api, ctx, kSsdMixer, k->act, "ssmrt.cpu");
+  Tensor zxbcdt, w, bias, conv_state, A, D, dt_bias, ssm_state, norm_w;
+  SSMRT_TRY(call.required(0, "zxbcdt", 3, &zxbcdt));
+  SSMRT_TRY(call.required(1, "conv_weight", 2, &w));
+  SSMRT_TRY(call.input(2, "conv_bias", 1, &bias));
+  SSMRT_TRY(call.required(3, "conv_state", 3, &conv_state));
+  SSMRT_TRY(call.required(4, "A", 1, &A));
+  SSMRT_TRY(call.input(5, "D", 0, &D));  // rank 1 or 2, checked below
+  SSMRT_TRY(call.input(6, "dt_bias", 1, &dt_bias));
+  SSMRT_TRY(call.required(7, "ssm_state", 4, &ssm_state));
+  SSMRT_TRY(call.required(8, "norm_weight", 1, &norm_w));
+  const int64_t batch = zxbcdt[0], seqlen = zxbcdt[1], nheads = ssm_state[1], headdim = ssm_state[2],
+                dstate = ssm_state[3], conv_dim = w[0], width = w[1], d_ssm = nheads * headdim;
+  if (width < 1) return call.error("conv_weight has width 0");
+  if (dstate < 1 || conv_dim <= d_ssm || (conv_dim - d_ssm) % (2 * dstate) != 0)
+    return call.error("conv_weight's " + std::to_string(conv_dim) + " channels must be nheads * headdim (" +
+                      std::to_string(d_ssm) + ", from ssm_state) plus B's and C's, each a multiple of dstate (" +
+                      std::to_string(dstate) + ")");
+  const int64_t ngroups = (conv_dim - d_ssm) / (2 * dstate);
+  if (nheads % ngroups != 0)
+    return call.error("ngroups (" + std::to_string(ngroups) + ", from conv_weight) must divide nheads (" +
+                      std::to_string(nheads) + ")");
+  SSMRT_TRY(call.expect(zxbcdt, "zxbcdt", {batch, seqlen, d_ssm + conv_dim + nheads},
+                        "(batch, seqlen, d_ssm + conv_dim + nheads): z, xBC and dt"));
+  if (bias.present) SSMRT_TRY(call.expect(bias, "conv_bias", {conv_dim}, "(conv_dim,)"));
+  SSMRT_TRY(call.expect(conv_state, "conv_state", {batch, conv_dim, width - 1}, "(batch, conv_dim, width - 1)"));
+  SSMRT_TRY(call.expect(A, "A", {nheads}, "(nheads,)"));
+  const bool d_per_channel = D.present && D.shape.size() == 2;
+  if (D.present && D.shape.size() == 1) SSMRT_TRY(call.expect(D, "D", {nheads}, "(nheads,) or (nheads, headdim)"));
+  if (d_per_channel) SSMRT_TRY(call.expect(D, "D", {nheads, headdim}, "(nheads,) or (nheads, headdim)"));
+  if (D.present && D.shape.size() != 1 && D.shape.size() != 2)
+    return call.error("input D has shape " + shape_str(D.shape) + ", expected (nheads,) or (nheads, headdim)");
+  if (dt_bias.present) SSMRT_TRY(call.expect(dt_bias, "dt_bias", {nheads}, "(nheads,)"));
+  SSMRT_TRY(call.expect(ssm_state, "ssm_state", {batch, -1, -1, -1}, "(batch, nheads, headdim, dstate)"));
+  SSMRT_TRY(call.expect(norm_w, "norm_weight", {d_ssm}, "(nheads * headdim,)"));
+  float *y = nullptr, *conv_out = nullptr, *ssm_out = nullptr;
+  SSMRT_TRY(call.output(0, {batch, seqlen, d_ssm}, &y));
+  SSMRT_TRY(call.output(1, {batch, conv_dim, width - 1}, &conv_out));
+  SSMRT_TRY(call.output(2, {batch, nheads, headdim, dstate}, &ssm_out));
+  const bool clamp = k->dt_min > 0.0f || k->dt_max < std::numeric_limits<float>::infinity();
+  ssmrt_cpu::ssd_mixer(PoolExecutor(k->api, ctx), zxbcdt.data, w.data, bias.or_null(), conv_state.data, A.data,
+                       D.or_null(), d_per_channel, dt_bias.or_null(), ssm_state.data, norm_w.data, y, conv_out,
+                       ssm_out, batch, seqlen, nheads, headdim, dstate, ngroups, width, k->dt_softplus, clamp,
+                       k->dt_min, k->dt_max, k->eps, k->act == ssmrt_ort::kFloat16);
+  call.finish();
+  return nullptr;
+}
+
 // ------------------------------------------------------------------------------------------ ABI probe
 //
 // ssmrt.abi_probe::AbiProbe exists to check, through behaviour, that every OrtApi slot this library calls is the
@@ -656,6 +755,11 @@ constexpr bool kHalfMatMulFlags[] = {false, false};
 constexpr OpContract kHalfMatMul{"HalfMatMul", 2, 1, kHalfMatMulFlags, kHalfMatMulFlags, kHalfMatMulFlags};
 const Op kHalfMatMulOp =
     make_op<kHalfMatMul, ssmrt_ort::kFloat16>(half_matmul_create, half_matmul_compute, destroy<HalfMatMulKernel>);
+template <int Act>
+Op ssd_mixer_op() {
+  return make_op<kSsdMixer, Act>(ssd_mixer_create<Act>, ssd_mixer_compute, destroy<SsdMixerKernel>);
+}
+const Op kSsdMixerOps[] = {ssd_mixer_op<kF32>(), ssd_mixer_op<kF16>()};
 
 }  // namespace
 
@@ -724,7 +828,7 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
       make_domain("ssmrt", {&kOpVariants[0], &kOpVariants[1], &kOpVariants[2], &kOpVariants[3], &kOpVariants[4],
                             &kOpVariants[5]});
   static ssmrt_ort::CustomOpDomain* const probe = make_domain("ssmrt.abi_probe", {&kAbiProbeOp});
-  static ssmrt_ort::CustomOpDomain* const cpu = make_domain("ssmrt.cpu", {&kHalfMatMulOp});
+  static ssmrt_ort::CustomOpDomain* const cpu = make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kSsdMixerOps[0], &kSsdMixerOps[1]});
   if (domain == nullptr || probe == nullptr || cpu == nullptr)
     return api.CreateStatus(ssmrt_ort::kFail, "ssmrt: ONNX Runtime refused the ssmrt custom-op domain");
   SSMRT_TRY(api.AddCustomOpDomain(options, domain));

@@ -272,8 +272,8 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.native_ops, self.native_ops_note = self._register_native_ops(opts, native_ops, providers, meta)
-        self.half_matmuls = self.half_matmul_threads = 0
-        model = self._route_half_matmuls(opts, meta, threads) if self.native_ops else None
+        self.half_matmuls = self.half_matmul_threads = self.fused_mixers = 0
+        model = self._rewrite_graph(opts, meta, threads) if self.native_ops else None
         try:
             self.session = ort.InferenceSession(model or str(self.path), sess_options=opts, providers=providers)
         except Exception as e:
@@ -339,25 +339,31 @@ class OnnxRuntimeRunner(Runner):
             raise SsmrtError(f"{self.path}: native ops asked for, but {why}")
         return (), why
 
-    def _route_half_matmuls(self, opts, meta: dict, threads: int) -> bytes | None:
-        """For a float16 artifact with the native library registered: the graph with its decode step's weight
-        MatMuls on the library's HalfMatMul (ssmrt.ort_ops.route_half_matmuls), as bytes for ONNX Runtime; None
-        (load the file as it is) for any other artifact. `self.half_matmuls` counts them; `self.half_matmul_threads`
-        is the pool size they are told."""
-        if meta["export"].get("dtype") != "float16":
+    def _rewrite_graph(self, opts, meta: dict, threads: int) -> bytes | None:
+        """With the native library registered: the graph with each Mamba-2 mixer's middle as one SSDMixer node
+        (ssmrt.ort_ops.fuse_ssd_mixers) and, in a float16 artifact, its decode step's weight MatMuls on the
+        library's HalfMatMul (ssmrt.ort_ops.route_half_matmuls), as bytes for ONNX Runtime; None (load the file
+        as it is) where neither applies. `self.fused_mixers` and `self.half_matmuls` count them;
+        `self.half_matmul_threads` is the pool size the matmuls are told."""
+        fuse = {"CausalConv1d", "SSDScan"} <= set(self.native_ops)
+        half = meta["export"].get("dtype") == "float16"
+        if not (fuse or half):
             return None
         import onnx
 
         from .. import ort_ops
 
         model = onnx.load(str(self.path), load_external_data=False)
-        from .limits import physical_cores
+        if fuse:
+            self.fused_mixers = ort_ops.fuse_ssd_mixers(model)
+        if half:
+            from .limits import physical_cores
 
-        # threads 0: ONNX Runtime's default pool, a thread a physical core (0 where that is not known: the matmuls
-        # then deal their blocks out to whatever pool there is)
-        self.half_matmul_threads = threads or physical_cores()
-        self.half_matmuls = ort_ops.route_half_matmuls(model, self.half_matmul_threads)
-        if not self.half_matmuls:
+            # threads 0: ONNX Runtime's default pool, a thread a physical core (0 where that is not known: the
+            # matmuls then deal their blocks out to whatever pool there is)
+            self.half_matmul_threads = threads or physical_cores()
+            self.half_matmuls = ort_ops.route_half_matmuls(model, self.half_matmul_threads)
+        if not (self.half_matmuls or self.fused_mixers):
             return None
         # the bytes have no location of their own: external weights are found beside the artifact
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
@@ -384,6 +390,7 @@ class OnnxRuntimeRunner(Runner):
     def describe(self) -> str:
         native = f", native {'/'.join(self.native_ops)}" if self.native_ops else ""
         native += f", {self.half_matmuls} float16 decode matmuls native" if self.half_matmuls else ""
+        native += f", {self.fused_mixers} Mamba-2 mixers fused" if self.fused_mixers else ""
         weights = f", {describe_scheme(self.weights)}" if self.weights else ""
         return f"onnxruntime ({self.dtype}{weights}, {self.providers[0]}{native})"
 

@@ -1,0 +1,235 @@
+"""The ONNX Runtime runner's graph fusion: a Mamba-2 mixer's middle as one ssmrt.cpu::SSDMixer node.
+
+Between a Mamba-2 layer's two projections an export holds ~20 nodes (two Splits, the conv, four Reshapes, the
+scan, the gate and the gated norm's Pow / ReduceMean / Add / Sqrt / Div / Mul, and in a float16 graph the Casts
+around them); after ONNX Runtime's own fusions a decode step still runs ~13 of them a layer, each costing the step
+a few microseconds of dispatch for a few thousand values of work. SSDMixer computes them in one call.
+
+The rewrite matches the graph the exporter writes, node by node, and leaves anything it does not recognise as it
+was: a mixer with an MLP part, a gated norm over several groups or with the norm before the gate, a value read
+outside the matched nodes. Only the runner's copy of the graph is rewritten, never the artifact.
+"""
+
+from __future__ import annotations
+
+FUSION_DOMAIN = "ssmrt.cpu"
+
+FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto's element types
+
+
+class _Graph:
+    """Producers, readers and constant values of one onnx GraphProto's names (readers include the nodes of
+    subgraphs that read a name from the enclosing scope)."""
+
+    def __init__(self, graph):
+        from onnx import numpy_helper
+
+        self.graph = graph
+        self.producer = {o: n for n in graph.node for o in n.output if o}
+        self.readers: dict[str, list] = {}
+        for n in graph.node:
+            for name in set(_names_read(n)):
+                self.readers.setdefault(name, []).append(n)
+        self.outputs = {o.name for o in graph.output}
+        self._inits = {t.name: t for t in graph.initializer}
+        self._np = numpy_helper
+
+    def const(self, name):
+        """The value of an initializer or Constant node's output, as a numpy array, or None."""
+        if name in self._inits:
+            return self._np.to_array(self._inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.domain == "":
+            for a in node.attribute:
+                if a.name == "value":
+                    return self._np.to_array(a.t)
+        return None
+
+    def only_reader(self, name, op_type, domain=""):
+        """The one node reading `name` if it is an op_type node and `name` is not a graph output, else None."""
+        readers = self.readers.get(name, [])
+        if len(readers) != 1 or name in self.outputs:
+            return None
+        node = readers[0]
+        return node if node.op_type == op_type and node.domain == domain else None
+
+    def made_by(self, name, op_type, domain=""):
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type and node.domain == domain else None
+
+
+def _names_read(node):
+    """Every name a node reads, its subgraphs' outer-scope reads included."""
+    yield from (i for i in node.input if i)
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            inner = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in
+                                                                                           g.initializer}
+            for n in g.node:
+                yield from (x for x in _names_read(n) if x not in inner)
+
+
+def _attr(node, name, default=None):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _scalar(g: _Graph, name) -> float | None:
+    v = g.const(name)
+    return float(v.reshape(())) if v is not None and v.size == 1 else None
+
+
+def _cast_to(g: _Graph, name, to):
+    """The Cast(to) that is the only reader of `name`, or None."""
+    node = g.only_reader(name, "Cast")
+    return node if node is not None and _attr(node, "to") == to else None
+
+
+def _match(g: _Graph, ssd) -> dict | None:
+    """The nodes of the mixer around one SSDScan, and what SSDMixer needs of them; None if anything differs from
+    the exporter's pattern (see the module docstring)."""
+    if len(ssd.input) != 8 or len(ssd.output) != 2:
+        return None
+    x_view, b_view, c_view = (g.made_by(ssd.input[i], "Reshape") for i in (0, 3, 4))
+    if not (x_view and b_view and c_view):
+        return None
+    split2 = g.made_by(x_view.input[0], "Split")
+    if split2 is None or list(split2.output) != [x_view.input[0], b_view.input[0], c_view.input[0]]:
+        return None
+    conv = g.made_by(split2.input[0], "CausalConv1d", "ssmrt")
+    if conv is None or _attr(conv, "activation", b"silu") != b"silu" or conv.output[0] != split2.input[0]:
+        return None
+    split1 = g.made_by(conv.input[0], "Split")
+    if split1 is None or len(split1.output) != 5 or split1.output[3] != conv.input[0] or \
+            split1.output[4] != ssd.input[1]:
+        return None
+    sizes1 = g.const(split1.input[1]) if len(split1.input) > 1 else None
+    sizes2 = g.const(split2.input[1]) if len(split2.input) > 1 else None
+    if sizes1 is None or sizes2 is None or len(sizes1) != 5 or len(sizes2) != 3:
+        return None
+    _, d_mlp, d_ssm, conv_dim, _ = (int(v) for v in sizes1)
+    if sizes1[0] != 0 or d_mlp != 0 or any(split1.output[i] in g.readers or split1.output[i] in g.outputs
+                                           for i in (0, 1)):
+        return None  # an MLP part (d_mlp > 0) goes through nodes SSDMixer does not compute
+    if [int(v) for v in sizes2] != [d_ssm, (conv_dim - d_ssm) // 2, (conv_dim - d_ssm) // 2]:
+        return None
+    if _attr(split1, "axis", 0) not in (-1, 2) or _attr(split2, "axis", 0) not in (-1, 2):
+        return None
+    # the single-use intermediates between them
+    singles = [split1.output[3], conv.output[0], *split2.output, x_view.output[0], b_view.output[0],
+               c_view.output[0], ssd.input[1]]
+    if any(len(g.readers.get(n, [])) != 1 or n in g.outputs for n in singles):
+        return None
+    # y: Reshape to (batch, seqlen, d_ssm), in a float16 graph a Cast to float32
+    y_view = g.only_reader(ssd.output[0], "Reshape")
+    if y_view is None:
+        return None
+    cast_y = _cast_to(g, y_view.output[0], FLOAT)
+    half = cast_y is not None
+    y = cast_y.output[0] if half else y_view.output[0]
+    z = split1.output[2]
+    cast_z = None
+    if half:
+        cast_z = _cast_to(g, z, FLOAT)
+        if cast_z is None:
+            return None
+        z = cast_z.output[0]
+    # the gate: z * sigmoid(z), then y * gate
+    z_readers = g.readers.get(z, [])
+    if len(z_readers) != 2 or z in g.outputs:
+        return None
+    sig = next((n for n in z_readers if n.op_type == "Sigmoid" and n.domain == ""), None)
+    gate = next((n for n in z_readers if n.op_type == "Mul" and n.domain == ""), None)
+    if sig is None or gate is None or sorted(gate.input) != sorted([z, sig.output[0]]) or \
+            g.readers.get(sig.output[0]) != [gate] or sig.output[0] in g.outputs:
+        return None
+    gated = g.only_reader(y, "Mul")
+    if gated is None or sorted(gated.input) != sorted([y, gate.output[0]]) or \
+            g.readers.get(gate.output[0]) != [gated] or gate.output[0] in g.outputs:
+        return None
+    # the norm: h / sqrt(mean(h^2, -1) + eps) * w, over all d_ssm channels
+    h = gated.output[0]
+    if len(g.readers.get(h, [])) != 2 or h in g.outputs:
+        return None
+    pow_ = next((n for n in g.readers[h] if n.op_type == "Pow" and n.domain == ""), None)
+    div = next((n for n in g.readers[h] if n.op_type == "Div" and n.domain == ""), None)
+    if pow_ is None or div is None or pow_.input[0] != h or _scalar(g, pow_.input[1]) != 2.0 or div.input[0] != h:
+        return None
+    mean = g.only_reader(pow_.output[0], "ReduceMean")
+    if mean is None or _attr(mean, "keepdims", 1) != 1:
+        return None
+    axes = g.const(mean.input[1]) if len(mean.input) > 1 else _attr(mean, "axes")
+    if axes is None or [int(a) for a in axes] not in ([-1], [2]):
+        return None
+    add = g.only_reader(mean.output[0], "Add")
+    eps_name = next((i for i in add.input if i != mean.output[0]), None) if add is not None else None
+    eps = _scalar(g, eps_name) if eps_name else None
+    sqrt = g.only_reader(add.output[0], "Sqrt") if add is not None else None
+    if eps is None or sqrt is None or g.only_reader(sqrt.output[0], "Div") is not div or div.input[1] != \
+            sqrt.output[0]:
+        return None
+    mul_w = g.only_reader(div.output[0], "Mul")
+    if mul_w is None:
+        return None
+    weight = next((i for i in mul_w.input if i != div.output[0]), None)
+    out_node = _cast_to(g, mul_w.output[0], FLOAT16) if half else mul_w
+    if weight is None or out_node is None:
+        return None
+    w = g.const(weight)
+    if w is not None and w.shape != (d_ssm,):
+        return None
+    removed = [split1, conv, split2, x_view, b_view, c_view, ssd, y_view, sig, gate, gated, pow_, mean, add, sqrt,
+               div, mul_w] + ([cast_y, cast_z, out_node] if half else [])
+    if len(conv.input) != 4:
+        return None
+    # zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, ssm_state, norm_weight
+    inputs = [split1.input[0], *conv.input[1:4], ssd.input[2], *ssd.input[5:8], weight]
+    outputs = [out_node.output[0], conv.output[1], ssd.output[1]]
+    attrs = {"dt_softplus": _attr(ssd, "dt_softplus", 0), "dt_min": _attr(ssd, "dt_min", 0.0),
+             "dt_max": _attr(ssd, "dt_max", float("inf")), "eps": eps}
+    return {"removed": removed, "inputs": inputs, "outputs": outputs, "attrs": attrs, "last": out_node}
+
+
+def fuse_ssd_mixers(model) -> int:
+    """Rewrites an onnx.ModelProto in place: each Mamba-2 mixer's middle (from in_proj's output to out_proj's
+    input) becomes one ssmrt.cpu::SSDMixer node, for the native library to run. Returns how many; what the
+    pattern does not match stays as it was. Nodes left with no reader (the Reshapes' shape arithmetic) go."""
+    from onnx import helper
+
+    graph = model.graph
+    g = _Graph(graph)
+    fused: dict[int, object] = {}  # id of the node each fused one takes the place of -> the fused node
+    gone: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "SSDScan" or node.domain != "ssmrt":
+            continue
+        m = _match(g, node)
+        if m is None or any(id(n) in gone for n in m["removed"]):
+            continue
+        gone.update(id(n) for n in m["removed"])
+        fused[id(m["last"])] = helper.make_node("SSDMixer", m["inputs"], m["outputs"], domain=FUSION_DOMAIN,
+                                                name=f"{node.name or m['outputs'][0]}.fused", **m["attrs"])
+    if not fused:
+        return 0
+    # the fused node sits where the last node it replaces sat: every value it reads is made before that point
+    nodes = [fused.get(id(n), n) for n in graph.node if id(n) not in gone or id(n) in fused]
+    nodes = _without_dead(nodes, {o.name for o in graph.output})
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == FUSION_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(FUSION_DOMAIN, 1))
+    return len(fused)
+
+
+def _without_dead(nodes, outputs: set) -> list:
+    """nodes less the standard-domain ones whose outputs nothing reads (repeated until none is left)."""
+    while True:
+        read = {x for n in nodes for x in _names_read(n)} | outputs
+        live = [n for n in nodes if n.domain != "" or any(o in read for o in n.output if o)]
+        if len(live) == len(nodes):
+            return live
+        nodes = live

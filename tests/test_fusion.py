@@ -1,0 +1,254 @@
+"""ssmrt.cpu::SSDMixer, a Mamba-2 mixer's middle in one native node, against its reference (the ops' references
+chained as Mamba2Mixer chains them), and the ONNX Runtime runner's fusion that puts it in a graph: which mixers it
+fuses, which it leaves, and that a fused artifact computes what the graph it replaces did."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper
+from test_models import random_ids, random_lm
+from test_ort_ops import elem_type, native_library
+
+from ssmrt import ort_ops
+from ssmrt.closeness import assert_close
+from ssmrt.ops import causal_conv1d_ref, ssd_scan_ref
+from ssmrt.ops.rmsnorm import gated_rmsnorm_ref
+from ssmrt.ops.spec import tolerance
+
+INPUTS = ("zxbcdt", "conv_weight", "conv_bias", "conv_state", "A", "D", "dt_bias", "ssm_state", "norm_weight")
+FP32_INPUTS = {"A", "D", "dt_bias", "ssm_state", "norm_weight"}
+
+
+def mixer_inputs(batch, seqlen, nheads, headdim, dstate, ngroups=1, width=4, D_per_channel=False,
+                 dt_limit=(0.0, math.inf), optional=True, dtype=torch.float32, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    d_ssm = nheads * headdim
+    conv_dim = d_ssm + 2 * ngroups * dstate
+    zxbcdt = r(batch, seqlen, d_ssm + conv_dim + nheads)
+    zxbcdt[..., -nheads:] = 0.5 * zxbcdt[..., -nheads:] - 1.0  # dt before its bias and softplus
+    return dict(
+        zxbcdt=zxbcdt.to(dtype),
+        conv_weight=(0.5 * r(conv_dim, width)).to(dtype),
+        conv_bias=r(conv_dim).to(dtype) if optional else None,
+        conv_state=r(batch, conv_dim, width - 1).to(dtype),
+        A=-torch.exp(r(nheads).clamp(-2, 2)).float(),
+        D=((r(nheads, headdim) if D_per_channel else r(nheads)).float()) if optional else None,
+        dt_bias=(0.1 * r(nheads)).float() if optional else None,
+        ssm_state=r(batch, nheads, headdim, dstate).float(),
+        norm_weight=(1.0 + 0.3 * r(d_ssm)).float(),
+        dt_softplus=True,
+        dt_limit=dt_limit,
+        eps=1e-5,
+    )
+
+
+def ssd_mixer_ref(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, ssm_state, norm_weight, dt_softplus,
+                  dt_limit, eps):
+    """What SSDMixer computes: Mamba2Mixer's forward between in_proj and out_proj, on the ops' references. The
+    activations keep zxbcdt's dtype between the ops (float16: rounded where a float16 graph stores them).
+
+    zxbcdt: (batch, seqlen, d_ssm + conv_dim + nheads)
+    ssm_state: (batch, nheads, headdim, dstate); every other size follows from these two and conv_weight
+    """
+    batch, seqlen, _ = zxbcdt.shape
+    nheads, headdim, dstate = ssm_state.shape[1:]
+    d_ssm, conv_dim = nheads * headdim, conv_weight.shape[0]
+    gn = (conv_dim - d_ssm) // 2
+    z, xBC, dt = torch.split(zxbcdt, [d_ssm, conv_dim, nheads], dim=-1)
+    xBC, conv_out = causal_conv1d_ref(xBC, conv_weight, conv_bias, conv_state, "silu")
+    x, B, C = torch.split(xBC, [d_ssm, gn, gn], dim=-1)
+    groups = (batch, seqlen, gn // dstate, dstate)
+    y, ssm_out = ssd_scan_ref(x.reshape(batch, seqlen, nheads, headdim), dt, A, B.reshape(groups), C.reshape(groups),
+                              D, dt_bias, dt_softplus, dt_limit, ssm_state)
+    y = gated_rmsnorm_ref(y.reshape(batch, seqlen, d_ssm), norm_weight, z, eps)
+    return y, conv_out, ssm_out
+
+
+def mixer_session(inputs: dict, attrs: dict) -> ort.InferenceSession:
+    present = {k: v for k, v in inputs.items() if v is not None}
+    act = elem_type(inputs["zxbcdt"])
+    vis = [helper.make_tensor_value_info(k, elem_type(v), None) for k, v in present.items()]
+    outs = [helper.make_tensor_value_info("y", act, None), helper.make_tensor_value_info("conv_out", act, None),
+            helper.make_tensor_value_info("ssm_out", onnx.TensorProto.FLOAT, None)]
+    node = helper.make_node("SSDMixer", [k if k in present else "" for k in INPUTS], ["y", "conv_out", "ssm_out"],
+                            domain=ort_ops.FUSION_DOMAIN, **attrs)
+    model = helper.make_model(helper.make_graph([node], "g", vis, outs),
+                              opset_imports=[helper.make_opsetid("", 21),
+                                             helper.make_opsetid(ort_ops.FUSION_DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native_library()))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_mixer(kw: dict):
+    lo, hi = kw["dt_limit"]
+    attrs = {"dt_softplus": int(kw["dt_softplus"]), "dt_min": lo, "dt_max": hi, "eps": kw["eps"]}
+    ins = {k: kw[k] for k in INPUTS}
+    sess = mixer_session(ins, attrs)
+    return [torch.from_numpy(r) for r in sess.run(None, {k: v.numpy() for k, v in ins.items() if v is not None})]
+
+
+# Decode steps and prompts; one and several groups for B and C; a dstate the eight-lane loop does not divide; the
+# 130M Mamba-2's shape in a decode step and at a prompt length.
+SHAPES = [(1, 1, 4, 8, 16, 1), (2, 1, 6, 5, 7, 2), (2, 9, 4, 8, 16, 2), (1, 33, 3, 4, 5, 1), (1, 1, 24, 64, 128, 1),
+          (1, 64, 24, 64, 128, 1)]
+
+
+@pytest.mark.parametrize("batch,seqlen,nheads,headdim,dstate,ngroups", SHAPES)
+@pytest.mark.parametrize("D_per_channel,dt_limit", [(False, (0.0, math.inf)), (True, (0.05, 0.3))])
+def test_ssd_mixer(batch, seqlen, nheads, headdim, dstate, ngroups, D_per_channel, dt_limit):
+    kw = mixer_inputs(batch, seqlen, nheads, headdim, dstate, ngroups, D_per_channel=D_per_channel,
+                      dt_limit=dt_limit, seed=seqlen + nheads)
+    got = run_mixer(kw)
+    want = ssd_mixer_ref(**{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    for name, g, w in zip(("y", "conv_state", "ssm_state"), got, want, strict=True):
+        assert g.dtype == torch.float32
+        assert_close(g, w.float(), name=f"SSDMixer {name}")
+
+
+def test_ssd_mixer_without_optional_inputs():
+    kw = mixer_inputs(2, 5, 4, 8, 16, optional=False, width=3)
+    got = run_mixer(kw)
+    want = ssd_mixer_ref(**{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    for name, g, w in zip(("y", "conv_state", "ssm_state"), got, want, strict=True):
+        assert_close(g, w.float(), name=f"SSDMixer {name}")
+
+
+@pytest.mark.parametrize("batch,seqlen,nheads,headdim,dstate,ngroups", SHAPES)
+def test_ssd_mixer_float16(batch, seqlen, nheads, headdim, dstate, ngroups):
+    """float16 activations: the reference on the same inputs rounds the conv's output and the scan's y to float16
+    as the float16 graph does; the conv state, a copy of inputs, exactly; the float32 SSM state at the float16 op
+    tolerance."""
+    kw = mixer_inputs(batch, seqlen, nheads, headdim, dstate, ngroups, dtype=torch.float16, seed=seqlen)
+    for name in INPUTS:
+        assert kw[name] is None or kw[name].dtype == (torch.float32 if name in FP32_INPUTS else torch.float16)
+    y, conv_out, ssm_out = run_mixer(kw)
+    y_ref, conv_ref, ssm_ref = ssd_mixer_ref(**kw)
+    assert (y.dtype, conv_out.dtype, ssm_out.dtype) == (torch.float16, torch.float16, torch.float32)
+    atol, rtol = tolerance("float16", "op")
+    assert_close(y.float(), y_ref.float(), atol=atol, rtol=rtol, name="SSDMixer float16 y")
+    assert torch.equal(conv_out, conv_ref)
+    assert_close(ssm_out, ssm_ref, atol=atol, rtol=rtol, name="SSDMixer float16 ssm_state")
+
+
+def test_ssd_mixer_errors_name_the_input():
+    kw = mixer_inputs(1, 1, 4, 8, 16)
+    kw["zxbcdt"] = kw["zxbcdt"][..., :-1].contiguous()
+    with pytest.raises(Exception, match=r"ssmrt.cpu::SSDMixer: input zxbcdt has shape \(1, 1, 99\), expected "
+                                        r"\(1, 1, 100\)"):
+        run_mixer(kw)
+    kw = mixer_inputs(1, 1, 4, 8, 16)
+    kw["norm_weight"] = kw["norm_weight"][:-1].contiguous()
+    with pytest.raises(Exception, match=r"input norm_weight has shape \(31,\), expected \(32,\)"):
+        run_mixer(kw)
+    kw = mixer_inputs(1, 1, 4, 8, 16)
+    kw["conv_weight"] = kw["conv_weight"][:-3].contiguous()
+    with pytest.raises(Exception, match=r"conv_weight's 61 channels must be nheads \* headdim \(32"):
+        run_mixer(kw)
+    kw = mixer_inputs(1, 1, 4, 8, 16)
+    kw["eps"] = -1.0
+    with pytest.raises(Exception, match="SSDMixer: attribute eps must be 0 or more"):
+        run_mixer(kw)
+
+
+# ------------------------------------------------------------------------------------------ the graph fusion
+
+
+def runners(art, monkeypatch):
+    """(fused, as exported) ONNX Runtime runners of one artifact, both with the native ops."""
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    fused = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    with monkeypatch.context() as m:
+        m.setattr(ort_ops, "fuse_ssd_mixers", lambda model: 0)
+        plain = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    return fused, plain
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("variant", [{}, {"D_has_hdim": True, "conv_bias": False},
+                                     {"dt_min_limit": 0.05, "dt_max_limit": 0.3, "gated_norm_eps": 1e-3}])
+def test_the_runner_fuses_every_mamba2_mixer(tmp_path, monkeypatch, dtype, variant):
+    """Each mixer becomes one SSDMixer node and the runner computes what the graph as exported does: a prompt,
+    then decode steps fed the state the last returned, logits and every state."""
+    from ssmrt.exporter import export_model
+
+    native_library()
+    model = random_lm(ngroups=1, n_layer=3, **variant)
+    fused, plain = runners(export_model(model, tmp_path / "a", dtype=dtype), monkeypatch)
+    assert (fused.fused_mixers, plain.fused_mixers) == (3, 0)
+    assert "3 Mamba-2 mixers fused" in fused.describe() and "fused" not in plain.describe()
+    atol, rtol = tolerance(dtype, "op" if dtype == "float32" else "model")
+    ids = random_ids(2, 9, seed=1).numpy()
+    sf = sp = fused.zero_state(2)
+    for t, step in enumerate([ids] + [ids[:, k : k + 1] for k in range(4)]):
+        (lf, sf), (lp, sp) = fused.forward(step, sf), plain.forward(step, sp)
+        assert_close(torch.from_numpy(lf), torch.from_numpy(lp), atol=atol, rtol=rtol, name=f"call {t} logits")
+        for i, (a, b) in enumerate(zip(sf, sp, strict=True)):
+            assert a.dtype == b.dtype
+            assert_close(torch.from_numpy(a.astype(np.float32)), torch.from_numpy(b.astype(np.float32)), atol=atol,
+                         rtol=rtol, name=f"call {t} state {i}")
+        # the first layer's states come from the same inputs by the same kernels
+        assert np.array_equal(sf[0], sp[0]) and np.array_equal(sf[1], sp[1])
+
+
+@pytest.mark.parametrize("variant", [{"ngroups": 2}, {"norm_before_gate": True}, {"rmsnorm": False},
+                                     {"d_inner": 96, "d_ssm": 64}])
+def test_mixers_the_fused_op_does_not_compute_are_left_as_exported(tmp_path, monkeypatch, variant):
+    """A gated norm over several groups, the norm before the gate, no norm, an MLP part: the pattern does not
+    match, nothing is fused, and the runner still computes the graph."""
+    from ssmrt.exporter import export_model
+
+    native_library()
+    model = random_lm(**{"ngroups": 1, **variant})
+    fused, plain = runners(export_model(model, tmp_path / "a"), monkeypatch)
+    assert fused.fused_mixers == 0
+    ids = random_ids(1, 5).numpy()
+    assert np.array_equal(fused.forward(ids, fused.zero_state(1))[0], plain.forward(ids, plain.zero_state(1))[0])
+
+
+def test_a_value_read_outside_the_mixer_keeps_that_mixer_as_exported(tmp_path):
+    """A graph that also outputs one layer's scan output (or reads it anywhere else) keeps that layer's nodes; the
+    other layers fuse, and the rewritten graph computes what the graph did, that output included."""
+    from ssmrt.exporter import export_model
+
+    art = export_model(random_lm(ngroups=1, n_layer=3), tmp_path / "a")
+    model = onnx.load(str(art / "model.onnx"))
+    first = next(n for n in model.graph.node if n.op_type == "SSDScan")
+    model.graph.output.append(helper.make_tensor_value_info(first.output[0], onnx.TensorProto.FLOAT, list("blhp")))
+    exported = model.SerializeToString()
+    assert ort_ops.fuse_ssd_mixers(model) == 2
+    assert sum(n.op_type == "SSDScan" for n in model.graph.node) == 1
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native_library()))
+    feeds = None
+    outs = []
+    for graph in (exported, model.SerializeToString()):
+        sess = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+        if feeds is None:
+            feeds = {i.name: np.zeros([1 if isinstance(d, str) else d for d in i.shape], np.float32)
+                     for i in sess.get_inputs() if i.name != "input_ids"}
+            feeds["input_ids"] = random_ids(1, 6).numpy()
+            for k, v in feeds.items():
+                if k != "input_ids":
+                    v[...] = np.random.default_rng(len(k)).standard_normal(v.shape)
+        outs.append(sess.run(None, feeds))
+    assert len(outs[0]) == len(outs[1])
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_mamba1_has_nothing_to_fuse(tmp_path):
+    from ssmrt.exporter import export_model
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    native_library()
+    r = OnnxRuntimeRunnerFromArtifact(export_model(random_lm(arch="mamba1"), tmp_path / "a"), native_ops="on")
+    assert r.fused_mixers == 0 and "fused" not in r.describe()
