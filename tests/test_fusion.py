@@ -1,6 +1,7 @@
-"""ssmrt.cpu::SSDMixer, a Mamba-2 mixer's middle in one native node, against its reference (the ops' references
-chained as Mamba2Mixer chains them), and the ONNX Runtime runner's fusion that puts it in a graph: which mixers it
-fuses, which it leaves, and that a fused artifact computes what the graph it replaces did."""
+"""The ONNX Runtime runner's fused nodes against their references: ssmrt.cpu::SSDMixer, a Mamba-2 mixer's middle
+(the ops' references chained as Mamba2Mixer chains them), and ssmrt.cpu::AddRMSNorm, a block's residual add and
+norm (add_rmsnorm_ref); and the fusions that put them in a graph: what they fuse, what they leave, and that a
+fused artifact computes what the graph it replaces did."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from test_ort_ops import elem_type, native_library
 from ssmrt import ort_ops
 from ssmrt.closeness import assert_close
 from ssmrt.ops import causal_conv1d_ref, ssd_scan_ref
-from ssmrt.ops.rmsnorm import gated_rmsnorm_ref
+from ssmrt.ops.rmsnorm import add_rmsnorm_ref, gated_rmsnorm_ref
 from ssmrt.ops.spec import tolerance
 
 INPUTS = ("zxbcdt", "conv_weight", "conv_bias", "conv_state", "A", "D", "dt_bias", "ssm_state", "norm_weight")
@@ -158,6 +159,68 @@ def test_ssd_mixer_errors_name_the_input():
         run_mixer(kw)
 
 
+def run_add_rmsnorm(x, residual, weight, eps=1e-5, round_half=0):
+    act = elem_type(x)
+    ins = {"x": x, "residual": residual, "weight": weight}
+    vis = [helper.make_tensor_value_info(k, elem_type(v), None) for k, v in ins.items() if v is not None]
+    outs = [helper.make_tensor_value_info("y", act, None),
+            helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, None)]
+    node = helper.make_node("AddRMSNorm", ["x", "residual" if residual is not None else "", "weight"], ["y", "r"],
+                            domain=ort_ops.FUSION_DOMAIN, eps=eps, round_half=round_half)
+    model = helper.make_model(helper.make_graph([node], "g", vis, outs),
+                              opset_imports=[helper.make_opsetid("", 21),
+                                             helper.make_opsetid(ort_ops.FUSION_DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native_library()))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    y, r = sess.run(None, {k: v.numpy() for k, v in ins.items() if v is not None})
+    return torch.from_numpy(y), torch.from_numpy(r)
+
+
+def norm_inputs(shape, residual=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    # the weight's values float16 can hold: a float16 model's weight, widened
+    return r(*shape), r(*shape) if residual else None, (1.0 + 0.3 * r(shape[-1])).half().double()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 768), (2, 7, 48), (3, 13), (1, 300, 24)])
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_rmsnorm(shape, residual):
+    x, res, w = norm_inputs(shape, residual, seed=len(shape))
+    y, r = run_add_rmsnorm(x.float(), None if res is None else res.float(), w.float(), eps=1e-3)
+    y_ref, r_ref = add_rmsnorm_ref(x, res, w, 1e-3)
+    assert_close(y, y_ref.float(), name="AddRMSNorm y")
+    assert_close(r, r_ref.float(), name="AddRMSNorm residual")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 768), (2, 7, 48), (1, 300, 24)])
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_rmsnorm_float16(shape, residual):
+    """A float16 model's block entry: a float32 residual stream (the sum exactly the reference's), the norm of the
+    sum rounded to float16, the output float16."""
+    x, res, w = norm_inputs(shape, residual, seed=1)
+    x16, res32 = x.half(), None if res is None else res.float()
+    y, r = run_add_rmsnorm(x16, res32, w.float(), round_half=1)
+    y_ref, r_ref = add_rmsnorm_ref(x16, res32, w.half(), 1e-5, residual_in_fp32=True)
+    assert (y.dtype, r.dtype, y_ref.dtype, r_ref.dtype) == (torch.float16, torch.float32) * 2
+    assert torch.equal(r, r_ref)
+    atol, rtol = tolerance("float16", "op")
+    assert_close(y.float(), y_ref.float(), atol=atol, rtol=rtol, name="AddRMSNorm float16 y")
+    if residual:  # without round_half the norm reads the float32 sum (x alone is float16 already): outputs differ
+        assert not torch.equal(run_add_rmsnorm(x16, res32, w.float(), round_half=0)[0], y)
+
+
+def test_add_rmsnorm_errors_name_the_input():
+    x, res, w = (t.float() for t in norm_inputs((2, 3, 8)))
+    with pytest.raises(Exception, match=r"ssmrt.cpu::AddRMSNorm: input weight has shape \(7,\), expected \(8,\)"):
+        run_add_rmsnorm(x, res, w[:7].contiguous())
+    with pytest.raises(Exception, match=r"input residual has shape \(2, 2, 8\), expected \(2, 3, 8\) like x"):
+        run_add_rmsnorm(x, res[:, :2].contiguous(), w)
+    with pytest.raises(Exception, match="AddRMSNorm: attribute round_half must be 0 or 1, got 2"):
+        run_add_rmsnorm(x, res, w, round_half=2)
+
+
 # ------------------------------------------------------------------------------------------ the graph fusion
 
 
@@ -168,50 +231,100 @@ def runners(art, monkeypatch):
     fused = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
     with monkeypatch.context() as m:
         m.setattr(ort_ops, "fuse_ssd_mixers", lambda model: 0)
+        m.setattr(ort_ops, "fuse_add_rmsnorms", lambda model, dtype: 0)
         plain = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
     return fused, plain
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("variant", [{}, {"D_has_hdim": True, "conv_bias": False},
-                                     {"dt_min_limit": 0.05, "dt_max_limit": 0.3, "gated_norm_eps": 1e-3}])
-def test_the_runner_fuses_every_mamba2_mixer(tmp_path, monkeypatch, dtype, variant):
-    """Each mixer becomes one SSDMixer node and the runner computes what the graph as exported does: a prompt,
-    then decode steps fed the state the last returned, logits and every state."""
-    from ssmrt.exporter import export_model
-
-    native_library()
-    model = random_lm(ngroups=1, n_layer=3, **variant)
-    fused, plain = runners(export_model(model, tmp_path / "a", dtype=dtype), monkeypatch)
-    assert (fused.fused_mixers, plain.fused_mixers) == (3, 0)
-    assert "3 Mamba-2 mixers fused" in fused.describe() and "fused" not in plain.describe()
+def same_results(fused, plain, dtype, batch=2, steps=4):
+    """A prompt, then decode steps each fed the state the last returned: logits and every state alike at the
+    dtype's tolerance; the first layer's states (the same inputs through the same kernels) equal."""
     atol, rtol = tolerance(dtype, "op" if dtype == "float32" else "model")
-    ids = random_ids(2, 9, seed=1).numpy()
-    sf = sp = fused.zero_state(2)
-    for t, step in enumerate([ids] + [ids[:, k : k + 1] for k in range(4)]):
+    ids = random_ids(batch, 9, seed=1).numpy()
+    sf = sp = fused.zero_state(batch)
+    for t, step in enumerate([ids] + [ids[:, k : k + 1] for k in range(steps)]):
         (lf, sf), (lp, sp) = fused.forward(step, sf), plain.forward(step, sp)
         assert_close(torch.from_numpy(lf), torch.from_numpy(lp), atol=atol, rtol=rtol, name=f"call {t} logits")
         for i, (a, b) in enumerate(zip(sf, sp, strict=True)):
             assert a.dtype == b.dtype
             assert_close(torch.from_numpy(a.astype(np.float32)), torch.from_numpy(b.astype(np.float32)), atol=atol,
                          rtol=rtol, name=f"call {t} state {i}")
-        # the first layer's states come from the same inputs by the same kernels
         assert np.array_equal(sf[0], sp[0]) and np.array_equal(sf[1], sp[1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("variant", [{}, {"D_has_hdim": True, "conv_bias": False},
+                                     {"dt_min_limit": 0.05, "dt_max_limit": 0.3, "gated_norm_eps": 1e-3}])
+def test_the_runner_fuses_every_mamba2_mixer(tmp_path, monkeypatch, dtype, variant):
+    """Each mixer becomes one SSDMixer node, each block's residual add and norm after the first (and the final
+    norm) one AddRMSNorm, and the runner computes what the graph as exported does."""
+    from ssmrt.exporter import export_model
+
+    native_library()
+    model = random_lm(ngroups=1, n_layer=3, **variant)
+    fused, plain = runners(export_model(model, tmp_path / "a", dtype=dtype), monkeypatch)
+    assert (fused.fused_mixers, fused.fused_norms, plain.fused_mixers, plain.fused_norms) == (3, 3, 0, 0)
+    assert "3 Mamba-2 mixers fused, 3 residual norms fused" in fused.describe() and "fused" not in plain.describe()
+    same_results(fused, plain, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_runner_fuses_mamba1_norms(tmp_path, monkeypatch, dtype):
+    """Mamba-1 has no SSD mixer; its blocks' residual adds and norms fuse as Mamba-2's do."""
+    from ssmrt.exporter import export_model
+
+    native_library()
+    fused, plain = runners(export_model(random_lm(arch="mamba1", n_layer=3), tmp_path / "a", dtype=dtype),
+                           monkeypatch)
+    assert (fused.fused_mixers, fused.fused_norms) == (0, 3)
+    same_results(fused, plain, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_fused_norms_carry_the_models_eps_and_rounding(tmp_path, dtype):
+    """Each AddRMSNorm reads the block's own weight and eps, and rounds the sum to float16 where the float16
+    graph did (a wrong rounding would move a float16 model's logits by less than the model tolerance)."""
+    from ssmrt.exporter import export_model
+
+    model = random_lm(arch="mamba1", n_layer=3, norm_eps=1e-3)
+    graph = onnx.load(str(export_model(model, tmp_path / "a", dtype=dtype) / "model.onnx"))
+    assert ort_ops.fuse_add_rmsnorms(graph, dtype) == 3
+    fused = [n for n in graph.graph.node if n.op_type == "AddRMSNorm"]
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in fused]
+    assert all(a["eps"] == pytest.approx(1e-3) and a["round_half"] == (dtype == "float16") for a in attrs)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    made = {o: n for n in graph.graph.node for o in n.output}
+    # the float16 model's weight is widened by a Cast or stored widened
+    weights = [inits[w] if w in inits else inits[made[w].input[0]] for w in (n.input[2] for n in fused)]
+    norms = [model.backbone.layers[1].norm, model.backbone.layers[2].norm, model.backbone.norm_f]
+    for got, norm in zip(weights, norms, strict=True):
+        assert np.array_equal(got.astype(np.float32), norm.weight.detach().to(getattr(torch, dtype)).float().numpy())
+
+
+def test_a_float16_residual_stream_keeps_its_norms_as_exported(tmp_path, monkeypatch):
+    """residual_in_fp32 off: a float16 model's residual adds are float16 and its norms read them widened, not
+    rounded from a float32 sum: not AddRMSNorm's form, so they stay; the runner still computes the graph."""
+    from ssmrt.exporter import export_model
+
+    native_library()
+    model = random_lm(ngroups=1, residual_in_fp32=False)
+    fused, plain = runners(export_model(model, tmp_path / "a", dtype="float16"), monkeypatch)
+    assert (fused.fused_mixers, fused.fused_norms) == (2, 0)
+    same_results(fused, plain, "float16")
 
 
 @pytest.mark.parametrize("variant", [{"ngroups": 2}, {"norm_before_gate": True}, {"rmsnorm": False},
                                      {"d_inner": 96, "d_ssm": 64}])
 def test_mixers_the_fused_op_does_not_compute_are_left_as_exported(tmp_path, monkeypatch, variant):
     """A gated norm over several groups, the norm before the gate, no norm, an MLP part: the pattern does not
-    match, nothing is fused, and the runner still computes the graph."""
+    match, the mixer stays as exported, and the runner still computes the graph."""
     from ssmrt.exporter import export_model
 
     native_library()
     model = random_lm(**{"ngroups": 1, **variant})
     fused, plain = runners(export_model(model, tmp_path / "a"), monkeypatch)
-    assert fused.fused_mixers == 0
-    ids = random_ids(1, 5).numpy()
-    assert np.array_equal(fused.forward(ids, fused.zero_state(1))[0], plain.forward(ids, plain.zero_state(1))[0])
+    assert fused.fused_mixers == 0 and fused.fused_norms == 2  # the blocks' norms still fuse
+    same_results(fused, plain, "float32")
 
 
 def test_a_value_read_outside_the_mixer_keeps_that_mixer_as_exported(tmp_path):
@@ -245,10 +358,13 @@ def test_a_value_read_outside_the_mixer_keeps_that_mixer_as_exported(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_mamba1_has_nothing_to_fuse(tmp_path):
-    from ssmrt.exporter import export_model
-    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+def test_fused_nodes_are_put_in_an_order_onnx_accepts():
+    """A fused node takes the place of the last node it replaced; a node that read one of its outputs from
+    between the replaced ones moves after it, and everything else keeps its order."""
+    from ssmrt.ort_ops.fusion import _in_order
 
-    native_library()
-    r = OnnxRuntimeRunnerFromArtifact(export_model(random_lm(arch="mamba1"), tmp_path / "a"), native_ops="on")
-    assert r.fused_mixers == 0 and "fused" not in r.describe()
+    nodes = [helper.make_node("Neg", ["a"], ["b"]), helper.make_node("Abs", ["r"], ["c"]),  # reads r too early
+             helper.make_node("Fused", ["b"], ["y", "r"]), helper.make_node("Exp", ["y"], ["d"])]
+    assert [n.op_type for n in _in_order(nodes)] == ["Neg", "Fused", "Exp", "Abs"]
+    with pytest.raises(ValueError, match="cycle"):
+        _in_order([helper.make_node("Neg", ["b"], ["a"]), helper.make_node("Abs", ["a"], ["b"])])

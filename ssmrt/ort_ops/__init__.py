@@ -14,6 +14,10 @@ float32, A, D, the dt biases and the SSM state, stay float32 in both), and a flo
 widened to float32 on the way in and rounded back on the way out (half.h), so both compute alike;
 ort_abi.h declares the part of ONNX Runtime's C ABI they use. This module does not import ONNX Runtime:
 `library_path()` gives the file that `SessionOptions.register_custom_ops_library` takes.
+
+The library also holds ops no artifact contains, in the ssmrt.cpu domain, which the ONNX Runtime runner puts in
+its own copy of a graph: HalfMatMul (a float16 decode step's weight matmuls, route_half_matmuls below) and the
+fused SSDMixer and AddRMSNorm (fusion.py).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SsmrtError
-from .fusion import FUSION_DOMAIN, fuse_ssd_mixers  # noqa: F401  (the runner's Mamba-2 mixer fusion)
+from .fusion import FUSION_DOMAIN, fuse_add_rmsnorms, fuse_ssd_mixers  # noqa: F401  (the runner's graph fusions)
 
 log = logging.getLogger(__name__)
 

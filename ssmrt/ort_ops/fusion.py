@@ -1,13 +1,16 @@
-"""The ONNX Runtime runner's graph fusion: a Mamba-2 mixer's middle as one ssmrt.cpu::SSDMixer node.
+"""The ONNX Runtime runner's graph fusions: nodes of an exported graph computed as one native ssmrt.cpu node.
 
-Between a Mamba-2 layer's two projections an export holds ~20 nodes (two Splits, the conv, four Reshapes, the
-scan, the gate and the gated norm's Pow / ReduceMean / Add / Sqrt / Div / Mul, and in a float16 graph the Casts
-around them); after ONNX Runtime's own fusions a decode step still runs ~13 of them a layer, each costing the step
-a few microseconds of dispatch for a few thousand values of work. SSDMixer computes them in one call.
+- SSDMixer: between a Mamba-2 layer's two projections an export holds ~20 nodes (two Splits, the conv, four
+  Reshapes, the scan, the gate and the gated norm's Pow / ReduceMean / Add / Sqrt / Div / Mul, and in a float16
+  graph the Casts around them), ~13 a layer still after ONNX Runtime's own fusions.
+- AddRMSNorm: a block's residual add and RMSNorm, which in a float16 graph (its residual stream float32) come
+  with four Casts: six nodes a layer after ONNX Runtime's fusions, two in a float32 graph.
+Each of those nodes costs a decode step a few microseconds of dispatch for a few thousand values of work.
 
-The rewrite matches the graph the exporter writes, node by node, and leaves anything it does not recognise as it
-was: a mixer with an MLP part, a gated norm over several groups or with the norm before the gate, a value read
-outside the matched nodes. Only the runner's copy of the graph is rewritten, never the artifact.
+The rewrites match the graph the exporter writes, node by node, and leave anything they do not recognise as it
+was: a mixer with an MLP part, a gated norm over several groups or with the norm before the gate, a float16
+residual stream, a value read outside the matched nodes. Only the runner's copy of the graph is rewritten,
+never the artifact.
 """
 
 from __future__ import annotations
@@ -89,6 +92,45 @@ def _cast_to(g: _Graph, name, to):
     return node if node is not None and _attr(node, "to") == to else None
 
 
+def _weight(g: _Graph, name, dim: int | None) -> bool:
+    """Whether `name` is a norm's weight: a constant of shape (dim,) (any length where dim is None), or a
+    Cast to float32 of one (a float16 model's weight, widened)."""
+    cast = g.made_by(name, "Cast")
+    if cast is not None and _attr(cast, "to") == FLOAT:
+        name = cast.input[0]
+    w = g.const(name)
+    return w is not None and w.ndim == 1 and (dim is None or w.shape == (dim,))
+
+
+def _norm_chain(g: _Graph, h, dim: int | None) -> dict | None:
+    """The RMSNorm h / sqrt(mean(h^2, -1) + eps) * w the exporter writes (Pow, ReduceMean, Add, Sqrt, Div, Mul)
+    over h's last dimension: {"nodes": the six, "eps", "weight": w's name}, or None. h must be read by the Pow and
+    the Div; the caller decides what else may read it."""
+    readers = g.readers.get(h, [])
+    pow_ = next((n for n in readers if n.op_type == "Pow" and n.domain == "" and n.input[0] == h), None)
+    div = next((n for n in readers if n.op_type == "Div" and n.domain == "" and n.input[0] == h), None)
+    if pow_ is None or div is None or _scalar(g, pow_.input[1]) != 2.0:
+        return None
+    mean = g.only_reader(pow_.output[0], "ReduceMean")
+    if mean is None or _attr(mean, "keepdims", 1) != 1:
+        return None
+    axes = g.const(mean.input[1]) if len(mean.input) > 1 else _attr(mean, "axes")
+    if axes is None or [int(a) for a in axes] not in ([-1], [2]):
+        return None
+    add = g.only_reader(mean.output[0], "Add")
+    eps_name = next((i for i in add.input if i != mean.output[0]), None) if add is not None else None
+    eps = _scalar(g, eps_name) if eps_name else None
+    sqrt = g.only_reader(add.output[0], "Sqrt") if add is not None else None
+    if eps is None or sqrt is None or g.only_reader(sqrt.output[0], "Div") is not div or \
+            div.input[1] != sqrt.output[0]:
+        return None
+    mul_w = g.only_reader(div.output[0], "Mul")
+    weight = next((i for i in mul_w.input if i != div.output[0]), None) if mul_w is not None else None
+    if weight is None or not _weight(g, weight, dim):
+        return None
+    return {"nodes": [pow_, mean, add, sqrt, div, mul_w], "eps": eps, "weight": weight}
+
+
 def _match(g: _Graph, ssd) -> dict | None:
     """The nodes of the mixer around one SSDScan, and what SSDMixer needs of them; None if anything differs from
     the exporter's pattern (see the module docstring)."""
@@ -155,74 +197,130 @@ def _match(g: _Graph, ssd) -> dict | None:
     h = gated.output[0]
     if len(g.readers.get(h, [])) != 2 or h in g.outputs:
         return None
-    pow_ = next((n for n in g.readers[h] if n.op_type == "Pow" and n.domain == ""), None)
-    div = next((n for n in g.readers[h] if n.op_type == "Div" and n.domain == ""), None)
-    if pow_ is None or div is None or pow_.input[0] != h or _scalar(g, pow_.input[1]) != 2.0 or div.input[0] != h:
+    norm = _norm_chain(g, h, d_ssm)
+    if norm is None:
         return None
-    mean = g.only_reader(pow_.output[0], "ReduceMean")
-    if mean is None or _attr(mean, "keepdims", 1) != 1:
-        return None
-    axes = g.const(mean.input[1]) if len(mean.input) > 1 else _attr(mean, "axes")
-    if axes is None or [int(a) for a in axes] not in ([-1], [2]):
-        return None
-    add = g.only_reader(mean.output[0], "Add")
-    eps_name = next((i for i in add.input if i != mean.output[0]), None) if add is not None else None
-    eps = _scalar(g, eps_name) if eps_name else None
-    sqrt = g.only_reader(add.output[0], "Sqrt") if add is not None else None
-    if eps is None or sqrt is None or g.only_reader(sqrt.output[0], "Div") is not div or div.input[1] != \
-            sqrt.output[0]:
-        return None
-    mul_w = g.only_reader(div.output[0], "Mul")
-    if mul_w is None:
-        return None
-    weight = next((i for i in mul_w.input if i != div.output[0]), None)
+    mul_w = norm["nodes"][-1]
     out_node = _cast_to(g, mul_w.output[0], FLOAT16) if half else mul_w
-    if weight is None or out_node is None:
+    if out_node is None:
         return None
-    w = g.const(weight)
-    if w is not None and w.shape != (d_ssm,):
-        return None
-    removed = [split1, conv, split2, x_view, b_view, c_view, ssd, y_view, sig, gate, gated, pow_, mean, add, sqrt,
-               div, mul_w] + ([cast_y, cast_z, out_node] if half else [])
     if len(conv.input) != 4:
         return None
+    removed = [split1, conv, split2, x_view, b_view, c_view, ssd, y_view, sig, gate, gated, *norm["nodes"]] + \
+        ([cast_y, cast_z, out_node] if half else [])
     # zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, ssm_state, norm_weight
-    inputs = [split1.input[0], *conv.input[1:4], ssd.input[2], *ssd.input[5:8], weight]
+    inputs = [split1.input[0], *conv.input[1:4], ssd.input[2], *ssd.input[5:8], norm["weight"]]
     outputs = [out_node.output[0], conv.output[1], ssd.output[1]]
     attrs = {"dt_softplus": _attr(ssd, "dt_softplus", 0), "dt_min": _attr(ssd, "dt_min", 0.0),
-             "dt_max": _attr(ssd, "dt_max", float("inf")), "eps": eps}
-    return {"removed": removed, "inputs": inputs, "outputs": outputs, "attrs": attrs, "last": out_node}
+             "dt_max": _attr(ssd, "dt_max", float("inf")), "eps": norm["eps"]}
+    return {"op": "SSDMixer", "removed": removed, "inputs": inputs, "outputs": outputs, "attrs": attrs,
+            "last": out_node}
 
 
 def fuse_ssd_mixers(model) -> int:
     """Rewrites an onnx.ModelProto in place: each Mamba-2 mixer's middle (from in_proj's output to out_proj's
     input) becomes one ssmrt.cpu::SSDMixer node, for the native library to run. Returns how many; what the
     pattern does not match stays as it was. Nodes left with no reader (the Reshapes' shape arithmetic) go."""
+    g = _Graph(model.graph)
+    return _replace(model, [_match(g, n) for n in model.graph.node if n.op_type == "SSDScan" and n.domain == "ssmrt"])
+
+
+def _match_add_norm(g: _Graph, pow_, half: bool) -> dict | None:
+    """A block's entry around one Pow: residual = a + b, then its RMSNorm; in a float16 graph (half) the
+    exporter's form of a float32 residual stream, r = residual + Cast(x), the norm reading Cast(Cast(r)) (rounded
+    through float16) and its output cast to float16."""
+    t = pow_.input[0]
+    norm = _norm_chain(g, t, None)
+    if norm is None:
+        return None
+    mul_w = norm["nodes"][-1]
+    if half:
+        out_node = _cast_to(g, mul_w.output[0], FLOAT16)
+        widen = g.made_by(t, "Cast")
+        narrow = g.made_by(widen.input[0], "Cast") if widen is not None else None
+        if out_node is None or narrow is None or _attr(widen, "to") != FLOAT or _attr(narrow, "to") != FLOAT16 or \
+                sorted(map(id, g.readers.get(t, []))) != sorted(map(id, (norm["nodes"][0], norm["nodes"][4]))) or \
+                t in g.outputs or g.readers.get(narrow.output[0]) != [widen] or narrow.output[0] in g.outputs:
+            return None
+        r = narrow.input[0]
+        add = g.made_by(r, "Add")
+        if add is None or len(add.input) != 2:
+            return None
+        # x: the Add's operand that is a Cast to float32 read by the Add alone; the other is the residual
+        casts = [g.made_by(i, "Cast") for i in add.input]
+        own = [i for i, c in enumerate(casts) if c is not None and _attr(c, "to") == FLOAT and
+               g.readers.get(add.input[i]) == [add] and add.input[i] not in g.outputs]
+        if len(own) != 1 or add.input[0] == add.input[1]:
+            return None
+        cast_x = casts[own[0]]
+        removed = [add, cast_x, narrow, widen, *norm["nodes"], out_node]
+        inputs = [cast_x.input[0], add.input[1 - own[0]], norm["weight"]]
+    else:
+        out_node = mul_w
+        add = g.made_by(t, "Add")
+        if add is None or len(add.input) != 2:
+            return None
+        r = t
+        removed = [add, *norm["nodes"]]
+        inputs = [add.input[0], add.input[1], norm["weight"]]
+    return {"op": "AddRMSNorm", "removed": removed, "inputs": inputs, "outputs": [out_node.output[0], r],
+            "attrs": {"eps": norm["eps"], "round_half": int(half)}, "last": out_node}
+
+
+def fuse_add_rmsnorms(model, dtype: str) -> int:
+    """Rewrites an onnx.ModelProto in place: each block's residual add and RMSNorm (in a float16 graph with the
+    casts around them) becomes one ssmrt.cpu::AddRMSNorm node. dtype: the artifact's ("float32" or "float16":
+    which form the exporter wrote). Returns how many; a norm without a residual add (the first block's) or in
+    any other form stays as it was."""
+    if dtype not in ("float32", "float16"):
+        return 0
+    g = _Graph(model.graph)
+    return _replace(model, [_match_add_norm(g, n, dtype == "float16") for n in model.graph.node
+                            if n.op_type == "Pow" and n.domain == ""])
+
+
+def _replace(model, matches: list) -> int:
+    """Puts each match's node in place of the nodes it removes (a match overlapping an earlier one is skipped),
+    drops the nodes left unread; returns how many were put in."""
     from onnx import helper
 
     graph = model.graph
-    g = _Graph(graph)
     fused: dict[int, object] = {}  # id of the node each fused one takes the place of -> the fused node
     gone: set[int] = set()
-    for node in graph.node:
-        if node.op_type != "SSDScan" or node.domain != "ssmrt":
-            continue
-        m = _match(g, node)
+    for m in matches:
         if m is None or any(id(n) in gone for n in m["removed"]):
             continue
         gone.update(id(n) for n in m["removed"])
-        fused[id(m["last"])] = helper.make_node("SSDMixer", m["inputs"], m["outputs"], domain=FUSION_DOMAIN,
-                                                name=f"{node.name or m['outputs'][0]}.fused", **m["attrs"])
+        fused[id(m["last"])] = helper.make_node(m["op"], m["inputs"], m["outputs"], domain=FUSION_DOMAIN,
+                                                name=f"{m['outputs'][0]}.fused", **m["attrs"])
     if not fused:
         return 0
-    # the fused node sits where the last node it replaces sat: every value it reads is made before that point
     nodes = [fused.get(id(n), n) for n in graph.node if id(n) not in gone or id(n) in fused]
-    nodes = _without_dead(nodes, {o.name for o in graph.output})
+    nodes = _in_order(_without_dead(nodes, {o.name for o in graph.output}))
     del graph.node[:]
     graph.node.extend(nodes)
     if not any(o.domain == FUSION_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(FUSION_DOMAIN, 1))
     return len(fused)
+
+
+def _in_order(nodes) -> list:
+    """nodes sorted so that each comes after the nodes whose outputs it reads (ONNX's rule), otherwise in the
+    order given: a fused node takes the place of the last node it replaced, and a value it makes may be read by
+    a node that sat between the ones it replaced."""
+    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    needs = [{made[x] for x in _names_read(n) if x in made and made[x] != i} for i, n in enumerate(nodes)]
+    done: set[int] = set()
+    order: list[int] = []
+    while len(order) < len(nodes):
+        before = len(order)
+        for i in range(len(nodes)):
+            if i not in done and needs[i] <= done:
+                done.add(i)
+                order.append(i)
+        if len(order) == before:
+            raise ValueError("the fused graph has a cycle")  # a fused node reading its own output: a matcher bug
+    return [nodes[i] for i in order]
 
 
 def _without_dead(nodes, outputs: set) -> list:

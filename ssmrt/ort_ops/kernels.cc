@@ -545,6 +545,14 @@ Buffer columns(const Executor& exec, const float* m, int64_t rows, int64_t row_l
   return out;
 }
 
+// out = h / sqrt(mean(h^2) + eps) * w over one row of n.
+void rmsnorm_row(const float* __restrict h, const float* __restrict w, float* __restrict out, int64_t n, float eps) {
+  float sum = 0.0f;
+  for (int64_t c = 0; c < n; ++c) sum += h[c] * h[c];
+  const float scale = 1.0f / std::sqrt(sum / static_cast<float>(n) + eps);
+  for (int64_t c = 0; c < n; ++c) out[c] = h[c] * scale * w[c];
+}
+
 // The values a float16 tensor would have held.
 void round_to_half(float* v, int64_t n) {
   std::vector<uint16_t> h(static_cast<size_t>(n));
@@ -581,14 +589,33 @@ void ssd_mixer(const Executor& exec, const float* zxbcdt, const float* conv_weig
     for (int64_t r = r0; r < r1; ++r) {
       const float* z = zxbcdt + r * row_len;
       const float* s = scan_y.get() + r * d_ssm;
-      float sum = 0.0f;
-      for (int64_t c = 0; c < d_ssm; ++c) {
-        h[c] = s[c] * silu(z[c]);
-        sum += h[c] * h[c];
+      for (int64_t c = 0; c < d_ssm; ++c) h[c] = s[c] * silu(z[c]);
+      rmsnorm_row(h.data(), norm_weight, y + r * d_ssm, d_ssm, eps);
+    }
+  });
+}
+
+void add_rmsnorm(const Executor& exec, const float* x, const float* residual, const float* weight, float* y,
+                 float* residual_out, int64_t rows, int64_t dim, float eps, bool round_half) {
+  parallel_for(exec, rows, 4 * dim, [&](int64_t r0, int64_t r1) {
+    std::vector<float> t(round_half ? static_cast<size_t>(dim) : 0);
+    std::vector<uint16_t> half(t.size());
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * dim;
+      float* sum = residual_out + r * dim;
+      if (residual != nullptr) {
+        const float* rr = residual + r * dim;
+        for (int64_t c = 0; c < dim; ++c) sum[c] = xr[c] + rr[c];
+      } else {
+        std::copy(xr, xr + dim, sum);
       }
-      const float scale = 1.0f / std::sqrt(sum / static_cast<float>(d_ssm) + eps);
-      float* out = y + r * d_ssm;
-      for (int64_t c = 0; c < d_ssm; ++c) out[c] = h[c] * scale * norm_weight[c];
+      const float* h = sum;
+      if (round_half) {
+        ssmrt_half::from_float(sum, half.data(), dim);
+        ssmrt_half::to_float(half.data(), t.data(), dim);
+        h = t.data();
+      }
+      rmsnorm_row(h, weight, y + r * dim, dim, eps);
     }
   });
 }

@@ -86,3 +86,16 @@ void ssd_mixer(const Executor& exec, const float* zxbcdt, const float* conv_weig
                float eps, bool round_half);
 
 }  // namespace ssmrt_cpu
+
+namespace ssmrt_cpu {
+
+// AddRMSNorm (ssmrt.cpu domain; never in an artifact: the ONNX Runtime runner puts it in place of a block's
+// residual add and RMSNorm, and of the casts around them in a float16 graph). Per row:
+//   residual_out = x + residual (x alone where residual is null: the first block)
+//   y = t / sqrt(mean(t^2) + eps) * weight, t = residual_out (round_half: rounded to float16 first, as a float16
+//   model's graph rounds the block's input, its residual stream float32)
+//   x (rows, dim), residual (rows, dim) or null, weight (dim,) -> y (rows, dim), residual_out (rows, dim)
+void add_rmsnorm(const Executor& exec, const float* x, const float* residual, const float* weight, float* y,
+                 float* residual_out, int64_t rows, int64_t dim, float eps, bool round_half);
+
+}  // namespace ssmrt_cpu

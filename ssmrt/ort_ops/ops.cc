@@ -578,6 +578,70 @@ Status* ssd_mixer_compute(void* kernel, KernelContext* ctx) {
   return nullptr;
 }
 
+// ---------------------------------------------------------------------------------------------- AddRMSNorm
+//
+// ssmrt.cpu::AddRMSNorm: a block's residual add and RMSNorm in one node (kernels.h says what it computes;
+// ssmrt.ort_ops.fuse_add_rmsnorms puts it in a graph). Inputs x (activations), residual (float32, optional: the
+// first block has none), weight (float32); outputs y (activations), residual_out (float32). Attributes eps, and
+// round_half 0 | 1: the norm reads the sum rounded to float16 (a float16 model's graph does so; an attribute,
+// not the variant's type, so that what is computed never depends on which variant ONNX Runtime picks).
+// x's last dimension is the normalised one; every leading dimension is a row.
+
+constexpr bool kAddRmsNormOptional[] = {false, true, false};
+constexpr bool kAddRmsNormFp32Inputs[] = {false, true, true};
+constexpr bool kAddRmsNormFp32Outputs[] = {false, true};
+constexpr OpContract kAddRmsNorm{"AddRMSNorm", 3, 2, kAddRmsNormOptional, kAddRmsNormFp32Inputs,
+                                 kAddRmsNormFp32Outputs};
+
+struct AddRmsNormKernel {
+  Calls api;
+  int act;
+  float eps = 1e-5f;
+  bool round_half = false;
+};
+
+template <int Act>
+Status* add_rmsnorm_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info,
+                           void** out) {
+  Calls api(raw);
+  auto* k = new AddRmsNormKernel{api, Act};
+  int64_t round_half = 0;
+  if (Status* s = api.KernelInfoGetAttributeFloat(info, "eps", &k->eps)) api.ReleaseStatus(s);
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "round_half", &round_half)) api.ReleaseStatus(s);
+  std::string bad;
+  if (!(k->eps >= 0.0f)) bad = "attribute eps must be 0 or more, got " + std::to_string(k->eps);
+  if (round_half != 0 && round_half != 1) bad = "attribute round_half must be 0 or 1, got " + std::to_string(round_half);
+  if (!bad.empty()) {
+    delete k;
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::AddRMSNorm: " + bad).c_str());
+  }
+  k->round_half = round_half == 1;
+  *out = k;
+  return nullptr;
+}
+
+Status* add_rmsnorm_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<AddRmsNormKernel*>(kernel);
+  Call call(k->api, ctx, kAddRmsNorm, k->act, "ssmrt.cpu");
+  Tensor x, residual, weight;
+  SSMRT_TRY(call.required(0, "x", 0, &x));  // any rank of 1 or more, checked below
+  SSMRT_TRY(call.input(1, "residual", 0, &residual));
+  SSMRT_TRY(call.required(2, "weight", 1, &weight));
+  if (x.shape.empty()) return call.error("input x must have rank 1 or more, got a scalar");
+  const int64_t dim = x.shape.back();
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < x.shape.size(); ++i) rows *= x.shape[i];
+  if (residual.present) SSMRT_TRY(call.expect(residual, "residual", x.shape, "like x"));
+  SSMRT_TRY(call.expect(weight, "weight", {dim}, "(dim,) with dim x's last dimension"));
+  float *y = nullptr, *residual_out = nullptr;
+  SSMRT_TRY(call.output(0, x.shape, &y));
+  SSMRT_TRY(call.output(1, x.shape, &residual_out));
+  ssmrt_cpu::add_rmsnorm(PoolExecutor(k->api, ctx), x.data, residual.or_null(), weight.data, y, residual_out, rows,
+                         dim, k->eps, k->round_half);
+  call.finish();
+  return nullptr;
+}
+
 // ------------------------------------------------------------------------------------------ ABI probe
 //
 // ssmrt.abi_probe::AbiProbe exists to check, through behaviour, that every OrtApi slot this library calls is the
@@ -760,6 +824,11 @@ Op ssd_mixer_op() {
   return make_op<kSsdMixer, Act>(ssd_mixer_create<Act>, ssd_mixer_compute, destroy<SsdMixerKernel>);
 }
 const Op kSsdMixerOps[] = {ssd_mixer_op<kF32>(), ssd_mixer_op<kF16>()};
+template <int Act>
+Op add_rmsnorm_op() {
+  return make_op<kAddRmsNorm, Act>(add_rmsnorm_create<Act>, add_rmsnorm_compute, destroy<AddRmsNormKernel>);
+}
+const Op kAddRmsNormOps[] = {add_rmsnorm_op<kF32>(), add_rmsnorm_op<kF16>()};
 
 }  // namespace
 
@@ -828,7 +897,8 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
       make_domain("ssmrt", {&kOpVariants[0], &kOpVariants[1], &kOpVariants[2], &kOpVariants[3], &kOpVariants[4],
                             &kOpVariants[5]});
   static ssmrt_ort::CustomOpDomain* const probe = make_domain("ssmrt.abi_probe", {&kAbiProbeOp});
-  static ssmrt_ort::CustomOpDomain* const cpu = make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kSsdMixerOps[0], &kSsdMixerOps[1]});
+  static ssmrt_ort::CustomOpDomain* const cpu = make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kSsdMixerOps[0], &kSsdMixerOps[1],
+                                                                &kAddRmsNormOps[0], &kAddRmsNormOps[1]});
   if (domain == nullptr || probe == nullptr || cpu == nullptr)
     return api.CreateStatus(ssmrt_ort::kFail, "ssmrt: ONNX Runtime refused the ssmrt custom-op domain");
   SSMRT_TRY(api.AddCustomOpDomain(options, domain));

@@ -272,7 +272,7 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.native_ops, self.native_ops_note = self._register_native_ops(opts, native_ops, providers, meta)
-        self.half_matmuls = self.half_matmul_threads = self.fused_mixers = 0
+        self.half_matmuls = self.half_matmul_threads = self.fused_mixers = self.fused_norms = 0
         model = self._rewrite_graph(opts, meta, threads) if self.native_ops else None
         try:
             self.session = ort.InferenceSession(model or str(self.path), sess_options=opts, providers=providers)
@@ -341,14 +341,13 @@ class OnnxRuntimeRunner(Runner):
 
     def _rewrite_graph(self, opts, meta: dict, threads: int) -> bytes | None:
         """With the native library registered: the graph with each Mamba-2 mixer's middle as one SSDMixer node
-        (ssmrt.ort_ops.fuse_ssd_mixers) and, in a float16 artifact, its decode step's weight MatMuls on the
-        library's HalfMatMul (ssmrt.ort_ops.route_half_matmuls), as bytes for ONNX Runtime; None (load the file
-        as it is) where neither applies. `self.fused_mixers` and `self.half_matmuls` count them;
+        (ssmrt.ort_ops.fuse_ssd_mixers), each block's residual add and norm as one AddRMSNorm node
+        (fuse_add_rmsnorms) and, in a float16 artifact, its decode step's weight MatMuls on the library's
+        HalfMatMul (route_half_matmuls), as bytes for ONNX Runtime; None (load the file as it is) where none
+        applies. `self.fused_mixers`, `self.fused_norms` and `self.half_matmuls` count them;
         `self.half_matmul_threads` is the pool size the matmuls are told."""
         fuse = {"CausalConv1d", "SSDScan"} <= set(self.native_ops)
         half = meta["export"].get("dtype") == "float16"
-        if not (fuse or half):
-            return None
         import onnx
 
         from .. import ort_ops
@@ -356,6 +355,7 @@ class OnnxRuntimeRunner(Runner):
         model = onnx.load(str(self.path), load_external_data=False)
         if fuse:
             self.fused_mixers = ort_ops.fuse_ssd_mixers(model)
+        self.fused_norms = ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))
         if half:
             from .limits import physical_cores
 
@@ -363,7 +363,7 @@ class OnnxRuntimeRunner(Runner):
             # matmuls then deal their blocks out to whatever pool there is)
             self.half_matmul_threads = threads or physical_cores()
             self.half_matmuls = ort_ops.route_half_matmuls(model, self.half_matmul_threads)
-        if not (self.half_matmuls or self.fused_mixers):
+        if not (self.half_matmuls or self.fused_mixers or self.fused_norms):
             return None
         # the bytes have no location of their own: external weights are found beside the artifact
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
@@ -391,6 +391,7 @@ class OnnxRuntimeRunner(Runner):
         native = f", native {'/'.join(self.native_ops)}" if self.native_ops else ""
         native += f", {self.half_matmuls} float16 decode matmuls native" if self.half_matmuls else ""
         native += f", {self.fused_mixers} Mamba-2 mixers fused" if self.fused_mixers else ""
+        native += f", {self.fused_norms} residual norms fused" if self.fused_norms else ""
         weights = f", {describe_scheme(self.weights)}" if self.weights else ""
         return f"onnxruntime ({self.dtype}{weights}, {self.providers[0]}{native})"
 
