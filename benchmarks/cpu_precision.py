@@ -7,12 +7,13 @@ A 130M-class config with random weights (d_model 768, 24 layers, vocab 50280; Ma
 128; Mamba-1 d_state 16), batch 1, exported three times: float32, float16, and float32 with --logits last. In one
 ONNX Runtime process (CPU provider, default threads), in alternating blocks:
 - decode ms/token: float32 with the native ops, float16 with the native ops (the runner's default: the scans
-  native, the weight matmuls on ssmrt.cpu::HalfMatMul), float16 on the ops' fallback bodies and ONNX Runtime's
-  MatMul; the figure is the median of the per-block ratios float16 / float32 (each pair of blocks under the same
-  machine conditions);
-- prefill of --prompt-len tokens: float32 with logits for every position against --logits last; float16 as the
-  runner runs it (each weight matmul behind the If that routes a decode step) against the same file with the
-  native ops and no routing (ONNX Runtime's MatMul in the main graph);
+  native, the weight matmuls on ssmrt.cpu::HalfMatMul, the mixers and the residual norms fused), the same without
+  the fused nodes (fuse=False), float16 on the ops' fallback bodies and ONNX Runtime's MatMul; each figure is the
+  median of the per-block ratios (each pair of blocks under the same machine conditions; every other block runs
+  the sessions in the reverse order);
+- prefill of --prompt-len tokens: float32 with logits for every position against --logits last; float16 with and
+  without the fused nodes; float16 with its weight matmuls behind the If that routes a decode step against the
+  same file with the native ops and no rewriting (ONNX Runtime's MatMul in the main graph);
 - where a decode step's time goes: ONNX Runtime's profile of a few steps of each artifact, per op type.
 No figure is a bare time from another run.
 """
@@ -122,6 +123,7 @@ def _worker(conn, arts: dict, prompt_len: int, decode_steps: int, repeat: int, p
 
     runners = {"f32": OnnxRuntimeRunnerFromArtifact(arts["f32"], provider="cpu", native_ops="on"),
                "f16": OnnxRuntimeRunnerFromArtifact(arts["f16"], provider="cpu", native_ops="on"),
+               "f16_unfused": OnnxRuntimeRunnerFromArtifact(arts["f16"], provider="cpu", native_ops="on", fuse=False),
                "f16_bodies": OnnxRuntimeRunnerFromArtifact(arts["f16"], provider="cpu", native_ops="off"),
                "f32_last": OnnxRuntimeRunnerFromArtifact(arts["f32_last"], provider="cpu", native_ops="on")}
     config = runners["f32"].config
@@ -136,23 +138,25 @@ def _worker(conn, arts: dict, prompt_len: int, decode_steps: int, repeat: int, p
         logits, states[name] = runners[name].forward(toks[name], states[name])
         toks[name] = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
 
-    decode = {k: [] for k in ("f32", "f16", "f16_bodies")}
-    prefill = {k: [] for k in ("f32", "f32_last", "f16", "f16_unrouted")}
+    decode = {k: [] for k in ("f32", "f16", "f16_unfused", "f16_bodies")}
+    prefill = {k: [] for k in ("f32", "f32_last", "f16", "f16_unfused", "f16_unrouted")}
     prefill_runners = {**runners, "f16_unrouted": plain}
     plain.forward(ids, plain.zero_state(1))
     for name in decode:
         step(name)
-    for _ in range(repeat):
-        for name in decode:
+    for rep in range(repeat):
+        # every other block in the reverse order: a session's idle pool threads spin for a while after its run,
+        # which slows whichever session runs next
+        for name in (list(decode)[::-1] if rep % 2 else decode):
             decode[name].append(_median_time(lambda n=name: step(n), decode_steps))
-        for name in prefill:
+        for name in (list(prefill)[::-1] if rep % 2 else prefill):
             r = prefill_runners[name]
             prefill[name].append(_median_time(lambda r=r: r.forward(ids, r.zero_state(1)), 1))
     profiles = {name: op_profile(arts[name], profile_steps, os.path.join(tmp, f"profile-{name}"))
                 for name in ("f32", "f16")}
     conn.send({"decode_s_blocks": decode, "prefill_s_blocks": prefill, "profile_ms_per_step": profiles,
                "native_ops": list(runners["f16"].native_ops), "half_matmuls": runners["f16"].half_matmuls,
-               "fused_mixers": runners["f16"].fused_mixers})
+               "fused_mixers": runners["f16"].fused_mixers, "fused_norms": runners["f16"].fused_norms})
 
 
 def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repeat: int, profile_steps: int,
@@ -179,14 +183,17 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
     return {
         "arch": arch, "layers": layers, "prompt_len": prompt_len, "native_ops_f16": r["native_ops"],
         "half_matmuls_f16": r["half_matmuls"], "fused_mixers_f16": r["fused_mixers"],
+        "fused_norms_f16": r["fused_norms"],
         "decode_ms_per_token": {k: 1e3 * statistics.median(v) for k, v in d.items()},
         "decode_ms_blocks": {k: [1e3 * t for t in v] for k, v in d.items()},
         "decode_f16_over_f32_paired": paired(d["f16"], d["f32"]),
         "decode_f16_bodies_over_f32_paired": paired(d["f16_bodies"], d["f32"]),
+        "decode_f16_fused_over_unfused_paired": paired(d["f16"], d["f16_unfused"]),
         "prefill_tokens_per_s": {k: prompt_len / statistics.median(v) for k, v in p.items()},
         "prefill_s_blocks": p,
         "prefill_last_over_all_paired": paired(p["f32_last"], p["f32"]),
-        "prefill_f16_routed_over_unrouted_paired": paired(p["f16"], p["f16_unrouted"]),
+        "prefill_f16_routed_over_unrouted_paired": paired(p["f16_unfused"], p["f16_unrouted"]),
+        "prefill_f16_fused_over_unfused_paired": paired(p["f16"], p["f16_unfused"]),
         "prefill_f16_over_f32_paired": paired(p["f16"], p["f32"]),
         "profile_ms_per_step": prof,
         # the float16 step's weight matmuls are HalfMatMul nodes inside If nodes (the profile counts both)
@@ -220,14 +227,17 @@ def main():
             results.append(r)
             d, p = r["decode_ms_per_token"], r["prefill_tokens_per_s"]
             print(f"{arch}, {args.layers} layers, native ops in the float16 artifact: {'/'.join(r['native_ops_f16'])}")
-            print(f"  decode ms/token: float32 {d['f32']:.2f}, float16 {d['f16']:.2f}, float16 on the bodies "
-                  f"{d['f16_bodies']:.2f}; float16 / float32 paired {r['decode_f16_over_f32_paired']:.3f}, "
-                  f"bodies {r['decode_f16_bodies_over_f32_paired']:.3f}")
+            print(f"  decode ms/token: float32 {d['f32']:.2f}, float16 {d['f16']:.2f}, unfused "
+                  f"{d['f16_unfused']:.2f}, on the bodies {d['f16_bodies']:.2f}; float16 / float32 paired "
+                  f"{r['decode_f16_over_f32_paired']:.3f}, fused / unfused "
+                  f"{r['decode_f16_fused_over_unfused_paired']:.3f}, bodies / float32 "
+                  f"{r['decode_f16_bodies_over_f32_paired']:.3f}")
             routed = r["prefill_f16_routed_over_unrouted_paired"]
             print(f"  prefill tok/s at L={args.prompt_len}: float32 logits all {p['f32']:.0f}, last "
                   f"{p['f32_last']:.0f} (time last / all paired {r['prefill_last_over_all_paired']:.3f}); float16 "
-                  f"{p['f16']:.0f}, unrouted {p['f16_unrouted']:.0f} (routed / unrouted {routed:.3f}, float16 / "
-                  f"float32 {r['prefill_f16_over_f32_paired']:.3f})")
+                  f"{p['f16']:.0f}, unfused {p['f16_unfused']:.0f} (fused / unfused "
+                  f"{r['prefill_f16_fused_over_unfused_paired']:.3f}), unrouted {p['f16_unrouted']:.0f} (unfused, "
+                  f"routed / unrouted {routed:.3f}); float16 / float32 {r['prefill_f16_over_f32_paired']:.3f}")
             for name, prof in r["profile_ms_per_step"].items():
                 top = ", ".join(f"{k} {v:.2f}" for k, v in list(prof.items())[:5])
                 print(f"  {name} decode step by op (ms): {top}; total {sum(prof.values()):.2f}")

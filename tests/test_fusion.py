@@ -224,16 +224,12 @@ def test_add_rmsnorm_errors_name_the_input():
 # ------------------------------------------------------------------------------------------ the graph fusion
 
 
-def runners(art, monkeypatch):
+def runners(art):
     """(fused, as exported) ONNX Runtime runners of one artifact, both with the native ops."""
     from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
 
-    fused = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
-    with monkeypatch.context() as m:
-        m.setattr(ort_ops, "fuse_ssd_mixers", lambda model: 0)
-        m.setattr(ort_ops, "fuse_add_rmsnorms", lambda model, dtype: 0)
-        plain = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
-    return fused, plain
+    return (OnnxRuntimeRunnerFromArtifact(art, native_ops="on"),
+            OnnxRuntimeRunnerFromArtifact(art, native_ops="on", fuse=False))
 
 
 def same_results(fused, plain, dtype, batch=2, steps=4):
@@ -255,27 +251,27 @@ def same_results(fused, plain, dtype, batch=2, steps=4):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("variant", [{}, {"D_has_hdim": True, "conv_bias": False},
                                      {"dt_min_limit": 0.05, "dt_max_limit": 0.3, "gated_norm_eps": 1e-3}])
-def test_the_runner_fuses_every_mamba2_mixer(tmp_path, monkeypatch, dtype, variant):
+def test_the_runner_fuses_every_mamba2_mixer(tmp_path, dtype, variant):
     """Each mixer becomes one SSDMixer node, each block's residual add and norm after the first (and the final
     norm) one AddRMSNorm, and the runner computes what the graph as exported does."""
     from ssmrt.exporter import export_model
 
     native_library()
     model = random_lm(ngroups=1, n_layer=3, **variant)
-    fused, plain = runners(export_model(model, tmp_path / "a", dtype=dtype), monkeypatch)
+    fused, plain = runners(export_model(model, tmp_path / "a", dtype=dtype))
     assert (fused.fused_mixers, fused.fused_norms, plain.fused_mixers, plain.fused_norms) == (3, 3, 0, 0)
+    assert plain.native_ops == fused.native_ops == ("CausalConv1d", "SSDScan")
     assert "3 Mamba-2 mixers fused, 3 residual norms fused" in fused.describe() and "fused" not in plain.describe()
     same_results(fused, plain, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_the_runner_fuses_mamba1_norms(tmp_path, monkeypatch, dtype):
+def test_the_runner_fuses_mamba1_norms(tmp_path, dtype):
     """Mamba-1 has no SSD mixer; its blocks' residual adds and norms fuse as Mamba-2's do."""
     from ssmrt.exporter import export_model
 
     native_library()
-    fused, plain = runners(export_model(random_lm(arch="mamba1", n_layer=3), tmp_path / "a", dtype=dtype),
-                           monkeypatch)
+    fused, plain = runners(export_model(random_lm(arch="mamba1", n_layer=3), tmp_path / "a", dtype=dtype))
     assert (fused.fused_mixers, fused.fused_norms) == (0, 3)
     same_results(fused, plain, dtype)
 
@@ -301,28 +297,28 @@ def test_fused_norms_carry_the_models_eps_and_rounding(tmp_path, dtype):
         assert np.array_equal(got.astype(np.float32), norm.weight.detach().to(getattr(torch, dtype)).float().numpy())
 
 
-def test_a_float16_residual_stream_keeps_its_norms_as_exported(tmp_path, monkeypatch):
+def test_a_float16_residual_stream_keeps_its_norms_as_exported(tmp_path):
     """residual_in_fp32 off: a float16 model's residual adds are float16 and its norms read them widened, not
     rounded from a float32 sum: not AddRMSNorm's form, so they stay; the runner still computes the graph."""
     from ssmrt.exporter import export_model
 
     native_library()
     model = random_lm(ngroups=1, residual_in_fp32=False)
-    fused, plain = runners(export_model(model, tmp_path / "a", dtype="float16"), monkeypatch)
+    fused, plain = runners(export_model(model, tmp_path / "a", dtype="float16"))
     assert (fused.fused_mixers, fused.fused_norms) == (2, 0)
     same_results(fused, plain, "float16")
 
 
 @pytest.mark.parametrize("variant", [{"ngroups": 2}, {"norm_before_gate": True}, {"rmsnorm": False},
                                      {"d_inner": 96, "d_ssm": 64}])
-def test_mixers_the_fused_op_does_not_compute_are_left_as_exported(tmp_path, monkeypatch, variant):
+def test_mixers_the_fused_op_does_not_compute_are_left_as_exported(tmp_path, variant):
     """A gated norm over several groups, the norm before the gate, no norm, an MLP part: the pattern does not
     match, the mixer stays as exported, and the runner still computes the graph."""
     from ssmrt.exporter import export_model
 
     native_library()
     model = random_lm(**{"ngroups": 1, **variant})
-    fused, plain = runners(export_model(model, tmp_path / "a"), monkeypatch)
+    fused, plain = runners(export_model(model, tmp_path / "a"))
     assert fused.fused_mixers == 0 and fused.fused_norms == 2  # the blocks' norms still fuse
     same_results(fused, plain, "float32")
 
@@ -368,3 +364,12 @@ def test_fused_nodes_are_put_in_an_order_onnx_accepts():
     assert [n.op_type for n in _in_order(nodes)] == ["Neg", "Fused", "Exp", "Abs"]
     with pytest.raises(ValueError, match="cycle"):
         _in_order([helper.make_node("Neg", ["b"], ["a"]), helper.make_node("Abs", ["a"], ["b"])])
+
+
+def test_fuse_must_be_a_bool(tmp_path):
+    from ssmrt.errors import SsmrtError
+    from ssmrt.exporter import export_model
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    with pytest.raises(SsmrtError, match="fuse must be True or False, got 'no'"):
+        OnnxRuntimeRunnerFromArtifact(export_model(random_lm(n_layer=1), tmp_path / "a"), fuse="no")

@@ -237,12 +237,14 @@ class OnnxRuntimeRunner(Runner):
     native_ops: on the CPU provider with a float32 or float16 artifact (its SSM state float32, as exported by
     default), run the ssmrt ops the native library implements (ssmrt.ort_ops) instead of their fallback bodies.
     "auto" uses it where it applies and builds, else the bodies (`native_ops_note` says why); "on" raises where it
-    cannot; "off" always runs the bodies. `self.native_ops` lists the ops running natively."""
+    cannot; "off" always runs the bodies. `self.native_ops` lists the ops running natively.
+    fuse: with the native ops, run each Mamba-2 mixer's middle and each block's residual add and norm as one
+    native node (ssmrt.ort_ops.fusion); False runs the graph as exported, one native node per ssmrt op."""
 
     name = "onnxruntime"
 
     def __init__(self, path, provider: str = "auto", threads: int = 0, opt_level: str = "all",
-                 native_ops: str = "auto"):
+                 native_ops: str = "auto", fuse: bool = True):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -272,6 +274,9 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.native_ops, self.native_ops_note = self._register_native_ops(opts, native_ops, providers, meta)
+        if not isinstance(fuse, bool):
+            raise SsmrtError(f"fuse must be True or False, got {fuse!r}")
+        self.fuse = fuse
         self.half_matmuls = self.half_matmul_threads = self.fused_mixers = self.fused_norms = 0
         model = self._rewrite_graph(opts, meta, threads) if self.native_ops else None
         try:
@@ -346,16 +351,17 @@ class OnnxRuntimeRunner(Runner):
         HalfMatMul (route_half_matmuls), as bytes for ONNX Runtime; None (load the file as it is) where none
         applies. `self.fused_mixers`, `self.fused_norms` and `self.half_matmuls` count them;
         `self.half_matmul_threads` is the pool size the matmuls are told."""
-        fuse = {"CausalConv1d", "SSDScan"} <= set(self.native_ops)
+        mixers = self.fuse and {"CausalConv1d", "SSDScan"} <= set(self.native_ops)
         half = meta["export"].get("dtype") == "float16"
         import onnx
 
         from .. import ort_ops
 
         model = onnx.load(str(self.path), load_external_data=False)
-        if fuse:
+        if mixers:
             self.fused_mixers = ort_ops.fuse_ssd_mixers(model)
-        self.fused_norms = ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))
+        if self.fuse:
+            self.fused_norms = ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))
         if half:
             from .limits import physical_cores
 
