@@ -274,34 +274,53 @@ Status* conv_compute(void* kernel, KernelContext* ctx) {
 
 // ----------------------------------------------------------------------------------------------- SSDScan
 
+// SSDScan's dt attributes, shared with SSDMixer.
+struct DtAttributes {
+  bool softplus = false;
+  float min = 0.0f;
+  float max = std::numeric_limits<float>::infinity();
+  bool clamp() const { return min > 0.0f || max < std::numeric_limits<float>::infinity(); }
+};
+
+// Reads them; absent ones take the contract's defaults (no softplus, no dt limit). Returns what is wrong, or "".
+std::string read_dt_attributes(const Calls& api, const KernelInfo* info, DtAttributes* dt) {
+  int64_t softplus = 0;
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "dt_softplus", &softplus)) api.ReleaseStatus(s);
+  if (Status* s = api.KernelInfoGetAttributeFloat(info, "dt_min", &dt->min)) api.ReleaseStatus(s);
+  if (Status* s = api.KernelInfoGetAttributeFloat(info, "dt_max", &dt->max)) api.ReleaseStatus(s);
+  dt->softplus = softplus == 1;
+  if (softplus != 0 && softplus != 1) return "attribute dt_softplus must be 0 or 1, got " + std::to_string(softplus);
+  if (!(dt->min >= 0.0f) || !(dt->max >= dt->min))
+    return "attributes dt_min / dt_max must satisfy 0 <= dt_min <= dt_max, got " + std::to_string(dt->min) + " / " +
+           std::to_string(dt->max);
+  return "";
+}
+
+// The optional D ((nheads,) or (nheads, headdim): d_per_channel) and dt_bias ((nheads,)) of an SSD.
+Status* check_d_and_dt_bias(const Call& call, const Tensor& D, const Tensor& dt_bias, int64_t nheads, int64_t headdim,
+                            bool* d_per_channel) {
+  *d_per_channel = D.present && D.shape.size() == 2;
+  if (D.present && D.shape.size() == 1) SSMRT_TRY(call.expect(D, "D", {nheads}, "(nheads,) or (nheads, headdim)"));
+  if (*d_per_channel) SSMRT_TRY(call.expect(D, "D", {nheads, headdim}, "(nheads,) or (nheads, headdim)"));
+  if (D.present && D.shape.size() != 1 && D.shape.size() != 2)
+    return call.error("input D has shape " + shape_str(D.shape) + ", expected (nheads,) or (nheads, headdim)");
+  if (dt_bias.present) SSMRT_TRY(call.expect(dt_bias, "dt_bias", {nheads}, "(nheads,)"));
+  return nullptr;
+}
+
 struct SsdScanKernel {
   Calls api;
   int act;
-  bool dt_softplus = false;
-  float dt_min = 0.0f;
-  float dt_max = std::numeric_limits<float>::infinity();
+  DtAttributes dt;
 };
 
 template <int Act>
 Status* ssd_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
   Calls api(raw);
-  auto* k = new SsdScanKernel{api, Act};
-  int64_t softplus = 0;
-  // Absent attributes take the contract's defaults: no softplus, no dt limit.
-  if (Status* s = api.KernelInfoGetAttributeInt64(info, "dt_softplus", &softplus)) api.ReleaseStatus(s);
-  if (Status* s = api.KernelInfoGetAttributeFloat(info, "dt_min", &k->dt_min)) api.ReleaseStatus(s);
-  if (Status* s = api.KernelInfoGetAttributeFloat(info, "dt_max", &k->dt_max)) api.ReleaseStatus(s);
-  std::string bad;
-  if (softplus != 0 && softplus != 1) bad = "attribute dt_softplus must be 0 or 1, got " + std::to_string(softplus);
-  if (!(k->dt_min >= 0.0f) || !(k->dt_max >= k->dt_min))
-    bad = "attributes dt_min / dt_max must satisfy 0 <= dt_min <= dt_max, got " + std::to_string(k->dt_min) +
-          " / " + std::to_string(k->dt_max);
-  if (!bad.empty()) {
-    delete k;
-    return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt::SSDScan: " + bad).c_str());
-  }
-  k->dt_softplus = softplus == 1;
-  *out = k;
+  DtAttributes dt;
+  const std::string bad = read_dt_attributes(api, info, &dt);
+  if (!bad.empty()) return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt::SSDScan: " + bad).c_str());
+  *out = new SsdScanKernel{api, Act, dt};
   return nullptr;
 }
 
@@ -325,20 +344,15 @@ Status* ssd_compute(void* kernel, KernelContext* ctx) {
   if (ngroups < 1 || nheads % ngroups != 0)
     return call.error("ngroups (" + std::to_string(ngroups) + ", from B) must divide nheads (" +
                       std::to_string(nheads) + ")");
-  const bool d_per_channel = D.present && D.shape.size() == 2;
-  if (D.present && D.shape.size() == 1) SSMRT_TRY(call.expect(D, "D", {nheads}, "(nheads,) or (nheads, headdim)"));
-  if (d_per_channel) SSMRT_TRY(call.expect(D, "D", {nheads, headdim}, "(nheads,) or (nheads, headdim)"));
-  if (D.present && D.shape.size() != 1 && D.shape.size() != 2)
-    return call.error("input D has shape " + shape_str(D.shape) + ", expected (nheads,) or (nheads, headdim)");
-  if (dt_bias.present) SSMRT_TRY(call.expect(dt_bias, "dt_bias", {nheads}, "(nheads,)"));
+  bool d_per_channel = false;
+  SSMRT_TRY(check_d_and_dt_bias(call, D, dt_bias, nheads, headdim, &d_per_channel));
   SSMRT_TRY(call.expect(state, "ssm_state", {batch, nheads, headdim, dstate}, "(batch, nheads, headdim, dstate)"));
   float *y = nullptr, *state_out = nullptr;
   SSMRT_TRY(call.output(0, {batch, seqlen, nheads, headdim}, &y));
   SSMRT_TRY(call.output(1, {batch, nheads, headdim, dstate}, &state_out));
-  const bool clamp = k->dt_min > 0.0f || k->dt_max < std::numeric_limits<float>::infinity();
   ssmrt_cpu::ssd_scan(PoolExecutor(k->api, ctx), x.data, dt.data, A.data, B.data, C.data, D.or_null(), d_per_channel,
                       dt_bias.or_null(), state.data, y, state_out, batch, seqlen, nheads, headdim, dstate, ngroups,
-                      k->dt_softplus, clamp, k->dt_min, k->dt_max);
+                      k->dt.softplus, k->dt.clamp(), k->dt.min, k->dt.max);
   call.finish();
   return nullptr;
 }
@@ -497,9 +511,7 @@ constexpr OpContract kSsdMixer{"SSDMixer", 9, 3, kSsdMixerOptional, kSsdMixerFp3
 struct SsdMixerKernel {
   Calls api;
   int act;
-  bool dt_softplus = false;
-  float dt_min = 0.0f;
-  float dt_max = std::numeric_limits<float>::infinity();
+  DtAttributes dt;
   float eps = 1e-5f;
 };
 
@@ -507,24 +519,13 @@ template <int Act>
 Status* ssd_mixer_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info,
                          void** out) {
   Calls api(raw);
-  auto* k = new SsdMixerKernel{api, Act};
-  int64_t softplus = 0;
-  if (Status* s = api.KernelInfoGetAttributeInt64(info, "dt_softplus", &softplus)) api.ReleaseStatus(s);
-  if (Status* s = api.KernelInfoGetAttributeFloat(info, "dt_min", &k->dt_min)) api.ReleaseStatus(s);
-  if (Status* s = api.KernelInfoGetAttributeFloat(info, "dt_max", &k->dt_max)) api.ReleaseStatus(s);
-  if (Status* s = api.KernelInfoGetAttributeFloat(info, "eps", &k->eps)) api.ReleaseStatus(s);
-  std::string bad;
-  if (softplus != 0 && softplus != 1) bad = "attribute dt_softplus must be 0 or 1, got " + std::to_string(softplus);
-  if (!(k->dt_min >= 0.0f) || !(k->dt_max >= k->dt_min))
-    bad = "attributes dt_min / dt_max must satisfy 0 <= dt_min <= dt_max, got " + std::to_string(k->dt_min) +
-          " / " + std::to_string(k->dt_max);
-  if (!(k->eps >= 0.0f)) bad = "attribute eps must be 0 or more, got " + std::to_string(k->eps);
-  if (!bad.empty()) {
-    delete k;
-    return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::SSDMixer: " + bad).c_str());
-  }
-  k->dt_softplus = softplus == 1;
-  *out = k;
+  DtAttributes dt;
+  float eps = 1e-5f;
+  std::string bad = read_dt_attributes(api, info, &dt);
+  if (Status* s = api.KernelInfoGetAttributeFloat(info, "eps", &eps)) api.ReleaseStatus(s);
+  if (bad.empty() && !(eps >= 0.0f)) bad = "attribute eps must be 0 or more, got " + std::to_string(eps);
+  if (!bad.empty()) return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::SSDMixer: " + bad).c_str());
+  *out = new SsdMixerKernel{api, Act, dt, eps};
   return nullptr;
 }
 
@@ -557,23 +558,18 @@ Status* ssd_mixer_compute(void* kernel, KernelContext* ctx) {
   if (bias.present) SSMRT_TRY(call.expect(bias, "conv_bias", {conv_dim}, "(conv_dim,)"));
   SSMRT_TRY(call.expect(conv_state, "conv_state", {batch, conv_dim, width - 1}, "(batch, conv_dim, width - 1)"));
   SSMRT_TRY(call.expect(A, "A", {nheads}, "(nheads,)"));
-  const bool d_per_channel = D.present && D.shape.size() == 2;
-  if (D.present && D.shape.size() == 1) SSMRT_TRY(call.expect(D, "D", {nheads}, "(nheads,) or (nheads, headdim)"));
-  if (d_per_channel) SSMRT_TRY(call.expect(D, "D", {nheads, headdim}, "(nheads,) or (nheads, headdim)"));
-  if (D.present && D.shape.size() != 1 && D.shape.size() != 2)
-    return call.error("input D has shape " + shape_str(D.shape) + ", expected (nheads,) or (nheads, headdim)");
-  if (dt_bias.present) SSMRT_TRY(call.expect(dt_bias, "dt_bias", {nheads}, "(nheads,)"));
+  bool d_per_channel = false;
+  SSMRT_TRY(check_d_and_dt_bias(call, D, dt_bias, nheads, headdim, &d_per_channel));
   SSMRT_TRY(call.expect(ssm_state, "ssm_state", {batch, -1, -1, -1}, "(batch, nheads, headdim, dstate)"));
   SSMRT_TRY(call.expect(norm_w, "norm_weight", {d_ssm}, "(nheads * headdim,)"));
   float *y = nullptr, *conv_out = nullptr, *ssm_out = nullptr;
   SSMRT_TRY(call.output(0, {batch, seqlen, d_ssm}, &y));
   SSMRT_TRY(call.output(1, {batch, conv_dim, width - 1}, &conv_out));
   SSMRT_TRY(call.output(2, {batch, nheads, headdim, dstate}, &ssm_out));
-  const bool clamp = k->dt_min > 0.0f || k->dt_max < std::numeric_limits<float>::infinity();
   ssmrt_cpu::ssd_mixer(PoolExecutor(k->api, ctx), zxbcdt.data, w.data, bias.or_null(), conv_state.data, A.data,
                        D.or_null(), d_per_channel, dt_bias.or_null(), ssm_state.data, norm_w.data, y, conv_out,
-                       ssm_out, batch, seqlen, nheads, headdim, dstate, ngroups, width, k->dt_softplus, clamp,
-                       k->dt_min, k->dt_max, k->eps, k->act == ssmrt_ort::kFloat16);
+                       ssm_out, batch, seqlen, nheads, headdim, dstate, ngroups, width, k->dt.softplus,
+                       k->dt.clamp(), k->dt.min, k->dt.max, k->eps, k->act == ssmrt_ort::kFloat16);
   call.finish();
   return nullptr;
 }
