@@ -125,8 +125,9 @@ def test_ssd_mixer_without_optional_inputs():
 @pytest.mark.parametrize("batch,seqlen,nheads,headdim,dstate,ngroups", SHAPES)
 def test_ssd_mixer_float16(batch, seqlen, nheads, headdim, dstate, ngroups):
     """float16 activations: the reference on the same inputs rounds the conv's output and the scan's y to float16
-    as the float16 graph does; the conv state, a copy of inputs, exactly; the float32 SSM state at the float16 op
-    tolerance."""
+    as the float16 graph does, and so does the op: y agrees with it bit for bit in nearly every value (with either
+    rounding point left out, about a quarter of them differ); the conv state, a copy of inputs, exactly; the float32
+    SSM state, computed in float32 from the same float16 values, at the float32 tolerance."""
     kw = mixer_inputs(batch, seqlen, nheads, headdim, dstate, ngroups, dtype=torch.float16, seed=seqlen)
     for name in INPUTS:
         assert kw[name] is None or kw[name].dtype == (torch.float32 if name in FP32_INPUTS else torch.float16)
@@ -135,8 +136,9 @@ def test_ssd_mixer_float16(batch, seqlen, nheads, headdim, dstate, ngroups):
     assert (y.dtype, conv_out.dtype, ssm_out.dtype) == (torch.float16, torch.float16, torch.float32)
     atol, rtol = tolerance("float16", "op")
     assert_close(y.float(), y_ref.float(), atol=atol, rtol=rtol, name="SSDMixer float16 y")
+    assert (y != y_ref).float().mean() < 0.1
     assert torch.equal(conv_out, conv_ref)
-    assert_close(ssm_out, ssm_ref, atol=atol, rtol=rtol, name="SSDMixer float16 ssm_state")
+    assert_close(ssm_out, ssm_ref, name="SSDMixer float16 ssm_state")
 
 
 def test_ssd_mixer_errors_name_the_input():
@@ -283,6 +285,8 @@ def test_fused_norms_carry_the_models_eps_and_rounding(tmp_path, dtype):
     from ssmrt.exporter import export_model
 
     model = random_lm(arch="mamba1", n_layer=3, norm_eps=1e-3)
+    with torch.no_grad():  # random_lm leaves the final norm's weight at ones
+        model.backbone.norm_f.weight.normal_(1.0, 0.3, generator=torch.Generator().manual_seed(5))
     graph = onnx.load(str(export_model(model, tmp_path / "a", dtype=dtype) / "model.onnx"))
     assert ort_ops.fuse_add_rmsnorms(graph, dtype) == 3
     fused = [n for n in graph.graph.node if n.op_type == "AddRMSNorm"]
@@ -373,3 +377,24 @@ def test_fuse_must_be_a_bool(tmp_path):
 
     with pytest.raises(SsmrtError, match="fuse must be True or False, got 'no'"):
         OnnxRuntimeRunnerFromArtifact(export_model(random_lm(n_layer=1), tmp_path / "a"), fuse="no")
+
+
+def test_a_graph_the_fusion_trips_on_runs_as_exported(tmp_path, monkeypatch):
+    """Fusion is an optimisation: an error in it leaves the graph as exported, with the reason kept."""
+    from ssmrt.exporter import export_model
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    native_library()
+    art = export_model(random_lm(ngroups=1), tmp_path / "a")
+
+    def trip(model):
+        del model.graph.node[:3]  # a half-done rewrite must not reach ONNX Runtime
+        raise ValueError("the fused graph has a cycle")
+
+    monkeypatch.setattr(ort_ops, "fuse_ssd_mixers", trip)
+    r = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    assert (r.fused_mixers, r.fused_norms) == (0, 0)
+    assert r.fuse_note == "not fused: ValueError: the fused graph has a cycle"
+    plain = OnnxRuntimeRunnerFromArtifact(art, native_ops="on", fuse=False)
+    ids = random_ids(1, 5).numpy()
+    assert np.array_equal(r.forward(ids, r.zero_state(1))[0], plain.forward(ids, plain.zero_state(1))[0])

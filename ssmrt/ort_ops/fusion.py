@@ -70,6 +70,7 @@ def _names_read(node):
                                                                                            g.initializer}
             for n in g.node:
                 yield from (x for x in _names_read(n) if x not in inner)
+            yield from (o.name for o in g.output if o.name not in inner)  # a branch may return an outer value
 
 
 def _attr(node, name, default=None):
@@ -115,7 +116,7 @@ def _norm_chain(g: _Graph, h, dim: int | None) -> dict | None:
     if mean is None or _attr(mean, "keepdims", 1) != 1:
         return None
     axes = g.const(mean.input[1]) if len(mean.input) > 1 else _attr(mean, "axes")
-    if axes is None or [int(a) for a in axes] not in ([-1], [2]):
+    if axes is None or [int(a) for a in axes] != [-1]:  # the exporter's form; another axis would need the rank
         return None
     add = g.only_reader(mean.output[0], "Add")
     eps_name = next((i for i in add.input if i != mean.output[0]), None) if add is not None else None
@@ -258,7 +259,8 @@ def _match_add_norm(g: _Graph, pow_, half: bool) -> dict | None:
     else:
         out_node = mul_w
         add = g.made_by(t, "Add")
-        if add is None or len(add.input) != 2:
+        # two activations of one shape; a constant operand (a bias) would broadcast, which AddRMSNorm does not
+        if add is None or len(add.input) != 2 or any(g.const(i) is not None for i in add.input):
             return None
         r = t
         removed = [add, *norm["nodes"]]

@@ -10,6 +10,7 @@ Loaders follow one naming scheme: TorchRunnerFromCheckpoint, OnnxRuntimeRunnerFr
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from ..errors import SsmrtError
 from ..fsutil import user_path
 from ..models.config import SSMConfig
 from ..quantize import describe_scheme, scheme_of
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 # ONNX Runtime options, as the runner and the CLI take them
@@ -277,6 +280,7 @@ class OnnxRuntimeRunner(Runner):
         if not isinstance(fuse, bool):
             raise SsmrtError(f"fuse must be True or False, got {fuse!r}")
         self.fuse = fuse
+        self.fuse_note = ""  # why the fusion was skipped, where it failed
         self.half_matmuls = self.half_matmul_threads = self.fused_mixers = self.fused_norms = 0
         model = self._rewrite_graph(opts, meta, threads) if self.native_ops else None
         try:
@@ -358,10 +362,16 @@ class OnnxRuntimeRunner(Runner):
         from .. import ort_ops
 
         model = onnx.load(str(self.path), load_external_data=False)
-        if mixers:
-            self.fused_mixers = ort_ops.fuse_ssd_mixers(model)
-        if self.fuse:
-            self.fused_norms = ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))
+        try:
+            if mixers:
+                self.fused_mixers = ort_ops.fuse_ssd_mixers(model)
+            if self.fuse:
+                self.fused_norms = ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))
+        except Exception as e:  # a graph the matchers trip on runs as exported: fusion is an optimisation
+            log.warning("%s: running the graph unfused (%s: %s)", self.path, type(e).__name__, e)
+            self.fuse_note = f"not fused: {type(e).__name__}: {e}"
+            self.fused_mixers = self.fused_norms = 0
+            model = onnx.load(str(self.path), load_external_data=False)
         if half:
             from .limits import physical_cores
 
