@@ -346,6 +346,67 @@ def test_route_half_matmuls_tied_head():
         assert_close(torch.from_numpy(y).float(), want.float(), atol=atol, rtol=rtol, name=f"logits {shape}")
 
 
+def test_route_half_matmuls_one_if_for_the_step():
+    """Routing puts what is downstream of the weight matmuls in one If on "input_ids has one position" (not an If
+    a matmul): its then-branch runs them as HalfMatMul, its else-branch as they were, and what does not depend on
+    them (the embedding, a value computed from initializers, a graph output made before the first matmul) stays in
+    the main graph. A nested If reading a downstream value goes with it. Both branches give the graph's results."""
+    V, d, n = 11, 8, 6
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(V, d, generator=g).half()
+    w1 = (torch.randn(d, n, generator=g) / d**0.5).half()
+    w2 = (torch.randn(n, d, generator=g) / n**0.5).half()
+    scale = torch.randn(d, generator=g).half()
+
+    def branch(op):
+        return helper.make_graph([helper.make_node(op, ["h", "h"], ["b"])], op, [],
+                                 [helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT16, ["batch", "seq", n])])
+
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x"]),
+             helper.make_node("Neg", ["scale"], ["neg_scale"]),  # initializers alone
+             helper.make_node("Mul", ["x", "neg_scale"], ["x2"]),
+             helper.make_node("Identity", ["x2"], ["early"]),  # a graph output before the first matmul
+             helper.make_node("MatMul", ["x2", "w1"], ["h"]),
+             helper.make_node("ReduceSum", ["x2"], ["flag_sum"], keepdims=0, noop_with_empty_axes=0),
+             helper.make_node("Constant", [], ["zero"], value=onnx.numpy_helper.from_array(np.array(0, np.float16))),
+             helper.make_node("Greater", ["flag_sum", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["hb"], then_branch=branch("Add"), else_branch=branch("Mul")),
+             helper.make_node("MatMul", ["hb", "w2"], ["y"])]
+    f16 = onnx.TensorProto.FLOAT16
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64,
+                                                                         ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", f16, ["batch", "seq", d]),
+                               helper.make_tensor_value_info("early", f16, ["batch", "seq", d])],
+                              [onnx.numpy_helper.from_array(t.numpy(), k)
+                               for k, t in (("emb", emb), ("w1", w1), ("w2", w2), ("scale", scale))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    assert ort_ops.route_half_matmuls(model, threads=2) == 2
+    main = [n.op_type for n in model.graph.node]
+    assert main.count("If") == 1 and "MatMul" not in main and "HalfMatMul" not in main
+    assert {"Gather", "Neg", "Mul", "Identity"} <= set(main)
+    (route,) = [n for n in model.graph.node if n.op_type == "If"]
+    assert route.name == ort_ops.ROUTED and list(route.output) == ["y"]
+    step, prompt = ([n.op_type for n in a.g.node] for name in ("then_branch", "else_branch")
+                    for a in route.attribute if a.name == name)
+    assert step.count("HalfMatMul") == 2 and "MatMul" not in step and "If" in step
+    assert prompt.count("MatMul") == 2 and "HalfMatMul" not in prompt and "If" in prompt
+    onnx.checker.check_model(model)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native_library()))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    atol, rtol = tolerance("float16", "op")
+    for shape in ((2, 1), (1, 4)):  # a decode step, a prompt
+        ids = torch.randint(0, V, shape, generator=g)
+        y, early = sess.run(None, {"input_ids": ids.numpy()})
+        x2 = emb[ids] * -scale
+        h = (x2.float() @ w1.float()).half()
+        hb = h + h if float(x2.float().sum()) > 0 else h * h  # the If reads h from its branches only
+        want = (hb.float() @ w2.float()).half()
+        assert np.array_equal(early, x2.numpy())
+        assert_close(torch.from_numpy(y).float(), want.float(), atol=atol, rtol=rtol, name=f"y {shape}")
+
+
 def test_half_matmul_shape_errors():
     with pytest.raises(Exception, match=r"HalfMatMul: A \(1, 1, 8\) and B \(7, 4\) do not multiply"):
         half_matmul_session(0).run(None, {"a": np.zeros((1, 1, 8), np.float16), "b": np.zeros((7, 4), np.float16)})

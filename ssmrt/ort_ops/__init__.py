@@ -32,7 +32,9 @@ import tempfile
 from pathlib import Path
 
 from ..errors import SsmrtError
-from .fusion import FUSION_DOMAIN, fuse_add_rmsnorms, fuse_ssd_mixers  # noqa: F401  (the runner's graph fusions)
+
+# the runner's graph fusions, and how a node's reads are found
+from .fusion import FUSION_DOMAIN, _names_read, fuse_add_rmsnorms, fuse_ssd_mixers  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -190,17 +192,23 @@ def _run(cmd: list[str], source: Path) -> None:
 # artifact's decode step would stream as many bytes as a float32 one. The library's ssmrt.cpu::HalfMatMul reads
 # them as stored; it is written for the few rows of a decode step, so the graph asks for it only there.
 #
-# One graph choosing per call (an If around each MatMul), not a second session holding the decode step's graph:
-# ONNX Runtime folds a float16 MatMul's weights into float32 copies where it can see them (the file as it is), which
-# speeds a prompt ~8% at three times the weights' memory; inside an If they stay float16, held once. The If costs a
-# decode step ~2.5%.
+# One graph choosing per call, not a second session holding the decode step's graph: ONNX Runtime folds a float16
+# MatMul's weights into float32 copies where it can see them (the file as it is), which speeds a prompt ~8% at three
+# times the weights' memory; inside an If's branches they stay float16, held once. The choice is made once a call:
+# everything downstream of the first weight matmul is one If whose then-branch (a decode step) has the HalfMatMuls
+# and whose else-branch (a prompt) has the graph as it was. An If around each matmul costs as much again as the
+# node it wraps would, ~5% of a 130M model's float16 decode step.
 HALF_MATMUL_DOMAIN = "ssmrt.cpu"
 DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
+ROUTED = "ssmrt_cpu.routed"  # the If's name
 
 
 def route_half_matmuls(model, threads: int = 0) -> int:
     """Rewrites an onnx.ModelProto in place: every main-graph MatMul of an activation by a float16 (K, N)
-    initializer becomes If(input_ids has one position, HalfMatMul, the MatMul as it was). Returns how many.
+    initializer runs on HalfMatMul where input_ids has one position (a decode step) and as it was otherwise.
+    The nodes downstream of those MatMuls move into one If on that flag: its then-branch holds them with the
+    MatMuls as HalfMatMul, its else-branch as they were; the rest (the embedding, the first norm, what is computed
+    from initializers alone) stays in the main graph, which ONNX Runtime can fold. Returns how many MatMuls.
     threads: the session's intra-op threads where known (0: not), given to each HalfMatMul, which sweeps one run
     of the weight's rows a thread.
 
@@ -208,7 +216,7 @@ def route_half_matmuls(model, threads: int = 0) -> int:
     Gemm with trans_b over the activation's rows), and the Transpose, left with no reader, goes; ONNX Runtime would
     have folded it into a second, transposed copy of the embedding. The artifact on disk is not touched; a runner
     that loads the native library hands ONNX Runtime the result."""
-    from onnx import TensorProto, helper
+    from onnx import NodeProto, TensorProto, helper
 
     graph = model.graph
     weights = {t.name: t for t in graph.initializer if t.data_type == TensorProto.FLOAT16 and len(t.dims) == 2}
@@ -218,45 +226,61 @@ def route_half_matmuls(model, threads: int = 0) -> int:
                if n.op_type == "MatMul" and n.domain == "" and (n.input[1] in weights or n.input[1] in transposed)}
     if not targets:
         return 0
+    # what is downstream of a routed MatMul, through its outputs and through values its nested graphs read
+    downstream, tainted = set(), set()
+    for i, node in enumerate(graph.node):
+        if i in targets or any(x in tainted for x in _names_read(node)):
+            downstream.add(i)
+            tainted.update(node.output)
+    step, prompt = [], []
+    for i in sorted(downstream):
+        node = graph.node[i]
+        if i not in targets:
+            copy = NodeProto()
+            copy.CopyFrom(node)
+            step.append(copy)
+            prompt.append(node)
+            continue
+        a, w = node.input
+        (y,) = node.output
+        if w in transposed:
+            b = transposed[w]
+            n, k = weights[b].dims
+            step.append(helper.make_node("HalfMatMul", [a, b], [y], domain=HALF_MATMUL_DOMAIN, trans_b=1,
+                                         threads=threads))
+            # the prompt's activation as rows (..., K) -> (rows, K), by the embedding, and back to (..., N)
+            prompt += [helper.make_node("Constant", [], [f"{y}.rows_shape"], value_ints=[-1, k]),
+                       helper.make_node("Reshape", [a, f"{y}.rows_shape"], [f"{y}.rows"]),
+                       helper.make_node("Gemm", [f"{y}.rows", b], [f"{y}.gemm"], transB=1),
+                       helper.make_node("Shape", [a], [f"{y}.lead"], end=-1),
+                       helper.make_node("Constant", [], [f"{y}.n"], value_ints=[n]),
+                       helper.make_node("Concat", [f"{y}.lead", f"{y}.n"], [f"{y}.shape"], axis=0),
+                       helper.make_node("Reshape", [f"{y}.gemm", f"{y}.shape"], [y])]
+        else:
+            step.append(helper.make_node("HalfMatMul", [a, w], [y], domain=HALF_MATMUL_DOMAIN, threads=threads))
+            prompt.append(node)
+    # the If gives the graph outputs its branches compute, under the same names (siblings' own scopes)
+    outputs = [o for o in graph.output if o.name in tainted]
+    types = [v for v in graph.value_info if v.name in tainted]
+    branch = {name: helper.make_graph(nodes, f"{ROUTED}.{name}", [], outputs, value_info=types)
+              for name, nodes in (("step", step), ("prompt", prompt))}
+    route = helper.make_node("If", [DECODE_FLAG], [o.name for o in outputs], name=ROUTED,
+                             then_branch=branch["step"], else_branch=branch["prompt"])
     flag = [helper.make_node("Shape", ["input_ids"], [f"{DECODE_FLAG}.len"], start=1, end=2),
             helper.make_node("Constant", [], [f"{DECODE_FLAG}.one"], value_ints=[1]),
             helper.make_node("Equal", [f"{DECODE_FLAG}.len", f"{DECODE_FLAG}.one"], [f"{DECODE_FLAG}.eq"]),
             helper.make_node("Constant", [], [f"{DECODE_FLAG}.axes"], value_ints=[0]),
             helper.make_node("Squeeze", [f"{DECODE_FLAG}.eq", f"{DECODE_FLAG}.axes"], [DECODE_FLAG])]
-    nodes = []
-    for i, node in enumerate(graph.node):
-        if i in targets:
-            a, w = node.input
-            (y,) = node.output
-            if w in transposed:
-                b = transposed[w]
-                n, k = weights[b].dims
-                step = helper.make_node("HalfMatMul", [a, b], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN, trans_b=1,
-                                        threads=threads)
-                # the prompt's activation as rows (..., K) -> (rows, K), by the embedding, and back to (..., N)
-                prompt = [helper.make_node("Constant", [], [f"{y}.rows_shape"], value_ints=[-1, k]),
-                          helper.make_node("Reshape", [a, f"{y}.rows_shape"], [f"{y}.rows"]),
-                          helper.make_node("Gemm", [f"{y}.rows", b], [f"{y}.gemm"], transB=1),
-                          helper.make_node("Shape", [a], [f"{y}.lead"], end=-1),
-                          helper.make_node("Constant", [], [f"{y}.n"], value_ints=[n]),
-                          helper.make_node("Concat", [f"{y}.lead", f"{y}.n"], [f"{y}.shape"], axis=0),
-                          helper.make_node("Reshape", [f"{y}.gemm", f"{y}.shape"], [f"{y}.prompt"])]
-            else:
-                step = helper.make_node("HalfMatMul", [a, w], [f"{y}.step"], domain=HALF_MATMUL_DOMAIN,
-                                        threads=threads)
-                prompt = [helper.make_node("MatMul", [a, w], [f"{y}.prompt"])]
-            branch = {name: helper.make_graph(inner, f"{y}_{name}", [],
-                                              [helper.make_tensor_value_info(f"{y}.{name}", TensorProto.FLOAT16,
-                                                                             None)])
-                      for name, inner in (("step", [step]), ("prompt", prompt))}
-            node = helper.make_node("If", [DECODE_FLAG], [y], name=f"{node.name or y}.routed",
-                                    then_branch=branch["step"], else_branch=branch["prompt"])
-        nodes.append(node)
-    read = {x for node in nodes for x in node.input} | {o.name for o in graph.output}
-    nodes = [node for node in nodes if not (node.op_type == "Transpose" and node.output[0] in transposed
-                                            and node.output[0] not in read)]
+    read = {x for i, node in enumerate(graph.node) if i not in downstream for x in _names_read(node)}
+    read |= {x for node in step + prompt for x in _names_read(node)} | {o.name for o in graph.output}
+    kept = [node for i, node in enumerate(graph.node) if i not in downstream
+            and not (node.op_type == "Transpose" and node.output[0] in transposed and node.output[0] not in read)]
+    keep_types = [v for v in graph.value_info if v.name not in tainted]
     del graph.node[:]
-    graph.node.extend(flag + nodes)
+    graph.node.extend(kept + flag + [route])
+    del graph.value_info[:]
+    graph.value_info.extend(keep_types)
     if not any(o.domain == HALF_MATMUL_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(HALF_MATMUL_DOMAIN, 1))
     return len(targets)
+
