@@ -18,7 +18,7 @@ from test_ort_ops import elem_type, native_library
 
 from ssmrt import ort_ops
 from ssmrt.closeness import assert_close
-from ssmrt.ops import causal_conv1d_ref, ssd_scan_ref
+from ssmrt.ops import causal_conv1d_ref, selective_scan_ref, ssd_scan_ref
 from ssmrt.ops.rmsnorm import add_rmsnorm_ref, gated_rmsnorm_ref
 from ssmrt.ops.spec import tolerance
 
@@ -72,13 +72,15 @@ def ssd_mixer_ref(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, ssm
     return y, conv_out, ssm_out
 
 
-def mixer_session(inputs: dict, attrs: dict) -> ort.InferenceSession:
+def mixer_session(inputs: dict, attrs: dict, op: str = "SSDMixer") -> ort.InferenceSession:
+    """One `op` node over `inputs` (name -> tensor, None for an absent optional one, in the op's order); outputs
+    y and the conv state in the first input's type, the SSM state float32."""
     present = {k: v for k, v in inputs.items() if v is not None}
-    act = elem_type(inputs["zxbcdt"])
+    act = elem_type(next(iter(inputs.values())))
     vis = [helper.make_tensor_value_info(k, elem_type(v), None) for k, v in present.items()]
     outs = [helper.make_tensor_value_info("y", act, None), helper.make_tensor_value_info("conv_out", act, None),
             helper.make_tensor_value_info("ssm_out", onnx.TensorProto.FLOAT, None)]
-    node = helper.make_node("SSDMixer", [k if k in present else "" for k in INPUTS], ["y", "conv_out", "ssm_out"],
+    node = helper.make_node(op, [k if k in present else "" for k in inputs], ["y", "conv_out", "ssm_out"],
                             domain=ort_ops.FUSION_DOMAIN, **attrs)
     model = helper.make_model(helper.make_graph([node], "g", vis, outs),
                               opset_imports=[helper.make_opsetid("", 21),
@@ -223,6 +225,117 @@ def test_add_rmsnorm_errors_name_the_input():
         run_add_rmsnorm(x, res, w, round_half=2)
 
 
+# ------------------------------------------------------------------------------------------ SelectiveMixer
+
+SELECTIVE_INPUTS = ("xz", "conv_weight", "conv_bias", "conv_state", "x_proj", "dt_proj", "A", "D", "dt_bias",
+                    "ssm_state")
+
+
+def selective_mixer_inputs(batch, seqlen, dim, dstate, dt_rank, width=4, optional=True, seed=0) -> dict:
+    """A float16 Mamba-1 mixer's middle: activations and the two projections float16, A / D / dt_bias / state
+    float32, scaled as a trained model's (dt after dt_proj around -1 before its bias and softplus)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    h = torch.float16
+    return dict(
+        xz=r(batch, seqlen, 2 * dim).to(h),
+        conv_weight=(0.5 * r(dim, width)).to(h),
+        conv_bias=r(dim).to(h) if optional else None,
+        conv_state=r(batch, dim, width - 1).to(h),
+        x_proj=(r(dim, dt_rank + 2 * dstate) / dim**0.5).to(h),
+        dt_proj=(0.5 * r(dt_rank, dim) / dt_rank**0.5).to(h),
+        A=-torch.exp(r(dim, dstate).clamp(-2, 2)),
+        D=r(dim) if optional else None,
+        dt_bias=(0.1 * r(dim) - 1.0) if optional else None,
+        ssm_state=r(batch, dim, dstate),
+    )
+
+
+def selective_mixer_ref(xz, conv_weight, conv_bias, conv_state, x_proj, dt_proj, A, D, dt_bias, ssm_state,
+                        delta_softplus=True):
+    """What SelectiveMixer computes: MambaMixer's forward between in_proj and out_proj on the ops' references,
+    float16 between them as a float16 graph holds it (each product the float32 sum of float16 operands, rounded).
+
+    xz: (batch, seqlen, 2 dim)
+    x_proj: (dim, dt_rank + 2 dstate); dt_proj: (dt_rank, dim); every other size follows
+    """
+    dt_rank, dstate = dt_proj.shape[0], A.shape[1]
+    x, z = xz.chunk(2, dim=-1)
+    u, conv_out = causal_conv1d_ref(x, conv_weight, conv_bias, conv_state, "silu")
+    dt_low, B, C = torch.split((u.float() @ x_proj.float()).half(), [dt_rank, dstate, dstate], dim=-1)
+    dt = (dt_low.float() @ dt_proj.float()).half()
+    y, ssm_out = selective_scan_ref(u, dt, A, B.unsqueeze(2), C.unsqueeze(2), D, z, dt_bias, delta_softplus,
+                                    ssm_state)
+    return y, conv_out, ssm_out
+
+
+def run_selective_mixer(kw: dict, delta_softplus=1, threads=0):
+    sess = mixer_session({k: kw[k] for k in SELECTIVE_INPUTS}, {"delta_softplus": delta_softplus, "threads": threads},
+                         op="SelectiveMixer")
+    return [torch.from_numpy(r) for r in sess.run(None, {k: kw[k].numpy() for k in SELECTIVE_INPUTS
+                                                           if kw[k] is not None})]
+
+
+# Decode steps and prompts, odd sizes, the 130M Mamba-1's decode step (dim 1536, dstate 16, dt_rank 48)
+SELECTIVE_SHAPES = [(1, 1, 8, 4, 2), (2, 1, 24, 5, 3), (2, 7, 16, 16, 4), (1, 1, 1536, 16, 48), (1, 33, 40, 16, 3)]
+
+
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,dt_rank", SELECTIVE_SHAPES)
+@pytest.mark.parametrize("softplus", [1, 0])
+def test_selective_mixer(batch, seqlen, dim, dstate, dt_rank, softplus):
+    """Against the references chained: y within the float16 op tolerance and equal bit for bit in nearly every
+    value (the same roundings at the same points; leaving one out moves far more of them), the conv state (a copy
+    of inputs) exactly, the float32 SSM state at the float32 tolerance."""
+    kw = selective_mixer_inputs(batch, seqlen, dim, dstate, dt_rank, seed=dim + seqlen)
+    if not softplus:  # dt as used, positive (a negative one grows the state)
+        kw["dt_bias"] = kw["dt_bias"] + 3.0
+    y, conv_out, ssm_out = run_selective_mixer(kw, softplus)
+    y_ref, conv_ref, ssm_ref = selective_mixer_ref(**kw, delta_softplus=bool(softplus))
+    assert (y.dtype, conv_out.dtype, ssm_out.dtype) == (torch.float16, torch.float16, torch.float32)
+    atol, rtol = tolerance("float16", "op")
+    assert_close(y.float(), y_ref.float(), atol=atol, rtol=rtol, name="SelectiveMixer y")
+    assert (y != y_ref).float().mean() < 0.1
+    assert torch.equal(conv_out, conv_ref)
+    assert_close(ssm_out, ssm_ref, name="SelectiveMixer ssm_state")
+
+
+def test_selective_mixer_without_optional_inputs_and_any_threads():
+    """No conv bias, D or dt bias, a conv of width 2; the result does not depend on the threads it is told."""
+    kw = selective_mixer_inputs(2, 3, 24, 8, 4, width=2, optional=False)
+    want = selective_mixer_ref(**kw)
+    first = None
+    for threads in (0, 1, 2, 5):
+        got = run_selective_mixer(kw, threads=threads)
+        atol, rtol = tolerance("float16", "op")
+        assert_close(got[0].float(), want[0].float(), atol=atol, rtol=rtol, name="y")
+        assert torch.equal(got[1], want[1])
+        assert_close(got[2], want[2], name="ssm_state")
+        first = first or got
+        assert all(torch.equal(a, b) for a, b in zip(got, first, strict=True)), threads
+
+
+def test_selective_mixer_errors_name_the_input():
+    kw = selective_mixer_inputs(1, 1, 8, 4, 2)
+    kw["xz"] = kw["xz"][..., :-1].contiguous()
+    with pytest.raises(Exception, match=r"ssmrt.cpu::SelectiveMixer: input xz has shape \(1, 1, 15\), expected "
+                                        r"\(1, 1, 16\)"):
+        run_selective_mixer(kw)
+    kw = selective_mixer_inputs(1, 1, 8, 4, 2)
+    kw["x_proj"] = kw["x_proj"][:, :-1].contiguous()
+    with pytest.raises(Exception, match=r"input x_proj has shape \(8, 9\), expected \(8, 10\) \(dim, dt_rank"):
+        run_selective_mixer(kw)
+    kw = selective_mixer_inputs(1, 1, 8, 4, 2)
+    kw["dt_proj"] = kw["dt_proj"][:, :-1].contiguous()
+    with pytest.raises(Exception, match=r"input dt_proj has shape \(2, 7\), expected \(dt_rank, 8\)"):
+        run_selective_mixer(kw)
+    kw = selective_mixer_inputs(1, 1, 8, 4, 2)
+    kw["ssm_state"] = kw["ssm_state"][:, :, :-1].contiguous()
+    with pytest.raises(Exception, match=r"input ssm_state has shape \(1, 8, 3\), expected \(1, 8, 4\)"):
+        run_selective_mixer(kw)
+    with pytest.raises(Exception, match="SelectiveMixer: attribute threads must be 0 or more, got -1"):
+        run_selective_mixer(selective_mixer_inputs(1, 1, 8, 4, 2), threads=-1)
+
+
 # ------------------------------------------------------------------------------------------ the graph fusion
 
 
@@ -268,14 +381,56 @@ def test_the_runner_fuses_every_mamba2_mixer(tmp_path, dtype, variant):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_the_runner_fuses_mamba1_norms(tmp_path, dtype):
-    """Mamba-1 has no SSD mixer; its blocks' residual adds and norms fuse as Mamba-2's do."""
+def test_the_runner_fuses_mamba1_norms_and_float16_decode_mixers(tmp_path, dtype):
+    """Mamba-1 has no SSD mixer; its blocks' residual adds and norms fuse as Mamba-2's do, and a float16 graph's
+    decode step runs each mixer's middle as one SelectiveMixer node."""
     from ssmrt.exporter import export_model
 
     native_library()
     fused, plain = runners(export_model(random_lm(arch="mamba1", n_layer=3), tmp_path / "a", dtype=dtype))
-    assert (fused.fused_mixers, fused.fused_norms) == (0, 3)
+    assert (fused.fused_mixers, fused.fused_norms, fused.fused_step_mixers) == (0, 3, 3 * (dtype == "float16"))
+    assert plain.fused_step_mixers == 0
+    assert ("3 Mamba-1 mixers fused in the decode step" in fused.describe()) == (dtype == "float16")
     same_results(fused, plain, dtype)
+
+
+@pytest.mark.parametrize("variant", [{}, {"conv_bias": False, "bias": True}])
+def test_float16_mamba1_decode_mixers_give_the_nodes_values_bit_for_bit(tmp_path, monkeypatch, variant):
+    """SelectiveMixer rounds where the nodes it replaces did and multiplies with HalfMatMul's kernel: a float16
+    Mamba-1's logits and states over a prompt and decode steps are those of the same runner without it, bit for
+    bit. The prompt runs the graph's own nodes (the products there are ONNX Runtime's)."""
+    from ssmrt.exporter import export_model
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    native_library()
+    art = export_model(random_lm(arch="mamba1", n_layer=2, **variant), tmp_path / "a", dtype="float16")
+    fused = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    monkeypatch.setattr(ort_ops, "fuse_selective_mixers", lambda model: 0)
+    nodes = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    assert (fused.fused_step_mixers, nodes.fused_step_mixers, fused.half_matmuls) == (2, 0, 4 * 2 + 1)
+    ids = random_ids(2, 7, seed=2).numpy()
+    sf = sn = fused.zero_state(2)
+    for step in [ids] + [ids[:, k : k + 1] for k in range(5)]:
+        (lf, sf), (ln, sn) = fused.forward(step, sf), nodes.forward(step, sn)
+        assert np.array_equal(lf, ln)
+        assert all(np.array_equal(a, b) for a, b in zip(sf, sn, strict=True))
+
+
+def test_the_decode_mixer_match_leaves_a_mixer_whose_values_are_read_elsewhere(tmp_path):
+    """A value inside the mixer read by another node (here the conv's output) keeps that mixer as it was."""
+    from ssmrt.exporter import export_model
+
+    art = export_model(random_lm(arch="mamba1", n_layer=2), tmp_path / "a", dtype="float16")
+    model = onnx.load(str(art / "model.onnx"))
+    assert ort_ops.route_half_matmuls(model, 2) == 4 * 2 + 1
+    (route,) = [n for n in model.graph.node if n.name == ort_ops.ROUTED]
+    (step,) = [a.g for a in route.attribute if a.name == "then_branch"]
+    convs = [n for n in step.node if n.op_type == "CausalConv1d"]
+    step.node.append(helper.make_node("Identity", [convs[0].output[0]], ["u_seen"]))
+    step.output.append(helper.make_tensor_value_info("u_seen", onnx.TensorProto.FLOAT16, None))
+    assert ort_ops.fuse_selective_mixers(model) == 1
+    assert [n.op_type for n in step.node].count("SelectiveScan") == 1
+    assert [n.op_type for n in step.node].count("SelectiveMixer") == 1
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

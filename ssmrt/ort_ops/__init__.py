@@ -34,7 +34,14 @@ from pathlib import Path
 from ..errors import SsmrtError
 
 # the runner's graph fusions, and how a node's reads are found
-from .fusion import FUSION_DOMAIN, _names_read, fuse_add_rmsnorms, fuse_ssd_mixers  # noqa: F401
+from .fusion import (  # noqa: F401
+    FUSION_DOMAIN,
+    ROUTED,
+    _names_read,
+    fuse_add_rmsnorms,
+    fuse_selective_mixers,
+    fuse_ssd_mixers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +207,6 @@ def _run(cmd: list[str], source: Path) -> None:
 # node it wraps would, ~5% of a 130M model's float16 decode step.
 HALF_MATMUL_DOMAIN = "ssmrt.cpu"
 DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
-ROUTED = "ssmrt_cpu.routed"  # the If's name
 
 
 def route_half_matmuls(model, threads: int = 0) -> int:

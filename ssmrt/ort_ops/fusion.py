@@ -16,6 +16,7 @@ never the artifact.
 from __future__ import annotations
 
 FUSION_DOMAIN = "ssmrt.cpu"
+ROUTED = "ssmrt_cpu.routed"  # the If in which route_half_matmuls puts a float16 graph's decode step and its prompt
 
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto's element types
 
@@ -24,7 +25,8 @@ class _Graph:
     """Producers, readers and constant values of one onnx GraphProto's names (readers include the nodes of
     subgraphs that read a name from the enclosing scope)."""
 
-    def __init__(self, graph):
+    def __init__(self, graph, outer=None):
+        """outer: for a branch's graph, the main graph, whose initializers and Constant nodes it may read."""
         from onnx import numpy_helper
 
         self.graph = graph
@@ -34,14 +36,18 @@ class _Graph:
             for name in set(_names_read(n)):
                 self.readers.setdefault(name, []).append(n)
         self.outputs = {o.name for o in graph.output}
-        self._inits = {t.name: t for t in graph.initializer}
+        self.inits = {t.name: t for t in graph.initializer}
+        self.outer_producer = {}
+        if outer is not None:
+            self.inits = {**{t.name: t for t in outer.initializer}, **self.inits}
+            self.outer_producer = {o: n for n in outer.node for o in n.output if o}
         self._np = numpy_helper
 
     def const(self, name):
         """The value of an initializer or Constant node's output, as a numpy array, or None."""
-        if name in self._inits:
-            return self._np.to_array(self._inits[name])
-        node = self.producer.get(name)
+        if name in self.inits:
+            return self._np.to_array(self.inits[name])
+        node = self.producer.get(name) or self.outer_producer.get(name)
         if node is not None and node.op_type == "Constant" and node.domain == "":
             for a in node.attribute:
                 if a.name == "value":
@@ -226,6 +232,97 @@ def fuse_ssd_mixers(model) -> int:
     return _replace(model, [_match(g, n) for n in model.graph.node if n.op_type == "SSDScan" and n.domain == "ssmrt"])
 
 
+def _half_matmul_by_weight(g: _Graph, name):
+    """The HalfMatMul (B as (K, N)) that makes `name` from an activation and a 2-D weight initializer, or None."""
+    node = g.made_by(name, "HalfMatMul", FUSION_DOMAIN)
+    if node is None or len(node.input) != 2 or _attr(node, "trans_b", 0) != 0:
+        return None
+    w = g.inits.get(node.input[1])
+    return node if w is not None and w.data_type == FLOAT16 and len(w.dims) == 2 else None
+
+
+def _b_c_view(g: _Graph, view, dstate: int) -> bool:
+    """Whether a Reshape gives B or C the (batch, seqlen, 1, dstate) shape SelectiveScan reads: its shape the
+    exporter's Concat(batch, seqlen, [1], [dstate]) or a constant ending in (1, dstate). SelectiveScan itself checks
+    that the leading two are the batch and the sequence, so no other layout of the same values gets through. The
+    shape may be computed in the enclosing graph."""
+    if len(view.input) != 2:  # allowzero either way: only the leading two could be 0, in an empty input
+        return False
+    shape = g.const(view.input[1])
+    if shape is not None:
+        return shape.shape == (4,) and [int(v) for v in shape[2:]] == [1, dstate]
+    concat = g.producer.get(view.input[1]) or g.outer_producer.get(view.input[1])
+    if concat is None or (concat.op_type, concat.domain) != ("Concat", "") or len(concat.input) != 4:
+        return False
+    tail = [g.const(i) for i in concat.input[2:]]
+    return all(t is not None and t.size == 1 for t in tail) and [int(t.reshape(())) for t in tail] == [1, dstate]
+
+
+def _match_selective(g: _Graph, scan) -> dict | None:
+    """The nodes of a float16 Mamba-1 decode step's mixer around one SelectiveScan (in_proj's output split into x
+    and z, the conv, x_proj on HalfMatMul split into dt_low / B / C, dt_proj on HalfMatMul, B and C reshaped), and
+    what SelectiveMixer needs of them; None if anything differs."""
+    if len(scan.input) != 9 or len(scan.output) != 2 or not scan.input[6]:
+        return None
+    u, delta, a, b_in, c_in, d, z, dt_bias, state = scan.input
+    conv = g.made_by(u, "CausalConv1d", "ssmrt")
+    if conv is None or len(conv.input) != 4 or _attr(conv, "activation", b"silu") != b"silu" or conv.output[0] != u:
+        return None
+    split1 = g.made_by(conv.input[0], "Split")
+    if split1 is None or list(split1.output) != [conv.input[0], z] or _attr(split1, "axis", 0) not in (-1, 2):
+        return None
+    if len(split1.input) > 1 and split1.input[1]:  # sizes given: they must be two halves
+        sizes = g.const(split1.input[1])
+        if sizes is None or sizes.shape != (2,) or sizes[0] != sizes[1]:
+            return None
+    elif _attr(split1, "num_outputs") != 2:
+        return None
+    dt_proj = _half_matmul_by_weight(g, delta)
+    split2 = g.made_by(dt_proj.input[0], "Split") if dt_proj is not None else None
+    x_proj = _half_matmul_by_weight(g, split2.input[0]) if split2 is not None else None
+    if x_proj is None or x_proj.input[0] != u or len(split2.output) != 3 or split2.output[0] != dt_proj.input[0] or \
+            _attr(split2, "axis", 0) not in (-1, 2) or len(split2.input) != 2:
+        return None
+    sizes = g.const(split2.input[1])
+    if sizes is None or sizes.shape != (3,) or sizes[1] != sizes[2]:
+        return None
+    dstate = int(sizes[1])
+    b_view, c_view = g.made_by(b_in, "Reshape"), g.made_by(c_in, "Reshape")
+    if b_view is None or c_view is None or [b_view.input[0], c_view.input[0]] != list(split2.output[1:]) or \
+            not (_b_c_view(g, b_view, dstate) and _b_c_view(g, c_view, dstate)):
+        return None
+    # the values between them read by these nodes alone
+    singles = [conv.input[0], z, x_proj.output[0], *split2.output, delta, b_in, c_in]
+    if any(len(g.readers.get(n, [])) != 1 or n in g.outputs for n in singles):
+        return None
+    if sorted(map(id, g.readers.get(u, []))) != sorted(map(id, (x_proj, scan))) or u in g.outputs:
+        return None
+    threads = {_attr(x_proj, "threads", 0), _attr(dt_proj, "threads", 0)}
+    if len(threads) != 1:
+        return None
+    removed = [split1, conv, x_proj, split2, dt_proj, b_view, c_view, scan]
+    # xz, conv_weight, conv_bias, conv_state, x_proj, dt_proj, A, D, dt_bias, ssm_state
+    inputs = [split1.input[0], *conv.input[1:4], x_proj.input[1], dt_proj.input[1], a, d, dt_bias, state]
+    outputs = [scan.output[0], conv.output[1], scan.output[1]]
+    attrs = {"delta_softplus": _attr(scan, "delta_softplus", 0), "threads": threads.pop()}
+    return {"op": "SelectiveMixer", "removed": removed, "inputs": inputs, "outputs": outputs, "attrs": attrs,
+            "last": scan}
+
+
+def fuse_selective_mixers(model) -> int:
+    """Rewrites an onnx.ModelProto in place: in the decode step of a float16 graph that route_half_matmuls has
+    routed (the then-branch of its If), each Mamba-1 mixer's middle becomes one ssmrt.cpu::SelectiveMixer node.
+    Returns how many (0 where there is no routed step). A prompt's nodes stay as they are: the fused node's
+    products are HalfMatMul's, written for a decode step's few rows."""
+    route = next((n for n in model.graph.node if n.op_type == "If" and n.name == ROUTED), None)
+    if route is None:
+        return 0
+    (step,) = [a.g for a in route.attribute if a.name == "then_branch"]
+    g = _Graph(step, outer=model.graph)
+    return _replace(model, [_match_selective(g, n) for n in step.node
+                            if n.op_type == "SelectiveScan" and n.domain == "ssmrt"], graph=step)
+
+
 def _match_add_norm(g: _Graph, pow_, half: bool) -> dict | None:
     """A block's entry around one Pow: residual = a + b, then its RMSNorm; in a float16 graph (half) the
     exporter's form of a float32 residual stream, r = residual + Cast(x), the norm reading Cast(Cast(r)) (rounded
@@ -281,12 +378,13 @@ def fuse_add_rmsnorms(model, dtype: str) -> int:
                             if n.op_type == "Pow" and n.domain == ""])
 
 
-def _replace(model, matches: list) -> int:
+def _replace(model, matches: list, graph=None) -> int:
     """Puts each match's node in place of the nodes it removes (a match overlapping an earlier one is skipped),
-    drops the nodes left unread; returns how many were put in."""
+    drops the nodes left unread; returns how many were put in. graph: where the matches are (default the model's
+    main graph; a branch's outputs stay read)."""
     from onnx import helper
 
-    graph = model.graph
+    graph = model.graph if graph is None else graph
     fused: dict[int, object] = {}  # id of the node each fused one takes the place of -> the fused node
     gone: set[int] = set()
     for m in matches:

@@ -621,3 +621,39 @@ void add_rmsnorm(const Executor& exec, const float* x, const float* residual, co
 }
 
 }  // namespace ssmrt_cpu
+
+// ------------------------------------------------------------------------------------------ SelectiveMixer
+
+namespace ssmrt_cpu {
+
+void selective_mixer(const Executor& exec, const float* xz, const float* conv_weight, const float* conv_bias,
+                     const float* conv_state, const uint16_t* x_proj, const uint16_t* dt_proj, const float* A,
+                     const float* D, const float* dt_bias, const float* ssm_state, float* y, float* conv_state_out,
+                     float* ssm_state_out, int64_t batch, int64_t seqlen, int64_t dim, int64_t dt_rank,
+                     int64_t dstate, int64_t width, bool delta_softplus, int64_t threads) {
+  const int64_t rows = batch * seqlen, R = dt_rank, N = dstate, dbc_len = R + 2 * N;
+  Buffer x = columns(exec, xz, rows, 2 * dim, 0, dim);
+  Buffer z = columns(exec, xz, rows, 2 * dim, dim, dim);
+  Buffer u = buffer(rows * dim);
+  causal_conv1d(exec, x.get(), conv_weight, conv_bias, conv_state, u.get(), conv_state_out, batch, seqlen, dim,
+                width, true);
+  // u as the float16 graph holds it, in both forms: the products read it as float16, the scan widened
+  std::vector<uint16_t> u16(static_cast<size_t>(rows * dim));
+  ssmrt_half::from_float(u.get(), u16.data(), rows * dim);
+  ssmrt_half::to_float(u16.data(), u.get(), rows * dim);
+  std::vector<uint16_t> dbc(static_cast<size_t>(rows * dbc_len)), dt_low(static_cast<size_t>(rows * R)),
+      dt16(static_cast<size_t>(rows * dim));
+  half_matmul(exec, u16.data(), x_proj, dbc.data(), rows, dim, dbc_len, threads);
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(dbc.data() + r * dbc_len, R, dt_low.data() + r * R);
+  half_matmul(exec, dt_low.data(), dt_proj, dt16.data(), rows, R, dim, threads);
+  Buffer delta = buffer(rows * dim), B = buffer(rows * N), C = buffer(rows * N);
+  ssmrt_half::to_float(dt16.data(), delta.get(), rows * dim);
+  for (int64_t r = 0; r < rows; ++r) {
+    ssmrt_half::to_float(dbc.data() + r * dbc_len + R, B.get() + r * N, N);
+    ssmrt_half::to_float(dbc.data() + r * dbc_len + R + N, C.get() + r * N, N);
+  }
+  selective_scan(exec, u.get(), delta.get(), A, B.get(), C.get(), D, z.get(), dt_bias, ssm_state, y, ssm_state_out,
+                 batch, seqlen, dim, N, 1, delta_softplus);
+}
+
+}  // namespace ssmrt_cpu

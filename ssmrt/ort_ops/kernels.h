@@ -99,3 +99,25 @@ void add_rmsnorm(const Executor& exec, const float* x, const float* residual, co
                  float* residual_out, int64_t rows, int64_t dim, float eps, bool round_half);
 
 }  // namespace ssmrt_cpu
+
+namespace ssmrt_cpu {
+
+// SelectiveMixer (ssmrt.cpu domain; never in an artifact: the ONNX Runtime runner puts it in a float16 Mamba-1
+// graph's decode step in place of the nodes between the mixer's in_proj and out_proj: the split, the conv,
+// x_proj, its split, dt_proj, two Reshapes and the scan).
+//   xz (batch, seqlen, 2 dim): in_proj's output, [x, z]; conv_weight (dim, width), conv_bias (dim,) or null,
+//   conv_state (batch, dim, width - 1); x_proj (dim, dt_rank + 2 dstate) and dt_proj (dt_rank, dim), float16 as
+//   stored; A (dim, dstate), D (dim,) or null, dt_bias (dim,) or null, ssm_state (batch, dim, dstate)
+//   -> y (batch, seqlen, dim), present_conv_state, present_ssm_state
+// What it computes is MambaMixer's middle, with the float16 graph's roundings:
+//   u = half(silu(causal_conv1d(x))); dt_low, B, C = split(half(u @ x_proj)); dt = half(dt_low @ dt_proj);
+//   y = SelectiveScan(u, dt, A, B, C, D, z, dt_bias)   (one group: B and C shared by every channel)
+// the two products by half_matmul, the kernel HalfMatMul runs (threads as there), so the fused node gives the
+// nodes' values bit for bit.
+void selective_mixer(const Executor& exec, const float* xz, const float* conv_weight, const float* conv_bias,
+                     const float* conv_state, const uint16_t* x_proj, const uint16_t* dt_proj, const float* A,
+                     const float* D, const float* dt_bias, const float* ssm_state, float* y, float* conv_state_out,
+                     float* ssm_state_out, int64_t batch, int64_t seqlen, int64_t dim, int64_t dt_rank,
+                     int64_t dstate, int64_t width, bool delta_softplus, int64_t threads);
+
+}  // namespace ssmrt_cpu

@@ -158,6 +158,24 @@ class Call {
     return nullptr;
   }
 
+  // A float16 input read as stored (a weight a kernel reads as float16), required, of the given rank.
+  Status* half_input(size_t index, const char* name, size_t rank, std::vector<int64_t>* shape,
+                     const uint16_t** out) {
+    const Value* value = nullptr;
+    SSMRT_TRY(api_.KernelContextGetInput(ctx_, index, &value));
+    if (value == nullptr) return error(std::string("input ") + name + " is required");
+    int type = 0;
+    SSMRT_TRY(type_and_shape(api_, value, &type, shape));
+    if (type != ssmrt_ort::kFloat16) return error(std::string("input ") + name + " must be float16");
+    if (shape->size() != rank)
+      return error(std::string("input ") + name + " must have rank " + std::to_string(rank) + ", got " +
+                   shape_str(*shape));
+    void* data = nullptr;
+    SSMRT_TRY(api_.GetTensorMutableData(const_cast<Value*>(value), &data));
+    *out = static_cast<const uint16_t*>(data);
+    return nullptr;
+  }
+
   Status* required(size_t index, const char* name, size_t rank, Tensor* out) {
     SSMRT_TRY(input(index, name, rank, out));
     return out->present ? nullptr : error(std::string("input ") + name + " is required");
@@ -638,6 +656,85 @@ Status* add_rmsnorm_compute(void* kernel, KernelContext* ctx) {
   return nullptr;
 }
 
+// ------------------------------------------------------------------------------------------ SelectiveMixer
+//
+// ssmrt.cpu::SelectiveMixer: a float16 Mamba-1 mixer between its projections in one node (kernels.h says what it
+// computes; ssmrt.ort_ops.route_half_matmuls puts it in a float16 graph's decode step, whose x_proj and dt_proj
+// run on HalfMatMul). Inputs xz, conv_weight, conv_bias (optional), conv_state, x_proj, dt_proj (float16 as
+// stored), A, D (optional), dt_bias (optional), ssm_state (float32 the last four); outputs y, present_conv_state,
+// present_ssm_state (float32). Sizes from the inputs: dim from conv_weight, dstate from A, dt_rank from dt_proj.
+// Attributes: delta_softplus as SelectiveScan's; threads as HalfMatMul's. Registered for float16 activations
+// only: a float32 graph's products run on ONNX Runtime's MatMul, which this node could not call.
+
+constexpr bool kSelectiveMixerOptional[] = {false, false, true, false, false, false, false, true, true, false};
+constexpr bool kSelectiveMixerFp32Inputs[] = {false, false, false, false, false, false, true, true, true, true};
+constexpr bool kSelectiveMixerFp32Outputs[] = {false, false, true};
+constexpr OpContract kSelectiveMixer{"SelectiveMixer", 10, 3, kSelectiveMixerOptional, kSelectiveMixerFp32Inputs,
+                                     kSelectiveMixerFp32Outputs};
+
+struct SelectiveMixerKernel {
+  Calls api;
+  bool delta_softplus = false;
+  int64_t threads = 0;
+};
+
+Status* selective_mixer_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info,
+                               void** out) {
+  Calls api(raw);
+  int64_t softplus = 0, threads = 0;
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "delta_softplus", &softplus)) api.ReleaseStatus(s);
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "threads", &threads)) api.ReleaseStatus(s);
+  std::string bad;
+  if (softplus != 0 && softplus != 1) bad = "attribute delta_softplus must be 0 or 1, got " + std::to_string(softplus);
+  if (threads < 0) bad = "attribute threads must be 0 or more, got " + std::to_string(threads);
+  if (!bad.empty())
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::SelectiveMixer: " + bad).c_str());
+  *out = new SelectiveMixerKernel{api, softplus == 1, threads};
+  return nullptr;
+}
+
+Status* selective_mixer_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<SelectiveMixerKernel*>(kernel);
+  Call call(k->api, ctx, kSelectiveMixer, ssmrt_ort::kFloat16, "ssmrt.cpu");
+  Tensor xz, w, bias, conv_state, A, D, dt_bias, ssm_state;
+  std::vector<int64_t> x_proj_shape, dt_proj_shape;
+  const uint16_t *x_proj = nullptr, *dt_proj = nullptr;
+  SSMRT_TRY(call.required(0, "xz", 3, &xz));
+  SSMRT_TRY(call.required(1, "conv_weight", 2, &w));
+  SSMRT_TRY(call.input(2, "conv_bias", 1, &bias));
+  SSMRT_TRY(call.required(3, "conv_state", 3, &conv_state));
+  SSMRT_TRY(call.half_input(4, "x_proj", 2, &x_proj_shape, &x_proj));
+  SSMRT_TRY(call.half_input(5, "dt_proj", 2, &dt_proj_shape, &dt_proj));
+  SSMRT_TRY(call.required(6, "A", 2, &A));
+  SSMRT_TRY(call.input(7, "D", 1, &D));
+  SSMRT_TRY(call.input(8, "dt_bias", 1, &dt_bias));
+  SSMRT_TRY(call.required(9, "ssm_state", 3, &ssm_state));
+  const int64_t batch = xz[0], seqlen = xz[1], dim = w[0], width = w[1], dstate = A[1], dt_rank = dt_proj_shape[0];
+  if (width < 1) return call.error("conv_weight has width 0");
+  SSMRT_TRY(call.expect(xz, "xz", {batch, seqlen, 2 * dim}, "(batch, seqlen, 2 dim) with dim from conv_weight"));
+  if (bias.present) SSMRT_TRY(call.expect(bias, "conv_bias", {dim}, "(dim,)"));
+  SSMRT_TRY(call.expect(conv_state, "conv_state", {batch, dim, width - 1}, "(batch, dim, width - 1)"));
+  SSMRT_TRY(call.expect(A, "A", {dim, -1}, "(dim, dstate)"));
+  if (x_proj_shape != std::vector<int64_t>{dim, dt_rank + 2 * dstate})
+    return call.error("input x_proj has shape " + shape_str(x_proj_shape) + ", expected " +
+                      shape_str({dim, dt_rank + 2 * dstate}) + " (dim, dt_rank + 2 dstate)");
+  if (dt_proj_shape[1] != dim)
+    return call.error("input dt_proj has shape " + shape_str(dt_proj_shape) + ", expected (dt_rank, " +
+                      std::to_string(dim) + ")");
+  if (D.present) SSMRT_TRY(call.expect(D, "D", {dim}, "(dim,)"));
+  if (dt_bias.present) SSMRT_TRY(call.expect(dt_bias, "dt_bias", {dim}, "(dim,)"));
+  SSMRT_TRY(call.expect(ssm_state, "ssm_state", {batch, dim, dstate}, "(batch, dim, dstate)"));
+  float *y = nullptr, *conv_out = nullptr, *ssm_out = nullptr;
+  SSMRT_TRY(call.output(0, {batch, seqlen, dim}, &y));
+  SSMRT_TRY(call.output(1, {batch, dim, width - 1}, &conv_out));
+  SSMRT_TRY(call.output(2, {batch, dim, dstate}, &ssm_out));
+  ssmrt_cpu::selective_mixer(PoolExecutor(k->api, ctx), xz.data, w.data, bias.or_null(), conv_state.data, x_proj,
+                             dt_proj, A.data, D.or_null(), dt_bias.or_null(), ssm_state.data, y, conv_out, ssm_out,
+                             batch, seqlen, dim, dt_rank, dstate, width, k->delta_softplus, k->threads);
+  call.finish();
+  return nullptr;
+}
+
 // ------------------------------------------------------------------------------------------ ABI probe
 //
 // ssmrt.abi_probe::AbiProbe exists to check, through behaviour, that every OrtApi slot this library calls is the
@@ -825,6 +922,8 @@ Op add_rmsnorm_op() {
   return make_op<kAddRmsNorm, Act>(add_rmsnorm_create<Act>, add_rmsnorm_compute, destroy<AddRmsNormKernel>);
 }
 const Op kAddRmsNormOps[] = {add_rmsnorm_op<kF32>(), add_rmsnorm_op<kF16>()};
+const Op kSelectiveMixerOp = make_op<kSelectiveMixer, kF16>(selective_mixer_create, selective_mixer_compute,
+                                                             destroy<SelectiveMixerKernel>);
 
 }  // namespace
 
@@ -893,8 +992,9 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
       make_domain("ssmrt", {&kOpVariants[0], &kOpVariants[1], &kOpVariants[2], &kOpVariants[3], &kOpVariants[4],
                             &kOpVariants[5]});
   static ssmrt_ort::CustomOpDomain* const probe = make_domain("ssmrt.abi_probe", {&kAbiProbeOp});
-  static ssmrt_ort::CustomOpDomain* const cpu = make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kSsdMixerOps[0], &kSsdMixerOps[1],
-                                                                &kAddRmsNormOps[0], &kAddRmsNormOps[1]});
+  static ssmrt_ort::CustomOpDomain* const cpu =
+      make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kSsdMixerOps[0], &kSsdMixerOps[1], &kAddRmsNormOps[0],
+                                &kAddRmsNormOps[1], &kSelectiveMixerOp});
   if (domain == nullptr || probe == nullptr || cpu == nullptr)
     return api.CreateStatus(ssmrt_ort::kFail, "ssmrt: ONNX Runtime refused the ssmrt custom-op domain");
   SSMRT_TRY(api.AddCustomOpDomain(options, domain));

@@ -281,7 +281,8 @@ class OnnxRuntimeRunner(Runner):
             raise SsmrtError(f"fuse must be True or False, got {fuse!r}")
         self.fuse = fuse
         self.fuse_note = ""  # why the fusion was skipped, where it failed
-        self.half_matmuls = self.half_matmul_threads = self.fused_mixers = self.fused_norms = 0
+        self.half_matmuls = self.half_matmul_threads = self.fused_mixers = self.fused_step_mixers = 0
+        self.fused_norms = 0
         model = self._rewrite_graph(opts, meta, threads) if self.native_ops else None
         try:
             self.session = ort.InferenceSession(model or str(self.path), sess_options=opts, providers=providers)
@@ -352,33 +353,43 @@ class OnnxRuntimeRunner(Runner):
         """With the native library registered: the graph with each Mamba-2 mixer's middle as one SSDMixer node
         (ssmrt.ort_ops.fuse_ssd_mixers), each block's residual add and norm as one AddRMSNorm node
         (fuse_add_rmsnorms) and, in a float16 artifact, its decode step's weight MatMuls on the library's
-        HalfMatMul (route_half_matmuls), as bytes for ONNX Runtime; None (load the file as it is) where none
-        applies. `self.fused_mixers`, `self.fused_norms` and `self.half_matmuls` count them;
+        HalfMatMul (route_half_matmuls) and that step's Mamba-1 mixers as SelectiveMixer nodes
+        (fuse_selective_mixers), as bytes for ONNX Runtime; None (load the file as it is) where none applies.
+        `self.fused_mixers`, `self.fused_step_mixers`, `self.fused_norms` and `self.half_matmuls` count them;
         `self.half_matmul_threads` is the pool size the matmuls are told."""
         mixers = self.fuse and {"CausalConv1d", "SSDScan"} <= set(self.native_ops)
+        step_mixers = self.fuse and {"CausalConv1d", "SelectiveScan"} <= set(self.native_ops)
         half = meta["export"].get("dtype") == "float16"
         import onnx
 
         from .. import ort_ops
 
-        model = onnx.load(str(self.path), load_external_data=False)
-        try:
-            if mixers:
-                self.fused_mixers = ort_ops.fuse_ssd_mixers(model)
-            if self.fuse:
-                self.fused_norms = ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))
-        except Exception as e:  # a graph the matchers trip on runs as exported: fusion is an optimisation
-            log.warning("%s: running the graph unfused (%s: %s)", self.path, type(e).__name__, e)
-            self.fuse_note = f"not fused: {type(e).__name__}: {e}"
-            self.fused_mixers = self.fused_norms = 0
-            model = onnx.load(str(self.path), load_external_data=False)
         if half:
             from .limits import physical_cores
 
             # threads 0: ONNX Runtime's default pool, a thread a physical core (0 where that is not known: the
             # matmuls then deal their blocks out to whatever pool there is)
             self.half_matmul_threads = threads or physical_cores()
-            self.half_matmuls = ort_ops.route_half_matmuls(model, self.half_matmul_threads)
+
+        def rewritten(fuse: bool):
+            model = onnx.load(str(self.path), load_external_data=False)
+            if fuse and mixers:
+                self.fused_mixers = ort_ops.fuse_ssd_mixers(model)
+            if fuse:
+                self.fused_norms = ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))
+            if half:
+                self.half_matmuls = ort_ops.route_half_matmuls(model, self.half_matmul_threads)
+            if fuse and step_mixers:
+                self.fused_step_mixers = ort_ops.fuse_selective_mixers(model)
+            return model
+
+        try:
+            model = rewritten(self.fuse)
+        except Exception as e:  # a graph the matchers trip on runs as exported: fusion is an optimisation
+            log.warning("%s: running the graph unfused (%s: %s)", self.path, type(e).__name__, e)
+            self.fuse_note = f"not fused: {type(e).__name__}: {e}"
+            self.fused_mixers = self.fused_step_mixers = self.fused_norms = 0
+            model = rewritten(False)
         if not (self.half_matmuls or self.fused_mixers or self.fused_norms):
             return None
         # the bytes have no location of their own: external weights are found beside the artifact
@@ -407,6 +418,8 @@ class OnnxRuntimeRunner(Runner):
         native = f", native {'/'.join(self.native_ops)}" if self.native_ops else ""
         native += f", {self.half_matmuls} float16 decode matmuls native" if self.half_matmuls else ""
         native += f", {self.fused_mixers} Mamba-2 mixers fused" if self.fused_mixers else ""
+        if self.fused_step_mixers:
+            native += f", {self.fused_step_mixers} Mamba-1 mixers fused in the decode step"
         native += f", {self.fused_norms} residual norms fused" if self.fused_norms else ""
         weights = f", {describe_scheme(self.weights)}" if self.weights else ""
         return f"onnxruntime ({self.dtype}{weights}, {self.providers[0]}{native})"
