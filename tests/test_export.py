@@ -13,12 +13,12 @@ from hf_models import VOCAB, hf_model, save_hf
 from test_ort_ops import native_library
 
 import ssmrt
-from ssmrt import SsmrtError
+from ssmrt import SsmrtError, ort_ops
 from ssmrt.closeness import assert_close
 from ssmrt.compare import compare_runners
 from ssmrt.exporter import export, export_model
 from ssmrt.exporter import torch_to_onnx as export_mod
-from ssmrt.ops.spec import OPS_BY_ARCH
+from ssmrt.ops.spec import OPS_BY_ARCH, tolerance
 from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, Session, TorchRunnerFromCheckpoint
 from ssmrt.runtime.limits import physical_cores
 
@@ -273,6 +273,35 @@ def test_logits_last_slices_before_the_lm_head(family, exported, tmp_path):
         got[mode] = logits
     assert got["last"].shape[1] == 1
     assert_close(got["last"][:, 0], got["all"][:, -1], atol=1e-5, rtol=1e-5, name="last-position logits")
+
+
+def test_float16_logits_last_runs_the_prompts_head_on_half_matmul(exported, tmp_path, monkeypatch):
+    """A float16 artifact with logits "last" multiplies one row a sequence by its head in a prompt too: the runner
+    puts the head on HalfMatMul in the prompt branch as well (float16 weights read as stored, not widened on every
+    call), and the prompt's logits are the float16 all-positions artifact's last ones at the float16 tolerance."""
+    ckpt, _, _ = exported("mamba2-g1")
+    native_library()
+    routed = []
+    original = ort_ops.route_half_matmuls
+
+    def spy(model, threads=0, last_only=False):
+        n = original(model, threads, last_only)
+        (route,) = [x for x in model.graph.node if x.name == ort_ops.ROUTED]
+        prompt = [x for a in route.attribute if a.name == "else_branch" for x in a.g.node]
+        routed.append((last_only, [x.op_type for x in prompt if x.output[0] == "logits"]))
+        return n
+
+    monkeypatch.setattr(ort_ops, "route_half_matmuls", spy)
+    ids = np.random.default_rng(4).integers(0, VOCAB, (2, 6))
+    logits = {}
+    for mode in ("all", "last"):
+        runner = OnnxRuntimeRunnerFromArtifact(export(ckpt, tmp_path / mode, dtype="float16", logits=mode),
+                                               native_ops="on")
+        logits[mode], _ = runner.forward(ids, runner.zero_state(2))
+    assert routed == [(False, ["MatMul"]), (True, ["HalfMatMul"])]  # this model's head is its own weight
+    atol, rtol = tolerance("float16", "op")
+    assert_close(torch.from_numpy(logits["last"][:, 0]), torch.from_numpy(logits["all"][:, -1]), atol=atol,
+                 rtol=rtol, name="last-position logits")
 
 
 def test_runner_reads_the_metadata_without_parsing_the_graph(exported, tmp_path, monkeypatch):

@@ -312,10 +312,12 @@ def test_half_matmul_refuses_negative_threads():
         half_matmul_session(0, threads=-1)
 
 
-def test_route_half_matmuls_tied_head():
+@pytest.mark.parametrize("last_only", [False, True])
+def test_route_half_matmuls_tied_head(last_only):
     """A graph shaped like a tied lm_head (Gather from the embedding, MatMul by its Transpose) after routing: no
     Transpose of the embedding is left (ONNX Runtime would fold it into a second copy), and both branches, a decode
-    step's HalfMatMul and a prompt's Gemm over rows, give the float32 product of the float16 operands."""
+    step's HalfMatMul and a prompt's Gemm over rows (HalfMatMul too where the logits are the last position's, one
+    row a sequence), give the float32 product of the float16 operands."""
     V, d = 37, 16
     g = torch.Generator().manual_seed(3)
     emb = (torch.randn(V, d, generator=g) / d**0.5).half()
@@ -327,11 +329,11 @@ def test_route_half_matmuls_tied_head():
                               [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT16, None)],
                               [onnx.numpy_helper.from_array(emb.numpy(), "emb")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    assert ort_ops.route_half_matmuls(model, threads=3) == 1
+    assert ort_ops.route_half_matmuls(model, threads=3, last_only=last_only) == 1
     assert [n.op_type for n in model.graph.node if n.op_type in ("Transpose", "MatMul")] == []
     (branch,) = [n for n in model.graph.node if n.op_type == "If"]
     prompt_ops = [n.op_type for a in branch.attribute if a.name == "else_branch" for n in a.g.node]
-    assert "Gemm" in prompt_ops
+    assert prompt_ops == ["HalfMatMul"] if last_only else "Gemm" in prompt_ops
     (step,) = [n for a in branch.attribute if a.name == "then_branch" for n in a.g.node]
     assert (step.op_type, helper.get_node_attr_value(step, "threads")) == ("HalfMatMul", 3)
     so = ort.SessionOptions()

@@ -209,7 +209,7 @@ HALF_MATMUL_DOMAIN = "ssmrt.cpu"
 DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
 
 
-def route_half_matmuls(model, threads: int = 0) -> int:
+def route_half_matmuls(model, threads: int = 0, last_only: bool = False) -> int:
     """Rewrites an onnx.ModelProto in place: every main-graph MatMul of an activation by a float16 (K, N)
     initializer runs on HalfMatMul where input_ids has one position (a decode step) and as it was otherwise.
     The nodes downstream of those MatMuls move into one If on that flag: its then-branch holds them with the
@@ -220,8 +220,11 @@ def route_half_matmuls(model, threads: int = 0) -> int:
 
     A tied lm_head multiplies by Transpose(embedding): both branches read the embedding itself (HalfMatMul and
     Gemm with trans_b over the activation's rows), and the Transpose, left with no reader, goes; ONNX Runtime would
-    have folded it into a second, transposed copy of the embedding. The artifact on disk is not touched; a runner
-    that loads the native library hands ONNX Runtime the result."""
+    have folded it into a second, transposed copy of the embedding. last_only: the graph's logits are the last
+    position's (an export with logits "last"), so its head multiplies one row a sequence in a prompt too, and the
+    prompt branch runs the head on HalfMatMul as well (ONNX Runtime's float16 MatMul would widen the whole weight
+    to float32 on every call for that one row). The artifact on disk is not touched; a runner that loads the
+    native library hands ONNX Runtime the result."""
     from onnx import NodeProto, TensorProto, helper
 
     graph = model.graph
@@ -249,11 +252,16 @@ def route_half_matmuls(model, threads: int = 0) -> int:
             continue
         a, w = node.input
         (y,) = node.output
+        head_row = last_only and y == graph.output[0].name  # one row a sequence in a prompt as in a step
         if w in transposed:
             b = transposed[w]
             n, k = weights[b].dims
             step.append(helper.make_node("HalfMatMul", [a, b], [y], domain=HALF_MATMUL_DOMAIN, trans_b=1,
                                          threads=threads))
+            if head_row:
+                prompt.append(helper.make_node("HalfMatMul", [a, b], [y], domain=HALF_MATMUL_DOMAIN, trans_b=1,
+                                               threads=threads))
+                continue
             # the prompt's activation as rows (..., K) -> (rows, K), by the embedding, and back to (..., N)
             prompt += [helper.make_node("Constant", [], [f"{y}.rows_shape"], value_ints=[-1, k]),
                        helper.make_node("Reshape", [a, f"{y}.rows_shape"], [f"{y}.rows"]),
@@ -264,7 +272,8 @@ def route_half_matmuls(model, threads: int = 0) -> int:
                        helper.make_node("Reshape", [f"{y}.gemm", f"{y}.shape"], [y])]
         else:
             step.append(helper.make_node("HalfMatMul", [a, w], [y], domain=HALF_MATMUL_DOMAIN, threads=threads))
-            prompt.append(node)
+            prompt.append(helper.make_node("HalfMatMul", [a, w], [y], domain=HALF_MATMUL_DOMAIN, threads=threads)
+                          if head_row else node)
     # the If gives the graph outputs its branches compute, under the same names (siblings' own scopes)
     outputs = [o for o in graph.output if o.name in tainted]
     types = [v for v in graph.value_info if v.name in tainted]

@@ -378,7 +378,8 @@ class OnnxRuntimeRunner(Runner):
             if fuse:
                 self.fused_norms = ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))
             if half:
-                self.half_matmuls = ort_ops.route_half_matmuls(model, self.half_matmul_threads)
+                self.half_matmuls = ort_ops.route_half_matmuls(model, self.half_matmul_threads,
+                                                               last_only=meta["export"].get("logits") == "last")
             if fuse and step_mixers:
                 self.fused_step_mixers = ort_ops.fuse_selective_mixers(model)
             return model
