@@ -156,7 +156,8 @@ def _worker(conn, arts: dict, prompt_len: int, decode_steps: int, repeat: int, p
                 for name in ("f32", "f16")}
     conn.send({"decode_s_blocks": decode, "prefill_s_blocks": prefill, "profile_ms_per_step": profiles,
                "native_ops": list(runners["f16"].native_ops), "half_matmuls": runners["f16"].half_matmuls,
-               "fused_mixers": runners["f16"].fused_mixers, "fused_norms": runners["f16"].fused_norms})
+               "fused_mixers": runners["f16"].fused_mixers, "fused_norms": runners["f16"].fused_norms,
+               "fused_step_mixers": runners["f16"].fused_step_mixers})
 
 
 def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repeat: int, profile_steps: int,
@@ -183,7 +184,7 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
     return {
         "arch": arch, "layers": layers, "prompt_len": prompt_len, "native_ops_f16": r["native_ops"],
         "half_matmuls_f16": r["half_matmuls"], "fused_mixers_f16": r["fused_mixers"],
-        "fused_norms_f16": r["fused_norms"],
+        "fused_norms_f16": r["fused_norms"], "fused_step_mixers_f16": r["fused_step_mixers"],
         "decode_ms_per_token": {k: 1e3 * statistics.median(v) for k, v in d.items()},
         "decode_ms_blocks": {k: [1e3 * t for t in v] for k, v in d.items()},
         "decode_f16_over_f32_paired": paired(d["f16"], d["f32"]),
@@ -196,7 +197,7 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
         "prefill_f16_fused_over_unfused_paired": paired(p["f16"], p["f16_unfused"]),
         "prefill_f16_over_f32_paired": paired(p["f16"], p["f32"]),
         "profile_ms_per_step": prof,
-        # the float16 step's weight matmuls are HalfMatMul nodes inside If nodes (the profile counts both)
+        # the float16 step's weight matmuls are HalfMatMul nodes inside the routing If (the profile counts both)
         "matmul_ms_f16_over_f32": prof["f16"].get("HalfMatMul", 0.0) / max(prof["f32"].get("MatMul", 0.0), 1e-9),
     }
 

@@ -17,7 +17,7 @@ ort_abi.h declares the part of ONNX Runtime's C ABI they use. This module does n
 
 The library also holds ops no artifact contains, in the ssmrt.cpu domain, which the ONNX Runtime runner puts in
 its own copy of a graph: HalfMatMul (a float16 decode step's weight matmuls, route_half_matmuls below) and the
-fused SSDMixer and AddRMSNorm (fusion.py).
+fused SSDMixer, AddRMSNorm and SelectiveMixer (fusion.py).
 """
 
 from __future__ import annotations

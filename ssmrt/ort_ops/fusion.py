@@ -5,6 +5,9 @@
   graph the Casts around them), ~13 a layer still after ONNX Runtime's own fusions.
 - AddRMSNorm: a block's residual add and RMSNorm, which in a float16 graph (its residual stream float32) come
   with four Casts: six nodes a layer after ONNX Runtime's fusions, two in a float32 graph.
+- SelectiveMixer: in a float16 Mamba-1 graph's decode step (the branch route_half_matmuls makes), the split of
+  in_proj's output, the conv, x_proj and dt_proj on HalfMatMul, x_proj's split, two Reshapes and the scan: eight
+  nodes a layer. Only there: its two products are HalfMatMul's kernel, written for a step's few rows.
 Each of those nodes costs a decode step a few microseconds of dispatch for a few thousand values of work.
 
 The rewrites match the graph the exporter writes, node by node, and leave anything they do not recognise as it
