@@ -278,7 +278,8 @@ def test_logits_last_slices_before_the_lm_head(family, exported, tmp_path):
 def test_float16_logits_last_runs_the_prompts_head_on_half_matmul(exported, tmp_path, monkeypatch):
     """A float16 artifact with logits "last" multiplies one row a sequence by its head in a prompt too: the runner
     puts the head on HalfMatMul in the prompt branch as well (float16 weights read as stored, not widened on every
-    call), and the prompt's logits are the float16 all-positions artifact's last ones at the float16 tolerance."""
+    call), and the prompt's logits are the float16 all-positions artifact's last ones at the float16 tolerance.
+    (The head by Transpose(embedding), as a 130M export has it, is test_route_half_matmuls_tied_head's case.)"""
     ckpt, _, _ = exported("mamba2-g1")
     native_library()
     routed = []
@@ -298,7 +299,7 @@ def test_float16_logits_last_runs_the_prompts_head_on_half_matmul(exported, tmp_
         runner = OnnxRuntimeRunnerFromArtifact(export(ckpt, tmp_path / mode, dtype="float16", logits=mode),
                                                native_ops="on")
         logits[mode], _ = runner.forward(ids, runner.zero_state(2))
-    assert routed == [(False, ["MatMul"]), (True, ["HalfMatMul"])]  # this model's head is its own weight
+    assert routed == [(False, ["MatMul"]), (True, ["HalfMatMul"])]
     atol, rtol = tolerance("float16", "op")
     assert_close(torch.from_numpy(logits["last"][:, 0]), torch.from_numpy(logits["all"][:, -1]), atol=atol,
                  rtol=rtol, name="last-position logits")

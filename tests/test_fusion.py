@@ -416,8 +416,10 @@ def test_float16_mamba1_decode_mixers_give_the_nodes_values_bit_for_bit(tmp_path
         assert all(np.array_equal(a, b) for a, b in zip(sf, sn, strict=True))
 
 
-def test_the_decode_mixer_match_leaves_a_mixer_whose_values_are_read_elsewhere(tmp_path):
-    """A value inside the mixer read by another node (here the conv's output) keeps that mixer as it was."""
+@pytest.mark.parametrize("value", ["u", "x_proj", "delta"])
+def test_the_decode_mixer_match_leaves_a_mixer_whose_values_are_read_elsewhere(tmp_path, value):
+    """A value inside the mixer read by another node (the conv's output, x_proj's product, dt_proj's) keeps that
+    mixer as it was; the other layer's fuses."""
     from ssmrt.exporter import export_model
 
     art = export_model(random_lm(arch="mamba1", n_layer=2), tmp_path / "a", dtype="float16")
@@ -425,12 +427,15 @@ def test_the_decode_mixer_match_leaves_a_mixer_whose_values_are_read_elsewhere(t
     assert ort_ops.route_half_matmuls(model, 2) == 4 * 2 + 1
     (route,) = [n for n in model.graph.node if n.name == ort_ops.ROUTED]
     (step,) = [a.g for a in route.attribute if a.name == "then_branch"]
-    convs = [n for n in step.node if n.op_type == "CausalConv1d"]
-    step.node.append(helper.make_node("Identity", [convs[0].output[0]], ["u_seen"]))
-    step.output.append(helper.make_tensor_value_info("u_seen", onnx.TensorProto.FLOAT16, None))
+    scan = next(n for n in step.node if n.op_type == "SelectiveScan")
+    made = {o: n for n in step.node for o in n.output}
+    read = {"u": scan.input[0], "delta": scan.input[1],
+            "x_proj": made[made[scan.input[1]].input[0]].input[0]}[value]  # dt_low's Split reads x_proj's product
+    step.node.append(helper.make_node("Identity", [read], ["seen"]))
     assert ort_ops.fuse_selective_mixers(model) == 1
-    assert [n.op_type for n in step.node].count("SelectiveScan") == 1
-    assert [n.op_type for n in step.node].count("SelectiveMixer") == 1
+    ops = [n.op_type for n in step.node]
+    assert ops.count("SelectiveScan") == ops.count("SelectiveMixer") == 1
+    assert any(n.op_type == "SelectiveScan" and n.input[0] == scan.input[0] for n in step.node)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -534,22 +539,33 @@ def test_fuse_must_be_a_bool(tmp_path):
         OnnxRuntimeRunnerFromArtifact(export_model(random_lm(n_layer=1), tmp_path / "a"), fuse="no")
 
 
-def test_a_graph_the_fusion_trips_on_runs_as_exported(tmp_path, monkeypatch):
-    """Fusion is an optimisation: an error in it leaves the graph as exported, with the reason kept."""
+@pytest.mark.parametrize("arch,dtype,fusion,name", [("mamba2", "float32", "fuse_ssd_mixers", "SSDMixer"),
+                                                     ("mamba1", "float16", "fuse_selective_mixers", "SelectiveMixer")])
+def test_a_fusion_that_trips_is_left_out_and_the_rest_kept(tmp_path, monkeypatch, arch, dtype, fusion, name):
+    """Fusion is an optimisation: an error in one leaves the graph without that fusion (not half-rewritten), the
+    other fusions and a float16 graph's routing kept, with the reason in fuse_note; the runner computes what one
+    without that fusion does, bit for bit."""
     from ssmrt.exporter import export_model
     from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
 
     native_library()
-    art = export_model(random_lm(ngroups=1), tmp_path / "a")
+    art = export_model(random_lm(arch=arch, ngroups=1), tmp_path / "a", dtype=dtype)
 
     def trip(model):
         del model.graph.node[:3]  # a half-done rewrite must not reach ONNX Runtime
         raise ValueError("the fused graph has a cycle")
 
-    monkeypatch.setattr(ort_ops, "fuse_ssd_mixers", trip)
+    monkeypatch.setattr(ort_ops, fusion, trip)
     r = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
-    assert (r.fused_mixers, r.fused_norms) == (0, 0)
-    assert r.fuse_note == "not fused: ValueError: the fused graph has a cycle"
-    plain = OnnxRuntimeRunnerFromArtifact(art, native_ops="on", fuse=False)
+    assert r.fuse_note == f"{name} not fused: ValueError: the fused graph has a cycle"
+    monkeypatch.setattr(ort_ops, fusion, lambda model: 0)
+    without = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    counts = ("fused_mixers", "fused_norms", "fused_step_mixers", "half_matmuls")
+    assert [getattr(r, c) for c in counts] == [getattr(without, c) for c in counts]
+    assert r.fused_norms == 2 and r.half_matmuls == (4 * 2 + 1 if dtype == "float16" else 0)
+    assert r.fused_mixers == r.fused_step_mixers == 0 and without.fuse_note == ""
     ids = random_ids(1, 5).numpy()
-    assert np.array_equal(r.forward(ids, r.zero_state(1))[0], plain.forward(ids, plain.zero_state(1))[0])
+    sr, sw = r.zero_state(1), without.zero_state(1)
+    for step in (ids, ids[:, :1], ids[:, 1:2]):  # a prompt, then decode steps
+        (lr, sr), (lw, sw) = r.forward(step, sr), without.forward(step, sw)
+        assert np.array_equal(lr, lw) and all(np.array_equal(a, b) for a, b in zip(sr, sw, strict=True))

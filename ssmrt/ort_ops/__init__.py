@@ -223,7 +223,8 @@ def route_half_matmuls(model, threads: int = 0, last_only: bool = False) -> int:
     have folded it into a second, transposed copy of the embedding. last_only: the graph's logits are the last
     position's (an export with logits "last"), so its head multiplies one row a sequence in a prompt too, and the
     prompt branch runs the head on HalfMatMul as well (ONNX Runtime's float16 MatMul would widen the whole weight
-    to float32 on every call for that one row). The artifact on disk is not touched; a runner that loads the
+    to float32 on every call for that one row; HalfMatMul streams the weight once per few rows, as a decode step of
+    the same batch does). The artifact on disk is not touched; a runner that loads the
     native library hands ONNX Runtime the result."""
     from onnx import NodeProto, TensorProto, helper
 

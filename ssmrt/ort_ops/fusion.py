@@ -269,7 +269,7 @@ def _match_selective(g: _Graph, scan) -> dict | None:
         return None
     u, delta, a, b_in, c_in, d, z, dt_bias, state = scan.input
     conv = g.made_by(u, "CausalConv1d", "ssmrt")
-    if conv is None or len(conv.input) != 4 or _attr(conv, "activation", b"silu") != b"silu" or conv.output[0] != u:
+    if conv is None or len(conv.input) != 4 or len(conv.output) != 2 or _attr(conv, "activation", b"silu") != b"silu":
         return None
     split1 = g.made_by(conv.input[0], "Split")
     if split1 is None or list(split1.output) != [conv.input[0], z] or _attr(split1, "axis", 0) not in (-1, 2):

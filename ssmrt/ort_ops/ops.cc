@@ -686,7 +686,7 @@ Status* selective_mixer_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api*
   if (Status* s = api.KernelInfoGetAttributeInt64(info, "threads", &threads)) api.ReleaseStatus(s);
   std::string bad;
   if (softplus != 0 && softplus != 1) bad = "attribute delta_softplus must be 0 or 1, got " + std::to_string(softplus);
-  if (threads < 0) bad = "attribute threads must be 0 or more, got " + std::to_string(threads);
+  if (bad.empty() && threads < 0) bad = "attribute threads must be 0 or more, got " + std::to_string(threads);
   if (!bad.empty())
     return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::SelectiveMixer: " + bad).c_str());
   *out = new SelectiveMixerKernel{api, softplus == 1, threads};

@@ -241,8 +241,9 @@ class OnnxRuntimeRunner(Runner):
     default), run the ssmrt ops the native library implements (ssmrt.ort_ops) instead of their fallback bodies.
     "auto" uses it where it applies and builds, else the bodies (`native_ops_note` says why); "on" raises where it
     cannot; "off" always runs the bodies. `self.native_ops` lists the ops running natively.
-    fuse: with the native ops, run each Mamba-2 mixer's middle and each block's residual add and norm as one
-    native node (ssmrt.ort_ops.fusion); False runs the graph as exported, one native node per ssmrt op."""
+    fuse: with the native ops, run each Mamba-2 mixer's middle, each block's residual add and norm and a float16
+    Mamba-1 decode step's mixer middles as one native node each (ssmrt.ort_ops.fusion); False leaves those nodes
+    as exported, one native node per ssmrt op (a float16 graph's decode matmuls are still routed to HalfMatMul)."""
 
     name = "onnxruntime"
 
@@ -371,26 +372,40 @@ class OnnxRuntimeRunner(Runner):
             # matmuls then deal their blocks out to whatever pool there is)
             self.half_matmul_threads = threads or physical_cores()
 
-        def rewritten(fuse: bool):
+        # the rewrites in the order they apply; each fusion is an optimisation: one the matchers trip on is left
+        # out and the graph rewritten again without it (a half-done rewrite never reaches ONNX Runtime). Routing
+        # is not: its errors propagate.
+        last_only = meta["export"].get("logits") == "last"
+        stages = [("SSDMixer", mixers, "fused_mixers", ort_ops.fuse_ssd_mixers),
+                  ("AddRMSNorm", self.fuse, "fused_norms",
+                   lambda model: ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))),
+                  ("routing", half, "half_matmuls",
+                   lambda model: ort_ops.route_half_matmuls(model, self.half_matmul_threads, last_only=last_only)),
+                  ("SelectiveMixer", step_mixers, "fused_step_mixers", ort_ops.fuse_selective_mixers)]
+        skipped: set[str] = set()
+
+        def rewritten():
             model = onnx.load(str(self.path), load_external_data=False)
-            if fuse and mixers:
-                self.fused_mixers = ort_ops.fuse_ssd_mixers(model)
-            if fuse:
-                self.fused_norms = ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))
-            if half:
-                self.half_matmuls = ort_ops.route_half_matmuls(model, self.half_matmul_threads,
-                                                               last_only=meta["export"].get("logits") == "last")
-            if fuse and step_mixers:
-                self.fused_step_mixers = ort_ops.fuse_selective_mixers(model)
+            for name, wanted, count, apply in stages:
+                setattr(self, count, 0)
+                if not wanted or name in skipped:
+                    continue
+                if name == "routing":
+                    setattr(self, count, apply(model))
+                    continue
+                try:
+                    setattr(self, count, apply(model))
+                except Exception as e:  # noqa: BLE001  (any error in a matcher: run without that fusion)
+                    log.warning("%s: running without the %s fusion (%s: %s)", self.path, name, type(e).__name__, e)
+                    note = f"{name} not fused: {type(e).__name__}: {e}"
+                    self.fuse_note = f"{self.fuse_note}; {note}" if self.fuse_note else note
+                    skipped.add(name)
+                    return None
             return model
 
-        try:
-            model = rewritten(self.fuse)
-        except Exception as e:  # a graph the matchers trip on runs as exported: fusion is an optimisation
-            log.warning("%s: running the graph unfused (%s: %s)", self.path, type(e).__name__, e)
-            self.fuse_note = f"not fused: {type(e).__name__}: {e}"
-            self.fused_mixers = self.fused_step_mixers = self.fused_norms = 0
-            model = rewritten(False)
+        model = None
+        while model is None:
+            model = rewritten()
         if not (self.half_matmuls or self.fused_mixers or self.fused_norms):
             return None
         # the bytes have no location of their own: external weights are found beside the artifact
