@@ -34,6 +34,15 @@ def elem_type(array) -> int:
     return onnx.TensorProto.FLOAT16 if str(array.dtype).removeprefix("torch.") == "float16" else onnx.TensorProto.FLOAT
 
 
+def library_session(model, threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session of `model` with the native library registered; `threads` intra-op threads
+    (0: default)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.register_custom_ops_library(str(native_library()))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def native_session(spec, inputs: dict, attrs: dict, threads: int = 0) -> ort.InferenceSession:
     """A session of one `spec` node over `inputs` (name -> array or None for an absent optional input), with the
     library registered and no fallback body in the model; `threads` ONNX Runtime intra-op threads (0: default).
@@ -49,10 +58,7 @@ def native_session(spec, inputs: dict, attrs: dict, threads: int = 0) -> ort.Inf
                             [t.name for t in spec.outputs], domain=DOMAIN, **attrs)
     model = helper.make_model(helper.make_graph([node], "g", vis, outs),
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.register_custom_ops_library(str(native_library()))
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return library_session(model, threads)
 
 
 def run_native(spec, inputs: dict, attrs: dict):
@@ -259,10 +265,7 @@ def half_matmul_session(trans_b: int, pool: int = 0, **attrs) -> ort.InferenceSe
     model = helper.make_model(
         helper.make_graph([node], "g", vis, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, None)]),
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ort_ops.HALF_MATMUL_DOMAIN, 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = pool
-    so.register_custom_ops_library(str(native_library()))
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return library_session(model, pool)
 
 
 # (batch, seqlen, K, N): one row (a decode step) and a few, more rows than one pass takes (4), K not a multiple of
@@ -336,9 +339,7 @@ def test_route_half_matmuls_tied_head(last_only):
     assert prompt_ops == ["HalfMatMul"] if last_only else "Gemm" in prompt_ops
     (step,) = [n for a in branch.attribute if a.name == "then_branch" for n in a.g.node]
     assert (step.op_type, helper.get_node_attr_value(step, "threads")) == ("HalfMatMul", 3)
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(str(native_library()))
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = library_session(model)
     atol, rtol = tolerance("float16", "op")
     for shape in ((2, 1), (2, 5)):  # a decode step, a prompt
         ids = torch.randint(0, V, shape, generator=g)
@@ -394,9 +395,7 @@ def test_route_half_matmuls_one_if_for_the_step():
     assert step.count("HalfMatMul") == 2 and "MatMul" not in step and "If" in step
     assert prompt.count("MatMul") == 2 and "HalfMatMul" not in prompt and "If" in prompt
     onnx.checker.check_model(model)
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(str(native_library()))
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = library_session(model)
     atol, rtol = tolerance("float16", "op")
     for shape in ((2, 1), (1, 4)):  # a decode step, a prompt
         ids = torch.randint(0, V, shape, generator=g)
@@ -614,11 +613,7 @@ def abi_probe(threads: int, inputs: list[np.ndarray], fail: int = 0) -> np.ndarr
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [8])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid("ssmrt.abi_probe", 1)])
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(str(native_library()))
-    so.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return session.run(None, dict(zip(names, inputs, strict=True)))[0]
+    return library_session(model, threads).run(None, dict(zip(names, inputs, strict=True)))[0]
 
 
 def test_every_abi_slot_the_library_calls_behaves_as_named():
