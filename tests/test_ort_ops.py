@@ -98,11 +98,12 @@ def test_causal_conv1d_without_bias():
 SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "ssm_state")
 
 
-# dims cover a partial channel block (the kernel walks 16 channels at a time), dstate odd and the models' 16; the
-# last case is large enough that the kernel splits it across threads.
+# dims cover a partial channel block (a prompt walks 16 channels at a time, a decode step 64), dstate odd, the
+# models' 16 and 12 (eight lanes, then the rest one at a time); a decode step whose second block starts inside the
+# first group and crosses into the second; the 130M Mamba-1's decode step and a prompt, split across threads.
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,ngroups",
-                         [(1, 1, 6, 4, 1), (2, 1, 20, 16, 2), (2, 5, 37, 5, 1), (1, 17, 32, 16, 4),
-                          (3, 40, 24, 8, 2), (2, 512, 256, 16, 1)])
+                         [(1, 1, 6, 4, 1), (2, 1, 20, 16, 2), (2, 1, 160, 12, 2), (1, 1, 1536, 16, 1),
+                          (2, 5, 37, 5, 1), (1, 17, 32, 16, 4), (3, 40, 24, 8, 2), (2, 512, 256, 16, 1)])
 @pytest.mark.parametrize("delta_softplus", [True, False])
 def test_selective_scan(batch, seqlen, dim, dstate, ngroups, delta_softplus):
     kw = selective_inputs(batch, seqlen, dim, dstate, ngroups=ngroups, seed=seqlen + dim)
@@ -115,9 +116,10 @@ def test_selective_scan(batch, seqlen, dim, dstate, ngroups, delta_softplus):
     assert_close(s, s_ref.float(), name="selective state")
 
 
-def test_selective_scan_large_dt_takes_the_softplus_threshold():
+@pytest.mark.parametrize("seqlen", [3, 1])
+def test_selective_scan_large_dt_takes_the_softplus_threshold(seqlen):
     """dt above 20 passes through softplus unchanged, as in every Mamba kernel."""
-    kw = selective_inputs(1, 3, 16, 4)
+    kw = selective_inputs(1, seqlen, 16, 4)
     kw["delta"] = kw["delta"] * 20 + 10  # spans both sides of 20
     y, s = run_native(SELECTIVE_SCAN, {k: kw[k] for k in SCAN_INPUTS}, {"delta_softplus": 1})
     y_ref, s_ref = selective_scan_ref(**f64(kw))
@@ -125,12 +127,24 @@ def test_selective_scan_large_dt_takes_the_softplus_threshold():
     assert_close(s, s_ref.float(), name="selective state")
 
 
-def test_selective_scan_without_optional_inputs():
-    kw = selective_inputs(2, 6, 12, 4, optional=False)
+@pytest.mark.parametrize("seqlen", [6, 1])
+def test_selective_scan_without_optional_inputs(seqlen):
+    kw = selective_inputs(2, seqlen, 12, 4, optional=False)
     y, s = run_native(SELECTIVE_SCAN, {k: kw[k] for k in SCAN_INPUTS}, {"delta_softplus": 1})
     y_ref, s_ref = selective_scan_ref(**f64(kw))
     assert_close(y, y_ref.float(), name="selective y")
     assert_close(s, s_ref.float(), name="selective state")
+
+
+@pytest.mark.parametrize("seqlen", [4, 1])
+def test_selective_scan_carries_a_nan(seqlen):
+    """A NaN in delta reaches y and the state of its channel, as in the reference: the kernel's exp keeps NaN a NaN
+    (its clamps would otherwise turn one into a decay of 0 or 1 and a plausible output)."""
+    kw = selective_inputs(1, seqlen, 16, 8)
+    kw["delta"][0, 0, 3] = math.nan
+    y, s = run_native(SELECTIVE_SCAN, {k: kw[k] for k in SCAN_INPUTS}, {"delta_softplus": 1})
+    assert torch.isnan(y[0, 0, 3]) and torch.isnan(s[0, 3]).all()
+    assert torch.isfinite(y[0, 0, :3]).all() and torch.isfinite(s[0, 4:]).all()
 
 
 SSD_INPUTS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "ssm_state")

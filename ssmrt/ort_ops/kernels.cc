@@ -40,18 +40,19 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
-// e^x for eight lanes in registers, where the compiler targets AVX2 and FMA: x = k ln2 + r (ln2 in two parts, so r
-// is exact in float32; |r| <= ln2 / 2), e^r by its Taylor series to r^7 (truncation below 6e-9 relative), 2^k put
-// in the exponent bits. Within one ulp of the correctly rounded e^x over [-87, 88] (checked on a sweep in steps of
-// 1e-4), as glibc's vector expf is; below -87.3, where float32's normal range ends, 0 (glibc's subnormals there are
-// all under 1.2e-38); above 88.3, e^88.3. Written out rather than left to the vectoriser's calls into glibc: the
-// Mamba-1 scan needs dstate exps a channel a step, and inline they are computed next to their use, with no call
-// and no buffer of decays between.
+// e^x for eight lanes in registers, where the compiler targets AVX2 and FMA: x = k ln2 + r (ln2 in two parts, the
+// first with few enough bits that k ln2_hi is exact; |r| <= ln2 / 2), e^r by its Taylor series to r^7 (truncation
+// under 1e-8 relative), 2^k put in the exponent bits. Within one ulp of the correctly rounded e^x over [-87, 88]
+// (checked on a sweep in steps of 1e-4), as glibc's vector expf is; below -87.3 (float32's normal range ends at
+// -87.34) 0, where glibc returns values under 1.2e-38; above 88.3, e^88.3; NaN stays NaN (the clamps take x's lane
+// when it is NaN). Written out rather than left to the vectoriser's calls into glibc: the Mamba-1 scan needs
+// dstate exps a channel a step, and inline they are computed next to their use, with no call and no buffer of
+// decays between.
 #if defined(__AVX2__) && defined(__FMA__)
 inline __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.3f);
   const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3f));
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(lo, x));  // maxps / minps return the second operand on NaN
   const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f),
@@ -260,9 +261,11 @@ void selective_scan(const Executor& exec, const float* u, const float* delta, co
                    delta_softplus);
     return;
   }
-  // Channels in blocks of kBlock: a block's states stay in L1 while it walks the sequence, and each step's
-  // exps run as one loop over (block, dstate), long enough for the vector units.
-  constexpr int64_t kBlock = 16, kAhead = 8;
+  // Channels in blocks of kBlock: a block's states stay in L1 while it walks the sequence. Its inputs of a step are
+  // one short stretch of each of u, delta and z, a row (dim) apart from the previous step's: too far apart for the
+  // hardware prefetchers, so they are asked for kAhead steps ahead.
+  constexpr int64_t kBlock = 16;
+  [[maybe_unused]] constexpr int64_t kAhead = 8;
   const int64_t blocks = (dim + kBlock - 1) / kBlock;
   parallel_for(exec, batch * blocks, seqlen * kBlock * N, [&](int64_t i0, int64_t i1) {
     std::vector<float> hs(kBlock * N);
@@ -292,7 +295,6 @@ void selective_scan(const Executor& exec, const float* u, const float* delta, co
           acc[j] = scan_row(a + j * N, Bs + group[j], Cs + group[j], hj, hj, N, dt[j], dt[j] * x[j]);
         }
         // 3. skip and gate
-        // 4. skip and gate
         if (D)
           for (int64_t j = 0; j < nb; ++j) acc[j] += D[d0 + j] * x[j];
         if (z) {
