@@ -136,6 +136,34 @@ def test_selective_scan_without_optional_inputs(seqlen):
     assert_close(s, s_ref.float(), name="selective state")
 
 
+@pytest.mark.parametrize("seqlen,dstate", [(1, 16), (1, 12), (2, 16)])
+def test_selective_scan_decays_within_an_ulp(seqlen, dstate):
+    """The scan's exp, seen through the op: with B = 0, dt = 1 and a state of ones, the new state is exp(A) itself,
+    here over A in [-87, 88]. The kernel computes it in registers eight lanes at a time, within one ulp of the
+    correctly rounded value; the rest of a row (dstate 12: the last four) goes to the C library's exp, which the
+    compiler vectorises (measured up to two ulp). A prompt's second step has dt = 0 (a decay of exactly 1), so its
+    state is the first step's. Below float32's normal range the decay is 0 or subnormal."""
+    dim = 64
+    A = torch.linspace(-87.0, 88.0, dim * dstate, dtype=torch.float32).reshape(dim, dstate)
+    A[-1, :4] = torch.tensor([-87.5, -100.0, -1e4, -1e30])
+    delta = torch.zeros(1, seqlen, dim)
+    delta[:, 0] = 1.0
+    ins = dict(u=torch.randn(1, seqlen, dim), delta=delta, A=A, B=torch.zeros(1, seqlen, 1, dstate),
+               C=torch.zeros(1, seqlen, 1, dstate), D=None, z=None, delta_bias=None,
+               ssm_state=torch.ones(1, dim, dstate))
+    _, s = run_native(SELECTIVE_SCAN, ins, {"delta_softplus": 0})
+    got, want = s[0].double(), torch.exp(A.double()).float().double()
+    normal = A > -87.3
+    ulp = (got - want).abs() / torch.from_numpy(np.spacing(want.float().numpy())).double()
+    lanes = torch.zeros_like(normal)
+    lanes[:, :dstate // 8 * 8] = True
+    for where, bound in ((normal & lanes, 1.0), (normal & ~lanes, 2.0)):
+        if where.any():
+            worst = ulp[where].max()
+            assert worst <= bound, f"exp off by {worst:.2f} ulp at A = {A[where][ulp[where].argmax()]:.4f}"
+    assert ((got[~normal] >= 0) & (got[~normal] < 1.2e-38)).all()
+
+
 @pytest.mark.parametrize("seqlen", [4, 1])
 def test_selective_scan_carries_a_nan(seqlen):
     """A NaN in delta reaches y and the state of its channel, as in the reference: the kernel's exp keeps NaN a NaN
