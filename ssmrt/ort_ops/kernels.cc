@@ -43,7 +43,7 @@ inline float hsum8(__m256 v) {
 // e^x for eight lanes in registers, where the compiler targets AVX2 and FMA: x = k ln2 + r (ln2 in two parts, the
 // first with few enough bits that k ln2_hi is exact; |r| <= ln2 / 2), e^r by its Taylor series to r^7 (truncation
 // under 1e-8 relative), 2^k put in the exponent bits. Within one ulp of the correctly rounded e^x over [-87, 88]
-// (checked on a sweep in steps of 1e-4), as glibc's vector expf is; below -87.3 (float32's normal range ends at
+// (tests/test_ort_ops.py checks it through SelectiveScan); below -87.3 (float32's normal range ends at
 // -87.34) 0, where glibc returns values under 1.2e-38; above 88.3, e^88.3; NaN stays NaN (the clamps take x's lane
 // when it is NaN). Written out rather than left to the vectoriser's calls into glibc: the Mamba-1 scan needs
 // dstate exps a channel a step, and inline they are computed next to their use, with no call and no buffer of
@@ -76,26 +76,25 @@ inline void exp_in_place(float* v, int64_t n) {
   for (; i < n; ++i) v[i] = std::exp(v[i]);
 }
 
-// v[i] = silu(v[i]) and v[i] = softplus(v[i]) for i < n, their exps through exp_in_place a stretch at a time.
-inline void silu_in_place(float* v, int64_t n) {
+// v[i] = post(v[i], e^pre(v[i])) for i < n, the exps through exp_in_place a stretch at a time.
+template <typename Pre, typename Post>
+inline void with_exp_in_place(float* v, int64_t n, Pre pre, Post post) {
   constexpr int64_t kStretch = 64;
   float e[kStretch];
   for (int64_t i0 = 0; i0 < n; i0 += kStretch) {
     const int64_t m = std::min(kStretch, n - i0);
-    for (int64_t i = 0; i < m; ++i) e[i] = -v[i0 + i];
+    for (int64_t i = 0; i < m; ++i) e[i] = pre(v[i0 + i]);
     exp_in_place(e, m);
-    for (int64_t i = 0; i < m; ++i) v[i0 + i] /= 1.0f + e[i];
+    for (int64_t i = 0; i < m; ++i) v[i0 + i] = post(v[i0 + i], e[i]);
   }
 }
+// v[i] = silu(v[i]) and v[i] = softplus(v[i]), as silu() and softplus() above.
+inline void silu_in_place(float* v, int64_t n) {
+  with_exp_in_place(v, n, [](float x) { return -x; }, [](float x, float e) { return x / (1.0f + e); });
+}
 inline void softplus_in_place(float* v, int64_t n) {
-  constexpr int64_t kStretch = 64;
-  float e[kStretch];
-  for (int64_t i0 = 0; i0 < n; i0 += kStretch) {
-    const int64_t m = std::min(kStretch, n - i0);
-    for (int64_t i = 0; i < m; ++i) e[i] = std::min(v[i0 + i], kSoftplusThreshold);
-    exp_in_place(e, m);
-    for (int64_t i = 0; i < m; ++i) v[i0 + i] = v[i0 + i] > kSoftplusThreshold ? v[i0 + i] : std::log1p(e[i]);
-  }
+  with_exp_in_place(v, n, [](float x) { return std::min(x, kSoftplusThreshold); },
+                    [](float x, float e) { return x > kSoftplusThreshold ? x : std::log1p(e); });
 }
 
 // Splits [0, n) into chunks of at least kMinWork element updates (n * cost_per_item in all) and runs fn(begin,
