@@ -530,6 +530,36 @@ def test_fused_nodes_are_put_in_an_order_onnx_accepts():
         _in_order([helper.make_node("Neg", ["b"], ["a"]), helper.make_node("Abs", ["a"], ["b"])])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_rewritten_graph_is_not_kept_as_bytes_beside_its_session(tmp_path, dtype):
+    """The runner hands ONNX Runtime the rewritten graph as bytes, which ONNX Runtime copies the weights out of;
+    the bytes are then let go, not kept for the session's life (ONNX Runtime's Python session would keep them: a
+    second copy of every weight). tracemalloc sees Python's and numpy's allocations, not ONNX Runtime's own."""
+    import gc
+    import tracemalloc
+
+    from ssmrt.exporter import export_model
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    native_library()
+    art = export_model(random_lm(ngroups=1, d_model=128, n_layer=2, vocab_size=4099), tmp_path / "a", dtype=dtype)
+    size = (art / "model.onnx").stat().st_size
+    OnnxRuntimeRunnerFromArtifact(art, native_ops="on")  # imports and the library's first load settle first
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        runner = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert runner.fused_mixers == 2 and runner.half_matmuls == (5 if dtype == "float16" else 0), runner.describe()
+    assert held < size / 4, f"the runner holds {held} bytes of Python memory for a {size}-byte model"
+    logits, _ = runner.forward(np.array([[1, 2, 3]]), runner.zero_state(1))  # the session still runs
+    assert logits.shape == (1, 3, 4099) and np.isfinite(logits).all()
+
+
 def test_fuse_must_be_a_bool(tmp_path):
     from ssmrt.errors import SsmrtError
     from ssmrt.exporter import export_model

@@ -293,6 +293,8 @@ class OnnxRuntimeRunner(Runner):
                 why = (f"this bfloat16 artifact needs bfloat16 kernels, which {', '.join(providers)} lacks; "
                        "run it with the CUDA provider or TensorRT, or export float16/float32")
             raise SsmrtError(f"{self.path}: ONNX Runtime cannot load it ({why})") from None
+        if model is not None:
+            self._drop_model_bytes()
         ort_types = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
                      "tensor(int64)": "int64"}
 
@@ -311,6 +313,16 @@ class OnnxRuntimeRunner(Runner):
         self.device_kind = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self._np_dtypes = {s["name"]: _numpy_dtype(s["dtype"], self.path) for s in self.state_specs}
         self._out_names = [o.name for o in self.session.get_outputs()]
+
+    def _drop_model_bytes(self) -> None:
+        """Frees the rewritten graph's bytes once ONNX Runtime has loaded them. Its Python session keeps a model
+        given as bytes for as long as the session lives, to create the session again should a provider fail and
+        it fall back to another: for a rewritten graph, a second copy of every weight beside the one ONNX Runtime
+        loaded. The rewrites apply on the CPU provider alone, which has nothing to fall back to: the fallback is
+        switched off and the bytes it would have needed let go."""
+        self.session.disable_fallback()
+        if getattr(self.session, "_model_bytes", None) is not None:  # a private field: absent in another version
+            self.session._model_bytes = None
 
     def _register_native_ops(self, opts, mode: str, providers: list[str], meta: dict
                              ) -> tuple[tuple[str, ...], str]:
