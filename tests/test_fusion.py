@@ -530,20 +530,35 @@ def test_fused_nodes_are_put_in_an_order_onnx_accepts():
         _in_order([helper.make_node("Neg", ["b"], ["a"]), helper.make_node("Abs", ["a"], ["b"])])
 
 
+def file_sized_lm(tmp_path, dtype):
+    """A Mamba-2 artifact whose weights are many initializers of 64 KiB and more, none over a fifth of the file."""
+    from ssmrt.exporter import export_model
+
+    return export_model(random_lm(ngroups=1, d_model=128, n_layer=6, vocab_size=1000), tmp_path / "a", dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_a_rewritten_graph_is_not_kept_as_bytes_beside_its_session(tmp_path, dtype):
-    """The runner hands ONNX Runtime the rewritten graph as bytes, which ONNX Runtime copies the weights out of;
-    the bytes are then let go, not kept for the session's life (ONNX Runtime's Python session would keep them: a
-    second copy of every weight). tracemalloc sees Python's and numpy's allocations, not ONNX Runtime's own."""
+def test_a_rewritten_graph_hands_its_weights_over_as_places_in_the_file(tmp_path, monkeypatch, dtype):
+    """The runner gives ONNX Runtime the rewritten graph as bytes with each large weight pointing at its place in
+    the artifact's file, not the weights themselves, and does not keep those bytes beside the session (ONNX
+    Runtime's Python session would keep them for its life; tracemalloc sees Python's and numpy's allocations, not
+    ONNX Runtime's own). The session computes what the weights held inline give, bit for bit."""
     import gc
     import tracemalloc
 
-    from ssmrt.exporter import export_model
-    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, backends
 
     native_library()
-    art = export_model(random_lm(ngroups=1, d_model=128, n_layer=2, vocab_size=4099), tmp_path / "a", dtype=dtype)
+    art = file_sized_lm(tmp_path, dtype)
     size = (art / "model.onnx").stat().st_size
+    given = []
+    session = ort.InferenceSession
+
+    def spy(model, *args, **kw):
+        given.append(len(model) if isinstance(model, bytes) else model)
+        return session(model, *args, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
     OnnxRuntimeRunnerFromArtifact(art, native_ops="on")  # imports and the library's first load settle first
     gc.collect()
     tracemalloc.start()
@@ -554,10 +569,60 @@ def test_a_rewritten_graph_is_not_kept_as_bytes_beside_its_session(tmp_path, dty
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert runner.fused_mixers == 2 and runner.half_matmuls == (5 if dtype == "float16" else 0), runner.describe()
-    assert held < size / 4, f"the runner holds {held} bytes of Python memory for a {size}-byte model"
-    logits, _ = runner.forward(np.array([[1, 2, 3]]), runner.zero_state(1))  # the session still runs
-    assert logits.shape == (1, 3, 4099) and np.isfinite(logits).all()
+    assert runner.fused_mixers == 6 and runner.half_matmuls == (13 if dtype == "float16" else 0), runner.describe()
+    assert runner.file_backed == 13  # the projections and the embedding
+    assert given[-1] < size / 10, f"ONNX Runtime was given {given[-1]} bytes of graph for a {size}-byte model"
+    assert held < size / 10, f"the runner holds {held} bytes of Python memory for a {size}-byte model"
+    monkeypatch.setattr(backends, "FILE_BACKED_BYTES", 1 << 62)
+    inline = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    assert inline.file_backed == 0 and given[-1] > size / 2
+    ids = random_ids(2, 7, seed=2).numpy()
+    (la, sa), (lb, sb) = runner.forward(ids, runner.zero_state(2)), inline.forward(ids, inline.zero_state(2))
+    for k in range(3):
+        (la, sa), (lb, sb) = runner.forward(ids[:, k:k + 1], sa), inline.forward(ids[:, k:k + 1], sb)
+    assert np.array_equal(la, lb) and all(np.array_equal(a, b) for a, b in zip(sa, sb, strict=True))
+
+
+def test_a_weight_a_rewrite_changed_stays_inline(tmp_path, monkeypatch):
+    """A weight whose bytes a rewrite changed is handed over as the rewrite left it, not read from the file."""
+    from onnx import numpy_helper
+
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    native_library()
+    art = file_sized_lm(tmp_path, "float32")
+    plain = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    original = ort_ops.fuse_add_rmsnorms
+
+    def halving_the_embedding(model, dtype):
+        (t,) = [t for t in model.graph.initializer if numpy_helper.to_array(t).shape == (1000, 128)]
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) / 2, t.name))
+        return original(model, dtype)
+
+    monkeypatch.setattr(ort_ops, "fuse_add_rmsnorms", halving_the_embedding)
+    changed = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    assert (plain.file_backed, changed.file_backed) == (13, 12)
+    ids = np.array([[1, 2, 3]])
+    assert not np.allclose(plain.forward(ids, plain.zero_state(1))[0], changed.forward(ids, changed.zero_state(1))[0])
+
+
+def test_prompts_shrink_the_cpu_arena_and_steps_do_not(tmp_path):
+    """A prompt runs with ONNX Runtime's arena shrinkage asked for (its widened float16 weights and activations
+    would otherwise stay allocated for the session's life); a decode step without it."""
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    runner = OnnxRuntimeRunnerFromArtifact(file_sized_lm(tmp_path, "float16"))
+    asked, run = [], runner.session.run
+
+    def spy(names, feeds, options=None):
+        asked.append(None if options is None else options.get_run_config_entry("memory.enable_memory_arena_shrinkage"))
+        return run(names, feeds, options)
+
+    runner.session.run = spy
+    _, state = runner.forward(np.array([[1, 2, 3]]), runner.zero_state(1))
+    runner.forward(np.array([[4]]), state)
+    runner.forward_last(np.array([[5, 6]]), state)
+    assert asked == ["cpu:0", None, "cpu:0"]
 
 
 def test_fuse_must_be_a_bool(tmp_path):
