@@ -124,17 +124,6 @@ def read_metadata_props(path) -> dict[str, str]:
 def _length_delimited_fields(f, size: int, keep: set[int], path, numbered: bool = False):
     """The payloads of the length-delimited fields numbered `keep` in the message read from `f` (`size` bytes),
     in order; every other field is skipped unread. A truncated or malformed message raises SsmrtError."""
-    for number, offset, length in _field_spans(f, 0, size, path):
-        if number in keep and length is not None:
-            f.seek(offset)
-            payload = f.read(length)
-            yield (number, payload) if numbered else payload
-
-
-def _field_spans(f, start: int, end: int, path):
-    """(field number, payload offset, payload length) of each field of the message in bytes [start, end) of `f`,
-    in order, the length None for a varint; the walk seeks over each payload after yielding it, so the caller may
-    read one or not. A truncated or malformed message raises SsmrtError."""
 
     def bad(why: str):
         return SsmrtError(f"{path}: not an ONNX model ({why})")
@@ -153,55 +142,22 @@ def _field_spans(f, start: int, end: int, path):
         raise bad("a varint longer than 10 bytes")
 
     fixed = {1: 8, 5: 4}  # wire type -> size
-    f.seek(start)
-    while f.tell() < end and (first := f.read(1)):
+    while first := f.read(1):
         key = varint(first)
         number, wire = key >> 3, key & 7
         if wire == 0:
             varint()
-            yield number, f.tell(), None
         elif wire in fixed or wire == 2:
             length = fixed[wire] if wire in fixed else varint()
-            offset = f.tell()
-            if offset + length > end:
-                raise bad(f"field {number} runs past the end of {'the file' if start == 0 else 'its message'}: "
-                          "truncated")
-            yield number, offset, length
-            f.seek(offset + length)
+            if f.tell() + length > size:
+                raise bad(f"field {number} runs past the end of the file: truncated")
+            if wire == 2 and number in keep:
+                payload = f.read(length)
+                yield (number, payload) if numbered else payload
+            else:
+                f.seek(length, os.SEEK_CUR)
         else:
             raise bad(f"protobuf wire type {wire}")
-
-
-def initializer_data_spans(path) -> dict[str, tuple[int, int]]:
-    """name -> (offset, length) in the .onnx file `path` of each main-graph initializer's raw_data (ModelProto.graph
-    is field 7, GraphProto.initializer 5, TensorProto.name 8 and raw_data 9), found by walking the wire format and
-    seeking over the data itself. Empty where the file has not exactly one graph. Raises SsmrtError, naming the file,
-    for a file that cannot be read or is not well-formed."""
-    path = Path(path)
-    spans = {}
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            graphs = [(o, n) for number, o, n in _field_spans(f, 0, size, path) if number == 7 and n is not None]
-            if len(graphs) != 1:
-                return {}
-            g_off, g_len = graphs[0]
-            tensors = [(o, n) for number, o, n in _field_spans(f, g_off, g_off + g_len, path)
-                       if number == 5 and n is not None]
-            for t_off, t_len in tensors:
-                name, data = None, []
-                for number, o, n in _field_spans(f, t_off, t_off + t_len, path):
-                    if number == 8 and n is not None:
-                        name = f.read(n).decode()
-                    elif number == 9 and n is not None:
-                        data.append((o, n))
-                if name is not None and len(data) == 1:  # a repeated raw_data field would be merged: left inline
-                    spans[name] = data[0]
-    except UnicodeDecodeError:
-        raise SsmrtError(f"{path}: not an ONNX model (an initializer's name is not UTF-8)") from None
-    except OSError as e:
-        raise SsmrtError(f"{path}: cannot be read ({e.strerror or e})") from None
-    return spans
 
 
 def read_metadata(path) -> dict:

@@ -49,30 +49,6 @@ def test_every_truncation_is_one_ssmrt_error(tmp_path):
             assert str(e).startswith(f"{f}: not an ONNX model ("), e
         else:  # a cut between top-level fields leaves a shorter but well-formed message
             assert set(props) <= set(META), n
-        try:
-            spans = artifact.initializer_data_spans(f)
-        except SsmrtError as e:
-            assert str(e).startswith(f"{f}: not an ONNX model ("), e
-        else:
-            assert all(offset + length <= n for offset, length in spans.values()), n
-
-
-def test_initializer_spans_are_where_their_bytes_are(tmp_path):
-    """initializer_data_spans finds each initializer's raw bytes in the file, as onnx parses them; a tensor kept in
-    typed fields or as external data has none."""
-    model = small_model(META)
-    model.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(7, dtype=np.int64), "k"))
-    model.graph.initializer.append(onnx.helper.make_tensor("typed", onnx.TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]))
-    f = tmp_path / "model.onnx"
-    onnx.save_model(model, f)
-    spans, data = artifact.initializer_data_spans(f), f.read_bytes()
-    assert set(spans) == {"w", "k"}
-    for t in onnx.load(str(f)).graph.initializer:
-        if t.name in spans:
-            offset, length = spans[t.name]
-            assert data[offset:offset + length] == t.raw_data, t.name
-    onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.data", size_threshold=0)
-    assert artifact.initializer_data_spans(tmp_path / "ext.onnx") == {}
 
 
 @pytest.mark.parametrize("payload,why", [

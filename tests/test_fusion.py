@@ -531,34 +531,25 @@ def test_fused_nodes_are_put_in_an_order_onnx_accepts():
 
 
 def file_sized_lm(tmp_path, dtype):
-    """A Mamba-2 artifact whose weights are many initializers of 64 KiB and more, none over a fifth of the file."""
+    """A Mamba-2 artifact of a few MB whose weights are many initializers, none over a fifth of the file."""
     from ssmrt.exporter import export_model
 
     return export_model(random_lm(ngroups=1, d_model=128, n_layer=6, vocab_size=1000), tmp_path / "a", dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_a_rewritten_graph_hands_its_weights_over_as_places_in_the_file(tmp_path, monkeypatch, dtype):
-    """The runner gives ONNX Runtime the rewritten graph as bytes with each large weight pointing at its place in
-    the artifact's file, not the weights themselves, and does not keep those bytes beside the session (ONNX
-    Runtime's Python session would keep them for its life; tracemalloc sees Python's and numpy's allocations, not
-    ONNX Runtime's own). The session computes what the weights held inline give, bit for bit."""
+def test_a_rewritten_graph_is_not_kept_as_bytes_beside_its_session(tmp_path, dtype):
+    """The runner hands ONNX Runtime the rewritten graph as bytes, which ONNX Runtime copies the weights out of;
+    the bytes are then let go, not kept for the session's life (ONNX Runtime's Python session would keep them: a
+    second copy of every weight). tracemalloc sees Python's and numpy's allocations, not ONNX Runtime's own."""
     import gc
     import tracemalloc
 
-    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, backends
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
 
     native_library()
     art = file_sized_lm(tmp_path, dtype)
     size = (art / "model.onnx").stat().st_size
-    given = []
-    session = ort.InferenceSession
-
-    def spy(model, *args, **kw):
-        given.append(len(model) if isinstance(model, bytes) else model)
-        return session(model, *args, **kw)
-
-    monkeypatch.setattr(ort, "InferenceSession", spy)
     OnnxRuntimeRunnerFromArtifact(art, native_ops="on")  # imports and the library's first load settle first
     gc.collect()
     tracemalloc.start()
@@ -570,40 +561,9 @@ def test_a_rewritten_graph_hands_its_weights_over_as_places_in_the_file(tmp_path
     finally:
         tracemalloc.stop()
     assert runner.fused_mixers == 6 and runner.half_matmuls == (13 if dtype == "float16" else 0), runner.describe()
-    assert runner.file_backed == 13  # the projections and the embedding
-    assert given[-1] < size / 10, f"ONNX Runtime was given {given[-1]} bytes of graph for a {size}-byte model"
     assert held < size / 10, f"the runner holds {held} bytes of Python memory for a {size}-byte model"
-    monkeypatch.setattr(backends, "FILE_BACKED_BYTES", 1 << 62)
-    inline = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
-    assert inline.file_backed == 0 and given[-1] > size / 2
-    ids = random_ids(2, 7, seed=2).numpy()
-    (la, sa), (lb, sb) = runner.forward(ids, runner.zero_state(2)), inline.forward(ids, inline.zero_state(2))
-    for k in range(3):
-        (la, sa), (lb, sb) = runner.forward(ids[:, k:k + 1], sa), inline.forward(ids[:, k:k + 1], sb)
-    assert np.array_equal(la, lb) and all(np.array_equal(a, b) for a, b in zip(sa, sb, strict=True))
-
-
-def test_a_weight_a_rewrite_changed_stays_inline(tmp_path, monkeypatch):
-    """A weight whose bytes a rewrite changed is handed over as the rewrite left it, not read from the file."""
-    from onnx import numpy_helper
-
-    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
-
-    native_library()
-    art = file_sized_lm(tmp_path, "float32")
-    plain = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
-    original = ort_ops.fuse_add_rmsnorms
-
-    def halving_the_embedding(model, dtype):
-        (t,) = [t for t in model.graph.initializer if numpy_helper.to_array(t).shape == (1000, 128)]
-        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) / 2, t.name))
-        return original(model, dtype)
-
-    monkeypatch.setattr(ort_ops, "fuse_add_rmsnorms", halving_the_embedding)
-    changed = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
-    assert (plain.file_backed, changed.file_backed) == (13, 12)
-    ids = np.array([[1, 2, 3]])
-    assert not np.allclose(plain.forward(ids, plain.zero_state(1))[0], changed.forward(ids, changed.zero_state(1))[0])
+    logits, _ = runner.forward(np.array([[1, 2, 3]]), runner.zero_state(1))  # the session still runs
+    assert logits.shape == (1, 3, 1000) and np.isfinite(logits).all()
 
 
 def test_prompts_shrink_the_cpu_arena_and_steps_do_not(tmp_path):

@@ -10,7 +10,6 @@ Loaders follow one naming scheme: TorchRunnerFromCheckpoint, OnnxRuntimeRunnerFr
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -235,11 +234,6 @@ def TorchRunnerFromCheckpoint(model_dir, dtype=None, device="cpu", kernels=None,
     return TorchRunner(load_model(model_dir, dtype=dtype, device=device), kernels=kernels, decode=decode)
 
 
-# A rewritten graph's initializer of this many bytes or more is handed to ONNX Runtime as a place in the artifact's
-# file, not inline; the small ones (shapes, norm weights, A, D) are not worth a read of their own.
-FILE_BACKED_BYTES = 1 << 16
-
-
 class OnnxRuntimeRunner(Runner):
     """An exported model.onnx on ONNX Runtime: CPU by default, CUDA when asked for and present.
 
@@ -289,7 +283,7 @@ class OnnxRuntimeRunner(Runner):
         self.fuse = fuse
         self.fuse_note = ""  # why the fusion was skipped, where it failed
         self.half_matmuls = self.half_matmul_threads = self.fused_mixers = self.fused_step_mixers = 0
-        self.fused_norms = self.file_backed = 0
+        self.fused_norms = 0
         model = self._rewrite_graph(opts, meta, threads) if self.native_ops else None
         try:
             self.session = ort.InferenceSession(model or str(self.path), sess_options=opts, providers=providers)
@@ -331,9 +325,10 @@ class OnnxRuntimeRunner(Runner):
     def _drop_model_bytes(self) -> None:
         """Frees the rewritten graph's bytes once ONNX Runtime has loaded them. Its Python session keeps a model
         given as bytes for as long as the session lives, to create the session again should a provider fail and
-        it fall back to another: for a rewritten graph, a second copy of every weight beside the one ONNX Runtime
-        loaded. The rewrites apply on the CPU provider alone, which has nothing to fall back to: the fallback is
-        switched off and the bytes it would have needed let go."""
+        it fall back to the CPU provider: for a rewritten graph, a second copy of every weight beside the one ONNX
+        Runtime loaded. The rewrites apply on the CPU provider alone, whose fallback would only make the same
+        session again: the fallback is switched off and the bytes it would have needed let go (the session can no
+        longer be made again with set_providers, which the runner never calls)."""
         self.session.disable_fallback()
         if getattr(self.session, "_model_bytes", None) is not None:  # a private field: absent in another version
             self.session._model_bytes = None
@@ -433,40 +428,9 @@ class OnnxRuntimeRunner(Runner):
             model = rewritten()
         if not (self.half_matmuls or self.fused_mixers or self.fused_norms):
             return None
-        self.file_backed = self._point_weights_at_the_file(model)
         # the bytes have no location of their own: external weights are found beside the artifact
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
         return model.SerializeToString()
-
-    def _point_weights_at_the_file(self, model) -> int:
-        """Makes each large initializer of the rewritten graph whose bytes are still those in the artifact's file
-        external data pointing at them there, so that the serialized graph handed to ONNX Runtime holds the graph,
-        not the weights: while ONNX Runtime loads it, the bytes, its parse of them and its own tensors would
-        otherwise be three copies of every weight at once. ONNX Runtime then reads them from the file, as it does
-        an artifact's external data (mapping it where it can: the file must not be written over in place while the
-        session lives; ssmrt export replaces an artifact by renames, never writing over its files). An initializer a rewrite changed, or
-        the file stores another way, stays inline. Returns how many."""
-        from onnx import TensorProto
-
-        spans = artifact.initializer_data_spans(self.path)
-        moved = 0
-        with _mapped(self.path) as file:
-            if file is None:  # a file system that cannot map files: the weights stay inline
-                return 0
-            for t in model.graph.initializer:
-                offset, length = spans.get(t.name, (0, 0))
-                if length < FILE_BACKED_BYTES or t.data_location == TensorProto.EXTERNAL:
-                    continue
-                data = t.raw_data  # one tensor's bytes at a time
-                if len(data) != length or file[offset:offset + length] != data:
-                    continue
-                t.ClearField("raw_data")
-                t.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = key, value
-                moved += 1
-        return moved
 
     def zero_state(self, batch: int) -> list:
         batch = checked_batch(batch)
@@ -502,31 +466,19 @@ def _parse_model(path: Path):
     """The onnx.ModelProto of an .onnx file, its external data not read, parsed from a map of the file: onnx.load
     reads the file into one bytes object first, a copy of every weight beside the parse. Where the file cannot be
     mapped, onnx.load."""
-    import onnx
-
-    with _mapped(path) as data:
-        if data is None:
-            return onnx.load(str(path), load_external_data=False)
-        model = onnx.ModelProto()
-        model.ParseFromString(data)  # copies what it keeps: nothing refers to the map once it is closed
-    return model
-
-
-@contextlib.contextmanager
-def _mapped(path: Path):
-    """A read-only memoryview of the file at `path`, mapped into memory; None where it cannot be mapped."""
     import mmap
+
+    import onnx
 
     with open(path, "rb") as f:
         try:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):
-            mm = None
-    if mm is None:
-        yield None
-        return
-    with mm, memoryview(mm) as view:
-        yield view
+        except (OSError, ValueError):  # a file system that cannot map files
+            return onnx.load(str(path), load_external_data=False)
+    model = onnx.ModelProto()
+    with mm, memoryview(mm) as data:
+        model.ParseFromString(data)  # copies what it keeps: nothing refers to the map once it is closed
+    return model
 
 
 def _numpy_dtype(name: str, path) -> np.dtype:
