@@ -531,7 +531,7 @@ def test_fused_nodes_are_put_in_an_order_onnx_accepts():
 
 
 def file_sized_lm(tmp_path, dtype):
-    """A Mamba-2 artifact of a few MB whose weights are many initializers, none over a fifth of the file."""
+    """A Mamba-2 artifact of a few MB (six layers): a copy of its weights stands out of what a runner needs besides."""
     from ssmrt.exporter import export_model
 
     return export_model(random_lm(ngroups=1, d_model=128, n_layer=6, vocab_size=1000), tmp_path / "a", dtype=dtype)
