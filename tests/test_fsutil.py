@@ -305,7 +305,10 @@ def test_ctrl_c_during_the_swap_is_held_until_the_new_output_is_in_place(home, m
     real = fsutil._Ops.exchange
 
     def exchange_then_sigint(a, b):
-        os.kill(os.getpid(), signal.SIGINT)
+        # raise_signal, not os.kill: a signal sent to the process may land on another thread (ONNX Runtime's pools,
+        # left by earlier tests), whose handler can run after the block has ended; raise_signal delivers it to this
+        # thread and runs the Python handler before it returns, inside the block
+        signal.raise_signal(signal.SIGINT)
         real(a, b)
 
     monkeypatch.setattr(fsutil._ops, "exchange", exchange_then_sigint)
@@ -583,7 +586,7 @@ def test_ctrl_c_is_left_alone_where_the_process_ignores_it(home, monkeypatch):
     real = fsutil._Ops.exchange
 
     def exchange_then_sigint(a, b):
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # as in the test above
         real(a, b)
 
     monkeypatch.setattr(fsutil._ops, "exchange", exchange_then_sigint)
