@@ -299,21 +299,37 @@ def test_a_fault_at_any_step_of_filling_an_empty_directory(home, monkeypatch):
     assert steps == 3 + 1
 
 
-def test_ctrl_c_during_the_swap_is_held_until_the_new_output_is_in_place(home, monkeypatch):
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler installed for the test, and what was there put back after: pytest started as a
+    background job of a non-interactive shell inherits SIGINT ignored, where ssmrt rightly leaves Ctrl-C alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_the_swap_is_held_until_the_new_output_is_in_place(home, monkeypatch, python_sigint):
     out = export_like(home / "art", "old")
     new = expected_artifact(home, "new")
     real = fsutil._Ops.exchange
+    swapped = []
 
     def exchange_then_sigint(a, b):
         # raise_signal, not os.kill: a signal sent to the process may land on another thread (ONNX Runtime's pools,
-        # left by earlier tests), whose handler can run after the block has ended; raise_signal delivers it to this
-        # thread and runs the Python handler before it returns, inside the block
+        # left by earlier tests); raise_signal delivers it to this thread and runs the Python handler before it
+        # returns, inside the block
         signal.raise_signal(signal.SIGINT)
         real(a, b)
+        swapped.append(b)
 
     monkeypatch.setattr(fsutil._ops, "exchange", exchange_then_sigint)
-    with pytest.raises(KeyboardInterrupt):
+    interrupted = False
+    try:
         export_like(out, "new", overwrite=True)
+    except KeyboardInterrupt:
+        interrupted = True
+    assert swapped == [out], "the replacement did not go through the atomic exchange"
+    assert interrupted, "the Ctrl-C held during the swap was not raised after it"
     assert snapshot(out) == new
     assert not [k for k in snapshot(home) if ours(k)]
 
