@@ -315,9 +315,8 @@ def test_ctrl_c_during_the_swap_is_held_until_the_new_output_is_in_place(home, m
     swapped = []
 
     def exchange_then_sigint(a, b):
-        # raise_signal, not os.kill: a signal sent to the process may land on another thread (ONNX Runtime's pools,
-        # left by earlier tests); raise_signal delivers it to this thread and runs the Python handler before it
-        # returns, inside the block
+        # raise_signal, not os.kill: it delivers the signal to this thread and runs the Python handler before it
+        # returns, so the Ctrl-C certainly arrives inside the held block
         signal.raise_signal(signal.SIGINT)
         real(a, b)
         swapped.append(b)
