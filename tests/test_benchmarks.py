@@ -4,6 +4,7 @@ session can spend its minutes measuring, not debugging the script. No timing is 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,55 @@ def test_gpu_plugin_check_smoke():
     entry, block, shared, ptx_chars = res.stdout.splitlines()[0].split()
     assert entry == "_ssd_scan_kernel" and int(block) % 32 == 0 and int(ptx_chars) > 1000
     assert "no GPU here" in res.stdout
+
+
+def _gpu_session(*args, env=None):
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+
+
+def test_gpu_session_script_refuses_bad_arguments(tmp_path):
+    """benchmarks/gpu_session.sh: every bad argument is one line naming it, exit 2, and nothing is written."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("not ours")
+    not_peer = tmp_path / "not_peer"
+    not_peer.mkdir()
+    cases = [((), {}, "usage"), ((taken,), {}, "is not empty"), ((tmp_path / "o1", not_peer), {}, "PEER_SRC"),
+             ((tmp_path / "o2",), {"TESTS_S": "ten"}, "TESTS_S"), ((tmp_path / "o3",), {"BENCH_S": "-5"}, "BENCH_S")]
+    for args, env, says in cases:
+        res = _gpu_session(*args, env=env)
+        assert res.returncode == 2 and says in res.stderr and len(res.stderr.splitlines()) == 1, (args, res.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_peer", "taken"]
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+
+
+def test_gpu_session_script_plumbing(tmp_path):
+    """benchmarks/gpu_session.sh, the one command a GPU session runs, here without a GPU and with time limits too
+    short for its tests: it still writes who / what / when, each part's exit status, the logs, and exits with the
+    first failing part's status; mamba_ssm's source tree goes on the path with its compiled extension's stand-in,
+    which imports and raises ImportError only when used."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the script measures for real (minutes): run it by hand")
+    peer = tmp_path / "peer" / "mamba_ssm"
+    peer.mkdir(parents=True)
+    (peer / "__init__.py").write_text(
+        "import selective_scan_cuda\n"
+        "try:\n    selective_scan_cuda.fwd\nexcept ImportError as e:\n    __version__ = 'stand-in: ' + str(e)\n")
+    out = tmp_path / "out"
+    res = _gpu_session(out, peer.parent, env={"TESTS_S": "1", "BENCH_S": "120"})
+    print(res.stdout, res.stderr)
+    assert res.returncode == 124  # the tests' part ran out of time first
+    env = (out / "env.txt").read_text()
+    for key in ("date: ", "command: ", "commit: ", "gpu: ", "python: ", "torch: ", "triton: ", "onnxruntime: "):
+        assert key in env, key
+    assert "mamba_ssm: stand-in: selective_scan_cuda.fwd: mamba_ssm's CUDA extension is not built" in env
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split(",")[0] for line in summary] == ["tests: exit 124", "gpu_kernels: exit 1"]
+    assert "no CUDA device" in (out / "gpu_kernels.log").read_text()
+    assert (out / "tests.log").exists()
 
 
 def test_cpu_kernel_benchmark_smoke(tmp_path):
