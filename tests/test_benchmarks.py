@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -139,10 +140,13 @@ def test_gpu_plugin_check_smoke():
     assert "no GPU here" in res.stdout
 
 
-def _gpu_session(*args, env=None):
+def _gpu_session(*args, env=None, cwd=None):
+    # SIGINT as Python's default: a test run started as a background job of a non-interactive shell inherits it
+    # ignored, and the script's time limit interrupts a part with it
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+                          capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_gpu_session_script_refuses_bad_arguments(tmp_path):
@@ -152,8 +156,9 @@ def test_gpu_session_script_refuses_bad_arguments(tmp_path):
     (taken / "keep.txt").write_text("not ours")
     not_peer = tmp_path / "not_peer"
     not_peer.mkdir()
-    cases = [((), {}, "usage"), ((taken,), {}, "is not empty"), ((tmp_path / "o1", not_peer), {}, "PEER_SRC"),
-             ((tmp_path / "o2",), {"TESTS_S": "ten"}, "TESTS_S"), ((tmp_path / "o3",), {"BENCH_S": "-5"}, "BENCH_S")]
+    cases = [((), {}, "usage"), ((taken,), {}, "not an empty directory"), ((taken / "keep.txt",), {}, "not an empty"),
+             ((tmp_path / "o1", not_peer), {}, "PEER_SRC"), ((tmp_path / "o2",), {"TESTS_S": "ten"}, "TESTS_S must"),
+             ((tmp_path / "o3",), {"BENCH_S": "-5"}, "BENCH_S must"), ((tmp_path / "o4",), {"TESTS_S": "0"}, "from 1")]
     for args, env, says in cases:
         res = _gpu_session(*args, env=env)
         assert res.returncode == 2 and says in res.stderr and len(res.stderr.splitlines()) == 1, (args, res.stderr)
@@ -161,22 +166,31 @@ def test_gpu_session_script_refuses_bad_arguments(tmp_path):
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
 
 
-def test_gpu_session_script_plumbing(tmp_path):
-    """benchmarks/gpu_session.sh, the one command a GPU session runs, here without a GPU and with time limits too
-    short for its tests: it still writes who / what / when, each part's exit status, the logs, and exits with the
-    first failing part's status; mamba_ssm's source tree goes on the path with its compiled extension's stand-in,
-    which imports and raises ImportError only when used."""
-    torch = pytest.importorskip("torch")
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the script measures for real (minutes): run it by hand")
-    peer = tmp_path / "peer" / "mamba_ssm"
+def _fake_peer(root: Path) -> Path:
+    """A mamba_ssm source tree whose import, as the real one's does, needs selective_scan_cuda; its version says
+    whether the module it got is a built one (fwd a string) or the script's stand-in (fwd raises ImportError)."""
+    peer = root / "mamba_ssm"
     peer.mkdir(parents=True)
     (peer / "__init__.py").write_text(
         "import selective_scan_cuda\n"
-        "try:\n    selective_scan_cuda.fwd\nexcept ImportError as e:\n    __version__ = 'stand-in: ' + str(e)\n")
-    out = tmp_path / "out"
-    res = _gpu_session(out, peer.parent, env={"TESTS_S": "1", "BENCH_S": "120"})
+        "try:\n    __version__ = 'built: ' + selective_scan_cuda.fwd\n"
+        "except ImportError as e:\n    __version__ = 'stand-in: ' + str(e)\n")
+    return root
+
+
+def test_gpu_session_script_plumbing(tmp_path):
+    """benchmarks/gpu_session.sh, the one command a GPU session runs, here without a GPU and with time limits too
+    short for its tests: it still writes who / what / when, each part's exit status, the logs, and exits with the
+    first failing part's status; mamba_ssm's source tree (given relative to the caller's directory) goes on the
+    path with its compiled extension's stand-in, which imports and raises ImportError only when used, and a built
+    extension is never hidden by it."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the script measures for real (minutes): run it by hand")
+    _fake_peer(tmp_path / "peer")
+    res = _gpu_session("out", "peer", env={"TESTS_S": "1", "BENCH_S": "120"}, cwd=tmp_path)
     print(res.stdout, res.stderr)
+    out = tmp_path / "out"
     assert res.returncode == 124  # the tests' part ran out of time first
     env = (out / "env.txt").read_text()
     for key in ("date: ", "command: ", "commit: ", "gpu: ", "python: ", "torch: ", "triton: ", "onnxruntime: "):
@@ -185,7 +199,14 @@ def test_gpu_session_script_plumbing(tmp_path):
     summary = (out / "summary.txt").read_text().splitlines()
     assert [line.split(",")[0] for line in summary] == ["tests: exit 124", "gpu_kernels: exit 1"]
     assert "no CUDA device" in (out / "gpu_kernels.log").read_text()
-    assert (out / "tests.log").exists()
+
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "selective_scan_cuda.py").write_text("fwd = 'the real one'\n")
+    res = _gpu_session(tmp_path / "out2", tmp_path / "peer", env={"TESTS_S": "1", "BENCH_S": "1",
+                                                                  "PYTHONPATH": str(built)})
+    assert res.returncode == 124, res.stderr
+    assert "mamba_ssm: built: the real one" in (tmp_path / "out2" / "env.txt").read_text()
 
 
 def test_cpu_kernel_benchmark_smoke(tmp_path):
