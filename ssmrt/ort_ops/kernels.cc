@@ -432,11 +432,12 @@ namespace {
 // Rows of b a decode step's sweep asks for ahead of the ones it reads: with short rows (out_proj's 768 columns are
 // 1.5 KB) a group of rows is too short a stretch for the hardware prefetchers to ramp up on before the next starts.
 constexpr int64_t kPrefetchRows = 8;
-// Where the weights' prefetches ask for their lines: into L2, not L1 (T0). A prefetch into L1 holds one of the
-// core's few L1 miss buffers until its line arrives from memory, the same buffers the sweep's own loads wait on, and
-// a weight is read once, so L1 gains nothing by holding it early; L2 tracks many more misses at once. In a C++
-// harness on a 2-vCPU AMD EPYC (24 layers' in_proj and out_proj, two threads) the sweep streamed ~1.3x the bytes a
-// second with T1 than with T0, and the transposed head's ~1.25-1.6x.
+// Where the weights' prefetches ask for their lines: into L2, not L1 (T0). A weight is read once, so L1 gains
+// nothing by holding it early, and (the likely reason for what was measured, on an AMD EPYC) a prefetch into L1
+// holds one of the core's few L1 miss buffers until its line arrives from memory, the same buffers the sweep's own
+// loads wait on, where L2 tracks many more misses at once. In a C++ harness on a 2-vCPU AMD EPYC (24 layers'
+// in_proj and out_proj, two threads) the sweep streamed ~1.3x the bytes a second with T1 than with T0, and the
+// transposed head's 1.25-1.6x; a processor that treats T1 as T0 loses nothing.
 #if defined(__AVX__)
 constexpr auto kWeightPrefetch = _MM_HINT_T1;
 #endif
