@@ -252,8 +252,108 @@ def test_cpu_quantize_benchmark_runs(tmp_path):
     assert [r["artifact"] for r in report["quality"]] == names
     assert report["quality"][0]["float16_band_passed"] and report["quality"][0]["kl_mean"] < 1e-9
     assert all(r["kl_mean"] > 0 for r in report["quality"][1:])
+    assert [r["format"] for r in report["formats"]["rows"]] == [
+        "ssmrt int8, block 32", "llama.cpp q8_0", "ssmrt int4, block 32", "llama.cpp q4_0"]
     assert set(report["decode"]["ratio_to_float32"]) == set(names)
     assert all(v > 0 for v in report["decode"]["ms_per_token_median"].values())
+
+
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _blocks_of(x, size: int):
+    """x (..., K) as (rows, K // size, size)."""
+    return x.reshape(-1, x.shape[-1] // size, size)
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("fmt", [("ssmrt", 8, 32), ("ssmrt", 4, 16), ("ggml", 8), ("ggml", 4)])
+def test_cpu_quantize_formats_compute_each_format(arch, fmt):
+    """The formats table's model: every layer projection's weight is its format's round trip (ggml's q8_0: codes
+    within +-127 of a float16 scale, the block's largest magnitude at 127; q4_0: codes -8..7, the block's signed
+    extreme at -8; a matrix whose input width is not a multiple of 32 float16, as llama.cpp keeps it), each
+    projection's input quantised as its matmul quantises it, and nothing else changed."""
+    pytest.importorskip("gguf")
+    import torch
+    from test_models import random_lm
+
+    from ssmrt.quantize import LAYER_LINEARS, SYMMETRIC, dequantize_ref, quantize_activations_ref, quantize_ref
+
+    bench = _bench_module("cpu_quantize")
+    base = random_lm(arch=arch)  # d_model 48: in_proj (and Mamba-1's dt_proj) have widths no 32 divides
+    model = bench.format_model(base, arch, fmt)
+    fallbacks = 0
+    for i, layer in enumerate(model.backbone.layers):
+        for name in LAYER_LINEARS[arch]:
+            lin, w = getattr(layer.mixer, name), getattr(base.backbone.layers[i].mixer, name).weight.detach()
+            K = w.shape[1]
+            x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(i)) * 2
+            got = lin(x)
+            if fmt[0] == "ssmrt":
+                w_q = dequantize_ref(*quantize_ref(w.t(), fmt[1], fmt[2], SYMMETRIC), K).t()
+                x_q = quantize_activations_ref(x, fmt[2])
+            elif K % 32:
+                fallbacks += 1
+                w_q, x_q = w.half().float(), x.half().float()
+            else:
+                w_q, x_q = lin.weight.detach(), bench.ggml_round_trip(x, "Q8_0")
+                if fmt[1] == 8:
+                    scale = (_blocks_of(w, 32).abs().amax(-1, keepdim=True) / 127).half().float()
+                    codes = _blocks_of(w_q, 32) / scale
+                    assert codes.abs().amax(-1).eq(127).all()
+                else:
+                    blocks = _blocks_of(w, 32)
+                    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+                    scale = (extreme / -8).half().float()
+                    codes = _blocks_of(w_q, 32) / scale
+                    assert codes.amin(-1).eq(-8).all() and codes.amax(-1).le(7).all()
+                assert torch.equal(codes, codes.round()) and codes.abs().le(127).all()
+                # half a step (q4_0: a whole one, where a value at minus the extreme clips to code 7), plus what
+                # the scale's rounding to float16 (2^-11) moves the largest code
+                steps = 0.5 + 128 / 2048 if fmt[1] == 8 else 1 + 8 / 2048
+                assert (_blocks_of(w_q, 32) - _blocks_of(w, 32)).abs().le(scale.abs() * steps).all()
+                a_scale = (_blocks_of(x, 32).abs().amax(-1, keepdim=True) / 127).half().float()
+                a_codes = _blocks_of(x_q, 32) / a_scale
+                assert torch.allclose(a_codes, a_codes.round(), atol=1e-4) and a_codes.abs().amax(-1).round().eq(
+                    127).all()
+            assert torch.equal(lin.weight.detach(), w_q.to(torch.float32))
+            bias = None if lin.bias is None else lin.bias.detach()
+            torch.testing.assert_close(got, torch.nn.functional.linear(x_q, w_q, bias), rtol=1e-5, atol=1e-5)
+            assert not torch.equal(got, torch.nn.functional.linear(x, w, bias))
+    assert fallbacks == (0 if fmt[0] == "ssmrt" else base.config.n_layer * (2 if arch == "mamba1" else 1))
+    projections = {f"backbone.layers.{i}.mixer.{n}.weight" for i in range(base.config.n_layer)
+                   for n in LAYER_LINEARS[arch]}
+    theirs = dict(base.named_parameters())
+    for name, p in model.named_parameters():
+        assert name in projections or torch.equal(p, theirs[name]), name
+
+
+@pytest.mark.slow
+def test_cpu_quantize_formats_table(tmp_path):
+    """The formats section on a byte model trained for a second: each format's row, q8_0 / q4_0 beside ssmrt's
+    blocks, int4 further from the model than int8 in both families of formats."""
+    pytest.importorskip("gguf")
+    from ssmrt.demo import train_char_model
+
+    bench = _bench_module("cpu_quantize")
+    train_char_model(tmp_path / "char", seconds=1, log=lambda *a: None)
+    report = bench.formats(tmp_path / "char", [32, 64], windows=2, length=64)
+    rows = {r["format"]: r for r in report["rows"]}
+    assert list(rows) == ["ssmrt int8, block 32", "ssmrt int8, block 64", "llama.cpp q8_0", "ssmrt int4, block 32",
+                          "ssmrt int4, block 64", "llama.cpp q4_0"]
+    assert report["positions"] == 128
+    assert rows["ssmrt int8, block 32"]["bytes_per_weight"] == 37 / 32 and rows["llama.cpp q4_0"][
+        "bytes_per_weight"] == 18 / 32
+    for r in rows.values():
+        assert 0 < r["kl_mean"] <= r["kl_max"] and 0 < r["top1"] <= 1 and 0 < r["top5"] <= 1, r
+    assert rows["ssmrt int4, block 32"]["kl_mean"] > rows["ssmrt int8, block 32"]["kl_mean"]
+    assert rows["llama.cpp q4_0"]["kl_mean"] > rows["llama.cpp q8_0"]["kl_mean"]
 
 
 def test_cpu_vs_llamacpp_benchmark_smoke(tmp_path):
