@@ -155,7 +155,7 @@ def _worker(conn, arts: dict, prompt_len: int, decode_steps: int, repeat: int, p
     profiles = {name: op_profile(arts[name], profile_steps, os.path.join(tmp, f"profile-{name}"))
                 for name in ("f32", "f16")}
     conn.send({"decode_s_blocks": decode, "prefill_s_blocks": prefill, "profile_ms_per_step": profiles,
-               "native_ops": list(runners["f16"].native_ops), "half_matmuls": runners["f16"].half_matmuls,
+               "native_ops": list(runners["f16"].native_ops), "decode_matmuls": runners["f16"].decode_matmuls,
                "fused_mixers": runners["f16"].fused_mixers, "fused_norms": runners["f16"].fused_norms,
                "fused_step_mixers": runners["f16"].fused_step_mixers})
 
@@ -183,7 +183,7 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
 
     return {
         "arch": arch, "layers": layers, "prompt_len": prompt_len, "native_ops_f16": r["native_ops"],
-        "half_matmuls_f16": r["half_matmuls"], "fused_mixers_f16": r["fused_mixers"],
+        "decode_matmuls_f16": r["decode_matmuls"], "fused_mixers_f16": r["fused_mixers"],
         "fused_norms_f16": r["fused_norms"], "fused_step_mixers_f16": r["fused_step_mixers"],
         "decode_ms_per_token": {k: 1e3 * statistics.median(v) for k, v in d.items()},
         "decode_ms_blocks": {k: [1e3 * t for t in v] for k, v in d.items()},

@@ -231,7 +231,7 @@ def test_cpu_precision_benchmark_smoke(tmp_path):
     # the layer's mixer runs as one fused node: no SSDScan or CausalConv1d node of its own is left
     assert {"HalfMatMul", "SSDMixer"} <= set(r["profile_ms_per_step"]["f16"])
     assert not {"SSDScan", "CausalConv1d"} & set(r["profile_ms_per_step"]["f16"])
-    assert r["half_matmuls_f16"] == 2 * 1 + 1  # a Mamba-2 layer's in_proj and out_proj, and the lm_head
+    assert r["decode_matmuls_f16"] == 2 * 1 + 1  # a Mamba-2 layer's in_proj and out_proj, and the lm_head
     assert r["fused_mixers_f16"] == 1 and r["fused_step_mixers_f16"] == 0  # Mamba-2: no SelectiveMixer
     assert r["fused_norms_f16"] == 1  # the final norm: the one layer's own has no residual to add
     assert r["decode_f16_fused_over_unfused_paired"] == pytest.approx(

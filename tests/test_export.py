@@ -213,7 +213,8 @@ def test_float16_artifact_runs_its_ops_on_the_native_kernels(family, exported, t
     for mode in ("on", "off"):
         runner = OnnxRuntimeRunnerFromArtifact(art, native_ops=mode)
         layers = runner.config.n_layer
-        assert runner.half_matmuls == ((4 if runner.config.arch == "mamba1" else 2) * layers + 1 if mode == "on" else 0)
+        matmuls = (4 if runner.config.arch == "mamba1" else 2) * layers + 1
+        assert runner.decode_matmuls == (matmuls if mode == "on" else 0)
         # the default pool (threads 0): the matmuls are told a thread a physical core
         assert runner.half_matmul_threads == (physical_cores() if mode == "on" else 0)
         report = compare_runners(TorchRunnerFromCheckpoint(ckpt), runner, list(range(1, 12)), steps=6)
@@ -279,11 +280,11 @@ def test_float16_logits_last_runs_the_prompts_head_on_half_matmul(exported, tmp_
     """A float16 artifact with logits "last" multiplies one row a sequence by its head in a prompt too: the runner
     puts the head on HalfMatMul in the prompt branch as well (float16 weights read as stored, not widened on every
     call), and the prompt's logits are the float16 all-positions artifact's last ones at the float16 tolerance.
-    (The head by Transpose(embedding), as a 130M export has it, is test_route_half_matmuls_tied_head's case.)"""
+    (The head by Transpose(embedding), as a 130M export has it, is test_route_decode_matmuls_tied_head's case.)"""
     ckpt, _, _ = exported("mamba2-g1")
     native_library()
     routed = []
-    original = ort_ops.route_half_matmuls
+    original = ort_ops.route_decode_matmuls
 
     def spy(model, threads=0, last_only=False):
         n = original(model, threads, last_only)
@@ -292,7 +293,7 @@ def test_float16_logits_last_runs_the_prompts_head_on_half_matmul(exported, tmp_
         routed.append((last_only, [x.op_type for x in prompt if x.output[0] == "logits"]))
         return n
 
-    monkeypatch.setattr(ort_ops, "route_half_matmuls", spy)
+    monkeypatch.setattr(ort_ops, "route_decode_matmuls", spy)
     ids = np.random.default_rng(4).integers(0, VOCAB, (2, 6))
     logits = {}
     for mode in ("all", "last"):

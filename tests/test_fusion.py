@@ -407,7 +407,7 @@ def test_float16_mamba1_decode_mixers_give_the_nodes_values_bit_for_bit(tmp_path
     fused = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
     monkeypatch.setattr(ort_ops, "fuse_selective_mixers", lambda model: 0)
     nodes = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
-    assert (fused.fused_step_mixers, nodes.fused_step_mixers, fused.half_matmuls) == (2, 0, 4 * 2 + 1)
+    assert (fused.fused_step_mixers, nodes.fused_step_mixers, fused.decode_matmuls) == (2, 0, 4 * 2 + 1)
     ids = random_ids(2, 7, seed=2).numpy()
     sf = sn = fused.zero_state(2)
     for step in [ids] + [ids[:, k : k + 1] for k in range(5)]:
@@ -424,7 +424,7 @@ def test_the_decode_mixer_match_leaves_a_mixer_whose_values_are_read_elsewhere(t
 
     art = export_model(random_lm(arch="mamba1", n_layer=2), tmp_path / "a", dtype="float16")
     model = onnx.load(str(art / "model.onnx"))
-    assert ort_ops.route_half_matmuls(model, 2) == 4 * 2 + 1
+    assert ort_ops.route_decode_matmuls(model, 2) == 4 * 2 + 1
     (route,) = [n for n in model.graph.node if n.name == ort_ops.ROUTED]
     (step,) = [a.g for a in route.attribute if a.name == "then_branch"]
     scan = next(n for n in step.node if n.op_type == "SelectiveScan")
@@ -560,7 +560,7 @@ def test_a_rewritten_graph_is_not_kept_as_bytes_beside_its_session(tmp_path, dty
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert runner.fused_mixers == 6 and runner.half_matmuls == (13 if dtype == "float16" else 0), runner.describe()
+    assert runner.fused_mixers == 6 and runner.decode_matmuls == (13 if dtype == "float16" else 0), runner.describe()
     assert held < size / 10, f"the runner holds {held} bytes of Python memory for a {size}-byte model"
     logits, _ = runner.forward(np.array([[1, 2, 3]]), runner.zero_state(1))  # the session still runs
     assert logits.shape == (1, 3, 1000) and np.isfinite(logits).all()
@@ -615,9 +615,9 @@ def test_a_fusion_that_trips_is_left_out_and_the_rest_kept(tmp_path, monkeypatch
     assert r.fuse_note == f"{name} not fused: ValueError: the fused graph has a cycle"
     monkeypatch.setattr(ort_ops, fusion, lambda model: 0)
     without = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
-    counts = ("fused_mixers", "fused_norms", "fused_step_mixers", "half_matmuls")
+    counts = ("fused_mixers", "fused_norms", "fused_step_mixers", "decode_matmuls")
     assert [getattr(r, c) for c in counts] == [getattr(without, c) for c in counts]
-    assert r.fused_norms == 2 and r.half_matmuls == (4 * 2 + 1 if dtype == "float16" else 0)
+    assert r.fused_norms == 2 and r.decode_matmuls == (4 * 2 + 1 if dtype == "float16" else 0)
     assert r.fused_mixers == r.fused_step_mixers == 0 and without.fuse_note == ""
     ids = random_ids(1, 5).numpy()
     sr, sw = r.zero_state(1), without.zero_state(1)

@@ -358,7 +358,7 @@ def test_half_matmul_refuses_negative_threads():
 
 
 @pytest.mark.parametrize("last_only", [False, True])
-def test_route_half_matmuls_tied_head(last_only):
+def test_route_decode_matmuls_tied_head(last_only):
     """A graph shaped like a tied lm_head (Gather from the embedding, MatMul by its Transpose) after routing: no
     Transpose of the embedding is left (ONNX Runtime would fold it into a second copy), and both branches, a decode
     step's HalfMatMul and a prompt's Gemm over rows (HalfMatMul too where the logits are the last position's, one
@@ -374,7 +374,7 @@ def test_route_half_matmuls_tied_head(last_only):
                               [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT16, None)],
                               [onnx.numpy_helper.from_array(emb.numpy(), "emb")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    assert ort_ops.route_half_matmuls(model, threads=3, last_only=last_only) == 1
+    assert ort_ops.route_decode_matmuls(model, threads=3, last_only=last_only) == 1
     assert [n.op_type for n in model.graph.node if n.op_type in ("Transpose", "MatMul")] == []
     (branch,) = [n for n in model.graph.node if n.op_type == "If"]
     prompt_ops = [n.op_type for a in branch.attribute if a.name == "else_branch" for n in a.g.node]
@@ -391,7 +391,7 @@ def test_route_half_matmuls_tied_head(last_only):
         assert_close(torch.from_numpy(y).float(), want.float(), atol=atol, rtol=rtol, name=f"logits {shape}")
 
 
-def test_route_half_matmuls_one_if_for_the_step():
+def test_route_decode_matmuls_one_if_for_the_step():
     """Routing puts what is downstream of the weight matmuls in one If on "input_ids has one position" (not an If
     a matmul): its then-branch runs them as HalfMatMul, its else-branch as they were, and what does not depend on
     them (the embedding, a value computed from initializers, a graph output made before the first matmul) stays in
@@ -426,7 +426,7 @@ def test_route_half_matmuls_one_if_for_the_step():
                                for k, t in (("emb", emb), ("w1", w1), ("w2", w2), ("scale", scale))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
-    assert ort_ops.route_half_matmuls(model, threads=2) == 2
+    assert ort_ops.route_decode_matmuls(model, threads=2) == 2
     main = [n.op_type for n in model.graph.node]
     assert main.count("If") == 1 and "MatMul" not in main and "HalfMatMul" not in main
     assert {"Gather", "Neg", "Mul", "Identity"} <= set(main)
@@ -453,6 +453,140 @@ def test_route_half_matmuls_one_if_for_the_step():
 def test_half_matmul_shape_errors():
     with pytest.raises(Exception, match=r"HalfMatMul: A \(1, 1, 8\) and B \(7, 4\) do not multiply"):
         half_matmul_session(0).run(None, {"a": np.zeros((1, 1, 8), np.float16), "b": np.zeros((7, 4), np.float16)})
+
+
+def int8_matmul_model(op: str, K: int, N: int, block: int, zero_points: bool, **attrs) -> onnx.ModelProto:
+    """One op node (ssmrt.cpu::Int8MatMul, or com.microsoft::MatMulNBits with bits 8 at accuracy level 0) over
+    graph inputs a, b, scales (and zero_points)."""
+    u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
+    # dimensions by name, so that shapes ONNX Runtime would refuse itself reach the op
+    vis = [helper.make_tensor_value_info("a", f32, ["batch", "seq", "k"]),
+           helper.make_tensor_value_info("b", u8, ["n", "blocks", "block"]),
+           helper.make_tensor_value_info("scales", f32, ["n", "blocks"])]
+    if zero_points:
+        vis.append(helper.make_tensor_value_info("zero_points", u8, ["n", "blocks"]))
+    domain = ort_ops.HALF_MATMUL_DOMAIN if op == "Int8MatMul" else "com.microsoft"
+    extra = {} if op == "Int8MatMul" else {"bits": 8, "accuracy_level": 0}
+    node = helper.make_node(op, [v.name for v in vis], ["y"], domain=domain,
+                            **{"K": K, "N": N, "block_size": block, **extra, **attrs})
+    return helper.make_model(
+        helper.make_graph([node], "g", vis, [helper.make_tensor_value_info("y", f32, None)]),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+
+
+def int8_operands(batch, seqlen, K, N, block, seed=0):
+    """Random activations, codes (those past K in the last block nonzero: unused), scales and zero points."""
+    g = np.random.default_rng(seed)
+    blocks = -(-K // block)
+    return {"a": g.standard_normal((batch, seqlen, K)).astype(np.float32),
+            "b": g.integers(0, 256, (N, blocks, block), dtype=np.uint8),
+            "scales": (g.random((N, blocks)) * 0.02 + 1e-3).astype(np.float32),
+            "zero_points": g.integers(0, 256, (N, blocks), dtype=np.uint8)}
+
+
+def int8_matmul_ref(a, b, scales, zero_points=None):
+    """a @ W in float64, W[k][n] = scale[n][k // block] * (code[n][k] - zero point), as MatMulNBits dequantises."""
+    N, blocks, block = b.shape
+    K = a.shape[-1]
+    zp = np.full((N, blocks), 128.0) if zero_points is None else zero_points.astype(np.float64)
+    w = (scales.astype(np.float64)[..., None] * (b.astype(np.float64) - zp[..., None])).reshape(N, -1)[:, :K]
+    return a.astype(np.float64) @ w.T
+
+
+# (batch, seqlen, K, N, block): a decode step's row at the 130M models' in_proj / out_proj / head sizes, a few rows
+# and more than the four that share a pass (15: passes of 4, 4, 4, 3), K not a multiple of the block (codes past
+# K in the last block), K not a multiple of a vector, blocks of 16 / 64 / 128, N odd
+@pytest.mark.parametrize("batch,seqlen,K,N,block", [(1, 1, 768, 3352, 32), (1, 1, 1536, 768, 32),
+                                                    (1, 1, 768, 50280, 32), (2, 1, 100, 37, 32),
+                                                    (3, 5, 48, 13, 16), (1, 1, 300, 20, 128), (2, 1, 37, 9, 64),
+                                                    (1, 3, 64, 300, 64)])
+@pytest.mark.parametrize("zero_points", [True, False])
+def test_int8_matmul(batch, seqlen, K, N, block, zero_points):
+    """Int8MatMul against the float64 product with the dequantised weight, and against ONNX Runtime's own
+    MatMulNBits (bits 8, float32 activations) on the same operands, at the float32 op tolerance of the sums'
+    size; without zero points the codes' middle, 128, as MatMulNBits takes it."""
+    ops = int8_operands(batch, seqlen, K, N, block, seed=K + N + block)
+    if not zero_points:
+        del ops["zero_points"]
+    (y,) = library_session(int8_matmul_model("Int8MatMul", K, N, block, zero_points)).run(None, ops)
+    assert y.dtype == np.float32 and y.shape == (batch, seqlen, N)
+    want = int8_matmul_ref(**ops)
+    (theirs,) = ort.InferenceSession(int8_matmul_model("MatMulNBits", K, N, block, zero_points).SerializeToString(),
+                                     providers=["CPUExecutionProvider"]).run(None, ops)
+    atol, rtol = tolerance("float32", "op")
+    # the sums' own size: a float32 sum of K products errs in proportion to the sum of their magnitudes
+    weight = int8_matmul_ref(np.eye(K, dtype=np.float32), **{k: v for k, v in ops.items() if k != "a"})  # (K, N)
+    size = np.abs(ops["a"]).astype(np.float64) @ np.abs(weight)
+    for name, got in (("Int8MatMul", y), ("MatMulNBits", theirs)):
+        err = np.abs(got - want) / np.maximum(size, 1e-30)
+        assert err.max() < rtol, (name, float(err.max()))
+    assert_close(torch.from_numpy(y), torch.from_numpy(theirs), atol=atol * float(size.max()), rtol=rtol,
+                 name="Int8MatMul against MatMulNBits")
+
+
+def test_int8_matmul_threads():
+    """The same bits for a pool of one thread and of two (columns are split, each sum is one thread's)."""
+    ops = int8_operands(2, 1, 1536, 768, 32, seed=1)
+    model = int8_matmul_model("Int8MatMul", 1536, 768, 32, True)
+    (one,), (two,) = (library_session(model, threads).run(None, ops) for threads in (1, 2))
+    assert np.array_equal(one, two)
+
+
+def test_int8_matmul_errors():
+    ops = int8_operands(1, 1, 64, 8, 32)
+    with pytest.raises(Exception, match=r"Int8MatMul: B must be \(9, 2, 32\) \(N 9, K 64, block_size 32\), got "
+                                        r"\(8, 2, 32\)"):
+        library_session(int8_matmul_model("Int8MatMul", 64, 9, 32, True)).run(None, ops)
+    with pytest.raises(Exception, match=r"Int8MatMul: A \(1, 1, 64\) must end in K 63"):
+        library_session(int8_matmul_model("Int8MatMul", 63, 8, 32, True)).run(None, ops)
+    with pytest.raises(Exception, match="Int8MatMul: attribute block_size must be 1 or more, got 0"):
+        library_session(int8_matmul_model("Int8MatMul", 64, 8, 32, True, block_size=0))
+
+
+def test_route_decode_matmuls_int8():
+    """Routing a graph of 8-bit MatMulNBits: those with float32 activations (accuracy level 0) run on Int8MatMul in
+    the decode step's branch and as they were in the prompt's; int8-activation and 4-bit ones are left alone; both
+    branches give the graph's results."""
+    V, K, N, block = 11, 64, 24, 32
+    g = np.random.default_rng(2)
+    emb = g.standard_normal((V, K)).astype(np.float32)
+    w = {name: int8_operands(1, 1, K, N if name != "w2" else K, block, seed=i)
+         for i, name in enumerate(("w1", "w2", "w3"))}
+    w["w2"] = int8_operands(1, 1, N, K, block, seed=9)
+    f32 = onnx.TensorProto.FLOAT
+    inits = [onnx.numpy_helper.from_array(emb, "emb")]
+    for name, ops in w.items():
+        inits += [onnx.numpy_helper.from_array(ops[k], f"{name}.{k}") for k in ("b", "scales", "zero_points")]
+
+    def nbits(name, a, y, k, n, **attrs):
+        return helper.make_node("MatMulNBits", [a] + [f"{name}.{k}" for k in ("b", "scales", "zero_points")], [y],
+                                domain="com.microsoft", K=k, N=n, block_size=block, bits=8, **attrs)
+
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x"]),
+             nbits("w1", "x", "h", K, N, accuracy_level=0),
+             helper.make_node("Relu", ["h"], ["r"]),
+             nbits("w2", "r", "h2", N, K),  # no accuracy_level: 0
+             nbits("w3", "h2", "y", K, N, accuracy_level=4)]  # int8 activations: MatMulNBits' own integer kernel
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64,
+                                                                         ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", f32, ["batch", "seq", N])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert ort_ops.route_decode_matmuls(model) == 2
+    (route,) = [n for n in model.graph.node if n.op_type == "If"]
+    step, prompt = ([n.op_type for n in a.g.node] for name in ("then_branch", "else_branch")
+                    for a in route.attribute if a.name == name)
+    assert step == ["Int8MatMul", "Relu", "Int8MatMul", "MatMulNBits"]
+    assert prompt == ["MatMulNBits", "Relu", "MatMulNBits", "MatMulNBits"]
+    sess = library_session(model)
+    for shape in ((2, 1), (1, 4)):  # a decode step, a prompt
+        ids = np.random.default_rng(sum(shape)).integers(0, V, shape)
+        (y,) = sess.run(None, {"input_ids": ids})
+        (want,) = plain.run(None, {"input_ids": ids})
+        assert_close(torch.from_numpy(y), torch.from_numpy(want), atol=1e-4 * float(np.abs(want).max()), rtol=1e-4,
+                     name=f"y {shape}")
 
 
 def test_a_float16_input_where_the_contract_keeps_float32_is_refused():

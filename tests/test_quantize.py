@@ -20,9 +20,11 @@ from onnx import numpy_helper
 from test_models import random_lm
 
 from ssmrt import quantize as Q
+from ssmrt.closeness import assert_close
 from ssmrt.compare import _dequantized_runner, compare_runners, judges, reference_runner
 from ssmrt.errors import SsmrtError
 from ssmrt.exporter import export
+from ssmrt.ops.spec import tolerance
 from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact, TorchRunnerFromCheckpoint
 
 PROMPT = [5, 17, 3, 42, 8, 8, 61, 2, 90, 11, 33, 7]
@@ -437,3 +439,30 @@ def test_a_tied_head_left_as_a_transpose_is_packed_too(tmp_path):
     (gather,) = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
     table = next(t for t in m.graph.initializer if t.name == gather.input[0])
     assert table.data_type == onnx.TensorProto.UINT8 and list(table.dims) == [cfg.padded_vocab_size, cfg.d_model]
+
+
+@pytest.mark.parametrize("cid", ["mamba-untied-d64-k3-bias", "mamba2-g1"])
+def test_float32_activation_int8_decode_runs_on_the_native_matmul(models, cid):
+    """With the native library, the decode step of an artifact with int8 weights and float32 activations runs its
+    MatMulNBits (every projection and the head) on Int8MatMul, the prompt on MatMulNBits: logits and states over a
+    prompt and decode steps as ONNX Runtime's own kernels give them, to float32 rounding. int8 activations and
+    int4 weights keep MatMulNBits' integer kernels."""
+    _, arts = models[cid]
+    matmuls = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(arts["int8/float32"] / "model.onnx")).graph.node)
+    routed = OnnxRuntimeRunnerFromArtifact(arts["int8/float32"], provider="cpu", native_ops="on")
+    plain = OnnxRuntimeRunnerFromArtifact(arts["int8/float32"], provider="cpu", native_ops="off")
+    assert routed.decode_matmuls == matmuls > 0 and f"{matmuls} decode matmuls on Int8MatMul" in routed.describe()
+    atol, rtol = tolerance("float32", "model")
+    results = []
+    for r in (routed, plain):
+        logits, state = r.forward(np.asarray([PROMPT]), r.zero_state(1))
+        steps = [(logits, state)]
+        for t in (7, 3, 9):
+            steps.append(r.forward(np.asarray([[t]]), steps[-1][1]))
+        results.append(steps)
+    for i, ((lr, sr), (lp, sp)) in enumerate(zip(*results, strict=True)):
+        assert_close(torch.from_numpy(lr), torch.from_numpy(lp), atol=atol, rtol=rtol, name=f"logits {i}")
+        for j, (a, b) in enumerate(zip(sr, sp, strict=True)):
+            assert_close(torch.from_numpy(a), torch.from_numpy(b), atol=atol, rtol=rtol, name=f"state {j} at {i}")
+    for w in ("int8", "int4", "int4/float32"):
+        assert OnnxRuntimeRunnerFromArtifact(arts[w], provider="cpu", native_ops="on").decode_matmuls == 0, w

@@ -16,7 +16,7 @@ ort_abi.h declares the part of ONNX Runtime's C ABI they use. This module does n
 `library_path()` gives the file that `SessionOptions.register_custom_ops_library` takes.
 
 The library also holds ops no artifact contains, in the ssmrt.cpu domain, which the ONNX Runtime runner puts in
-its own copy of a graph: HalfMatMul (a float16 decode step's weight matmuls, route_half_matmuls below) and the
+its own copy of a graph: HalfMatMul (a float16 decode step's weight matmuls, route_decode_matmuls below) and the
 fused SSDMixer, AddRMSNorm and SelectiveMixer (fusion.py).
 """
 
@@ -205,35 +205,50 @@ def _run(cmd: list[str], source: Path) -> None:
 # everything downstream of the first weight matmul is one If whose then-branch (a decode step) has the HalfMatMuls
 # and whose else-branch (a prompt) has the graph as it was. An If around each matmul costs as much again as the
 # node it wraps would, ~5% of a 130M model's float16 decode step.
+#
+# An artifact with 8-bit weights and float32 activations (export --weights int8 --activations float32) holds
+# com.microsoft::MatMulNBits nodes at accuracy level 0, for which ONNX Runtime's CPU kernel takes several times a
+# float32 step (no fast 8-bit kernel with float32 sums). Its decode step goes the same way, to ssmrt.cpu::Int8MatMul
+# on the same initializers; a prompt keeps MatMulNBits, whose many rows amortise what it spends on the weights.
 HALF_MATMUL_DOMAIN = "ssmrt.cpu"
 DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
 
 
-def route_half_matmuls(model, threads: int = 0, last_only: bool = False) -> int:
+def route_decode_matmuls(model, threads: int = 0, last_only: bool = False) -> int:
     """Rewrites an onnx.ModelProto in place: every main-graph MatMul of an activation by a float16 (K, N)
-    initializer runs on HalfMatMul where input_ids has one position (a decode step) and as it was otherwise.
-    The nodes downstream of those MatMuls move into one If on that flag: its then-branch holds them with the
-    MatMuls as HalfMatMul, its else-branch as they were; the rest (the embedding, the first norm, what is computed
-    from initializers alone) stays in the main graph, which ONNX Runtime can fold. Returns how many MatMuls.
-    threads: the session's intra-op threads where known (0: not), given to each HalfMatMul, which sweeps one run
-    of the weight's rows a thread.
+    initializer runs on HalfMatMul, and every 8-bit MatMulNBits with float32 activations (accuracy level 0, its
+    weight, scales and zero points initializers, no bias) on Int8MatMul, where input_ids has one position (a
+    decode step), and as it was otherwise. The nodes downstream of those matmuls move into one If on that flag:
+    its then-branch holds them with the matmuls on the native ops, its else-branch as they were; the rest (the
+    embedding, the first norm, what is computed from initializers alone) stays in the main graph, which ONNX
+    Runtime can fold. Returns how many matmuls. threads: the session's intra-op threads where known (0: not),
+    given to each HalfMatMul, which sweeps one run of the weight's rows a thread.
 
     A tied lm_head multiplies by Transpose(embedding): both branches read the embedding itself (HalfMatMul and
     Gemm with trans_b over the activation's rows), and the Transpose, left with no reader, goes; ONNX Runtime would
     have folded it into a second, transposed copy of the embedding. last_only: the graph's logits are the last
     position's (an export with logits "last"), so its head multiplies one row a sequence in a prompt too, and the
-    prompt branch runs the head on HalfMatMul as well (ONNX Runtime's float16 MatMul would widen the whole weight
-    to float32 on every call for that one row; HalfMatMul streams the weight once per few rows, as a decode step of
-    the same batch does). The artifact on disk is not touched; a runner that loads the
-    native library hands ONNX Runtime the result."""
+    prompt branch runs the head on HalfMatMul (Int8MatMul) as well (ONNX Runtime's float16 MatMul would widen the
+    whole weight to float32 on every call for that one row; HalfMatMul streams the weight once per few rows, as a
+    decode step of the same batch does). The artifact on disk is not touched; a runner that loads the native
+    library hands ONNX Runtime the result."""
     from onnx import NodeProto, TensorProto, helper
 
     graph = model.graph
     weights = {t.name: t for t in graph.initializer if t.data_type == TensorProto.FLOAT16 and len(t.dims) == 2}
     transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights
                   and [a.ints for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])}
+    inits = {t.name for t in graph.initializer}
+
+    def int8_matmul(n) -> bool:
+        attrs = {a.name: a.i for a in n.attribute}
+        return (n.op_type == "MatMulNBits" and n.domain == "com.microsoft" and attrs.get("bits", 4) == 8
+                and attrs.get("accuracy_level", 0) == 0 and len(n.input) in (3, 4) and all(n.input[1:])
+                and set(n.input[1:]) <= inits and {"K", "N", "block_size"} <= set(attrs))
+
     targets = {i for i, n in enumerate(graph.node)
-               if n.op_type == "MatMul" and n.domain == "" and (n.input[1] in weights or n.input[1] in transposed)}
+               if (n.op_type == "MatMul" and n.domain == "" and (n.input[1] in weights or n.input[1] in transposed))
+               or int8_matmul(n)}
     if not targets:
         return 0
     # what is downstream of a routed MatMul, through its outputs and through values its nested graphs read
@@ -251,9 +266,20 @@ def route_half_matmuls(model, threads: int = 0, last_only: bool = False) -> int:
             step.append(copy)
             prompt.append(node)
             continue
-        a, w = node.input
+        a, w = node.input[:2]
         (y,) = node.output
         head_row = last_only and y == graph.output[0].name  # one row a sequence in a prompt as in a step
+        if node.op_type == "MatMulNBits":
+            attrs = {k: helper.get_node_attr_value(node, k) for k in ("K", "N", "block_size")}
+            native = helper.make_node("Int8MatMul", list(node.input), [y], domain=HALF_MATMUL_DOMAIN, **attrs)
+            step.append(native)
+            if head_row:
+                copy = NodeProto()
+                copy.CopyFrom(native)
+                prompt.append(copy)
+            else:
+                prompt.append(node)
+            continue
         if w in transposed:
             b = transposed[w]
             n, k = weights[b].dims

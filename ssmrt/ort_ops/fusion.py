@@ -5,7 +5,7 @@
   graph the Casts around them), ~13 a layer still after ONNX Runtime's own fusions.
 - AddRMSNorm: a block's residual add and RMSNorm, which in a float16 graph (its residual stream float32) come
   with four Casts: six nodes a layer after ONNX Runtime's fusions, two in a float32 graph.
-- SelectiveMixer: in a float16 Mamba-1 graph's decode step (the branch route_half_matmuls makes), the split of
+- SelectiveMixer: in a float16 Mamba-1 graph's decode step (the branch route_decode_matmuls makes), the split of
   in_proj's output, the conv, x_proj and dt_proj on HalfMatMul, x_proj's split, two Reshapes and the scan: eight
   nodes a layer. Only there: its two products are HalfMatMul's kernel, written for a step's few rows.
 Each of those nodes costs a decode step a few microseconds of dispatch for a few thousand values of work.
@@ -19,7 +19,7 @@ never the artifact.
 from __future__ import annotations
 
 FUSION_DOMAIN = "ssmrt.cpu"
-ROUTED = "ssmrt_cpu.routed"  # the If in which route_half_matmuls puts a float16 graph's decode step and its prompt
+ROUTED = "ssmrt_cpu.routed"  # the If in which route_decode_matmuls puts a float16 graph's decode step and its prompt
 
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto's element types
 
@@ -313,7 +313,7 @@ def _match_selective(g: _Graph, scan) -> dict | None:
 
 
 def fuse_selective_mixers(model) -> int:
-    """Rewrites an onnx.ModelProto in place: in the decode step of a float16 graph that route_half_matmuls has
+    """Rewrites an onnx.ModelProto in place: in the decode step of a float16 graph that route_decode_matmuls has
     routed (the then-branch of its If), each Mamba-1 mixer's middle becomes one ssmrt.cpu::SelectiveMixer node.
     Returns how many (0 where there is no routed step). A prompt's nodes stay as they are: the fused node's
     products are HalfMatMul's, written for a decode step's few rows."""

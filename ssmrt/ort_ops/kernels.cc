@@ -795,4 +795,92 @@ void selective_mixer(const Executor& exec, const float* xz, const float* conv_we
                  batch, seqlen, dim, N, 1, delta_softplus);
 }
 
+// ------------------------------------------------------------------------------------------ Int8MatMul
+
+namespace {
+
+// Bytes of a weight's codes the sweep asks for ahead of the block it reads (into L2, as HalfMatMul's weights).
+// Each thread sweeps a contiguous run of columns, one stream the hardware prefetchers follow too; asking ahead
+// keeps more of the stream in flight while the block's conversions run.
+constexpr int64_t kInt8Ahead = 2048;
+
+// sums[r] += the eight lanes of q[0, 8) (codes, widened) times a[r][0, 8), r < rows: the codes converted once for
+// every row.
+#if defined(__AVX2__) && defined(__FMA__)
+template <int kRows>
+inline void int8_lanes(const uint8_t* q, const float* a, int64_t lda, __m256* sums) {
+  const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+  for (int r = 0; r < kRows; ++r) sums[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(a + r * lda), sums[r]);
+}
+#endif
+
+// Columns [n0, n1) of y for rows [m0, m0 + kRows) of a: y[m][n] = sum over blocks b of scale[n][b] * (sum over the
+// block's k of q[n][k] a[m][k] - zp[n][b] * asum[m][b]), the zero point's part taken out of the sum once a block.
+template <int kRows>
+void int8_columns(const float* a, const float* asum, const uint8_t* q, const float* scales, const uint8_t* zp,
+                  float* y, int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0, int64_t n1) {
+  const int64_t blocks = (K + block - 1) / block;
+  const float* am = a + m0 * K;
+  const float* sm = asum + m0 * blocks;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qn = q + n * blocks * block;
+    float zsum[kRows] = {}, tail[kRows] = {};
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+#endif
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* qb = qn + b * block;
+      const int64_t k0 = b * block, valid = std::min(block, K - k0);
+      const float scale = scales[n * blocks + b];
+      const float z = zp ? float(zp[n * blocks + b]) : 128.0f;
+      for (int r = 0; r < kRows; ++r) zsum[r] += scale * z * sm[r * blocks + b];
+      int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (int64_t off = 0; off < valid; off += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(qb + off + kInt8Ahead), kWeightPrefetch);
+      __m256 sums[kRows];
+      for (int r = 0; r < kRows; ++r) sums[r] = _mm256_setzero_ps();
+      for (; i + 8 <= valid; i += 8) int8_lanes<kRows>(qb + i, am + k0 + i, K, sums);
+      const __m256 sv = _mm256_set1_ps(scale);
+      for (int r = 0; r < kRows; ++r) acc[r] = _mm256_fmadd_ps(sv, sums[r], acc[r]);
+#endif
+      for (; i < valid; ++i)
+        for (int r = 0; r < kRows; ++r) tail[r] += scale * float(qb[i]) * am[r * K + k0 + i];
+    }
+    for (int r = 0; r < kRows; ++r) {
+      float sum = tail[r];
+#if defined(__AVX2__) && defined(__FMA__)
+      sum += hsum8(acc[r]);
+#endif
+      y[(m0 + r) * N + n] = sum - zsum[r];
+    }
+  }
+}
+
+}  // namespace
+
+void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
+                 float* y, int64_t M, int64_t K, int64_t N, int64_t block) {
+  if (M == 0 || N == 0) return;
+  const int64_t blocks = (K + block - 1) / block;
+  // each row's sum over each block, for the zero points' part
+  std::vector<float> asum(static_cast<size_t>(M * blocks), 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) asum[m * blocks + k / block] += a[m * K + k];
+  constexpr int64_t kRows = 4;  // rows of a that share each converted code; more rows sweep the weight again
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    const int64_t rows = std::min(kRows, M - m0);
+    parallel_for(exec, N, K * rows, [&](int64_t n0, int64_t n1) {
+      switch (rows) {
+        case 4: int8_columns<4>(a, asum.data(), q, scales, zp, y, m0, K, N, block, n0, n1); break;
+        case 3: int8_columns<3>(a, asum.data(), q, scales, zp, y, m0, K, N, block, n0, n1); break;
+        case 2: int8_columns<2>(a, asum.data(), q, scales, zp, y, m0, K, N, block, n0, n1); break;
+        default: int8_columns<1>(a, asum.data(), q, scales, zp, y, m0, K, N, block, n0, n1); break;
+      }
+    });
+  }
+}
+
+
 }  // namespace ssmrt_cpu

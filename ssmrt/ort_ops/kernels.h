@@ -62,6 +62,15 @@ void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uin
 void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt, uint16_t* y, int64_t M, int64_t K,
                     int64_t N);
 
+// Int8MatMul (ssmrt.cpu domain; never in an artifact: the ONNX Runtime runner puts it in the decode step of an
+// artifact with 8-bit weights and float32 activations, in place of MatMulNBits). y (M, N) = a (M, K) @ W (K, N),
+// a and y float32, W in MatMulNBits' 8-bit layout: q (N, ceil(K / block), block) uint8 codes (the last block's
+// codes beyond K unused), scales (N, ceil(K / block)) float32, zp the same shape uint8 or null (128), W[k][n] =
+// scale[n][k / block] * (q[n][k] - zp[n][k / block]). Sums in float32. Written for a decode step's few rows: the
+// weight is streamed once per four rows of a, its codes converted in registers, a quarter of float32's bytes.
+void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
+                 float* y, int64_t M, int64_t K, int64_t N, int64_t block);
+
 }  // namespace ssmrt_cpu
 
 namespace ssmrt_cpu {

@@ -513,6 +513,83 @@ Status* half_matmul_compute(void* kernel, KernelContext* ctx) {
   return nullptr;
 }
 
+// ------------------------------------------------------------------------------------------ Int8MatMul
+//
+// ssmrt.cpu::Int8MatMul(A (..., K) float32, B (N, ceil(K / block_size), block_size) uint8, scales (N, blocks)
+// float32, zero_points (N, blocks) uint8, optional) -> Y (..., N) float32, attributes K, N, block_size: what
+// com.microsoft::MatMulNBits computes with bits 8 and float32 activations (accuracy level 0), on the same
+// initializers. Not an artifact op: the ONNX Runtime runner routes the decode step's MatMulNBits of an artifact
+// with 8-bit weights and float32 activations here (ONNX Runtime's own kernel for that case takes several times a
+// float32 step; kernels.h says what this one reads).
+
+struct Int8MatMulKernel {
+  Calls api;
+  int64_t K = 0, N = 0, block = 0;
+};
+
+Status* int8_matmul_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info,
+                           void** out) {
+  Calls api(raw);
+  int64_t v[3] = {0, 0, 0};
+  const char* names[3] = {"K", "N", "block_size"};
+  for (int i = 0; i < 3; ++i) {
+    if (Status* s = api.KernelInfoGetAttributeInt64(info, names[i], &v[i])) api.ReleaseStatus(s);  // absent: 0
+    if (v[i] < 1)
+      return api.CreateStatus(ssmrt_ort::kInvalidArgument,
+                              ("ssmrt.cpu::Int8MatMul: attribute " + std::string(names[i]) +
+                               " must be 1 or more, got " + std::to_string(v[i])).c_str());
+  }
+  *out = new Int8MatMulKernel{api, v[0], v[1], v[2]};
+  return nullptr;
+}
+
+Status* int8_matmul_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<Int8MatMulKernel*>(kernel);
+  const Calls& api = k->api;
+  auto error = [&](const std::string& msg) {
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::Int8MatMul: " + msg).c_str());
+  };
+  const int64_t blocks = (k->K + k->block - 1) / k->block;
+  const char* names[4] = {"A", "B", "scales", "zero_points"};
+  const int types[4] = {ssmrt_ort::kFloat32, ssmrt_ort::kUint8, ssmrt_ort::kFloat32, ssmrt_ort::kUint8};
+  const std::vector<int64_t> want[4] = {{}, {k->N, blocks, k->block}, {k->N, blocks}, {k->N, blocks}};
+  const void* data[4] = {nullptr, nullptr, nullptr, nullptr};
+  std::vector<int64_t> shape[4];
+  for (size_t i = 0; i < 4; ++i) {
+    const Value* value = nullptr;
+    SSMRT_TRY(api.KernelContextGetInput(ctx, i, &value));
+    if (value == nullptr) {
+      if (i < 3) return error(std::string(names[i]) + " is required");
+      continue;
+    }
+    int type = 0;
+    SSMRT_TRY(type_and_shape(api, value, &type, &shape[i]));
+    if (type != types[i])
+      return error(std::string(names[i]) + " must be " + (types[i] == ssmrt_ort::kUint8 ? "uint8" : "float32"));
+    if (i > 0 && shape[i] != want[i])
+      return error(std::string(names[i]) + " must be " + shape_str(want[i]) + " (N " + std::to_string(k->N) +
+                   ", K " + std::to_string(k->K) + ", block_size " + std::to_string(k->block) + "), got " +
+                   shape_str(shape[i]));
+    void* p = nullptr;
+    SSMRT_TRY(api.GetTensorMutableData(const_cast<Value*>(value), &p));
+    data[i] = p;
+  }
+  if (shape[0].empty() || shape[0].back() != k->K)
+    return error("A " + shape_str(shape[0]) + " must end in K " + std::to_string(k->K));
+  int64_t M = 1;
+  for (size_t i = 0; i + 1 < shape[0].size(); ++i) M *= shape[0][i];
+  std::vector<int64_t> out_shape(shape[0]);
+  out_shape.back() = k->N;
+  Value* out = nullptr;
+  SSMRT_TRY(api.KernelContextGetOutput(ctx, 0, out_shape.data(), out_shape.size(), &out));
+  void* y = nullptr;
+  SSMRT_TRY(api.GetTensorMutableData(out, &y));
+  ssmrt_cpu::int8_matmul(PoolExecutor(api, ctx), static_cast<const float*>(data[0]),
+                         static_cast<const uint8_t*>(data[1]), static_cast<const float*>(data[2]),
+                         static_cast<const uint8_t*>(data[3]), static_cast<float*>(y), M, k->K, k->N, k->block);
+  return nullptr;
+}
+
 // ------------------------------------------------------------------------------------------ SSDMixer
 //
 // ssmrt.cpu::SSDMixer: the Mamba-2 mixer between its projections in one node (kernels.h says what it computes;
@@ -659,7 +736,7 @@ Status* add_rmsnorm_compute(void* kernel, KernelContext* ctx) {
 // ------------------------------------------------------------------------------------------ SelectiveMixer
 //
 // ssmrt.cpu::SelectiveMixer: a float16 Mamba-1 mixer between its projections in one node (kernels.h says what it
-// computes; ssmrt.ort_ops.route_half_matmuls puts it in a float16 graph's decode step, whose x_proj and dt_proj
+// computes; ssmrt.ort_ops.route_decode_matmuls puts it in a float16 graph's decode step, whose x_proj and dt_proj
 // run on HalfMatMul). Inputs xz, conv_weight, conv_bias (optional), conv_state, x_proj, dt_proj (float16 as
 // stored), A, D (optional), dt_bias (optional), ssm_state (float32 the last four); outputs y, present_conv_state,
 // present_ssm_state (float32). Sizes from the inputs: dim from conv_weight, dstate from A, dt_rank from dt_proj.
@@ -912,6 +989,16 @@ constexpr bool kHalfMatMulFlags[] = {false, false};
 constexpr OpContract kHalfMatMul{"HalfMatMul", 2, 1, kHalfMatMulFlags, kHalfMatMulFlags, kHalfMatMulFlags};
 const Op kHalfMatMulOp =
     make_op<kHalfMatMul, ssmrt_ort::kFloat16>(half_matmul_create, half_matmul_compute, destroy<HalfMatMulKernel>);
+constexpr bool kInt8MatMulOptional[] = {false, false, false, true};
+constexpr bool kInt8MatMulFp32[] = {true, false, true, false};
+constexpr OpContract kInt8MatMul{"Int8MatMul", 4, 1, kInt8MatMulOptional, kInt8MatMulFp32, kInt8MatMulFp32};
+Op make_int8_matmul() {
+  Op op = make_op<kInt8MatMul>(int8_matmul_create, int8_matmul_compute, destroy<Int8MatMulKernel>);
+  op.GetInputType = [](const Op*, size_t i) -> int { return i == 1 || i == 3 ? ssmrt_ort::kUint8 : ssmrt_ort::kFloat32; };
+  op.GetOutputType = float32_type;
+  return op;
+}
+const Op kInt8MatMulOp = make_int8_matmul();
 template <int Act>
 Op ssd_mixer_op() {
   return make_op<kSsdMixer, Act>(ssd_mixer_create<Act>, ssd_mixer_compute, destroy<SsdMixerKernel>);
@@ -993,8 +1080,8 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
                             &kOpVariants[5]});
   static ssmrt_ort::CustomOpDomain* const probe = make_domain("ssmrt.abi_probe", {&kAbiProbeOp});
   static ssmrt_ort::CustomOpDomain* const cpu =
-      make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kSsdMixerOps[0], &kSsdMixerOps[1], &kAddRmsNormOps[0],
-                                &kAddRmsNormOps[1], &kSelectiveMixerOp});
+      make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kInt8MatMulOp, &kSsdMixerOps[0], &kSsdMixerOps[1],
+                                &kAddRmsNormOps[0], &kAddRmsNormOps[1], &kSelectiveMixerOp});
   if (domain == nullptr || probe == nullptr || cpu == nullptr)
     return api.CreateStatus(ssmrt_ort::kFail, "ssmrt: ONNX Runtime refused the ssmrt custom-op domain");
   SSMRT_TRY(api.AddCustomOpDomain(options, domain));

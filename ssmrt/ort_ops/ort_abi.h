@@ -27,7 +27,7 @@ struct ApiBase {
   const char* (*GetVersionString)();
 };
 
-enum ElementType : int { kFloat32 = 1, kFloat16 = 10 };
+enum ElementType : int { kFloat32 = 1, kUint8 = 2, kFloat16 = 10 };
 enum ErrorCode : int { kOk = 0, kFail = 1, kInvalidArgument = 2 };
 enum Characteristic : int { kRequired = 0, kOptional = 1, kVariadic = 2 };
 

@@ -282,7 +282,8 @@ class OnnxRuntimeRunner(Runner):
             raise SsmrtError(f"fuse must be True or False, got {fuse!r}")
         self.fuse = fuse
         self.fuse_note = ""  # why the fusion was skipped, where it failed
-        self.half_matmuls = self.half_matmul_threads = self.fused_mixers = self.fused_step_mixers = 0
+        self.decode_matmuls = self.half_matmul_threads = self.fused_mixers = self.fused_step_mixers = 0
+        self.decode_matmul_op = ""
         self.fused_norms = 0
         model = self._rewrite_graph(opts, meta, threads) if self.native_ops else None
         try:
@@ -375,13 +376,16 @@ class OnnxRuntimeRunner(Runner):
         """With the native library registered: the graph with each Mamba-2 mixer's middle as one SSDMixer node
         (ssmrt.ort_ops.fuse_ssd_mixers), each block's residual add and norm as one AddRMSNorm node
         (fuse_add_rmsnorms) and, in a float16 artifact, its decode step's weight MatMuls on the library's
-        HalfMatMul (route_half_matmuls) and that step's Mamba-1 mixers as SelectiveMixer nodes
+        HalfMatMul (route_decode_matmuls) and that step's Mamba-1 mixers as SelectiveMixer nodes
         (fuse_selective_mixers), as bytes for ONNX Runtime; None (load the file as it is) where none applies.
-        `self.fused_mixers`, `self.fused_step_mixers`, `self.fused_norms` and `self.half_matmuls` count them;
+        `self.fused_mixers`, `self.fused_step_mixers`, `self.fused_norms` and `self.decode_matmuls` count them;
         `self.half_matmul_threads` is the pool size the matmuls are told."""
         mixers = self.fuse and {"CausalConv1d", "SSDScan"} <= set(self.native_ops)
         step_mixers = self.fuse and {"CausalConv1d", "SelectiveScan"} <= set(self.native_ops)
         half = meta["export"].get("dtype") == "float16"
+        # 8-bit weights: the routing takes the MatMulNBits with float32 activations, and leaves int8-activation ones
+        int8 = (meta["export"].get("weights") or {}).get("bits") == 8
+        self.decode_matmul_op = "HalfMatMul" if half else "Int8MatMul"
 
         from .. import ort_ops
 
@@ -399,8 +403,8 @@ class OnnxRuntimeRunner(Runner):
         stages = [("SSDMixer", mixers, "fused_mixers", ort_ops.fuse_ssd_mixers),
                   ("AddRMSNorm", self.fuse, "fused_norms",
                    lambda model: ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))),
-                  ("routing", half, "half_matmuls",
-                   lambda model: ort_ops.route_half_matmuls(model, self.half_matmul_threads, last_only=last_only)),
+                  ("routing", half or int8, "decode_matmuls",
+                   lambda model: ort_ops.route_decode_matmuls(model, self.half_matmul_threads, last_only=last_only)),
                   ("SelectiveMixer", step_mixers, "fused_step_mixers", ort_ops.fuse_selective_mixers)]
         skipped: set[str] = set()
 
@@ -426,7 +430,7 @@ class OnnxRuntimeRunner(Runner):
         model = None
         while model is None:
             model = rewritten()
-        if not (self.half_matmuls or self.fused_mixers or self.fused_norms):
+        if not (self.decode_matmuls or self.fused_mixers or self.fused_norms):
             return None
         # the bytes have no location of their own: external weights are found beside the artifact
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
@@ -453,7 +457,8 @@ class OnnxRuntimeRunner(Runner):
 
     def describe(self) -> str:
         native = f", native {'/'.join(self.native_ops)}" if self.native_ops else ""
-        native += f", {self.half_matmuls} float16 decode matmuls native" if self.half_matmuls else ""
+        native += (f", {self.decode_matmuls} decode matmuls on {self.decode_matmul_op}" if self.decode_matmuls
+                   else "")
         native += f", {self.fused_mixers} Mamba-2 mixers fused" if self.fused_mixers else ""
         if self.fused_step_mixers:
             native += f", {self.fused_step_mixers} Mamba-1 mixers fused in the decode step"
