@@ -26,7 +26,8 @@ The activations a quantised matmul reads (`activations`, recorded with the schem
   products then read a quarter of float32's bytes: ONNX Runtime's fast CPU kernels, and what llama.cpp's q8_0 /
   q4_0 dot products do too. `quantize_activations_ref` is that arithmetic, tested against ONNX Runtime.
 - "float32": the dequantised blocks times float32 activations (accuracy level 0); the quantised weights are then
-  the only approximation, at several times the decode time on CPUs without a fast float32-compute kernel.
+  the only approximation. ONNX Runtime's CPU kernel for 8-bit weights at that level takes many times a float32
+  step; ssmrt's runner gives such an artifact's decode step its own kernel (ssmrt.ort_ops' Int8MatMul).
 
 Loading or running a quantised artifact needs none of this module's torch code: MatMulNBits is a contrib op
 ONNX Runtime's CPU provider runs natively.

@@ -207,7 +207,7 @@ def _run(cmd: list[str], source: Path) -> None:
 # node it wraps would, ~5% of a 130M model's float16 decode step.
 #
 # An artifact with 8-bit weights and float32 activations (export --weights int8 --activations float32) holds
-# com.microsoft::MatMulNBits nodes at accuracy level 0, for which ONNX Runtime's CPU kernel takes several times a
+# com.microsoft::MatMulNBits nodes at accuracy level 0, for which ONNX Runtime's CPU kernel takes many times a
 # float32 step (no fast 8-bit kernel with float32 sums). Its decode step goes the same way, to ssmrt.cpu::Int8MatMul
 # on the same initializers; a prompt keeps MatMulNBits, whose many rows amortise what it spends on the weights.
 HALF_MATMUL_DOMAIN = "ssmrt.cpu"
