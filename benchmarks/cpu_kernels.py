@@ -40,7 +40,7 @@ def _session(nodes, inputs, outputs, inits, threads: int, spinning: bool = False
 
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1),
-                                                    helper.make_opsetid(ort_ops.HALF_MATMUL_DOMAIN, 1)])
+                                                    helper.make_opsetid(ort_ops.CPU_DOMAIN, 1)])
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads

@@ -302,11 +302,11 @@ def half_matmul_session(trans_b: int, pool: int = 0, **attrs) -> ort.InferenceSe
     """ssmrt.cpu::HalfMatMul (the float16 runner's decode-step MatMul) alone in a graph."""
     vis = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT16, [f"{n}{i}" for i in range(r)])
            for n, r in (("a", 3), ("b", 2))]
-    node = helper.make_node("HalfMatMul", ["a", "b"], ["y"], domain=ort_ops.HALF_MATMUL_DOMAIN, trans_b=trans_b,
+    node = helper.make_node("HalfMatMul", ["a", "b"], ["y"], domain=ort_ops.CPU_DOMAIN, trans_b=trans_b,
                             **attrs)
     model = helper.make_model(
         helper.make_graph([node], "g", vis, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, None)]),
-        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ort_ops.HALF_MATMUL_DOMAIN, 1)])
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ort_ops.CPU_DOMAIN, 1)])
     return library_session(model, pool)
 
 
@@ -462,10 +462,10 @@ def int8_matmul_model(op: str, K: int, N: int, block: int, zero_points: bool, **
     # dimensions by name, so that shapes ONNX Runtime would refuse itself reach the op
     vis = [helper.make_tensor_value_info("a", f32, ["batch", "seq", "k"]),
            helper.make_tensor_value_info("b", u8, ["n", "blocks", "block"]),
-           helper.make_tensor_value_info("scales", f32, ["n", "blocks"])]
+           helper.make_tensor_value_info("scales", f32, None)]  # any rank: they may be flat
     if zero_points:
-        vis.append(helper.make_tensor_value_info("zero_points", u8, ["n", "blocks"]))
-    domain = ort_ops.HALF_MATMUL_DOMAIN if op == "Int8MatMul" else "com.microsoft"
+        vis.append(helper.make_tensor_value_info("zero_points", u8, None))
+    domain = ort_ops.CPU_DOMAIN if op == "Int8MatMul" else "com.microsoft"
     extra = {} if op == "Int8MatMul" else {"bits": 8, "accuracy_level": 0}
     node = helper.make_node(op, [v.name for v in vis], ["y"], domain=domain,
                             **{"K": K, "N": N, "block_size": block, **extra, **attrs})
@@ -525,11 +525,39 @@ def test_int8_matmul(batch, seqlen, K, N, block, zero_points):
 
 
 def test_int8_matmul_threads():
-    """The same bits for a pool of one thread and of two (columns are split, each sum is one thread's)."""
-    ops = int8_operands(2, 1, 1536, 768, 32, seed=1)
-    model = int8_matmul_model("Int8MatMul", 1536, 768, 32, True)
-    (one,), (two,) = (library_session(model, threads).run(None, ops) for threads in (1, 2))
-    assert np.array_equal(one, two)
+    """Int8MatMul's column runs spread over the session's threads (counted by the library), each column's sum one
+    thread's in a fixed order: a pool of one and of two give the reference's values and the same bits."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(native_library()))
+    ops = int8_operands(4, 1, 1536, 3352, 32, seed=1)  # runs long enough for the pool's second thread to join
+    model = int8_matmul_model("Int8MatMul", 1536, 3352, 32, True)
+    want = int8_matmul_ref(**ops)
+    results, seen = [], {}
+    for threads in (1, 2):
+        session = library_session(model, threads)
+        counts = []
+        for _ in range(3):
+            lib.SsmrtPoolThreadsReset()
+            (y,) = session.run(None, ops)
+            counts.append(lib.SsmrtPoolThreadsSeen())
+        seen[threads] = max(counts)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+        results.append(y)
+    assert seen == {1: 1, 2: 2}, seen
+    assert np.array_equal(*results)
+
+
+def test_int8_matmul_takes_flat_scales():
+    """Scales and zero points flat, (N * blocks,), as older quantisers packed MatMulNBits' and it still takes them:
+    the same values as the (N, blocks) ones."""
+    ops = int8_operands(1, 1, 100, 37, 32, seed=4)
+    flat = {**ops, "scales": ops["scales"].reshape(-1), "zero_points": ops["zero_points"].reshape(-1)}
+    session = library_session(int8_matmul_model("Int8MatMul", 100, 37, 32, True))
+    (y,), (y_flat,) = session.run(None, ops), session.run(None, flat)
+    assert np.array_equal(y, y_flat)
+    with pytest.raises(Exception, match=r"Int8MatMul: scales must be \(37, 4\) or flat"):
+        session.run(None, {**ops, "scales": ops["scales"].reshape(-1)[:-1]})
 
 
 def test_int8_matmul_errors():
@@ -543,30 +571,39 @@ def test_int8_matmul_errors():
         library_session(int8_matmul_model("Int8MatMul", 64, 8, 32, True, block_size=0))
 
 
-def test_route_decode_matmuls_int8():
-    """Routing a graph of 8-bit MatMulNBits: those with float32 activations (accuracy level 0) run on Int8MatMul in
-    the decode step's branch and as they were in the prompt's; int8-activation and 4-bit ones are left alone; both
-    branches give the graph's results."""
+@pytest.mark.parametrize("last_only", [False, True])
+def test_route_decode_matmuls_int8(last_only):
+    """Routing a graph of MatMulNBits: the 8-bit ones with float32 activations (accuracy level 0) run on Int8MatMul
+    in the decode step's branch and as they were in the prompt's; int8-activation, 4-bit and bias-carrying ones are
+    left alone; with last_only the head (the graph's output) runs on Int8MatMul in the prompt too. Both branches
+    give the graph's results."""
     V, K, N, block = 11, 64, 24, 32
     g = np.random.default_rng(2)
     emb = g.standard_normal((V, K)).astype(np.float32)
-    w = {name: int8_operands(1, 1, K, N if name != "w2" else K, block, seed=i)
-         for i, name in enumerate(("w1", "w2", "w3"))}
-    w["w2"] = int8_operands(1, 1, N, K, block, seed=9)
+    w = {"w1": int8_operands(1, 1, K, N, block, seed=1), "w2": int8_operands(1, 1, N, K, block, seed=9),
+         "w3": int8_operands(1, 1, K, K, block, seed=3), "w5": int8_operands(1, 1, K, K, block, seed=5),
+         "w6": int8_operands(1, 1, K, N, block, seed=6)}
+    w4 = {"b": g.integers(0, 256, (K, 2, block // 2), dtype=np.uint8),  # 4-bit: two codes a byte
+          "scales": (g.random((K, 2)) * 0.1).astype(np.float32), "zero_points": np.full((K, 1), 0x88, np.uint8)}
     f32 = onnx.TensorProto.FLOAT
-    inits = [onnx.numpy_helper.from_array(emb, "emb")]
-    for name, ops in w.items():
+    inits = [onnx.numpy_helper.from_array(emb, "emb"), onnx.numpy_helper.from_array(
+        g.standard_normal(K).astype(np.float32), "bias")]
+    for name, ops in [*w.items(), ("w4", w4)]:
         inits += [onnx.numpy_helper.from_array(ops[k], f"{name}.{k}") for k in ("b", "scales", "zero_points")]
 
-    def nbits(name, a, y, k, n, **attrs):
-        return helper.make_node("MatMulNBits", [a] + [f"{name}.{k}" for k in ("b", "scales", "zero_points")], [y],
-                                domain="com.microsoft", K=k, N=n, block_size=block, bits=8, **attrs)
+    def nbits(name, a, y, k, n, extra=(), bits=8, **attrs):
+        return helper.make_node("MatMulNBits", [a] + [f"{name}.{x}" for x in ("b", "scales", "zero_points")]
+                                + list(extra), [y], domain="com.microsoft", K=k, N=n, block_size=block, bits=bits,
+                                **attrs)
 
     nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x"]),
              nbits("w1", "x", "h", K, N, accuracy_level=0),
              helper.make_node("Relu", ["h"], ["r"]),
              nbits("w2", "r", "h2", N, K),  # no accuracy_level: 0
-             nbits("w3", "h2", "y", K, N, accuracy_level=4)]  # int8 activations: MatMulNBits' own integer kernel
+             nbits("w3", "h2", "h3", K, K, accuracy_level=4),  # int8 activations: MatMulNBits' integer kernel
+             nbits("w4", "h3", "h4", K, K, bits=4),  # 4-bit weights
+             nbits("w5", "h4", "h5", K, K, extra=("", "bias")),  # a bias (g_idx absent)
+             nbits("w6", "h5", "y", K, N)]  # the head
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64,
                                                                          ["batch", "seq"])],
                               [helper.make_tensor_value_info("y", f32, ["batch", "seq", N])], inits)
@@ -574,12 +611,12 @@ def test_route_decode_matmuls_int8():
                                                     helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    assert ort_ops.route_decode_matmuls(model) == 2
+    assert ort_ops.route_decode_matmuls(model, last_only=last_only) == 3
     (route,) = [n for n in model.graph.node if n.op_type == "If"]
     step, prompt = ([n.op_type for n in a.g.node] for name in ("then_branch", "else_branch")
                     for a in route.attribute if a.name == name)
-    assert step == ["Int8MatMul", "Relu", "Int8MatMul", "MatMulNBits"]
-    assert prompt == ["MatMulNBits", "Relu", "MatMulNBits", "MatMulNBits"]
+    assert step == ["Int8MatMul", "Relu", "Int8MatMul"] + ["MatMulNBits"] * 3 + ["Int8MatMul"]
+    assert prompt == ["MatMulNBits", "Relu"] + ["MatMulNBits"] * 4 + ["Int8MatMul" if last_only else "MatMulNBits"]
     sess = library_session(model)
     for shape in ((2, 1), (1, 4)):  # a decode step, a prompt
         ids = np.random.default_rng(sum(shape)).integers(0, V, shape)

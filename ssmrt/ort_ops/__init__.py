@@ -16,8 +16,9 @@ ort_abi.h declares the part of ONNX Runtime's C ABI they use. This module does n
 `library_path()` gives the file that `SessionOptions.register_custom_ops_library` takes.
 
 The library also holds ops no artifact contains, in the ssmrt.cpu domain, which the ONNX Runtime runner puts in
-its own copy of a graph: HalfMatMul (a float16 decode step's weight matmuls, route_decode_matmuls below) and the
-fused SSDMixer, AddRMSNorm and SelectiveMixer (fusion.py).
+its own copy of a graph: HalfMatMul and Int8MatMul (the weight matmuls of a float16 decode step and of an 8-bit,
+float32-activation one: route_decode_matmuls below) and the fused SSDMixer, AddRMSNorm and SelectiveMixer
+(fusion.py).
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def _run(cmd: list[str], source: Path) -> None:
 # com.microsoft::MatMulNBits nodes at accuracy level 0, for which ONNX Runtime's CPU kernel takes many times a
 # float32 step (no fast 8-bit kernel with float32 sums). Its decode step goes the same way, to ssmrt.cpu::Int8MatMul
 # on the same initializers; a prompt keeps MatMulNBits, whose many rows amortise what it spends on the weights.
-HALF_MATMUL_DOMAIN = "ssmrt.cpu"
+CPU_DOMAIN = "ssmrt.cpu"  # the ops no artifact holds: HalfMatMul, Int8MatMul and the fused ones
 DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
 
 
@@ -238,13 +239,16 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False) -> in
     weights = {t.name: t for t in graph.initializer if t.data_type == TensorProto.FLOAT16 and len(t.dims) == 2}
     transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights
                   and [a.ints for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])}
-    inits = {t.name for t in graph.initializer}
+    inits = {t.name: t.data_type for t in graph.initializer}
+    u8, f32 = TensorProto.UINT8, TensorProto.FLOAT
 
     def int8_matmul(n) -> bool:
+        """An 8-bit MatMulNBits at accuracy level 0 that Int8MatMul computes: its weight uint8, its scales float32
+        (so its activations are too), zero points absent or uint8, no g_idx or bias."""
         attrs = {a.name: a.i for a in n.attribute}
         return (n.op_type == "MatMulNBits" and n.domain == "com.microsoft" and attrs.get("bits", 4) == 8
-                and attrs.get("accuracy_level", 0) == 0 and len(n.input) in (3, 4) and all(n.input[1:])
-                and set(n.input[1:]) <= inits and {"K", "N", "block_size"} <= set(attrs))
+                and attrs.get("accuracy_level", 0) == 0 and {"K", "N", "block_size"} <= set(attrs)
+                and len(n.input) in (3, 4) and [inits.get(x) for x in n.input[1:]] == [u8, f32, u8][:len(n.input) - 1])
 
     targets = {i for i, n in enumerate(graph.node)
                if (n.op_type == "MatMul" and n.domain == "" and (n.input[1] in weights or n.input[1] in transposed))
@@ -271,7 +275,7 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False) -> in
         head_row = last_only and y == graph.output[0].name  # one row a sequence in a prompt as in a step
         if node.op_type == "MatMulNBits":
             attrs = {k: helper.get_node_attr_value(node, k) for k in ("K", "N", "block_size")}
-            native = helper.make_node("Int8MatMul", list(node.input), [y], domain=HALF_MATMUL_DOMAIN, **attrs)
+            native = helper.make_node("Int8MatMul", list(node.input), [y], domain=CPU_DOMAIN, **attrs)
             step.append(native)
             if head_row:
                 copy = NodeProto()
@@ -283,10 +287,10 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False) -> in
         if w in transposed:
             b = transposed[w]
             n, k = weights[b].dims
-            step.append(helper.make_node("HalfMatMul", [a, b], [y], domain=HALF_MATMUL_DOMAIN, trans_b=1,
+            step.append(helper.make_node("HalfMatMul", [a, b], [y], domain=CPU_DOMAIN, trans_b=1,
                                          threads=threads))
             if head_row:
-                prompt.append(helper.make_node("HalfMatMul", [a, b], [y], domain=HALF_MATMUL_DOMAIN, trans_b=1,
+                prompt.append(helper.make_node("HalfMatMul", [a, b], [y], domain=CPU_DOMAIN, trans_b=1,
                                                threads=threads))
                 continue
             # the prompt's activation as rows (..., K) -> (rows, K), by the embedding, and back to (..., N)
@@ -298,8 +302,8 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False) -> in
                        helper.make_node("Concat", [f"{y}.lead", f"{y}.n"], [f"{y}.shape"], axis=0),
                        helper.make_node("Reshape", [f"{y}.gemm", f"{y}.shape"], [y])]
         else:
-            step.append(helper.make_node("HalfMatMul", [a, w], [y], domain=HALF_MATMUL_DOMAIN, threads=threads))
-            prompt.append(helper.make_node("HalfMatMul", [a, w], [y], domain=HALF_MATMUL_DOMAIN, threads=threads)
+            step.append(helper.make_node("HalfMatMul", [a, w], [y], domain=CPU_DOMAIN, threads=threads))
+            prompt.append(helper.make_node("HalfMatMul", [a, w], [y], domain=CPU_DOMAIN, threads=threads)
                           if head_row else node)
     # the If gives the graph outputs its branches compute, under the same names (siblings' own scopes)
     outputs = [o for o in graph.output if o.name in tainted]
@@ -322,7 +326,7 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False) -> in
     graph.node.extend(kept + flag + [route])
     del graph.value_info[:]
     graph.value_info.extend(keep_types)
-    if not any(o.domain == HALF_MATMUL_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(HALF_MATMUL_DOMAIN, 1))
+    if not any(o.domain == CPU_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CPU_DOMAIN, 1))
     return len(targets)
 

@@ -19,7 +19,8 @@ never the artifact.
 from __future__ import annotations
 
 FUSION_DOMAIN = "ssmrt.cpu"
-ROUTED = "ssmrt_cpu.routed"  # the If in which route_decode_matmuls puts a float16 graph's decode step and its prompt
+# the If in which route_decode_matmuls puts a float16 (or 8-bit, float32-activation) graph's decode step and its prompt
+ROUTED = "ssmrt_cpu.routed"
 
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto's element types
 

@@ -516,11 +516,11 @@ Status* half_matmul_compute(void* kernel, KernelContext* ctx) {
 // ------------------------------------------------------------------------------------------ Int8MatMul
 //
 // ssmrt.cpu::Int8MatMul(A (..., K) float32, B (N, ceil(K / block_size), block_size) uint8, scales (N, blocks)
-// float32, zero_points (N, blocks) uint8, optional) -> Y (..., N) float32, attributes K, N, block_size: what
-// com.microsoft::MatMulNBits computes with bits 8 and float32 activations (accuracy level 0), on the same
-// initializers. Not an artifact op: the ONNX Runtime runner routes the decode step's MatMulNBits of an artifact
-// with 8-bit weights and float32 activations here (ONNX Runtime's own kernel for that case takes several times a
-// float32 step; kernels.h says what this one reads).
+// or (N * blocks,) float32, zero_points the same uint8, optional) -> Y (..., N) float32, attributes K, N,
+// block_size: what com.microsoft::MatMulNBits computes with bits 8 and float32 activations (accuracy level 0), on
+// the same initializers. Not an artifact op: the ONNX Runtime runner routes the decode step's MatMulNBits of an
+// artifact with 8-bit weights and float32 activations here (ONNX Runtime's own kernel for that case takes many
+// times a float32 step; kernels.h says what this one reads).
 
 struct Int8MatMulKernel {
   Calls api;
@@ -566,10 +566,12 @@ Status* int8_matmul_compute(void* kernel, KernelContext* ctx) {
     SSMRT_TRY(type_and_shape(api, value, &type, &shape[i]));
     if (type != types[i])
       return error(std::string(names[i]) + " must be " + (types[i] == ssmrt_ort::kUint8 ? "uint8" : "float32"));
-    if (i > 0 && shape[i] != want[i])
-      return error(std::string(names[i]) + " must be " + shape_str(want[i]) + " (N " + std::to_string(k->N) +
-                   ", K " + std::to_string(k->K) + ", block_size " + std::to_string(k->block) + "), got " +
-                   shape_str(shape[i]));
+    // scales and zero points may also be flat, (N * blocks,), as MatMulNBits takes them from older quantisers
+    const bool flat = i >= 2 && shape[i] == std::vector<int64_t>{k->N * blocks};
+    if (i > 0 && shape[i] != want[i] && !flat)
+      return error(std::string(names[i]) + " must be " + shape_str(want[i]) + (i >= 2 ? " or flat" : "") + " (N " +
+                   std::to_string(k->N) + ", K " + std::to_string(k->K) + ", block_size " +
+                   std::to_string(k->block) + "), got " + shape_str(shape[i]));
     void* p = nullptr;
     SSMRT_TRY(api.GetTensorMutableData(const_cast<Value*>(value), &p));
     data[i] = p;
@@ -994,7 +996,9 @@ constexpr bool kInt8MatMulFp32[] = {true, false, true, false};
 constexpr OpContract kInt8MatMul{"Int8MatMul", 4, 1, kInt8MatMulOptional, kInt8MatMulFp32, kInt8MatMulFp32};
 Op make_int8_matmul() {
   Op op = make_op<kInt8MatMul>(int8_matmul_create, int8_matmul_compute, destroy<Int8MatMulKernel>);
-  op.GetInputType = [](const Op*, size_t i) -> int { return i == 1 || i == 3 ? ssmrt_ort::kUint8 : ssmrt_ort::kFloat32; };
+  op.GetInputType = [](const Op*, size_t i) -> int {
+    return i == 1 || i == 3 ? ssmrt_ort::kUint8 : ssmrt_ort::kFloat32;
+  };
   op.GetOutputType = float32_type;
   return op;
 }

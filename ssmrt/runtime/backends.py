@@ -243,7 +243,8 @@ class OnnxRuntimeRunner(Runner):
     cannot; "off" always runs the bodies. `self.native_ops` lists the ops running natively.
     fuse: with the native ops, run each Mamba-2 mixer's middle, each block's residual add and norm and a float16
     Mamba-1 decode step's mixer middles as one native node each (ssmrt.ort_ops.fusion); False leaves those nodes
-    as exported, one native node per ssmrt op (a float16 graph's decode matmuls are still routed to HalfMatMul)."""
+    as exported, one native node per ssmrt op (the decode matmuls of a float16 graph, or of an int8 one with float32
+    activations, are still routed to HalfMatMul or Int8MatMul)."""
 
     name = "onnxruntime"
 
@@ -377,14 +378,17 @@ class OnnxRuntimeRunner(Runner):
         (ssmrt.ort_ops.fuse_ssd_mixers), each block's residual add and norm as one AddRMSNorm node
         (fuse_add_rmsnorms) and, in a float16 artifact, its decode step's weight MatMuls on the library's
         HalfMatMul (route_decode_matmuls) and that step's Mamba-1 mixers as SelectiveMixer nodes
-        (fuse_selective_mixers), as bytes for ONNX Runtime; None (load the file as it is) where none applies.
+        (fuse_selective_mixers); in an int8 artifact with float32 activations, its decode step's MatMulNBits on
+        Int8MatMul (route_decode_matmuls). As bytes for ONNX Runtime; None (load the file as it is) where none
+        applies.
         `self.fused_mixers`, `self.fused_step_mixers`, `self.fused_norms` and `self.decode_matmuls` count them;
         `self.half_matmul_threads` is the pool size the matmuls are told."""
         mixers = self.fuse and {"CausalConv1d", "SSDScan"} <= set(self.native_ops)
         step_mixers = self.fuse and {"CausalConv1d", "SelectiveScan"} <= set(self.native_ops)
         half = meta["export"].get("dtype") == "float16"
         # 8-bit weights: the routing takes the MatMulNBits with float32 activations, and leaves int8-activation ones
-        int8 = (meta["export"].get("weights") or {}).get("bits") == 8
+        weights = meta["export"].get("weights")
+        int8 = isinstance(weights, dict) and weights.get("bits") == 8
         self.decode_matmul_op = "HalfMatMul" if half else "Int8MatMul"
 
         from .. import ort_ops
