@@ -242,6 +242,7 @@ def test_cpu_precision_benchmark_smoke(tmp_path):
 def test_cpu_quantize_benchmark_runs(tmp_path):
     """benchmarks/cpu_quantize.py on a one-layer decode model and a byte model trained for a second: a quality row
     and a decode ratio for every artifact, float32 judged passing against itself."""
+    pytest.importorskip("gguf")  # the formats table's llama.cpp arithmetic
     out = tmp_path / "quant.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_quantize.py"), "--layers", "1", "--blocks",
                           "1", "--block-steps", "2", "--train-seconds", "1", "--json", str(out)],
