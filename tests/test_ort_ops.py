@@ -537,10 +537,12 @@ def test_int8_matmul_threads():
     for threads in (1, 2):
         session = library_session(model, threads)
         counts = []
-        for _ in range(3):
+        for _ in range(20):  # the pool's second thread may find the pieces all taken in a short run
             lib.SsmrtPoolThreadsReset()
             (y,) = session.run(None, ops)
             counts.append(lib.SsmrtPoolThreadsSeen())
+            if counts[-1] >= threads:
+                break
         seen[threads] = max(counts)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
         results.append(y)
@@ -571,18 +573,206 @@ def test_int8_matmul_errors():
         library_session(int8_matmul_model("Int8MatMul", 64, 8, 32, True, block_size=0))
 
 
+def int_dot_model(op: str, K: int, N: int, block: int, bits: int, weights: dict, **attrs) -> onnx.ModelProto:
+    """One op node (ssmrt.cpu::IntDotMatMul, or com.microsoft::MatMulNBits at accuracy level 4) over the graph
+    input a and the weights as initializers: ONNX Runtime's kernel quantises the activations only where its
+    weights are constant (given as graph inputs it computes in float32)."""
+    f32 = onnx.TensorProto.FLOAT
+    names = ["b", "scales", "zero_points"][:len(weights)]
+    domain = ort_ops.CPU_DOMAIN if op == "IntDotMatMul" else "com.microsoft"
+    extra = {"bits": bits} if op == "IntDotMatMul" else {"bits": bits, "accuracy_level": 4}
+    node = helper.make_node(op, ["a", *names], ["y"], domain=domain,
+                            **{"K": K, "N": N, "block_size": block, **extra, **attrs})
+    inits = [onnx.numpy_helper.from_array(weights[k], k) for k in names]
+    return helper.make_model(
+        helper.make_graph([node], "g", [helper.make_tensor_value_info("a", f32, ["batch", "seq", "k"])],
+                          [helper.make_tensor_value_info("y", f32, None)], inits),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
+
+
+def int_dot_operands(batch, seqlen, K, N, block, bits, zero_points=True, seed=0):
+    """Random activations (rows of mixed scale, a block of zeros) and MatMulNBits weights of `bits`: codes (those
+    past K nonzero: unused), scales, zero points (4-bit: two a byte)."""
+    g = np.random.default_rng(seed)
+    blocks = -(-K // block)
+    a = g.standard_normal((batch, seqlen, K)).astype(np.float32)
+    a *= np.float32(10.0) ** g.integers(-3, 3, (batch, seqlen, 1))
+    a[0, 0, :min(block, K)] = 0
+    weights = {"b": g.integers(0, 256, (N, blocks, block * bits // 8), dtype=np.uint8),
+               "scales": (g.random((N, blocks)) * 0.02 + 1e-3).astype(np.float32)}
+    if zero_points:
+        weights["zero_points"] = g.integers(0, 256, (N, blocks if bits == 8 else (blocks + 1) // 2), dtype=np.uint8)
+    return a, weights
+
+
+def int_dot_ref(a, bits, b, scales, zero_points=None):
+    """(the scheme's product in float64, the sum of its terms' magnitudes, the product of the float activations):
+    each block of a row's K quantised as MatMulNBits at accuracy level 4 quantises it in float32 (codes
+    round-half-even(a * (127 / max|a|)), scale max|a| / 127), times the weight's codes less their zero points, times
+    both scales."""
+    N, blocks, _ = b.shape
+    K = a.shape[-1]
+    block = blocks and b.shape[2] * 8 // bits
+    codes_w = b if bits == 8 else np.stack([b & 0x0F, b >> 4], axis=-1).reshape(N, blocks, block)
+    if zero_points is None:
+        zp = np.full((N, blocks), 1 << (bits - 1))
+    elif bits == 8:
+        zp = zero_points.reshape(N, blocks)
+    else:
+        zp = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1).reshape(N, -1)[:, :blocks]
+    rows = np.zeros((a[..., 0].size, blocks * block), np.float32)
+    rows[:, :K] = a.reshape(-1, K)
+    rows = rows.reshape(-1, blocks, block)
+    amax = np.abs(rows).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    codes_a = np.rint(rows * inv[..., None]).astype(np.int64)
+    w = codes_w.astype(np.int64) - zp[..., None].astype(np.int64)
+    scale = (amax / np.float32(127)).astype(np.float64)[:, None, :] * scales.reshape(N, blocks).astype(np.float64)
+    terms = np.einsum("mbk,nbk->mnb", codes_a, w) * scale
+    size = np.einsum("mbk,nbk->mnb", np.abs(codes_a), np.abs(w)) * np.abs(scale)
+    shape = (*a.shape[:-1], N)
+    weight = (scales.reshape(N, blocks, 1).astype(np.float64) * w).reshape(N, -1)[:, :K]
+    plain = a.reshape(-1, K).astype(np.float64) @ weight.T
+    return terms.sum(-1).reshape(shape), size.sum(-1).reshape(shape), plain.reshape(shape)
+
+
+# (batch, seqlen, K, N, block): the 130M models' in_proj / out_proj / head sizes in a decode step, rows more than
+# the four that share a pass, K not a multiple of the block or of a quad of 32-code chunks (the scalar tail), blocks
+# of 64 / 128 / 256 (two, one and half a block a quad), N odd
+INT_DOT_SHAPES = [(1, 1, 768, 3352, 32), (1, 1, 1536, 768, 32), (1, 1, 768, 50280, 32), (2, 1, 100, 37, 32),
+                  (3, 5, 96, 13, 32), (1, 3, 300, 20, 128), (2, 1, 37, 9, 64), (1, 2, 1000, 50, 256),
+                  (1, 1, 200, 30, 64)]
+
+
+@pytest.mark.parametrize("batch,seqlen,K,N,block", INT_DOT_SHAPES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("zero_points", [True, False])
+def test_int_dot_matmul(batch, seqlen, K, N, block, bits, zero_points):
+    """IntDotMatMul against the scheme computed in float64 and against ONNX Runtime's own MatMulNBits at accuracy
+    level 4 on the same weights, each within float32 rounding of the sums' size: both compute the same codes and,
+    per block, an exact integer sum, so what is left is a float32 sum of the blocks' terms (a few ulps a term). The
+    float activations' product is tens of times further, so the comparison can fail."""
+    a, weights = int_dot_operands(batch, seqlen, K, N, block, bits, zero_points, seed=K + N + block + bits)
+    (y,) = library_session(int_dot_model("IntDotMatMul", K, N, block, bits, weights)).run(None, {"a": a})
+    assert y.dtype == np.float32 and y.shape == (batch, seqlen, N)
+    (theirs,) = ort.InferenceSession(int_dot_model("MatMulNBits", K, N, block, bits, weights).SerializeToString(),
+                                     providers=["CPUExecutionProvider"]).run(None, {"a": a})
+    want, size, plain = int_dot_ref(a, bits, **weights)
+    size = np.maximum(size, 1e-30)
+    bound = 4 * (-(-K // block) + 2) * 2.0**-24
+    for name, got in (("IntDotMatMul", y), ("MatMulNBits", theirs)):
+        err = np.abs(got - want) / size
+        assert err.max() < bound, (name, float(err.max()), bound)
+    assert (np.abs(plain - want) / size).max() > 20 * bound
+
+
+def test_int_dot_matmul_threads():
+    """IntDotMatMul's column runs spread over the session's threads (counted by the library), each column's sum one
+    thread's in a fixed order: a pool of one and of two give the same bits."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(native_library()))
+    a, weights = int_dot_operands(4, 1, 1536, 3352, 32, 4, seed=1)
+    model = int_dot_model("IntDotMatMul", 1536, 3352, 32, 4, weights)
+    results, seen = [], {}
+    for threads in (1, 2):
+        session = library_session(model, threads)
+        counts = []
+        for _ in range(20):  # as in test_int8_matmul_threads
+            lib.SsmrtPoolThreadsReset()
+            (y,) = session.run(None, {"a": a})
+            counts.append(lib.SsmrtPoolThreadsSeen())
+            if counts[-1] >= threads:
+                break
+        seen[threads] = max(counts)
+        results.append(y)
+    assert seen == {1: 1, 2: 2}, seen
+    assert np.array_equal(*results)
+
+
+def test_int_dot_matmul_takes_flat_scales_and_zero_points():
+    """Scales and zero points flat, as older quantisers packed MatMulNBits' (4-bit zero points two a byte): the
+    same values as the 2-D ones."""
+    a, weights = int_dot_operands(1, 1, 160, 37, 32, 4, seed=4)  # 5 blocks: 3 bytes of zero points a column
+    flat = {k: v.reshape(-1) if k != "b" else v for k, v in weights.items()}
+    (y,) = library_session(int_dot_model("IntDotMatMul", 160, 37, 32, 4, weights)).run(None, {"a": a})
+    (y_flat,) = library_session(int_dot_model("IntDotMatMul", 160, 37, 32, 4, flat)).run(None, {"a": a})
+    assert np.array_equal(y, y_flat)
+    short = {**flat, "zero_points": flat["zero_points"][:-1]}
+    with pytest.raises(Exception, match=r"IntDotMatMul: zero_points must be \(37, 3\) or flat \(N 37, K 160, "
+                                        r"block_size 32, bits 4\), got \(110,\)"):
+        library_session(int_dot_model("IntDotMatMul", 160, 37, 32, 4, short)).run(None, {"a": a})
+
+
+def test_int_dot_matmul_errors():
+    a, weights = int_dot_operands(1, 1, 64, 8, 32, 4)
+    with pytest.raises(Exception, match=r"IntDotMatMul: B must be \(8, 2, 32\) \(N 8, K 64, block_size 32, bits 8\), "
+                                        r"got \(8, 2, 16\)"):
+        library_session(int_dot_model("IntDotMatMul", 64, 8, 32, 8, weights)).run(None, {"a": a})
+    for attrs, why in (({"block_size": 16}, "block_size must be a power of two from 32, got 16"),
+                       ({"block_size": 96}, "block_size must be a power of two from 32, got 96"),
+                       ({"bits": 3}, "bits must be 4 or 8, got 3")):
+        with pytest.raises(Exception, match=f"IntDotMatMul: attribute {why}"):
+            library_session(int_dot_model("IntDotMatMul", 64, 8, attrs.get("block_size", 32), attrs.get("bits", 4),
+                                          weights))
+
+
+# Builds of the library for the instruction sets other CPUs have, on this one (x86-64): the AVX2 code with AVX-VNNI's
+# dot products, with AVX2's own, and the plain integer loops.
+OTHER_BUILDS = {"avx-vnni": "-mno-avx512f", "avx2": "-mno-avx512f -mno-avxvnni", "no-avx": "-mno-avx"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", list(OTHER_BUILDS))
+def test_int_dot_matmul_on_other_instruction_sets(build, tmp_path):
+    """test_int_dot_matmul's cases against a library built without AVX-512 (and AVX-VNNI, and AVX): the code paths
+    this CPU's own build never takes, compiled with the same compiler ($CXX through a wrapper adding the flags) into
+    a separate cache, run in a child process."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the flags are x86-64 ones")
+    compiler = ort_ops._compiler()
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(f'#!/bin/sh\nexec "{compiler}" "$@" {OTHER_BUILDS[build]}\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "CXX": str(wrapper), "SSMRT_CACHE_DIR": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "test_int_dot_matmul and not threads and not other_instruction_sets"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "skipped" not in res.stdout.splitlines()[-1], res.stdout[-500:]
+
+
+def test_int_dot_vectorised_matches_the_build():
+    """The library says it has IntDotMatMul's vector code exactly where the CPU it was built for has AVX2 and FMA
+    (-march=native: AVX-512 VNNI or AVX2)."""
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    native_library()
+    assert ort_ops.int_dot_vectorised() == ({"avx2", "fma"} <= flags)
+
+
+@pytest.mark.parametrize("int_dot", [False, True])
 @pytest.mark.parametrize("last_only", [False, True])
-def test_route_decode_matmuls_int8(last_only):
+def test_route_decode_matmuls_int8(last_only, int_dot):
     """Routing a graph of MatMulNBits: the 8-bit ones with float32 activations (accuracy level 0) run on Int8MatMul
-    in the decode step's branch and as they were in the prompt's; int8-activation, 4-bit and bias-carrying ones are
-    left alone; with last_only the head (the graph's output) runs on Int8MatMul in the prompt too. Both branches
+    in the decode step's branch and as they were in the prompt's; with int_dot the int8-activation ones (accuracy
+    level 4, 8- and 4-bit) on IntDotMatMul, else they are left alone; a bias-carrying one and one in blocks of 16
+    always are; with last_only the head (the graph's output) runs on Int8MatMul in the prompt too. Both branches
     give the graph's results."""
     V, K, N, block = 11, 64, 24, 32
     g = np.random.default_rng(2)
     emb = g.standard_normal((V, K)).astype(np.float32)
     w = {"w1": int8_operands(1, 1, K, N, block, seed=1), "w2": int8_operands(1, 1, N, K, block, seed=9),
          "w3": int8_operands(1, 1, K, K, block, seed=3), "w5": int8_operands(1, 1, K, K, block, seed=5),
-         "w6": int8_operands(1, 1, K, N, block, seed=6)}
+         "w6": int8_operands(1, 1, K, N, block, seed=6), "w7": int8_operands(1, 1, K, K, 16, seed=7)}
     w4 = {"b": g.integers(0, 256, (K, 2, block // 2), dtype=np.uint8),  # 4-bit: two codes a byte
           "scales": (g.random((K, 2)) * 0.1).astype(np.float32), "zero_points": np.full((K, 1), 0x88, np.uint8)}
     f32 = onnx.TensorProto.FLOAT
@@ -591,7 +781,7 @@ def test_route_decode_matmuls_int8(last_only):
     for name, ops in [*w.items(), ("w4", w4)]:
         inits += [onnx.numpy_helper.from_array(ops[k], f"{name}.{k}") for k in ("b", "scales", "zero_points")]
 
-    def nbits(name, a, y, k, n, extra=(), bits=8, **attrs):
+    def nbits(name, a, y, k, n, extra=(), bits=8, block=block, **attrs):
         return helper.make_node("MatMulNBits", [a] + [f"{name}.{x}" for x in ("b", "scales", "zero_points")]
                                 + list(extra), [y], domain="com.microsoft", K=k, N=n, block_size=block, bits=bits,
                                 **attrs)
@@ -601,9 +791,10 @@ def test_route_decode_matmuls_int8(last_only):
              helper.make_node("Relu", ["h"], ["r"]),
              nbits("w2", "r", "h2", N, K),  # no accuracy_level: 0
              nbits("w3", "h2", "h3", K, K, accuracy_level=4),  # int8 activations: MatMulNBits' integer kernel
-             nbits("w4", "h3", "h4", K, K, bits=4),  # 4-bit weights
+             nbits("w4", "h3", "h4", K, K, bits=4, accuracy_level=4),  # 4-bit weights, int8 activations
              nbits("w5", "h4", "h5", K, K, extra=("", "bias")),  # a bias (g_idx absent)
-             nbits("w6", "h5", "y", K, N)]  # the head
+             nbits("w7", "h5", "h7", K, K, accuracy_level=4, block=16),  # blocks IntDotMatMul does not take
+             nbits("w6", "h7", "y", K, N)]  # the head
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64,
                                                                          ["batch", "seq"])],
                               [helper.make_tensor_value_info("y", f32, ["batch", "seq", N])], inits)
@@ -611,12 +802,17 @@ def test_route_decode_matmuls_int8(last_only):
                                                     helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    assert ort_ops.route_decode_matmuls(model, last_only=last_only) == 3
+    assert ort_ops.route_decode_matmuls(model, last_only=last_only, int_dot=int_dot) == 3 + 2 * int_dot
     (route,) = [n for n in model.graph.node if n.op_type == "If"]
     step, prompt = ([n.op_type for n in a.g.node] for name in ("then_branch", "else_branch")
                     for a in route.attribute if a.name == name)
-    assert step == ["Int8MatMul", "Relu", "Int8MatMul"] + ["MatMulNBits"] * 3 + ["Int8MatMul"]
-    assert prompt == ["MatMulNBits", "Relu"] + ["MatMulNBits"] * 4 + ["Int8MatMul" if last_only else "MatMulNBits"]
+    dot = ["IntDotMatMul" if int_dot else "MatMulNBits"] * 2
+    assert step == ["Int8MatMul", "Relu", "Int8MatMul", *dot] + ["MatMulNBits"] * 2 + ["Int8MatMul"]
+    assert prompt == ["MatMulNBits", "Relu"] + ["MatMulNBits"] * 5 + ["Int8MatMul" if last_only else "MatMulNBits"]
+    if int_dot:
+        routed = [n for a in route.attribute if a.name == "then_branch" for n in a.g.node
+                  if n.op_type == "IntDotMatMul"]
+        assert [[x.i for x in n.attribute if x.name == "bits"] for n in routed] == [[8], [4]]
     sess = library_session(model)
     for shape in ((2, 1), (1, 4)):  # a decode step, a prompt
         ids = np.random.default_rng(sum(shape)).integers(0, V, shape)

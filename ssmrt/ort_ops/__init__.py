@@ -16,9 +16,9 @@ ort_abi.h declares the part of ONNX Runtime's C ABI they use. This module does n
 `library_path()` gives the file that `SessionOptions.register_custom_ops_library` takes.
 
 The library also holds ops no artifact contains, in the ssmrt.cpu domain, which the ONNX Runtime runner puts in
-its own copy of a graph: HalfMatMul and Int8MatMul (the weight matmuls of a float16 decode step and of an 8-bit,
-float32-activation one: route_decode_matmuls below) and the fused SSDMixer, AddRMSNorm and SelectiveMixer
-(fusion.py).
+its own copy of a graph: HalfMatMul, Int8MatMul and IntDotMatMul (the weight matmuls of a float16 decode step,
+of an 8-bit float32-activation one and of a 4- or 8-bit int8-activation one: route_decode_matmuls below) and the
+fused SSDMixer, AddRMSNorm and SelectiveMixer (fusion.py).
 """
 
 from __future__ import annotations
@@ -188,6 +188,14 @@ def library_path() -> Path:
     return out
 
 
+def int_dot_vectorised() -> bool:
+    """Whether the library's IntDotMatMul runs on vector instructions here (AVX-512 VNNI or AVX2, as compiled for
+    this CPU): where it does not, ONNX Runtime's own kernel is faster and the runner leaves MatMulNBits alone."""
+    import ctypes
+
+    return bool(ctypes.CDLL(str(library_path())).SsmrtIntDotVectorised())
+
+
 def _run(cmd: list[str], source: Path) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -211,28 +219,33 @@ def _run(cmd: list[str], source: Path) -> None:
 # com.microsoft::MatMulNBits nodes at accuracy level 0, for which ONNX Runtime's CPU kernel takes many times a
 # float32 step (no fast 8-bit kernel with float32 sums). Its decode step goes the same way, to ssmrt.cpu::Int8MatMul
 # on the same initializers; a prompt keeps MatMulNBits, whose many rows amortise what it spends on the weights.
-CPU_DOMAIN = "ssmrt.cpu"  # the ops no artifact holds: HalfMatMul, Int8MatMul and the fused ones
+# With int8 activations (accuracy level 4, the default) ONNX Runtime's kernel is fast, but its single-row sweep of
+# 4-bit weights reads them at ~0.7x the rate of a plain read of their bytes (8-bit ~0.85x) in the harness on an AMD
+# EPYC; ssmrt.cpu::IntDotMatMul computes the same scheme (its activation codes and integer sums, to float32
+# rounding) at that rate, so the decode step goes to it where the library has its vector code.
+CPU_DOMAIN = "ssmrt.cpu"  # the ops no artifact holds: HalfMatMul, Int8MatMul, IntDotMatMul and the fused ones
 DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
 
 
-def route_decode_matmuls(model, threads: int = 0, last_only: bool = False) -> int:
-    """Rewrites an onnx.ModelProto in place: every main-graph MatMul of an activation by a float16 (K, N)
-    initializer runs on HalfMatMul, and every 8-bit MatMulNBits with float32 activations (accuracy level 0, its
-    weight, scales and zero points initializers, no bias) on Int8MatMul, where input_ids has one position (a
-    decode step), and as it was otherwise. The nodes downstream of those matmuls move into one If on that flag:
-    its then-branch holds them with the matmuls on the native ops, its else-branch as they were; the rest (the
-    embedding, the first norm, what is computed from initializers alone) stays in the main graph, which ONNX
-    Runtime can fold. Returns how many matmuls. threads: the session's intra-op threads where known (0: not),
-    given to each HalfMatMul, which sweeps one run of the weight's rows a thread.
+def route_decode_matmuls(model, threads: int = 0, last_only: bool = False, int_dot: bool = False) -> int:
+    """Rewrites an onnx.ModelProto in place: every main-graph MatMul of an activation by a float16 (K, N) initializer
+    runs on HalfMatMul, every 8-bit MatMulNBits with float32 activations (accuracy level 0, its weight, scales and
+    zero points initializers, no bias) on Int8MatMul and, with int_dot, every 4- or 8-bit one with int8 activations
+    (accuracy level 4, blocks of 32 or more, the same initializers) on IntDotMatMul, where input_ids has one
+    position (a decode step), and as it was otherwise. The nodes downstream of those matmuls move into one If on
+    that flag: its then-branch holds them with the matmuls on the native ops, its else-branch as they were; the rest
+    (the embedding, the first norm, what is computed from initializers alone) stays in the main graph, which ONNX
+    Runtime can fold. Returns how many matmuls. threads: the session's intra-op threads where known (0: not), given
+    to each HalfMatMul, which sweeps one run of the weight's rows a thread.
 
-    A tied lm_head multiplies by Transpose(embedding): both branches read the embedding itself (HalfMatMul and
-    Gemm with trans_b over the activation's rows), and the Transpose, left with no reader, goes; ONNX Runtime would
-    have folded it into a second, transposed copy of the embedding. last_only: the graph's logits are the last
-    position's (an export with logits "last"), so its head multiplies one row a sequence in a prompt too, and the
-    prompt branch runs the head on HalfMatMul (Int8MatMul) as well (ONNX Runtime's float16 MatMul would widen the
+    A tied lm_head multiplies by Transpose(embedding): both branches read the embedding itself (HalfMatMul and Gemm
+    with trans_b over the activation's rows), and the Transpose, left with no reader, goes; ONNX Runtime would have
+    folded it into a second, transposed copy of the embedding. last_only: the graph's logits are the last position's
+    (an export with logits "last"), so its head multiplies one row a sequence in a prompt too, and the prompt branch
+    runs the head on HalfMatMul (Int8MatMul, IntDotMatMul) as well (ONNX Runtime's float16 MatMul would widen the
     whole weight to float32 on every call for that one row; HalfMatMul streams the weight once per few rows, as a
-    decode step of the same batch does). The artifact on disk is not touched; a runner that loads the native
-    library hands ONNX Runtime the result."""
+    decode step of the same batch does). The artifact on disk is not touched; a runner that loads the native library
+    hands ONNX Runtime the result."""
     from onnx import NodeProto, TensorProto, helper
 
     graph = model.graph
@@ -250,9 +263,19 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False) -> in
                 and attrs.get("accuracy_level", 0) == 0 and {"K", "N", "block_size"} <= set(attrs)
                 and len(n.input) in (3, 4) and [inits.get(x) for x in n.input[1:]] == [u8, f32, u8][:len(n.input) - 1])
 
+    def int_dot_matmul(n) -> bool:
+        """A 4- or 8-bit MatMulNBits at accuracy level 4 that IntDotMatMul computes: blocks a power of two from
+        32 (MatMulNBits' are powers of two from 16), the initializers' types as above, no g_idx or bias."""
+        attrs = {a.name: a.i for a in n.attribute}
+        return (int_dot and n.op_type == "MatMulNBits" and n.domain == "com.microsoft"
+                and attrs.get("bits", 4) in (4, 8) and attrs.get("accuracy_level", 0) == 4
+                and {"K", "N", "block_size"} <= set(attrs) and attrs["block_size"] >= 32
+                and attrs["block_size"] & (attrs["block_size"] - 1) == 0
+                and len(n.input) in (3, 4) and [inits.get(x) for x in n.input[1:]] == [u8, f32, u8][:len(n.input) - 1])
+
     targets = {i for i, n in enumerate(graph.node)
                if (n.op_type == "MatMul" and n.domain == "" and (n.input[1] in weights or n.input[1] in transposed))
-               or int8_matmul(n)}
+               or int8_matmul(n) or int_dot_matmul(n)}
     if not targets:
         return 0
     # what is downstream of a routed MatMul, through its outputs and through values its nested graphs read
@@ -275,7 +298,11 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False) -> in
         head_row = last_only and y == graph.output[0].name  # one row a sequence in a prompt as in a step
         if node.op_type == "MatMulNBits":
             attrs = {k: helper.get_node_attr_value(node, k) for k in ("K", "N", "block_size")}
-            native = helper.make_node("Int8MatMul", list(node.input), [y], domain=CPU_DOMAIN, **attrs)
+            if int8_matmul(node):
+                native = helper.make_node("Int8MatMul", list(node.input), [y], domain=CPU_DOMAIN, **attrs)
+            else:
+                native = helper.make_node("IntDotMatMul", list(node.input), [y], domain=CPU_DOMAIN,
+                                          bits=helper.get_node_attr_value(node, "bits"), **attrs)
             step.append(native)
             if head_row:
                 copy = NodeProto()

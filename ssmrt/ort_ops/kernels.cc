@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -892,6 +893,327 @@ void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const f
         case 2: int8_columns_any<2>(a, q, scales, zp, y, m0, K, N, block, n0, n1); break;
         default: int8_columns_any<1>(a, q, scales, zp, y, m0, K, N, block, n0, n1); break;
       }
+    };
+    if (runs == 1)
+      run(0);
+    else
+      exec.run(runs, run);
+  }
+}
+
+}  // namespace ssmrt_cpu
+
+// ------------------------------------------------------------------------------------------ IntDotMatMul
+
+namespace ssmrt_cpu {
+namespace {
+
+// The sweep's code bytes are asked for this far ahead, into L2: in a two-thread harness of a 130M model's 4-bit
+// decode matmuls, 4096 bytes ahead streamed at the rate of a plain read of the same bytes, 1024 ~1.3x slower.
+constexpr int64_t kDotAhead = 4096;
+
+// A row of activations quantised as MatMulNBits at accuracy level 4 quantises it: per block of the weight's
+// block size along K, symmetric int8 codes round-to-nearest-even(a * 127 / max|a|), the block's scale max|a| / 127
+// (a block of zeros: codes and scale 0), zeros past K. Laid out for the dot products, in quads of four 32-code
+// chunks: `codes` for 8-bit weights in K order; for 4-bit weights, whose byte j of a chunk holds codes 2j (low
+// nibble) and 2j + 1, a quad's 64 even-indexed codes (16 a chunk, chunk by chunk) then its 64 odd ones, so that the
+// low and high nibbles of the quad's 64 code bytes meet their activations lane for lane. `scales`: 4 lanes a chunk,
+// its block's scale in each; `neg_sums`: 4 lanes a chunk, -(sum of the chunk's codes) in the low 16 bits of its
+// first lane (|sum| <= 32 * 127), the rest 0: the zero point's share, added with a 16-bit multiply. `natural`,
+// `chunk_sums`, `block_scales`: the codes in K order, the chunks' sums and the blocks' scales, for the chunks past
+// the last whole quad.
+struct QuantizedRow {
+  std::vector<int8_t> codes, natural;
+  std::vector<float> scales, block_scales;
+  std::vector<int32_t> neg_sums, chunk_sums;
+};
+
+void quantize_row(const float* a, int64_t K, int64_t block, int bits, QuantizedRow& row) {
+  const int64_t blocks = (K + block - 1) / block, chunks = blocks * block / 32, quads = (chunks + 3) / 4;
+  row.natural.assign(quads * 128, 0);
+  row.block_scales.assign(blocks, 0.0f);
+  row.chunk_sums.assign(chunks, 0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t k0 = b * block, valid = std::min(block, K - k0);
+    float amax = 0.0f;
+    for (int64_t i = 0; i < valid; ++i) amax = std::max(amax, std::fabs(a[k0 + i]));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int64_t i = 0; i < valid; ++i) {
+      const auto c = static_cast<int32_t>(std::nearbyint(a[k0 + i] * inv));
+      row.natural[k0 + i] = static_cast<int8_t>(c);
+      row.chunk_sums[(k0 + i) / 32] += c;
+    }
+    row.block_scales[b] = amax / 127.0f;
+  }
+  row.codes.assign(quads * 128, 0);
+  row.scales.assign(quads * 16, 0.0f);
+  row.neg_sums.assign(quads * 16, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t quad = c / 4, h = c % 4, b = c * 32 / block;
+    for (int j = 0; j < 4; ++j) row.scales[quad * 16 + h * 4 + j] = row.block_scales[b];
+    row.neg_sums[quad * 16 + h * 4] = static_cast<uint16_t>(static_cast<int16_t>(-row.chunk_sums[c]));
+    for (int i = 0; i < 32; ++i)
+      row.codes[bits == 4 ? quad * 128 + (i % 2) * 64 + h * 16 + i / 2 : c * 32 + i] = row.natural[c * 32 + i];
+  }
+}
+
+// The zero point of block b of column n (4-bit ones two a byte, the first in the low nibble; none: the middle).
+inline int zero_point(const uint8_t* zp, int bits, int64_t n, int64_t blocks, int64_t b) {
+  if (!zp) return 1 << (bits - 1);
+  if (bits == 8) return zp[n * blocks + b];
+  return (zp[n * ((blocks + 1) / 2) + b / 2] >> (4 * (b & 1))) & 0x0F;
+}
+
+// Chunks [c0, chunks) of column n for one row, in plain integers: the same sum the vector code makes of them.
+float dot_chunks(const QuantizedRow& row, const uint8_t* qn, const float* sn, const uint8_t* zp, int bits, int64_t n,
+                 int64_t blocks, int64_t block, int64_t c0, int64_t chunks) {
+  float sum = 0.0f;
+  for (int64_t c = c0; c < chunks; ++c) {
+    const int64_t b = c * 32 / block;
+    int32_t dot = 0;
+    for (int64_t i = c * 32; i < c * 32 + 32; ++i) {
+      const int code = bits == 8 ? qn[i] : (qn[i / 2] >> (4 * (i & 1))) & 0x0F;
+      dot += code * row.natural[i];
+    }
+    dot -= zero_point(zp, bits, n, blocks, b) * row.chunk_sums[c];
+    sum += static_cast<float>(dot) * (sn[b] * row.block_scales[b]);
+  }
+  return sum;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SSMRT_DOT_512 1
+// Columns [n0, n1) for rows [m0, m0 + kRows): each quad of chunks in 512-bit registers, 64 code bytes of 4-bit
+// weights or 128 of 8-bit ones. Per chunk 4 int32 lanes: u8 codes times int8 activations (vpdpbusd), then the zero
+// point times -(the block's activation sum) (vpdpwssd), exact: |lane| < 2^24, so converting it to float is too;
+// then times the weight's and the activation's scales, summed in float32.
+template <int kRows, int kBits>
+void dot_columns(const QuantizedRow* rows, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
+                 int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0, int64_t n1) {
+  const int64_t blocks = (K + block - 1) / block, chunks = blocks * block / 32, quads = chunks / 4;
+  const int64_t col_bytes = blocks * block * kBits / 8, zstride = kBits == 8 ? blocks : (blocks + 1) / 2;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  // lane group h (chunk h of the quad) reads the scale and zero point of block (c + h) * 32 / block - c * 32 / block
+  const int per = static_cast<int>(block / 32);  // chunks a block, a power of two
+  const int per_shift = __builtin_ctz(static_cast<unsigned>(per));  // a shift, not a division, in the sweep
+  alignas(64) int32_t group_block[16];
+  for (int l = 0; l < 16; ++l) group_block[l] = (l / 4) / per;
+  const __m512i sidx = _mm512_load_si512(group_block);
+  const __m512i zshift = kBits == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12)
+                                    : _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
+  const __m512i zmask = _mm512_set1_epi32(kBits == 4 ? 0x0F : 0xFF);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qn = q + n * col_bytes;
+    const float* sn = scales + n * blocks;
+    __m512 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t quad = 0; quad < quads; ++quad) {
+      const int64_t c = quad * 4, b0 = c >> per_shift;
+      __m512i lo, hi;
+      if constexpr (kBits == 4) {
+        _mm_prefetch(reinterpret_cast<const char*>(qn + quad * 64 + kDotAhead), kWeightPrefetch);
+        const __m512i raw = _mm512_loadu_si512(qn + quad * 64);
+        lo = _mm512_and_si512(raw, nibble);
+        hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+      } else {
+        _mm_prefetch(reinterpret_cast<const char*>(qn + quad * 128 + kDotAhead), kWeightPrefetch);
+        _mm_prefetch(reinterpret_cast<const char*>(qn + quad * 128 + kDotAhead + 64), kWeightPrefetch);
+        lo = _mm512_loadu_si512(qn + quad * 128);
+        hi = _mm512_loadu_si512(qn + quad * 128 + 64);
+      }
+      // each chunk's lanes: the zero point of its block (read in the low 16 bits of the first lane)
+      __m512i zv;
+      if (!zp) {
+        zv = _mm512_set1_epi32(1 << (kBits - 1));
+      } else if (per == 1) {
+        uint32_t packed = 0;
+        std::memcpy(&packed, zp + n * zstride + (kBits == 4 ? c / 2 : c), kBits == 4 ? 2 : 4);
+        zv = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int32_t>(packed)), zshift), zmask);
+      } else {
+        zv = _mm512_set1_epi32(zero_point(zp, kBits, n, blocks, b0));
+        if (per == 2)
+          zv = _mm512_mask_mov_epi32(zv, 0xFF00, _mm512_set1_epi32(zero_point(zp, kBits, n, blocks, b0 + 1)));
+      }
+      // the quad's blocks' scales (4, 2 or 1 of them; a masked load of them measured ~1.8x slower overall)
+      const __m128 s4 = per == 1   ? _mm_loadu_ps(sn + b0)
+                        : per == 2 ? _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sn + b0)))
+                                   : _mm_set1_ps(sn[b0]);
+      const __m512 sw = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(s4));
+      for (int r = 0; r < kRows; ++r) {
+        const QuantizedRow& row = rows[m0 + r];
+        __m512i d;
+        if constexpr (kBits == 4) {
+          d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(row.codes.data() + quad * 128));
+          d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(row.codes.data() + quad * 128 + 64));
+        } else {  // each register two chunks of 8 lanes: the halves of each chunk's lanes added into 4
+          const __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
+                                                 _mm512_loadu_si512(row.codes.data() + quad * 128));
+          const __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi,
+                                                 _mm512_loadu_si512(row.codes.data() + quad * 128 + 64));
+          d = _mm512_add_epi32(_mm512_shuffle_i64x2(d0, d1, 0x88), _mm512_shuffle_i64x2(d0, d1, 0xDD));
+        }
+        d = _mm512_dpwssd_epi32(d, zv, _mm512_loadu_si512(row.neg_sums.data() + quad * 16));
+        const __m512 scale = _mm512_mul_ps(sw, _mm512_loadu_ps(row.scales.data() + quad * 16));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc[r]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      y[(m0 + r) * N + n] = _mm512_reduce_add_ps(acc[r]);
+      if (quads * 4 < chunks)
+        y[(m0 + r) * N + n] += dot_chunks(rows[m0 + r], qn, sn, zp, kBits, n, blocks, block, quads * 4, chunks);
+    }
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SSMRT_DOT_256 1
+// u8 x int8 products four a lane (vpdpbusd) and 16-bit ones two a lane (vpdpwssd): AVX-VNNI's where the compiler
+// targets it, else AVX2's vpmaddubsw / vpmaddwd, exact for codes under 16 (pairs of products stay within int16),
+// which is why 8-bit codes go in as their two nibbles there.
+#if defined(__AVXVNNI__)
+inline __m256i dot_u8_i8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+inline __m256i dot_byte_codes(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_avx_epi32(acc, a, b); }
+#else
+inline __m256i dot_u8_i8(__m256i acc, __m256i u, __m256i s) {  // u < 16
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+inline __m256i dot_byte_codes(__m256i acc, __m256i u, __m256i s) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i lo = dot_u8_i8(_mm256_setzero_si256(), _mm256_and_si256(u, nibble), s);
+  const __m256i hi = dot_u8_i8(_mm256_setzero_si256(), _mm256_and_si256(_mm256_srli_epi16(u, 4), nibble), s);
+  return _mm256_add_epi32(acc, _mm256_add_epi32(lo, _mm256_slli_epi32(hi, 4)));
+}
+inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+#endif
+
+// As the AVX-512 dot_columns below the #else, each quad as two pairs of chunks in 256-bit registers.
+template <int kRows, int kBits>
+void dot_columns(const QuantizedRow* rows, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
+                 int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0, int64_t n1) {
+  const int64_t blocks = (K + block - 1) / block, chunks = blocks * block / 32, quads = chunks / 4;
+  const int64_t col_bytes = blocks * block * kBits / 8, zstride = kBits == 8 ? blocks : (blocks + 1) / 2;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const int per = static_cast<int>(block / 32);  // chunks a block, a power of two
+  const int per_shift = __builtin_ctz(static_cast<unsigned>(per));
+  const __m256i pair_idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i zshift = _mm256_setr_epi32(0, 0, 0, 0, kBits, kBits, kBits, kBits);
+  const __m256i zmask = _mm256_set1_epi32(kBits == 4 ? 0x0F : 0xFF);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qn = q + n * col_bytes;
+    const float* sn = scales + n * blocks;
+    __m256 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t quad = 0; quad < quads; ++quad) {
+      if constexpr (kBits == 4) {
+        _mm_prefetch(reinterpret_cast<const char*>(qn + quad * 64 + kDotAhead), kWeightPrefetch);
+      } else {
+        _mm_prefetch(reinterpret_cast<const char*>(qn + quad * 128 + kDotAhead), kWeightPrefetch);
+        _mm_prefetch(reinterpret_cast<const char*>(qn + quad * 128 + kDotAhead + 64), kWeightPrefetch);
+      }
+      for (int h = 0; h < 2; ++h) {  // chunks c, c + 1 of the quad's four
+        const int64_t c = quad * 4 + 2 * h, b0 = c >> per_shift;
+        __m256i lo, hi;
+        if constexpr (kBits == 4) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn + c * 16));
+          lo = _mm256_and_si256(raw, nibble);
+          hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+        } else {
+          lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn + c * 32));
+          hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qn + c * 32 + 32));
+        }
+        __m256i zv;  // each chunk's lanes: its block's zero point
+        if (!zp) {
+          zv = _mm256_set1_epi32(1 << (kBits - 1));
+        } else if (per == 1) {
+          uint32_t packed = 0;
+          std::memcpy(&packed, zp + n * zstride + (kBits == 4 ? c / 2 : c), kBits == 4 ? 1 : 2);
+          zv = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(packed)), zshift), zmask);
+        } else {
+          zv = _mm256_set1_epi32(zero_point(zp, kBits, n, blocks, b0));
+        }
+        const __m256 sw = per == 1 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(
+                                         _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sn + b0)))), pair_idx)
+                                   : _mm256_set1_ps(sn[b0]);
+        for (int r = 0; r < kRows; ++r) {
+          const QuantizedRow& row = rows[m0 + r];
+          const int8_t* codes = row.codes.data() + quad * 128;
+          __m256i d;
+          if constexpr (kBits == 4) {
+            d = dot_u8_i8(_mm256_setzero_si256(), lo,
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * h)));
+            d = dot_u8_i8(d, hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 + 32 * h)));
+          } else {
+            const __m256i d0 = dot_byte_codes(_mm256_setzero_si256(), lo,
+                                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 * h)));
+            const __m256i d1 = dot_byte_codes(
+                _mm256_setzero_si256(), hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 * h + 32)));
+            d = _mm256_add_epi32(_mm256_permute2x128_si256(d0, d1, 0x20), _mm256_permute2x128_si256(d0, d1, 0x31));
+          }
+          const int32_t* neg_sums = row.neg_sums.data() + quad * 16 + 8 * h;
+          d = dot_i16(d, zv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(neg_sums)));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d),
+                                   _mm256_mul_ps(sw, _mm256_loadu_ps(row.scales.data() + quad * 16 + 8 * h)), acc[r]);
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      y[(m0 + r) * N + n] = hsum8(acc[r]);
+      if (quads * 4 < chunks)
+        y[(m0 + r) * N + n] += dot_chunks(rows[m0 + r], qn, sn, zp, kBits, n, blocks, block, quads * 4, chunks);
+    }
+  }
+}
+#else
+// Without AVX2: the same sums chunk by chunk in plain integers (dot_chunks).
+template <int kRows, int kBits>
+void dot_columns(const QuantizedRow* rows, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
+                 int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0, int64_t n1) {
+  const int64_t blocks = (K + block - 1) / block, chunks = blocks * block / 32;
+  const int64_t col_bytes = blocks * block * kBits / 8;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int r = 0; r < kRows; ++r)
+      y[(m0 + r) * N + n] = dot_chunks(rows[m0 + r], q + n * col_bytes, scales + n * blocks, zp, kBits, n, blocks,
+                                       block, 0, chunks);
+}
+#endif
+
+template <int kBits>
+void dot_columns_rows(int64_t rows_here, const QuantizedRow* rows, const uint8_t* q, const float* scales,
+                      const uint8_t* zp, float* y, int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0,
+                      int64_t n1) {
+  switch (rows_here) {
+    case 4: dot_columns<4, kBits>(rows, q, scales, zp, y, m0, K, N, block, n0, n1); break;
+    case 3: dot_columns<3, kBits>(rows, q, scales, zp, y, m0, K, N, block, n0, n1); break;
+    case 2: dot_columns<2, kBits>(rows, q, scales, zp, y, m0, K, N, block, n0, n1); break;
+    default: dot_columns<1, kBits>(rows, q, scales, zp, y, m0, K, N, block, n0, n1); break;
+  }
+}
+
+}  // namespace
+
+bool int_dot_vectorised() {
+#if defined(SSMRT_DOT_512) || defined(SSMRT_DOT_256)
+  return true;
+#else
+  return false;
+#endif
+}
+
+void int_dot_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
+                    float* y, int64_t M, int64_t K, int64_t N, int64_t block, int bits) {
+  if (M == 0 || N == 0) return;
+  std::vector<QuantizedRow> rows(M);
+  for (int64_t m = 0; m < M; ++m) quantize_row(a + m * K, K, block, bits, rows[m]);
+  constexpr int64_t kRuns = 8, kMinWork = 8192, kRows = 4;  // as int8_matmul
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    const int64_t here = std::min(kRows, M - m0);
+    const int64_t runs = std::max<int64_t>(1, std::min({kRuns, N, N * K * here / kMinWork}));
+    auto run = [&](int64_t c) {
+      const int64_t n0 = c * N / runs, n1 = (c + 1) * N / runs;
+      if (bits == 4)
+        dot_columns_rows<4>(here, rows.data(), q, scales, zp, y, m0, K, N, block, n0, n1);
+      else
+        dot_columns_rows<8>(here, rows.data(), q, scales, zp, y, m0, K, N, block, n0, n1);
     };
     if (runs == 1)
       run(0);

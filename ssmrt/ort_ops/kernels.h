@@ -71,6 +71,21 @@ void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt,
 void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
                  float* y, int64_t M, int64_t K, int64_t N, int64_t block);
 
+// IntDotMatMul (ssmrt.cpu domain; never in an artifact: the runner puts it in the decode step of an artifact with
+// int8 activations, in place of MatMulNBits). y (M, N) = quantise(a) (M, K) @ W (K, N), W in MatMulNBits' layout
+// of `bits` 8 or 4: q (N, ceil(K / block), block * bits / 8) uint8 (4 bits: two codes a byte, the first in the low
+// nibble), scales (N, ceil(K / block)) float32, zp (N, ceil(K / block)) uint8, for 4 bits (N, ceil(K / block / 2))
+// two a byte, or null (the middle code); block a power of two from 32. quantise(a): each block of a row's K as
+// int8 codes, as MatMulNBits at accuracy level 4 quantises it (symmetric, round(a * 127 / max|a|), scale
+// max|a| / 127); the codes' products with the weight's in integers, exact per 32 codes, then scaled and summed in
+// float32. Written for a decode step's few rows: the weight is streamed once per four rows, at the rate of a plain
+// read of its bytes where the compiler targets AVX-512 VNNI or AVX2 (plain integer loops otherwise).
+void int_dot_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
+                    float* y, int64_t M, int64_t K, int64_t N, int64_t block, int bits);
+// Whether int_dot_matmul was compiled with vector instructions: the runner routes to it only then (ONNX Runtime's
+// own kernel beats the plain integer loops).
+bool int_dot_vectorised();
+
 }  // namespace ssmrt_cpu
 
 namespace ssmrt_cpu {

@@ -513,46 +513,58 @@ Status* half_matmul_compute(void* kernel, KernelContext* ctx) {
   return nullptr;
 }
 
-// ------------------------------------------------------------------------------------------ Int8MatMul
+// ------------------------------------------------------------------------------------------ Int8MatMul, IntDotMatMul
 //
 // ssmrt.cpu::Int8MatMul(A (..., K) float32, B (N, ceil(K / block_size), block_size) uint8, scales (N, blocks)
 // or (N * blocks,) float32, zero_points the same uint8, optional) -> Y (..., N) float32, attributes K, N,
 // block_size: what com.microsoft::MatMulNBits computes with bits 8 and float32 activations (accuracy level 0), on
-// the same initializers. Not an artifact op: the ONNX Runtime runner routes the decode step's MatMulNBits of an
-// artifact with 8-bit weights and float32 activations here (ONNX Runtime's own kernel for that case takes many
-// times a float32 step; kernels.h says what this one reads).
+// the same initializers.
+// ssmrt.cpu::IntDotMatMul: the same inputs for an attribute bits of 8 or 4 (B (N, blocks, block_size / 2), two
+// codes a byte; zero points (N, ceil(blocks / 2)) or flat, two a byte), block_size a power of two from 32: what
+// MatMulNBits computes with int8 activations (accuracy level 4).
+// Neither is an artifact op: the ONNX Runtime runner routes a quantised artifact's decode-step MatMulNBits to them
+// (kernels.h says what each reads and why).
 
-struct Int8MatMulKernel {
+struct NBitsKernel {
   Calls api;
-  int64_t K = 0, N = 0, block = 0;
+  const char* op;
+  int64_t K = 0, N = 0, block = 0, bits = 8;
+  bool int_dot = false;
 };
 
-Status* int8_matmul_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info,
-                           void** out) {
+template <bool kIntDot>
+Status* nbits_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
   Calls api(raw);
-  int64_t v[3] = {0, 0, 0};
-  const char* names[3] = {"K", "N", "block_size"};
-  for (int i = 0; i < 3; ++i) {
-    if (Status* s = api.KernelInfoGetAttributeInt64(info, names[i], &v[i])) api.ReleaseStatus(s);  // absent: 0
+  const char* op = kIntDot ? "ssmrt.cpu::IntDotMatMul" : "ssmrt.cpu::Int8MatMul";
+  int64_t v[4] = {0, 0, 0, 8};
+  const char* names[4] = {"K", "N", "block_size", "bits"};
+  for (int i = 0; i < (kIntDot ? 4 : 3); ++i) {
+    if (Status* s = api.KernelInfoGetAttributeInt64(info, names[i], &v[i])) api.ReleaseStatus(s);  // absent: default
     if (v[i] < 1)
-      return api.CreateStatus(ssmrt_ort::kInvalidArgument,
-                              ("ssmrt.cpu::Int8MatMul: attribute " + std::string(names[i]) +
-                               " must be 1 or more, got " + std::to_string(v[i])).c_str());
+      return api.CreateStatus(ssmrt_ort::kInvalidArgument, (std::string(op) + ": attribute " + names[i] +
+                                                            " must be 1 or more, got " + std::to_string(v[i])).c_str());
   }
-  *out = new Int8MatMulKernel{api, v[0], v[1], v[2]};
+  if (kIntDot && v[3] != 4 && v[3] != 8)
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument,
+                            (std::string(op) + ": attribute bits must be 4 or 8, got " + std::to_string(v[3])).c_str());
+  if (kIntDot && (v[2] < 32 || (v[2] & (v[2] - 1)) != 0))
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument, (std::string(op) + ": attribute block_size must be a power "
+                                                          "of two from 32, got " + std::to_string(v[2])).c_str());
+  *out = new NBitsKernel{api, op, v[0], v[1], v[2], v[3], kIntDot};
   return nullptr;
 }
 
-Status* int8_matmul_compute(void* kernel, KernelContext* ctx) {
-  auto* k = static_cast<Int8MatMulKernel*>(kernel);
+Status* nbits_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<NBitsKernel*>(kernel);
   const Calls& api = k->api;
   auto error = [&](const std::string& msg) {
-    return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::Int8MatMul: " + msg).c_str());
+    return api.CreateStatus(ssmrt_ort::kInvalidArgument, (std::string(k->op) + ": " + msg).c_str());
   };
   const int64_t blocks = (k->K + k->block - 1) / k->block;
+  const int64_t zp_cols = k->bits == 8 ? blocks : (blocks + 1) / 2;  // 4-bit zero points two a byte
   const char* names[4] = {"A", "B", "scales", "zero_points"};
   const int types[4] = {ssmrt_ort::kFloat32, ssmrt_ort::kUint8, ssmrt_ort::kFloat32, ssmrt_ort::kUint8};
-  const std::vector<int64_t> want[4] = {{}, {k->N, blocks, k->block}, {k->N, blocks}, {k->N, blocks}};
+  const std::vector<int64_t> want[4] = {{}, {k->N, blocks, k->block * k->bits / 8}, {k->N, blocks}, {k->N, zp_cols}};
   const void* data[4] = {nullptr, nullptr, nullptr, nullptr};
   std::vector<int64_t> shape[4];
   for (size_t i = 0; i < 4; ++i) {
@@ -566,12 +578,13 @@ Status* int8_matmul_compute(void* kernel, KernelContext* ctx) {
     SSMRT_TRY(type_and_shape(api, value, &type, &shape[i]));
     if (type != types[i])
       return error(std::string(names[i]) + " must be " + (types[i] == ssmrt_ort::kUint8 ? "uint8" : "float32"));
-    // scales and zero points may also be flat, (N * blocks,), as MatMulNBits takes them from older quantisers
-    const bool flat = i >= 2 && shape[i] == std::vector<int64_t>{k->N * blocks};
+    // scales and zero points may also be flat, as MatMulNBits takes them from older quantisers
+    const bool flat = i >= 2 && shape[i] == std::vector<int64_t>{want[i][0] * want[i][1]};
     if (i > 0 && shape[i] != want[i] && !flat)
       return error(std::string(names[i]) + " must be " + shape_str(want[i]) + (i >= 2 ? " or flat" : "") + " (N " +
                    std::to_string(k->N) + ", K " + std::to_string(k->K) + ", block_size " +
-                   std::to_string(k->block) + "), got " + shape_str(shape[i]));
+                   std::to_string(k->block) + (k->int_dot ? ", bits " + std::to_string(k->bits) : "") + "), got " +
+                   shape_str(shape[i]));
     void* p = nullptr;
     SSMRT_TRY(api.GetTensorMutableData(const_cast<Value*>(value), &p));
     data[i] = p;
@@ -586,9 +599,15 @@ Status* int8_matmul_compute(void* kernel, KernelContext* ctx) {
   SSMRT_TRY(api.KernelContextGetOutput(ctx, 0, out_shape.data(), out_shape.size(), &out));
   void* y = nullptr;
   SSMRT_TRY(api.GetTensorMutableData(out, &y));
-  ssmrt_cpu::int8_matmul(PoolExecutor(api, ctx), static_cast<const float*>(data[0]),
-                         static_cast<const uint8_t*>(data[1]), static_cast<const float*>(data[2]),
-                         static_cast<const uint8_t*>(data[3]), static_cast<float*>(y), M, k->K, k->N, k->block);
+  const auto* a = static_cast<const float*>(data[0]);
+  const auto* q = static_cast<const uint8_t*>(data[1]);
+  const auto* scales = static_cast<const float*>(data[2]);
+  const auto* zp = static_cast<const uint8_t*>(data[3]);
+  if (k->int_dot)
+    ssmrt_cpu::int_dot_matmul(PoolExecutor(api, ctx), a, q, scales, zp, static_cast<float*>(y), M, k->K, k->N,
+                              k->block, static_cast<int>(k->bits));
+  else
+    ssmrt_cpu::int8_matmul(PoolExecutor(api, ctx), a, q, scales, zp, static_cast<float*>(y), M, k->K, k->N, k->block);
   return nullptr;
 }
 
@@ -991,18 +1010,21 @@ constexpr bool kHalfMatMulFlags[] = {false, false};
 constexpr OpContract kHalfMatMul{"HalfMatMul", 2, 1, kHalfMatMulFlags, kHalfMatMulFlags, kHalfMatMulFlags};
 const Op kHalfMatMulOp =
     make_op<kHalfMatMul, ssmrt_ort::kFloat16>(half_matmul_create, half_matmul_compute, destroy<HalfMatMulKernel>);
-constexpr bool kInt8MatMulOptional[] = {false, false, false, true};
-constexpr bool kInt8MatMulFp32[] = {true, false, true, false};
-constexpr OpContract kInt8MatMul{"Int8MatMul", 4, 1, kInt8MatMulOptional, kInt8MatMulFp32, kInt8MatMulFp32};
-Op make_int8_matmul() {
-  Op op = make_op<kInt8MatMul>(int8_matmul_create, int8_matmul_compute, destroy<Int8MatMulKernel>);
+constexpr bool kNBitsOptional[] = {false, false, false, true};
+constexpr bool kNBitsFp32[] = {true, false, true, false};
+constexpr OpContract kInt8MatMul{"Int8MatMul", 4, 1, kNBitsOptional, kNBitsFp32, kNBitsFp32};
+constexpr OpContract kIntDotMatMul{"IntDotMatMul", 4, 1, kNBitsOptional, kNBitsFp32, kNBitsFp32};
+template <const OpContract& C, bool kIntDot>
+Op make_nbits_matmul() {
+  Op op = make_op<C>(nbits_create<kIntDot>, nbits_compute, destroy<NBitsKernel>);
   op.GetInputType = [](const Op*, size_t i) -> int {
     return i == 1 || i == 3 ? ssmrt_ort::kUint8 : ssmrt_ort::kFloat32;
   };
   op.GetOutputType = float32_type;
   return op;
 }
-const Op kInt8MatMulOp = make_int8_matmul();
+const Op kInt8MatMulOp = make_nbits_matmul<kInt8MatMul, false>();
+const Op kIntDotMatMulOp = make_nbits_matmul<kIntDotMatMul, true>();
 template <int Act>
 Op ssd_mixer_op() {
   return make_op<kSsdMixer, Act>(ssd_mixer_create<Act>, ssd_mixer_compute, destroy<SsdMixerKernel>);
@@ -1050,6 +1072,10 @@ extern "C" __attribute__((visibility("default"))) void SsmrtHalfConvert(const vo
     ssmrt_half::from_float(static_cast<const float*>(in), static_cast<uint16_t*>(out), n, portable != 0);
 }
 
+// 1 where IntDotMatMul runs on vector instructions on this build (ssmrt.ort_ops.int_dot_vectorised asks).
+extern "C" __attribute__((visibility("default"))) int SsmrtIntDotVectorised() {
+  return ssmrt_cpu::int_dot_vectorised() ? 1 : 0;
+}
 extern "C" __attribute__((visibility("default"))) int SsmrtPoolThreadsSeen() { return g_threads_seen.load(); }
 extern "C" __attribute__((visibility("default"))) void SsmrtPoolThreadsReset() {
   g_threads_seen.store(0);
@@ -1084,7 +1110,7 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
                             &kOpVariants[5]});
   static ssmrt_ort::CustomOpDomain* const probe = make_domain("ssmrt.abi_probe", {&kAbiProbeOp});
   static ssmrt_ort::CustomOpDomain* const cpu =
-      make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kInt8MatMulOp, &kSsdMixerOps[0], &kSsdMixerOps[1],
+      make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kInt8MatMulOp, &kIntDotMatMulOp, &kSsdMixerOps[0], &kSsdMixerOps[1],
                                 &kAddRmsNormOps[0], &kAddRmsNormOps[1], &kSelectiveMixerOp});
   if (domain == nullptr || probe == nullptr || cpu == nullptr)
     return api.CreateStatus(ssmrt_ort::kFail, "ssmrt: ONNX Runtime refused the ssmrt custom-op domain");

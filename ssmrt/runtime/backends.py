@@ -243,8 +243,8 @@ class OnnxRuntimeRunner(Runner):
     cannot; "off" always runs the bodies. `self.native_ops` lists the ops running natively.
     fuse: with the native ops, run each Mamba-2 mixer's middle, each block's residual add and norm and a float16
     Mamba-1 decode step's mixer middles as one native node each (ssmrt.ort_ops.fusion); False leaves those nodes
-    as exported, one native node per ssmrt op (the decode matmuls of a float16 graph, or of an int8 one with float32
-    activations, are still routed to HalfMatMul or Int8MatMul)."""
+    as exported, one native node per ssmrt op (the decode matmuls of a float16 or a quantised graph are still routed
+    to HalfMatMul, Int8MatMul or IntDotMatMul)."""
 
     name = "onnxruntime"
 
@@ -379,20 +379,25 @@ class OnnxRuntimeRunner(Runner):
         (fuse_add_rmsnorms) and, in a float16 artifact, its decode step's weight MatMuls on the library's
         HalfMatMul (route_decode_matmuls) and that step's Mamba-1 mixers as SelectiveMixer nodes
         (fuse_selective_mixers); in an int8 artifact with float32 activations, its decode step's MatMulNBits on
-        Int8MatMul (route_decode_matmuls). As bytes for ONNX Runtime; None (load the file as it is) where none
+        Int8MatMul, and in an int8 or int4 one with int8 activations on IntDotMatMul where the library has its
+        vector code (route_decode_matmuls). As bytes for ONNX Runtime; None (load the file as it is) where none
         applies.
         `self.fused_mixers`, `self.fused_step_mixers`, `self.fused_norms` and `self.decode_matmuls` count them;
         `self.half_matmul_threads` is the pool size the matmuls are told."""
         mixers = self.fuse and {"CausalConv1d", "SSDScan"} <= set(self.native_ops)
         step_mixers = self.fuse and {"CausalConv1d", "SelectiveScan"} <= set(self.native_ops)
-        half = meta["export"].get("dtype") == "float16"
-        # 8-bit weights: the routing takes the MatMulNBits with float32 activations, and leaves int8-activation ones
-        weights = meta["export"].get("weights")
-        int8 = isinstance(weights, dict) and weights.get("bits") == 8
-        self.decode_matmul_op = "HalfMatMul" if half else "Int8MatMul"
-
         from .. import ort_ops
 
+        half = meta["export"].get("dtype") == "float16"
+        # quantised weights: 8-bit ones with float32 activations go to Int8MatMul, int8-activation ones to
+        # IntDotMatMul where it runs on vector instructions (else ONNX Runtime's kernel is the faster)
+        weights = meta["export"].get("weights")
+        quantised = isinstance(weights, dict) and weights.get("bits") in (4, 8)
+        int_dot = quantised and weights.get("activations") == "int8" and ort_ops.int_dot_vectorised()
+        if half:
+            self.decode_matmul_op = "HalfMatMul"
+        elif quantised:
+            self.decode_matmul_op = "IntDotMatMul" if weights.get("activations") == "int8" else "Int8MatMul"
         if half:
             from .limits import physical_cores
 
@@ -407,8 +412,9 @@ class OnnxRuntimeRunner(Runner):
         stages = [("SSDMixer", mixers, "fused_mixers", ort_ops.fuse_ssd_mixers),
                   ("AddRMSNorm", self.fuse, "fused_norms",
                    lambda model: ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))),
-                  ("routing", half or int8, "decode_matmuls",
-                   lambda model: ort_ops.route_decode_matmuls(model, self.half_matmul_threads, last_only=last_only)),
+                  ("routing", half or quantised, "decode_matmuls",
+                   lambda model: ort_ops.route_decode_matmuls(model, self.half_matmul_threads, last_only=last_only,
+                                                              int_dot=int_dot)),
                   ("SelectiveMixer", step_mixers, "fused_step_mixers", ort_ops.fuse_selective_mixers)]
         skipped: set[str] = set()
 
