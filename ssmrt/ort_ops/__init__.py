@@ -219,10 +219,10 @@ def _run(cmd: list[str], source: Path) -> None:
 # com.microsoft::MatMulNBits nodes at accuracy level 0, for which ONNX Runtime's CPU kernel takes many times a
 # float32 step (no fast 8-bit kernel with float32 sums). Its decode step goes the same way, to ssmrt.cpu::Int8MatMul
 # on the same initializers; a prompt keeps MatMulNBits, whose many rows amortise what it spends on the weights.
-# With int8 activations (accuracy level 4, the default) ONNX Runtime's kernel is fast, but its single-row sweep of
-# 4-bit weights reads them at ~0.7x the rate of a plain read of their bytes (8-bit ~0.85x) in the harness on an AMD
-# EPYC; ssmrt.cpu::IntDotMatMul computes the same scheme (its activation codes and integer sums, to float32
-# rounding) at that rate, so the decode step goes to it where the library has its vector code.
+# With int8 activations (accuracy level 4, the default) ONNX Runtime's kernel is fast, but in a 130M model's decode
+# step it took ~1.3x (4-bit weights) and ~1.15x (8-bit) the time of ssmrt.cpu::IntDotMatMul, which computes the same
+# scheme (its activation codes and integer sums, to float32 rounding) at about the rate of a plain read of the
+# weights' bytes (benchmarks/RESULTS.md); the decode step goes to it where the library has its vector code.
 CPU_DOMAIN = "ssmrt.cpu"  # the ops no artifact holds: HalfMatMul, Int8MatMul, IntDotMatMul and the fused ones
 DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
 
