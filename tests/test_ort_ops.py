@@ -524,6 +524,19 @@ def test_int8_matmul(batch, seqlen, K, N, block, zero_points):
                  name="Int8MatMul against MatMulNBits")
 
 
+def threads_seen(lib, session, feeds, threads: int):
+    """(the most distinct threads the library saw run pieces in one run, that run's outputs), running until it has
+    seen `threads` or 20 times: the pool's second thread may find the pieces all taken in a short run."""
+    best = 0
+    for _ in range(20):
+        lib.SsmrtPoolThreadsReset()
+        outs = session.run(None, feeds)
+        best = max(best, lib.SsmrtPoolThreadsSeen())
+        if best >= threads:
+            break
+    return best, outs
+
+
 def test_int8_matmul_threads():
     """Int8MatMul's column runs spread over the session's threads (counted by the library), each column's sum one
     thread's in a fixed order: a pool of one and of two give the reference's values and the same bits."""
@@ -536,14 +549,7 @@ def test_int8_matmul_threads():
     results, seen = [], {}
     for threads in (1, 2):
         session = library_session(model, threads)
-        counts = []
-        for _ in range(20):  # the pool's second thread may find the pieces all taken in a short run
-            lib.SsmrtPoolThreadsReset()
-            (y,) = session.run(None, ops)
-            counts.append(lib.SsmrtPoolThreadsSeen())
-            if counts[-1] >= threads:
-                break
-        seen[threads] = max(counts)
+        seen[threads], (y,) = threads_seen(lib, session, ops, threads)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
         results.append(y)
     assert seen == {1: 1, 2: 2}, seen
@@ -636,12 +642,14 @@ def int_dot_ref(a, bits, b, scales, zero_points=None):
     return terms.sum(-1).reshape(shape), size.sum(-1).reshape(shape), plain.reshape(shape)
 
 
-# (batch, seqlen, K, N, block): the 130M models' in_proj / out_proj / head sizes in a decode step, rows more than
-# the four that share a pass, K not a multiple of the block or of a quad of 32-code chunks (the scalar tail), blocks
-# of 64 / 128 / 256 (two, one and half a block a quad), N odd
+# (batch, seqlen, K, N, block): the 130M models' in_proj / out_proj / head sizes in a decode step; rows more than
+# the four that share a pass; whole quads of 32-code chunks and then a tail of 1-3 chunks on the plain loop (K 160:
+# five blocks, so 4-bit zero points end in half a byte; K 192 in blocks of 64; K 200 in one block of 512), only the
+# tail (K 96, 37), K not a multiple of 32 (100, 37, 300, 1000); blocks of 64 / 128 / 256 / 512 (two, one, half and
+# a quarter of a block a quad); N odd
 INT_DOT_SHAPES = [(1, 1, 768, 3352, 32), (1, 1, 1536, 768, 32), (1, 1, 768, 50280, 32), (2, 1, 100, 37, 32),
                   (3, 5, 96, 13, 32), (1, 3, 300, 20, 128), (2, 1, 37, 9, 64), (1, 2, 1000, 50, 256),
-                  (1, 1, 200, 30, 64)]
+                  (1, 1, 160, 37, 32), (2, 1, 192, 20, 64), (1, 1, 200, 9, 512)]
 
 
 @pytest.mark.parametrize("batch,seqlen,K,N,block", INT_DOT_SHAPES)
@@ -677,14 +685,7 @@ def test_int_dot_matmul_threads():
     results, seen = [], {}
     for threads in (1, 2):
         session = library_session(model, threads)
-        counts = []
-        for _ in range(20):  # as in test_int8_matmul_threads
-            lib.SsmrtPoolThreadsReset()
-            (y,) = session.run(None, {"a": a})
-            counts.append(lib.SsmrtPoolThreadsSeen())
-            if counts[-1] >= threads:
-                break
-        seen[threads] = max(counts)
+        seen[threads], (y,) = threads_seen(lib, session, {"a": a}, threads)
         results.append(y)
     assert seen == {1: 1, 2: 2}, seen
     assert np.array_equal(*results)
@@ -715,11 +716,32 @@ def test_int_dot_matmul_errors():
         with pytest.raises(Exception, match=f"IntDotMatMul: attribute {why}"):
             library_session(int_dot_model("IntDotMatMul", 64, 8, attrs.get("block_size", 32), attrs.get("bits", 4),
                                           weights))
+    with pytest.raises(Exception, match="IntDotMatMul: attribute bits must be 4 or 8, got 0"):
+        library_session(int_dot_model("IntDotMatMul", 64, 8, 32, 0, weights))
 
 
-# Builds of the library for the instruction sets other CPUs have, on this one (x86-64): the AVX2 code with AVX-VNNI's
-# dot products, with AVX2's own, and the plain integer loops.
-OTHER_BUILDS = {"avx-vnni": "-mno-avx512f", "avx2": "-mno-avx512f -mno-avxvnni", "no-avx": "-mno-avx"}
+def cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU's instruction sets from")
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def expected_int_dot_path(flags: set[str]) -> str:
+    """The code IntDotMatMul's build for a CPU with these flags compiles (-march=native)."""
+    if not {"avx2", "fma"} <= flags:
+        return "scalar"
+    if {"avx512_vnni", "avx512bw", "avx512vl"} <= flags:
+        return "avx512-vnni"
+    return "avx-vnni" if "avx_vnni" in flags else "avx2"
+
+
+# Builds of the library for the instruction sets other CPUs have, on this one (x86-64): flags the wrapper adds,
+# and the CPU flags they take away
+OTHER_BUILDS = {"avx-vnni": ("-mno-avx512f", {"avx512_vnni"}),
+                "avx2": ("-mno-avx512f -mno-avxvnni", {"avx512_vnni", "avx_vnni"}),
+                "no-avx": ("-mno-avx", {"avx2"})}
 
 
 @pytest.mark.slow
@@ -727,7 +749,7 @@ OTHER_BUILDS = {"avx-vnni": "-mno-avx512f", "avx2": "-mno-avx512f -mno-avxvnni",
 def test_int_dot_matmul_on_other_instruction_sets(build, tmp_path):
     """test_int_dot_matmul's cases against a library built without AVX-512 (and AVX-VNNI, and AVX): the code paths
     this CPU's own build never takes, compiled with the same compiler ($CXX through a wrapper adding the flags) into
-    a separate cache, run in a child process."""
+    a separate cache, run in a child process; the build says which code it compiled."""
     import os
     import platform
     import subprocess
@@ -735,9 +757,10 @@ def test_int_dot_matmul_on_other_instruction_sets(build, tmp_path):
 
     if platform.machine() != "x86_64":
         pytest.skip("the flags are x86-64 ones")
+    flags, removed = OTHER_BUILDS[build]
     compiler = ort_ops._compiler()
     wrapper = tmp_path / "cxx"
-    wrapper.write_text(f'#!/bin/sh\nexec "{compiler}" "$@" {OTHER_BUILDS[build]}\n')
+    wrapper.write_text(f'#!/bin/sh\nexec "{compiler}" "$@" {flags}\n')
     wrapper.chmod(0o755)
     env = {**os.environ, "CXX": str(wrapper), "SSMRT_CACHE_DIR": str(tmp_path / "cache")}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
@@ -745,18 +768,17 @@ def test_int_dot_matmul_on_other_instruction_sets(build, tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
     assert "skipped" not in res.stdout.splitlines()[-1], res.stdout[-500:]
+    (library,) = (tmp_path / "cache").glob(f"ort_ops/*/{ort_ops.LIBRARY}")
+    assert ort_ops.int_dot_path(library) == expected_int_dot_path(cpu_flags() - removed)
 
 
-def test_int_dot_vectorised_matches_the_build():
-    """The library says it has IntDotMatMul's vector code exactly where the CPU it was built for has AVX2 and FMA
-    (-march=native: AVX-512 VNNI or AVX2)."""
-    flags = set()
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+def test_int_dot_path_matches_the_cpu():
+    """The library's IntDotMatMul code is the one its CPU's instruction sets call for (-march=native), and the
+    runner routes to it exactly where that is vector code."""
     native_library()
-    assert ort_ops.int_dot_vectorised() == ({"avx2", "fma"} <= flags)
+    path = ort_ops.int_dot_path()
+    assert path == expected_int_dot_path(cpu_flags())
+    assert ort_ops.int_dot_vectorised() == (path != "scalar")
 
 
 @pytest.mark.parametrize("int_dot", [False, True])
@@ -764,9 +786,9 @@ def test_int_dot_vectorised_matches_the_build():
 def test_route_decode_matmuls_int8(last_only, int_dot):
     """Routing a graph of MatMulNBits: the 8-bit ones with float32 activations (accuracy level 0) run on Int8MatMul
     in the decode step's branch and as they were in the prompt's; with int_dot the int8-activation ones (accuracy
-    level 4, 8- and 4-bit) on IntDotMatMul, else they are left alone; a bias-carrying one and one in blocks of 16
-    always are; with last_only the head (the graph's output) runs on Int8MatMul in the prompt too. Both branches
-    give the graph's results."""
+    level 4, 8- and 4-bit; the head then too) on IntDotMatMul, else they are left alone; a bias-carrying one and one
+    in blocks of 16 always are; with last_only the head (the graph's output) runs on its native op in the prompt
+    too. Both branches give the graph's results."""
     V, K, N, block = 11, 64, 24, 32
     g = np.random.default_rng(2)
     emb = g.standard_normal((V, K)).astype(np.float32)
@@ -794,7 +816,7 @@ def test_route_decode_matmuls_int8(last_only, int_dot):
              nbits("w4", "h3", "h4", K, K, bits=4, accuracy_level=4),  # 4-bit weights, int8 activations
              nbits("w5", "h4", "h5", K, K, extra=("", "bias")),  # a bias (g_idx absent)
              nbits("w7", "h5", "h7", K, K, accuracy_level=4, block=16),  # blocks IntDotMatMul does not take
-             nbits("w6", "h7", "y", K, N)]  # the head
+             nbits("w6", "h7", "y", K, N, accuracy_level=4 if int_dot else 0)]  # the head
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64,
                                                                          ["batch", "seq"])],
                               [helper.make_tensor_value_info("y", f32, ["batch", "seq", N])], inits)
@@ -807,12 +829,13 @@ def test_route_decode_matmuls_int8(last_only, int_dot):
     step, prompt = ([n.op_type for n in a.g.node] for name in ("then_branch", "else_branch")
                     for a in route.attribute if a.name == name)
     dot = ["IntDotMatMul" if int_dot else "MatMulNBits"] * 2
-    assert step == ["Int8MatMul", "Relu", "Int8MatMul", *dot] + ["MatMulNBits"] * 2 + ["Int8MatMul"]
-    assert prompt == ["MatMulNBits", "Relu"] + ["MatMulNBits"] * 5 + ["Int8MatMul" if last_only else "MatMulNBits"]
+    head = "IntDotMatMul" if int_dot else "Int8MatMul"
+    assert step == ["Int8MatMul", "Relu", "Int8MatMul", *dot] + ["MatMulNBits"] * 2 + [head]
+    assert prompt == ["MatMulNBits", "Relu"] + ["MatMulNBits"] * 5 + [head if last_only else "MatMulNBits"]
     if int_dot:
         routed = [n for a in route.attribute if a.name == "then_branch" for n in a.g.node
                   if n.op_type == "IntDotMatMul"]
-        assert [[x.i for x in n.attribute if x.name == "bits"] for n in routed] == [[8], [4]]
+        assert [[x.i for x in n.attribute if x.name == "bits"] for n in routed] == [[8], [4], [8]]
     sess = library_session(model)
     for shape in ((2, 1), (1, 4)):  # a decode step, a prompt
         ids = np.random.default_rng(sum(shape)).integers(0, V, shape)

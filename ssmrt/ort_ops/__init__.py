@@ -188,12 +188,20 @@ def library_path() -> Path:
     return out
 
 
-def int_dot_vectorised() -> bool:
-    """Whether the library's IntDotMatMul runs on vector instructions here (AVX-512 VNNI or AVX2, as compiled for
-    this CPU): where it does not, ONNX Runtime's own kernel is faster and the runner leaves MatMulNBits alone."""
+def int_dot_path(library: Path | None = None) -> str:
+    """The code the library's IntDotMatMul was compiled with for this CPU: "avx512-vnni", "avx-vnni", "avx2" or
+    "scalar" (plain integer loops). `library`: another build's file (tests), else this machine's."""
     import ctypes
 
-    return bool(ctypes.CDLL(str(library_path())).SsmrtIntDotVectorised())
+    lib = ctypes.CDLL(str(library or library_path()))
+    lib.SsmrtIntDotPath.restype = ctypes.c_char_p
+    return lib.SsmrtIntDotPath().decode()
+
+
+def int_dot_vectorised() -> bool:
+    """Whether IntDotMatMul runs on vector instructions here: where it does not, ONNX Runtime's own kernel is faster
+    and the runner leaves MatMulNBits alone."""
+    return int_dot_path() != "scalar"
 
 
 def _run(cmd: list[str], source: Path) -> None:
@@ -219,10 +227,10 @@ def _run(cmd: list[str], source: Path) -> None:
 # com.microsoft::MatMulNBits nodes at accuracy level 0, for which ONNX Runtime's CPU kernel takes many times a
 # float32 step (no fast 8-bit kernel with float32 sums). Its decode step goes the same way, to ssmrt.cpu::Int8MatMul
 # on the same initializers; a prompt keeps MatMulNBits, whose many rows amortise what it spends on the weights.
-# With int8 activations (accuracy level 4, the default) ONNX Runtime's kernel is fast, but in a 130M model's decode
-# step it took ~1.3x (4-bit weights) and ~1.15x (8-bit) the time of ssmrt.cpu::IntDotMatMul, which computes the same
-# scheme (its activation codes and integer sums, to float32 rounding) at about the rate of a plain read of the
-# weights' bytes (benchmarks/RESULTS.md); the decode step goes to it where the library has its vector code.
+# With int8 activations (accuracy level 4, the default) ONNX Runtime's kernel is fast, but its single-row sweep stays
+# short of the memory bus; ssmrt.cpu::IntDotMatMul computes the same scheme (its activation codes and integer sums,
+# to float32 rounding) closer to the rate of a plain read of the weights' bytes (benchmarks/RESULTS.md), so the
+# decode step goes to it where the library has its vector code.
 CPU_DOMAIN = "ssmrt.cpu"  # the ops no artifact holds: HalfMatMul, Int8MatMul, IntDotMatMul and the fused ones
 DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
 
@@ -255,23 +263,24 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False, int_d
     inits = {t.name: t.data_type for t in graph.initializer}
     u8, f32 = TensorProto.UINT8, TensorProto.FLOAT
 
-    def int8_matmul(n) -> bool:
-        """An 8-bit MatMulNBits at accuracy level 0 that Int8MatMul computes: its weight uint8, its scales float32
-        (so its activations are too), zero points absent or uint8, no g_idx or bias."""
-        attrs = {a.name: a.i for a in n.attribute}
-        return (n.op_type == "MatMulNBits" and n.domain == "com.microsoft" and attrs.get("bits", 4) == 8
-                and attrs.get("accuracy_level", 0) == 0 and {"K", "N", "block_size"} <= set(attrs)
+    def plain_nbits(n, attrs: dict) -> bool:
+        """A MatMulNBits whose weight is uint8 codes, scales float32 (so its activations are too), zero points
+        absent or uint8, all initializers, no g_idx or bias: what the native ops read."""
+        return (n.op_type == "MatMulNBits" and n.domain == "com.microsoft" and {"K", "N", "block_size"} <= set(attrs)
                 and len(n.input) in (3, 4) and [inits.get(x) for x in n.input[1:]] == [u8, f32, u8][:len(n.input) - 1])
 
-    def int_dot_matmul(n) -> bool:
-        """A 4- or 8-bit MatMulNBits at accuracy level 4 that IntDotMatMul computes: blocks a power of two from
-        32 (MatMulNBits' are powers of two from 16), the initializers' types as above, no g_idx or bias."""
+    def int8_matmul(n) -> bool:
+        """An 8-bit MatMulNBits at accuracy level 0, which Int8MatMul computes."""
         attrs = {a.name: a.i for a in n.attribute}
-        return (int_dot and n.op_type == "MatMulNBits" and n.domain == "com.microsoft"
-                and attrs.get("bits", 4) in (4, 8) and attrs.get("accuracy_level", 0) == 4
-                and {"K", "N", "block_size"} <= set(attrs) and attrs["block_size"] >= 32
-                and attrs["block_size"] & (attrs["block_size"] - 1) == 0
-                and len(n.input) in (3, 4) and [inits.get(x) for x in n.input[1:]] == [u8, f32, u8][:len(n.input) - 1])
+        return plain_nbits(n, attrs) and attrs.get("bits", 4) == 8 and attrs.get("accuracy_level", 0) == 0
+
+    def int_dot_matmul(n) -> bool:
+        """A 4- or 8-bit MatMulNBits at accuracy level 4 in blocks of a power of two from 32 (MatMulNBits' are
+        powers of two from 16), which IntDotMatMul computes."""
+        attrs = {a.name: a.i for a in n.attribute}
+        return (int_dot and plain_nbits(n, attrs) and attrs.get("bits", 4) in (4, 8)
+                and attrs.get("accuracy_level", 0) == 4 and attrs["block_size"] >= 32
+                and attrs["block_size"] & (attrs["block_size"] - 1) == 0)
 
     targets = {i for i, n in enumerate(graph.node)
                if (n.op_type == "MatMul" and n.domain == "" and (n.input[1] in weights or n.input[1] in transposed))
@@ -301,8 +310,9 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False, int_d
             if int8_matmul(node):
                 native = helper.make_node("Int8MatMul", list(node.input), [y], domain=CPU_DOMAIN, **attrs)
             else:
-                native = helper.make_node("IntDotMatMul", list(node.input), [y], domain=CPU_DOMAIN,
-                                          bits=helper.get_node_attr_value(node, "bits"), **attrs)
+                bits = {a.name: a.i for a in node.attribute}.get("bits", 4)  # MatMulNBits' default
+                native = helper.make_node("IntDotMatMul", list(node.input), [y], domain=CPU_DOMAIN, bits=bits,
+                                          **attrs)
             step.append(native)
             if head_row:
                 copy = NodeProto()

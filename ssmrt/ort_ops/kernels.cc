@@ -873,32 +873,37 @@ void int8_columns_any(const float* a, const uint8_t* q, const float* scales, con
     int8_columns<kRows, 0>(a, q, scales, zp, y, m0, K, N, block, n0, n1);
 }
 
-}  // namespace
-
-void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
-                 float* y, int64_t M, int64_t K, int64_t N, int64_t block) {
-  if (M == 0 || N == 0) return;
-  // The columns in a few contiguous runs, each one stream for the prefetchers: 64 runs (parallel_for's most)
-  // measured ~1.3x slower than 8 in a two-thread harness of the 24 layers' projections, 2 no faster than 8.
-  constexpr int64_t kRuns = 8, kMinWork = 8192;
-  constexpr int64_t kRows = 4;  // rows of a that share each widened code; more rows sweep the weight again
+// The sweep of both quantised decode matmuls: a's rows in passes of up to four, which share each weight load (more
+// rows would sweep the weight again), each pass's columns in a few contiguous runs over the pool, each run one
+// stream for the prefetchers: 64 runs (parallel_for's most) measured ~1.3x slower than 8 in a two-thread harness
+// of the 24 layers' projections, 2 no faster than 8. columns(rows, m0, n0, n1) computes one run.
+template <typename Columns>
+void sweep_columns(const Executor& exec, int64_t M, int64_t K, int64_t N, const Columns& columns) {
+  constexpr int64_t kRuns = 8, kMinWork = 8192, kRows = 4;
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
     const int64_t rows = std::min(kRows, M - m0);
     const int64_t runs = std::max<int64_t>(1, std::min({kRuns, N, N * K * rows / kMinWork}));
-    auto run = [&](int64_t c) {
-      const int64_t n0 = c * N / runs, n1 = (c + 1) * N / runs;
-      switch (rows) {
-        case 4: int8_columns_any<4>(a, q, scales, zp, y, m0, K, N, block, n0, n1); break;
-        case 3: int8_columns_any<3>(a, q, scales, zp, y, m0, K, N, block, n0, n1); break;
-        case 2: int8_columns_any<2>(a, q, scales, zp, y, m0, K, N, block, n0, n1); break;
-        default: int8_columns_any<1>(a, q, scales, zp, y, m0, K, N, block, n0, n1); break;
-      }
-    };
+    auto run = [&](int64_t c) { columns(rows, m0, c * N / runs, (c + 1) * N / runs); };
     if (runs == 1)
       run(0);
     else
       exec.run(runs, run);
   }
+}
+
+}  // namespace
+
+void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
+                 float* y, int64_t M, int64_t K, int64_t N, int64_t block) {
+  if (M == 0 || N == 0) return;
+  sweep_columns(exec, M, K, N, [&](int64_t rows, int64_t m0, int64_t n0, int64_t n1) {
+    switch (rows) {
+      case 4: int8_columns_any<4>(a, q, scales, zp, y, m0, K, N, block, n0, n1); break;
+      case 3: int8_columns_any<3>(a, q, scales, zp, y, m0, K, N, block, n0, n1); break;
+      case 2: int8_columns_any<2>(a, q, scales, zp, y, m0, K, N, block, n0, n1); break;
+      default: int8_columns_any<1>(a, q, scales, zp, y, m0, K, N, block, n0, n1); break;
+    }
+  });
 }
 
 }  // namespace ssmrt_cpu
@@ -908,8 +913,9 @@ void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const f
 namespace ssmrt_cpu {
 namespace {
 
-// The sweep's code bytes are asked for this far ahead, into L2: in a two-thread harness of a 130M model's 4-bit
-// decode matmuls, 4096 bytes ahead streamed at the rate of a plain read of the same bytes, 1024 ~1.3x slower.
+// The sweep's code bytes are asked for this far ahead, into L2. A 4-bit quad is 64 bytes of work done in a few
+// cycles, so a line must be asked for many quads before it is read to have arrived from memory by then: 4096
+// bytes kept the sweep at a plain read's rate in the harness (benchmarks/RESULTS.md), a quarter of that did not.
 constexpr int64_t kDotAhead = 4096;
 
 // A row of activations quantised as MatMulNBits at accuracy level 4 quantises it: per block of the weight's
@@ -928,8 +934,12 @@ struct QuantizedRow {
   std::vector<int32_t> neg_sums, chunk_sums;
 };
 
+// The chunks of 32 codes a row has: those holding K's values (a block reaching past K is stored whole, but the
+// codes there multiply zeros and are not read).
+inline int64_t chunks_of(int64_t K) { return (K + 31) / 32; }
+
 void quantize_row(const float* a, int64_t K, int64_t block, int bits, QuantizedRow& row) {
-  const int64_t blocks = (K + block - 1) / block, chunks = blocks * block / 32, quads = (chunks + 3) / 4;
+  const int64_t blocks = (K + block - 1) / block, chunks = chunks_of(K), quads = (chunks + 3) / 4;
   row.natural.assign(quads * 128, 0);
   row.block_scales.assign(blocks, 0.0f);
   row.chunk_sums.assign(chunks, 0);
@@ -939,7 +949,8 @@ void quantize_row(const float* a, int64_t K, int64_t block, int bits, QuantizedR
     for (int64_t i = 0; i < valid; ++i) amax = std::max(amax, std::fabs(a[k0 + i]));
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     for (int64_t i = 0; i < valid; ++i) {
-      const auto c = static_cast<int32_t>(std::nearbyint(a[k0 + i] * inv));
+      // within [-127, 127] for any finite a; the clamp keeps a NaN or an infinity from an undefined conversion
+      const auto c = static_cast<int32_t>(std::nearbyint(std::min(127.0f, std::max(-127.0f, a[k0 + i] * inv))));
       row.natural[k0 + i] = static_cast<int8_t>(c);
       row.chunk_sums[(k0 + i) / 32] += c;
     }
@@ -964,7 +975,8 @@ inline int zero_point(const uint8_t* zp, int bits, int64_t n, int64_t blocks, in
   return (zp[n * ((blocks + 1) / 2) + b / 2] >> (4 * (b & 1))) & 0x0F;
 }
 
-// Chunks [c0, chunks) of column n for one row, in plain integers: the same sum the vector code makes of them.
+// Chunks [c0, chunks) of column n for one row: the same integer sums as the vector code's, each chunk's exact, then
+// scaled and summed in float32 (in another order than the vector code's lanes).
 float dot_chunks(const QuantizedRow& row, const uint8_t* qn, const float* sn, const uint8_t* zp, int bits, int64_t n,
                  int64_t blocks, int64_t block, int64_t c0, int64_t chunks) {
   float sum = 0.0f;
@@ -990,7 +1002,7 @@ float dot_chunks(const QuantizedRow& row, const uint8_t* qn, const float* sn, co
 template <int kRows, int kBits>
 void dot_columns(const QuantizedRow* rows, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
                  int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0, int64_t n1) {
-  const int64_t blocks = (K + block - 1) / block, chunks = blocks * block / 32, quads = chunks / 4;
+  const int64_t blocks = (K + block - 1) / block, chunks = chunks_of(K), quads = chunks / 4;
   const int64_t col_bytes = blocks * block * kBits / 8, zstride = kBits == 8 ? blocks : (blocks + 1) / 2;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   // lane group h (chunk h of the quad) reads the scale and zero point of block (c + h) * 32 / block - c * 32 / block
@@ -1034,7 +1046,7 @@ void dot_columns(const QuantizedRow* rows, const uint8_t* q, const float* scales
         if (per == 2)
           zv = _mm512_mask_mov_epi32(zv, 0xFF00, _mm512_set1_epi32(zero_point(zp, kBits, n, blocks, b0 + 1)));
       }
-      // the quad's blocks' scales (4, 2 or 1 of them; a masked load of them measured ~1.8x slower overall)
+      // the quad's blocks' scales, 4, 2 or 1 of them, all there for a whole quad: plain loads, no mask
       const __m128 s4 = per == 1   ? _mm_loadu_ps(sn + b0)
                         : per == 2 ? _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sn + b0)))
                                    : _mm_set1_ps(sn[b0]);
@@ -1090,7 +1102,7 @@ inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) { return _mm256_add_ep
 template <int kRows, int kBits>
 void dot_columns(const QuantizedRow* rows, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
                  int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0, int64_t n1) {
-  const int64_t blocks = (K + block - 1) / block, chunks = blocks * block / 32, quads = chunks / 4;
+  const int64_t blocks = (K + block - 1) / block, chunks = chunks_of(K), quads = chunks / 4;
   const int64_t col_bytes = blocks * block * kBits / 8, zstride = kBits == 8 ? blocks : (blocks + 1) / 2;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const int per = static_cast<int>(block / 32);  // chunks a block, a power of two
@@ -1168,7 +1180,7 @@ void dot_columns(const QuantizedRow* rows, const uint8_t* q, const float* scales
 template <int kRows, int kBits>
 void dot_columns(const QuantizedRow* rows, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
                  int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0, int64_t n1) {
-  const int64_t blocks = (K + block - 1) / block, chunks = blocks * block / 32;
+  const int64_t blocks = (K + block - 1) / block, chunks = chunks_of(K);
   const int64_t col_bytes = blocks * block * kBits / 8;
   for (int64_t n = n0; n < n1; ++n)
     for (int r = 0; r < kRows; ++r)
@@ -1191,11 +1203,15 @@ void dot_columns_rows(int64_t rows_here, const QuantizedRow* rows, const uint8_t
 
 }  // namespace
 
-bool int_dot_vectorised() {
-#if defined(SSMRT_DOT_512) || defined(SSMRT_DOT_256)
-  return true;
+const char* int_dot_path() {
+#if defined(SSMRT_DOT_512)
+  return "avx512-vnni";
+#elif defined(SSMRT_DOT_256) && defined(__AVXVNNI__)
+  return "avx-vnni";
+#elif defined(SSMRT_DOT_256)
+  return "avx2";
 #else
-  return false;
+  return "scalar";
 #endif
 }
 
@@ -1204,22 +1220,12 @@ void int_dot_matmul(const Executor& exec, const float* a, const uint8_t* q, cons
   if (M == 0 || N == 0) return;
   std::vector<QuantizedRow> rows(M);
   for (int64_t m = 0; m < M; ++m) quantize_row(a + m * K, K, block, bits, rows[m]);
-  constexpr int64_t kRuns = 8, kMinWork = 8192, kRows = 4;  // as int8_matmul
-  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-    const int64_t here = std::min(kRows, M - m0);
-    const int64_t runs = std::max<int64_t>(1, std::min({kRuns, N, N * K * here / kMinWork}));
-    auto run = [&](int64_t c) {
-      const int64_t n0 = c * N / runs, n1 = (c + 1) * N / runs;
-      if (bits == 4)
-        dot_columns_rows<4>(here, rows.data(), q, scales, zp, y, m0, K, N, block, n0, n1);
-      else
-        dot_columns_rows<8>(here, rows.data(), q, scales, zp, y, m0, K, N, block, n0, n1);
-    };
-    if (runs == 1)
-      run(0);
+  sweep_columns(exec, M, K, N, [&](int64_t here, int64_t m0, int64_t n0, int64_t n1) {
+    if (bits == 4)
+      dot_columns_rows<4>(here, rows.data(), q, scales, zp, y, m0, K, N, block, n0, n1);
     else
-      exec.run(runs, run);
-  }
+      dot_columns_rows<8>(here, rows.data(), q, scales, zp, y, m0, K, N, block, n0, n1);
+  });
 }
 
 }  // namespace ssmrt_cpu

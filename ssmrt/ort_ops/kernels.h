@@ -77,14 +77,15 @@ void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const f
 // nibble), scales (N, ceil(K / block)) float32, zp (N, ceil(K / block)) uint8, for 4 bits (N, ceil(K / block / 2))
 // two a byte, or null (the middle code); block a power of two from 32. quantise(a): each block of a row's K as
 // int8 codes, as MatMulNBits at accuracy level 4 quantises it (symmetric, round(a * 127 / max|a|), scale
-// max|a| / 127); the codes' products with the weight's in integers, exact per 32 codes, then scaled and summed in
-// float32. Written for a decode step's few rows: the weight is streamed once per four rows, at the rate of a plain
-// read of its bytes where the compiler targets AVX-512 VNNI or AVX2 (plain integer loops otherwise).
+// max|a| / 127). The codes' products with the weight's are summed in integers, exactly, per 32 codes (in four
+// int32 lanes, each converted to float exactly), then scaled and summed in float32. Written for a decode step's
+// few rows: the weight is streamed once per four rows, close to the rate of a plain read of its bytes where the
+// compiler targets AVX-512 VNNI or AVX2 (plain integer loops otherwise).
 void int_dot_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
                     float* y, int64_t M, int64_t K, int64_t N, int64_t block, int bits);
-// Whether int_dot_matmul was compiled with vector instructions: the runner routes to it only then (ONNX Runtime's
-// own kernel beats the plain integer loops).
-bool int_dot_vectorised();
+// Which code int_dot_matmul was compiled with: "avx512-vnni", "avx-vnni", "avx2" or "scalar" (the plain integer
+// loops, which ONNX Runtime's own kernel beats: the runner routes to it only where it is not "scalar").
+const char* int_dot_path();
 
 }  // namespace ssmrt_cpu
 

@@ -536,15 +536,19 @@ template <bool kIntDot>
 Status* nbits_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
   Calls api(raw);
   const char* op = kIntDot ? "ssmrt.cpu::IntDotMatMul" : "ssmrt.cpu::Int8MatMul";
-  int64_t v[4] = {0, 0, 0, 8};
+  // bits: Int8MatMul's are 8; IntDotMatMul's default is MatMulNBits' own, 4
+  int64_t v[4] = {0, 0, 0, kIntDot ? 4 : 8};
   const char* names[4] = {"K", "N", "block_size", "bits"};
-  for (int i = 0; i < (kIntDot ? 4 : 3); ++i) {
-    if (Status* s = api.KernelInfoGetAttributeInt64(info, names[i], &v[i])) api.ReleaseStatus(s);  // absent: default
+  if (kIntDot) {
+    if (Status* s = api.KernelInfoGetAttributeInt64(info, "bits", &v[3])) api.ReleaseStatus(s);  // absent: 4
+  }
+  for (int i = 0; i < 3; ++i) {
+    if (Status* s = api.KernelInfoGetAttributeInt64(info, names[i], &v[i])) api.ReleaseStatus(s);  // absent: 0
     if (v[i] < 1)
       return api.CreateStatus(ssmrt_ort::kInvalidArgument, (std::string(op) + ": attribute " + names[i] +
                                                             " must be 1 or more, got " + std::to_string(v[i])).c_str());
   }
-  if (kIntDot && v[3] != 4 && v[3] != 8)
+  if (v[3] != 4 && v[3] != 8)
     return api.CreateStatus(ssmrt_ort::kInvalidArgument,
                             (std::string(op) + ": attribute bits must be 4 or 8, got " + std::to_string(v[3])).c_str());
   if (kIntDot && (v[2] < 32 || (v[2] & (v[2] - 1)) != 0))
@@ -1072,10 +1076,8 @@ extern "C" __attribute__((visibility("default"))) void SsmrtHalfConvert(const vo
     ssmrt_half::from_float(static_cast<const float*>(in), static_cast<uint16_t*>(out), n, portable != 0);
 }
 
-// 1 where IntDotMatMul runs on vector instructions on this build (ssmrt.ort_ops.int_dot_vectorised asks).
-extern "C" __attribute__((visibility("default"))) int SsmrtIntDotVectorised() {
-  return ssmrt_cpu::int_dot_vectorised() ? 1 : 0;
-}
+// The code IntDotMatMul was compiled with (kernels.h; ssmrt.ort_ops.int_dot_path asks).
+extern "C" __attribute__((visibility("default"))) const char* SsmrtIntDotPath() { return ssmrt_cpu::int_dot_path(); }
 extern "C" __attribute__((visibility("default"))) int SsmrtPoolThreadsSeen() { return g_threads_seen.load(); }
 extern "C" __attribute__((visibility("default"))) void SsmrtPoolThreadsReset() {
   g_threads_seen.store(0);
