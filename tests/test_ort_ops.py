@@ -603,7 +603,8 @@ def int_dot_operands(batch, seqlen, K, N, block, bits, zero_points=True, seed=0)
     blocks = -(-K // block)
     a = g.standard_normal((batch, seqlen, K)).astype(np.float32)
     a *= np.float32(10.0) ** g.integers(-3, 3, (batch, seqlen, 1))
-    a[0, 0, :min(block, K)] = 0
+    if K > block:  # a block of zeros (not the row's only one)
+        a[0, 0, :block] = 0
     weights = {"b": g.integers(0, 256, (N, blocks, block * bits // 8), dtype=np.uint8),
                "scales": (g.random((N, blocks)) * 0.02 + 1e-3).astype(np.float32)}
     if zero_points:
