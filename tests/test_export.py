@@ -286,8 +286,8 @@ def test_float16_logits_last_runs_the_prompts_head_on_half_matmul(exported, tmp_
     routed = []
     original = ort_ops.route_decode_matmuls
 
-    def spy(model, threads=0, last_only=False):
-        n = original(model, threads, last_only)
+    def spy(model, threads=0, last_only=False, int_dot=False):
+        n = original(model, threads, last_only, int_dot)
         (route,) = [x for x in model.graph.node if x.name == ort_ops.ROUTED]
         prompt = [x for a in route.attribute if a.name == "else_branch" for x in a.g.node]
         routed.append((last_only, [x.op_type for x in prompt if x.output[0] == "logits"]))
