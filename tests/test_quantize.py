@@ -493,5 +493,5 @@ def test_int8_activation_decode_runs_on_the_integer_dot_matmul(models, cid, weig
     assert routed.decode_matmuls == matmuls > 0 and f"{matmuls} decode matmuls on IntDotMatMul" in routed.describe()
     assert_same_decode(routed, plain)
     # where the library has only its plain loops, the runner leaves MatMulNBits alone
-    monkeypatch.setattr(ort_ops, "int_dot_vectorised", lambda: False)
+    monkeypatch.setattr(ort_ops, "int_dot_vectorised", lambda library=None: False)
     assert OnnxRuntimeRunnerFromArtifact(arts[weights], provider="cpu", native_ops="on").decode_matmuls == 0

@@ -198,10 +198,11 @@ def int_dot_path(library: Path | None = None) -> str:
     return lib.SsmrtIntDotPath().decode()
 
 
-def int_dot_vectorised() -> bool:
+def int_dot_vectorised(library: Path | None = None) -> bool:
     """Whether IntDotMatMul runs on vector instructions here: where it does not, ONNX Runtime's own kernel is faster
-    and the runner leaves MatMulNBits alone."""
-    return int_dot_path() != "scalar"
+    and the runner leaves MatMulNBits alone. `library`: the file already found (library_path() hashes the sources
+    and asks the compiler its version), else found now."""
+    return int_dot_path(library) != "scalar"
 
 
 def _run(cmd: list[str], source: Path) -> None:

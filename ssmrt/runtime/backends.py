@@ -366,6 +366,7 @@ class OnnxRuntimeRunner(Runner):
             else:
                 try:
                     opts.register_custom_ops_library(str(library))
+                    self._library = library
                     return ops, ""
                 except Exception as e:  # onnxruntime raises its own Fail; the message is what matters
                     why = f"ONNX Runtime cannot load {library}: {str(e).splitlines()[0]}"
@@ -393,7 +394,7 @@ class OnnxRuntimeRunner(Runner):
         # IntDotMatMul where it runs on vector instructions (else ONNX Runtime's kernel is the faster)
         weights = meta["export"].get("weights")
         quantised = isinstance(weights, dict) and weights.get("bits") in (4, 8)
-        int_dot = quantised and weights.get("activations") == "int8" and ort_ops.int_dot_vectorised()
+        int_dot = quantised and weights.get("activations") == "int8" and ort_ops.int_dot_vectorised(self._library)
         if half:
             self.decode_matmul_op = "HalfMatMul"
         elif quantised:
