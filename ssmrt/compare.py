@@ -571,7 +571,8 @@ def judges(model_dir, candidate: Runner, reference_dtype: str = "float64", band:
         # int8 activations: the scheme in float32 (baseline_runner), judged by its cost against the model
         return {"reference": model, "baseline": baseline_runner(model_dir, candidate), "original": None,
                 "band": None}
-    return {"reference": reference_runner(model_dir, reference_dtype, weights=weights),
+    return {"reference": reference_runner(model_dir, reference_dtype, weights=weights,
+                                          artifact=getattr(candidate, "path", None)),
             "baseline": baseline_runner(model_dir, candidate), "original": model, "band": None}
 
 
@@ -590,31 +591,39 @@ def baseline_runner(model_dir, candidate: Runner) -> Runner:
     device when that is CUDA and this PyTorch sees one, else on the CPU. For a candidate with quantised weights,
     the model those weights mean (its quantised matrices dequantised, int8 activations quantised), in float32."""
     if candidate.weights is not None:
-        return _dequantized_runner(model_dir, candidate.weights, candidate.dtype, "cpu")
+        return _dequantized_runner(model_dir, candidate.weights, candidate.dtype, "cpu",
+                                   getattr(candidate, "path", None))
     return _plain_runner(model_dir, candidate.dtype, candidate)
 
 
-def reference_runner(model_dir, dtype: str = "float64", weights: dict | None = None) -> Runner:
+def reference_runner(model_dir, dtype: str = "float64", weights: dict | None = None, artifact=None) -> Runner:
     """The reference: plain PyTorch ops on the CPU, float64 by default (float32 weights computed exactly in
     float64, so that a float32 candidate has a float32 baseline to be judged against). weights: a quantised
-    artifact's scheme (its metadata export.weights): the model its quantised weights mean."""
+    artifact's scheme (its metadata export.weights): the model its quantised weights mean; artifact: that
+    artifact's .onnx file, where its GPTQ-rounded codes are read from."""
     from .runtime import TorchRunnerFromCheckpoint
 
     if weights is not None:
-        return _dequantized_runner(model_dir, weights, dtype, "cpu")
+        return _dequantized_runner(model_dir, weights, dtype, "cpu", artifact)
     return TorchRunnerFromCheckpoint(model_dir, dtype=dtype, device="cpu", kernels=False, decode="eager")
 
 
-def _dequantized_runner(model_dir, weights: dict, dtype: str, device: str) -> Runner:
-    """MODEL_DIR with its quantised matrices dequantised (from its float32 weights, as the export quantised them),
-    then in `dtype` on `device`, on plain PyTorch ops."""
+def _dequantized_runner(model_dir, weights: dict, dtype: str, device: str, artifact=None) -> Runner:
+    """MODEL_DIR with its quantised matrices dequantised (from its float32 weights, as the export quantised them;
+    GPTQ-rounded ones from the codes in `artifact`, the .onnx file), then in `dtype` on `device`, on plain
+    PyTorch ops."""
     import torch
 
     from .models.checkpoints import load_model
-    from .quantize import dequantized_model
+    from .quantize import artifact_codes, dequantized_model
     from .runtime import TorchRunner
 
-    model = dequantized_model(load_model(model_dir, dtype="float32"), weights)
+    codes = None
+    if weights.get("rounding") == "gptq":
+        if artifact is None:
+            raise SsmrtError("GPTQ-rounded weights are judged against their codes; name the artifact they are in")
+        codes = artifact_codes(artifact, weights)
+    model = dequantized_model(load_model(model_dir, dtype="float32"), weights, codes)
     model = model.cast(getattr(torch, dtype)).to(device)
     runner = TorchRunner(model, kernels=False, decode="eager")
     acts = ", int8 activations" if weights.get("activations") == "int8" else ""

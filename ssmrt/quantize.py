@@ -62,6 +62,25 @@ RECORDED_DEFAULT_EMBEDDING = "float32"
 # and the LM head.
 LAYER_LINEARS = {"mamba1": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
 HEAD = "lm_head"
+# How each weight's code is chosen (recorded with the scheme as `rounding`):
+# - "rtn": the nearest code of its block (ONNX Runtime's quantiser; quantize_ref).
+# - "gptq" (export --calibration): the codes of a matrix are chosen along K one input feature at a time, and each
+#   rounding's error is spread over the features not yet rounded in the proportions the calibration text's
+#   activations say cancel it best (Frantar et al., "GPTQ", 2023): the matmul's outputs on activations like the
+#   calibration text's move less, though each weight may move more. Measured on the demo's trained byte model
+#   (benchmarks/RESULTS.md): the int8 weights with float32 activations within the float16 band, where rounding to
+#   nearest leaves it. The codes cannot be computed again without the calibration text, so an artifact records
+#   which MatMulNBits node holds each matrix (`calibrated_nodes`) and `ssmrt compare` reads them from it.
+ROUNDINGS = ("rtn", "gptq")
+RECORDED_DEFAULT_ROUNDING = "rtn"
+# Added to H's diagonal, as a fraction of its mean: keeps H invertible where a feature never varies in the
+# calibration text (or the text is shorter than K), where GPTQ then rounds close to nearest.
+GPTQ_DAMP = 0.01
+# The columns GPTQ rounds one at a time before it updates the rest of the matrix in one product (its "lazy
+# batch"): the same codes as one at a time throughout, in far fewer passes over a large matrix.
+GPTQ_COLUMNS = 128
+# The calibration text is run through the model in pieces of this many tokens, each from an empty state.
+CALIBRATION_CHUNK = 512
 
 
 def check_weights(weights, block_size, dtype: str = "float32", target: str = "portable",
@@ -102,10 +121,20 @@ def scheme_of(info: dict | None, where) -> dict | None:
             or not isinstance(info.get("symmetric"), bool)):
         raise SsmrtError(f"{where}: metadata export.weights {info!r} is not a weight scheme ssmrt writes")
     info = {**info, "activations": info.get("activations", RECORDED_DEFAULT_ACTIVATIONS),
-            "embedding": info.get("embedding", RECORDED_DEFAULT_EMBEDDING)}
+            "embedding": info.get("embedding", RECORDED_DEFAULT_EMBEDDING),
+            "rounding": info.get("rounding", RECORDED_DEFAULT_ROUNDING)}
     if info["embedding"] not in EMBEDDINGS:
         raise SsmrtError(f"{where}: metadata export.weights.embedding must be one of {', '.join(EMBEDDINGS)}, got "
                          f"{info['embedding']!r}")
+    if info["rounding"] not in ROUNDINGS:
+        raise SsmrtError(f"{where}: metadata export.weights.rounding must be one of {', '.join(ROUNDINGS)}, got "
+                         f"{info['rounding']!r}")
+    nodes = info.get("calibrated_nodes")
+    if info["rounding"] == "gptq" and not (isinstance(nodes, dict) and nodes
+                                           and all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in nodes.items())):
+        raise SsmrtError(f"{where}: metadata export.weights: GPTQ-rounded weights without the map of their "
+                         "MatMulNBits nodes (calibrated_nodes)")
     try:
         check_weights(info["scheme"], info.get("block_size"), activations=info["activations"])
     except SsmrtError as e:
@@ -114,12 +143,16 @@ def scheme_of(info: dict | None, where) -> dict | None:
 
 
 def describe_scheme(info: dict | None) -> str:
-    """'int4 weights (block 32, asymmetric, int8 activations, int8 embedding)', or 'float weights'."""
+    """'int4 weights (block 32, asymmetric, int8 activations, int8 embedding)', or 'float weights'; GPTQ-rounded
+    ones say so, with their calibration text's length."""
     if not info:
         return "float weights"
+    rounding = ""
+    if info.get("rounding", RECORDED_DEFAULT_ROUNDING) == "gptq":
+        rounding = f", GPTQ rounding on {info.get('calibration_tokens', '?')} calibration tokens"
     return (f"{info['scheme']} weights (block {info['block_size']}, "
             f"{'symmetric' if info['symmetric'] else 'asymmetric'}, {info['activations']} activations, "
-            f"{info.get('embedding', RECORDED_DEFAULT_EMBEDDING)} embedding)")
+            f"{info.get('embedding', RECORDED_DEFAULT_EMBEDDING)} embedding{rounding})")
 
 
 # ----------------------------------------------------------------------------- the reference arithmetic
@@ -134,21 +167,12 @@ def _roundf(x):
     return whole + torch.sign(x) * (frac.abs() >= 0.5).to(x.dtype)
 
 
-def quantize_ref(w, bits: int, block_size: int, symmetric: bool):
-    """Block-wise RTN of a weight w [K, N] (the graph's MatMul layout: K inputs, N outputs), blocks along K per
-    output column, as ONNX Runtime's quantiser computes it in float32. Returns (q [N, k_blocks, block_size]
-    uint8, the integer codes, zero beyond K; scales [N, k_blocks] float32; zero_points [N, k_blocks] uint8)."""
+def _block_grid(cols, valid, bits: int, symmetric: bool):
+    """Each block's scale, zero point (as float32) and the scale's reciprocal, from cols [N, blocks, block_size]
+    float32 (zeros where `valid` is False), as ONNX Runtime's quantiser computes them."""
     import torch
 
-    w = w.detach().to(torch.float32).cpu()
-    K, N = w.shape
-    blocks = -(-K // block_size)
     qmax = float((1 << bits) - 1)
-    # [N, blocks, block_size], padded with zeros (which neither move a block's min / max past 0 nor its amax)
-    cols = torch.zeros(N, blocks * block_size, dtype=torch.float32)
-    cols[:, :K] = w.t()
-    cols = cols.reshape(N, blocks, block_size)
-    valid = (torch.arange(blocks * block_size) < K).reshape(1, blocks, block_size)
     if symmetric:
         mid = float(1 << (bits - 1))
         hi, lo = cols.amax(-1), cols.amin(-1)
@@ -162,9 +186,79 @@ def quantize_ref(w, bits: int, block_size: int, symmetric: bool):
         zp_fp = torch.where(scales != 0, 0.0 - lo / torch.where(scales != 0, scales, 1.0), lo)
         zp = torch.clamp(_roundf(zp_fp), 0.0, qmax)
     recip = torch.where(scales != 0, 1.0 / torch.where(scales != 0, scales, 1.0), 0.0)
-    q = torch.clamp(_roundf(cols * recip[..., None] + zp[..., None]), 0.0, qmax)
-    q = torch.where(valid, q, 0.0)
+    return scales, zp, recip
+
+
+def _code(x, recip, zp, bits: int):
+    """The code of x on a block's grid (float32, broadcast): round-half-away(x / scale + zp), clamped."""
+    import torch
+
+    return torch.clamp(_roundf(x * recip + zp), 0.0, float((1 << bits) - 1))
+
+
+def quantize_ref(w, bits: int, block_size: int, symmetric: bool):
+    """Block-wise RTN of a weight w [K, N] (the graph's MatMul layout: K inputs, N outputs), blocks along K per
+    output column, as ONNX Runtime's quantiser computes it in float32. Returns (q [N, k_blocks, block_size]
+    uint8, the integer codes, zero beyond K; scales [N, k_blocks] float32; zero_points [N, k_blocks] uint8)."""
+    import torch
+
+    w = w.detach().to(torch.float32).cpu()
+    K, N = w.shape
+    blocks = -(-K // block_size)
+    # [N, blocks, block_size], padded with zeros (which neither move a block's min / max past 0 nor its amax)
+    cols = torch.zeros(N, blocks * block_size, dtype=torch.float32)
+    cols[:, :K] = w.t()
+    cols = cols.reshape(N, blocks, block_size)
+    valid = (torch.arange(blocks * block_size) < K).reshape(1, blocks, block_size)
+    scales, zp, recip = _block_grid(cols, valid, bits, symmetric)
+    q = torch.where(valid, _code(cols, recip[..., None], zp[..., None], bits), 0.0)
     return q.to(torch.uint8), scales, zp.to(torch.uint8)
+
+
+def gptq_quantize_ref(w, H, bits: int, block_size: int, symmetric: bool, damp: float = GPTQ_DAMP):
+    """GPTQ's codes for a weight w [K, N] (quantize_ref's layout and scheme, and its return values): H [K, K]
+    is the sum over the calibration text's positions of x x^T of the matmul's input x. The input features are
+    rounded in order; feature i's rounding error, divided by the i-th pivot of the Cholesky factor U of H^-1
+    (H + damp * mean(diag H) * I), is subtracted from the features after it in proportion to U's row i, which
+    minimises the growth of |X (W - W')|^2 that the remaining features can still cancel. A block's scale and zero
+    point are taken from its weights as they stand when its first feature is reached. Where H is a multiple of
+    the identity nothing is spread, and the codes are quantize_ref's."""
+    import torch
+
+    w = w.detach().to(torch.float32).cpu()
+    K, N = w.shape
+    if tuple(H.shape) != (K, K):
+        raise SsmrtError(f"gptq_quantize_ref: H must be [{K}, {K}] for a weight of {K} inputs, got {tuple(H.shape)}")
+    H = H.detach().to(torch.float64).cpu().clone()
+    diag = H.diagonal()
+    diag[diag <= 0] = 1.0  # a feature that never varied: its own rounding only
+    H += damp * float(diag.mean()) * torch.eye(K, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
+    blocks = -(-K // block_size)
+    W = w.t().contiguous()  # [N, K]: a feature is a column
+    q = torch.zeros(N, blocks * block_size, dtype=torch.float32)
+    scales = torch.zeros(N, blocks, dtype=torch.float32)
+    zps = torch.zeros(N, blocks, dtype=torch.float32)
+    step = max(GPTQ_COLUMNS // block_size, 1) * block_size  # whole blocks, so a block's start sees it all updated
+    for c0 in range(0, K, step):
+        c1 = min(c0 + step, K)
+        part, err = W[:, c0:c1].clone(), torch.zeros(N, c1 - c0, dtype=torch.float32)
+        for j in range(c1 - c0):
+            i = c0 + j
+            if i % block_size == 0:
+                b, width = i // block_size, min(block_size, K - i)
+                cols = torch.zeros(N, 1, block_size, dtype=torch.float32)
+                cols[:, 0, :width] = part[:, j:j + width]
+                valid = (torch.arange(block_size) < width).reshape(1, 1, block_size)
+                s, z, r = (t[:, 0] for t in _block_grid(cols, valid, bits, symmetric))
+                scales[:, b], zps[:, b] = s, z
+            code = _code(part[:, j], r, z, bits)
+            q[:, i] = code
+            e = (part[:, j] - s * (code - z)) / U[i, i]
+            part[:, j:] -= e[:, None] * U[i, i:c1][None, :]
+            err[:, j] = e
+        W[:, c1:] -= err @ U[c0:c1, c1:]
+    return q.reshape(N, blocks, block_size).to(torch.uint8), scales, zps.to(torch.uint8)
 
 
 def dequantize_ref(q, scales, zero_points, K: int):
@@ -195,6 +289,49 @@ def quantize_activations_ref(x, block_size: int):
     return (codes * scale).reshape(*x.shape[:-1], blocks * block_size)[..., :K]
 
 
+def quantised_linears(model) -> list[tuple[str, object, str]]:
+    """(name, owner module, attribute) of each matrix an export quantises, in the model's order: every layer's
+    projections (LAYER_LINEARS), then the head. The names are the modules' in model.named_modules()."""
+    arch = model.config.arch
+    out = [(f"backbone.layers.{i}.mixer.{name}", layer.mixer, name)
+           for i, layer in enumerate(model.backbone.layers) for name in LAYER_LINEARS[arch]]
+    return out + [(HEAD, model, HEAD)]
+
+
+def calibration_hessians(model, ids) -> dict:
+    """{name: H} for each quantised matrix (quantised_linears): H [K, K] float64, the sum over every position of
+    the calibration token ids of x x^T, x the matmul's input as the float32 model computes it. The ids are run
+    in pieces of CALIBRATION_CHUNK tokens, each from an empty state. Mamba-1's dt_proj is applied as a bare
+    matmul of its weight, so its input is taken where the mixer hands it over (dt_input)."""
+    import torch
+
+    sums: dict = {}
+
+    def add(name, x):
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        sums[name] = sums.get(name, 0) + x.t() @ x
+
+    hooks, mixers = [], []
+    try:
+        for name, owner, attr in quantised_linears(model):
+            if attr == "dt_proj":
+                owner.dt_input = lambda dt, name=name: (add(name, dt), dt)[1]
+                mixers.append(owner)
+            else:
+                hooks.append(getattr(owner, attr).register_forward_hook(
+                    lambda mod, args, out, name=name: add(name, args[0])))
+        ids = torch.as_tensor(list(ids), dtype=torch.long)
+        with torch.no_grad():
+            for c0 in range(0, len(ids), CALIBRATION_CHUNK):
+                model(ids[c0:c0 + CALIBRATION_CHUNK][None])
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in mixers:
+            m.dt_input = None
+    return sums
+
+
 @functools.cache
 def _quantized_input_class():
     """The module class behind _quantized_input, made once (torch is imported lazily in this module)."""
@@ -222,12 +359,14 @@ def _quantized_input(linear, block_size: int):
     return _quantized_input_class()(linear, block_size)
 
 
-def dequantized_model(model, info: dict):
+def dequantized_model(model, info: dict, codes: dict | None = None):
     """The MambaLM `model` (float32, changed in place and returned) with every weight the export quantises
     replaced by what its codes mean, and with int8 activations each quantised matmul's input quantised as
     MatMulNBits does it: the model a quantised artifact computes, to fp32 rounding. A tied head gets its own
     (dequantised) matrix; the embedding table's rows are what their int8 codes mean where the artifact quantised
-    it (info["embedding"]), as they were otherwise. Cast it to float64 after for a reference."""
+    it (info["embedding"]), as they were otherwise. Cast it to float64 after for a reference.
+    codes: {name: (q, scales, zero_points)} (artifact_codes) for GPTQ-rounded weights, which cannot be rounded
+    again from the model's own weights; round-to-nearest ones are computed from them (quantize_ref)."""
     import torch
 
     from .models.mamba import MambaLM
@@ -238,23 +377,37 @@ def dequantized_model(model, info: dict):
         raise SsmrtError(f"dequantized_model: the weights are quantised from float32, the model is {model.dtype}")
     bits, block, sym = info["bits"], info["block_size"], info["symmetric"]
     int8_inputs = info.get("activations", RECORDED_DEFAULT_ACTIVATIONS) == "int8"
+    if info.get("rounding", RECORDED_DEFAULT_ROUNDING) == "gptq" and codes is None:
+        raise SsmrtError("dequantized_model: GPTQ-rounded weights need their codes from the artifact "
+                         "(artifact_codes); the model's own weights do not give them again")
 
-    def swap(owner, name):
+    def swap(full_name, owner, name):
         linear = getattr(owner, name)
         # nn.Linear weight [out, in] is the graph's B transposed: K = in
-        w = fake_quantize(linear.weight.detach().t(), bits, block, sym).t().contiguous()
+        K = linear.weight.shape[1]
+        if codes is not None:
+            if full_name not in codes:
+                raise SsmrtError(f"dequantized_model: the artifact holds no codes for {full_name}")
+            q, scales, zp = (torch.as_tensor(t) for t in codes[full_name])
+            w = dequantize_ref(q, scales, zp, K)
+            if tuple(w.shape) != (K, linear.weight.shape[0]):
+                raise SsmrtError(f"dequantized_model: the artifact's codes for {full_name} are a [{w.shape[0]}, "
+                                 f"{w.shape[1]}] matrix; the model's is [{K}, {linear.weight.shape[0]}]")
+            w = w.t().contiguous()
+        else:
+            w = fake_quantize(linear.weight.detach().t(), bits, block, sym).t().contiguous()
         linear.weight = torch.nn.Parameter(w, requires_grad=False)
         if int8_inputs and name != "dt_proj":  # applied as a bare matmul of its weight: see below
             setattr(owner, name, _quantized_input(linear, block))
 
     with torch.no_grad():
-        for layer in model.backbone.layers:
-            for name in LAYER_LINEARS[model.config.arch]:
-                swap(layer.mixer, name)
-            if int8_inputs and model.config.arch == "mamba1":
+        # a new Parameter for the head: unties a tied head from the embedding
+        for full_name, owner, name in quantised_linears(model):
+            swap(full_name, owner, name)
+        if int8_inputs and model.config.arch == "mamba1":
+            for layer in model.backbone.layers:
                 # dt_proj is applied as a bare matmul (its bias goes into the scan)
                 layer.mixer.dt_input = lambda dt, block=block: quantize_activations_ref(dt, block)
-        swap(model, HEAD)  # a new Parameter: unties a tied head from the embedding
         if info.get("embedding", RECORDED_DEFAULT_EMBEDDING) != "float32":
             table = model.backbone.embeddings
             # a row of the table is quantised along d_model, as the head's columns are
@@ -271,13 +424,17 @@ def expected_matmuls(config) -> int:
     return config.n_layer * len(LAYER_LINEARS[config.arch]) + 1
 
 
-def quantize_graph(proto, info: dict, expected: int):
+def quantize_graph(proto, info: dict, expected: int, calibration: dict | None = None):
     """proto (an export's ModelProto) with every MatMul by a constant 2-D weight as MatMulNBits, packed by ONNX
     Runtime's quantiser; the fallback bodies (model-local functions) are left as they are. `expected`: how
-    many such matmuls the model has (expected_matmuls); a different count is an exporter bug and raises."""
+    many such matmuls the model has (expected_matmuls); a different count is an exporter bug and raises.
+    calibration: {name: (w [K, N] float32 numpy, H)} for GPTQ rounding (gptq_quantize_ref), a graph weight
+    found by its bytes (the exporter copies each matrix as it is): every packed node then holds GPTQ's codes,
+    and `info` (the metadata entry) gets rounding "gptq" and calibrated_nodes {name: MatMulNBits node name}."""
     import logging
 
     import onnx
+    from onnx import numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
@@ -285,11 +442,31 @@ def quantize_graph(proto, info: dict, expected: int):
 
     _fold_weight_transposes(proto)
     inits = {t.name: t for t in proto.graph.initializer}
-    weights = [n.name for n in proto.graph.node
+    matmuls = [n for n in proto.graph.node
                if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+    weights = [n.name for n in matmuls]
     if len(weights) != expected:
         raise SsmrtError(f"the exported graph has {len(weights)} weight MatMuls where the model has {expected} "
                          "projections and a head; refusing to quantise a graph of unknown shape")
+    by_output = {}  # a calibrated MatMul's output -> the name of its matrix
+    if calibration is not None:
+        by_bytes: dict = {}
+        for name, (w, _) in calibration.items():
+            key = (w.shape, _digest(w))
+            if key in by_bytes:
+                raise SsmrtError(f"cannot calibrate {by_bytes[key]} and {name}: their weights are identical, so "
+                                 "the graph does not say which matmul is which")
+            by_bytes[key] = name
+        for n in matmuls:
+            w = numpy_helper.to_array(inits[n.input[1]])
+            name = by_bytes.get((w.shape, _digest(w)))
+            if name is None:
+                raise SsmrtError(f"the graph's weight {n.input[1]} matches none of the model's projections; "
+                                 "refusing to calibrate a graph of unknown shape")
+            by_output[n.output[0]] = name
+        if sorted(by_output.values()) != sorted(calibration):
+            raise SsmrtError("the graph's weight MatMuls are not the model's projections one to one; refusing to "
+                             "calibrate a graph of unknown shape")
     config = DefaultWeightOnlyQuantConfig(block_size=info["block_size"], is_symmetric=info["symmetric"],
                                           accuracy_level=ACTIVATIONS[info["activations"]],
                                           bits=info["bits"], op_types_to_quantize=("MatMul",))
@@ -307,6 +484,18 @@ def quantize_graph(proto, info: dict, expected: int):
         if [a.i for a in attrs] not in ([level], [] if level == 0 else None):
             raise SsmrtError(f"ONNX Runtime's quantiser set accuracy_level {[a.i for a in attrs]} on {node.name}, "
                              f"not {level}")
+    if calibration is not None:
+        import torch
+
+        nodes = {}
+        out_inits = {t.name: t for t in out.graph.initializer}
+        for node in packed:
+            name = by_output[node.output[0]]
+            w, H = calibration[name]
+            codes = gptq_quantize_ref(torch.from_numpy(w), H, info["bits"], info["block_size"], info["symmetric"])
+            _store_codes(node, out_inits, codes)
+            nodes[name] = node.name
+        info["rounding"], info["calibrated_nodes"] = "gptq", nodes
     if info.get("embedding", RECORDED_DEFAULT_EMBEDDING) != "float32":
         _quantize_embedding(out, info)
     # the initializers the MatMuls read are gone; the quantiser keeps any still named by another node
@@ -317,6 +506,69 @@ def quantize_graph(proto, info: dict, expected: int):
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return out
+
+
+def _digest(a) -> str:
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+
+
+def pack_matmul_nbits(q, scales, zero_points, bits: int):
+    """MatMulNBits' initializers for codes in quantize_ref's layout (q [N, k_blocks, block_size], scales
+    [N, k_blocks], zero points [N, k_blocks]; torch or numpy): (B [N, k_blocks, block_size * bits / 8] uint8,
+    two 4-bit codes a byte, the first in the low nibble; scales [N, k_blocks] float32; zero points [N,
+    k_blocks * bits / 8 rounded up] uint8, two 4-bit ones a byte likewise, a row's odd last one beside a 0).
+    unpack_matmul_nbits reads them back."""
+    import numpy as np
+
+    q, scales, zp = (np.asarray(t) for t in (q, scales, zero_points))
+    q, zp = q.astype(np.uint8), zp.astype(np.uint8)
+    N, blocks, block = q.shape
+    if bits == 8:
+        return np.ascontiguousarray(q), scales.astype(np.float32), np.ascontiguousarray(zp)
+    packed = (q[..., 0::2] & 0x0F) | ((q[..., 1::2] & 0x0F) << 4)
+    zp = np.concatenate([zp, np.zeros((N, blocks % 2), np.uint8)], axis=1)
+    zp_packed = (zp[:, 0::2] & 0x0F) | ((zp[:, 1::2] & 0x0F) << 4)
+    return (np.ascontiguousarray(packed, dtype=np.uint8), scales.astype(np.float32),
+            np.ascontiguousarray(zp_packed, dtype=np.uint8))
+
+
+def _store_codes(node, initializers: dict, codes) -> None:
+    """Writes `codes` (quantize_ref's layout) into the initializers a MatMulNBits node reads, in the shapes ONNX
+    Runtime's quantiser gave them; any other size raises (a layout this code does not know)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    bits = {a.name: a.i for a in node.attribute}["bits"]
+    arrays = pack_matmul_nbits(*codes, bits)
+    inputs = [node.input[1], node.input[2]] + ([node.input[3]] if len(node.input) > 3 and node.input[3] else [])
+    for name, a in zip(inputs, arrays, strict=False):
+        old = initializers[name]
+        if int(np.prod(old.dims)) != a.size or old.data_type != numpy_helper.from_array(a[:0]).data_type:
+            raise SsmrtError(f"{node.name}: {name} holds {list(old.dims)} values of type {old.data_type}; GPTQ's "
+                             f"codes pack to {list(a.shape)} of {a.dtype}")
+        old.CopyFrom(numpy_helper.from_array(a.reshape(tuple(old.dims)), name))
+
+
+def artifact_codes(onnx_path, info: dict) -> dict:
+    """{name: (q, scales, zero points)} of a GPTQ-rounded artifact's quantised matrices, read from the
+    MatMulNBits nodes its metadata names (info["calibrated_nodes"]), in quantize_ref's layout."""
+    import onnx
+
+    nodes = info.get("calibrated_nodes") or {}
+    try:
+        model = onnx.load(str(onnx_path))
+    except Exception as e:  # noqa: BLE001  (a file onnx cannot parse: one line, naming it)
+        raise SsmrtError(f"{onnx_path}: cannot read its weights ({str(e).splitlines()[0]})") from None
+    inits = {t.name: t for t in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    missing = [node for node in nodes.values() if node not in by_name]
+    if missing:
+        raise SsmrtError(f"{onnx_path}: its metadata names MatMulNBits node {missing[0]}, which the graph lacks")
+    return {name: unpack_matmul_nbits(by_name[node], inits) for name, node in nodes.items()}
 
 
 def _quantize_embedding(proto, info: dict) -> None:

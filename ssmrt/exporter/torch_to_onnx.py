@@ -270,6 +270,7 @@ def export_model(
     weights: str | None = None,
     block_size: int | None = None,
     activations: str | None = None,
+    calibration_ids=None,
 ) -> Path:
     """Export a MambaLM to out_dir/model.onnx (+ model.onnx.data for large models, + the tokenizer files).
 
@@ -288,6 +289,8 @@ def export_model(
         block-wise MatMulNBits (ssmrt.quantize), blocks of block_size (default 32) input features; a float32
         export for the portable target only. activations: what those matmuls multiply, "int8" (the default:
         each block of inputs quantised in the matmul, ONNX Runtime's integer kernels) or "float32".
+    calibration_ids: with weights, token ids (a sequence of ints) of a calibration text: the weights are rounded
+        with GPTQ against the activations the model computes on it (ssmrt.quantize) instead of to nearest.
     """
     import copy
 
@@ -310,6 +313,8 @@ def export_model(
     from ..quantize import check_weights, expected_matmuls, quantize_graph
 
     quantized = check_weights(weights, block_size, dtype, target, activations)
+    if calibration_ids is not None:
+        calibration_ids = check_calibration_ids(calibration_ids, quantized, model.config.vocab_size)
     if opset < MIN_OPSET:
         raise SsmrtError(f"--opset must be {MIN_OPSET} or newer (the fallback bodies need it), got {opset}")
     if opset > onnx.defs.onnx_opset_version():
@@ -334,7 +339,15 @@ def export_model(
     if target == "tensorrt":
         graphs[PREFILL_FILE] = _trace(model, ids, states, opset, logits, chains=True)
     if quantized is not None:
-        graphs[MODEL_FILE] = quantize_graph(graphs[MODEL_FILE], quantized, expected_matmuls(cfg))
+        calibration = None
+        if calibration_ids is not None:
+            from ..quantize import calibration_hessians, quantised_linears
+
+            sums = calibration_hessians(model, calibration_ids)
+            calibration = {name: (getattr(owner, attr).weight.detach().t().contiguous().numpy(), sums[name])
+                           for name, owner, attr in quantised_linears(model)}
+            quantized["calibration_tokens"] = len(calibration_ids)
+        graphs[MODEL_FILE] = quantize_graph(graphs[MODEL_FILE], quantized, expected_matmuls(cfg), calibration)
 
     from .. import __version__
 
@@ -368,13 +381,58 @@ def export_model(
     return plan.out
 
 
-def export(model_dir, out_dir, overwrite: bool = False, **kwargs) -> Path:
+def export(model_dir, out_dir, overwrite: bool = False, calibration=None, **kwargs) -> Path:
     """Load a checkpoint directory and export it (see export_model for the options). The output location is
-    checked before the checkpoint is loaded."""
+    checked before the checkpoint is loaded. calibration: with weights, a UTF-8 text file, tokenised with the
+    checkpoint's tokenizer, whose activations GPTQ rounds the weights against (export_model's
+    calibration_ids)."""
     from ..models.checkpoints import load_model
     from ..quantize import check_weights
 
-    check_weights(kwargs.get("weights"), kwargs.get("block_size"), kwargs.get("dtype", "float32"),
-                  kwargs.get("target", "portable"), kwargs.get("activations"))  # a typo costs no load either
+    quantized = check_weights(kwargs.get("weights"), kwargs.get("block_size"), kwargs.get("dtype", "float32"),
+                              kwargs.get("target", "portable"), kwargs.get("activations"))  # a typo: no load
+    ids = None
+    if calibration is not None:
+        if quantized is None:
+            raise SsmrtError("--calibration applies to quantised weights; give --weights int8 or int4 with it")
+        ids = read_calibration_text(calibration, model_dir)
     artifact.check_output(out_dir, overwrite)
-    return export_model(load_model(model_dir), out_dir, source_dir=model_dir, overwrite=overwrite, **kwargs)
+    return export_model(load_model(model_dir), out_dir, source_dir=model_dir, overwrite=overwrite,
+                        calibration_ids=ids, **kwargs)
+
+
+def read_calibration_text(path, model_dir) -> list[int]:
+    """The token ids of a calibration text file (UTF-8), through the checkpoint's tokenizer.json."""
+    from ..runtime.tokenizer import load_tokenizer
+
+    p = Path(path)
+    if not p.is_file():
+        raise SsmrtError(f"--calibration {p}: not a file; give a UTF-8 text file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SsmrtError(f"--calibration {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise SsmrtError(f"--calibration {p}: cannot be read ({e.strerror})") from None
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise SsmrtError(f"--calibration needs the checkpoint's tokenizer.json to read the text; {model_dir} has none")
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise SsmrtError(f"--calibration {p}: the text has no tokens")
+    return ids
+
+
+def check_calibration_ids(ids, quantized: dict | None, vocab: int) -> list[int]:
+    """Calibration token ids as a list of ints, checked: only with quantised weights, at least one, each in
+    [0, vocab)."""
+    from ..runtime.sampling import is_int
+
+    if quantized is None:
+        raise SsmrtError("--calibration applies to quantised weights; give --weights int8 or int4 with it")
+    if isinstance(ids, str | bytes) or not hasattr(ids, "__len__") or len(ids) == 0:
+        raise SsmrtError("calibration_ids must be a non-empty sequence of token ids")
+    bad = [t for t in ids if not is_int(t) or not 0 <= int(t) < vocab]
+    if bad:
+        raise SsmrtError(f"calibration_ids: {bad[0]!r} is not a token id in [0, {vocab})")
+    return [int(t) for t in ids]
