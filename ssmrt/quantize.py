@@ -520,8 +520,9 @@ def pack_matmul_nbits(q, scales, zero_points, bits: int):
     """MatMulNBits' initializers for codes in quantize_ref's layout (q [N, k_blocks, block_size], scales
     [N, k_blocks], zero points [N, k_blocks]; torch or numpy): (B [N, k_blocks, block_size * bits / 8] uint8,
     two 4-bit codes a byte, the first in the low nibble; scales [N, k_blocks] float32; zero points [N,
-    k_blocks * bits / 8 rounded up] uint8, two 4-bit ones a byte likewise, a row's odd last one beside a 0).
-    unpack_matmul_nbits reads them back."""
+    k_blocks * bits / 8 rounded up] uint8, two 4-bit ones a byte likewise). The padding the kernels never read
+    as ONNX Runtime's quantiser writes it: the codes past K as given (quantize_ref's zeros), beside a row's odd
+    last 4-bit zero point an 8. unpack_matmul_nbits reads them back."""
     import numpy as np
 
     q, scales, zp = (np.asarray(t) for t in (q, scales, zero_points))
@@ -530,7 +531,7 @@ def pack_matmul_nbits(q, scales, zero_points, bits: int):
     if bits == 8:
         return np.ascontiguousarray(q), scales.astype(np.float32), np.ascontiguousarray(zp)
     packed = (q[..., 0::2] & 0x0F) | ((q[..., 1::2] & 0x0F) << 4)
-    zp = np.concatenate([zp, np.zeros((N, blocks % 2), np.uint8)], axis=1)
+    zp = np.concatenate([zp, np.full((N, blocks % 2), 1 << (bits - 1), np.uint8)], axis=1)
     zp_packed = (zp[:, 0::2] & 0x0F) | ((zp[:, 1::2] & 0x0F) << 4)
     return (np.ascontiguousarray(packed, dtype=np.uint8), scales.astype(np.float32),
             np.ascontiguousarray(zp_packed, dtype=np.uint8))
@@ -542,8 +543,7 @@ def _store_codes(node, initializers: dict, codes) -> None:
     import numpy as np
     from onnx import numpy_helper
 
-    bits = {a.name: a.i for a in node.attribute}["bits"]
-    arrays = pack_matmul_nbits(*codes, bits)
+    arrays = pack_matmul_nbits(*codes, {a.name: a.i for a in node.attribute}["bits"])
     inputs = [node.input[1], node.input[2]] + ([node.input[3]] if len(node.input) > 3 and node.input[3] else [])
     for name, a in zip(inputs, arrays, strict=False):
         old = initializers[name]
