@@ -12,7 +12,9 @@
   asymmetric; int8 and float32 activations); `ssmrt compare`'s figures against the unquantised float64 model over
   a 64-byte prompt from the corpus and 64 teacher-forced steps (KL mean and max, top-1, top-5), the free-running
   first difference over 64 bytes, the verdict of the float16 band (compare --band float16: as close to the model
-  as float16 is?) and the artifact's own verdict (compare's default judges).
+  as float16 is?) and the artifact's own verdict (compare's default judges). The int8 and int4 artifacts again
+  with GPTQ rounding (export --calibration): the calibration text CALIBRATION_WINDOWS windows of
+  CALIBRATION_BYTES bytes spread over the corpus's first half, which the prompt (its middle) is not in.
 - formats: the same trained model's layer projections in each block format, ssmrt's (at each --block-sizes size)
   and llama.cpp's q8_0 / q4_0 at the same bits, each with the activations its matmuls quantise (int8 blocks of
   the weights' size for ssmrt's MatMulNBits, q8_0 for ggml's q8_0 / q4_0 dot products), the embedding and head
@@ -75,6 +77,19 @@ def decode_ratios(layers: int, blocks: int, block_steps: int, block_sizes: list[
                                  for k, v in times.items()}}
 
 
+CALIBRATION_WINDOWS = 32
+CALIBRATION_BYTES = 256
+
+
+def calibration_text(text: bytes) -> str:
+    """CALIBRATION_WINDOWS windows of CALIBRATION_BYTES bytes spread evenly over the first half of `text` (ending
+    well before its middle), one a line, as text (the corpus is Python source: ASCII but for a few bytes)."""
+    end = len(text) // 2 - 1024
+    step = (end - CALIBRATION_BYTES) // CALIBRATION_WINDOWS
+    windows = [text[i * step: i * step + CALIBRATION_BYTES] for i in range(CALIBRATION_WINDOWS)]
+    return "\n".join(w.decode("utf-8", errors="ignore") for w in windows)
+
+
 def quality(ckpt: Path, tmp: Path) -> list[dict]:
     from ssmrt.compare import compare_runners, judges
     from ssmrt.demo import stdlib_corpus
@@ -83,9 +98,14 @@ def quality(ckpt: Path, tmp: Path) -> list[dict]:
 
     text = stdlib_corpus()
     prompt = list(text[len(text) // 2: len(text) // 2 + 64])  # the corpus's middle; a sample, not held out
+    calibration = tmp / "calibration.txt"
+    calibration.write_text(calibration_text(text), encoding="utf-8")
     variants = [("float32", {}), ("float16", {"dtype": "float16"})]
     for w in ("int8", "int4"):
         variants += [(w, {"weights": w}), (f"{w}, float32 activations", {"weights": w, "activations": "float32"})]
+        variants += [(f"{w}, GPTQ", {"weights": w, "calibration": calibration}),
+                     (f"{w}, float32 activations, GPTQ", {"weights": w, "activations": "float32",
+                                                          "calibration": calibration})]
     rows = []
     for i, (name, kw) in enumerate(variants):
         art = export(ckpt, tmp / f"char-{i}", **kw)

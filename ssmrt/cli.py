@@ -14,6 +14,7 @@ from .engine import ENGINE_KINDS, PLUGIN_MODES
 from .errors import SsmrtError
 from .quantize import ACTIVATIONS as WEIGHT_ACTIVATIONS
 from .quantize import DEFAULT_ACTIVATIONS
+from .quantize import EMBEDDINGS as WEIGHT_EMBEDDINGS
 from .quantize import SCHEMES as WEIGHT_SCHEMES
 from .runtime.backends import BACKENDS, NATIVE_OPS_MODES, OPT_LEVELS, PROVIDERS
 from .runtime.decode_graph import MODES as DECODE_MODES
@@ -201,12 +202,16 @@ def _runner_options(f):
               help="With --weights: what the quantised matmuls multiply. int8: each block of a row's inputs "
                    "quantised to int8 in the matmul (integer dot products, ONNX Runtime's fast kernels); float32: "
                    f"float activations, the weights the only approximation (slower). [default: {DEFAULT_ACTIVATIONS}]")
+@click.option("--embedding", type=click.Choice(WEIGHT_EMBEDDINGS), default=None,
+              help="With --weights: the token embedding table as int8 codes (a row dequantised as it is gathered) "
+                   "or float32 (a larger file, one approximation less; a decode step reads one row either way). "
+                   "[default: int8]")
 @click.option("--calibration", type=PATH, default=None,
               help="With --weights: a UTF-8 text file (tokenised with MODEL_DIR's tokenizer) whose activations the "
                    "weights are rounded against (GPTQ) instead of to nearest: closer to the model on text like it. "
                    "[default: round to nearest]")
 def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite, target, weights, block_size,
-           activations, calibration):
+           activations, embedding, calibration):
     """Export MODEL_DIR (HF or mamba_ssm checkpoint) to ONNX with ssmrt::* ops.
 
     The output directory must be new, empty, or (with --overwrite) an earlier ssmrt export with nothing else
@@ -215,7 +220,7 @@ def export(model_dir, out_dir, dtype, state_dtype, opset, logits, overwrite, tar
 
     out = do_export(model_dir, out_dir, dtype=dtype, state_dtype=state_dtype, opset=opset, logits=logits,
                     overwrite=overwrite, target=target, weights=weights, block_size=block_size,
-                    activations=activations, calibration=calibration)
+                    activations=activations, embedding=embedding, calibration=calibration)
     size = sum(p.stat().st_size for p in out.iterdir())
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
 

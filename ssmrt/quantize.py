@@ -54,7 +54,8 @@ ACTIVATIONS = {"int8": 4, "float32": 0}
 DEFAULT_ACTIVATIONS = "int8"
 # What an artifact exported before the choice existed computed (accuracy level 0).
 RECORDED_DEFAULT_ACTIVATIONS = "float32"
-# The embedding table of a quantised export (see the module docstring), and what one exported before it held.
+# The embedding table of a quantised export (see the module docstring; export --embedding float32 keeps it
+# float, for the closest model at a larger file), and what one exported before the choice held.
 EMBEDDING = "int8"
 EMBEDDINGS = ("int8", "float32")
 RECORDED_DEFAULT_EMBEDDING = "float32"
@@ -84,12 +85,13 @@ CALIBRATION_CHUNK = 512
 
 
 def check_weights(weights, block_size, dtype: str = "float32", target: str = "portable",
-                  activations: str | None = None) -> dict | None:
-    """The metadata entry of a `--weights` / `--block-size` / `--activations` choice ({"scheme", "bits",
-    "block_size", "symmetric", "activations"}), or None for float weights. SsmrtError in one line for anything
-    MatMulNBits cannot take, and for quantised weights with an export dtype or target they are not made for."""
+                  activations: str | None = None, embedding: str | None = None) -> dict | None:
+    """The metadata entry of a `--weights` / `--block-size` / `--activations` / `--embedding` choice ({"scheme",
+    "bits", "block_size", "symmetric", "activations", "embedding"}), or None for float weights. SsmrtError in one
+    line for anything MatMulNBits cannot take, and for quantised weights with an export dtype or target they are
+    not made for."""
     if weights is None:
-        for name, v in (("--block-size", block_size), ("--activations", activations)):
+        for name, v in (("--block-size", block_size), ("--activations", activations), ("--embedding", embedding)):
             if v is not None:
                 raise SsmrtError(f"{name} applies to quantised weights; give --weights int8 or int4 with it")
         return None
@@ -97,6 +99,10 @@ def check_weights(weights, block_size, dtype: str = "float32", target: str = "po
         activations = DEFAULT_ACTIVATIONS
     if activations not in ACTIVATIONS:
         raise SsmrtError(f"--activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    if embedding is None:
+        embedding = EMBEDDING
+    if embedding not in EMBEDDINGS:
+        raise SsmrtError(f"--embedding must be one of {', '.join(EMBEDDINGS)}, got {embedding!r}")
     if weights not in SCHEMES:
         raise SsmrtError(f"--weights must be one of {', '.join(SCHEMES)}, got {weights!r}")
     if block_size is None:
@@ -110,7 +116,7 @@ def check_weights(weights, block_size, dtype: str = "float32", target: str = "po
         raise SsmrtError(f"--weights {weights} takes --dtype float32 and --target portable; got --dtype {dtype} "
                          f"--target {target}")
     return {"scheme": weights, "bits": SCHEMES[weights], "block_size": block_size, "symmetric": SYMMETRIC,
-            "activations": activations, "embedding": EMBEDDING}
+            "activations": activations, "embedding": embedding}
 
 
 def scheme_of(info: dict | None, where) -> dict | None:

@@ -337,6 +337,8 @@ print(json.dumps({{"tokens": Session(runner).generate({PROMPT!r}, 8), "scheme": 
     (["--weights", "int8", "--activations", "int4"], "--activations"),
     (["--weights", "int4", "--dtype", "float16"], "--dtype float32"),
     (["--weights", "int8", "--target", "tensorrt"], "--target portable"),
+    (["--embedding", "float32"], "--embedding applies to quantised weights"),
+    (["--weights", "int8", "--embedding", "int4"], "--embedding"),
 ])
 def test_bad_weight_options_are_refused_and_write_nothing(models, tmp_path, args, fragment):
     ckpt, _ = models["mamba2-g1"]
@@ -348,7 +350,8 @@ def test_bad_weight_options_are_refused_and_write_nothing(models, tmp_path, args
 def test_the_api_refuses_bad_weight_options_before_loading(tmp_path):
     for kw in ({"weights": "int3"}, {"weights": "int4", "block_size": 24}, {"block_size": 32},
                {"weights": "int4", "block_size": True}, {"weights": "int4", "dtype": "bfloat16"},
-               {"activations": "int8"}, {"weights": "int8", "activations": "float16"}):
+               {"activations": "int8"}, {"weights": "int8", "activations": "float16"}, {"embedding": "float32"},
+               {"weights": "int8", "embedding": "float16"}):
         with pytest.raises(SsmrtError):
             export(tmp_path / "no-such-checkpoint", tmp_path / "out", **kw)
     assert not (tmp_path / "out").exists()
@@ -369,6 +372,27 @@ def test_cli_export_with_activations_records_and_runs_them(models, tmp_path):
     assert nbits and all({a.name: a.i for a in n.attribute}.get("accuracy_level", 0) == 0 for n in nbits)
     assert all({a.name: a.i for a in n.attribute}["block_size"] == 16 for n in nbits)
     assert OnnxRuntimeRunnerFromArtifact(tmp_path / "art").weights["activations"] == "float32"
+
+
+def test_cli_export_with_a_float_embedding_keeps_the_table(models, tmp_path):
+    """`--embedding float32`: the table stays a float Gather of input_ids (no GatherBlockQuantized), the metadata
+    and inspect say so, and the artifact computes the model its quantised matrices mean (its own verdict), which
+    is closer to the unquantised model than the int8 table's."""
+    ckpt, arts = models["mamba2-g1"]
+    res = ssmrt("export", ckpt, "-o", tmp_path / "art", "--weights", "int8", "--activations", "float32",
+                "--embedding", "float32")
+    assert res.returncode == 0, res.stderr
+    m = onnx.load(str(tmp_path / "art" / "model.onnx"))
+    assert not [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    inits = {t.name for t in m.graph.initializer}
+    assert [n for n in m.graph.node if n.op_type == "Gather" and n.input[0] in inits and n.input[1] == "input_ids"]
+    assert OnnxRuntimeRunnerFromArtifact(tmp_path / "art").weights["embedding"] == "float32"
+    assert "float32 activations, float32 embedding)" in ssmrt("inspect", tmp_path / "art").stdout
+    kept = _report(ckpt, tmp_path / "art")
+    assert kept.passed, kept.format()
+    coded = _report(ckpt, arts["int8/float32"])
+    assert (np.mean([s.original.kl_mean for s in kept.steps])
+            < np.mean([s.original.kl_mean for s in coded.steps])), (kept.format(), coded.format())
 
 
 def test_a_forged_weights_entry_is_refused(models, tmp_path):

@@ -270,6 +270,7 @@ def export_model(
     weights: str | None = None,
     block_size: int | None = None,
     activations: str | None = None,
+    embedding: str | None = None,
     calibration_ids=None,
 ) -> Path:
     """Export a MambaLM to out_dir/model.onnx (+ model.onnx.data for large models, + the tokenizer files).
@@ -289,6 +290,8 @@ def export_model(
         block-wise MatMulNBits (ssmrt.quantize), blocks of block_size (default 32) input features; a float32
         export for the portable target only. activations: what those matmuls multiply, "int8" (the default:
         each block of inputs quantised in the matmul, ONNX Runtime's integer kernels) or "float32".
+        embedding: the token embedding table "int8" (the default: a row's codes dequantised as it is gathered)
+        or "float32" (a larger file, one approximation less).
     calibration_ids: with weights, token ids (a sequence of ints) of a calibration text: the weights are rounded
         with GPTQ against the activations the model computes on it (ssmrt.quantize) instead of to nearest.
     """
@@ -312,7 +315,7 @@ def export_model(
         raise SsmrtError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     from ..quantize import check_weights, expected_matmuls, quantize_graph
 
-    quantized = check_weights(weights, block_size, dtype, target, activations)
+    quantized = check_weights(weights, block_size, dtype, target, activations, embedding)
     if calibration_ids is not None:
         calibration_ids = check_calibration_ids(calibration_ids, quantized, model.config.vocab_size)
     if opset < MIN_OPSET:
@@ -390,7 +393,8 @@ def export(model_dir, out_dir, overwrite: bool = False, calibration=None, **kwar
     from ..quantize import check_weights
 
     quantized = check_weights(kwargs.get("weights"), kwargs.get("block_size"), kwargs.get("dtype", "float32"),
-                              kwargs.get("target", "portable"), kwargs.get("activations"))  # a typo: no load
+                              kwargs.get("target", "portable"), kwargs.get("activations"),
+                              kwargs.get("embedding"))  # a typo costs no load either
     ids = None
     if calibration is not None:
         if quantized is None:
