@@ -14,7 +14,8 @@
   first difference over 64 bytes, the verdict of the float16 band (compare --band float16: as close to the model
   as float16 is?) and the artifact's own verdict (compare's default judges). The int8 and int4 artifacts again
   with GPTQ rounding (export --calibration): the calibration text CALIBRATION_WINDOWS windows of
-  CALIBRATION_BYTES bytes spread over the corpus's first half, which the prompt (its middle) is not in.
+  CALIBRATION_BYTES bytes spread over the corpus's first half, which the prompt (its middle) is not in; and int8
+  with GPTQ, float32 activations and the embedding table kept float32 (export --embedding float32).
 - formats: the same trained model's layer projections in each block format, ssmrt's (at each --block-sizes size)
   and llama.cpp's q8_0 / q4_0 at the same bits, each with the activations its matmuls quantise (int8 blocks of
   the weights' size for ssmrt's MatMulNBits, q8_0 for ggml's q8_0 / q4_0 dot products), the embedding and head
@@ -106,6 +107,9 @@ def quality(ckpt: Path, tmp: Path) -> list[dict]:
         variants += [(f"{w}, GPTQ", {"weights": w, "calibration": calibration}),
                      (f"{w}, float32 activations, GPTQ", {"weights": w, "activations": "float32",
                                                           "calibration": calibration})]
+    # the closest an 8-bit artifact comes: GPTQ's codes, float32 activations, the embedding table kept float
+    variants += [("int8, float32 activations, GPTQ, float32 embedding",
+                  {"weights": "int8", "activations": "float32", "calibration": calibration, "embedding": "float32"})]
     rows = []
     for i, (name, kw) in enumerate(variants):
         art = export(ckpt, tmp / f"char-{i}", **kw)

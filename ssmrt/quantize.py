@@ -6,7 +6,9 @@ with an asymmetric scheme an integer zero point per block. int8 keeps 8 bits a w
 own quantiser (onnxruntime.quantization.matmul_nbits_quantizer) packs the export's graph; `quantize_ref` /
 `dequantize_ref` are the same arithmetic in plain torch, tested bit for bit against what it packed, so that
 `ssmrt compare` can build the model the quantised weights mean (dequantize(quantize(W)) in float32) without
-ONNX Runtime.
+ONNX Runtime. With a calibration text (export --calibration) the same grid's codes are chosen by GPTQ instead
+(`gptq_quantize_ref`, ROUNDINGS below) and written into the initializers ONNX Runtime's quantiser laid out
+(`pack_matmul_nbits`, held to its packing byte for byte).
 
 The embedding table is quantised to int8 (the scheme's blocks along d_model, whatever the projections' bits) and
 read through ONNX Runtime's `GatherBlockQuantized` (a row's codes dequantised as it is gathered): a Gather reads
@@ -306,7 +308,8 @@ def quantised_linears(model) -> list[tuple[str, object, str]]:
 
 def calibration_hessians(model, ids) -> dict:
     """{name: H} for each quantised matrix (quantised_linears): H [K, K] float64, the sum over every position of
-    the calibration token ids of x x^T, x the matmul's input as the float32 model computes it. The ids are run
+    the calibration token ids of x x^T (float32 within a piece), x the matmul's input as the float32 model
+    computes it. The ids are run
     in pieces of CALIBRATION_CHUNK tokens, each from an empty state. Mamba-1's dt_proj is applied as a bare
     matmul of its weight, so its input is taken where the mixer hands it over (dt_input)."""
     import torch
@@ -314,8 +317,9 @@ def calibration_hessians(model, ids) -> dict:
     sums: dict = {}
 
     def add(name, x):
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        sums[name] = sums.get(name, 0) + x.t() @ x
+        # a piece's products in float32 (at most CALIBRATION_CHUNK terms a sum), the pieces' sums in float64
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        sums[name] = sums.get(name, 0) + (x.t() @ x).to(torch.float64)
 
     hooks, mixers = [], []
     try:
