@@ -71,16 +71,18 @@ HEAD = "lm_head"
 #   rounding's error is spread over the features not yet rounded in the proportions the calibration text's
 #   activations say cancel it best (Frantar et al., "GPTQ", 2023): the matmul's outputs on activations like the
 #   calibration text's move less, though each weight may move more. Measured on the demo's trained byte model
-#   (benchmarks/RESULTS.md): the int8 weights with float32 activations within the float16 band, where rounding to
-#   nearest leaves it. The codes cannot be computed again without the calibration text, so an artifact records
-#   which MatMulNBits node holds each matrix (`calibrated_nodes`) and `ssmrt compare` reads them from it.
+#   (benchmarks/RESULTS.md): int4's KL 2.8-12x lower; int8 with float32 activations and a float table at the
+#   float16 band's edge, where rounding to nearest is 1.4-1.7x over it. The codes cannot be computed again without
+#   the calibration text, so an artifact records which MatMulNBits node holds each matrix (`calibrated_nodes`) and
+#   `ssmrt compare` reads them from it.
 ROUNDINGS = ("rtn", "gptq")
 RECORDED_DEFAULT_ROUNDING = "rtn"
 # Added to H's diagonal, as a fraction of its mean: keeps H invertible where a feature never varies in the
 # calibration text (or the text is shorter than K), where GPTQ then rounds close to nearest.
 GPTQ_DAMP = 0.01
 # The columns GPTQ rounds one at a time before it updates the rest of the matrix in one product (its "lazy
-# batch"): the same codes as one at a time throughout, in far fewer passes over a large matrix.
+# batch"): the same updates as one at a time throughout, summed in another order (so now and then a code rounds
+# the other way), in far fewer passes over a large matrix.
 GPTQ_COLUMNS = 128
 # The calibration text is run through the model in pieces of this many tokens, each from an empty state.
 CALIBRATION_CHUNK = 512
