@@ -447,10 +447,19 @@ def quantize_graph(proto, info: dict, expected: int, calibration: dict | None = 
 
     import onnx
     from onnx import numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+
+    # importing ONNX Runtime's quantiser calls logging.basicConfig(level=INFO): the caller's root logger, left as
+    # it was, or every INFO line of every library in the process would print from then on
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
 
     _fold_weight_transposes(proto)
     inits = {t.name: t for t in proto.graph.initializer}

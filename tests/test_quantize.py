@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import subprocess
 import sys
 
@@ -345,6 +346,21 @@ def test_bad_weight_options_are_refused_and_write_nothing(models, tmp_path, args
     before = tree(tmp_path)
     assert_refused(ssmrt("export", ckpt, "-o", tmp_path / "out", *args), fragment)
     assert tree(tmp_path) == before
+
+
+def test_quantising_leaves_the_caller_s_logging_as_it_was(models, tmp_path):
+    """ONNX Runtime's quantiser configures the root logger when it is imported (INFO, a stderr handler); an export
+    with --weights in a fresh process leaves the root logger as the caller had it, and a second export prints no
+    other library's INFO lines."""
+    ckpt, _ = models["mamba2-g1"]
+    code = ("import logging, sys; from ssmrt.exporter import export; "
+            f"export({str(ckpt)!r}, {str(tmp_path / 'a')!r}, weights='int8'); "
+            "root = logging.getLogger(); print(root.level, len(root.handlers)); "
+            f"export({str(ckpt)!r}, {str(tmp_path / 'b')!r}, weights='int4')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == [str(logging.WARNING), "0"], res.stdout
+    assert "[INFO]" not in res.stderr, res.stderr[-2000:]
 
 
 def test_the_api_refuses_bad_weight_options_before_loading(tmp_path):
