@@ -1,14 +1,15 @@
 """Weight-only quantisation: the projections and the LM head as ONNX Runtime's block-wise `MatMulNBits`.
 
-The scheme is round-to-nearest per block of `block_size` consecutive input features (the K axis of the graph's
+The scheme is block-wise: per block of `block_size` consecutive input features (the K axis of the graph's
 MatMul, whose weight is the transposed nn.Linear weight) of one output feature: a float32 scale per block, and
 with an asymmetric scheme an integer zero point per block. int8 keeps 8 bits a weight, int4 4. ONNX Runtime's
 own quantiser (onnxruntime.quantization.matmul_nbits_quantizer) packs the export's graph; `quantize_ref` /
 `dequantize_ref` are the same arithmetic in plain torch, tested bit for bit against what it packed, so that
 `ssmrt compare` can build the model the quantised weights mean (dequantize(quantize(W)) in float32) without
-ONNX Runtime. With a calibration text (export --calibration) the same grid's codes are chosen by GPTQ instead
-(`gptq_quantize_ref`, ROUNDINGS below) and written into the initializers ONNX Runtime's quantiser laid out
-(`pack_matmul_nbits`, held to its packing byte for byte).
+ONNX Runtime. With a calibration text (export --calibration) GPTQ chooses the codes instead, each block's scale
+and zero point taken the same way from its weights as GPTQ has updated them (`gptq_quantize_ref`, ROUNDINGS
+below), and they are written into the initializers ONNX Runtime's quantiser laid out (`pack_matmul_nbits`, held to
+its packing byte for byte).
 
 The embedding table is quantised to int8 (the scheme's blocks along d_model, whatever the projections' bits) and
 read through ONNX Runtime's `GatherBlockQuantized` (a row's codes dequantised as it is gathered): a Gather reads
@@ -77,8 +78,8 @@ HEAD = "lm_head"
 #   `ssmrt compare` reads them from it.
 ROUNDINGS = ("rtn", "gptq")
 RECORDED_DEFAULT_ROUNDING = "rtn"
-# Added to H's diagonal, as a fraction of its mean: keeps H invertible where a feature never varies in the
-# calibration text (or the text is shorter than K), where GPTQ then rounds close to nearest.
+# Added to H's diagonal, as a fraction of its mean: keeps H invertible where features move together in the
+# calibration text or the text has fewer positions than K (features that are always 0 get a diagonal of 1).
 GPTQ_DAMP = 0.01
 # The columns GPTQ rounds one at a time before it updates the rest of the matrix in one product (its "lazy
 # batch"): the same updates as one at a time throughout, summed in another order (so now and then a code rounds
@@ -241,15 +242,22 @@ def gptq_quantize_ref(w, H, bits: int, block_size: int, symmetric: bool, damp: f
         raise SsmrtError(f"gptq_quantize_ref: H must be [{K}, {K}] for a weight of {K} inputs, got {tuple(H.shape)}")
     H = H.detach().to(torch.float64).cpu().clone()
     diag = H.diagonal()
-    diag[diag <= 0] = 1.0  # a feature that never varied: its own rounding only
+    diag[diag <= 0] = 1.0  # a feature that was always 0: nothing to spread its rounding by, its own only
     H += damp * float(diag.mean()) * torch.eye(K, dtype=torch.float64)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
+    except torch.linalg.LinAlgError as e:  # NaN or infinite activations in the calibration text's pass
+        raise SsmrtError(f"GPTQ: the calibration activations' products cannot be inverted ({str(e).splitlines()[0]})"
+                         ) from None
     blocks = -(-K // block_size)
     W = w.t().contiguous()  # [N, K]: a feature is a column
     q = torch.zeros(N, blocks * block_size, dtype=torch.float32)
     scales = torch.zeros(N, blocks, dtype=torch.float32)
     zps = torch.zeros(N, blocks, dtype=torch.float32)
-    step = max(GPTQ_COLUMNS // block_size, 1) * block_size  # whole blocks, so a block's start sees it all updated
+    # Both powers of two: a block smaller than a batch lies inside one, a larger one starts where a batch does.
+    # Either way, at a block's start every weight of the block holds every update so far: those in this batch in
+    # `part`, those past it (a larger block, at its batch's start) in W.
+    step = GPTQ_COLUMNS
     for c0 in range(0, K, step):
         c1 = min(c0 + step, K)
         part, err = W[:, c0:c1].clone(), torch.zeros(N, c1 - c0, dtype=torch.float32)
@@ -258,7 +266,7 @@ def gptq_quantize_ref(w, H, bits: int, block_size: int, symmetric: bool, damp: f
             if i % block_size == 0:
                 b, width = i // block_size, min(block_size, K - i)
                 cols = torch.zeros(N, 1, block_size, dtype=torch.float32)
-                cols[:, 0, :width] = part[:, j:j + width]
+                cols[:, 0, :width] = torch.cat([part[:, j:], W[:, c1:i + width]], 1)[:, :width]
                 valid = (torch.arange(block_size) < width).reshape(1, 1, block_size)
                 s, z, r = (t[:, 0] for t in _block_grid(cols, valid, bits, symmetric))
                 scales[:, b], zps[:, b] = s, z
@@ -327,8 +335,13 @@ def calibration_hessians(model, ids) -> dict:
     try:
         for name, owner, attr in quantised_linears(model):
             if attr == "dt_proj":
-                owner.dt_input = lambda dt, name=name: (add(name, dt), dt)[1]
-                mixers.append(owner)
+                mixers.append((owner, owner.dt_input))
+                def capture(dt, name=name, before=owner.dt_input):  # what the matmul multiplies: after `before`
+                    dt = dt if before is None else before(dt)
+                    add(name, dt)
+                    return dt
+
+                owner.dt_input = capture
             else:
                 hooks.append(getattr(owner, attr).register_forward_hook(
                     lambda mod, args, out, name=name: add(name, args[0])))
@@ -339,8 +352,8 @@ def calibration_hessians(model, ids) -> dict:
     finally:
         for h in hooks:
             h.remove()
-        for m in mixers:
-            m.dt_input = None
+        for m, before in mixers:
+            m.dt_input = before
     return sums
 
 
@@ -509,12 +522,16 @@ def quantize_graph(proto, info: dict, expected: int, calibration: dict | None = 
         import torch
 
         nodes = {}
+        names_used = {n.name for n in out.graph.node if n.op_type != "MatMulNBits"}
         out_inits = {t.name: t for t in out.graph.initializer}
         for node in packed:
             name = by_output[node.output[0]]
             w, H = calibration[name]
             codes = gptq_quantize_ref(torch.from_numpy(w), H, info["bits"], info["block_size"], info["symmetric"])
-            _store_codes(node, out_inits, codes)
+            _store_codes(node, out_inits, codes, info["symmetric"])
+            if not node.name or node.name in names_used:  # the metadata finds each matrix's node by its name
+                node.name = f"ssmrt.calibrated.{name}"
+            names_used.add(node.name)
             nodes[name] = node.name
         info["rounding"], info["calibrated_nodes"] = "gptq", nodes
     if info.get("embedding", RECORDED_DEFAULT_EMBEDDING) != "float32":
@@ -558,7 +575,7 @@ def pack_matmul_nbits(q, scales, zero_points, bits: int):
             np.ascontiguousarray(zp_packed, dtype=np.uint8))
 
 
-def _store_codes(node, initializers: dict, codes) -> None:
+def _store_codes(node, initializers: dict, codes, symmetric: bool) -> None:
     """Writes `codes` (quantize_ref's layout) into the initializers a MatMulNBits node reads, in the shapes ONNX
     Runtime's quantiser gave them; any other size raises (a layout this code does not know)."""
     import numpy as np
@@ -566,7 +583,9 @@ def _store_codes(node, initializers: dict, codes) -> None:
 
     arrays = pack_matmul_nbits(*codes, {a.name: a.i for a in node.attribute}["bits"])
     inputs = [node.input[1], node.input[2]] + ([node.input[3]] if len(node.input) > 3 and node.input[3] else [])
-    for name, a in zip(inputs, arrays, strict=False):
+    if len(inputs) < 3 and not symmetric:  # the kernels would take the middle code for every zero point
+        raise SsmrtError(f"{node.name}: ONNX Runtime's quantiser left out the zero points of an asymmetric scheme")
+    for name, a in zip(inputs, arrays[:len(inputs)], strict=True):
         old = initializers[name]
         if int(np.prod(old.dims)) != a.size or old.data_type != numpy_helper.from_array(a[:0]).data_type:
             raise SsmrtError(f"{node.name}: {name} holds {list(old.dims)} values of type {old.data_type}; GPTQ's "

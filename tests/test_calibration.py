@@ -95,24 +95,24 @@ def _gptq_one_column_at_a_time(w, H, bits, block):
     return out.t()
 
 
-def test_gptq_batches_do_what_the_paper_s_loop_does():
-    """The batched columns (GPTQ_COLUMNS at a time, the rest of the matrix updated once a batch) against a
-    column-at-a-time loop in float64. One code flipped by rounding order changes every update after it, so the
-    codes are compared where nothing has been spread into them yet (the first feature), and the whole by what
-    GPTQ minimises: |X (W - W')|^2 within 3% of the loop's, and well under rounding to nearest."""
-    K, N = 300, 16
+@pytest.mark.parametrize("K,block", [(300, 32), (600, 256)])
+def test_gptq_batches_do_what_the_paper_s_loop_does(K, block):
+    """The batched columns (GPTQ_COLUMNS at a time, the rest of the matrix updated once a batch; blocks inside a
+    batch and blocks spanning several) against a column-at-a-time loop in float64. One code flipped by rounding
+    order changes every update after it, so the two are compared by what GPTQ minimises, |X (W - W')|^2: within
+    3% of each other, and well under rounding to nearest."""
+    N = 16
     w = torch.randn(K, N, generator=torch.Generator().manual_seed(5)) * 0.02
     X = _correlated(3 * K, K, 6)
     H = X.double().t() @ X.double()
-    batched = Q.dequantize_ref(*Q.gptq_quantize_ref(w, H, 4, 32, False), K).double()
-    plain = _gptq_one_column_at_a_time(w, H, 4, 32)
-    assert torch.equal(batched[0], plain[0])
+    batched = Q.dequantize_ref(*Q.gptq_quantize_ref(w, H, 4, block, False), K).double()
+    plain = _gptq_one_column_at_a_time(w, H, 4, block)
 
     def cost(wq):
         d = w.double() - wq
         return float(torch.einsum("kn,kj,jn->", d, H, d))
 
-    rtn = Q.dequantize_ref(*Q.quantize_ref(w, 4, 32, False), K).double()
+    rtn = Q.dequantize_ref(*Q.quantize_ref(w, 4, block, False), K).double()
     assert abs(cost(batched) - cost(plain)) < 0.03 * cost(plain)
     assert cost(plain) < 0.7 * cost(rtn)
 
@@ -166,7 +166,9 @@ def test_every_matrix_holds_the_codes_of_its_own_statistics(calibrated, variant)
 
 def test_the_hessians_see_every_matrix_s_input(calibrated):
     """calibration_hessians' H of a matrix is X^T X of what the matrix multiplies: for the head, the final
-    norm's output, computed here from the model's own forward pass; and every H is symmetric, non-zero."""
+    norm's output, computed here from the model's own forward pass; every H is symmetric and non-zero; and the
+    model is left as it came (no hooks, Mamba-1's dt_input back to what it was, and still applied meanwhile),
+    also when its forward pass fails."""
     ckpt, _ = calibrated["mamba-untied-d64-k3-bias"]
     model = load_model(ckpt, dtype="float32")
     ids = list(TEXT.encode())[:40]
@@ -181,7 +183,22 @@ def test_the_hessians_see_every_matrix_s_input(calibrated):
     for name, H in sums.items():
         assert torch.allclose(H, H.t(), rtol=1e-6, atol=0) and float(H.diagonal().min()) >= 0, name
         assert float(H.abs().max()) > 0, name
-    assert all(m.dt_input is None for m in (layer.mixer for layer in model.backbone.layers))  # hooks removed
+
+    def untouched():
+        return all(not mod._forward_hooks for mod in model.modules())
+
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    calls = []
+    for m in mixers:
+        m.dt_input = lambda dt: (calls.append(1), dt * 2)[1]
+    before = [m.dt_input for m in mixers]
+    doubled = Q.calibration_hessians(model, ids)
+    assert calls and untouched() and [m.dt_input for m in mixers] == before
+    name = "backbone.layers.0.mixer.dt_proj"  # H of what dt_proj multiplies: dt_input's output, twice the input
+    assert torch.allclose(doubled[name], 4 * sums[name], rtol=1e-5, atol=1e-5 * float(sums[name].abs().max()))
+    with pytest.raises(IndexError):
+        Q.calibration_hessians(model, [1, 2, 10_000])  # past the vocabulary: the embedding raises
+    assert untouched() and [m.dt_input for m in mixers] == before
 
 
 def test_the_packing_is_what_onnxruntime_wrote_bit_for_bit(calibrated):
@@ -264,6 +281,8 @@ def test_dequantized_model_needs_the_codes_of_gptq_weights(calibrated):
     info = OnnxRuntimeRunnerFromArtifact(arts["int8"]).weights
     with pytest.raises(SsmrtError, match="need their codes"):
         Q.dequantized_model(load_model(ckpt, dtype="float32"), info)
+    with pytest.raises(SsmrtError, match="name the artifact"):
+        _dequantized_runner(ckpt, info, "float32", "cpu")
     codes = Q.artifact_codes(arts["int8"] / "model.onnx", info)
     del codes[Q.HEAD]
     with pytest.raises(SsmrtError, match="no codes for lm_head"):
@@ -293,7 +312,7 @@ def test_cli_export_with_calibration_records_it_and_inspect_shows_it(calibrated,
     (["--weights", "int8", "--calibration", "{missing}"], "not a file"),
     (["--weights", "int8", "--calibration", "{binary}"], "not UTF-8 text"),
     (["--weights", "int8", "--calibration", "{empty}"], "has no tokens"),
-    (["--weights", "int8", "--calibration", "{wide}"], "not a token id in [0, 97)"),
+    (["--weights", "int8", "--calibration", "{wide}"], "outside the model's vocabulary [0, 97)"),
 ])
 def test_bad_calibration_is_refused_and_writes_nothing(calibrated, tmp_path, args, fragment):
     ckpt, _ = calibrated["mamba2-g1"]
@@ -316,6 +335,29 @@ def test_calibration_without_a_tokenizer_is_refused(tmp_path):
     assert_refused(ssmrt("export", ckpt, "-o", tmp_path / "out", "--weights", "int4", "--calibration",
                          tmp_path / "calib.txt"), "needs the checkpoint's tokenizer.json")
     assert not (tmp_path / "out").exists()
+
+
+def test_identical_weights_cannot_be_told_apart(tmp_path):
+    """Two projections with the same bytes: the graph does not say which matmul is which, so calibrating is
+    refused (nothing written), where rounding to nearest, which needs no such map, exports."""
+    model = load_model(save_hf(hf_model("mamba2-g1"), tmp_path / "ckpt"))
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.out_proj.weight.copy_(model.backbone.layers[0].mixer.out_proj.weight)
+    with pytest.raises(SsmrtError, match="identical"):
+        export_model(model, tmp_path / "out", weights="int8", calibration_ids=list(range(50)))
+    assert not (tmp_path / "out").exists()
+    export_model(model, tmp_path / "rtn", weights="int8")
+
+
+def test_the_api_takes_ids_as_arrays_and_refuses_a_misplaced_keyword(calibrated, tmp_path):
+    ckpt, arts = calibrated["mamba2-g1"]
+    ids = torch.tensor(list(TEXT.encode()))
+    art = export_model(load_model(ckpt), tmp_path / "art", weights="int8", calibration_ids=ids)
+    codes = Q.artifact_codes(art / "model.onnx", OnnxRuntimeRunnerFromArtifact(art).weights)
+    same = Q.artifact_codes(arts["int8"] / "model.onnx", OnnxRuntimeRunnerFromArtifact(arts["int8"]).weights)
+    assert all(np.array_equal(a, b) for name in codes for a, b in zip(codes[name], same[name], strict=True))
+    with pytest.raises(SsmrtError, match="calibration_ids= is export_model's"):
+        export(ckpt, tmp_path / "other", weights="int8", calibration_ids=[1, 2])
 
 
 def test_the_api_refuses_bad_calibration_ids(tmp_path):

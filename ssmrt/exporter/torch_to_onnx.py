@@ -395,14 +395,20 @@ def export(model_dir, out_dir, overwrite: bool = False, calibration=None, **kwar
     quantized = check_weights(kwargs.get("weights"), kwargs.get("block_size"), kwargs.get("dtype", "float32"),
                               kwargs.get("target", "portable"), kwargs.get("activations"),
                               kwargs.get("embedding"))  # a typo costs no load either
+    if "calibration_ids" in kwargs:
+        raise SsmrtError("export() takes calibration= (a text file); calibration_ids= is export_model's")
     ids = None
     if calibration is not None:
         if quantized is None:
             raise SsmrtError("--calibration applies to quantised weights; give --weights int8 or int4 with it")
         ids = read_calibration_text(calibration, model_dir)
     artifact.check_output(out_dir, overwrite)
-    return export_model(load_model(model_dir), out_dir, source_dir=model_dir, overwrite=overwrite,
-                        calibration_ids=ids, **kwargs)
+    model = load_model(model_dir)
+    vocab = model.config.vocab_size
+    if ids is not None and max(ids) >= vocab:
+        raise SsmrtError(f"--calibration {calibration}: the tokenizer gave id {max(ids)}, outside the model's "
+                         f"vocabulary [0, {vocab}) (is {model_dir}'s tokenizer.json this model's?)")
+    return export_model(model, out_dir, source_dir=model_dir, overwrite=overwrite, calibration_ids=ids, **kwargs)
 
 
 def read_calibration_text(path, model_dir) -> list[int]:
@@ -434,6 +440,8 @@ def check_calibration_ids(ids, quantized: dict | None, vocab: int) -> list[int]:
 
     if quantized is None:
         raise SsmrtError("--calibration applies to quantised weights; give --weights int8 or int4 with it")
+    if hasattr(ids, "tolist") and not isinstance(ids, str | bytes):  # a numpy array or a torch tensor
+        ids = ids.tolist()
     if isinstance(ids, str | bytes) or not hasattr(ids, "__len__") or len(ids) == 0:
         raise SsmrtError("calibration_ids must be a non-empty sequence of token ids")
     bad = [t for t in ids if not is_int(t) or not 0 <= int(t) < vocab]
