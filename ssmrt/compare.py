@@ -21,8 +21,9 @@ Who judges a candidate (`judges`):
 - float weights: the reference is the model in float64, the baseline the model in the candidate's precision.
 - quantised weights with float32 activations (export --weights int8|int4 --activations float32): against what its
   weights mean: the reference and the baseline are the model with every quantised matrix replaced by its
-  dequantised values (ssmrt.quantize.dequantized_model), so the verdict says whether the runtime's quantised
-  matmuls compute that model, to the rounding of the candidate's precision. What quantisation costs is a
+  dequantised values (ssmrt.quantize.dequantized_model; GPTQ-rounded matrices' codes read from the artifact,
+  since they cannot be rounded again without the calibration text), so the verdict says whether the runtime's
+  quantised matmuls compute that model, to the rounding of the candidate's precision. What quantisation costs is a
   different question, answered by the figures against the unquantised model (`original`): per step the
   candidate's KL divergence, top-1 and top-5 agreement with it, and where their free-running texts part.
 - quantised weights with int8 activations (the default): the activations' codes are a rounding of float values

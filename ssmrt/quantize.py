@@ -319,9 +319,9 @@ def quantised_linears(model) -> list[tuple[str, object, str]]:
 def calibration_hessians(model, ids) -> dict:
     """{name: H} for each quantised matrix (quantised_linears): H [K, K] float64, the sum over every position of
     the calibration token ids of x x^T (float32 within a piece), x the matmul's input as the float32 model
-    computes it. The ids are run
-    in pieces of CALIBRATION_CHUNK tokens, each from an empty state. Mamba-1's dt_proj is applied as a bare
-    matmul of its weight, so its input is taken where the mixer hands it over (dt_input)."""
+    computes it. The ids are run in pieces of CALIBRATION_CHUNK tokens, each from an empty state. Mamba-1's
+    dt_proj is applied as a bare matmul of its weight, so its input is taken where the mixer hands it over
+    (dt_input, after any function already there, which is put back after)."""
     import torch
 
     sums: dict = {}
@@ -336,6 +336,7 @@ def calibration_hessians(model, ids) -> dict:
         for name, owner, attr in quantised_linears(model):
             if attr == "dt_proj":
                 mixers.append((owner, owner.dt_input))
+
                 def capture(dt, name=name, before=owner.dt_input):  # what the matmul multiplies: after `before`
                     dt = dt if before is None else before(dt)
                     add(name, dt)
