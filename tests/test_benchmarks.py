@@ -241,7 +241,8 @@ def test_cpu_precision_benchmark_smoke(tmp_path):
 @pytest.mark.slow
 def test_cpu_quantize_benchmark_runs(tmp_path):
     """benchmarks/cpu_quantize.py on a one-layer decode model and a byte model trained for a second: a quality row
-    and a decode ratio for every artifact, float32 judged passing against itself."""
+    for every artifact (GPTQ-rounded and float-table ones too, each passing its own verdict) and a decode ratio for
+    every one of the decode table, float32 judged passing against itself."""
     pytest.importorskip("gguf")  # the formats table's llama.cpp arithmetic
     out = tmp_path / "quant.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_quantize.py"), "--layers", "1", "--blocks",
@@ -250,7 +251,11 @@ def test_cpu_quantize_benchmark_runs(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(out.read_text())
     names = ["float32", "float16", "int8", "int8, float32 activations", "int4", "int4, float32 activations"]
-    assert [r["artifact"] for r in report["quality"]] == names
+    quality = ["float32", "float16"] + [f"{w}{kind}" for w in ("int8", "int4") for kind in (
+        "", ", float32 activations", ", GPTQ", ", float32 activations, GPTQ")]
+    quality.append("int8, float32 activations, GPTQ, float32 embedding")
+    assert [r["artifact"] for r in report["quality"]] == quality
+    assert all(r["own_verdict"].startswith("PASSED") for r in report["quality"]), report["quality"]
     assert report["quality"][0]["float16_band_passed"] and report["quality"][0]["kl_mean"] < 1e-9
     assert all(r["kl_mean"] > 0 for r in report["quality"][1:])
     assert [r["format"] for r in report["formats"]["rows"]] == [
