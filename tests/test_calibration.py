@@ -209,9 +209,10 @@ def test_the_packing_is_what_onnxruntime_wrote_bit_for_bit(calibrated):
     whatever its packing loop had there."""
     checked = 0
     for _, (ckpt, _) in calibrated.items():
+        float_graph = export(ckpt, ckpt.parent / f"{ckpt.name}-float") / "model.onnx"  # what quantize_graph starts from
         for weights in ("int8", "int4"):
             for block in (16, 32):
-                graph = Q.quantize_graph(onnx.load(str(_float_export(ckpt))), {
+                graph = Q.quantize_graph(onnx.load(str(float_graph)), {
                     "scheme": weights, "bits": Q.SCHEMES[weights], "block_size": block, "symmetric": False,
                     "activations": "float32", "embedding": "float32"}, Q.expected_matmuls(load_model(ckpt).config))
                 inits = {t.name: t for t in graph.graph.initializer}
@@ -225,16 +226,6 @@ def test_the_packing_is_what_onnxruntime_wrote_bit_for_bit(calibrated):
                         assert wrote.tobytes() == a.tobytes(), (node.name, name)
                     checked += 1
     assert checked > 0
-
-
-_FLOAT_EXPORTS: dict = {}
-
-
-def _float_export(ckpt):
-    """A float32 export of ckpt (once a checkpoint), its model.onnx: the graph quantize_graph starts from."""
-    if ckpt not in _FLOAT_EXPORTS:
-        _FLOAT_EXPORTS[ckpt] = export(ckpt, ckpt.parent / f"{ckpt.name}-float") / "model.onnx"
-    return _FLOAT_EXPORTS[ckpt]
 
 
 def _report(ckpt, art, **kw):
