@@ -250,8 +250,8 @@ def gptq_quantize_ref(w, H, bits: int, block_size: int, symmetric: bool, damp: f
         raise SsmrtError(f"GPTQ: the calibration activations' products cannot be inverted ({str(e).splitlines()[0]})"
                          ) from None
     blocks = -(-K // block_size)
-    W = w.t().contiguous()  # [N, K]: a feature is a column
-    q = torch.zeros(N, blocks * block_size, dtype=torch.float32)
+    W = w.t().clone(memory_format=torch.contiguous_format)  # [N, K]: a feature is a column; updated in place
+    q = torch.zeros(N, blocks * block_size, dtype=torch.uint8)  # the codes are whole numbers in [0, 2^bits)
     scales = torch.zeros(N, blocks, dtype=torch.float32)
     zps = torch.zeros(N, blocks, dtype=torch.float32)
     # Both powers of two: a block smaller than a batch lies inside one, a larger one starts where a batch does.
@@ -276,7 +276,7 @@ def gptq_quantize_ref(w, H, bits: int, block_size: int, symmetric: bool, damp: f
             part[:, j:] -= e[:, None] * U[i, i:c1][None, :]
             err[:, j] = e
         W[:, c1:] -= err @ U[c0:c1, c1:]
-    return q.reshape(N, blocks, block_size).to(torch.uint8), scales, zps.to(torch.uint8)
+    return q.reshape(N, blocks, block_size), scales, zps.to(torch.uint8)
 
 
 def dequantize_ref(q, scales, zero_points, K: int):
@@ -316,46 +316,128 @@ def quantised_linears(model) -> list[tuple[str, object, str]]:
     return out + [(HEAD, model, HEAD)]
 
 
-def calibration_hessians(model, ids) -> dict:
-    """{name: H} for each quantised matrix (quantised_linears): H [K, K] float64, the sum over every position of
-    the calibration token ids of x x^T (float32 within a piece), x the matmul's input as the float32 model
-    computes it. The ids are run in pieces of CALIBRATION_CHUNK tokens, each from an empty state. Mamba-1's
-    dt_proj is applied as a bare matmul of its weight, so its input is taken where the mixer hands it over
-    (dt_input, after any function already there, which is put back after)."""
+class _Capture:
+    """While open, hands add(name, x) the input x of each listed matrix (quantised_linears' names) every time the
+    model multiplies by it, and leaves the model as it came when closed (hooks removed, Mamba-1's dt_input put
+    back), also after an error. Mamba-1's dt_proj is applied as a bare matmul of its weight, so its input is taken
+    where the mixer hands it over (dt_input, after any function already there)."""
+
+    def __init__(self, model, names, add):
+        self.model, self.names, self.add = model, set(names), add
+        self.hooks, self.mixers = [], []
+
+    def __enter__(self):
+        try:
+            for name, owner, attr in quantised_linears(self.model):
+                if name not in self.names:
+                    continue
+                if attr == "dt_proj":
+                    self.mixers.append((owner, owner.dt_input))
+
+                    def capture(dt, name=name, before=owner.dt_input):  # what the matmul multiplies: after `before`
+                        dt = dt if before is None else before(dt)
+                        self.add(name, dt)
+                        return dt
+
+                    owner.dt_input = capture
+                else:
+                    self.hooks.append(getattr(owner, attr).register_forward_hook(
+                        lambda mod, args, out, name=name: self.add(name, args[0])))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        for m, before in self.mixers:
+            m.dt_input = before
+        self.hooks, self.mixers = [], []
+        return False
+
+
+def _products(sums: dict):
+    """add(name, x) for _Capture: sums[name] += x^T x, a piece's products in float32 (at most CALIBRATION_CHUNK
+    terms a sum), the pieces' sums in float64."""
     import torch
 
-    sums: dict = {}
-
     def add(name, x):
-        # a piece's products in float32 (at most CALIBRATION_CHUNK terms a sum), the pieces' sums in float64
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         sums[name] = sums.get(name, 0) + (x.t() @ x).to(torch.float64)
 
-    hooks, mixers = [], []
-    try:
-        for name, owner, attr in quantised_linears(model):
-            if attr == "dt_proj":
-                mixers.append((owner, owner.dt_input))
+    return add
 
-                def capture(dt, name=name, before=owner.dt_input):  # what the matmul multiplies: after `before`
-                    dt = dt if before is None else before(dt)
-                    add(name, dt)
-                    return dt
 
-                owner.dt_input = capture
-            else:
-                hooks.append(getattr(owner, attr).register_forward_hook(
-                    lambda mod, args, out, name=name: add(name, args[0])))
-        ids = torch.as_tensor(list(ids), dtype=torch.long)
-        with torch.no_grad():
-            for c0 in range(0, len(ids), CALIBRATION_CHUNK):
-                model(ids[c0:c0 + CALIBRATION_CHUNK][None])
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, before in mixers:
-            m.dt_input = before
+def _pieces(ids):
+    import torch
+
+    ids = torch.as_tensor(list(ids), dtype=torch.long)
+    return [ids[c0:c0 + CALIBRATION_CHUNK][None] for c0 in range(0, len(ids), CALIBRATION_CHUNK)]
+
+
+def calibration_hessians(model, ids) -> dict:
+    """{name: H} for each quantised matrix (quantised_linears): H [K, K] float64, the sum over every position of
+    the calibration token ids of x x^T (float32 within a piece), x the matmul's input as the float32 model
+    computes it. The ids are run in pieces of CALIBRATION_CHUNK tokens, each from an empty state, through the
+    whole model at once: every H is held at the end (the reference for layerwise_hessians, which holds one
+    layer's)."""
+    import torch
+
+    sums: dict = {}
+    with _Capture(model, [name for name, _, _ in quantised_linears(model)], _products(sums)), torch.no_grad():
+        for piece in _pieces(ids):
+            model(piece)
     return sums
+
+
+def layerwise_hessians(model, ids):
+    """calibration_hessians' (name, H) pairs, yielded one layer at a time in quantised_linears' order: the pieces
+    of the calibration ids go through the model a layer at a time, each piece's hidden state and residual kept
+    between layers (2 x tokens x d_model values), so that a caller who is done with an H before asking for the
+    next holds one layer's at most: all of them at once, in float64, are 1.1-2.7x the float32 weights' size (a
+    2.7B model's 17-30 GB), one layer's of such a model at most 0.5 GB. The same modules on the same inputs in
+    the same order as calibration_hessians, so the same H to the bit."""
+    import torch
+
+    from .ops import dispatch
+
+    layers = model.backbone.layers
+    matrices = [name for name, _, _ in quantised_linears(model)]
+    with torch.no_grad():
+        states = [(model.backbone.embeddings(piece), None) for piece in _pieces(ids)]
+    for i, layer in enumerate(layers):
+        names = [n for n in matrices if n.startswith(f"backbone.layers.{i}.")]
+        sums: dict = {}
+        with _Capture(model, names, _products(sums)), torch.no_grad():
+            states = [layer(hidden, residual, None, None)[:2] for hidden, residual in states]
+        for name in names:
+            yield name, sums.pop(name)
+    # the head's input is the final norm's output, taken as it is made: the logits (a piece's 512 x vocab
+    # floats, 100 MB at a 50k vocabulary) are not needed for it
+    sums = {}
+    add, norm_f = _products(sums), model.backbone.norm_f
+    with torch.no_grad():
+        for hidden, residual in states:
+            add(HEAD, dispatch.add_rmsnorm(hidden, residual, norm_f.weight, norm_f.eps, False)[0])
+    yield HEAD, sums.pop(HEAD)
+
+
+def calibrated_codes(model, ids, info: dict) -> dict:
+    """{name: (key, packed)} for every quantised matrix: GPTQ's codes (gptq_quantize_ref) for the scheme `info`
+    against layerwise_hessians' H, each H dropped once its matrix is rounded, packed as MatMulNBits holds them
+    (pack_matmul_nbits), and the key (shape, digest of its float32 bytes) that finds the matrix's weight [K, N]
+    in an export's graph (quantize_graph). What is kept is the packed codes, at most the weights' size."""
+    weights = {name: getattr(owner, attr).weight for name, owner, attr in quantised_linears(model)}
+    bits, block, symmetric = info["bits"], info["block_size"], info["symmetric"]
+    out = {}
+    for name, H in layerwise_hessians(model, ids):
+        w = weights[name].detach().t()
+        key = (tuple(w.shape), _digest(w.numpy()))
+        codes = gptq_quantize_ref(w, H, bits, block, symmetric)
+        del H
+        out[name] = (key, pack_matmul_nbits(*codes, bits))
+    return out
 
 
 @functools.cache
@@ -454,9 +536,10 @@ def quantize_graph(proto, info: dict, expected: int, calibration: dict | None = 
     """proto (an export's ModelProto) with every MatMul by a constant 2-D weight as MatMulNBits, packed by ONNX
     Runtime's quantiser; the fallback bodies (model-local functions) are left as they are. `expected`: how
     many such matmuls the model has (expected_matmuls); a different count is an exporter bug and raises.
-    calibration: {name: (w [K, N] float32 numpy, H)} for GPTQ rounding (gptq_quantize_ref), a graph weight
-    found by its bytes (the exporter copies each matrix as it is): every packed node then holds GPTQ's codes,
-    and `info` (the metadata entry) gets rounding "gptq" and calibrated_nodes {name: MatMulNBits node name}."""
+    calibration: calibrated_codes' {name: (key, packed codes)} for GPTQ rounding, a graph weight found by its
+    key (its shape and bytes: the exporter copies each matrix as it is): every packed node then holds GPTQ's
+    codes, and `info` (the metadata entry) gets rounding "gptq" and calibrated_nodes {name: MatMulNBits node
+    name}."""
     import logging
 
     import onnx
@@ -486,15 +569,14 @@ def quantize_graph(proto, info: dict, expected: int, calibration: dict | None = 
     by_output = {}  # a calibrated MatMul's output -> the name of its matrix
     if calibration is not None:
         by_bytes: dict = {}
-        for name, (w, _) in calibration.items():
-            key = (w.shape, _digest(w))
+        for name, (key, _) in calibration.items():
             if key in by_bytes:
                 raise SsmrtError(f"cannot calibrate {by_bytes[key]} and {name}: their weights are identical, so "
                                  "the graph does not say which matmul is which")
             by_bytes[key] = name
         for n in matmuls:
             w = numpy_helper.to_array(inits[n.input[1]])
-            name = by_bytes.get((w.shape, _digest(w)))
+            name = by_bytes.get((tuple(w.shape), _digest(w)))
             if name is None:
                 raise SsmrtError(f"the graph's weight {n.input[1]} matches none of the model's projections; "
                                  "refusing to calibrate a graph of unknown shape")
@@ -520,16 +602,12 @@ def quantize_graph(proto, info: dict, expected: int, calibration: dict | None = 
             raise SsmrtError(f"ONNX Runtime's quantiser set accuracy_level {[a.i for a in attrs]} on {node.name}, "
                              f"not {level}")
     if calibration is not None:
-        import torch
-
         nodes = {}
         names_used = {n.name for n in out.graph.node if n.op_type != "MatMulNBits"}
         out_inits = {t.name: t for t in out.graph.initializer}
         for node in packed:
             name = by_output[node.output[0]]
-            w, H = calibration[name]
-            codes = gptq_quantize_ref(torch.from_numpy(w), H, info["bits"], info["block_size"], info["symmetric"])
-            _store_codes(node, out_inits, codes, info["symmetric"])
+            _store_codes(node, out_inits, calibration[name][1], info["symmetric"])
             if not node.name or node.name in names_used:  # the metadata finds each matrix's node by its name
                 node.name = f"ssmrt.calibrated.{name}"
             names_used.add(node.name)
@@ -552,7 +630,14 @@ def _digest(a) -> str:
 
     import numpy as np
 
-    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+    # row by row: the digest of the whole array's bytes without a contiguous float32 copy of all of it (a
+    # transposed view of a 50k-vocabulary head would be one)
+    h = hashlib.sha256()
+    a = np.asarray(a)
+    rows = a.reshape(1, -1) if a.ndim < 2 else a.reshape(-1, a.shape[-1])
+    for r0 in range(0, len(rows), 64):
+        h.update(np.ascontiguousarray(rows[r0:r0 + 64], dtype=np.float32))
+    return h.hexdigest()
 
 
 def pack_matmul_nbits(q, scales, zero_points, bits: int):
@@ -576,13 +661,12 @@ def pack_matmul_nbits(q, scales, zero_points, bits: int):
             np.ascontiguousarray(zp_packed, dtype=np.uint8))
 
 
-def _store_codes(node, initializers: dict, codes, symmetric: bool) -> None:
-    """Writes `codes` (quantize_ref's layout) into the initializers a MatMulNBits node reads, in the shapes ONNX
-    Runtime's quantiser gave them; any other size raises (a layout this code does not know)."""
+def _store_codes(node, initializers: dict, arrays, symmetric: bool) -> None:
+    """Writes packed codes (pack_matmul_nbits' arrays) into the initializers a MatMulNBits node reads, in the
+    shapes ONNX Runtime's quantiser gave them; any other size raises (a layout this code does not know)."""
     import numpy as np
     from onnx import numpy_helper
 
-    arrays = pack_matmul_nbits(*codes, {a.name: a.i for a in node.attribute}["bits"])
     inputs = [node.input[1], node.input[2]] + ([node.input[3]] if len(node.input) > 3 and node.input[3] else [])
     if len(inputs) < 3 and not symmetric:  # the kernels would take the middle code for every zero point
         raise SsmrtError(f"{node.name}: ONNX Runtime's quantiser left out the zero points of an asymmetric scheme")

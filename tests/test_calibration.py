@@ -117,6 +117,22 @@ def test_gptq_batches_do_what_the_paper_s_loop_does(K, block):
     assert cost(plain) < 0.7 * cost(rtn)
 
 
+@pytest.mark.parametrize("as_linear", [False, True])
+def test_gptq_leaves_its_inputs_as_they_were(as_linear):
+    """gptq_quantize_ref updates a working copy of the weight, never the caller's: the weight as a plain [K, N]
+    tensor or as the transposed view of an nn.Linear's [N, K] weight (what the export hands it; a view whose
+    transpose is contiguous), K past one lazy batch of columns so that the later columns are updated, and H."""
+    K, N = Q.GPTQ_COLUMNS + 72, 6
+    X = _correlated(400, K, seed=3)
+    H = (X.t() @ X).double()
+    base = torch.randn(N, K, generator=torch.Generator().manual_seed(4)) * 0.1
+    w = base.clone().t() if as_linear else base.t().contiguous()
+    before, H_before = w.clone(), H.clone()
+    codes = Q.gptq_quantize_ref(w, H, 4, 32, False)
+    assert torch.equal(w, before) and torch.equal(H, H_before)
+    assert not torch.equal(codes[0], Q.quantize_ref(w, 4, 32, False)[0])  # the later columns were updated
+
+
 def test_gptq_refuses_a_hessian_of_another_size():
     with pytest.raises(SsmrtError, match=r"H must be \[8, 8\]"):
         Q.gptq_quantize_ref(torch.zeros(8, 3), torch.eye(7), 8, 16, False)
@@ -199,6 +215,33 @@ def test_the_hessians_see_every_matrix_s_input(calibrated):
     with pytest.raises(IndexError):
         Q.calibration_hessians(model, [1, 2, 10_000])  # past the vocabulary: the embedding raises
     assert untouched() and [m.dt_input for m in mixers] == before
+
+
+def test_layerwise_hessians_are_the_whole_model_s_to_the_bit_holding_one_layer_s(calibrated):
+    """layerwise_hessians (what the export uses) yields calibration_hessians' H for every matrix, bit for bit,
+    in quantised_linears' order (the text in two pieces, both families), and holds none of a layer's H once
+    the caller has let go of them and asked for the next layer's: what bounds a large model's calibration memory
+    to one layer's products."""
+    import gc
+    import weakref
+
+    for cid, (ckpt, _) in calibrated.items():
+        model = load_model(ckpt, dtype="float32")
+        ids = list(TEXT.encode())
+        assert len(ids) > Q.CALIBRATION_CHUNK  # more than one piece, each from an empty state
+        want = Q.calibration_hessians(model, ids)
+        got, alive = [], []
+        for name, H in Q.layerwise_hessians(model, ids):
+            gc.collect()
+            layer = name.split(".mixer.")[0]
+            # every H of an earlier layer (and the caller's last reference to it is gone) has been freed
+            assert all(ref() is None for owner, ref in alive if owner != layer), (cid, name)
+            assert torch.equal(H, want[name]), (cid, name)
+            alive.append((layer, weakref.ref(H)))
+            got.append(name)
+            del H
+        assert got == [name for name, _, _ in Q.quantised_linears(model)], cid
+        assert all(not mod._forward_hooks for mod in model.modules()), cid
 
 
 def test_the_packing_is_what_onnxruntime_wrote_bit_for_bit(calibrated):

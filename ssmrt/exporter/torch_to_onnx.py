@@ -338,18 +338,18 @@ def export_model(
     ids = torch.zeros(batch, seqlen, dtype=torch.long)
     states = [t.to(st_dtype) if j == 1 else t
               for pair in model.zero_state(batch, "cpu", ssm_state_dtype=st_dtype) for j, t in enumerate(pair)]
+    calibration = None
+    if calibration_ids is not None:
+        # before the trace: the calibration pass's working memory is free again for it, and only the packed
+        # codes are held on
+        from ..quantize import calibrated_codes
+
+        calibration = calibrated_codes(model, calibration_ids, quantized)
+        quantized["calibration_tokens"] = len(calibration_ids)
     graphs = {MODEL_FILE: _trace(model, ids, states, opset, logits, chains=False)}
     if target == "tensorrt":
         graphs[PREFILL_FILE] = _trace(model, ids, states, opset, logits, chains=True)
     if quantized is not None:
-        calibration = None
-        if calibration_ids is not None:
-            from ..quantize import calibration_hessians, quantised_linears
-
-            sums = calibration_hessians(model, calibration_ids)
-            calibration = {name: (getattr(owner, attr).weight.detach().t().contiguous().numpy(), sums[name])
-                           for name, owner, attr in quantised_linears(model)}
-            quantized["calibration_tokens"] = len(calibration_ids)
         graphs[MODEL_FILE] = quantize_graph(graphs[MODEL_FILE], quantized, expected_matmuls(cfg), calibration)
 
     from .. import __version__
