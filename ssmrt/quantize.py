@@ -71,11 +71,13 @@ HEAD = "lm_head"
 # - "gptq" (export --calibration): the codes of a matrix are chosen along K one input feature at a time, and each
 #   rounding's error is spread over the features not yet rounded in the proportions the calibration text's
 #   activations say cancel it best (Frantar et al., "GPTQ", 2023): the matmul's outputs on activations like the
-#   calibration text's move less, though each weight may move more. Measured on the demo's trained byte model
-#   (benchmarks/RESULTS.md): int4's KL 2.8-12x lower; int8 with float32 activations and a float table at the
-#   float16 band's edge, where rounding to nearest is 1.4-1.7x over it. The codes cannot be computed again without
-#   the calibration text, so an artifact records which MatMulNBits node holds each matrix (`calibrated_nodes`) and
-#   `ssmrt compare` reads them from it.
+#   calibration text's move less, though each weight may move more. The matrices are rounded in the model's order,
+#   each against the inputs it gets once the ones before it hold their codes, and its weight first moved by least
+#   squares to give the float model's outputs on those inputs (calibrated_codes): every matrix's rounding error is
+#   the same at every position, so what the earlier ones leave in a later one's inputs adds up in the long-memory
+#   states unless the later ones make up for it. The codes cannot be computed again without the calibration text,
+#   so an artifact records which MatMulNBits node holds each matrix (`calibrated_nodes`) and `ssmrt compare` reads
+#   them from it.
 ROUNDINGS = ("rtn", "gptq")
 RECORDED_DEFAULT_ROUNDING = "rtn"
 # Added to H's diagonal, as a fraction of its mean: keeps H invertible where features move together in the
@@ -391,52 +393,173 @@ def calibration_hessians(model, ids) -> dict:
     return sums
 
 
-def layerwise_hessians(model, ids):
-    """calibration_hessians' (name, H) pairs, yielded one layer at a time in quantised_linears' order: the pieces
-    of the calibration ids go through the model a layer at a time, each piece's hidden state and residual kept
-    between layers (2 x tokens x d_model values), so that a caller who is done with an H before asking for the
-    next holds one layer's at most: all of them at once, in float64, are 1.1-2.7x the float32 weights' size (a
-    2.7B model's 17-30 GB), one layer's of such a model at most 0.5 GB. The same modules on the same inputs in
-    the same order as calibration_hessians, so the same H to the bit."""
+def _inputs(into: dict):
+    """add(name, x) for _Capture: appends x as [positions, K] float32 to into[name]."""
+    import torch
+
+    return lambda name, x: into.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]).to(torch.float32))
+
+
+def compensated_target(w, X, Xq, damp: float = GPTQ_DAMP):
+    """The weight [K, N] (float32) that a matrix whose inputs arrive as Xq should have for its outputs to be the
+    float model's, w [K, N] on X, and the H [K, K] (float64) to round it against: X and Xq lists of [positions, K]
+    float32 pieces, the matrix's inputs in the float model and in the model whose earlier matrices (and embedding
+    table) already hold their codes. The least-squares solution of Xq W' = X w: W' = w + (H + damp I)^-1 Xq^T
+    (X - Xq) w, H = Xq^T Xq, damped as gptq_quantize_ref damps it; products in float32 a piece, summed in
+    float64. Rounding W' against H (GPTQ) then keeps the outputs close to the float model's on inputs like the
+    text's, where rounding w against the float model's H would leave every earlier matrix's error in them: that
+    error is the same at every position, and adds up in the long-memory states."""
+    import torch
+
+    H = D = 0
+    for x, xq in zip(X, Xq, strict=True):
+        H = H + (xq.t() @ xq).to(torch.float64)
+        D = D + (xq.t() @ (x - xq)).to(torch.float64)
+    Hd = H.clone()
+    diag = Hd.diagonal()
+    diag[diag <= 0] = 1.0
+    Hd += damp * float(diag.mean()) * torch.eye(Hd.shape[0], dtype=torch.float64)
+    w64 = w.detach().to(torch.float64)
+    try:
+        target = w64 + torch.linalg.solve(Hd, D @ w64)
+    except torch.linalg.LinAlgError as e:  # NaN or infinite activations in the calibration text's pass
+        raise SsmrtError(f"GPTQ: the calibration activations' products cannot be inverted ({str(e).splitlines()[0]})"
+                         ) from None
+    return target.to(torch.float32), H
+
+
+def _use_codes(owner, attr: str, codes, info: dict):
+    """Makes owner.attr (an nn.Linear) compute as its codes say, as the artifact computes it: the weight the codes
+    mean, and with int8 activations its input quantised first (dequantized_model's arithmetic). Returns the
+    function that puts it back as it was."""
+    import torch
+
+    linear = getattr(owner, attr)
+    weight, before = linear.weight, getattr(owner, "dt_input", None)
+    linear.weight = torch.nn.Parameter(dequantize_ref(*codes, weight.shape[1]).t().contiguous(), requires_grad=False)
+    int8_inputs = info.get("activations", RECORDED_DEFAULT_ACTIVATIONS) == "int8"
+    if int8_inputs and attr == "dt_proj":  # applied as a bare matmul of its weight: its input is dt_input's output
+        owner.dt_input = lambda dt, block=info["block_size"]: quantize_activations_ref(
+            dt if before is None else before(dt), block)
+    elif int8_inputs:
+        setattr(owner, attr, _quantized_input(linear, info["block_size"]))
+
+    def undo():
+        setattr(owner, attr, linear)
+        linear.weight = weight
+        if attr == "dt_proj":
+            owner.dt_input = before
+
+    return undo
+
+
+def _table_rows(rows, info: dict):
+    """Embedding rows [..., d_model] as the artifact's table holds them (quantised along d_model, as
+    dequantized_model quantises the table), or as they are where the table stays float."""
+    if info.get("embedding", RECORDED_DEFAULT_EMBEDDING) == "float32":
+        return rows
+    flat = rows.reshape(-1, rows.shape[-1])
+    return fake_quantize(flat.t(), SCHEMES[EMBEDDING], info["block_size"], info["symmetric"]).t().reshape(rows.shape)
+
+
+def calibrated_codes(model, ids, info: dict) -> dict:
+    """{name: (key, packed)} for every quantised matrix, in quantised_linears' order: GPTQ's codes
+    (gptq_quantize_ref) for the scheme `info`, each matrix rounded against the inputs it gets once every matrix
+    before it holds its codes, its weight first moved to make up for what they changed (compensated_target),
+    packed as MatMulNBits holds them (pack_matmul_nbits), with the key (shape, digest of its float32 bytes) that
+    finds the matrix's weight [K, N] in an export's graph (quantize_graph).
+
+    The calibration ids go through the model a layer at a time in pieces of CALIBRATION_CHUNK tokens, each from
+    an empty state, along two streams: the float model's and the quantised one's (the embedding table as the
+    artifact holds it, the layers so far computing with their codes). A layer runs once on the float stream
+    (every matrix's float inputs), once on the quantised stream for each of its matrices (that matrix's inputs,
+    the ones before it on their codes) and once more to carry the quantised stream on. Held at once: both
+    streams' hidden states and residuals (4 x tokens x d_model values), one layer's float inputs, one matrix's
+    products, and the packed codes so far. The model is left as it came, also after an error.
+    calibrated_codes_ref computes the same codes through the whole model, one matrix at a time."""
     import torch
 
     from .ops import dispatch
 
-    layers = model.backbone.layers
-    matrices = [name for name, _, _ in quantised_linears(model)]
-    with torch.no_grad():
-        states = [(model.backbone.embeddings(piece), None) for piece in _pieces(ids)]
-    for i, layer in enumerate(layers):
-        names = [n for n in matrices if n.startswith(f"backbone.layers.{i}.")]
-        sums: dict = {}
-        with _Capture(model, names, _products(sums)), torch.no_grad():
-            states = [layer(hidden, residual, None, None)[:2] for hidden, residual in states]
-        for name in names:
-            yield name, sums.pop(name)
-    # the head's input is the final norm's output, taken as it is made: the logits (a piece's 512 x vocab
-    # floats, 100 MB at a 50k vocabulary) are not needed for it
-    sums = {}
-    add, norm_f = _products(sums), model.backbone.norm_f
-    with torch.no_grad():
-        for hidden, residual in states:
-            add(HEAD, dispatch.add_rmsnorm(hidden, residual, norm_f.weight, norm_f.eps, False)[0])
-    yield HEAD, sums.pop(HEAD)
+    linears = {name: (owner, attr) for name, owner, attr in quantised_linears(model)}
+    out: dict = {}
+    undo: list = []
 
-
-def calibrated_codes(model, ids, info: dict) -> dict:
-    """{name: (key, packed)} for every quantised matrix: GPTQ's codes (gptq_quantize_ref) for the scheme `info`
-    against layerwise_hessians' H, each H dropped once its matrix is rounded, packed as MatMulNBits holds them
-    (pack_matmul_nbits), and the key (shape, digest of its float32 bytes) that finds the matrix's weight [K, N]
-    in an export's graph (quantize_graph). What is kept is the packed codes, at most the weights' size."""
-    weights = {name: getattr(owner, attr).weight for name, owner, attr in quantised_linears(model)}
-    bits, block, symmetric = info["bits"], info["block_size"], info["symmetric"]
-    out = {}
-    for name, H in layerwise_hessians(model, ids):
-        w = weights[name].detach().t()
+    def round_one(name, X, Xq):
+        owner, attr = linears[name]
+        w = getattr(owner, attr).weight.detach().t()
         key = (tuple(w.shape), _digest(w.numpy()))
-        codes = gptq_quantize_ref(w, H, bits, block, symmetric)
-        del H
-        out[name] = (key, pack_matmul_nbits(*codes, bits))
+        target, H = compensated_target(w, X, Xq)
+        codes = gptq_quantize_ref(target, H, info["bits"], info["block_size"], info["symmetric"])
+        out[name] = (key, pack_matmul_nbits(*codes, info["bits"]))
+        return codes
+
+    try:
+        with torch.no_grad():
+            pieces = _pieces(ids)
+            float_stream = [(model.backbone.embeddings(piece), None) for piece in pieces]
+            # the table as the artifact holds it, then its rows (as calibrated_codes_ref and dequantized_model
+            # have them): the same arithmetic on the gathered rows instead gave some scales another last bit
+            table = _table_rows(model.backbone.embeddings.weight.detach(), info)
+            quant_stream = [(torch.nn.functional.embedding(piece, table), None) for piece in pieces]
+            del table
+        for i, layer in enumerate(model.backbone.layers):
+            names = [n for n in linears if n.startswith(f"backbone.layers.{i}.")]
+            X: dict = {}
+            with _Capture(model, names, _inputs(X)), torch.no_grad():
+                float_stream = [layer(h, r, None, None)[:2] for h, r in float_stream]
+            for name in names:
+                Xq: dict = {}
+                with _Capture(model, [name], _inputs(Xq)), torch.no_grad():
+                    for h, r in quant_stream:
+                        layer(h, r, None, None)
+                codes = round_one(name, X.pop(name), Xq.pop(name))
+                del Xq
+                undo.append(_use_codes(*linears[name], codes, info))
+            with torch.no_grad():
+                quant_stream = [layer(h, r, None, None)[:2] for h, r in quant_stream]
+            while undo:
+                undo.pop()()
+        # the head's input is the final norm's output, taken as it is made: the logits (a piece's 512 x vocab
+        # floats, 100 MB at a 50k vocabulary) are not needed for it
+        norm_f = model.backbone.norm_f
+        with torch.no_grad():
+            X, Xq = ([dispatch.add_rmsnorm(h, r, norm_f.weight, norm_f.eps, False)[0].reshape(-1, h.shape[-1])
+                      .to(torch.float32) for h, r in stream] for stream in (float_stream, quant_stream))
+        round_one(HEAD, X, Xq)
+    finally:
+        while undo:
+            undo.pop()()
+    return out
+
+
+def calibrated_codes_ref(model, ids, info: dict) -> dict:
+    """calibrated_codes' codes ({name: (q, scales, zero points)}, unpacked) the plain way: for each matrix in
+    turn, the whole float model and the whole quantised one (a copy, the embedding table as the artifact holds
+    it and every matrix so far on its codes) run the calibration ids with a hook on that matrix."""
+    import copy
+
+    import torch
+
+    quantised = copy.deepcopy(model)
+    if info.get("embedding", RECORDED_DEFAULT_EMBEDDING) != "float32":
+        table = quantised.backbone.embeddings
+        head = quantised.lm_head.weight
+        table.weight = torch.nn.Parameter(_table_rows(table.weight.detach(), info), requires_grad=False)
+        quantised.lm_head.weight = torch.nn.Parameter(head.detach().clone(), requires_grad=False)  # unties it
+    owners = {name: (owner, attr) for name, owner, attr in quantised_linears(quantised)}
+    out = {}
+    for name, owner, attr in quantised_linears(model):
+        inputs = []  # the float model's, then the quantised one's
+        for m in (model, quantised):
+            into: dict = {}
+            with _Capture(m, [name], _inputs(into)), torch.no_grad():
+                for piece in _pieces(ids):
+                    m(piece)
+            inputs.append(into[name])
+        target, H = compensated_target(getattr(owner, attr).weight.detach().t(), *inputs)
+        out[name] = gptq_quantize_ref(target, H, info["bits"], info["block_size"], info["symmetric"])
+        _use_codes(*owners[name], out[name], info)
     return out
 
 

@@ -162,8 +162,8 @@ def calibrated(tmp_path_factory):
 @pytest.mark.parametrize("variant", ["int4/float32", "int8"])
 def test_every_matrix_holds_the_codes_of_its_own_statistics(calibrated, variant):
     """The metadata names a MatMulNBits node for every quantised matrix, and each holds exactly
-    gptq_quantize_ref's codes for that matrix's weight and the H of that matrix's inputs on the calibration
-    text: the export hands each matrix its own statistics."""
+    calibrated_codes_ref's codes for it (the whole models' inputs on the calibration text, under the artifact's
+    own scheme): the export hands each matrix its own statistics."""
     for cid, (ckpt, arts) in calibrated.items():
         info = OnnxRuntimeRunnerFromArtifact(arts[variant]).weights
         ids = list(TEXT.encode())
@@ -171,12 +171,10 @@ def test_every_matrix_holds_the_codes_of_its_own_statistics(calibrated, variant)
         model = load_model(ckpt, dtype="float32")
         names = [name for name, _, _ in Q.quantised_linears(model)]
         assert sorted(info["calibrated_nodes"]) == sorted(names)
-        sums = Q.calibration_hessians(model, ids)
+        want = Q.calibrated_codes_ref(model, ids, info)
         codes = Q.artifact_codes(arts[variant] / "model.onnx", info)
-        for name, owner, attr in Q.quantised_linears(model):
-            w = getattr(owner, attr).weight.detach().t()
-            want = Q.gptq_quantize_ref(w, sums[name], info["bits"], info["block_size"], info["symmetric"])
-            for a, b in zip(want, codes[name], strict=True):
+        for name in names:
+            for a, b in zip(want[name], codes[name], strict=True):
                 assert np.array_equal(a.numpy(), b), (cid, name)
 
 
@@ -217,31 +215,93 @@ def test_the_hessians_see_every_matrix_s_input(calibrated):
     assert untouched() and [m.dt_input for m in mixers] == before
 
 
-def test_layerwise_hessians_are_the_whole_model_s_to_the_bit_holding_one_layer_s(calibrated):
-    """layerwise_hessians (what the export uses) yields calibration_hessians' H for every matrix, bit for bit,
-    in quantised_linears' order (the text in two pieces, both families), and holds none of a layer's H once
-    the caller has let go of them and asked for the next layer's: what bounds a large model's calibration memory
-    to one layer's products."""
-    import gc
-    import weakref
+def _snapshot(model):
+    return ([(k, v.clone()) for k, v in model.state_dict().items()], list(model.modules()),
+            [getattr(layer.mixer, "dt_input", None) for layer in model.backbone.layers])
 
+
+def _assert_as_it_came(model, snap):
+    tensors, modules, dt_inputs = snap
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in tensors) and list(now) == [k for k, _ in tensors]
+    assert list(model.modules()) == modules  # the same module objects: no wrapper left in place
+    assert [getattr(layer.mixer, "dt_input", None) for layer in model.backbone.layers] == dt_inputs
+    assert all(not mod._forward_hooks for mod in model.modules())
+    if model.config.tie_embeddings:
+        assert model.lm_head.weight is model.backbone.embeddings.weight
+
+
+INFOS = {"int4/float32/float table": {"bits": 4, "block_size": 16, "symmetric": False, "activations": "float32",
+                                      "embedding": "float32"},
+         "int8/int8/int8 table": {"bits": 8, "block_size": 32, "symmetric": False, "activations": "int8",
+                                  "embedding": "int8"}}
+
+
+@pytest.mark.parametrize("scheme", sorted(INFOS))
+def test_calibrated_codes_are_the_whole_model_reference_s_and_leave_the_model_as_it_came(calibrated, scheme):
+    """calibrated_codes (the export's, a layer at a time along two streams) packs exactly calibrated_codes_ref's
+    codes (the whole float and quantised models for each matrix in turn), for every matrix in quantised_linears'
+    order, both families (Mamba-1's dt_proj applied as a bare matmul), with float and int8 activations and tables,
+    the text in two pieces; and the model comes back as it was (weights, modules, dt_input, hooks, tying)."""
+    info = INFOS[scheme]
     for cid, (ckpt, _) in calibrated.items():
         model = load_model(ckpt, dtype="float32")
         ids = list(TEXT.encode())
         assert len(ids) > Q.CALIBRATION_CHUNK  # more than one piece, each from an empty state
-        want = Q.calibration_hessians(model, ids)
-        got, alive = [], []
-        for name, H in Q.layerwise_hessians(model, ids):
-            gc.collect()
-            layer = name.split(".mixer.")[0]
-            # every H of an earlier layer (and the caller's last reference to it is gone) has been freed
-            assert all(ref() is None for owner, ref in alive if owner != layer), (cid, name)
-            assert torch.equal(H, want[name]), (cid, name)
-            alive.append((layer, weakref.ref(H)))
-            got.append(name)
-            del H
-        assert got == [name for name, _, _ in Q.quantised_linears(model)], cid
-        assert all(not mod._forward_hooks for mod in model.modules()), cid
+        snap = _snapshot(model)
+        got = Q.calibrated_codes(model, ids, info)
+        _assert_as_it_came(model, snap)
+        want = Q.calibrated_codes_ref(model, ids, info)
+        _assert_as_it_came(model, snap)
+        assert list(got) == list(want) == [name for name, _, _ in Q.quantised_linears(model)], cid
+        for name, owner, attr in Q.quantised_linears(model):
+            w = getattr(owner, attr).weight.detach().t().contiguous().numpy()
+            assert got[name][0] == (w.shape, Q._digest(w)), (cid, name)
+            for a, b in zip(got[name][1], Q.pack_matmul_nbits(*want[name], info["bits"]), strict=True):
+                assert np.array_equal(a, b), (cid, scheme, name)
+
+
+def test_calibrated_codes_leave_the_model_as_it_came_when_they_fail(calibrated, monkeypatch):
+    """An error part of the way through a layer (here the third matrix's rounding) leaves no matrix on its codes,
+    no wrapper and no hook behind."""
+    ckpt, _ = calibrated["mamba-untied-d64-k3-bias"]
+    model = load_model(ckpt, dtype="float32")
+    snap = _snapshot(model)
+    calls = []
+    real = Q.gptq_quantize_ref
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("planted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(Q, "gptq_quantize_ref", failing)
+    with pytest.raises(RuntimeError, match="planted"):
+        Q.calibrated_codes(model, list(TEXT.encode()), INFOS["int8/int8/int8 table"])
+    assert len(calls) == 3
+    _assert_as_it_came(model, snap)
+
+
+def test_the_compensated_target_undoes_what_the_earlier_matrices_changed():
+    """compensated_target's weight W' maps the quantised model's inputs Xq to the float model's outputs X w
+    (least squares, damped): where Xq is X plus a systematic error (a bias and a mixing), Xq W' is far closer to
+    X w than Xq w is; where Xq is X, W' is w and H is X^T X."""
+    K, N = 24, 7
+    X = _correlated(600, K, seed=5)
+    w = torch.randn(K, N, generator=torch.Generator().manual_seed(6))
+    mix = torch.eye(K) + 0.05 * torch.randn(K, K, generator=torch.Generator().manual_seed(7))
+    Xq = X @ mix + 0.02
+    pieces = lambda t: [t[:250], t[250:]]  # noqa: E731
+    target, H = Q.compensated_target(w, pieces(X), pieces(Xq), damp=1e-6)
+    want = (Xq.t() @ Xq).double()
+    assert torch.allclose(H, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    before = float((Xq @ w - X @ w).pow(2).mean())
+    after = float((Xq @ target - X @ w).pow(2).mean())
+    assert after < 0.01 * before, (after, before)
+    same, H_same = Q.compensated_target(w, pieces(X), pieces(X))
+    want = (X.t() @ X).double()
+    assert torch.equal(same, w) and torch.allclose(H_same, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
 def test_the_packing_is_what_onnxruntime_wrote_bit_for_bit(calibrated):
@@ -293,21 +353,22 @@ def test_compare_judges_the_codes_the_artifact_holds(calibrated):
         assert not wrong.passed, cid
 
 
-def test_gptq_moves_the_matmuls_less_than_rounding_to_nearest(calibrated):
-    """Summed over every quantised matrix, on the calibration text's own inputs, the artifact's GPTQ codes move
-    the matmuls' outputs less than the round-to-nearest artifact's codes do."""
+def test_gptq_brings_the_model_closer_than_rounding_to_nearest(calibrated):
+    """On the calibration text, the model the GPTQ artifact's codes mean (float32 activations) has logits closer
+    to the float model's than the model of the round-to-nearest artifact's codes: the codes chosen against the
+    quantised model's own inputs make up for the earlier matrices' error rather than add to it."""
+    ids = torch.tensor([list(TEXT.encode())[:256]])
     for cid, (ckpt, arts) in calibrated.items():
-        model = load_model(ckpt, dtype="float32")
-        sums = Q.calibration_hessians(model, list(TEXT.encode()))
-        gptq = Q.artifact_codes(arts["int4/float32"] / "model.onnx", OnnxRuntimeRunnerFromArtifact(
-            arts["int4/float32"]).weights)
-        err = {"gptq": 0.0, "rtn": 0.0}
-        for name, owner, attr in Q.quantised_linears(model):
-            w = getattr(owner, attr).weight.detach().t().double()
-            for kind, codes in (("gptq", gptq[name]), ("rtn", Q.quantize_ref(w.float(), 4, 32, False))):
-                d = w - Q.dequantize_ref(*(torch.as_tensor(t) for t in codes), w.shape[0]).double()
-                err[kind] += float(torch.einsum("kn,kj,jn->", d, sums[name], d))  # |X d|^2 = tr(d^T H d)
-        assert err["gptq"] < 0.8 * err["rtn"], (cid, err)
+        with torch.no_grad():
+            want = load_model(ckpt, dtype="float32").double()(ids)[0]
+        err = {}
+        for kind in ("rtn", "int4/float32"):
+            info = OnnxRuntimeRunnerFromArtifact(arts[kind]).weights
+            codes = Q.artifact_codes(arts[kind] / "model.onnx", info) if kind != "rtn" else None
+            model = Q.dequantized_model(load_model(ckpt, dtype="float32"), info, codes).double()
+            with torch.no_grad():
+                err[kind] = float((model(ids)[0] - want).pow(2).mean().sqrt())
+        assert err["int4/float32"] < 0.8 * err["rtn"], (cid, err)
 
 
 def test_dequantized_model_needs_the_codes_of_gptq_weights(calibrated):
