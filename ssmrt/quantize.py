@@ -359,38 +359,11 @@ class _Capture:
         return False
 
 
-def _products(sums: dict):
-    """add(name, x) for _Capture: sums[name] += x^T x, a piece's products in float32 (at most CALIBRATION_CHUNK
-    terms a sum), the pieces' sums in float64."""
-    import torch
-
-    def add(name, x):
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        sums[name] = sums.get(name, 0) + (x.t() @ x).to(torch.float64)
-
-    return add
-
-
 def _pieces(ids):
     import torch
 
     ids = torch.as_tensor(list(ids), dtype=torch.long)
     return [ids[c0:c0 + CALIBRATION_CHUNK][None] for c0 in range(0, len(ids), CALIBRATION_CHUNK)]
-
-
-def calibration_hessians(model, ids) -> dict:
-    """{name: H} for each quantised matrix (quantised_linears): H [K, K] float64, the sum over every position of
-    the calibration token ids of x x^T (float32 within a piece), x the matmul's input as the float32 model
-    computes it. The ids are run in pieces of CALIBRATION_CHUNK tokens, each from an empty state, through the
-    whole model at once: every H is held at the end (the reference for layerwise_hessians, which holds one
-    layer's)."""
-    import torch
-
-    sums: dict = {}
-    with _Capture(model, [name for name, _, _ in quantised_linears(model)], _products(sums)), torch.no_grad():
-        for piece in _pieces(ids):
-            model(piece)
-    return sums
 
 
 def _inputs(into: dict):
@@ -610,43 +583,28 @@ def dequantized_model(model, info: dict, codes: dict | None = None):
     if model.dtype != torch.float32:
         raise SsmrtError(f"dequantized_model: the weights are quantised from float32, the model is {model.dtype}")
     bits, block, sym = info["bits"], info["block_size"], info["symmetric"]
-    int8_inputs = info.get("activations", RECORDED_DEFAULT_ACTIVATIONS) == "int8"
     if info.get("rounding", RECORDED_DEFAULT_ROUNDING) == "gptq" and codes is None:
         raise SsmrtError("dequantized_model: GPTQ-rounded weights need their codes from the artifact "
                          "(artifact_codes); the model's own weights do not give them again")
 
-    def swap(full_name, owner, name):
-        linear = getattr(owner, name)
-        # nn.Linear weight [out, in] is the graph's B transposed: K = in
-        K = linear.weight.shape[1]
-        if codes is not None:
-            if full_name not in codes:
-                raise SsmrtError(f"dequantized_model: the artifact holds no codes for {full_name}")
-            q, scales, zp = (torch.as_tensor(t) for t in codes[full_name])
-            w = dequantize_ref(q, scales, zp, K)
-            if tuple(w.shape) != (K, linear.weight.shape[0]):
-                raise SsmrtError(f"dequantized_model: the artifact's codes for {full_name} are a [{w.shape[0]}, "
-                                 f"{w.shape[1]}] matrix; the model's is [{K}, {linear.weight.shape[0]}]")
-            w = w.t().contiguous()
-        else:
-            w = fake_quantize(linear.weight.detach().t(), bits, block, sym).t().contiguous()
-        linear.weight = torch.nn.Parameter(w, requires_grad=False)
-        if int8_inputs and name != "dt_proj":  # applied as a bare matmul of its weight: see below
-            setattr(owner, name, _quantized_input(linear, block))
-
     with torch.no_grad():
-        # a new Parameter for the head: unties a tied head from the embedding
+        # _use_codes gives each matrix a new Parameter: a tied head is untied from the embedding
         for full_name, owner, name in quantised_linears(model):
-            swap(full_name, owner, name)
-        if int8_inputs and model.config.arch == "mamba1":
-            for layer in model.backbone.layers:
-                # dt_proj is applied as a bare matmul (its bias goes into the scan)
-                layer.mixer.dt_input = lambda dt, block=block: quantize_activations_ref(dt, block)
-        if info.get("embedding", RECORDED_DEFAULT_EMBEDDING) != "float32":
-            table = model.backbone.embeddings
-            # a row of the table is quantised along d_model, as the head's columns are
-            w = fake_quantize(table.weight.detach().t(), SCHEMES[EMBEDDING], block, sym).t().contiguous()
-            table.weight = torch.nn.Parameter(w, requires_grad=False)
+            weight = getattr(owner, name).weight  # nn.Linear's [out, in] is the graph's B transposed: K = in
+            if codes is None:
+                matrix = quantize_ref(weight.detach().t(), bits, block, sym)
+            elif full_name not in codes:
+                raise SsmrtError(f"dequantized_model: the artifact holds no codes for {full_name}")
+            else:
+                matrix = tuple(torch.as_tensor(t) for t in codes[full_name])
+                K, N = matrix[0].shape[1] * matrix[0].shape[2], matrix[0].shape[0]
+                if N != weight.shape[0] or not weight.shape[1] <= K < weight.shape[1] + block:
+                    raise SsmrtError(f"dequantized_model: the artifact's codes for {full_name} are a [{K}, {N}] "
+                                     f"matrix (padded to whole blocks); the model's is [{weight.shape[1]}, "
+                                     f"{weight.shape[0]}]")
+            _use_codes(owner, name, matrix, info)
+        table = model.backbone.embeddings
+        table.weight = torch.nn.Parameter(_table_rows(table.weight.detach(), info), requires_grad=False)
     return model
 
 

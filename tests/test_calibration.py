@@ -178,15 +178,29 @@ def test_every_matrix_holds_the_codes_of_its_own_statistics(calibrated, variant)
                 assert np.array_equal(a.numpy(), b), (cid, name)
 
 
+def _hessians(model, ids) -> dict:
+    """{name: sum of x^T x} (float64) over what each quantised matrix multiplies as the model runs `ids` in one
+    piece, seen through Q._Capture, the hooks calibrated_codes takes its inputs with."""
+    sums: dict = {}
+
+    def add(name, x):
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        sums[name] = sums.get(name, 0) + x.t() @ x
+
+    with Q._Capture(model, [name for name, _, _ in Q.quantised_linears(model)], add), torch.no_grad():
+        model(torch.tensor([list(ids)]))
+    return sums
+
+
 def test_the_hessians_see_every_matrix_s_input(calibrated):
-    """calibration_hessians' H of a matrix is X^T X of what the matrix multiplies: for the head, the final
-    norm's output, computed here from the model's own forward pass; every H is symmetric and non-zero; and the
+    """The capture (Q._Capture) hands over what each matrix multiplies, checked through H = X^T X: for the head,
+    the final norm's output, computed here from the model's own forward pass; every H is symmetric and non-zero; and the
     model is left as it came (no hooks, Mamba-1's dt_input back to what it was, and still applied meanwhile),
     also when its forward pass fails."""
     ckpt, _ = calibrated["mamba-untied-d64-k3-bias"]
     model = load_model(ckpt, dtype="float32")
     ids = list(TEXT.encode())[:40]
-    sums = Q.calibration_hessians(model, ids)
+    sums = _hessians(model, ids)
     seen = []
     hook = model.lm_head.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
     with torch.no_grad():
@@ -206,12 +220,12 @@ def test_the_hessians_see_every_matrix_s_input(calibrated):
     for m in mixers:
         m.dt_input = lambda dt: (calls.append(1), dt * 2)[1]
     before = [m.dt_input for m in mixers]
-    doubled = Q.calibration_hessians(model, ids)
+    doubled = _hessians(model, ids)
     assert calls and untouched() and [m.dt_input for m in mixers] == before
     name = "backbone.layers.0.mixer.dt_proj"  # H of what dt_proj multiplies: dt_input's output, twice the input
     assert torch.allclose(doubled[name], 4 * sums[name], rtol=1e-5, atol=1e-5 * float(sums[name].abs().max()))
     with pytest.raises(IndexError):
-        Q.calibration_hessians(model, [1, 2, 10_000])  # past the vocabulary: the embedding raises
+        _hessians(model, [1, 2, 10_000])  # past the vocabulary: the embedding raises
     assert untouched() and [m.dt_input for m in mixers] == before
 
 
