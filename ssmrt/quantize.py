@@ -448,10 +448,10 @@ def calibrated_codes(model, ids, info: dict) -> dict:
     The calibration ids go through the model a layer at a time in pieces of CALIBRATION_CHUNK tokens, each from
     an empty state, along two streams: the float model's and the quantised one's (the embedding table as the
     artifact holds it, the layers so far computing with their codes). A layer runs once on the float stream
-    (every matrix's float inputs), once on the quantised stream for each of its matrices (that matrix's inputs,
-    the ones before it on their codes) and once more to carry the quantised stream on. Held at once: both
-    streams' hidden states and residuals (4 x tokens x d_model values), one layer's float inputs, one matrix's
-    products, and the packed codes so far. The model is left as it came, also after an error.
+    (every matrix's float inputs) and once on the quantised stream for each of its matrices (that matrix's
+    inputs, the ones before it on their codes); the last, out_proj, carries the stream on from the inputs it
+    took. Held at once: both streams' hidden states and residuals (4 x tokens x d_model values), one layer's
+    float inputs, one matrix's products, and the packed codes so far. The model is left as it came, also after an error.
     calibrated_codes_ref computes the same codes through the whole model, one matrix at a time."""
     import torch
 
@@ -484,16 +484,25 @@ def calibrated_codes(model, ids, info: dict) -> dict:
             X: dict = {}
             with _Capture(model, names, _inputs(X)), torch.no_grad():
                 float_stream = [layer(h, r, None, None)[:2] for h, r in float_stream]
+            carried = False
             for name in names:
                 Xq: dict = {}
                 with _Capture(model, [name], _inputs(Xq)), torch.no_grad():
-                    for h, r in quant_stream:
-                        layer(h, r, None, None)
-                codes = round_one(name, X.pop(name), Xq.pop(name))
-                del Xq
-                undo.append(_use_codes(*linears[name], codes, info))
-            with torch.no_grad():
-                quant_stream = [layer(h, r, None, None)[:2] for h, r in quant_stream]
+                    residuals = [layer(h, r, None, None)[1] for h, r in quant_stream]
+                rows = Xq.pop(name)
+                codes = round_one(name, X.pop(name), rows)
+                owner, attr = linears[name]
+                undo.append(_use_codes(owner, attr, codes, info))
+                if attr == "out_proj":
+                    # the mixer's last op: on the inputs just taken, the rounded layer's output, without another pass
+                    with torch.no_grad():
+                        quant_stream = [(getattr(owner, attr)(x.reshape(*h.shape[:-1], x.shape[-1])), res)
+                                        for x, (h, _), res in zip(rows, quant_stream, residuals, strict=True)]
+                    carried = True
+                del Xq, rows, residuals
+            if not carried:
+                with torch.no_grad():
+                    quant_stream = [layer(h, r, None, None)[:2] for h, r in quant_stream]
             while undo:
                 undo.pop()()
         # the head's input is the final norm's output, taken as it is made: the logits (a piece's 512 x vocab
