@@ -12,7 +12,8 @@
   save_pretrained. llama.cpp's own convert_hf_to_gguf.py writes f32 and f16 GGUFs from it (the tokenizer: its
   built-in GPT-NeoX vocabulary, which the converter uses for a Mamba checkpoint without tokenizer files), and
   llama-quantize q8_0 and q4_0 from the f32 one. ssmrt exports the same checkpoint (`ssmrt export --logits last`:
-  what a user prefills and decodes with) as float32, float16, int8 and int4 weights.
+  what a user prefills and decodes with) as float32, float16, int8 and int4 weights, and int8 with float32
+  activations (int8-f32act, against q8_0).
 - timing, --threads on both sides: decode ms/token over --decode-tokens steps after a 128-token prompt
   (llama-bench -p 0 -n N -d 128 -r 1), and prefill tokens/s of a 512-token prompt from an empty state,
   --prefill-reps times (llama-bench -p 512 -n 0 -r reps). Per precision, --blocks rounds of: an ssmrt decode
@@ -53,6 +54,8 @@ PRECISIONS = {
     "fp32": (dict(dtype="float32"), "f32"),
     "fp16": (dict(dtype="float16"), "f16"),
     "int8": (dict(weights="int8"), "q8_0"),
+    # the int8 that --calibration brings within the float16 band; its codes change nothing in what a step reads
+    "int8-f32act": (dict(weights="int8", activations="float32"), "q8_0"),
     "int4": (dict(weights="int4"), "q4_0"),
 }
 GREEDY_PROMPT = "The quick brown fox jumps over the lazy dog. Mamba is a state space model"

@@ -370,7 +370,7 @@ def test_cpu_vs_llamacpp_benchmark_smoke(tmp_path):
     pytest.importorskip("transformers")
     results = smoke_report("cpu_vs_llamacpp.py", tmp_path / "llamacpp.json", timeout=300)
     assert [(r["arch"], r["precision"]) for r in results] == [
-        (arch, p) for arch in ("mamba1", "mamba2") for p in ("fp32", "fp16", "int8", "int4")]
+        (arch, p) for arch in ("mamba1", "mamba2") for p in ("fp32", "fp16", "int8", "int8-f32act", "int4")]
     for r in results:
         s = r["ssmrt"]
         assert len(s["decode_ms_blocks"]) == len(s["prefill_tok_s_blocks"]) == 1  # --smoke: one block
@@ -379,6 +379,7 @@ def test_cpu_vs_llamacpp_benchmark_smoke(tmp_path):
         assert "llama_cpp" not in r and "decode_time_ratio" not in r
     exports = {r["precision"]: r["ssmrt"]["export"] for r in results}
     assert exports["int8"]["weights"] == "int8" and exports["int4"]["weights"] == "int4"
+    assert exports["int8-f32act"] == {"weights": "int8", "activations": "float32", "logits": "last"}
     assert exports["fp16"]["dtype"] == "float16" and {e["logits"] for e in exports.values()} == {"last"}
 
 
