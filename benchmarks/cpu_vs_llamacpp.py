@@ -54,7 +54,7 @@ PRECISIONS = {
     "fp32": (dict(dtype="float32"), "f32"),
     "fp16": (dict(dtype="float16"), "f16"),
     "int8": (dict(weights="int8"), "q8_0"),
-    # the int8 that --calibration brings within the float16 band; its codes change nothing in what a step reads
+    # the int8 that --calibration brings within the float16 band (GPTQ changes its codes, not what a step reads)
     "int8-f32act": (dict(weights="int8", activations="float32"), "q8_0"),
     "int4": (dict(weights="int4"), "q4_0"),
 }
