@@ -805,6 +805,45 @@ namespace {
 // keeps more of the stream in flight while the block's conversions run.
 constexpr int64_t kInt8Ahead = 2048;
 
+#if defined(__AVX2__) && defined(__FMA__)
+// int8_columns for one row and blocks of 32 filling K (a decode step's matmuls at the default block): a block's 32
+// products in two partial sums, consecutive blocks in two accumulators. With one row there is no other row's work
+// to overlap, and a block's four FMAs in one chain, each waiting on the one before, held the sweep back; the codes
+// are asked for once a line (the general loop asks twice, once a block).
+void int8_columns_row32(const float* a, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
+                        int64_t K, int64_t n0, int64_t n1) {
+  const int64_t blocks = K / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qn = q + n * K;
+    const float* sn = scales + n * blocks;
+    const uint8_t* zn = zp ? zp + n * blocks : nullptr;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    auto block = [&](int64_t b, __m256& acc) {
+      const uint8_t* qb = qn + b * 32;
+      const float* ab = a + b * 32;
+      const __m256i zv = _mm256_set1_epi32(zn ? zn[b] : 128);
+      auto w = [&](int j) {
+        const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + 8 * j));
+        return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(codes), zv));
+      };
+      __m256 t = _mm256_mul_ps(w(0), _mm256_loadu_ps(ab));
+      __m256 u = _mm256_mul_ps(w(1), _mm256_loadu_ps(ab + 8));
+      t = _mm256_fmadd_ps(w(2), _mm256_loadu_ps(ab + 16), t);
+      u = _mm256_fmadd_ps(w(3), _mm256_loadu_ps(ab + 24), u);
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(sn[b]), _mm256_add_ps(t, u), acc);
+    };
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(qn + b * 32 + kInt8Ahead), kWeightPrefetch);
+      block(b, acc0);
+      block(b + 1, acc1);
+    }
+    if (b < blocks) block(b, acc0);
+    y[n] = hsum8(_mm256_add_ps(acc0, acc1));
+  }
+}
+#endif
+
 // Columns [n0, n1) of y for rows [m0, m0 + kRows) of a: y[m][n] = sum over blocks b of scale[n][b] * (sum over the
 // block's k of (q[n][k] - zp[n][b]) a[m][k]), each code less its zero point exact in integers before it is widened
 // (as MatMulNBits dequantises; taking zp * sum(a) out of the sum instead would round (|q| + |zp|) / |q - zp|
@@ -813,6 +852,11 @@ constexpr int64_t kInt8Ahead = 2048;
 template <int kRows, int kBlock>
 void int8_columns(const float* a, const uint8_t* q, const float* scales, const uint8_t* zp, float* y, int64_t m0,
                   int64_t K, int64_t N, int64_t block_size, int64_t n0, int64_t n1) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (kRows == 1 && kBlock == 32) {
+    if (K % 32 == 0) return int8_columns_row32(a + m0 * K, q, scales, zp, y + m0 * N, K, n0, n1);
+  }
+#endif
   const int64_t block = kBlock ? kBlock : block_size;
   const int64_t blocks = (K + block - 1) / block;
   const float* am = a + m0 * K;
