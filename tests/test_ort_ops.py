@@ -496,9 +496,11 @@ def int8_matmul_ref(a, b, scales, zero_points=None):
 # (batch, seqlen, K, N, block): a decode step's row at the 130M models' in_proj / out_proj / head sizes, a few rows
 # and more than the four that share a pass (15: passes of 4, 4, 4, 3), K not a multiple of the block (codes past
 # K in the last block), K not a multiple of a vector, blocks of 16 / 64 / 128, N odd, one row of an odd number of
-# whole blocks of 32 (the one-row sweep's last block alone)
+# whole blocks of 32 (a row's two chains take blocks in pairs: the last whole block alone), and one row of an odd
+# number and a part
 @pytest.mark.parametrize("batch,seqlen,K,N,block", [(1, 1, 768, 3352, 32), (1, 1, 1536, 768, 32),
-                                                    (1, 1, 768, 50280, 32), (1, 1, 96, 13, 32), (2, 1, 100, 37, 32),
+                                                    (1, 1, 768, 50280, 32), (1, 1, 96, 13, 32), (1, 1, 100, 37, 32),
+                                                    (2, 1, 100, 37, 32),
                                                     (3, 5, 48, 13, 16), (1, 1, 300, 20, 128), (2, 1, 37, 9, 64),
                                                     (1, 3, 64, 300, 64)])
 @pytest.mark.parametrize("zero_points", [True, False])

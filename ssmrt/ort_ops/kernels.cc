@@ -805,58 +805,20 @@ namespace {
 // keeps more of the stream in flight while the block's conversions run.
 constexpr int64_t kInt8Ahead = 2048;
 
-#if defined(__AVX2__) && defined(__FMA__)
-// int8_columns for one row and blocks of 32 filling K (a decode step's matmuls at the default block): a block's 32
-// products in two partial sums, consecutive blocks in two accumulators. With one row there is no other row's work
-// to overlap, and a block's four FMAs in one chain, each waiting on the one before, held the sweep back; the codes
-// are asked for once a line (the general loop asks twice, once a block).
-void int8_columns_row32(const float* a, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
-                        int64_t K, int64_t n0, int64_t n1) {
-  const int64_t blocks = K / 32;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* qn = q + n * K;
-    const float* sn = scales + n * blocks;
-    const uint8_t* zn = zp ? zp + n * blocks : nullptr;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    auto block = [&](int64_t b, __m256& acc) {
-      const uint8_t* qb = qn + b * 32;
-      const float* ab = a + b * 32;
-      const __m256i zv = _mm256_set1_epi32(zn ? zn[b] : 128);
-      auto w = [&](int j) {
-        const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + 8 * j));
-        return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(codes), zv));
-      };
-      __m256 t = _mm256_mul_ps(w(0), _mm256_loadu_ps(ab));
-      __m256 u = _mm256_mul_ps(w(1), _mm256_loadu_ps(ab + 8));
-      t = _mm256_fmadd_ps(w(2), _mm256_loadu_ps(ab + 16), t);
-      u = _mm256_fmadd_ps(w(3), _mm256_loadu_ps(ab + 24), u);
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(sn[b]), _mm256_add_ps(t, u), acc);
-    };
-    int64_t b = 0;
-    for (; b + 2 <= blocks; b += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(qn + b * 32 + kInt8Ahead), kWeightPrefetch);
-      block(b, acc0);
-      block(b + 1, acc1);
-    }
-    if (b < blocks) block(b, acc0);
-    y[n] = hsum8(_mm256_add_ps(acc0, acc1));
-  }
-}
-#endif
-
 // Columns [n0, n1) of y for rows [m0, m0 + kRows) of a: y[m][n] = sum over blocks b of scale[n][b] * (sum over the
 // block's k of (q[n][k] - zp[n][b]) a[m][k]), each code less its zero point exact in integers before it is widened
 // (as MatMulNBits dequantises; taking zp * sum(a) out of the sum instead would round (|q| + |zp|) / |q - zp|
 // times coarser), once for every row. kBlock: the block size where it is known when compiled (the default,
 // 32: its loops unrolled, measured ~1.3x faster than with the size read at run time), else 0.
+//
+// Each row's sum is kChains independent FMA chains: within a block the products alternate between kChains partial
+// sums, and consecutive blocks between kChains accumulators. With one row (a decode step) a single chain, each FMA
+// waiting on the one before, held the sweep back; with two rows or more the rows' chains already interleave, and
+// more registers a row would spill on AVX2's sixteen.
 template <int kRows, int kBlock>
 void int8_columns(const float* a, const uint8_t* q, const float* scales, const uint8_t* zp, float* y, int64_t m0,
                   int64_t K, int64_t N, int64_t block_size, int64_t n0, int64_t n1) {
-#if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (kRows == 1 && kBlock == 32) {
-    if (K % 32 == 0) return int8_columns_row32(a + m0 * K, q, scales, zp, y + m0 * N, K, n0, n1);
-  }
-#endif
+  constexpr int kChains = kRows == 1 ? 2 : 1;
   const int64_t block = kBlock ? kBlock : block_size;
   const int64_t blocks = (K + block - 1) / block;
   const float* am = a + m0 * K;
@@ -864,44 +826,67 @@ void int8_columns(const float* a, const uint8_t* q, const float* scales, const u
     const uint8_t* qn = q + n * blocks * block;
     float tail[kRows] = {};
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[kRows];
-    for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+    __m256 acc[kChains][kRows];
+    for (int c = 0; c < kChains; ++c)
+      for (int r = 0; r < kRows; ++r) acc[c][r] = _mm256_setzero_ps();
 #endif
-    for (int64_t b = 0; b < blocks; ++b) {
+    // Block b's first `valid` codes into accumulator `chain`. Inlined where it is called with constants: the arrays
+    // stay in registers, and a whole block's loops unroll where kBlock is known.
+    auto one_block = [&](int64_t b, [[maybe_unused]] int chain, int64_t valid) __attribute__((always_inline)) {
       const uint8_t* qb = qn + b * block;
-      const int64_t k0 = b * block, valid = std::min(block, K - k0);
+      const int64_t k0 = b * block;
       const float scale = scales[n * blocks + b];
       const int z = zp ? zp[n * blocks + b] : 128;
       int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-      for (int64_t off = 0; off < valid; off += 64)
+      // Once for each 64-byte line of the row's codes that starts in this block.
+      for (int64_t off = (64 - (k0 & 63)) & 63; off < valid; off += 64)
         _mm_prefetch(reinterpret_cast<const char*>(qb + off + kInt8Ahead), kWeightPrefetch);
-      __m256 sums[kRows];
-      for (int r = 0; r < kRows; ++r) sums[r] = _mm256_setzero_ps();
+      __m256 sums[kChains][kRows];
+      for (int c = 0; c < kChains; ++c)
+        for (int r = 0; r < kRows; ++r) sums[c][r] = _mm256_setzero_ps();
       const __m256i zv = _mm256_set1_epi32(z);
       auto widen = [&](__m128i codes) { return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(codes), zv)); };
-      for (; i + 32 <= valid; i += 32) {  // one load of 32 codes, widened eight at a time
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + i));
-        const __m128i lo = _mm256_castsi256_si128(raw), hi = _mm256_extracti128_si256(raw, 1);
-        const __m256 w[4] = {widen(lo), widen(_mm_srli_si128(lo, 8)), widen(hi), widen(_mm_srli_si128(hi, 8))};
+      auto codes = [&](int64_t at) { return widen(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + at))); };
+      for (; i + 32 <= valid; i += 32) {
+        const __m256 w[4] = {codes(i), codes(i + 8), codes(i + 16), codes(i + 24)};
         for (int r = 0; r < kRows; ++r)
-          for (int j = 0; j < 4; ++j)
-            sums[r] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(am + r * K + k0 + i + 8 * j), sums[r]);
+          for (int j = 0; j < 4; ++j) {
+            const __m256 x = _mm256_loadu_ps(am + r * K + k0 + i + 8 * j);
+            __m256& sum = sums[j % kChains][r];
+            // A block's first products start its sums: a multiply, where an add to zero would cost a register copy
+            sum = i == 0 && j < kChains ? _mm256_mul_ps(w[j], x) : _mm256_fmadd_ps(w[j], x, sum);
+          }
       }
       for (; i + 8 <= valid; i += 8) {
-        const __m256 w = widen(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + i)));
-        for (int r = 0; r < kRows; ++r) sums[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(am + r * K + k0 + i), sums[r]);
+        const __m256 w = codes(i);
+        for (int r = 0; r < kRows; ++r)
+          sums[0][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(am + r * K + k0 + i), sums[0][r]);
       }
-      const __m256 sv = _mm256_set1_ps(scale);
-      for (int r = 0; r < kRows; ++r) acc[r] = _mm256_fmadd_ps(sv, sums[r], acc[r]);
+      const __m256 sv = _mm256_broadcast_ss(scales + n * blocks + b);
+      for (int r = 0; r < kRows; ++r) {
+        __m256 s = sums[0][r];
+        for (int c = 1; c < kChains; ++c) s = _mm256_add_ps(s, sums[c][r]);
+        acc[chain][r] = _mm256_fmadd_ps(sv, s, acc[chain][r]);
+      }
 #endif
       for (; i < valid; ++i)
         for (int r = 0; r < kRows; ++r) tail[r] += scale * float(int(qb[i]) - z) * am[r * K + k0 + i];
+    };
+    const int64_t whole = K / block;
+    int64_t b = 0;
+    for (; b + kChains <= whole; b += kChains) {
+      one_block(b, 0, block);
+      if constexpr (kChains == 2) one_block(b + 1, 1, block);
     }
+    for (; b < whole; ++b) one_block(b, 0, block);
+    if (whole < blocks) one_block(whole, 0, K - whole * block);
     for (int r = 0; r < kRows; ++r) {
       float sum = tail[r];
 #if defined(__AVX2__) && defined(__FMA__)
-      sum += hsum8(acc[r]);
+      __m256 s = acc[0][r];
+      for (int c = 1; c < kChains; ++c) s = _mm256_add_ps(s, acc[c][r]);
+      sum += hsum8(s);
 #endif
       y[(m0 + r) * N + n] = sum;
     }
