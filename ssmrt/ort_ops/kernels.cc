@@ -835,7 +835,7 @@ void int8_columns(const float* a, const uint8_t* q, const float* scales, const u
     auto one_block = [&](int64_t b, [[maybe_unused]] int chain, int64_t valid) __attribute__((always_inline)) {
       const uint8_t* qb = qn + b * block;
       const int64_t k0 = b * block;
-      const float scale = scales[n * blocks + b];
+      const float* scale = scales + n * blocks + b;
       const int z = zp ? zp[n * blocks + b] : 128;
       int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -863,7 +863,7 @@ void int8_columns(const float* a, const uint8_t* q, const float* scales, const u
         for (int r = 0; r < kRows; ++r)
           sums[0][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(am + r * K + k0 + i), sums[0][r]);
       }
-      const __m256 sv = _mm256_broadcast_ss(scales + n * blocks + b);
+      const __m256 sv = _mm256_broadcast_ss(scale);
       for (int r = 0; r < kRows; ++r) {
         __m256 s = sums[0][r];
         for (int c = 1; c < kChains; ++c) s = _mm256_add_ps(s, sums[c][r]);
@@ -871,7 +871,7 @@ void int8_columns(const float* a, const uint8_t* q, const float* scales, const u
       }
 #endif
       for (; i < valid; ++i)
-        for (int r = 0; r < kRows; ++r) tail[r] += scale * float(int(qb[i]) - z) * am[r * K + k0 + i];
+        for (int r = 0; r < kRows; ++r) tail[r] += *scale * float(int(qb[i]) - z) * am[r * K + k0 + i];
     };
     const int64_t whole = K / block;
     int64_t b = 0;
