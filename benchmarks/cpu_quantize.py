@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssmrt.quantize import DEFAULT_BLOCK_SIZE, SCALES, SYMMETRIC
+from ssmrt.quantize import DEFAULT_BLOCK_SIZE, SYMMETRIC
 
 
 def decode_ratios(layers: int, blocks: int, block_steps: int, block_sizes: list[int], tmp: Path) -> dict:
@@ -131,8 +131,6 @@ def quality(ckpt: Path, tmp: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- block formats side by side
 
-# A block's scale as a decode step reads it (the runner's float16 copy of float16 values)
-SCALE_BYTES = {"float16": 2, "float32": 4}[SCALES]
 # llama.cpp's formats at ssmrt's two widths: 32 weights a block, symmetric, a float16 scale (q4_0: the block's
 # signed extreme / -8); their dot products quantise the activations to q8_0 (ggml's vec_dot_type for both).
 PEER_FORMATS = {8: "Q8_0", 4: "Q4_0"}
@@ -170,7 +168,7 @@ def format_model(base, arch: str, fmt: tuple):
             K = w.shape[1]
             if fmt[0] == "ssmrt":
                 _, bits, block = fmt
-                w_q = dequantize_ref(*quantize_ref(w.t(), bits, block, SYMMETRIC, SCALES), K).t()
+                w_q = dequantize_ref(*quantize_ref(w.t(), bits, block, SYMMETRIC), K).t()
                 act = functools.partial(quantize_activations_ref, block_size=block)
             elif K % GGML_BLOCK:  # llama.cpp's quantiser keeps this one float16 (a float16 dot product)
                 w_q = w.half().float()
@@ -203,7 +201,7 @@ def formats(ckpt: Path, block_sizes: list[int], windows: int = 4, length: int = 
         top5 = ref.topk(5, -1).indices
         for bits in (8, 4):
             cases = [(f"ssmrt int{bits}, block {b}", ("ssmrt", bits, b),
-                      (b * bits / 8 + SCALE_BYTES + (0 if SYMMETRIC else bits / 8)) / b) for b in block_sizes]
+                      (b * bits / 8 + 4 + (0 if SYMMETRIC else bits / 8)) / b) for b in block_sizes]
             qtype = PEER_FORMATS[bits]
             cases.append((f"llama.cpp {qtype.lower()}", ("ggml", bits), GGML_BYTES_PER_BLOCK[qtype] / GGML_BLOCK))
             for name, fmt, bytes_per_weight in cases:

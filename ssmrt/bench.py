@@ -51,14 +51,12 @@ def matmul_shapes(config) -> tuple[list[tuple[int, int]], tuple[int, int]]:
 
 def step_bytes(config, dtype: str, state_bytes: int, weights: dict | None = None) -> int:
     """Bytes a decode step must move at the least: its matmul weights (in `dtype`, or packed as `weights`, an
-    artifact's quantisation scheme: the codes, a scale and a zero point per block, the scale 2 bytes where the
-    scheme's are float16 values, which the native decode kernels read as float16, else 4) once, and a state of
+    artifact's quantisation scheme: the codes, a float32 scale and a zero point per block) once, and a state of
     `state_bytes` read and written."""
     layer, head = matmul_shapes(config)
     params = config.n_layer * sum(i * o for i, o in layer) + head[0] * head[1]
     if weights:
-        scale = 2 if weights.get("scales") == "float16" else 4
-        per_block = scale + (0 if weights["symmetric"] else weights["bits"] / 8)
+        per_block = 4 + (0 if weights["symmetric"] else weights["bits"] / 8)
         return int(params * (weights["bits"] / 8 + per_block / weights["block_size"])) + 2 * state_bytes
     return params * ITEMSIZE[dtype] + 2 * state_bytes
 

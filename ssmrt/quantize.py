@@ -1,16 +1,15 @@
 """Weight-only quantisation: the projections and the LM head as ONNX Runtime's block-wise `MatMulNBits`.
 
 The scheme is block-wise: per block of `block_size` consecutive input features (the K axis of the graph's
-MatMul, whose weight is the transposed nn.Linear weight) of one output feature: a scale per block (a float16
-value held as float32, SCALES below), and with an asymmetric scheme an integer zero point per block. int8 keeps
-8 bits a weight, int4 4. ONNX Runtime's own quantiser (onnxruntime.quantization.matmul_nbits_quantizer) lays out
-the export's graph; `quantize_ref` / `dequantize_ref` are its arithmetic in plain torch, tested bit for bit
-against what it packs with float32 scales, and compute the codes the export writes into its initializers with
-float16 ones, so that `ssmrt compare` can build the model the quantised weights mean (dequantize(quantize(W)) in
-float32) without ONNX Runtime. With a calibration text (export --calibration) GPTQ chooses the codes instead,
-each block's scale and zero point taken the same way from its weights as GPTQ has updated them
-(`gptq_quantize_ref`, ROUNDINGS below). Codes are written into the initializers ONNX Runtime's quantiser laid out
-(`pack_matmul_nbits`, held to its packing byte for byte).
+MatMul, whose weight is the transposed nn.Linear weight) of one output feature: a float32 scale per block, and
+with an asymmetric scheme an integer zero point per block. int8 keeps 8 bits a weight, int4 4. ONNX Runtime's
+own quantiser (onnxruntime.quantization.matmul_nbits_quantizer) packs the export's graph; `quantize_ref` /
+`dequantize_ref` are the same arithmetic in plain torch, tested bit for bit against what it packed, so that
+`ssmrt compare` can build the model the quantised weights mean (dequantize(quantize(W)) in float32) without
+ONNX Runtime. With a calibration text (export --calibration) GPTQ chooses the codes instead, each block's scale
+and zero point taken the same way from its weights as GPTQ has updated them (`gptq_quantize_ref`, ROUNDINGS
+below), and they are written into the initializers ONNX Runtime's quantiser laid out (`pack_matmul_nbits`, held to
+its packing byte for byte).
 
 The embedding table is quantised to int8 (the scheme's blocks along d_model, whatever the projections' bits) and
 read through ONNX Runtime's `GatherBlockQuantized` (a row's codes dequantised as it is gathered): a Gather reads
@@ -81,16 +80,6 @@ HEAD = "lm_head"
 #   them from it.
 ROUNDINGS = ("rtn", "gptq")
 RECORDED_DEFAULT_ROUNDING = "rtn"
-# The precision of the projections' and head's block scales (recorded with the scheme as `scales`); MatMulNBits
-# holds them as float32 either way:
-# - "float16": each scale is a float16 value, its magnitude rounded up from the one the scheme computes (the
-#   block's range then still fits its codes), and the codes computed with it. The runner's decode kernel for
-#   float32 activations reads a float16 copy, 2 bytes a block instead of 4, the same sums bit for bit (as
-#   llama.cpp's q8_0 / q4_0 hold theirs). A scale float16 cannot hold (past 65504) stays as computed.
-# - "float32": as ONNX Runtime's quantiser computes them (quantize_ref's default); artifacts written before the
-#   choice existed.
-SCALES = "float16"
-RECORDED_DEFAULT_SCALES = "float32"
 # Added to H's diagonal, as a fraction of its mean: keeps H invertible where features move together in the
 # calibration text or the text has fewer positions than K (features that are always 0 get a diagonal of 1).
 GPTQ_DAMP = 0.01
@@ -134,7 +123,7 @@ def check_weights(weights, block_size, dtype: str = "float32", target: str = "po
         raise SsmrtError(f"--weights {weights} takes --dtype float32 and --target portable; got --dtype {dtype} "
                          f"--target {target}")
     return {"scheme": weights, "bits": SCHEMES[weights], "block_size": block_size, "symmetric": SYMMETRIC,
-            "activations": activations, "embedding": embedding, "scales": SCALES}
+            "activations": activations, "embedding": embedding}
 
 
 def scheme_of(info: dict | None, where) -> dict | None:
@@ -146,11 +135,7 @@ def scheme_of(info: dict | None, where) -> dict | None:
         raise SsmrtError(f"{where}: metadata export.weights {info!r} is not a weight scheme ssmrt writes")
     info = {**info, "activations": info.get("activations", RECORDED_DEFAULT_ACTIVATIONS),
             "embedding": info.get("embedding", RECORDED_DEFAULT_EMBEDDING),
-            "rounding": info.get("rounding", RECORDED_DEFAULT_ROUNDING),
-            "scales": info.get("scales", RECORDED_DEFAULT_SCALES)}
-    if info["scales"] not in ("float16", "float32"):
-        raise SsmrtError(f"{where}: metadata export.weights.scales must be float16 or float32, got "
-                         f"{info['scales']!r}")
+            "rounding": info.get("rounding", RECORDED_DEFAULT_ROUNDING)}
     if info["embedding"] not in EMBEDDINGS:
         raise SsmrtError(f"{where}: metadata export.weights.embedding must be one of {', '.join(EMBEDDINGS)}, got "
                          f"{info['embedding']!r}")
@@ -171,16 +156,15 @@ def scheme_of(info: dict | None, where) -> dict | None:
 
 
 def describe_scheme(info: dict | None) -> str:
-    """'int4 weights (block 32, asymmetric, float16 scales, int8 activations, int8 embedding)', or 'float weights';
-    GPTQ-rounded ones say so, with their calibration text's length."""
+    """'int4 weights (block 32, asymmetric, int8 activations, int8 embedding)', or 'float weights'; GPTQ-rounded
+    ones say so, with their calibration text's length."""
     if not info:
         return "float weights"
     rounding = ""
     if info.get("rounding", RECORDED_DEFAULT_ROUNDING) == "gptq":
         rounding = f", GPTQ rounding on {info.get('calibration_tokens', '?')} calibration tokens"
     return (f"{info['scheme']} weights (block {info['block_size']}, "
-            f"{'symmetric' if info['symmetric'] else 'asymmetric'}, "
-            f"{info.get('scales', RECORDED_DEFAULT_SCALES)} scales, {info['activations']} activations, "
+            f"{'symmetric' if info['symmetric'] else 'asymmetric'}, {info['activations']} activations, "
             f"{info.get('embedding', RECORDED_DEFAULT_EMBEDDING)} embedding{rounding})")
 
 
@@ -196,39 +180,22 @@ def _roundf(x):
     return whole + torch.sign(x) * (frac.abs() >= 0.5).to(x.dtype)
 
 
-def half_scales(scales):
-    """float32 scales (a torch tensor) with each magnitude rounded up to a float16 value (SCALES "float16"): a
-    block's range still fits its codes. One float16 cannot hold (past 65504) is left as it is."""
-    import numpy as np
-    import torch
-
-    s = scales.detach().cpu().numpy().astype(np.float32)
-    with np.errstate(over="ignore"):
-        h = s.astype(np.float16)
-    low = np.isfinite(h) & (np.abs(h.astype(np.float32)) < np.abs(s))
-    h[low] = np.nextafter(h[low], np.where(s[low] < 0, np.float16(-np.inf), np.float16(np.inf)))
-    out = np.where(np.isfinite(h), h.astype(np.float32), s)
-    return torch.from_numpy(out).to(scales.device)
-
-
-def _block_grid(cols, valid, bits: int, symmetric: bool, scales_dtype: str = RECORDED_DEFAULT_SCALES):
+def _block_grid(cols, valid, bits: int, symmetric: bool):
     """Each block's scale, zero point (as float32) and the scale's reciprocal, from cols [N, blocks, block_size]
-    float32 (zeros where `valid` is False), as ONNX Runtime's quantiser computes them; with scales_dtype
-    "float16", the scale first rounded up to a float16 value (half_scales) and the zero point taken from that."""
+    float32 (zeros where `valid` is False), as ONNX Runtime's quantiser computes them."""
     import torch
 
     qmax = float((1 << bits) - 1)
-    rounded = half_scales if scales_dtype == "float16" else (lambda x: x)
     if symmetric:
         mid = float(1 << (bits - 1))
         hi, lo = cols.amax(-1), cols.amin(-1)
         extreme = torch.where(hi.abs() > lo.abs(), hi, lo)  # the signed value of largest magnitude; ties: the min
-        scales = rounded(extreme / -mid)
+        scales = extreme / -mid
         zp = torch.full_like(scales, mid)
     else:
         lo = torch.clamp(torch.where(valid, cols, torch.inf).amin(-1), max=0.0)
         hi = torch.clamp(torch.where(valid, cols, -torch.inf).amax(-1), min=0.0)
-        scales = rounded((hi - lo) / qmax)
+        scales = (hi - lo) / qmax
         zp_fp = torch.where(scales != 0, 0.0 - lo / torch.where(scales != 0, scales, 1.0), lo)
         zp = torch.clamp(_roundf(zp_fp), 0.0, qmax)
     recip = torch.where(scales != 0, 1.0 / torch.where(scales != 0, scales, 1.0), 0.0)
@@ -242,11 +209,10 @@ def _code(x, recip, zp, bits: int):
     return torch.clamp(_roundf(x * recip + zp), 0.0, float((1 << bits) - 1))
 
 
-def quantize_ref(w, bits: int, block_size: int, symmetric: bool, scales_dtype: str = RECORDED_DEFAULT_SCALES):
+def quantize_ref(w, bits: int, block_size: int, symmetric: bool):
     """Block-wise RTN of a weight w [K, N] (the graph's MatMul layout: K inputs, N outputs), blocks along K per
-    output column, as ONNX Runtime's quantiser computes it in float32 (scales_dtype "float32"), or with float16
-    scales (SCALES). Returns (q [N, k_blocks, block_size] uint8, the integer codes, zero beyond K; scales
-    [N, k_blocks] float32; zero_points [N, k_blocks] uint8)."""
+    output column, as ONNX Runtime's quantiser computes it in float32. Returns (q [N, k_blocks, block_size]
+    uint8, the integer codes, zero beyond K; scales [N, k_blocks] float32; zero_points [N, k_blocks] uint8)."""
     import torch
 
     w = w.detach().to(torch.float32).cpu()
@@ -257,20 +223,18 @@ def quantize_ref(w, bits: int, block_size: int, symmetric: bool, scales_dtype: s
     cols[:, :K] = w.t()
     cols = cols.reshape(N, blocks, block_size)
     valid = (torch.arange(blocks * block_size) < K).reshape(1, blocks, block_size)
-    scales, zp, recip = _block_grid(cols, valid, bits, symmetric, scales_dtype)
+    scales, zp, recip = _block_grid(cols, valid, bits, symmetric)
     q = torch.where(valid, _code(cols, recip[..., None], zp[..., None], bits), 0.0)
     return q.to(torch.uint8), scales, zp.to(torch.uint8)
 
 
-def gptq_quantize_ref(w, H, bits: int, block_size: int, symmetric: bool, damp: float = GPTQ_DAMP,
-                      scales_dtype: str = RECORDED_DEFAULT_SCALES):
+def gptq_quantize_ref(w, H, bits: int, block_size: int, symmetric: bool, damp: float = GPTQ_DAMP):
     """GPTQ's codes for a weight w [K, N] (quantize_ref's layout and scheme, and its return values): H [K, K]
     is the sum over the calibration text's positions of x x^T of the matmul's input x. The input features are
     rounded in order; feature i's rounding error, divided by the i-th pivot of the Cholesky factor U of H^-1
     (H + damp * mean(diag H) * I), is subtracted from the features after it in proportion to U's row i, which
     minimises the growth of |X (W - W')|^2 that the remaining features can still cancel. A block's scale and zero
-    point are taken from its weights as they stand when its first feature is reached (the scale as scales_dtype
-    says, as quantize_ref's). Where H is a multiple of
+    point are taken from its weights as they stand when its first feature is reached. Where H is a multiple of
     the identity nothing is spread, and the codes are quantize_ref's."""
     import torch
 
@@ -306,7 +270,7 @@ def gptq_quantize_ref(w, H, bits: int, block_size: int, symmetric: bool, damp: f
                 cols = torch.zeros(N, 1, block_size, dtype=torch.float32)
                 cols[:, 0, :width] = torch.cat([part[:, j:], W[:, c1:i + width]], 1)[:, :width]
                 valid = (torch.arange(block_size) < width).reshape(1, 1, block_size)
-                s, z, r = (t[:, 0] for t in _block_grid(cols, valid, bits, symmetric, scales_dtype))
+                s, z, r = (t[:, 0] for t in _block_grid(cols, valid, bits, symmetric))
                 scales[:, b], zps[:, b] = s, z
             code = _code(part[:, j], r, z, bits)
             q[:, i] = code
@@ -326,9 +290,9 @@ def dequantize_ref(q, scales, zero_points, K: int):
     return w.reshape(N, -1)[:, :K].t().contiguous()
 
 
-def fake_quantize(w, bits: int, block_size: int, symmetric: bool, scales_dtype: str = RECORDED_DEFAULT_SCALES):
+def fake_quantize(w, bits: int, block_size: int, symmetric: bool):
     """dequantize(quantize(w)) of a weight w [K, N], float32."""
-    return dequantize_ref(*quantize_ref(w, bits, block_size, symmetric, scales_dtype), w.shape[0])
+    return dequantize_ref(*quantize_ref(w, bits, block_size, symmetric), w.shape[0])
 
 
 def quantize_activations_ref(x, block_size: int):
@@ -502,8 +466,7 @@ def calibrated_codes(model, ids, info: dict) -> dict:
         w = getattr(owner, attr).weight.detach().t()
         key = (tuple(w.shape), _digest(w.numpy()))
         target, H = compensated_target(w, X, Xq)
-        codes = gptq_quantize_ref(target, H, info["bits"], info["block_size"], info["symmetric"],
-                                  scales_dtype=info.get("scales", RECORDED_DEFAULT_SCALES))
+        codes = gptq_quantize_ref(target, H, info["bits"], info["block_size"], info["symmetric"])
         out[name] = (key, pack_matmul_nbits(*codes, info["bits"]))
         return codes
 
@@ -580,8 +543,7 @@ def calibrated_codes_ref(model, ids, info: dict) -> dict:
                     m(piece)
             inputs.append(into[name])
         target, H = compensated_target(getattr(owner, attr).weight.detach().t(), *inputs)
-        out[name] = gptq_quantize_ref(target, H, info["bits"], info["block_size"], info["symmetric"],
-                                      scales_dtype=info.get("scales", RECORDED_DEFAULT_SCALES))
+        out[name] = gptq_quantize_ref(target, H, info["bits"], info["block_size"], info["symmetric"])
         _use_codes(*owners[name], out[name], info)
     return out
 
@@ -639,8 +601,7 @@ def dequantized_model(model, info: dict, codes: dict | None = None):
         for full_name, owner, name in quantised_linears(model):
             weight = getattr(owner, name).weight  # nn.Linear's [out, in] is the graph's B transposed: K = in
             if codes is None:
-                matrix = quantize_ref(weight.detach().t(), bits, block, sym,
-                                      info.get("scales", RECORDED_DEFAULT_SCALES))
+                matrix = quantize_ref(weight.detach().t(), bits, block, sym)
             elif full_name not in codes:
                 raise SsmrtError(f"dequantized_model: the artifact holds no codes for {full_name}")
             else:
@@ -666,8 +627,7 @@ def expected_matmuls(config) -> int:
 
 def quantize_graph(proto, info: dict, expected: int, calibration: dict | None = None):
     """proto (an export's ModelProto) with every MatMul by a constant 2-D weight as MatMulNBits, packed by ONNX
-    Runtime's quantiser (the codes its own where info's scales are float32, quantize_ref's with float16 ones);
-    the fallback bodies (model-local functions) are left as they are. `expected`: how
+    Runtime's quantiser; the fallback bodies (model-local functions) are left as they are. `expected`: how
     many such matmuls the model has (expected_matmuls); a different count is an exporter bug and raises.
     calibration: calibrated_codes' {name: (key, packed codes)} for GPTQ rounding, a graph weight found by its
     key (its shape and bytes: the exporter copies each matrix as it is): every packed node then holds GPTQ's
@@ -717,16 +677,6 @@ def quantize_graph(proto, info: dict, expected: int, calibration: dict | None = 
         if sorted(by_output.values()) != sorted(calibration):
             raise SsmrtError("the graph's weight MatMuls are not the model's projections one to one; refusing to "
                              "calibrate a graph of unknown shape")
-    # round-to-nearest codes with float16 scales: computed here (ONNX Runtime's quantiser computes float32 ones)
-    # and written into the initializers it lays out, as GPTQ's are; a MatMul's output -> its packed codes
-    rtn_codes = {}
-    if calibration is None and info.get("scales", RECORDED_DEFAULT_SCALES) != RECORDED_DEFAULT_SCALES:
-        import torch
-
-        for n in matmuls:
-            w = torch.from_numpy(numpy_helper.to_array(inits[n.input[1]]).astype("float32"))
-            codes = quantize_ref(w, info["bits"], info["block_size"], info["symmetric"], info["scales"])
-            rtn_codes[n.output[0]] = pack_matmul_nbits(*codes, info["bits"])
     config = DefaultWeightOnlyQuantConfig(block_size=info["block_size"], is_symmetric=info["symmetric"],
                                           accuracy_level=ACTIVATIONS[info["activations"]],
                                           bits=info["bits"], op_types_to_quantize=("MatMul",))
@@ -756,10 +706,6 @@ def quantize_graph(proto, info: dict, expected: int, calibration: dict | None = 
             names_used.add(node.name)
             nodes[name] = node.name
         info["rounding"], info["calibrated_nodes"] = "gptq", nodes
-    elif rtn_codes:
-        out_inits = {t.name: t for t in out.graph.initializer}
-        for node in packed:
-            _store_codes(node, out_inits, rtn_codes.pop(node.output[0]), info["symmetric"])
     if info.get("embedding", RECORDED_DEFAULT_EMBEDDING) != "float32":
         _quantize_embedding(out, info)
     # the initializers the MatMuls read are gone; the quantiser keeps any still named by another node

@@ -289,7 +289,7 @@ def test_cpu_quantize_formats_compute_each_format(arch, fmt):
     import torch
     from test_models import random_lm
 
-    from ssmrt.quantize import LAYER_LINEARS, SCALES, SYMMETRIC, dequantize_ref, quantize_activations_ref, quantize_ref
+    from ssmrt.quantize import LAYER_LINEARS, SYMMETRIC, dequantize_ref, quantize_activations_ref, quantize_ref
 
     bench = _bench_module("cpu_quantize")
     base = random_lm(arch=arch)  # d_model 48: in_proj (and Mamba-1's dt_proj) have widths no 32 divides
@@ -302,7 +302,7 @@ def test_cpu_quantize_formats_compute_each_format(arch, fmt):
             x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(i)) * 2
             got = lin(x)
             if fmt[0] == "ssmrt":
-                w_q = dequantize_ref(*quantize_ref(w.t(), fmt[1], fmt[2], SYMMETRIC, SCALES), K).t()
+                w_q = dequantize_ref(*quantize_ref(w.t(), fmt[1], fmt[2], SYMMETRIC), K).t()
                 x_q = quantize_activations_ref(x, fmt[2])
             elif K % 32:
                 fallbacks += 1

@@ -42,18 +42,15 @@ def _output_error(X, w, codes) -> float:
     return float((X @ (w - Q.dequantize_ref(*codes, w.shape[0]))).pow(2).mean().sqrt())
 
 
-@pytest.mark.parametrize("scales", ["float32", "float16"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("K,N,block", [(70, 9, 16), (64, 5, 32), (300, 7, 128), (33, 3, 64)])
-def test_gptq_with_an_identity_hessian_is_round_to_nearest(bits, symmetric, K, N, block, scales):
+def test_gptq_with_an_identity_hessian_is_round_to_nearest(bits, symmetric, K, N, block):
     """Where H is a multiple of the identity no rounding error is spread, and every code, scale and zero point
-    is quantize_ref's, exactly (K not a multiple of the block, a block longer than K, both schemes, both scales'
-    precisions)."""
+    is quantize_ref's, exactly (K not a multiple of the block, a block longer than K, both schemes)."""
     w = torch.randn(K, N, generator=torch.Generator().manual_seed(K * N))
-    rtn = Q.quantize_ref(w, bits, block, symmetric, scales)
-    gptq = Q.gptq_quantize_ref(w, torch.eye(K, dtype=torch.float64) * 7.0, bits, block, symmetric,
-                               scales_dtype=scales)
+    rtn = Q.quantize_ref(w, bits, block, symmetric)
+    gptq = Q.gptq_quantize_ref(w, torch.eye(K, dtype=torch.float64) * 7.0, bits, block, symmetric)
     for a, b in zip(rtn, gptq, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
@@ -251,7 +248,7 @@ def _assert_as_it_came(model, snap):
 INFOS = {"int4/float32/float table": {"bits": 4, "block_size": 16, "symmetric": False, "activations": "float32",
                                       "embedding": "float32"},
          "int8/int8/int8 table": {"bits": 8, "block_size": 32, "symmetric": False, "activations": "int8",
-                                  "embedding": "int8", "scales": "float16"}}
+                                  "embedding": "int8"}}
 
 
 @pytest.mark.parametrize("scheme", sorted(INFOS))
@@ -416,10 +413,10 @@ def test_cli_export_with_calibration_records_it_and_inspect_shows_it(calibrated,
     assert res.returncode == 0, res.stderr
     shown = ssmrt("inspect", tmp_path / "art")
     assert shown.returncode == 0, shown.stderr
-    assert ("weights: int4 weights (block 32, asymmetric, float16 scales, int8 activations, int8 embedding, GPTQ "
-            "rounding on 200 calibration tokens)") in shown.stdout
+    assert ("weights: int4 weights (block 32, asymmetric, int8 activations, int8 embedding, GPTQ rounding on 200 "
+            "calibration tokens)") in shown.stdout
     info = json.loads(ssmrt("inspect", tmp_path / "art", "--json").stdout)["weights"]
-    assert info["rounding"] == "gptq" and info["calibration_tokens"] == 200 and info["scales"] == "float16"
+    assert info["rounding"] == "gptq" and info["calibration_tokens"] == 200
     compared = ssmrt("compare", ckpt, tmp_path / "art", "--steps", "4")
     assert compared.returncode == 0, compared.stdout + compared.stderr
 

@@ -455,16 +455,14 @@ def test_half_matmul_shape_errors():
         half_matmul_session(0).run(None, {"a": np.zeros((1, 1, 8), np.float16), "b": np.zeros((7, 4), np.float16)})
 
 
-def int8_matmul_model(op: str, K: int, N: int, block: int, zero_points: bool, half_scales: bool = False,
-                      **attrs) -> onnx.ModelProto:
+def int8_matmul_model(op: str, K: int, N: int, block: int, zero_points: bool, **attrs) -> onnx.ModelProto:
     """One op node (ssmrt.cpu::Int8MatMul, or com.microsoft::MatMulNBits with bits 8 at accuracy level 0) over
-    graph inputs a, b, scales (float16 with half_scales, Int8MatMul's other variant) and zero_points."""
+    graph inputs a, b, scales (and zero_points)."""
     u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
     # dimensions by name, so that shapes ONNX Runtime would refuse itself reach the op
     vis = [helper.make_tensor_value_info("a", f32, ["batch", "seq", "k"]),
            helper.make_tensor_value_info("b", u8, ["n", "blocks", "block"]),
-           helper.make_tensor_value_info("scales", onnx.TensorProto.FLOAT16 if half_scales else f32,
-                                         None)]  # any rank: they may be flat
+           helper.make_tensor_value_info("scales", f32, None)]  # any rank: they may be flat
     if zero_points:
         vis.append(helper.make_tensor_value_info("zero_points", u8, None))
     domain = ort_ops.CPU_DOMAIN if op == "Int8MatMul" else "com.microsoft"
@@ -527,29 +525,6 @@ def test_int8_matmul(batch, seqlen, K, N, block, zero_points):
         assert err.max() < rtol, (name, float(err.max()))
     assert_close(torch.from_numpy(y), torch.from_numpy(theirs), atol=atol * float(size.max()), rtol=rtol,
                  name="Int8MatMul against MatMulNBits")
-
-
-@pytest.mark.parametrize("batch,seqlen,K,N,block", [(1, 1, 768, 3352, 32), (1, 1, 100, 37, 32),
-                                                    (3, 5, 48, 13, 16), (2, 1, 300, 20, 128)])
-@pytest.mark.parametrize("zero_points", [True, False])
-def test_int8_matmul_half_scales(batch, seqlen, K, N, block, zero_points):
-    """Int8MatMul with its scales float16 (the copy the runner makes where every scale is a float16 value) gives the
-    float32 scales' sums bit for bit; scales that float16 rounds give the rounded ones' sums, not the originals'."""
-    ops = int8_operands(batch, seqlen, K, N, block, seed=K + N)
-    if not zero_points:
-        del ops["zero_points"]
-    exact = ops["scales"].astype(np.float16)
-    ops["scales"] = exact.astype(np.float32)
-    (want,) = library_session(int8_matmul_model("Int8MatMul", K, N, block, zero_points)).run(None, ops)
-    half = library_session(int8_matmul_model("Int8MatMul", K, N, block, zero_points, half_scales=True))
-    (got,) = half.run(None, {**ops, "scales": exact})
-    assert got.dtype == np.float32 and np.array_equal(got, want)
-    np.testing.assert_allclose(got, int8_matmul_ref(**ops), rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
-    # the half variant reads the float16 bits it is given: a scale off by one float16 step moves its column
-    moved = exact.copy()
-    moved.reshape(-1)[0] = np.nextafter(moved.reshape(-1)[0], np.float16(1))
-    (off,) = half.run(None, {**ops, "scales": moved})
-    assert not np.array_equal(off[..., 0], want[..., 0]) and np.array_equal(off[..., 1:], want[..., 1:])
 
 
 def threads_seen(lib, session, feeds, threads: int):
@@ -703,27 +678,6 @@ def test_int_dot_matmul(batch, seqlen, K, N, block, bits, zero_points):
     assert (np.abs(plain - want) / size).max() > 20 * bound
 
 
-@pytest.mark.parametrize("batch,seqlen,K,N,block", INT_DOT_SHAPES)
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("zero_points", [True, False])
-def test_int_dot_matmul_half_scales(batch, seqlen, K, N, block, bits, zero_points):
-    """IntDotMatMul with its scales float16 (the runner's copy where every scale is a float16 value) gives the
-    float32 scales' sums bit for bit, on every code path the build has; column 0's scales doubled move its sums
-    alone."""
-    a, weights = int_dot_operands(batch, seqlen, K, N, block, bits, zero_points, seed=K + N + bits)
-    exact = weights["scales"].astype(np.float16)
-    weights["scales"] = exact.astype(np.float32)
-    (want,) = library_session(int_dot_model("IntDotMatMul", K, N, block, bits, weights)).run(None, {"a": a})
-    half = library_session(int_dot_model("IntDotMatMul", K, N, block, bits, {**weights, "scales": exact}))
-    (got,) = half.run(None, {"a": a})
-    assert got.dtype == np.float32 and np.array_equal(got, want)
-    moved = exact.copy()
-    moved[0] *= 2
-    (off,) = library_session(int_dot_model("IntDotMatMul", K, N, block, bits, {**weights, "scales": moved})).run(
-        None, {"a": a})
-    assert not np.array_equal(off[..., 0], want[..., 0]) and np.array_equal(off[..., 1:], want[..., 1:])
-
-
 def test_int_dot_matmul_threads():
     """IntDotMatMul's column runs spread over the session's threads (counted by the library), each column's sum one
     thread's in a fixed order: a pool of one and of two give the same bits."""
@@ -845,9 +799,6 @@ def test_route_decode_matmuls_int8(last_only, int_dot):
     w = {"w1": int8_operands(1, 1, K, N, block, seed=1), "w2": int8_operands(1, 1, N, K, block, seed=9),
          "w3": int8_operands(1, 1, K, K, block, seed=3), "w5": int8_operands(1, 1, K, K, block, seed=5),
          "w6": int8_operands(1, 1, K, N, block, seed=6), "w7": int8_operands(1, 1, K, K, 16, seed=7)}
-    # w1's and w3's scales float16 values (a routed step reads a float16 copy), the others' not (read as they are)
-    for name in ("w1", "w3"):
-        w[name]["scales"] = w[name]["scales"].astype(np.float16).astype(np.float32)
     w4 = {"b": g.integers(0, 256, (K, 2, block // 2), dtype=np.uint8),  # 4-bit: two codes a byte
           "scales": (g.random((K, 2)) * 0.1).astype(np.float32), "zero_points": np.full((K, 1), 0x88, np.uint8)}
     f32 = onnx.TensorProto.FLOAT
@@ -889,14 +840,6 @@ def test_route_decode_matmuls_int8(last_only, int_dot):
         routed = [n for a in route.attribute if a.name == "then_branch" for n in a.g.node
                   if n.op_type == "IntDotMatMul"]
         assert [[x.i for x in n.attribute if x.name == "bits"] for n in routed] == [[8], [4], [8]]
-    native = [n.input[2] for a in route.attribute if a.name == "then_branch" for n in a.g.node
-              if n.op_type in ("Int8MatMul", "IntDotMatMul")]
-    dots = ["w3.scales.float16", "w4.scales"] if int_dot else []
-    assert native == ["w1.scales.float16", "w2.scales", *dots, "w6.scales"]
-    copies = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(".float16")}
-    assert sorted(copies) == ["w1.scales.float16"] + (["w3.scales.float16"] if int_dot else [])
-    for name, half in copies.items():
-        assert half.dtype == np.float16 and np.array_equal(half.astype(np.float32), w[name[:2]]["scales"])
     sess = library_session(model)
     for shape in ((2, 1), (1, 4)):  # a decode step, a prompt
         ids = np.random.default_rng(sum(shape)).integers(0, V, shape)
@@ -904,38 +847,6 @@ def test_route_decode_matmuls_int8(last_only, int_dot):
         (want,) = plain.run(None, {"input_ids": ids})
         assert_close(torch.from_numpy(y), torch.from_numpy(want), atol=1e-4 * float(np.abs(want).max()), rtol=1e-4,
                      name=f"y {shape}")
-
-
-def test_route_decode_matmuls_reads_external_scales_from_base_dir(tmp_path):
-    """Scales stored beside the .onnx file (external data) are read from base_dir for the float16 copy; without
-    base_dir, and with half_scales off, the Int8MatMul reads the float32 ones."""
-    from onnx.external_data_helper import convert_model_to_external_data
-
-    K, N, block = 64, 24, 32
-    ops = int8_operands(1, 1, K, N, block, seed=4)
-    ops["scales"] = ops["scales"].astype(np.float16).astype(np.float32)
-    f32 = onnx.TensorProto.FLOAT
-    node = helper.make_node("MatMulNBits", ["x", "b", "scales", "zero_points"], ["y"], domain="com.microsoft", K=K,
-                            N=N, block_size=block, bits=8)
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["input_ids"], ["x"], to=f32), node], "g",
-        [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", "seq", K])],
-        [helper.make_tensor_value_info("y", f32, ["batch", "seq", N])],
-        [onnx.numpy_helper.from_array(ops[k], k) for k in ("b", "scales", "zero_points")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    convert_model_to_external_data(model, location="weights.bin", size_threshold=0)
-    onnx.save(model, str(tmp_path / "model.onnx"))
-
-    def routed(**kw):
-        m = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
-        assert ort_ops.route_decode_matmuls(m, **kw) == 1
-        (route,) = [n for n in m.graph.node if n.op_type == "If"]
-        return [n.input[2] for a in route.attribute if a.name == "then_branch" for n in a.g.node]
-
-    assert routed(base_dir=tmp_path) == ["scales.float16"]
-    assert routed() == ["scales"]
-    assert routed(base_dir=tmp_path, half_scales=False) == ["scales"]
 
 
 def test_a_float16_input_where_the_contract_keeps_float32_is_refused():

@@ -80,37 +80,6 @@ def test_quantize_ref_is_what_onnxruntime_packed_bit_for_bit(models, bits, symme
             assert np.all(np.abs(deq - w) <= step * (1 + 1e-5)), (cid, node.name)
 
 
-def test_half_scales_round_magnitudes_up_to_float16_values():
-    """half_scales: each scale a float16 value, its magnitude the nearest float16 at or above the given one (so the
-    block's range still fits its codes); exact ones, zero, tiny ones (float16 subnormals) and negative ones
-    (symmetric scales carry the sign of the block's extreme) too; one past float16's range is kept as it is."""
-    s = torch.tensor([0.0, 1.0, 1.0 + 2.0 ** -12, -(1.0 + 2.0 ** -12), 3e-4, -3e-4, 1e-7, 7e4, 0.1])
-    h = Q.half_scales(s)
-    want = torch.tensor([0.0, 1.0, 1.0 + 2.0 ** -10, -(1.0 + 2.0 ** -10)])
-    assert torch.equal(h[:4], want)
-    assert h[7] == 7e4 and h.dtype == torch.float32
-    finite = h[:7].numpy()
-    assert np.array_equal(finite.astype(np.float16).astype(np.float32), finite)
-    assert np.all(np.abs(finite) >= np.abs(s[:7].numpy()))
-    assert np.all(np.abs(finite) <= np.abs(s[:7].numpy()) * (1 + 2.0 ** -10) + 6e-8)  # one float16 step at most
-    assert h[8] > s[8] and float(np.float16(h[8])) == float(h[8])  # 0.1 is not a float16 value
-
-
-def test_float16_scales_keep_the_codes_in_range():
-    """quantize_ref with float16 scales: every weight within a code's width of what its code means (as with
-    float32 scales: half of one inside the range, the range's ends can clip by one), and other codes than float32
-    scales give somewhere (the rounding moved something)."""
-    w = torch.randn(200, 24) * torch.logspace(-4, 1, 24)
-    for bits in (8, 4):
-        for symmetric in (False, True):
-            q, scales, zp = Q.quantize_ref(w, bits, 32, symmetric, "float16")
-            deq = Q.dequantize_ref(q, scales, zp, 200)
-            step = np.repeat(np.abs(scales.numpy()), 32, axis=1)[:, :200].T
-            assert np.all(np.abs((deq - w).numpy()) <= step * (1 + 1e-5)), (bits, symmetric)
-            f32 = Q.quantize_ref(w, bits, 32, symmetric)
-            assert not torch.equal(q, f32[0]) and not torch.equal(scales, f32[1])
-
-
 def test_quantize_ref_can_fail():
     """The bit-exact test above compares with something: a scheme one bit off gives other codes."""
     w = torch.randn(64, 8)
@@ -178,7 +147,7 @@ def test_int8_activations_are_what_onnxruntime_multiplies(bits, block):
     x = (rng.standard_normal((6, K)) * np.array([[1], [1e-3], [30], [1], [0], [5]])).astype(np.float32)
     x[3, :block] = 0  # a block of zeros: scale 0, codes 0
     got = session.run(None, {"x": x})[0].astype(np.float64)
-    wq = Q.fake_quantize(torch.from_numpy(w), bits, block, info["symmetric"], info["scales"]).double()
+    wq = Q.fake_quantize(torch.from_numpy(w), bits, block, info["symmetric"]).double()
     want = (Q.quantize_activations_ref(torch.from_numpy(x), block).double() @ wq).numpy()
     plain = (torch.from_numpy(x).double() @ wq).numpy()
     scale = np.abs(want).max(axis=1, keepdims=True) + 1e-30
@@ -218,21 +187,7 @@ def test_export_packs_every_projection_and_the_head(models, weights):
         assert [f.SerializeToString() for f in m.functions] == [f.SerializeToString() for f in float_model.functions]
         meta = json.loads({p.key: p.value for p in m.metadata_props}["ssmrt.export"])
         assert meta["weights"] == {"scheme": f"int{bits}", "bits": bits, "block_size": 32,
-                                   "symmetric": Q.SYMMETRIC, "activations": activations, "embedding": "int8",
-                                   "scales": "float16"}
-        # every matrix holds quantize_ref's codes with float16 scales, bit for bit; the scales are float16 values
-        # and not all of them the float32 ones ONNX Runtime's quantiser computes
-        float_weights = _weight_matmuls(onnx.load(str(arts[None] / "model.onnx")))
-        moved = 0
-        for node in nbits:
-            w = torch.from_numpy(float_weights[node.output[0]].copy())
-            q, scales, zp = Q.unpack_matmul_nbits(node, inits)
-            rq, rs, rz = Q.quantize_ref(w, bits, 32, Q.SYMMETRIC, "float16")
-            assert np.array_equal(q, rq.numpy()) and np.array_equal(zp, rz.numpy()), (cid, node.name)
-            assert np.array_equal(scales.view(np.uint32), rs.numpy().view(np.uint32)), (cid, node.name)
-            assert np.array_equal(scales.astype(np.float16).astype(np.float32), scales), (cid, node.name)
-            moved += not np.array_equal(scales, Q.quantize_ref(w, bits, 32, Q.SYMMETRIC)[1].numpy())
-        assert moved == len(nbits), cid
+                                   "symmetric": Q.SYMMETRIC, "activations": activations, "embedding": "int8"}
         assert (art / "model.onnx").stat().st_size < (arts[None] / "model.onnx").stat().st_size
 
 
@@ -240,8 +195,7 @@ def test_inspect_shows_the_scheme(models):
     _, arts = models["mamba2-g1"]
     res = ssmrt("inspect", arts["int4"])
     assert res.returncode == 0, res.stderr
-    assert ("weights: int4 weights (block 32, asymmetric, float16 scales, int8 activations, int8 embedding)"
-            in res.stdout)
+    assert "weights: int4 weights (block 32, asymmetric, int8 activations, int8 embedding)" in res.stdout
     assert "com.microsoft::MatMulNBits x5" in res.stdout
     assert "com.microsoft::GatherBlockQuantized x1" in res.stdout
     info = json.loads(ssmrt("inspect", arts["int4"], "--json").stdout)
@@ -429,7 +383,7 @@ def test_cli_export_with_activations_records_and_runs_them(models, tmp_path):
     m = onnx.load(str(tmp_path / "art" / "model.onnx"))
     meta = json.loads({p.key: p.value for p in m.metadata_props}["ssmrt.export"])
     assert meta["weights"] == {"scheme": "int4", "bits": 4, "block_size": 16, "symmetric": Q.SYMMETRIC,
-                               "activations": "float32", "embedding": "int8", "scales": "float16"}
+                               "activations": "float32", "embedding": "int8"}
     nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
     assert nbits and all({a.name: a.i for a in n.attribute}.get("accuracy_level", 0) == 0 for n in nbits)
     assert all({a.name: a.i for a in n.attribute}["block_size"] == 16 for n in nbits)
@@ -481,8 +435,7 @@ def test_an_artifact_without_the_activations_entry_computed_float32_ones(models,
     (tmp_path / "art").mkdir()
     onnx.save(m, str(tmp_path / "art" / "model.onnx"))
     assert OnnxRuntimeRunnerFromArtifact(tmp_path / "art").weights["activations"] == "float32"
-    assert "asymmetric, float16 scales, float32 activations, int8 embedding)" in ssmrt("inspect",
-                                                                                     tmp_path / "art").stdout
+    assert "asymmetric, float32 activations, int8 embedding)" in ssmrt("inspect", tmp_path / "art").stdout
 
 
 def test_a_weights_entry_without_the_embedding_entry_has_a_float_table():
@@ -490,10 +443,8 @@ def test_a_weights_entry_without_the_embedding_entry_has_a_float_table():
     the model they mean keeps it so (dequantized_model); a quantised table is int8 whatever the weights' bits."""
     old = {"scheme": "int4", "bits": 4, "block_size": 32, "symmetric": False, "activations": "int8"}
     info = Q.scheme_of(old, "art")
-    assert info["embedding"] == "float32" and info["scales"] == "float32"
-    assert Q.describe_scheme(info).endswith("asymmetric, float32 scales, int8 activations, float32 embedding)")
-    with pytest.raises(SsmrtError, match="scales must be float16 or float32, got 'bfloat16'"):
-        Q.scheme_of({**old, "scales": "bfloat16"}, "art")
+    assert info["embedding"] == "float32"
+    assert Q.describe_scheme(info).endswith("int8 activations, float32 embedding)")
     with pytest.raises(SsmrtError, match="embedding must be one of int8, float32"):
         Q.scheme_of({**old, "embedding": True}, "art")
     model = random_lm(arch="mamba2", d_model=64, d_state=16, headdim=16)
@@ -510,13 +461,6 @@ def test_the_decode_floor_counts_the_packed_weights(models):
     _, arts = models["mamba2-g1"]
     sizes = {w: step_read_bytes(OnnxRuntimeRunnerFromArtifact(arts[w])) for w in (None, "int8", "int4")}
     assert sizes["int4"] < sizes["int8"] < sizes[None]
-    # the codes, a float16 scale and a zero point a block of 32, against an older artifact's float32 scale
-    from ssmrt.bench import step_bytes
-
-    runner = OnnxRuntimeRunnerFromArtifact(arts["int8"])
-    state = sum(s.nbytes for s in runner.zero_state(1))
-    older = step_bytes(runner.config, runner.dtype, state, {**runner.weights, "scales": "float32"})
-    assert (older - 2 * state) / (sizes["int8"] - 2 * state) == pytest.approx((32 + 4 + 1) / (32 + 2 + 1), rel=1e-3)
 
 
 def test_a_tied_head_left_as_a_transpose_is_packed_too(tmp_path):
@@ -538,43 +482,23 @@ def test_a_tied_head_left_as_a_transpose_is_packed_too(tmp_path):
 
 
 @pytest.mark.parametrize("cid", ["mamba-untied-d64-k3-bias", "mamba2-g1"])
-def test_float32_activation_int8_decode_runs_on_the_native_matmul(models, cid, monkeypatch):
+def test_float32_activation_int8_decode_runs_on_the_native_matmul(models, cid):
     """With the native library, the decode step of an artifact with int8 weights and float32 activations runs its
     MatMulNBits (every projection and the head) on Int8MatMul, the prompt on MatMulNBits: logits and states over a
-    prompt and decode steps as ONNX Runtime's own kernels give them, to float32 rounding. The export's scales are
-    float16 values, so every Int8MatMul reads a float16 copy of them, and gives what it gives on the float32 ones
-    bit for bit. int4 weights with float32 activations keep MatMulNBits."""
-    import functools
-
-    from ssmrt import ort_ops
-
+    prompt and decode steps as ONNX Runtime's own kernels give them, to float32 rounding. int4 weights with float32
+    activations keep MatMulNBits."""
     _, arts = models[cid]
     matmuls = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(arts["int8/float32"] / "model.onnx")).graph.node)
-    copies = []
-    route = ort_ops.route_decode_matmuls
-
-    def counted(model, *args, **kw):
-        n = route(model, *args, **kw)
-        copies.append(sum(t.name.endswith(".float16") for t in model.graph.initializer))
-        return n
-
-    monkeypatch.setattr(ort_ops, "route_decode_matmuls", counted)
     routed = OnnxRuntimeRunnerFromArtifact(arts["int8/float32"], provider="cpu", native_ops="on")
-    assert copies == [matmuls]
     plain = OnnxRuntimeRunnerFromArtifact(arts["int8/float32"], provider="cpu", native_ops="off")
     assert routed.decode_matmuls == matmuls > 0 and f"{matmuls} decode matmuls on Int8MatMul" in routed.describe()
     assert_same_decode(routed, plain)
-    monkeypatch.setattr(ort_ops, "route_decode_matmuls", functools.partial(route, half_scales=False))
-    float32_scales = OnnxRuntimeRunnerFromArtifact(arts["int8/float32"], provider="cpu", native_ops="on")
-    assert float32_scales.decode_matmuls == matmuls
-    assert_same_decode(routed, float32_scales, exact=True)
     assert OnnxRuntimeRunnerFromArtifact(arts["int4/float32"], provider="cpu", native_ops="on").decode_matmuls == 0
 
 
-def assert_same_decode(routed, plain, exact: bool = False):
-    """Logits and states of a prompt and three decode steps on both runners within the float32 model tolerance
-    (bit for bit where exact)."""
-    atol, rtol = (0.0, 0.0) if exact else tolerance("float32", "model")
+def assert_same_decode(routed, plain):
+    """Logits and states of a prompt and three decode steps on both runners within the float32 model tolerance."""
+    atol, rtol = tolerance("float32", "model")
     results = []
     for r in (routed, plain):
         logits, state = r.forward(np.asarray([PROMPT]), r.zero_state(1))

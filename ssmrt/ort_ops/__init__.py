@@ -236,8 +236,7 @@ CPU_DOMAIN = "ssmrt.cpu"  # the ops no artifact holds: HalfMatMul, Int8MatMul, I
 DECODE_FLAG = "ssmrt_cpu.decode_step"  # the graph's bool: input_ids has one position
 
 
-def route_decode_matmuls(model, threads: int = 0, last_only: bool = False, int_dot: bool = False,
-                         half_scales: bool = True, base_dir=None) -> int:
+def route_decode_matmuls(model, threads: int = 0, last_only: bool = False, int_dot: bool = False) -> int:
     """Rewrites an onnx.ModelProto in place: every main-graph MatMul of an activation by a float16 (K, N) initializer
     runs on HalfMatMul, every 8-bit MatMulNBits with float32 activations (accuracy level 0, its weight, scales and
     zero points initializers, no bias) on Int8MatMul and, with int_dot, every 4- or 8-bit one with int8 activations
@@ -255,16 +254,8 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False, int_d
     runs the head on HalfMatMul (Int8MatMul, IntDotMatMul) as well (ONNX Runtime's float16 MatMul would widen the
     whole weight to float32 on every call for that one row; HalfMatMul streams the weight once per few rows, as a
     decode step of the same batch does). The artifact on disk is not touched; a runner that loads the native library
-    hands ONNX Runtime the result.
-
-    half_scales: an Int8MatMul or IntDotMatMul whose scales are all float16 values (an export's rounding makes them
-    so, see ssmrt.quantize) reads a float16 copy of them, added to the graph as `<scales>.float16`: the same sums bit
-    for bit from 2 bytes a block instead of 4 (with 8-bit codes and zero points in blocks of 32, 1.09 bytes a
-    weight instead of 1.16; with 4-bit ones 0.59 instead of 0.66). The prompt's MatMulNBits keeps the float32 ones.
-    An initializer stored outside the .onnx file is read from base_dir (the artifact's folder), or, without one,
-    left float32."""
-    import numpy as np
-    from onnx import NodeProto, TensorProto, helper, numpy_helper
+    hands ONNX Runtime the result."""
+    from onnx import NodeProto, TensorProto, helper
 
     graph = model.graph
     weights = {t.name: t for t in graph.initializer if t.data_type == TensorProto.FLOAT16 and len(t.dims) == 2}
@@ -292,20 +283,6 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False, int_d
                 and attrs.get("accuracy_level", 0) == 4 and attrs["block_size"] >= 32
                 and attrs["block_size"] & (attrs["block_size"] - 1) == 0)
 
-    initializers = {t.name: t for t in graph.initializer}
-    halves: dict = {}  # scales' name -> the float16 copy's, or to itself where float16 would round them
-
-    def half_copy(name: str) -> str:
-        if name not in halves:
-            halves[name] = name
-            values = _initializer_array(initializers[name], base_dir)
-            if values is not None:
-                half = values.astype(np.float16)
-                if np.array_equal(half.astype(np.float32), values, equal_nan=True):
-                    halves[name] = f"{name}.float16"
-                    graph.initializer.append(numpy_helper.from_array(half, halves[name]))
-        return halves[name]
-
     targets = {i for i, n in enumerate(graph.node)
                if (n.op_type == "MatMul" and n.domain == "" and (n.input[1] in weights or n.input[1] in transposed))
                or int8_matmul(n) or int_dot_matmul(n)}
@@ -331,14 +308,12 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False, int_d
         head_row = last_only and y == graph.output[0].name  # one row a sequence in a prompt as in a step
         if node.op_type == "MatMulNBits":
             attrs = {k: helper.get_node_attr_value(node, k) for k in ("K", "N", "block_size")}
-            inputs = list(node.input)
-            if half_scales:
-                inputs[2] = half_copy(inputs[2])
             if int8_matmul(node):
-                native = helper.make_node("Int8MatMul", inputs, [y], domain=CPU_DOMAIN, **attrs)
+                native = helper.make_node("Int8MatMul", list(node.input), [y], domain=CPU_DOMAIN, **attrs)
             else:
                 bits = {a.name: a.i for a in node.attribute}.get("bits", 4)  # MatMulNBits' default
-                native = helper.make_node("IntDotMatMul", inputs, [y], domain=CPU_DOMAIN, bits=bits, **attrs)
+                native = helper.make_node("IntDotMatMul", list(node.input), [y], domain=CPU_DOMAIN, bits=bits,
+                                          **attrs)
             step.append(native)
             if head_row:
                 copy = NodeProto()
@@ -392,20 +367,4 @@ def route_decode_matmuls(model, threads: int = 0, last_only: bool = False, int_d
     if not any(o.domain == CPU_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CPU_DOMAIN, 1))
     return len(targets)
-
-
-def _initializer_array(tensor, base_dir):
-    """An initializer's values as a numpy array; one stored outside the .onnx file read from base_dir, or None
-    without one (or where that file cannot be read)."""
-    from onnx import numpy_helper
-    from onnx.external_data_helper import uses_external_data
-
-    if uses_external_data(tensor):
-        if base_dir is None:
-            return None
-        try:
-            return numpy_helper.to_array(tensor, str(base_dir))
-        except (OSError, ValueError):  # the runner's own load names what is missing
-            return None
-    return numpy_helper.to_array(tensor)
 

@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <type_traits>
 #include <vector>
 
 #if defined(__AVX__)
@@ -801,14 +800,6 @@ void selective_mixer(const Executor& exec, const float* xz, const float* conv_we
 
 namespace {
 
-// A column's block scales as float32: MatMulNBits' own, or float16 ones (a copy the runner makes where every scale
-// of the weight is a float16 value, so that a decode step reads 2 bytes a block instead of 4) widened into `buffer`.
-inline const float* column_scales_of(const float* s, int64_t, float*) { return s; }
-inline const float* column_scales_of(const uint16_t* s, int64_t blocks, float* buffer) {
-  ssmrt_half::to_float(s, buffer, blocks);
-  return buffer;
-}
-
 // Bytes of a weight's codes the sweep asks for ahead of the block it reads (into L2, as HalfMatMul's weights).
 // Each thread sweeps a contiguous run of columns, one stream the hardware prefetchers follow too; asking ahead
 // keeps more of the stream in flight while the block's conversions run.
@@ -824,19 +815,15 @@ constexpr int64_t kInt8Ahead = 2048;
 // sums, and consecutive blocks between kChains accumulators. With one row (a decode step) a single chain, each FMA
 // waiting on the one before, held the sweep back; with two rows or more the rows' chains already interleave, and
 // more registers a row would spill on AVX2's sixteen.
-template <int kRows, int kBlock, typename Scale>
-void int8_columns(const float* a, const uint8_t* q, const Scale* scales, const uint8_t* zp, float* y, int64_t m0,
+template <int kRows, int kBlock>
+void int8_columns(const float* a, const uint8_t* q, const float* scales, const uint8_t* zp, float* y, int64_t m0,
                   int64_t K, int64_t N, int64_t block_size, int64_t n0, int64_t n1) {
   constexpr int kChains = kRows == 1 ? 2 : 1;
   const int64_t block = kBlock ? kBlock : block_size;
   const int64_t blocks = (K + block - 1) / block;
   const float* am = a + m0 * K;
-  // float16 scales are widened a column at a time (8 an instruction) into this buffer, so that a block reads its
-  // scale as the float32 one: a conversion per block would add to the block's few instructions
-  std::vector<float> widened(std::is_same_v<Scale, float> ? 0 : blocks);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qn = q + n * blocks * block;
-    const float* column_scales = column_scales_of(scales + n * blocks, blocks, widened.data());
     float tail[kRows] = {};
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 acc[kChains][kRows];
@@ -848,7 +835,7 @@ void int8_columns(const float* a, const uint8_t* q, const Scale* scales, const u
     auto one_block = [&](int64_t b, [[maybe_unused]] int chain, int64_t valid) __attribute__((always_inline)) {
       const uint8_t* qb = qn + b * block;
       const int64_t k0 = b * block;
-      const float* scale = column_scales + b;
+      const float* scale = scales + n * blocks + b;
       const int z = zp ? zp[n * blocks + b] : 128;
       int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -906,8 +893,8 @@ void int8_columns(const float* a, const uint8_t* q, const Scale* scales, const u
   }
 }
 
-template <int kRows, typename Scale>
-void int8_columns_any(const float* a, const uint8_t* q, const Scale* scales, const uint8_t* zp, float* y,
+template <int kRows>
+void int8_columns_any(const float* a, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
                       int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0, int64_t n1) {
   if (block == 32)
     int8_columns<kRows, 32>(a, q, scales, zp, y, m0, K, N, block, n0, n1);
@@ -935,9 +922,8 @@ void sweep_columns(const Executor& exec, int64_t M, int64_t K, int64_t N, const 
 
 }  // namespace
 
-template <typename Scale>
-void int8_matmul_any(const Executor& exec, const float* a, const uint8_t* q, const Scale* scales, const uint8_t* zp,
-                     float* y, int64_t M, int64_t K, int64_t N, int64_t block) {
+void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
+                 float* y, int64_t M, int64_t K, int64_t N, int64_t block) {
   if (M == 0 || N == 0) return;
   sweep_columns(exec, M, K, N, [&](int64_t rows, int64_t m0, int64_t n0, int64_t n1) {
     switch (rows) {
@@ -947,16 +933,6 @@ void int8_matmul_any(const Executor& exec, const float* a, const uint8_t* q, con
       default: int8_columns_any<1>(a, q, scales, zp, y, m0, K, N, block, n0, n1); break;
     }
   });
-}
-
-void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
-                 float* y, int64_t M, int64_t K, int64_t N, int64_t block) {
-  int8_matmul_any(exec, a, q, scales, zp, y, M, K, N, block);
-}
-
-void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const uint16_t* scales, const uint8_t* zp,
-                 float* y, int64_t M, int64_t K, int64_t N, int64_t block) {
-  int8_matmul_any(exec, a, q, scales, zp, y, M, K, N, block);
 }
 
 }  // namespace ssmrt_cpu
@@ -1052,8 +1028,8 @@ float dot_chunks(const QuantizedRow& row, const uint8_t* qn, const float* sn, co
 // weights or 128 of 8-bit ones. Per chunk 4 int32 lanes: u8 codes times int8 activations (vpdpbusd), then the zero
 // point times -(the block's activation sum) (vpdpwssd), exact: |lane| < 2^24, so converting it to float is too;
 // then times the weight's and the activation's scales, summed in float32.
-template <int kRows, int kBits, typename Scale>
-void dot_columns(const QuantizedRow* rows, const uint8_t* q, const Scale* scales, const uint8_t* zp, float* y,
+template <int kRows, int kBits>
+void dot_columns(const QuantizedRow* rows, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
                  int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0, int64_t n1) {
   const int64_t blocks = (K + block - 1) / block, chunks = chunks_of(K), quads = chunks / 4;
   const int64_t col_bytes = blocks * block * kBits / 8, zstride = kBits == 8 ? blocks : (blocks + 1) / 2;
@@ -1067,10 +1043,9 @@ void dot_columns(const QuantizedRow* rows, const uint8_t* q, const Scale* scales
   const __m512i zshift = kBits == 4 ? _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12)
                                     : _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
   const __m512i zmask = _mm512_set1_epi32(kBits == 4 ? 0x0F : 0xFF);
-  std::vector<float> widened(std::is_same_v<Scale, float> ? 0 : blocks);  // as int8_columns' float16 scales
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qn = q + n * col_bytes;
-    const float* sn = column_scales_of(scales + n * blocks, blocks, widened.data());
+    const float* sn = scales + n * blocks;
     __m512 acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t quad = 0; quad < quads; ++quad) {
@@ -1153,8 +1128,8 @@ inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) { return _mm256_add_ep
 #endif
 
 // As the AVX-512 dot_columns below the #else, each quad as two pairs of chunks in 256-bit registers.
-template <int kRows, int kBits, typename Scale>
-void dot_columns(const QuantizedRow* rows, const uint8_t* q, const Scale* scales, const uint8_t* zp, float* y,
+template <int kRows, int kBits>
+void dot_columns(const QuantizedRow* rows, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
                  int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0, int64_t n1) {
   const int64_t blocks = (K + block - 1) / block, chunks = chunks_of(K), quads = chunks / 4;
   const int64_t col_bytes = blocks * block * kBits / 8, zstride = kBits == 8 ? blocks : (blocks + 1) / 2;
@@ -1164,10 +1139,9 @@ void dot_columns(const QuantizedRow* rows, const uint8_t* q, const Scale* scales
   const __m256i pair_idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   const __m256i zshift = _mm256_setr_epi32(0, 0, 0, 0, kBits, kBits, kBits, kBits);
   const __m256i zmask = _mm256_set1_epi32(kBits == 4 ? 0x0F : 0xFF);
-  std::vector<float> widened(std::is_same_v<Scale, float> ? 0 : blocks);  // as int8_columns' float16 scales
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qn = q + n * col_bytes;
-    const float* sn = column_scales_of(scales + n * blocks, blocks, widened.data());
+    const float* sn = scales + n * blocks;
     __m256 acc[kRows];
     for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t quad = 0; quad < quads; ++quad) {
@@ -1232,22 +1206,20 @@ void dot_columns(const QuantizedRow* rows, const uint8_t* q, const Scale* scales
 }
 #else
 // Without AVX2: the same sums chunk by chunk in plain integers (dot_chunks).
-template <int kRows, int kBits, typename Scale>
-void dot_columns(const QuantizedRow* rows, const uint8_t* q, const Scale* scales, const uint8_t* zp, float* y,
+template <int kRows, int kBits>
+void dot_columns(const QuantizedRow* rows, const uint8_t* q, const float* scales, const uint8_t* zp, float* y,
                  int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0, int64_t n1) {
   const int64_t blocks = (K + block - 1) / block, chunks = chunks_of(K);
   const int64_t col_bytes = blocks * block * kBits / 8;
-  std::vector<float> widened(std::is_same_v<Scale, float> ? 0 : blocks);
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* sn = column_scales_of(scales + n * blocks, blocks, widened.data());
+  for (int64_t n = n0; n < n1; ++n)
     for (int r = 0; r < kRows; ++r)
-      y[(m0 + r) * N + n] = dot_chunks(rows[m0 + r], q + n * col_bytes, sn, zp, kBits, n, blocks, block, 0, chunks);
-  }
+      y[(m0 + r) * N + n] = dot_chunks(rows[m0 + r], q + n * col_bytes, scales + n * blocks, zp, kBits, n, blocks,
+                                       block, 0, chunks);
 }
 #endif
 
-template <int kBits, typename Scale>
-void dot_columns_rows(int64_t rows_here, const QuantizedRow* rows, const uint8_t* q, const Scale* scales,
+template <int kBits>
+void dot_columns_rows(int64_t rows_here, const QuantizedRow* rows, const uint8_t* q, const float* scales,
                       const uint8_t* zp, float* y, int64_t m0, int64_t K, int64_t N, int64_t block, int64_t n0,
                       int64_t n1) {
   switch (rows_here) {
@@ -1272,9 +1244,8 @@ const char* int_dot_path() {
 #endif
 }
 
-template <typename Scale>
-void int_dot_matmul_any(const Executor& exec, const float* a, const uint8_t* q, const Scale* scales,
-                        const uint8_t* zp, float* y, int64_t M, int64_t K, int64_t N, int64_t block, int bits) {
+void int_dot_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
+                    float* y, int64_t M, int64_t K, int64_t N, int64_t block, int bits) {
   if (M == 0 || N == 0) return;
   std::vector<QuantizedRow> rows(M);
   for (int64_t m = 0; m < M; ++m) quantize_row(a + m * K, K, block, bits, rows[m]);
@@ -1284,16 +1255,6 @@ void int_dot_matmul_any(const Executor& exec, const float* a, const uint8_t* q, 
     else
       dot_columns_rows<8>(here, rows.data(), q, scales, zp, y, m0, K, N, block, n0, n1);
   });
-}
-
-void int_dot_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
-                    float* y, int64_t M, int64_t K, int64_t N, int64_t block, int bits) {
-  int_dot_matmul_any(exec, a, q, scales, zp, y, M, K, N, block, bits);
-}
-
-void int_dot_matmul(const Executor& exec, const float* a, const uint8_t* q, const uint16_t* scales,
-                    const uint8_t* zp, float* y, int64_t M, int64_t K, int64_t N, int64_t block, int bits) {
-  int_dot_matmul_any(exec, a, q, scales, zp, y, M, K, N, block, bits);
 }
 
 }  // namespace ssmrt_cpu

@@ -70,10 +70,6 @@ void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt,
 // weight is streamed once per four rows of a, its codes converted in registers, a quarter of float32's bytes.
 void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
                  float* y, int64_t M, int64_t K, int64_t N, int64_t block);
-// The same with the scales as float16 (2 bytes a block read instead of 4): the same sums, bit for bit, where each
-// float32 scale is a float16 value.
-void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const uint16_t* scales, const uint8_t* zp,
-                 float* y, int64_t M, int64_t K, int64_t N, int64_t block);
 
 // IntDotMatMul (ssmrt.cpu domain; never in an artifact: the runner puts it in the decode step of an artifact with
 // int8 activations, in place of MatMulNBits). y (M, N) = quantise(a) (M, K) @ W (K, N), W in MatMulNBits' layout
@@ -87,9 +83,6 @@ void int8_matmul(const Executor& exec, const float* a, const uint8_t* q, const u
 // compiler targets AVX-512 VNNI or AVX2 (plain integer loops otherwise).
 void int_dot_matmul(const Executor& exec, const float* a, const uint8_t* q, const float* scales, const uint8_t* zp,
                     float* y, int64_t M, int64_t K, int64_t N, int64_t block, int bits);
-// The same with the scales as float16 (int8_matmul's float16 variant says why), bit for bit.
-void int_dot_matmul(const Executor& exec, const float* a, const uint8_t* q, const uint16_t* scales,
-                    const uint8_t* zp, float* y, int64_t M, int64_t K, int64_t N, int64_t block, int bits);
 // Which code int_dot_matmul was compiled with: "avx512-vnni", "avx-vnni", "avx2" or "scalar" (the plain integer
 // loops, which ONNX Runtime's own kernel beats: the runner routes to it only where it is not "scalar").
 const char* int_dot_path();

@@ -516,12 +516,12 @@ Status* half_matmul_compute(void* kernel, KernelContext* ctx) {
 // ------------------------------------------------------------------------------------------ Int8MatMul, IntDotMatMul
 //
 // ssmrt.cpu::Int8MatMul(A (..., K) float32, B (N, ceil(K / block_size), block_size) uint8, scales (N, blocks)
-// or (N * blocks,) float32 or float16, zero_points the same uint8, optional) -> Y (..., N) float32, attributes K, N,
+// or (N * blocks,) float32, zero_points the same uint8, optional) -> Y (..., N) float32, attributes K, N,
 // block_size: what com.microsoft::MatMulNBits computes with bits 8 and float32 activations (accuracy level 0), on
 // the same initializers.
 // ssmrt.cpu::IntDotMatMul: the same inputs for an attribute bits of 8 or 4 (B (N, blocks, block_size / 2), two
 // codes a byte; zero points (N, ceil(blocks / 2)) or flat, two a byte), block_size a power of two from 32: what
-// MatMulNBits computes with int8 activations (accuracy level 4). Both take their scales as float16 too.
+// MatMulNBits computes with int8 activations (accuracy level 4).
 // Neither is an artifact op: the ONNX Runtime runner routes a quantised artifact's decode-step MatMulNBits to them
 // (kernels.h says what each reads and why).
 
@@ -571,7 +571,6 @@ Status* nbits_compute(void* kernel, KernelContext* ctx) {
   const std::vector<int64_t> want[4] = {{}, {k->N, blocks, k->block * k->bits / 8}, {k->N, blocks}, {k->N, zp_cols}};
   const void* data[4] = {nullptr, nullptr, nullptr, nullptr};
   std::vector<int64_t> shape[4];
-  bool half_scales = false;
   for (size_t i = 0; i < 4; ++i) {
     const Value* value = nullptr;
     SSMRT_TRY(api.KernelContextGetInput(ctx, i, &value));
@@ -581,12 +580,8 @@ Status* nbits_compute(void* kernel, KernelContext* ctx) {
     }
     int type = 0;
     SSMRT_TRY(type_and_shape(api, value, &type, &shape[i]));
-    // the scales may be float16 too (each op's float16 variant)
-    if (i == 2 && type == ssmrt_ort::kFloat16) {
-      half_scales = true;
-    } else if (type != types[i]) {
+    if (type != types[i])
       return error(std::string(names[i]) + " must be " + (types[i] == ssmrt_ort::kUint8 ? "uint8" : "float32"));
-    }
     // scales and zero points may also be flat, as MatMulNBits takes them from older quantisers
     const bool flat = i >= 2 && shape[i] == std::vector<int64_t>{want[i][0] * want[i][1]};
     if (i > 0 && shape[i] != want[i] && !flat)
@@ -612,15 +607,9 @@ Status* nbits_compute(void* kernel, KernelContext* ctx) {
   const auto* q = static_cast<const uint8_t*>(data[1]);
   const auto* scales = static_cast<const float*>(data[2]);
   const auto* zp = static_cast<const uint8_t*>(data[3]);
-  const auto* half = static_cast<const uint16_t*>(data[2]);
-  if (k->int_dot && half_scales)
-    ssmrt_cpu::int_dot_matmul(PoolExecutor(api, ctx), a, q, half, zp, static_cast<float*>(y), M, k->K, k->N,
-                              k->block, static_cast<int>(k->bits));
-  else if (k->int_dot)
+  if (k->int_dot)
     ssmrt_cpu::int_dot_matmul(PoolExecutor(api, ctx), a, q, scales, zp, static_cast<float*>(y), M, k->K, k->N,
                               k->block, static_cast<int>(k->bits));
-  else if (half_scales)
-    ssmrt_cpu::int8_matmul(PoolExecutor(api, ctx), a, q, half, zp, static_cast<float*>(y), M, k->K, k->N, k->block);
   else
     ssmrt_cpu::int8_matmul(PoolExecutor(api, ctx), a, q, scales, zp, static_cast<float*>(y), M, k->K, k->N, k->block);
   return nullptr;
@@ -1029,20 +1018,17 @@ constexpr bool kNBitsOptional[] = {false, false, false, true};
 constexpr bool kNBitsFp32[] = {true, false, true, false};
 constexpr OpContract kInt8MatMul{"Int8MatMul", 4, 1, kNBitsOptional, kNBitsFp32, kNBitsFp32};
 constexpr OpContract kIntDotMatMul{"IntDotMatMul", 4, 1, kNBitsOptional, kNBitsFp32, kNBitsFp32};
-// ScaleType: the scales' element type this variant is registered for (Int8MatMul has a float16 one too).
-template <const OpContract& C, bool kIntDot, int ScaleType = ssmrt_ort::kFloat32>
+template <const OpContract& C, bool kIntDot>
 Op make_nbits_matmul() {
   Op op = make_op<C>(nbits_create<kIntDot>, nbits_compute, destroy<NBitsKernel>);
   op.GetInputType = [](const Op*, size_t i) -> int {
-    return i == 1 || i == 3 ? ssmrt_ort::kUint8 : i == 2 ? ScaleType : ssmrt_ort::kFloat32;
+    return i == 1 || i == 3 ? ssmrt_ort::kUint8 : ssmrt_ort::kFloat32;
   };
   op.GetOutputType = float32_type;
   return op;
 }
 const Op kInt8MatMulOp = make_nbits_matmul<kInt8MatMul, false>();
-const Op kInt8MatMulHalfScalesOp = make_nbits_matmul<kInt8MatMul, false, ssmrt_ort::kFloat16>();
 const Op kIntDotMatMulOp = make_nbits_matmul<kIntDotMatMul, true>();
-const Op kIntDotMatMulHalfScalesOp = make_nbits_matmul<kIntDotMatMul, true, ssmrt_ort::kFloat16>();
 template <int Act>
 Op ssd_mixer_op() {
   return make_op<kSsdMixer, Act>(ssd_mixer_create<Act>, ssd_mixer_compute, destroy<SsdMixerKernel>);
@@ -1126,9 +1112,8 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
                             &kOpVariants[5]});
   static ssmrt_ort::CustomOpDomain* const probe = make_domain("ssmrt.abi_probe", {&kAbiProbeOp});
   static ssmrt_ort::CustomOpDomain* const cpu =
-      make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kInt8MatMulOp, &kInt8MatMulHalfScalesOp, &kIntDotMatMulOp,
-                                &kIntDotMatMulHalfScalesOp, &kSsdMixerOps[0], &kSsdMixerOps[1], &kAddRmsNormOps[0],
-                                &kAddRmsNormOps[1], &kSelectiveMixerOp});
+      make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kInt8MatMulOp, &kIntDotMatMulOp, &kSsdMixerOps[0], &kSsdMixerOps[1],
+                                &kAddRmsNormOps[0], &kAddRmsNormOps[1], &kSelectiveMixerOp});
   if (domain == nullptr || probe == nullptr || cpu == nullptr)
     return api.CreateStatus(ssmrt_ort::kFail, "ssmrt: ONNX Runtime refused the ssmrt custom-op domain");
   SSMRT_TRY(api.AddCustomOpDomain(options, domain));

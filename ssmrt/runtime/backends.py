@@ -415,7 +415,7 @@ class OnnxRuntimeRunner(Runner):
                    lambda model: ort_ops.fuse_add_rmsnorms(model, meta["export"].get("dtype"))),
                   ("routing", half or quantised, "decode_matmuls",
                    lambda model: ort_ops.route_decode_matmuls(model, self.half_matmul_threads, last_only=last_only,
-                                                              int_dot=int_dot, base_dir=self.path.parent)),
+                                                              int_dot=int_dot)),
                   ("SelectiveMixer", step_mixers, "fused_step_mixers", ort_ops.fuse_selective_mixers)]
         skipped: set[str] = set()
 
