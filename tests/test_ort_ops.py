@@ -497,9 +497,12 @@ def int8_matmul_ref(a, b, scales, zero_points=None):
 # and more than the four that share a pass (15: passes of 4, 4, 4, 3), K not a multiple of the block (codes past
 # K in the last block), K not a multiple of a vector, blocks of 16 / 64 / 128, N odd, one row of an odd number of
 # whole blocks of 32 (a row's two chains take blocks in pairs: the last whole block alone), and one row of an odd
-# number and a part
+# number and a part. One row with AVX-512 runs each block's whole 32-code stretches in 512-bit registers and the
+# rest in 256-bit ones: a part of 4 codes (scalar only), of 24 (256-bit only), of 44 in a block of 128 (both and
+# a scalar tail), blocks of 16 (256-bit only) and of 64 (two wide stretches a block).
 @pytest.mark.parametrize("batch,seqlen,K,N,block", [(1, 1, 768, 3352, 32), (1, 1, 1536, 768, 32),
                                                     (1, 1, 768, 50280, 32), (1, 1, 96, 13, 32), (1, 1, 100, 37, 32),
+                                                    (1, 1, 120, 11, 32), (1, 1, 48, 13, 16), (1, 1, 200, 9, 64),
                                                     (2, 1, 100, 37, 32),
                                                     (3, 5, 48, 13, 16), (1, 1, 300, 20, 128), (2, 1, 37, 9, 64),
                                                     (1, 3, 64, 300, 64)])
@@ -751,9 +754,10 @@ OTHER_BUILDS = {"avx-vnni": ("-mno-avx512f", {"avx512_vnni"}),
 @pytest.mark.slow
 @pytest.mark.parametrize("build", list(OTHER_BUILDS))
 def test_int_dot_matmul_on_other_instruction_sets(build, tmp_path):
-    """test_int_dot_matmul's cases against a library built without AVX-512 (and AVX-VNNI, and AVX): the code paths
-    this CPU's own build never takes, compiled with the same compiler ($CXX through a wrapper adding the flags) into
-    a separate cache, run in a child process; the build says which code it compiled."""
+    """test_int_dot_matmul's and test_int8_matmul's cases against a library built without AVX-512 (and AVX-VNNI,
+    and AVX): the code paths this CPU's own build never takes (Int8MatMul's one row in 256-bit registers among
+    them), compiled with the same compiler ($CXX through a wrapper adding the flags) into a separate cache, run in a
+    child process; the build says which code it compiled."""
     import os
     import platform
     import subprocess
@@ -768,7 +772,7 @@ def test_int_dot_matmul_on_other_instruction_sets(build, tmp_path):
     wrapper.chmod(0o755)
     env = {**os.environ, "CXX": str(wrapper), "SSMRT_CACHE_DIR": str(tmp_path / "cache")}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "test_int_dot_matmul and not threads and not other_instruction_sets"],
+                          "(test_int_dot_matmul or test_int8_matmul) and not threads and not other_instruction_sets"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
     assert "skipped" not in res.stdout.splitlines()[-1], res.stdout[-500:]
