@@ -818,9 +818,9 @@ constexpr int64_t kInt8Ahead = 2048;
 //
 // With AVX-512, one row's whole 32-code stretches run sixteen codes a vector, in 512-bit partial sums and
 // accumulators of their own (kWide): half the instructions a code of the 256-bit loop, so that more of the sweep
-// fits the core's reorder window. In a harness of the 130M Mamba-2's 49 decode matmuls on a 2-vCPU AMD EPYC it took
-// 0.95x the time (benchmarks/RESULTS.md). Several rows keep 256-bit registers: their sums would not fit in
-// AVX-512's 32 registers as well, and each code there already serves every row.
+// fits the core's reorder window (the 256-bit sweep's samples sat on its code loads and on the FMA waiting for a
+// block's sum; benchmarks/RESULTS.md has what it gained). Several rows keep 256-bit registers: each widened code
+// there already serves every row, and that case was not measured.
 template <int kRows, int kBlock>
 void int8_columns(const float* a, const uint8_t* q, const float* scales, const uint8_t* zp, float* y, int64_t m0,
                   int64_t K, int64_t N, int64_t block_size, int64_t n0, int64_t n1) {
@@ -863,7 +863,7 @@ void int8_columns(const float* a, const uint8_t* q, const float* scales, const u
           const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + at));
           return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(c), zw));
         };
-        __m512 ws[2];
+        __m512 ws[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // both set by the first stretch's multiplies
         for (; i + 32 <= valid; i += 32) {
           const __m512 x0 = _mm512_loadu_ps(am + k0 + i), x1 = _mm512_loadu_ps(am + k0 + i + 16);
           ws[0] = i == 0 ? _mm512_mul_ps(wide(i), x0) : _mm512_fmadd_ps(wide(i), x0, ws[0]);
