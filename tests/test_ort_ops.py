@@ -753,7 +753,7 @@ OTHER_BUILDS = {"avx-vnni": ("-mno-avx512f", {"avx512_vnni"}),
 
 @pytest.mark.slow
 @pytest.mark.parametrize("build", list(OTHER_BUILDS))
-def test_int_dot_matmul_on_other_instruction_sets(build, tmp_path):
+def test_quantised_matmuls_on_other_instruction_sets(build, tmp_path):
     """test_int_dot_matmul's and test_int8_matmul's cases against a library built without AVX-512 (and AVX-VNNI,
     and AVX): the code paths this CPU's own build never takes (Int8MatMul's one row in 256-bit registers among
     them), compiled with the same compiler ($CXX through a wrapper adding the flags) into a separate cache, run in a

@@ -917,15 +917,14 @@ void int8_columns(const float* a, const uint8_t* q, const float* scales, const u
 #if defined(__AVX2__) && defined(__FMA__)
       __m256 s = acc[0][r];
       for (int c = 1; c < kChains; ++c) s = _mm256_add_ps(s, acc[c][r]);
+      sum += hsum8(s);
 #if defined(__AVX512F__)
       if constexpr (kWide) {
         __m512 w = wide_acc[0];
         for (int c = 1; c < kChains; ++c) w = _mm512_add_ps(w, wide_acc[c]);
-        s = _mm256_add_ps(s, _mm256_add_ps(_mm512_castps512_ps256(w),
-                                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1))));
+        sum += _mm512_reduce_add_ps(w);  // as IntDotMatMul's 512-bit sums end
       }
 #endif
-      sum += hsum8(s);
 #endif
       y[(m0 + r) * N + n] = sum;
     }
