@@ -461,9 +461,9 @@ def test_export_of_a_frozen_model_computes_A_from_A_log(tmp_path):
 @pytest.mark.parametrize("family,budget", [("mamba1", 96), ("mamba2-g1", 94)])
 def test_decode_step_node_budget(family, budget, exported, tmp_path):
     """What ONNX Runtime executes for one token: top-level nodes plus each If's decode branch. On CPU a node costs
-    ~1.85 us at decode (caches cold from the weight reads), so the count is a performance contract (2 layers:
-    96 for Mamba-1 and 94 for Mamba-2; benchmarks/RESULTS.md, runs 11-20). The conv is the depthwise Conv (no
-    Gather of windows: the one Gather left is the embedding)."""
+    a few microseconds at decode (caches cold from the weight reads), so the count is a performance contract (2
+    layers: 96 for Mamba-1 and 94 for Mamba-2). The conv is the depthwise Conv (no Gather of windows: the one
+    Gather left is the embedding)."""
     _, art, _ = exported(family)
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
