@@ -58,6 +58,9 @@ PRECISIONS = {
     "int8-f32act": (dict(weights="int8", activations="float32"), "q8_0"),
     "int4": (dict(weights="int4"), "q4_0"),
 }
+# the /proc/cpuinfo flags that decide which kernels either side runs
+VECTOR_FLAGS = {"avx2", "f16c", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "avx512_fp16", "amx_int8"}
 GREEDY_PROMPT = "The quick brown fox jumps over the lazy dog. Mamba is a state space model"
 GREEDY_TOKENS = 16
 
@@ -433,10 +436,14 @@ def table(rows: list[dict]) -> str:
 def environment(a, llama: LlamaCpp | None) -> dict:
     import onnxruntime
 
-    cpu = platform.processor()
+    cpu, vector = platform.processor(), None
     try:
-        m = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+        info = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
         cpu = m.group(1) if m else cpu
+        # what both sides' native builds may use: a figure from an AVX2 host is not one from an AVX-512 host
+        m = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+        vector = sorted(set(m.group(1).split()) & VECTOR_FLAGS) if m else None
     except OSError:
         pass
     try:
@@ -446,7 +453,8 @@ def environment(a, llama: LlamaCpp | None) -> dict:
                                      "--untracked-files=no"], capture_output=True, text=True).stdout.strip())
     except OSError:
         commit, dirty = None, None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "threads": a.threads, "machine": platform.machine(),
+    return {"cpu": cpu, "cpu_vector_flags": vector, "cpus": os.cpu_count(), "threads": a.threads,
+            "machine": platform.machine(),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
             "ssmrt_commit": commit, "ssmrt_tree_modified": dirty,
             **(llama.version if llama else {}), "llama_cpp_build": str(llama.build) if llama else None,
@@ -520,6 +528,7 @@ def main(argv=None):
 
     def write(arch_rows=(), arch_checks=None, arch=None):
         env["load_average_end"] = os.getloadavg()
+        env["date_end"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         if a.json:
             a.json.write_text(json.dumps({"env": env, "results": rows + list(arch_rows),
                                           "greedy": {**checks, **({arch: arch_checks} if arch_checks else {})}},

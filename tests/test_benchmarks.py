@@ -381,6 +381,14 @@ def test_cpu_vs_llamacpp_benchmark_smoke(tmp_path):
     assert exports["int8"]["weights"] == "int8" and exports["int4"]["weights"] == "int4"
     assert exports["int8-f32act"] == {"weights": "int8", "activations": "float32", "logits": "last"}
     assert exports["fp16"]["dtype"] == "float16" and {e["logits"] for e in exports.values()} == {"last"}
+    # the record says which vector instructions the host has (they decide the kernels) and when the run ended
+    env = json.loads((tmp_path / "llamacpp.json").read_text())["env"]
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        flags = set(next(ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")).split(":")[1].split())
+        assert set(env["cpu_vector_flags"]) <= flags  # the host's own flags
+        assert {"avx2", "f16c", "avx512f", "avx512_vnni"} & flags <= set(env["cpu_vector_flags"])
+    assert env["date_end"] >= env["date"]
 
 
 def test_cpu_vs_llamacpp_refuses_bad_arguments():
