@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX__)
@@ -130,6 +132,49 @@ void conv_step(const float* __restrict x, const float* __restrict weight, const 
 }
 
 }  // namespace
+
+namespace {
+
+// The buffers a thread keeps for Scratch, each of a power-of-two capacity; freed when the thread ends.
+struct ScratchPool {
+  static constexpr size_t kMostKept = 16;
+  std::vector<std::pair<float*, int64_t>> kept;
+  ~ScratchPool() {
+    for (auto& k : kept) delete[] k.first;
+  }
+};
+thread_local ScratchPool scratch_pool;
+
+}  // namespace
+
+Scratch::Scratch(int64_t n) : data_(nullptr), capacity_(0) {
+  n = std::max<int64_t>(n, 1);
+  if (n > kPooledFloats) {
+    data_ = new float[static_cast<size_t>(n)];
+    return;
+  }
+  auto& kept = scratch_pool.kept;
+  size_t best = kept.size();  // the smallest kept buffer that holds n
+  for (size_t i = 0; i < kept.size(); ++i)
+    if (kept[i].second >= n && (best == kept.size() || kept[i].second < kept[best].second)) best = i;
+  if (best < kept.size()) {
+    std::tie(data_, capacity_) = kept[best];
+    kept.erase(kept.begin() + static_cast<std::ptrdiff_t>(best));
+    return;
+  }
+  capacity_ = 256;
+  while (capacity_ < n) capacity_ *= 2;
+  data_ = new float[static_cast<size_t>(capacity_)];
+}
+
+Scratch::~Scratch() {
+  if (data_ == nullptr) return;
+  auto& kept = scratch_pool.kept;
+  if (capacity_ > 0 && kept.size() < ScratchPool::kMostKept)
+    kept.emplace_back(data_, capacity_);
+  else
+    delete[] data_;
+}
 
 void causal_conv1d(const Executor& exec, const float* x, const float* weight, const float* bias,
                    const float* conv_state, float* y, float* state_out, int64_t batch, int64_t seqlen, int64_t dim,
@@ -443,9 +488,10 @@ constexpr int64_t kPrefetchRows = 8;
 constexpr auto kWeightPrefetch = _MM_HINT_T1;
 #endif
 
-// acc[r][0, w) += sum over the kk rows b[k + i] (each at b + i * N) of a[r][k + i] * b[k + i][0, w), r < rows; the
-// float16 weights converted in registers where the compiler targets F16C and FMA.
-template <int kk>
+// acc[r][0, w) += sum over the kk rows b[k + i] (each at b + i * N) of a[r][k + i] * b[k + i][0, w), r < rows (with
+// kFirst, acc[r][0, w) = that sum: acc need not be zeroed first); the float16 weights converted in registers where
+// the compiler targets F16C and FMA.
+template <int kk, bool kFirst = false>
 inline void half_axpy_rows(const uint16_t* b, int64_t N, const float* a, int64_t K, int64_t rows, float* acc,
                            int64_t acc_stride, int64_t w) {
   int64_t j = 0;
@@ -465,7 +511,7 @@ inline void half_axpy_rows(const uint16_t* b, int64_t N, const float* a, int64_t
       }
       for (int width = kk / 2; width > 1; width /= 2)
         for (int i = 0; i < width / 2; ++i) s[i] = _mm256_add_ps(s[2 * i], s[2 * i + 1]);
-      _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), s[0]));
+      _mm256_storeu_ps(acc + c, kFirst ? s[0] : _mm256_add_ps(_mm256_loadu_ps(acc + c), s[0]));
     };
     for (; j + 32 <= w; j += 32) {  // 64 bytes of each row: one prefetch a row
       for (int i = 0; i < kk; ++i)
@@ -483,16 +529,18 @@ inline void half_axpy_rows(const uint16_t* b, int64_t N, const float* a, int64_t
       bv[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i * N + j)));
     for (int64_t r = 0; r < rows; ++r) {
       float* ar = acc + r * acc_stride + j;
-      __m256 sum = _mm256_loadu_ps(ar);
+      __m256 sum = kFirst ? _mm256_setzero_ps() : _mm256_loadu_ps(ar);
       for (int i = 0; i < kk; ++i) sum = _mm256_fmadd_ps(_mm256_broadcast_ss(a + r * K + i), bv[i], sum);
       _mm256_storeu_ps(ar, sum);
     }
   }
 #endif
   for (; j < w; ++j)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int i = 0; i < kk; ++i)
-        acc[r * acc_stride + j] += a[r * K + i] * ssmrt_half::to_float_portable(b[i * N + j]);
+    for (int64_t r = 0; r < rows; ++r) {
+      float sum = kFirst ? 0.0f : acc[r * acc_stride + j];
+      for (int i = 0; i < kk; ++i) sum += a[r * K + i] * ssmrt_half::to_float_portable(b[i * N + j]);
+      acc[r * acc_stride + j] = sum;
+    }
 }
 
 }  // namespace
@@ -547,7 +595,7 @@ void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uin
   // share each converted weight; more rows sweep b again.
   constexpr int64_t kRows = 4, kBlockWork = int64_t{1} << 17, kInlineSum = int64_t{1} << 16;
   const int64_t most_blocks = std::min<int64_t>(32, std::max<int64_t>(8, threads));
-  std::vector<float> af(M * K);
+  Scratch af(M * K);
   ssmrt_half::to_float(a, af.data(), M * K);
   const int64_t groups = std::max<int64_t>(1, K / 4);
   const int64_t blocks = std::max<int64_t>(1, std::min({most_blocks, groups, K * N / kBlockWork}));
@@ -564,21 +612,28 @@ void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uin
     auto sweep = [&](int64_t blk) {
       const int64_t k0 = 4 * (groups * blk / blocks), k1 = blk + 1 == blocks ? K : 4 * (groups * (blk + 1) / blocks);
       float* acc = partial + blk * kRows * N;
-      std::fill(acc, acc + rows * N, 0.0f);
       int64_t k = k0;
+      if (k + 4 <= k1) {  // the block's first rows write its partials: no pass to zero them first
+        half_axpy_rows<4, true>(b + k * N, N, am + k, K, rows, acc, N, N);
+        k += 4;
+      } else {
+        std::fill(acc, acc + rows * N, 0.0f);
+      }
       for (; k + 4 <= k1; k += 4) half_axpy_rows<4>(b + k * N, N, am + k, K, rows, acc, N, N);
       for (; k < k1; ++k) half_axpy_rows<1>(b + k * N, N, am + k, K, rows, acc, N, N);
     };
     BlockRuns runs(blocks, regions);
     exec.run(regions, [&](int64_t r) { runs.task(r, sweep); });
     auto add = [&](int64_t i0, int64_t i1) {
-      std::vector<float> sum(i1 - i0);
-      for (int64_t blk = 0; blk < blocks; ++blk) {
+      Scratch sum(i1 - i0);
+      float* s = sum.data();
+      std::copy(partial + i0, partial + i1, s);
+      for (int64_t blk = 1; blk < blocks; ++blk) {
         const float* part = partial + blk * kRows * N;
-        for (int64_t i = i0; i < i1; ++i) sum[i - i0] += part[i];
+        for (int64_t i = i0; i < i1; ++i) s[i - i0] += part[i];
       }
       // i runs over (row, column) of this group of rows, which are consecutive rows of y
-      ssmrt_half::from_float(sum.data(), y + m0 * N + i0, i1 - i0);
+      ssmrt_half::from_float(s, y + m0 * N + i0, i1 - i0);
     };
     // a few partials are added here: handing them to the pool would wake its threads once more for little work
     if (rows * N * blocks <= kInlineSum)
@@ -644,14 +699,14 @@ void half_matmul_nt(const Executor& exec, const uint16_t* a, const uint16_t* bt,
   // rows, one sequential sweep of bt per range of columns. The sums are fused with the conversion: no float32 copy
   // of a row of bt is written and read back.
   constexpr int64_t kRows = 4;
-  std::vector<float> af(M * K);
+  Scratch af(M * K);
   ssmrt_half::to_float(a, af.data(), M * K);
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
     const int64_t rows = std::min(kRows, M - m0);
     const float* am = af.data() + m0 * K;
     parallel_for(exec, N, rows * K, [&](int64_t n0, int64_t n1) {
       const int64_t w = n1 - n0;
-      std::vector<float> out(rows * w);
+      Scratch out(rows * w);
       switch (rows) {
         case 1: half_dots_range<1, 8>(am, K, bt, n0, n1, out.data(), w); break;
         case 2: half_dots_range<2, 4>(am, K, bt, n0, n1, out.data(), w); break;
@@ -672,8 +727,8 @@ namespace {
 
 // A float buffer left uninitialised (every element is written before it is read): a prompt's buffers are MBs,
 // and zeroing them first would be another pass over memory.
-using Buffer = std::unique_ptr<float[]>;
-Buffer buffer(int64_t n) { return Buffer(new float[static_cast<size_t>(n)]); }
+using Buffer = Scratch;
+Buffer buffer(int64_t n) { return Scratch(n); }
 
 // Columns [begin, begin + width) of a (rows, row_len) matrix, as a contiguous (rows, width) one.
 Buffer columns(const Executor& exec, const float* m, int64_t rows, int64_t row_len, int64_t begin, int64_t width) {
@@ -693,12 +748,18 @@ void rmsnorm_row(const float* __restrict h, const float* __restrict w, float* __
   for (int64_t c = 0; c < n; ++c) out[c] = h[c] * scale * w[c];
 }
 
-// The values a float16 tensor would have held.
-void round_to_half(float* v, int64_t n) {
-  std::vector<uint16_t> h(static_cast<size_t>(n));
-  ssmrt_half::from_float(v, h.data(), n);
-  ssmrt_half::to_float(h.data(), v, n);
+// out[i] = the value a float16 tensor would have held for v[i] (out may be v), a stretch at a time through a
+// buffer on the stack.
+void round_to_half(const float* v, float* out, int64_t n) {
+  constexpr int64_t kStretch = 512;
+  uint16_t h[kStretch];
+  for (int64_t i0 = 0; i0 < n; i0 += kStretch) {
+    const int64_t m = std::min(kStretch, n - i0);
+    ssmrt_half::from_float(v + i0, h, m);
+    ssmrt_half::to_float(h, out + i0, m);
+  }
 }
+void round_to_half(float* v, int64_t n) { round_to_half(v, v, n); }
 
 }  // namespace
 
@@ -725,11 +786,11 @@ void ssd_mixer(const Executor& exec, const float* zxbcdt, const float* conv_weig
   if (round_half) round_to_half(scan_y.get(), rows * d_ssm);
   // The gate and the norm, a row at a time: h = y silu(z), y = h / sqrt(mean(h^2) + eps) w.
   parallel_for(exec, rows, 4 * d_ssm, [&](int64_t r0, int64_t r1) {
-    std::vector<float> h(static_cast<size_t>(d_ssm));
+    Scratch h(d_ssm);
     for (int64_t r = r0; r < r1; ++r) {
       const float* z = zxbcdt + r * row_len;
       const float* s = scan_y.get() + r * d_ssm;
-      for (int64_t c = 0; c < d_ssm; ++c) h[c] = s[c] * silu(z[c]);
+      for (int64_t c = 0; c < d_ssm; ++c) h.data()[c] = s[c] * silu(z[c]);
       rmsnorm_row(h.data(), norm_weight, y + r * d_ssm, d_ssm, eps);
     }
   });
@@ -738,8 +799,7 @@ void ssd_mixer(const Executor& exec, const float* zxbcdt, const float* conv_weig
 void add_rmsnorm(const Executor& exec, const float* x, const float* residual, const float* weight, float* y,
                  float* residual_out, int64_t rows, int64_t dim, float eps, bool round_half) {
   parallel_for(exec, rows, 4 * dim, [&](int64_t r0, int64_t r1) {
-    std::vector<float> t(round_half ? static_cast<size_t>(dim) : 0);
-    std::vector<uint16_t> half(t.size());
+    Scratch t(round_half ? dim : 0);
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * dim;
       float* sum = residual_out + r * dim;
@@ -751,8 +811,7 @@ void add_rmsnorm(const Executor& exec, const float* x, const float* residual, co
       }
       const float* h = sum;
       if (round_half) {
-        ssmrt_half::from_float(sum, half.data(), dim);
-        ssmrt_half::to_float(half.data(), t.data(), dim);
+        round_to_half(sum, t.data(), dim);
         h = t.data();
       }
       rmsnorm_row(h, weight, y + r * dim, dim, eps);

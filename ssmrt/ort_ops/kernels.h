@@ -17,6 +17,27 @@ class Executor {
   virtual void run(int64_t chunks, const std::function<void(int64_t)>& fn) const = 0;
 };
 
+// Float memory for the span of one call, not zeroed (its owner writes every element before reading it). Up to
+// kPooledFloats come from buffers the asking thread keeps from call to call: a decode step asks for dozens of small
+// buffers on its serial path, each a malloc and a free otherwise. A larger one (a prompt's) is allocated and freed
+// with it, so no thread holds a prompt's MBs after the prompt.
+class Scratch {
+ public:
+  static constexpr int64_t kPooledFloats = int64_t{1} << 16;
+  explicit Scratch(int64_t n);
+  Scratch(Scratch&& other) noexcept : data_(other.data_), capacity_(other.capacity_) { other.data_ = nullptr; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  Scratch& operator=(Scratch&&) = delete;
+  ~Scratch();
+  float* get() const { return data_; }
+  float* data() const { return data_; }
+
+ private:
+  float* data_;
+  int64_t capacity_;
+};
+
 // CausalConv1d.
 //   x (batch, seqlen, dim), weight (dim, width), bias (dim,) or null, conv_state (batch, dim, width - 1)
 //   -> y (batch, seqlen, dim), present_conv_state (batch, dim, width - 1)

@@ -229,7 +229,7 @@ class Call {
   const char* op_;
   const char* domain_;
   int act_;
-  std::vector<std::vector<float>> owned_;  // widened inputs, outputs before rounding (moves keep their data)
+  std::vector<ssmrt_cpu::Scratch> owned_;  // widened inputs, outputs before rounding (moves keep their data)
   std::vector<Pending> pending_;
 };
 
