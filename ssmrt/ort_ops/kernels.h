@@ -18,9 +18,9 @@ class Executor {
 };
 
 // Float memory for the span of one call, not zeroed (its owner writes every element before reading it). Up to
-// kPooledFloats come from buffers the asking thread keeps from call to call: a decode step asks for dozens of small
-// buffers on its serial path, each a malloc and a free otherwise. A larger one (a prompt's) is allocated and freed
-// with it, so no thread holds a prompt's MBs after the prompt.
+// kPooledFloats come from buffers the asking thread keeps from call to call (at most 16, 4 MB, a thread): a decode
+// step asks for dozens of small buffers on its serial path, each a malloc and a free otherwise. A larger one (a
+// prompt's) is allocated and freed with it, so no thread holds a prompt's MBs after the prompt.
 class Scratch {
  public:
   static constexpr int64_t kPooledFloats = int64_t{1} << 16;
