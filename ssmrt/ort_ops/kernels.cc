@@ -7,7 +7,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -603,9 +602,9 @@ void half_matmul(const Executor& exec, const uint16_t* a, const uint16_t* b, uin
   const int64_t regions = threads > 0 ? std::min(threads, blocks) : blocks;
   // The partials live in a buffer kept by the calling thread from call to call: a fresh one of a few MB each call
   // would be mapped, faulted in and zeroed anew.
-  thread_local std::vector<float> scratch;
-  if (scratch.size() < static_cast<size_t>(blocks * kRows * N)) scratch.resize(blocks * kRows * N);
-  float* const partial = scratch.data();  // the blocks run on other threads: they take this pointer, not `scratch`
+  thread_local std::vector<float> kept_partials;
+  if (kept_partials.size() < static_cast<size_t>(blocks * kRows * N)) kept_partials.resize(blocks * kRows * N);
+  float* const partial = kept_partials.data();  // the blocks run on other threads: they take this pointer
   for (int64_t m0 = 0; m0 < M; m0 += kRows) {
     const int64_t rows = std::min(kRows, M - m0);
     const float* am = af.data() + m0 * K;
