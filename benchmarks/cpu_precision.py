@@ -157,7 +157,7 @@ def _worker(conn, arts: dict, prompt_len: int, decode_steps: int, repeat: int, p
     conn.send({"decode_s_blocks": decode, "prefill_s_blocks": prefill, "profile_ms_per_step": profiles,
                "native_ops": list(runners["f16"].native_ops), "decode_matmuls": runners["f16"].decode_matmuls,
                "fused_mixers": runners["f16"].fused_mixers, "fused_norms": runners["f16"].fused_norms,
-               "fused_step_mixers": runners["f16"].fused_step_mixers})
+               "fused_step_mixers": runners["f16"].fused_step_mixers, "fused_blocks": runners["f16"].fused_blocks})
 
 
 def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repeat: int, profile_steps: int,
@@ -185,6 +185,7 @@ def bench_arch(arch: str, layers: int, prompt_len: int, decode_steps: int, repea
         "arch": arch, "layers": layers, "prompt_len": prompt_len, "native_ops_f16": r["native_ops"],
         "decode_matmuls_f16": r["decode_matmuls"], "fused_mixers_f16": r["fused_mixers"],
         "fused_norms_f16": r["fused_norms"], "fused_step_mixers_f16": r["fused_step_mixers"],
+        "fused_blocks_f16": r["fused_blocks"],
         "decode_ms_per_token": {k: 1e3 * statistics.median(v) for k, v in d.items()},
         "decode_ms_blocks": {k: [1e3 * t for t in v] for k, v in d.items()},
         "decode_f16_over_f32_paired": paired(d["f16"], d["f32"]),

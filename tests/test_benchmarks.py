@@ -228,12 +228,13 @@ def test_cpu_precision_benchmark_smoke(tmp_path):
     blocks = r["decode_ms_blocks"]
     assert r["decode_f16_over_f32_paired"] == pytest.approx(
         statistics.median(a / b for a, b in zip(blocks["f16"], blocks["f32"], strict=True)))
-    # the layer's mixer runs as one fused node: no SSDScan or CausalConv1d node of its own is left
-    assert {"HalfMatMul", "SSDMixer"} <= set(r["profile_ms_per_step"]["f16"])
-    assert not {"SSDScan", "CausalConv1d"} & set(r["profile_ms_per_step"]["f16"])
+    # the decode step's layer runs as one fused node: no SSDScan, CausalConv1d or SSDMixer node of its own is left
+    assert {"HalfMatMul", "SSDBlock"} <= set(r["profile_ms_per_step"]["f16"])
+    assert not {"SSDScan", "CausalConv1d", "SSDMixer"} & set(r["profile_ms_per_step"]["f16"])
     assert r["decode_matmuls_f16"] == 2 * 1 + 1  # a Mamba-2 layer's in_proj and out_proj, and the lm_head
     assert r["fused_mixers_f16"] == 1 and r["fused_step_mixers_f16"] == 0  # Mamba-2: no SelectiveMixer
     assert r["fused_norms_f16"] == 1  # the final norm: the one layer's own has no residual to add
+    assert r["fused_blocks_f16"] == 1  # the decode step's in_proj, mixer, out_proj and final norm as one node
     assert r["decode_f16_fused_over_unfused_paired"] == pytest.approx(
         statistics.median(a / b for a, b in zip(blocks["f16"], blocks["f16_unfused"], strict=True)))
 

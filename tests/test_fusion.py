@@ -336,6 +336,150 @@ def test_selective_mixer_errors_name_the_input():
         run_selective_mixer(selective_mixer_inputs(1, 1, 8, 4, 2), threads=-1)
 
 
+# ------------------------------------------------------------------------------------------ SSDBlock
+
+BLOCK_INPUTS = ("hidden", "in_proj", *INPUTS[1:], "out_proj", "residual", "next_norm_weight")
+
+
+def block_inputs(batch, seqlen, d_model, nheads, headdim, dstate, ngroups=1, width=4, optional=True, residual=True,
+                 seed=0) -> dict:
+    """A float16 Mamba-2 decode step's layer: the normed input and the projections float16 (scaled as a trained
+    model's, so that the mixer's input is of order one), the mixer's inputs as SSDMixer's, the residual stream
+    and the next norm's weight float32."""
+    kw = mixer_inputs(batch, seqlen, nheads, headdim, dstate, ngroups, width=width, optional=optional,
+                      dtype=torch.float16, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    d_ssm, in_len = nheads * headdim, kw["zxbcdt"].shape[-1]
+    in_proj = r(d_model, in_len) / d_model**0.5
+    in_proj[:, -nheads:] = in_proj[:, -nheads:] * 0.5  # dt before its bias and softplus, as mixer_inputs has it
+    return dict(
+        hidden=r(batch, seqlen, d_model).half(),
+        in_proj=in_proj.half(),
+        **{k: kw[k] for k in INPUTS[1:]},
+        out_proj=(r(d_ssm, d_model) / d_ssm**0.5).half(),
+        residual=r(batch, seqlen, d_model) if residual else None,
+        next_norm_weight=(1.0 + 0.3 * r(d_model)).half().float(),
+        attrs={"dt_softplus": 1, "dt_min": 0.0, "dt_max": math.inf, "eps": 1e-5},
+    )
+
+
+def ssd_block_ref(hidden, in_proj, conv_weight, conv_bias, conv_state, A, D, dt_bias, ssm_state, norm_weight,
+                  out_proj, residual, next_norm_weight, attrs, norm_eps=1e-5):
+    """What SSDBlock computes: in_proj, Mamba2Mixer's middle, out_proj and the next block's residual add and norm
+    on the ops' references, float16 between them as a float16 graph holds it (each product the float32 sum of
+    float16 operands, rounded).
+
+    hidden: (batch, seqlen, d_model); in_proj: (d_model, d_ssm + conv_dim + nheads); out_proj: (d_ssm, d_model)
+    """
+    zxbcdt = (hidden.float() @ in_proj.float()).half()
+    m, conv_out, ssm_out = ssd_mixer_ref(zxbcdt, conv_weight, conv_bias, conv_state, A, D, dt_bias, ssm_state,
+                                         norm_weight, bool(attrs["dt_softplus"]), (attrs["dt_min"], attrs["dt_max"]),
+                                         attrs["eps"])
+    o = (m.float() @ out_proj.float()).half()
+    y, res = add_rmsnorm_ref(o, residual, next_norm_weight.half(), norm_eps, residual_in_fp32=True)
+    return y, res, conv_out, ssm_out
+
+
+def block_session(kw: dict, threads: int = 0, norm_eps: float = 1e-5, nodes: bool = False) -> ort.InferenceSession:
+    """One SSDBlock node over kw's inputs, or (nodes) the four nodes it replaces: HalfMatMul, SSDMixer, HalfMatMul,
+    AddRMSNorm. Outputs y, residual_out, the conv state and the SSM state."""
+    ins = {k: kw[k] for k in BLOCK_INPUTS}
+    names = [k if ins[k] is not None else "" for k in BLOCK_INPUTS]
+    vis = [helper.make_tensor_value_info(k, elem_type(v), None) for k, v in ins.items() if v is not None]
+    h, f = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    outs = [helper.make_tensor_value_info(n, t, None) for n, t in (("y", h), ("r", f), ("conv_out", h),
+                                                                    ("ssm_out", f))]
+    d = ort_ops.FUSION_DOMAIN
+    if nodes:
+        graph = [helper.make_node("HalfMatMul", names[:2], ["zx"], domain=d, threads=threads),
+                 helper.make_node("SSDMixer", ["zx", *names[2:10]], ["m", "conv_out", "ssm_out"], domain=d,
+                                  **kw["attrs"]),
+                 helper.make_node("HalfMatMul", ["m", names[10]], ["o"], domain=d, threads=threads),
+                 helper.make_node("AddRMSNorm", ["o", *names[11:]], ["y", "r"], domain=d, eps=norm_eps,
+                                  round_half=1)]
+    else:
+        graph = [helper.make_node("SSDBlock", names, ["y", "r", "conv_out", "ssm_out"], domain=d, threads=threads,
+                                  norm_eps=norm_eps, round_half=1, **kw["attrs"])]
+    model = helper.make_model(helper.make_graph(graph, "g", vis, outs),
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(d, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native_library()))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_block(kw: dict, **opts) -> list:
+    feeds = {k: kw[k].numpy() for k in BLOCK_INPUTS if kw[k] is not None}
+    return [torch.from_numpy(r) for r in block_session(kw, **opts).run(None, feeds)]
+
+
+# Decode steps (the fused node is put only there) and a prompt; several groups; a dstate the eight-lane loop does
+# not divide; the 130M Mamba-2's layer (d_model 768, 24 heads of 64, dstate 128)
+BLOCK_SHAPES = [(1, 1, 32, 4, 8, 16, 1), (2, 1, 40, 6, 5, 7, 2), (1, 1, 768, 24, 64, 128, 1), (2, 5, 24, 4, 4, 8, 1)]
+
+
+@pytest.mark.parametrize("batch,seqlen,d_model,nheads,headdim,dstate,ngroups", BLOCK_SHAPES)
+@pytest.mark.parametrize("residual", [True, False])
+def test_ssd_block_gives_the_four_nodes_values_bit_for_bit(batch, seqlen, d_model, nheads, headdim, dstate, ngroups,
+                                                           residual):
+    """SSDBlock runs the kernels of the nodes it replaces, rounding where they stored float16: every output equals
+    theirs bit for bit; and (that comparison alone would pass for any shared mistake) against the references
+    chained: y and the residual stream (the sum of out_proj's float16 product and the float32 stream) within the
+    float16 op tolerance; the conv state's new column (in_proj's product) too and the rest (the old state shifted)
+    exactly; the SSM state at the float32 tolerance."""
+    kw = block_inputs(batch, seqlen, d_model, nheads, headdim, dstate, ngroups, residual=residual, seed=d_model)
+    got = run_block(kw)
+    for name, a, b in zip(("y", "residual_out", "conv_state", "ssm_state"), got, run_block(kw, nodes=True),
+                          strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    y, res, conv_out, ssm_out = ssd_block_ref(**kw)
+    assert (got[0].dtype, got[1].dtype) == (torch.float16, torch.float32)
+    atol, rtol = tolerance("float16", "op")
+    assert_close(got[0].float(), y.float(), atol=atol, rtol=rtol, name="SSDBlock y")
+    assert_close(got[1], res, atol=atol, rtol=rtol, name="SSDBlock residual_out")
+    assert_close(got[2].float(), conv_out.float(), atol=atol, rtol=rtol, name="SSDBlock conv_state")
+    assert torch.equal(got[2][..., :-1], conv_out[..., :-1])
+    assert_close(got[3], ssm_out, name="SSDBlock ssm_state")
+
+
+def test_ssd_block_without_optional_inputs_and_any_threads():
+    """No conv bias, D, dt bias or residual, a conv of width 2, its own norm eps; the result does not depend on the
+    threads the products are told, and is the nodes' for each."""
+    kw = block_inputs(2, 1, 48, 4, 8, 16, width=2, optional=False, residual=False, seed=3)
+    first = None
+    for threads in (0, 1, 2, 5):
+        got = run_block(kw, threads=threads, norm_eps=1e-3)
+        nodes = run_block(kw, threads=threads, norm_eps=1e-3, nodes=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, nodes, strict=True)), threads
+        first = first or got
+        assert all(torch.equal(a, b) for a, b in zip(got, first, strict=True)), threads
+    want = ssd_block_ref(**kw, norm_eps=1e-3)
+    atol, rtol = tolerance("float16", "op")
+    assert_close(first[0].float(), want[0].float(), atol=atol, rtol=rtol, name="SSDBlock y")
+
+
+def test_ssd_block_errors_name_the_input():
+    def fails(match, **change):
+        kw = block_inputs(1, 1, 16, 4, 8, 16)
+        attrs = change.pop("attrs", {})
+        kw["attrs"].update(attrs)
+        kw.update({k: f(kw[k]).contiguous() for k, f in change.items()})
+        with pytest.raises(Exception, match=match):
+            run_block(kw, threads=-1 if "threads" in match else 0)
+
+    fails(r"ssmrt.cpu::SSDBlock: input in_proj has shape \(16, 99\), expected \(16, 100\) \(d_model, d_ssm",
+          in_proj=lambda t: t[:, :-1])
+    fails(r"input out_proj has shape \(32, 15\), expected \(32, 16\) \(nheads \* headdim, d_model\)",
+          out_proj=lambda t: t[:, :-1])
+    fails(r"input hidden has shape \(2, 1, 16\), expected \(batch, seqlen, d_model\) with batch 1",
+          hidden=lambda t: t.expand(2, 1, 16))
+    fails(r"input residual has shape \(1, 1, 15\), expected \(1, 1, 16\) like hidden", residual=lambda t: t[..., :-1])
+    fails(r"input next_norm_weight has shape \(15,\), expected \(16,\)", next_norm_weight=lambda t: t[:-1])
+    fails(r"input conv_state has shape \(1, 64, 2\), expected \(1, 64, 3\)", conv_state=lambda t: t[..., :-1])
+    fails("SSDBlock: attribute eps must be 0 or more", attrs={"eps": -1.0})
+    fails("SSDBlock: attribute threads must be 0 or more, got -1")
+
+
 # ------------------------------------------------------------------------------------------ the graph fusion
 
 
@@ -375,8 +519,10 @@ def test_the_runner_fuses_every_mamba2_mixer(tmp_path, dtype, variant):
     model = random_lm(ngroups=1, n_layer=3, **variant)
     fused, plain = runners(export_model(model, tmp_path / "a", dtype=dtype))
     assert (fused.fused_mixers, fused.fused_norms, plain.fused_mixers, plain.fused_norms) == (3, 3, 0, 0)
+    assert (fused.fused_blocks, plain.fused_blocks) == (3 * (dtype == "float16"), 0)
     assert plain.native_ops == fused.native_ops == ("CausalConv1d", "SSDScan")
     assert "3 Mamba-2 mixers fused, 3 residual norms fused" in fused.describe() and "fused" not in plain.describe()
+    assert ("3 decode-step layers on SSDBlock" in fused.describe()) == (dtype == "float16")
     same_results(fused, plain, dtype)
 
 
@@ -414,6 +560,51 @@ def test_float16_mamba1_decode_mixers_give_the_nodes_values_bit_for_bit(tmp_path
         (lf, sf), (ln, sn) = fused.forward(step, sf), nodes.forward(step, sn)
         assert np.array_equal(lf, ln)
         assert all(np.array_equal(a, b) for a, b in zip(sf, sn, strict=True))
+
+
+@pytest.mark.parametrize("logits", ["all", "last"])
+def test_float16_mamba2_decode_blocks_give_the_nodes_values_bit_for_bit(tmp_path, monkeypatch, logits):
+    """SSDBlock runs the kernels of the four nodes it replaces: a float16 Mamba-2's logits and states over a prompt
+    and decode steps are those of the same runner without it, bit for bit. With logits "last" the last layer's
+    out_proj reaches the final norm through a Slice, and that layer stays as four nodes."""
+    from ssmrt.exporter import export_model
+    from ssmrt.runtime import OnnxRuntimeRunnerFromArtifact
+
+    native_library()
+    art = export_model(random_lm(ngroups=1, n_layer=3), tmp_path / "a", dtype="float16", logits=logits)
+    fused = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    monkeypatch.setattr(ort_ops, "fuse_ssd_blocks", lambda model: 0)
+    nodes = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
+    assert (fused.fused_blocks, nodes.fused_blocks) == (3 if logits == "all" else 2, 0)
+    assert (fused.fused_mixers, fused.fused_norms, fused.decode_matmuls) == (3, 3, 2 * 3 + 1)
+    ids = random_ids(2, 7, seed=2).numpy()
+    sf = sn = fused.zero_state(2)
+    for step in [ids] + [ids[:, k : k + 1] for k in range(5)]:
+        (lf, sf), (ln, sn) = fused.forward(step, sf), nodes.forward(step, sn)
+        assert np.array_equal(lf, ln)
+        assert all(np.array_equal(a, b) for a, b in zip(sf, sn, strict=True))
+
+
+@pytest.mark.parametrize("value", ["zxbcdt", "mixed", "out"])
+def test_the_block_match_leaves_a_layer_whose_values_are_read_elsewhere(tmp_path, value):
+    """A value between the four nodes read by another node (in_proj's product, the mixer's output, out_proj's)
+    keeps that layer as it was; the other layers fuse."""
+    from ssmrt.exporter import export_model
+
+    art = export_model(random_lm(ngroups=1, n_layer=3), tmp_path / "a", dtype="float16")
+    model = onnx.load(str(art / "model.onnx"))
+    assert ort_ops.fuse_ssd_mixers(model) == 3 and ort_ops.fuse_add_rmsnorms(model, "float16") == 3
+    assert ort_ops.route_decode_matmuls(model, 2) == 2 * 3 + 1
+    (route,) = [n for n in model.graph.node if n.name == ort_ops.ROUTED]
+    (step,) = [a.g for a in route.attribute if a.name == "then_branch"]
+    mixer = next(n for n in step.node if n.op_type == "SSDMixer")
+    out = next(n for n in step.node if n.op_type == "HalfMatMul" and n.input[0] == mixer.output[0])
+    read = {"zxbcdt": mixer.input[0], "mixed": mixer.output[0], "out": out.output[0]}[value]
+    step.node.append(helper.make_node("Identity", [read], ["seen"]))
+    assert ort_ops.fuse_ssd_blocks(model) == 2
+    ops = [n.op_type for n in step.node]
+    assert ops.count("SSDMixer") == 1 and ops.count("SSDBlock") == 2
+    assert any(n.op_type == "SSDMixer" and n.input[0] == mixer.input[0] for n in step.node)
 
 
 @pytest.mark.parametrize("value", ["u", "x_proj", "delta"])

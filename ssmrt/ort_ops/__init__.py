@@ -18,7 +18,7 @@ ort_abi.h declares the part of ONNX Runtime's C ABI they use. This module does n
 The library also holds ops no artifact contains, in the ssmrt.cpu domain, which the ONNX Runtime runner puts in
 its own copy of a graph: HalfMatMul, Int8MatMul and IntDotMatMul (the weight matmuls of a float16 decode step,
 of an 8-bit float32-activation one and of a 4- or 8-bit int8-activation one: route_decode_matmuls below) and the
-fused SSDMixer, AddRMSNorm and SelectiveMixer (fusion.py).
+fused SSDMixer, AddRMSNorm, SelectiveMixer and SSDBlock (fusion.py).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from .fusion import (  # noqa: F401
     _names_read,
     fuse_add_rmsnorms,
     fuse_selective_mixers,
+    fuse_ssd_blocks,
     fuse_ssd_mixers,
 )
 

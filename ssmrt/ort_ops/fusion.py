@@ -8,6 +8,9 @@
 - SelectiveMixer: in a float16 Mamba-1 graph's decode step (the branch route_decode_matmuls makes), the split of
   in_proj's output, the conv, x_proj and dt_proj on HalfMatMul, x_proj's split, two Reshapes and the scan: eight
   nodes a layer. Only there: its two products are HalfMatMul's kernel, written for a step's few rows.
+- SSDBlock: in a float16 Mamba-2 graph's decode step, the four nodes a layer left after the others: in_proj on
+  HalfMatMul, the SSDMixer, out_proj on HalfMatMul and the AddRMSNorm after them (the next block's, or the final
+  norm). Only there, for the same reason.
 Each of those nodes costs a decode step a few microseconds of dispatch for a few thousand values of work.
 
 The rewrites match the graph the exporter writes, node by node, and leave anything they do not recognise as it
@@ -325,6 +328,47 @@ def fuse_selective_mixers(model) -> int:
     g = _Graph(step, outer=model.graph)
     return _replace(model, [_match_selective(g, n) for n in step.node
                             if n.op_type == "SelectiveScan" and n.domain == "ssmrt"], graph=step)
+
+
+def _match_block(g: _Graph, norm) -> dict | None:
+    """A float16 Mamba-2 decode step's mixer ending at the AddRMSNorm after it (the next block's, or the final
+    norm): in_proj on HalfMatMul, the SSDMixer, out_proj on HalfMatMul whose output is the norm's x, each value
+    between them read by the next node alone; what SSDBlock needs of them, or None if anything differs."""
+    if len(norm.input) != 3 or len(norm.output) != 2 or _attr(norm, "round_half", 0) != 1:
+        return None
+    out_proj = _half_matmul_by_weight(g, norm.input[0])
+    mixer = g.made_by(out_proj.input[0], "SSDMixer", FUSION_DOMAIN) if out_proj is not None else None
+    in_proj = _half_matmul_by_weight(g, mixer.input[0]) if mixer is not None else None
+    if in_proj is None or len(mixer.input) != 9 or len(mixer.output) != 3:
+        return None
+    if any(g.readers.get(v) != [reader] or v in g.outputs
+           for v, reader in ((in_proj.output[0], mixer), (mixer.output[0], out_proj), (out_proj.output[0], norm))):
+        return None
+    threads = {_attr(in_proj, "threads", 0), _attr(out_proj, "threads", 0)}
+    if len(threads) != 1:
+        return None
+    # hidden, in_proj, conv_weight, conv_bias, conv_state, A, D, dt_bias, ssm_state, norm_weight, out_proj,
+    # residual, next_norm_weight
+    inputs = [*in_proj.input, *mixer.input[1:], out_proj.input[1], norm.input[1], norm.input[2]]
+    outputs = [*norm.output, *mixer.output[1:]]
+    attrs = {a: _attr(mixer, a) for a in ("dt_softplus", "dt_min", "dt_max", "eps") if _attr(mixer, a) is not None}
+    attrs.update(norm_eps=_attr(norm, "eps", 1e-5), round_half=1, threads=threads.pop())
+    return {"op": "SSDBlock", "removed": [in_proj, mixer, out_proj, norm], "inputs": inputs, "outputs": outputs,
+            "attrs": attrs, "last": norm}
+
+
+def fuse_ssd_blocks(model) -> int:
+    """Rewrites an onnx.ModelProto in place: in the decode step of a float16 graph that route_decode_matmuls has
+    routed (the then-branch of its If), each Mamba-2 mixer, from in_proj to out_proj, with the AddRMSNorm after it
+    becomes one ssmrt.cpu::SSDBlock node (fuse_ssd_mixers and fuse_add_rmsnorms first). Returns how many (0 where
+    there is no routed step). A prompt's nodes stay as they are: the fused node's products are HalfMatMul's."""
+    route = next((n for n in model.graph.node if n.op_type == "If" and n.name == ROUTED), None)
+    if route is None:
+        return 0
+    (step,) = [a.g for a in route.attribute if a.name == "then_branch"]
+    g = _Graph(step, outer=model.graph)
+    return _replace(model, [_match_block(g, n) for n in step.node
+                            if n.op_type == "AddRMSNorm" and n.domain == FUSION_DOMAIN], graph=step)
 
 
 def _match_add_norm(g: _Graph, pow_, half: bool) -> dict | None:

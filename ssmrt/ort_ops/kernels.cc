@@ -818,6 +818,31 @@ void add_rmsnorm(const Executor& exec, const float* x, const float* residual, co
   });
 }
 
+void ssd_block(const Executor& exec, const uint16_t* hidden, const uint16_t* in_proj, const float* conv_weight,
+               const float* conv_bias, const float* conv_state, const float* A, const float* D, bool d_per_channel,
+               const float* dt_bias, const float* ssm_state, const float* norm_weight, const uint16_t* out_proj,
+               const float* residual, const float* next_norm_weight, float* y, float* residual_out,
+               float* conv_state_out, float* ssm_state_out, int64_t batch, int64_t seqlen, int64_t d_model,
+               int64_t nheads, int64_t headdim, int64_t dstate, int64_t ngroups, int64_t width, bool dt_softplus,
+               bool dt_clamp, float dt_min, float dt_max, float eps, float norm_eps, bool round_half_norm,
+               int64_t threads) {
+  const int64_t rows = batch * seqlen, d_ssm = nheads * headdim;
+  const int64_t in_len = 2 * d_ssm + 2 * ngroups * dstate + nheads;
+  std::vector<uint16_t> zx16(static_cast<size_t>(rows * in_len)), m16(static_cast<size_t>(rows * d_ssm)),
+      o16(static_cast<size_t>(rows * d_model));
+  half_matmul(exec, hidden, in_proj, zx16.data(), rows, d_model, in_len, threads);
+  Buffer zx = buffer(rows * in_len), m = buffer(rows * d_ssm);
+  ssmrt_half::to_float(zx16.data(), zx.get(), rows * in_len);
+  ssd_mixer(exec, zx.get(), conv_weight, conv_bias, conv_state, A, D, d_per_channel, dt_bias, ssm_state, norm_weight,
+            m.get(), conv_state_out, ssm_state_out, batch, seqlen, nheads, headdim, dstate, ngroups, width,
+            dt_softplus, dt_clamp, dt_min, dt_max, eps, true);
+  ssmrt_half::from_float(m.get(), m16.data(), rows * d_ssm);
+  half_matmul(exec, m16.data(), out_proj, o16.data(), rows, d_ssm, d_model, threads);
+  Buffer o = buffer(rows * d_model);
+  ssmrt_half::to_float(o16.data(), o.get(), rows * d_model);
+  add_rmsnorm(exec, o.get(), residual, next_norm_weight, y, residual_out, rows, d_model, norm_eps, round_half_norm);
+}
+
 }  // namespace ssmrt_cpu
 
 // ------------------------------------------------------------------------------------------ SelectiveMixer

@@ -148,6 +148,31 @@ void add_rmsnorm(const Executor& exec, const float* x, const float* residual, co
 
 namespace ssmrt_cpu {
 
+// SSDBlock (ssmrt.cpu domain; never in an artifact: the ONNX Runtime runner puts it in a float16 Mamba-2 graph's
+// decode step in place of a mixer's in_proj, SSDMixer and out_proj on HalfMatMul and the AddRMSNorm after them,
+// four nodes a layer, each with ONNX Runtime's dispatch and its own fork and join around a few microseconds of
+// serial work).
+//   hidden (batch, seqlen, d_model) and in_proj (d_model, d_ssm + conv_dim + nheads), float16 as stored; the
+//   mixer's inputs after zxbcdt as ssd_mixer's; out_proj (d_ssm, d_model) float16 as stored; residual (batch,
+//   seqlen, d_model) or null, next_norm_weight (d_model,)
+//   -> y (batch, seqlen, d_model), residual_out, present_conv_state, present_ssm_state
+// What it computes is what the four nodes did, with their float16 values:
+//   zxbcdt = half(hidden @ in_proj); m = half(ssd_mixer(zxbcdt, ..., round_half)); o = half(m @ out_proj);
+//   y, residual_out = add_rmsnorm(o, residual, next_norm_weight, norm_eps, round_half_norm)
+// the products by half_matmul (threads as there), so the fused node gives the nodes' values bit for bit.
+void ssd_block(const Executor& exec, const uint16_t* hidden, const uint16_t* in_proj, const float* conv_weight,
+               const float* conv_bias, const float* conv_state, const float* A, const float* D, bool d_per_channel,
+               const float* dt_bias, const float* ssm_state, const float* norm_weight, const uint16_t* out_proj,
+               const float* residual, const float* next_norm_weight, float* y, float* residual_out,
+               float* conv_state_out, float* ssm_state_out, int64_t batch, int64_t seqlen, int64_t d_model,
+               int64_t nheads, int64_t headdim, int64_t dstate, int64_t ngroups, int64_t width, bool dt_softplus,
+               bool dt_clamp, float dt_min, float dt_max, float eps, float norm_eps, bool round_half_norm,
+               int64_t threads);
+
+}  // namespace ssmrt_cpu
+
+namespace ssmrt_cpu {
+
 // SelectiveMixer (ssmrt.cpu domain; never in an artifact: the ONNX Runtime runner puts it in a float16 Mamba-1
 // graph's decode step in place of the nodes between the mixer's in_proj and out_proj: the split, the conv,
 // x_proj, its split, dt_proj, two Reshapes and the scan).

@@ -635,61 +635,101 @@ struct SsdMixerKernel {
   float eps = 1e-5f;
 };
 
+// The attributes SSDMixer and SSDBlock share: SSDScan's dt ones and the gated norm's eps. Returns what is wrong,
+// or "".
+std::string read_mixer_attributes(const Calls& api, const KernelInfo* info, DtAttributes* dt, float* eps) {
+  std::string bad = read_dt_attributes(api, info, dt);
+  if (Status* s = api.KernelInfoGetAttributeFloat(info, "eps", eps)) api.ReleaseStatus(s);
+  if (bad.empty() && !(*eps >= 0.0f)) bad = "attribute eps must be 0 or more, got " + std::to_string(*eps);
+  return bad;
+}
+
 template <int Act>
 Status* ssd_mixer_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info,
                          void** out) {
   Calls api(raw);
   DtAttributes dt;
   float eps = 1e-5f;
-  std::string bad = read_dt_attributes(api, info, &dt);
-  if (Status* s = api.KernelInfoGetAttributeFloat(info, "eps", &eps)) api.ReleaseStatus(s);
-  if (bad.empty() && !(eps >= 0.0f)) bad = "attribute eps must be 0 or more, got " + std::to_string(eps);
+  std::string bad = read_mixer_attributes(api, info, &dt, &eps);
   if (!bad.empty()) return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::SSDMixer: " + bad).c_str());
   *out = new SsdMixerKernel{api, Act, dt, eps};
   return nullptr;
 }
 
-Status* ssd_mixer_compute(void* kernel, KernelContext* ctx) {
-  auto* k = static_cast<SsdMixerKernel*>(kernel);
-  Call call(k->api, ctx, kSsdMixer, k->act, "ssmrt.cpu");
-  Tensor zxbcdt, w, bias, conv_state, A, D, dt_bias, ssm_state, norm_w;
-  SSMRT_TRY(call.required(0, "zxbcdt", 3, &zxbcdt));
-  SSMRT_TRY(call.required(1, "conv_weight", 2, &w));
-  SSMRT_TRY(call.input(2, "conv_bias", 1, &bias));
-  SSMRT_TRY(call.required(3, "conv_state", 3, &conv_state));
-  SSMRT_TRY(call.required(4, "A", 1, &A));
-  SSMRT_TRY(call.input(5, "D", 0, &D));  // rank 1 or 2, checked below
-  SSMRT_TRY(call.input(6, "dt_bias", 1, &dt_bias));
-  SSMRT_TRY(call.required(7, "ssm_state", 4, &ssm_state));
-  SSMRT_TRY(call.required(8, "norm_weight", 1, &norm_w));
-  const int64_t batch = zxbcdt[0], seqlen = zxbcdt[1], nheads = ssm_state[1], headdim = ssm_state[2],
-                dstate = ssm_state[3], conv_dim = w[0], width = w[1], d_ssm = nheads * headdim;
-  if (width < 1) return call.error("conv_weight has width 0");
+// A Mamba-2 mixer's inputs after zxbcdt (SSDMixer's 1-8, SSDBlock's 2-9): conv_weight, conv_bias (optional),
+// conv_state, A, D (optional), dt_bias (optional), ssm_state, norm_weight, and the sizes they give.
+struct MixerInputs {
+  Tensor w, bias, conv_state, A, D, dt_bias, ssm_state, norm_w;
+  int64_t batch = 0, nheads = 0, headdim = 0, dstate = 0, ngroups = 0, conv_dim = 0, width = 0, d_ssm = 0;
+  bool d_per_channel = false;
+  int64_t zxbcdt_len() const { return d_ssm + conv_dim + nheads; }
+};
+
+// Reads them from index `first` on and checks each against the others: every size comes from the inputs,
+// nheads, headdim and dstate from ssm_state, ngroups from what the conv's width leaves for B and C.
+Status* read_mixer_inputs(Call& call, size_t first, MixerInputs* m) {
+  SSMRT_TRY(call.required(first, "conv_weight", 2, &m->w));
+  SSMRT_TRY(call.input(first + 1, "conv_bias", 1, &m->bias));
+  SSMRT_TRY(call.required(first + 2, "conv_state", 3, &m->conv_state));
+  SSMRT_TRY(call.required(first + 3, "A", 1, &m->A));
+  SSMRT_TRY(call.input(first + 4, "D", 0, &m->D));  // rank 1 or 2, checked below
+  SSMRT_TRY(call.input(first + 5, "dt_bias", 1, &m->dt_bias));
+  SSMRT_TRY(call.required(first + 6, "ssm_state", 4, &m->ssm_state));
+  SSMRT_TRY(call.required(first + 7, "norm_weight", 1, &m->norm_w));
+  m->batch = m->ssm_state[0];
+  m->nheads = m->ssm_state[1];
+  m->headdim = m->ssm_state[2];
+  m->dstate = m->ssm_state[3];
+  m->conv_dim = m->w[0];
+  m->width = m->w[1];
+  m->d_ssm = m->nheads * m->headdim;
+  const int64_t nheads = m->nheads, dstate = m->dstate, conv_dim = m->conv_dim, d_ssm = m->d_ssm;
+  if (m->width < 1) return call.error("conv_weight has width 0");
   if (dstate < 1 || conv_dim <= d_ssm || (conv_dim - d_ssm) % (2 * dstate) != 0)
     return call.error("conv_weight's " + std::to_string(conv_dim) + " channels must be nheads * headdim (" +
                       std::to_string(d_ssm) + ", from ssm_state) plus B's and C's, each a multiple of dstate (" +
                       std::to_string(dstate) + ")");
-  const int64_t ngroups = (conv_dim - d_ssm) / (2 * dstate);
-  if (nheads % ngroups != 0)
-    return call.error("ngroups (" + std::to_string(ngroups) + ", from conv_weight) must divide nheads (" +
+  m->ngroups = (conv_dim - d_ssm) / (2 * dstate);
+  if (nheads % m->ngroups != 0)
+    return call.error("ngroups (" + std::to_string(m->ngroups) + ", from conv_weight) must divide nheads (" +
                       std::to_string(nheads) + ")");
-  SSMRT_TRY(call.expect(zxbcdt, "zxbcdt", {batch, seqlen, d_ssm + conv_dim + nheads},
+  if (m->bias.present) SSMRT_TRY(call.expect(m->bias, "conv_bias", {conv_dim}, "(conv_dim,)"));
+  SSMRT_TRY(call.expect(m->conv_state, "conv_state", {m->batch, conv_dim, m->width - 1},
+                        "(batch, conv_dim, width - 1)"));
+  SSMRT_TRY(call.expect(m->A, "A", {nheads}, "(nheads,)"));
+  SSMRT_TRY(check_d_and_dt_bias(call, m->D, m->dt_bias, nheads, m->headdim, &m->d_per_channel));
+  SSMRT_TRY(call.expect(m->norm_w, "norm_weight", {d_ssm}, "(nheads * headdim,)"));
+  return nullptr;
+}
+
+// Its three outputs from index `first` on: y (batch, seqlen, d_ssm), present_conv_state, present_ssm_state.
+struct MixerOutputs {
+  float *y = nullptr, *conv_state = nullptr, *ssm_state = nullptr;
+};
+Status* mixer_outputs(Call& call, size_t first, const MixerInputs& m, int64_t seqlen, float** y, MixerOutputs* out) {
+  if (y != nullptr) SSMRT_TRY(call.output(first, {m.batch, seqlen, m.d_ssm}, y));
+  SSMRT_TRY(call.output(first + 1, {m.batch, m.conv_dim, m.width - 1}, &out->conv_state));
+  return call.output(first + 2, {m.batch, m.nheads, m.headdim, m.dstate}, &out->ssm_state);
+}
+
+Status* ssd_mixer_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<SsdMixerKernel*>(kernel);
+  Call call(k->api, ctx, kSsdMixer, k->act, "ssmrt.cpu");
+  Tensor zxbcdt;
+  MixerInputs m;
+  SSMRT_TRY(call.required(0, "zxbcdt", 3, &zxbcdt));
+  SSMRT_TRY(read_mixer_inputs(call, 1, &m));
+  const int64_t seqlen = zxbcdt[1];
+  SSMRT_TRY(call.expect(zxbcdt, "zxbcdt", {m.batch, seqlen, m.zxbcdt_len()},
                         "(batch, seqlen, d_ssm + conv_dim + nheads): z, xBC and dt"));
-  if (bias.present) SSMRT_TRY(call.expect(bias, "conv_bias", {conv_dim}, "(conv_dim,)"));
-  SSMRT_TRY(call.expect(conv_state, "conv_state", {batch, conv_dim, width - 1}, "(batch, conv_dim, width - 1)"));
-  SSMRT_TRY(call.expect(A, "A", {nheads}, "(nheads,)"));
-  bool d_per_channel = false;
-  SSMRT_TRY(check_d_and_dt_bias(call, D, dt_bias, nheads, headdim, &d_per_channel));
-  SSMRT_TRY(call.expect(ssm_state, "ssm_state", {batch, -1, -1, -1}, "(batch, nheads, headdim, dstate)"));
-  SSMRT_TRY(call.expect(norm_w, "norm_weight", {d_ssm}, "(nheads * headdim,)"));
-  float *y = nullptr, *conv_out = nullptr, *ssm_out = nullptr;
-  SSMRT_TRY(call.output(0, {batch, seqlen, d_ssm}, &y));
-  SSMRT_TRY(call.output(1, {batch, conv_dim, width - 1}, &conv_out));
-  SSMRT_TRY(call.output(2, {batch, nheads, headdim, dstate}, &ssm_out));
-  ssmrt_cpu::ssd_mixer(PoolExecutor(k->api, ctx), zxbcdt.data, w.data, bias.or_null(), conv_state.data, A.data,
-                       D.or_null(), d_per_channel, dt_bias.or_null(), ssm_state.data, norm_w.data, y, conv_out,
-                       ssm_out, batch, seqlen, nheads, headdim, dstate, ngroups, width, k->dt.softplus,
-                       k->dt.clamp(), k->dt.min, k->dt.max, k->eps, k->act == ssmrt_ort::kFloat16);
+  float* y = nullptr;
+  MixerOutputs out;
+  SSMRT_TRY(mixer_outputs(call, 0, m, seqlen, &y, &out));
+  ssmrt_cpu::ssd_mixer(PoolExecutor(k->api, ctx), zxbcdt.data, m.w.data, m.bias.or_null(), m.conv_state.data,
+                       m.A.data, m.D.or_null(), m.d_per_channel, m.dt_bias.or_null(), m.ssm_state.data,
+                       m.norm_w.data, y, out.conv_state, out.ssm_state, m.batch, seqlen, m.nheads, m.headdim,
+                       m.dstate, m.ngroups, m.width, k->dt.softplus, k->dt.clamp(), k->dt.min, k->dt.max, k->eps,
+                       k->act == ssmrt_ort::kFloat16);
   call.finish();
   return nullptr;
 }
@@ -833,6 +873,92 @@ Status* selective_mixer_compute(void* kernel, KernelContext* ctx) {
   ssmrt_cpu::selective_mixer(PoolExecutor(k->api, ctx), xz.data, w.data, bias.or_null(), conv_state.data, x_proj,
                              dt_proj, A.data, D.or_null(), dt_bias.or_null(), ssm_state.data, y, conv_out, ssm_out,
                              batch, seqlen, dim, dt_rank, dstate, width, k->delta_softplus, k->threads);
+  call.finish();
+  return nullptr;
+}
+
+// ------------------------------------------------------------------------------------------ SSDBlock
+//
+// ssmrt.cpu::SSDBlock: in a float16 Mamba-2 graph's decode step, a mixer from in_proj to out_proj and the next
+// block's residual add and norm (or the final norm) in one node, in place of HalfMatMul, SSDMixer, HalfMatMul and
+// AddRMSNorm (kernels.h says what it computes; ssmrt.ort_ops.fuse_ssd_blocks puts it in a graph). Inputs hidden
+// (the block's normed input), in_proj (float16 as stored), conv_weight, conv_bias (optional), conv_state, A, D
+// (optional), dt_bias (optional), ssm_state, norm_weight (the gated norm's), out_proj (float16 as stored),
+// residual (float32, optional), next_norm_weight (float32); outputs y (the next block's normed input),
+// residual_out (float32), present_conv_state, present_ssm_state (float32). Attributes: SSDMixer's (dt_softplus,
+// dt_min, dt_max, eps), HalfMatMul's threads, AddRMSNorm's eps and round_half as norm_eps and round_half.
+// Registered for float16 activations only: its products are HalfMatMul's.
+
+constexpr bool kSsdBlockOptional[] = {false, false, false, true, false, false, true, true,
+                                      false, false, false, true, false};
+constexpr bool kSsdBlockFp32Inputs[] = {false, false, false, false, false, true, true, true,
+                                        true,  true,  false, true, true};
+constexpr bool kSsdBlockFp32Outputs[] = {false, true, false, true};
+constexpr OpContract kSsdBlock{"SSDBlock", 13, 4, kSsdBlockOptional, kSsdBlockFp32Inputs, kSsdBlockFp32Outputs};
+
+struct SsdBlockKernel {
+  Calls api;
+  DtAttributes dt;
+  float eps = 1e-5f, norm_eps = 1e-5f;
+  bool round_half = false;
+  int64_t threads = 0;
+};
+
+Status* ssd_block_create(const ssmrt_ort::CustomOp*, const ssmrt_ort::Api* raw, const KernelInfo* info, void** out) {
+  Calls api(raw);
+  SsdBlockKernel k{api};
+  int64_t round_half = 0;
+  std::string bad = read_mixer_attributes(api, info, &k.dt, &k.eps);
+  if (Status* s = api.KernelInfoGetAttributeFloat(info, "norm_eps", &k.norm_eps)) api.ReleaseStatus(s);
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "round_half", &round_half)) api.ReleaseStatus(s);
+  if (Status* s = api.KernelInfoGetAttributeInt64(info, "threads", &k.threads)) api.ReleaseStatus(s);
+  if (bad.empty() && !(k.norm_eps >= 0.0f))
+    bad = "attribute norm_eps must be 0 or more, got " + std::to_string(k.norm_eps);
+  if (bad.empty() && round_half != 0 && round_half != 1)
+    bad = "attribute round_half must be 0 or 1, got " + std::to_string(round_half);
+  if (bad.empty() && k.threads < 0) bad = "attribute threads must be 0 or more, got " + std::to_string(k.threads);
+  if (!bad.empty()) return api.CreateStatus(ssmrt_ort::kInvalidArgument, ("ssmrt.cpu::SSDBlock: " + bad).c_str());
+  k.round_half = round_half == 1;
+  *out = new SsdBlockKernel(k);
+  return nullptr;
+}
+
+Status* ssd_block_compute(void* kernel, KernelContext* ctx) {
+  auto* k = static_cast<SsdBlockKernel*>(kernel);
+  Call call(k->api, ctx, kSsdBlock, ssmrt_ort::kFloat16, "ssmrt.cpu");
+  std::vector<int64_t> hidden_shape, in_shape, out_shape;
+  const uint16_t *hidden = nullptr, *in_proj = nullptr, *out_proj = nullptr;
+  MixerInputs m;
+  Tensor residual, next_norm;
+  SSMRT_TRY(call.half_input(0, "hidden", 3, &hidden_shape, &hidden));
+  SSMRT_TRY(call.half_input(1, "in_proj", 2, &in_shape, &in_proj));
+  SSMRT_TRY(read_mixer_inputs(call, 2, &m));
+  SSMRT_TRY(call.half_input(10, "out_proj", 2, &out_shape, &out_proj));
+  SSMRT_TRY(call.input(11, "residual", 3, &residual));
+  SSMRT_TRY(call.required(12, "next_norm_weight", 1, &next_norm));
+  const int64_t seqlen = hidden_shape[1], d_model = hidden_shape[2];
+  if (hidden_shape[0] != m.batch)
+    return call.error("input hidden has shape " + shape_str(hidden_shape) + ", expected (batch, seqlen, d_model) " +
+                      "with batch " + std::to_string(m.batch) + " (from ssm_state)");
+  if (in_shape != std::vector<int64_t>{d_model, m.zxbcdt_len()})
+    return call.error("input in_proj has shape " + shape_str(in_shape) + ", expected " +
+                      shape_str({d_model, m.zxbcdt_len()}) + " (d_model, d_ssm + conv_dim + nheads)");
+  if (out_shape != std::vector<int64_t>{m.d_ssm, d_model})
+    return call.error("input out_proj has shape " + shape_str(out_shape) + ", expected " +
+                      shape_str({m.d_ssm, d_model}) + " (nheads * headdim, d_model)");
+  if (residual.present) SSMRT_TRY(call.expect(residual, "residual", hidden_shape, "like hidden"));
+  SSMRT_TRY(call.expect(next_norm, "next_norm_weight", {d_model}, "(d_model,)"));
+  float *y = nullptr, *residual_out = nullptr;
+  MixerOutputs out;
+  SSMRT_TRY(call.output(0, hidden_shape, &y));
+  SSMRT_TRY(call.output(1, hidden_shape, &residual_out));
+  SSMRT_TRY(mixer_outputs(call, 1, m, seqlen, nullptr, &out));
+  ssmrt_cpu::ssd_block(PoolExecutor(k->api, ctx), hidden, in_proj, m.w.data, m.bias.or_null(), m.conv_state.data,
+                       m.A.data, m.D.or_null(), m.d_per_channel, m.dt_bias.or_null(), m.ssm_state.data,
+                       m.norm_w.data, out_proj, residual.or_null(), next_norm.data, y, residual_out, out.conv_state,
+                       out.ssm_state, m.batch, seqlen, d_model, m.nheads, m.headdim, m.dstate, m.ngroups, m.width,
+                       k->dt.softplus, k->dt.clamp(), k->dt.min, k->dt.max, k->eps, k->norm_eps, k->round_half,
+                       k->threads);
   call.finish();
   return nullptr;
 }
@@ -1041,6 +1167,7 @@ Op add_rmsnorm_op() {
 const Op kAddRmsNormOps[] = {add_rmsnorm_op<kF32>(), add_rmsnorm_op<kF16>()};
 const Op kSelectiveMixerOp = make_op<kSelectiveMixer, kF16>(selective_mixer_create, selective_mixer_compute,
                                                              destroy<SelectiveMixerKernel>);
+const Op kSsdBlockOp = make_op<kSsdBlock, kF16>(ssd_block_create, ssd_block_compute, destroy<SsdBlockKernel>);
 
 }  // namespace
 
@@ -1113,7 +1240,7 @@ extern "C" __attribute__((visibility("default"))) Status* RegisterCustomOps(ssmr
   static ssmrt_ort::CustomOpDomain* const probe = make_domain("ssmrt.abi_probe", {&kAbiProbeOp});
   static ssmrt_ort::CustomOpDomain* const cpu =
       make_domain("ssmrt.cpu", {&kHalfMatMulOp, &kInt8MatMulOp, &kIntDotMatMulOp, &kSsdMixerOps[0], &kSsdMixerOps[1],
-                                &kAddRmsNormOps[0], &kAddRmsNormOps[1], &kSelectiveMixerOp});
+                                &kAddRmsNormOps[0], &kAddRmsNormOps[1], &kSelectiveMixerOp, &kSsdBlockOp});
   if (domain == nullptr || probe == nullptr || cpu == nullptr)
     return api.CreateStatus(ssmrt_ort::kFail, "ssmrt: ONNX Runtime refused the ssmrt custom-op domain");
   SSMRT_TRY(api.AddCustomOpDomain(options, domain));

@@ -284,6 +284,7 @@ class OnnxRuntimeRunner(Runner):
         self.fuse = fuse
         self.fuse_note = ""  # why the fusion was skipped, where it failed
         self.decode_matmuls = self.half_matmul_threads = self.fused_mixers = self.fused_step_mixers = 0
+        self.fused_blocks = 0
         self.decode_matmul_op = ""
         self.fused_norms = 0
         model = self._rewrite_graph(opts, meta, threads) if self.native_ops else None
@@ -378,12 +379,14 @@ class OnnxRuntimeRunner(Runner):
         """With the native library registered: the graph with each Mamba-2 mixer's middle as one SSDMixer node
         (ssmrt.ort_ops.fuse_ssd_mixers), each block's residual add and norm as one AddRMSNorm node
         (fuse_add_rmsnorms) and, in a float16 artifact, its decode step's weight MatMuls on the library's
-        HalfMatMul (route_decode_matmuls) and that step's Mamba-1 mixers as SelectiveMixer nodes
-        (fuse_selective_mixers); in an int8 artifact with float32 activations, its decode step's MatMulNBits on
+        HalfMatMul (route_decode_matmuls), that step's Mamba-1 mixers as SelectiveMixer nodes
+        (fuse_selective_mixers) and its Mamba-2 mixers, each with the norm after it, as SSDBlock nodes
+        (fuse_ssd_blocks); in an int8 artifact with float32 activations, its decode step's MatMulNBits on
         Int8MatMul, and in an int8 or int4 one with int8 activations on IntDotMatMul where the library has its
         vector code (route_decode_matmuls). As bytes for ONNX Runtime; None (load the file as it is) where none
         applies.
-        `self.fused_mixers`, `self.fused_step_mixers`, `self.fused_norms` and `self.decode_matmuls` count them;
+        `self.fused_mixers`, `self.fused_step_mixers`, `self.fused_blocks`, `self.fused_norms` and
+        `self.decode_matmuls` count them;
         `self.half_matmul_threads` is the pool size the matmuls are told."""
         mixers = self.fuse and {"CausalConv1d", "SSDScan"} <= set(self.native_ops)
         step_mixers = self.fuse and {"CausalConv1d", "SelectiveScan"} <= set(self.native_ops)
@@ -416,7 +419,8 @@ class OnnxRuntimeRunner(Runner):
                   ("routing", half or quantised, "decode_matmuls",
                    lambda model: ort_ops.route_decode_matmuls(model, self.half_matmul_threads, last_only=last_only,
                                                               int_dot=int_dot)),
-                  ("SelectiveMixer", step_mixers, "fused_step_mixers", ort_ops.fuse_selective_mixers)]
+                  ("SelectiveMixer", step_mixers, "fused_step_mixers", ort_ops.fuse_selective_mixers),
+                  ("SSDBlock", mixers and half, "fused_blocks", ort_ops.fuse_ssd_blocks)]
         skipped: set[str] = set()
 
         def rewritten():
@@ -474,6 +478,7 @@ class OnnxRuntimeRunner(Runner):
         if self.fused_step_mixers:
             native += f", {self.fused_step_mixers} Mamba-1 mixers fused in the decode step"
         native += f", {self.fused_norms} residual norms fused" if self.fused_norms else ""
+        native += f", {self.fused_blocks} decode-step layers on SSDBlock" if self.fused_blocks else ""
         weights = f", {describe_scheme(self.weights)}" if self.weights else ""
         return f"onnxruntime ({self.dtype}{weights}, {self.providers[0]}{native})"
 
