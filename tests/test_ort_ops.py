@@ -1097,3 +1097,104 @@ def test_the_kernels_run_on_several_threads():
             counts.append(lib.SsmrtPoolThreadsSeen())
         seen[threads] = max(counts)
     assert seen == {1: 1, 2: 2}, seen
+
+
+class ScratchPool:
+    """The native library's Scratch buffers through its test hooks (ops.cc), on the calling thread."""
+
+    def __init__(self):
+        import ctypes
+
+        self.lib = lib = ctypes.CDLL(str(native_library()))
+        lib.SsmrtScratchTake.restype = ctypes.c_void_p
+        lib.SsmrtScratchTake.argtypes = [ctypes.c_int64]
+        for name, res in (("Data", ctypes.c_void_p), ("Capacity", ctypes.c_int64), ("Give", None)):
+            getattr(lib, f"SsmrtScratch{name}").argtypes = [ctypes.c_void_p]
+            getattr(lib, f"SsmrtScratch{name}").restype = res
+        lib.SsmrtScratchKept.restype = ctypes.c_int64
+
+    def take(self, n):
+        s = self.lib.SsmrtScratchTake(n)
+        return s, self.lib.SsmrtScratchData(s), self.lib.SsmrtScratchCapacity(s)
+
+    def give(self, *handles):
+        for s in handles:
+            self.lib.SsmrtScratchGive(s)
+
+    def kept(self):
+        return self.lib.SsmrtScratchKept()
+
+
+def run_in_new_thread(fn):
+    """fn() on a thread of its own (a fresh thread-local pool); its result, or its exception raised here."""
+    import threading
+
+    out = {}
+
+    def body():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001  (re-raised on the test's thread)
+            out["error"] = e
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_scratch_buffers_are_kept_and_handed_out_again_by_best_fit():
+    """A given-back buffer is kept by its thread and handed out again for any size it holds, the smallest that
+    holds it first; capacities are powers of two from 256; the data spans the size asked for."""
+
+    def check():
+        pool = ScratchPool()
+        assert pool.kept() == 0  # a fresh thread keeps nothing
+        big, big_data, big_cap = pool.take(1000)
+        small, small_data, small_cap = pool.take(100)
+        assert (big_cap, small_cap) == (1024, 256)
+        view = np.ctypeslib.as_array(ctypes_floats(big_data, 1000))
+        view[:] = np.arange(1000, dtype=np.float32)  # writable over the whole size
+        assert view[999] == 999.0
+        pool.give(big, small)
+        assert pool.kept() == 2
+        s, data, cap = pool.take(50)  # both hold 50: the smaller
+        assert (data, cap, pool.kept()) == (small_data, 256, 1)
+        t, data2, cap2 = pool.take(300)  # only the larger holds 300
+        assert (data2, cap2, pool.kept()) == (big_data, 1024, 0)
+        u, data3, cap3 = pool.take(0)  # nothing kept: a new one, of at least one float
+        assert cap3 == 256 and data3 not in (small_data, big_data)
+        pool.give(s, t, u)
+        return pool.kept()
+
+    assert run_in_new_thread(check) == 3
+
+
+def test_scratch_keeps_no_large_buffer_and_at_most_sixteen():
+    """A buffer over 65536 floats (a prompt's) is freed when given back, not kept; a thread keeps at most 16
+    buffers; each thread has its own."""
+
+    def check():
+        pool = ScratchPool()
+        h, _, cap = pool.take(65537)
+        assert cap == 0
+        pool.give(h)
+        assert pool.kept() == 0
+        handles = [pool.take(64 * (i + 1))[0] for i in range(20)]
+        pool.give(*handles)
+        assert pool.kept() == 16
+        assert run_in_new_thread(lambda: ScratchPool().kept()) == 0  # another thread's pool: empty
+        h, _, cap = pool.take(65536)  # the largest kept size: a new buffer of exactly that capacity
+        assert cap == 65536
+        pool.give(h)
+        return pool.kept()
+
+    assert run_in_new_thread(check) == 16
+
+
+def ctypes_floats(address, n):
+    import ctypes
+
+    return (ctypes.c_float * n).from_address(address)

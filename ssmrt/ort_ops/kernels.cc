@@ -166,6 +166,8 @@ Scratch::Scratch(int64_t n) : data_(nullptr), capacity_(0) {
   data_ = new float[static_cast<size_t>(capacity_)];
 }
 
+int64_t Scratch::kept() { return static_cast<int64_t>(scratch_pool.kept.size()); }
+
 Scratch::~Scratch() {
   if (data_ == nullptr) return;
   auto& kept = scratch_pool.kept;

@@ -32,6 +32,10 @@ class Scratch {
   ~Scratch();
   float* get() const { return data_; }
   float* data() const { return data_; }
+  // The floats this buffer holds as the pool counts them: a power of two from 256, or 0 for one it does not keep.
+  int64_t capacity() const { return capacity_; }
+  // How many buffers the calling thread keeps now.
+  static int64_t kept();
 
  private:
   float* data_;

@@ -1203,6 +1203,22 @@ extern "C" __attribute__((visibility("default"))) void SsmrtHalfConvert(const vo
     ssmrt_half::from_float(static_cast<const float*>(in), static_cast<uint16_t*>(out), n, portable != 0);
 }
 
+// Scratch's pool, for the tests: a buffer of n floats taken on the calling thread (an object to give back with
+// SsmrtScratchGive), its data and capacity, and how many buffers the calling thread keeps.
+extern "C" __attribute__((visibility("default"))) void* SsmrtScratchTake(int64_t n) {
+  return new ssmrt_cpu::Scratch(n);
+}
+extern "C" __attribute__((visibility("default"))) float* SsmrtScratchData(void* s) {
+  return static_cast<ssmrt_cpu::Scratch*>(s)->data();
+}
+extern "C" __attribute__((visibility("default"))) int64_t SsmrtScratchCapacity(void* s) {
+  return static_cast<ssmrt_cpu::Scratch*>(s)->capacity();
+}
+extern "C" __attribute__((visibility("default"))) void SsmrtScratchGive(void* s) {
+  delete static_cast<ssmrt_cpu::Scratch*>(s);
+}
+extern "C" __attribute__((visibility("default"))) int64_t SsmrtScratchKept() { return ssmrt_cpu::Scratch::kept(); }
+
 // The code IntDotMatMul was compiled with (kernels.h; ssmrt.ort_ops.int_dot_path asks).
 extern "C" __attribute__((visibility("default"))) const char* SsmrtIntDotPath() { return ssmrt_cpu::int_dot_path(); }
 extern "C" __attribute__((visibility("default"))) int SsmrtPoolThreadsSeen() { return g_threads_seen.load(); }
