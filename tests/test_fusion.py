@@ -540,6 +540,17 @@ def test_the_runner_fuses_mamba1_norms_and_float16_decode_mixers(tmp_path, dtype
     same_results(fused, plain, dtype)
 
 
+def same_bits(fused, nodes):
+    """A 7-token prompt of two sequences, then five decode steps each fed the state the last returned: the two
+    runners' logits and states equal bit for bit."""
+    ids = random_ids(2, 7, seed=2).numpy()
+    sf = sn = fused.zero_state(2)
+    for step in [ids] + [ids[:, k : k + 1] for k in range(5)]:
+        (lf, sf), (ln, sn) = fused.forward(step, sf), nodes.forward(step, sn)
+        assert np.array_equal(lf, ln)
+        assert all(np.array_equal(a, b) for a, b in zip(sf, sn, strict=True))
+
+
 @pytest.mark.parametrize("variant", [{}, {"conv_bias": False, "bias": True}])
 def test_float16_mamba1_decode_mixers_give_the_nodes_values_bit_for_bit(tmp_path, monkeypatch, variant):
     """SelectiveMixer rounds where the nodes it replaces did and multiplies with HalfMatMul's kernel: a float16
@@ -554,12 +565,7 @@ def test_float16_mamba1_decode_mixers_give_the_nodes_values_bit_for_bit(tmp_path
     monkeypatch.setattr(ort_ops, "fuse_selective_mixers", lambda model: 0)
     nodes = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
     assert (fused.fused_step_mixers, nodes.fused_step_mixers, fused.decode_matmuls) == (2, 0, 4 * 2 + 1)
-    ids = random_ids(2, 7, seed=2).numpy()
-    sf = sn = fused.zero_state(2)
-    for step in [ids] + [ids[:, k : k + 1] for k in range(5)]:
-        (lf, sf), (ln, sn) = fused.forward(step, sf), nodes.forward(step, sn)
-        assert np.array_equal(lf, ln)
-        assert all(np.array_equal(a, b) for a, b in zip(sf, sn, strict=True))
+    same_bits(fused, nodes)
 
 
 @pytest.mark.parametrize("logits", ["all", "last"])
@@ -577,12 +583,7 @@ def test_float16_mamba2_decode_blocks_give_the_nodes_values_bit_for_bit(tmp_path
     nodes = OnnxRuntimeRunnerFromArtifact(art, native_ops="on")
     assert (fused.fused_blocks, nodes.fused_blocks) == (3 if logits == "all" else 2, 0)
     assert (fused.fused_mixers, fused.fused_norms, fused.decode_matmuls) == (3, 3, 2 * 3 + 1)
-    ids = random_ids(2, 7, seed=2).numpy()
-    sf = sn = fused.zero_state(2)
-    for step in [ids] + [ids[:, k : k + 1] for k in range(5)]:
-        (lf, sf), (ln, sn) = fused.forward(step, sf), nodes.forward(step, sn)
-        assert np.array_equal(lf, ln)
-        assert all(np.array_equal(a, b) for a, b in zip(sf, sn, strict=True))
+    same_bits(fused, nodes)
 
 
 @pytest.mark.parametrize("value", ["zxbcdt", "mixed", "out"])

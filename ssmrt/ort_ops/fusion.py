@@ -321,13 +321,19 @@ def fuse_selective_mixers(model) -> int:
     routed (the then-branch of its If), each Mamba-1 mixer's middle becomes one ssmrt.cpu::SelectiveMixer node.
     Returns how many (0 where there is no routed step). A prompt's nodes stay as they are: the fused node's
     products are HalfMatMul's, written for a decode step's few rows."""
+    return _fuse_in_step(model, _match_selective, "SelectiveScan", "ssmrt")
+
+
+def _fuse_in_step(model, match, op_type: str, domain: str) -> int:
+    """The matches of match(g, node) for each op_type node of a routed graph's decode step (the then-branch of the
+    If route_decode_matmuls makes), put in place; 0 where there is no routed step."""
     route = next((n for n in model.graph.node if n.op_type == "If" and n.name == ROUTED), None)
     if route is None:
         return 0
     (step,) = [a.g for a in route.attribute if a.name == "then_branch"]
     g = _Graph(step, outer=model.graph)
-    return _replace(model, [_match_selective(g, n) for n in step.node
-                            if n.op_type == "SelectiveScan" and n.domain == "ssmrt"], graph=step)
+    return _replace(model, [match(g, n) for n in step.node if n.op_type == op_type and n.domain == domain],
+                    graph=step)
 
 
 def _match_block(g: _Graph, norm) -> dict | None:
@@ -362,13 +368,7 @@ def fuse_ssd_blocks(model) -> int:
     routed (the then-branch of its If), each Mamba-2 mixer, from in_proj to out_proj, with the AddRMSNorm after it
     becomes one ssmrt.cpu::SSDBlock node (fuse_ssd_mixers and fuse_add_rmsnorms first). Returns how many (0 where
     there is no routed step). A prompt's nodes stay as they are: the fused node's products are HalfMatMul's."""
-    route = next((n for n in model.graph.node if n.op_type == "If" and n.name == ROUTED), None)
-    if route is None:
-        return 0
-    (step,) = [a.g for a in route.attribute if a.name == "then_branch"]
-    g = _Graph(step, outer=model.graph)
-    return _replace(model, [_match_block(g, n) for n in step.node
-                            if n.op_type == "AddRMSNorm" and n.domain == FUSION_DOMAIN], graph=step)
+    return _fuse_in_step(model, _match_block, "AddRMSNorm", FUSION_DOMAIN)
 
 
 def _match_add_norm(g: _Graph, pow_, half: bool) -> dict | None:

@@ -702,7 +702,8 @@ Status* read_mixer_inputs(Call& call, size_t first, MixerInputs* m) {
   return nullptr;
 }
 
-// Its three outputs from index `first` on: y (batch, seqlen, d_ssm), present_conv_state, present_ssm_state.
+// Its outputs from index `first` on: y (batch, seqlen, d_ssm), present_conv_state, present_ssm_state; y left out
+// where `y` is null (SSDBlock's first output is the norm's after it, and its mixer's y stays inside).
 struct MixerOutputs {
   float *y = nullptr, *conv_state = nullptr, *ssm_state = nullptr;
 };
