@@ -459,13 +459,12 @@ def test_ssd_block_without_optional_inputs_and_any_threads():
 
 
 def test_ssd_block_errors_name_the_input():
-    def fails(match, **change):
+    def fails(match, threads=0, attrs=None, **change):
         kw = block_inputs(1, 1, 16, 4, 8, 16)
-        attrs = change.pop("attrs", {})
-        kw["attrs"].update(attrs)
+        kw["attrs"].update(attrs or {})
         kw.update({k: f(kw[k]).contiguous() for k, f in change.items()})
         with pytest.raises(Exception, match=match):
-            run_block(kw, threads=-1 if "threads" in match else 0)
+            run_block(kw, threads=threads)
 
     fails(r"ssmrt.cpu::SSDBlock: input in_proj has shape \(16, 99\), expected \(16, 100\) \(d_model, d_ssm",
           in_proj=lambda t: t[:, :-1])
@@ -477,7 +476,7 @@ def test_ssd_block_errors_name_the_input():
     fails(r"input next_norm_weight has shape \(15,\), expected \(16,\)", next_norm_weight=lambda t: t[:-1])
     fails(r"input conv_state has shape \(1, 64, 2\), expected \(1, 64, 3\)", conv_state=lambda t: t[..., :-1])
     fails("SSDBlock: attribute eps must be 0 or more", attrs={"eps": -1.0})
-    fails("SSDBlock: attribute threads must be 0 or more, got -1")
+    fails("SSDBlock: attribute threads must be 0 or more, got -1", threads=-1)
 
 
 # ------------------------------------------------------------------------------------------ the graph fusion

@@ -357,7 +357,8 @@ def _match_block(g: _Graph, norm) -> dict | None:
     # residual, next_norm_weight
     inputs = [*in_proj.input, *mixer.input[1:], out_proj.input[1], norm.input[1], norm.input[2]]
     outputs = [*norm.output, *mixer.output[1:]]
-    attrs = {a: _attr(mixer, a) for a in ("dt_softplus", "dt_min", "dt_max", "eps") if _attr(mixer, a) is not None}
+    # the mixer's attributes as it has them (an absent one keeps SSDBlock's default, which is SSDMixer's)
+    attrs = {a.name: _attr(mixer, a.name) for a in mixer.attribute}
     attrs.update(norm_eps=_attr(norm, "eps", 1e-5), round_half=1, threads=threads.pop())
     return {"op": "SSDBlock", "removed": [in_proj, mixer, out_proj, norm], "inputs": inputs, "outputs": outputs,
             "attrs": attrs, "last": norm}
